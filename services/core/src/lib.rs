@@ -1,0 +1,14 @@
+//! Library: the protocol core of stampede. ActivityStreams activities and
+//! their addressing, shared-inbox grouping, HTTP Signatures and body digests,
+//! as pure functions over plain data: no runtime, no queue, no database, so it
+//! is tested in microseconds and could be published on its own.
+#![deny(missing_docs)]
+
+pub mod activity;
+pub mod digest;
+mod error;
+pub mod keys;
+pub mod signature;
+pub mod targets;
+
+pub use error::CoreError;

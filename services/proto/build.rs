@@ -1,0 +1,22 @@
+//! Compiles `proto/` with protox (pure Rust: no protoc needed on the machine).
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = [
+        root.join("stampede/v1/api.proto"),
+        root.join("stampede/v1/queue.proto"),
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let fds = protox::compile(&files, [&root])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptor = out.join("stampede_descriptor.bin");
+    std::fs::write(&descriptor, prost::Message::encode_to_vec(&fds))?;
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(&descriptor)
+        .skip_protoc_run()
+        .compile_fds(fds)?;
+    Ok(())
+}

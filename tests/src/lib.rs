@@ -1,0 +1,1 @@
+//! Library: end-to-end test support lives in the test targets.
