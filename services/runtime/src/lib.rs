@@ -1,1 +1,25 @@
+//! Library: what every stampede service runs on. Configuration from the
+//! environment, telemetry, metrics and health endpoints, shutdown, the small
+//! backend traits the services are written against (queue, cache, store) with
+//! their RabbitMQ/Redis/PostgreSQL implementations, the SSRF-guarded HTTP
+//! client and the RSA signing pool.
 
+pub mod amqp;
+pub mod backends;
+pub mod cache;
+pub mod config;
+mod error;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod postgres;
+pub mod queue;
+pub mod redis_cache;
+pub mod shutdown;
+pub mod signer;
+pub mod store;
+pub mod telemetry;
+
+pub use backends::Backends;
+pub use config::Config;
+pub use error::{Error, Result};

@@ -1,0 +1,248 @@
+//! Configuration from the environment (design §4), read in one place and
+//! validated at start: a bad value stops start-up with one line naming the
+//! variable. Reads go through a lookup function so tests never touch the
+//! process environment.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use url::Url;
+
+use crate::{Error, Result};
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret value; only for comparing or sending, never for logging.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The whole configuration of a stampede process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `STAMPEDE_PUBLIC_URL`: base of local actor ids (`{base}/users/{name}`). No trailing slash.
+    pub public_url: Url,
+    /// `STAMPEDE_HTTP_ADDR`: ingest's HTTP listener.
+    pub http_addr: SocketAddr,
+    /// `STAMPEDE_GRPC_ADDR`: the gRPC listener.
+    pub grpc_addr: SocketAddr,
+    /// `STAMPEDE_METRICS_ADDR`: `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: SocketAddr,
+    /// `STAMPEDE_AMQP_URL`: RabbitMQ; unset means the embedded queue.
+    pub amqp_url: Option<Secret>,
+    /// `STAMPEDE_REDIS_URL`: Redis; unset means the in-memory cache.
+    pub redis_url: Option<Secret>,
+    /// `STAMPEDE_DATABASE_URL`: PostgreSQL; unset means the embedded store.
+    pub database_url: Option<Secret>,
+    /// `STAMPEDE_DATA_DIR`: where embedded backends keep their files.
+    pub data_dir: PathBuf,
+    /// `STAMPEDE_API_TOKEN`: bearer token for the gRPC API; unset means the
+    /// API answers loopback peers only.
+    pub api_token: Option<Secret>,
+    /// `STAMPEDE_ALLOW_PRIVATE_NETWORKS`: allow `http://` and loopback/private
+    /// addresses for fetches and deliveries (tests, demos). Off in production:
+    /// it is what stops a remote actor document from pointing us at internal services.
+    pub allow_private_networks: bool,
+    /// `STAMPEDE_NAMESPACE` (added): prefix of queue names and Redis keys, so
+    /// several deployments (or tests) share one broker and one Redis.
+    pub namespace: String,
+    /// `STAMPEDE_PREFETCH` (added): unacknowledged messages per consumer;
+    /// bounds a worker's concurrency.
+    pub prefetch: u16,
+    /// `STAMPEDE_DELIVERY_TIMEOUT_SECS` (added): total time limit of one
+    /// outbound POST.
+    pub delivery_timeout: Duration,
+    /// `STAMPEDE_MAX_ACTIVITY_BYTES` (added): largest activity accepted by
+    /// `Publish` or an inbox.
+    pub max_activity_bytes: usize,
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads the configuration through `lookup` (the environment in
+    /// production, a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
+        let public_url = {
+            let var = "STAMPEDE_PUBLIC_URL";
+            let raw = get(var).unwrap_or_else(|| "http://127.0.0.1:8080".into());
+            let u = Url::parse(raw.trim_end_matches('/')).map_err(|e| cfg(var, e))?;
+            if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                return Err(cfg(var, "must be an http(s) URL with a host"));
+            }
+            if u.query().is_some() || u.fragment().is_some() {
+                return Err(cfg(var, "must not have a query or fragment"));
+            }
+            u
+        };
+        let addr = |var: &'static str, default: &str| -> Result<SocketAddr> {
+            get(var)
+                .unwrap_or_else(|| default.into())
+                .parse()
+                .map_err(|e| cfg(var, format!("{e} (expected host:port, e.g. {default})")))
+        };
+        let url = |var: &'static str, schemes: &[&str]| -> Result<Option<Secret>> {
+            let Some(raw) = get(var) else { return Ok(None) };
+            let u = Url::parse(&raw).map_err(|e| cfg(var, e))?;
+            if !schemes.contains(&u.scheme()) {
+                return Err(cfg(var, format!("scheme must be one of {}", schemes.join(", "))));
+            }
+            Ok(Some(Secret(raw)))
+        };
+        let boolean = |var: &'static str| -> Result<bool> {
+            match get(var).as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None | Some("false" | "0" | "no" | "off") => Ok(false),
+                Some("true" | "1" | "yes" | "on") => Ok(true),
+                Some(_) => Err(cfg(var, "must be true or false")),
+            }
+        };
+        let number = |var: &'static str, default: u64, min: u64, max: u64| -> Result<u64> {
+            let Some(raw) = get(var) else { return Ok(default) };
+            let n: u64 = raw.trim().parse().map_err(|e| cfg(var, e))?;
+            if n < min || n > max {
+                return Err(cfg(var, format!("must be between {min} and {max}")));
+            }
+            Ok(n)
+        };
+        let namespace = get("STAMPEDE_NAMESPACE").unwrap_or_else(|| "stampede".into());
+        if namespace.is_empty()
+            || namespace.len() > 64
+            || !namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(cfg(
+                "STAMPEDE_NAMESPACE",
+                "must be 1 to 64 of [A-Za-z0-9_-]",
+            ));
+        }
+        Ok(Config {
+            public_url,
+            http_addr: addr("STAMPEDE_HTTP_ADDR", "127.0.0.1:8080")?,
+            grpc_addr: addr("STAMPEDE_GRPC_ADDR", "127.0.0.1:50051")?,
+            metrics_addr: addr("STAMPEDE_METRICS_ADDR", "127.0.0.1:9464")?,
+            amqp_url: url("STAMPEDE_AMQP_URL", &["amqp", "amqps"])?,
+            redis_url: url("STAMPEDE_REDIS_URL", &["redis", "rediss", "redis+unix", "unix"])?,
+            database_url: url("STAMPEDE_DATABASE_URL", &["postgres", "postgresql"])?,
+            data_dir: get("STAMPEDE_DATA_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("./data")),
+            api_token: match get("STAMPEDE_API_TOKEN") {
+                Some(t) if t.len() < 16 => {
+                    return Err(cfg("STAMPEDE_API_TOKEN", "must be at least 16 characters"))
+                }
+                t => t.map(Secret),
+            },
+            allow_private_networks: boolean("STAMPEDE_ALLOW_PRIVATE_NETWORKS")?,
+            namespace,
+            prefetch: number("STAMPEDE_PREFETCH", 128, 1, 10_000)? as u16,
+            delivery_timeout: Duration::from_secs(number(
+                "STAMPEDE_DELIVERY_TIMEOUT_SECS",
+                30,
+                1,
+                600,
+            )?),
+            max_activity_bytes: number("STAMPEDE_MAX_ACTIVITY_BYTES", 1 << 20, 1024, 64 << 20)?
+                as usize,
+        })
+    }
+
+    /// The public base URL as a string without a trailing slash.
+    pub fn base(&self) -> &str {
+        self.public_url.as_str().trim_end_matches('/')
+    }
+
+    /// The host (and non-default port) of the public URL, as used in WebFinger `acct:`.
+    pub fn public_host(&self) -> String {
+        let host = self.public_url.host_str().unwrap_or("localhost");
+        match self.public_url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        }
+    }
+
+    /// The ActivityPub id of the local actor `name`.
+    pub fn actor_id(&self, name: &str) -> String {
+        format!("{}/users/{name}", self.base())
+    }
+}
+
+fn cfg(var: &'static str, reason: impl ToString) -> Error {
+    Error::Config {
+        var,
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.base(), "http://127.0.0.1:8080");
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
+        assert!(c.amqp_url.is_none() && c.redis_url.is_none() && c.database_url.is_none());
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert!(!c.allow_private_networks);
+        assert_eq!(c.actor_id("a"), "http://127.0.0.1:8080/users/a");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, val) in [
+            ("STAMPEDE_PUBLIC_URL", "ftp://x"),
+            ("STAMPEDE_HTTP_ADDR", "nope"),
+            ("STAMPEDE_GRPC_ADDR", "1.2.3.4"),
+            ("STAMPEDE_METRICS_ADDR", ":"),
+            ("STAMPEDE_AMQP_URL", "http://x"),
+            ("STAMPEDE_REDIS_URL", "::"),
+            ("STAMPEDE_DATABASE_URL", "mysql://x"),
+            ("STAMPEDE_ALLOW_PRIVATE_NETWORKS", "maybe"),
+            ("STAMPEDE_API_TOKEN", "short"),
+            ("STAMPEDE_PREFETCH", "0"),
+            ("STAMPEDE_NAMESPACE", "a b"),
+        ] {
+            let e = with(&[(var, val)]).unwrap_err().to_string();
+            assert!(e.starts_with(var), "{var}={val} gave {e}");
+            assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = with(&[
+            ("STAMPEDE_API_TOKEN", "0123456789abcdef-secret"),
+            ("STAMPEDE_DATABASE_URL", "postgres://u:pw@h/db"),
+        ])
+        .unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("secret") && !dbg.contains("pw@"));
+    }
+}

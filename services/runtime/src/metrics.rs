@@ -1,0 +1,141 @@
+//! Prometheus metrics (text exposition on `STAMPEDE_METRICS_ADDR`) and the
+//! `/healthz` (alive) and `/readyz` (backends answer) endpoints. Labels hold
+//! only bounded values: outcomes, queues, results; never hosts or ids.
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Backends;
+
+/// One label pair with a bounded value.
+pub type Label = [(&'static str, &'static str); 1];
+
+/// Every metric stampede exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Activities accepted by `Publish`.
+    pub published: Counter,
+    /// Delivery jobs queued per activity.
+    pub fanout_targets: Histogram,
+    /// Deliveries by outcome (`delivered`, `retry`, `failed`, `refused`, `skipped`).
+    pub deliveries: Family<Label, Counter>,
+    /// Time of one delivery attempt (sign + POST), seconds.
+    pub delivery_seconds: Histogram,
+    /// Queue messages that could not be processed, by queue.
+    pub poisoned: Family<Label, Counter>,
+    /// Remote actor lookups by result (`cache`, `store`, `fetched`, `failed`).
+    pub remote_actor_lookups: Family<Label, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric under the `stampede_` prefix.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("stampede");
+        let published = Counter::default();
+        registry.register(
+            "published_activities",
+            "Activities accepted by Publish",
+            published.clone(),
+        );
+        let fanout_targets = Histogram::new(exponential_buckets(1.0, 4.0, 10));
+        registry.register(
+            "fanout_targets",
+            "Delivery jobs queued per activity",
+            fanout_targets.clone(),
+        );
+        let deliveries = Family::<Label, Counter>::default();
+        registry.register("deliveries", "Deliveries by outcome", deliveries.clone());
+        let delivery_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "delivery_duration_seconds",
+            "Time of one delivery attempt, signing and POST",
+            delivery_seconds.clone(),
+        );
+        let poisoned = Family::<Label, Counter>::default();
+        registry.register(
+            "queue_poisoned_messages",
+            "Queue messages moved to the dead-letter queue because they could not be processed",
+            poisoned.clone(),
+        );
+        let remote_actor_lookups = Family::<Label, Counter>::default();
+        registry.register(
+            "remote_actor_lookups",
+            "Remote actor lookups by where the answer came from",
+            remote_actor_lookups.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            published,
+            fanout_targets,
+            deliveries,
+            delivery_seconds,
+            poisoned,
+            remote_actor_lookups,
+        })
+    }
+
+    /// Counts one delivery outcome.
+    pub fn delivery(&self, outcome: &'static str) {
+        self.deliveries.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    backends: Backends,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    backends: Backends,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(AppState { metrics, backends });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn render(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+async fn ready(State(s): State<AppState>) -> impl IntoResponse {
+    match s.backends.ready().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+    }
+}

@@ -1,0 +1,410 @@
+//! The PostgreSQL store: a deadpool pool, versioned migrations applied under
+//! an advisory lock (so several replicas starting at once apply them once).
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use crate::store::{
+    DeadLetter, Follower, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter, PrivateKey,
+    RemoteActor, Store, StoredActivity, Totals,
+};
+use crate::{Error, Result};
+
+/// Versioned migrations, applied in order; never edit one that has shipped.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("../migrations/0001_initial.sql"),
+)];
+
+/// Arbitrary constant naming stampede's migration advisory lock.
+const MIGRATION_LOCK: i64 = 0x5354_414d_5045_4445;
+
+/// The PostgreSQL implementation of [`Store`].
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl PgStore {
+    /// Builds a pool for `url` (connections are opened lazily).
+    pub fn connect(url: &str, max_size: usize) -> Result<Self> {
+        let pg = tokio_postgres::Config::from_str(url).map_err(|e| Error::Config {
+            var: "STAMPEDE_DATABASE_URL",
+            reason: e.to_string(),
+        })?;
+        let mgr = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(max_size)
+            .build()
+            .map_err(|e| Error::Db(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+fn actor_from_row(r: &tokio_postgres::Row) -> LocalActor {
+    LocalActor {
+        id: r.get("id"),
+        name: r.get("name"),
+        display_name: r.get("display_name"),
+        summary: r.get("summary"),
+        manually_approves_followers: r.get("manually_approves"),
+        private_key: PrivateKey(r.get("private_key")),
+        public_key_pem: r.get("public_key_pem"),
+    }
+}
+
+const ACTOR_COLUMNS: &str =
+    "id, name, display_name, summary, manually_approves, private_key, public_key_pem";
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS stampede_migrations (
+                version INTEGER PRIMARY KEY,
+                name TEXT NOT NULL,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await?;
+        let applied: Vec<i32> = tx
+            .query("SELECT version FROM stampede_migrations", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (version, name, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            tracing::info!(version, name, "applying migration");
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO stampede_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.client().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    async fn create_actor(&self, a: NewActor) -> Result<LocalActor> {
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                &format!(
+                    "INSERT INTO actors (name, display_name, summary, manually_approves, private_key, public_key_pem)
+                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING {ACTOR_COLUMNS}"
+                ),
+                &[
+                    &a.name,
+                    &a.display_name,
+                    &a.summary,
+                    &a.manually_approves_followers,
+                    &a.private_key.0,
+                    &a.public_key_pem,
+                ],
+            )
+            .await?;
+        Ok(actor_from_row(&row))
+    }
+
+    async fn actor_by_name(&self, name: &str) -> Result<Option<LocalActor>> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(&format!("SELECT {ACTOR_COLUMNS} FROM actors WHERE name = $1"))
+            .await?;
+        Ok(c.query_opt(&stmt, &[&name]).await?.as_ref().map(actor_from_row))
+    }
+
+    async fn actor_by_id(&self, id: i64) -> Result<Option<LocalActor>> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(&format!("SELECT {ACTOR_COLUMNS} FROM actors WHERE id = $1"))
+            .await?;
+        Ok(c.query_opt(&stmt, &[&id]).await?.as_ref().map(actor_from_row))
+    }
+
+    async fn add_follower(&self, actor_id: i64, f: &Follower) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (actor_id, follower) DO UPDATE
+             SET inbox = EXCLUDED.inbox, shared_inbox = EXCLUDED.shared_inbox, host = EXCLUDED.host",
+            &[&actor_id, &f.actor, &f.inbox, &f.shared_inbox, &f.host],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn follower_count(&self, actor_id: i64) -> Result<u64> {
+        let c = self.client().await?;
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM followers WHERE actor_id = $1",
+                &[&actor_id],
+            )
+            .await?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn follower_targets(
+        &self,
+        actor_id: i64,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(
+                "SELECT DISTINCT target FROM followers
+                 WHERE actor_id = $1 AND target > $2
+                 ORDER BY target LIMIT $3",
+            )
+            .await?;
+        let rows = c
+            .query(&stmt, &[&actor_id, &after.unwrap_or(""), &i64::from(limit)])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn remote_actor(&self, id: &str) -> Result<Option<RemoteActor>> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(
+                "SELECT id, inbox, shared_inbox, key_id, public_key_pem FROM remote_actors WHERE id = $1",
+            )
+            .await?;
+        Ok(c.query_opt(&stmt, &[&id]).await?.map(|r| RemoteActor {
+            id: r.get(0),
+            inbox: r.get(1),
+            shared_inbox: r.get(2),
+            key_id: r.get(3),
+            public_key_pem: r.get(4),
+        }))
+    }
+
+    async fn put_remote_actor(&self, a: &RemoteActor) -> Result<()> {
+        let host = stampede_core::targets::inbox_host(&a.inbox).unwrap_or_default();
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO remote_actors (id, inbox, shared_inbox, key_id, public_key_pem, host)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET inbox = EXCLUDED.inbox,
+               shared_inbox = EXCLUDED.shared_inbox, key_id = EXCLUDED.key_id,
+               public_key_pem = EXCLUDED.public_key_pem, host = EXCLUDED.host, fetched_at = now()",
+            &[&a.id, &a.inbox, &a.shared_inbox, &a.key_id, &a.public_key_pem, &host],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_activity(&self, a: NewActivity) -> Result<Inserted> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "INSERT INTO activities (key, ap_id, actor_id, kind, object_id, idempotency_key, body, delivered_body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (actor_id, idempotency_key) DO NOTHING
+                 RETURNING key",
+                &[
+                    &a.key,
+                    &a.ap_id,
+                    &a.actor_id,
+                    &a.kind,
+                    &a.object_id,
+                    &a.idempotency_key,
+                    &a.body,
+                    &a.delivered_body,
+                ],
+            )
+            .await?;
+        if row.is_some() {
+            return Ok(Inserted {
+                key: a.key,
+                ap_id: a.ap_id,
+                created: true,
+                enqueued: false,
+            });
+        }
+        let r = c
+            .query_one(
+                "SELECT key, ap_id, enqueued_at IS NOT NULL FROM activities
+                 WHERE actor_id = $1 AND idempotency_key = $2",
+                &[&a.actor_id, &a.idempotency_key],
+            )
+            .await?;
+        Ok(Inserted {
+            key: r.get(0),
+            ap_id: r.get(1),
+            created: false,
+            enqueued: r.get(2),
+        })
+    }
+
+    async fn mark_enqueued(&self, key: &str) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE activities SET enqueued_at = now() WHERE key = $1 AND enqueued_at IS NULL",
+            &[&key],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn mark_fanned_out(&self, key: &str, targets: u64) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE activities SET fanned_out_at = now(), targets = $2 WHERE key = $1",
+            &[&key, &(targets as i64)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn activity(&self, key: &str) -> Result<Option<StoredActivity>> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(
+                "SELECT a.key, a.ap_id, a.kind, a.actor_id, u.name, a.body, a.delivered_body
+                 FROM activities a JOIN actors u ON u.id = a.actor_id WHERE a.key = $1",
+            )
+            .await?;
+        Ok(c.query_opt(&stmt, &[&key]).await?.map(|r| StoredActivity {
+            key: r.get(0),
+            ap_id: r.get(1),
+            kind: r.get(2),
+            actor_id: r.get(3),
+            actor_name: r.get(4),
+            body: r.get(5),
+            delivered_body: r.get(6),
+        }))
+    }
+
+    async fn delivered(&self, activity_key: &str, inbox: &str) -> Result<bool> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached("SELECT 1 FROM deliveries WHERE activity_key = $1 AND inbox = $2")
+            .await?;
+        Ok(c.query_opt(&stmt, &[&activity_key, &inbox]).await?.is_some())
+    }
+
+    async fn record_delivered(
+        &self,
+        activity_key: &str,
+        inbox: &str,
+        host: &str,
+        status: u16,
+        attempts: u32,
+    ) -> Result<()> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(
+                "INSERT INTO deliveries (activity_key, inbox, host, status, attempts)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        c.execute(
+            &stmt,
+            &[
+                &activity_key,
+                &inbox,
+                &host,
+                &i32::from(status),
+                &(attempts as i32),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn add_dead_letter(&self, d: NewDeadLetter) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO dead_letters (activity_key, inbox, host, reason, last_status, attempts, first_attempt_at)
+             VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::float8 / 1000))",
+            &[
+                &d.activity_key,
+                &d.inbox,
+                &d.host,
+                &d.reason,
+                &d.last_status.map(i32::from),
+                &(d.attempts as i32),
+                &(d.first_attempt_unix_ms as f64),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, limit: u32, host: Option<&str>) -> Result<Vec<DeadLetter>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT d.id, a.ap_id, d.activity_key, d.inbox, d.host, d.reason, d.last_status, d.attempts,
+                        (extract(epoch FROM d.first_attempt_at) * 1000)::int8,
+                        (extract(epoch FROM d.last_attempt_at) * 1000)::int8
+                 FROM dead_letters d JOIN activities a ON a.key = d.activity_key
+                 WHERE d.replayed_at IS NULL AND ($2::text IS NULL OR d.host = $2)
+                 ORDER BY d.id DESC LIMIT $1",
+                &[&i64::from(limit), &host],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                id: r.get(0),
+                activity_id: r.get(1),
+                activity_key: r.get(2),
+                inbox: r.get(3),
+                host: r.get(4),
+                reason: r.get(5),
+                last_status: r.get::<_, Option<i32>>(6).map(|s| s as u16),
+                attempts: r.get::<_, i32>(7) as u32,
+                first_attempt_unix_ms: r.get(8),
+                last_attempt_unix_ms: r.get(9),
+            })
+            .collect())
+    }
+
+    async fn totals(&self) -> Result<Totals> {
+        let c = self.client().await?;
+        let r = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM activities),
+                        (SELECT count(*) FROM deliveries),
+                        (SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL)",
+                &[],
+            )
+            .await?;
+        Ok(Totals {
+            activities: r.get::<_, i64>(0) as u64,
+            delivered: r.get::<_, i64>(1) as u64,
+            dead_letters: r.get::<_, i64>(2) as u64,
+        })
+    }
+}

@@ -1,0 +1,127 @@
+//! The queue the services are written against: named durable queues,
+//! publisher-confirmed publishing, manual acknowledgement, delayed retries and
+//! a dead-letter queue for messages that cannot be processed. RabbitMQ
+//! implements it ([`crate::amqp`]).
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::Result;
+
+/// The queues of stampede.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueName {
+    /// ingest -> fanout: `FanoutJob`.
+    Fanout,
+    /// fanout -> delivery: `DeliveryJob`.
+    Delivery,
+    /// Messages that could not be processed, with the reason.
+    Dead,
+}
+
+impl QueueName {
+    /// Every queue, for declaring and for status.
+    pub const ALL: [QueueName; 3] = [QueueName::Fanout, QueueName::Delivery, QueueName::Dead];
+
+    /// The name's suffix after the namespace.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            QueueName::Fanout => "fanout",
+            QueueName::Delivery => "delivery",
+            QueueName::Dead => "dead",
+        }
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct OutMessage {
+    /// Full protobuf message name (`stampede.queue.v1.DeliveryJob`), carried
+    /// as the AMQP `type` property.
+    pub kind: &'static str,
+    /// Encoded protobuf.
+    pub payload: Vec<u8>,
+}
+
+/// What a consumer does with a message it received.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// The effect is durable: remove the message.
+    async fn ack(&self) -> Result<()>;
+    /// Give the message back to the queue (shutdown, transient failure before any effect).
+    async fn requeue(&self) -> Result<()>;
+}
+
+/// A message received from a queue.
+pub struct Incoming {
+    /// The `type` property, when set.
+    pub kind: Option<String>,
+    /// The payload.
+    pub payload: Bytes,
+    /// Whether the broker delivered it before (a consumer died holding it).
+    pub redelivered: bool,
+    /// Settles the message.
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("kind", &self.kind)
+            .field("len", &self.payload.len())
+            .field("redelivered", &self.redelivered)
+            .finish()
+    }
+}
+
+/// A stream of messages from one queue.
+#[async_trait]
+pub trait Consumer: Send {
+    /// The next message; `None` when the consumer was cancelled or the
+    /// connection is gone.
+    async fn next(&mut self) -> Option<Result<Incoming>>;
+}
+
+/// Depth of one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Depth {
+    /// Full queue name.
+    pub queue: String,
+    /// Ready messages.
+    pub messages: u64,
+    /// Consumers attached.
+    pub consumers: u64,
+}
+
+/// The broker.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Publishes one message; returns once the broker confirmed it durable.
+    async fn publish(&self, queue: QueueName, msg: OutMessage) -> Result<()>;
+    /// Publishes many messages, pipelined; returns once all are confirmed.
+    async fn publish_batch(&self, queue: QueueName, msgs: Vec<OutMessage>) -> Result<()>;
+    /// Publishes a message that reaches `queue` after about `delay` (held by
+    /// the broker, never by a sleeping worker). Returns the delay applied.
+    async fn publish_delayed(
+        &self,
+        queue: QueueName,
+        msg: OutMessage,
+        delay: Duration,
+    ) -> Result<Duration>;
+    /// Moves a message that cannot be processed to the dead-letter queue,
+    /// with the reason and the queue it came from. Confirmed.
+    async fn dead_letter(
+        &self,
+        from: QueueName,
+        kind: Option<&str>,
+        payload: &[u8],
+        reason: &str,
+    ) -> Result<()>;
+    /// Starts consuming with at most `prefetch` unacknowledged messages.
+    async fn consume(&self, queue: QueueName, prefetch: u16) -> Result<Box<dyn Consumer>>;
+    /// Depths of stampede's queues.
+    async fn depths(&self) -> Result<Vec<Depth>>;
+    /// Whether the broker connection is up.
+    fn is_connected(&self) -> bool;
+}

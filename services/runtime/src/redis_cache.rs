@@ -1,0 +1,89 @@
+//! The Redis implementation of [`Cache`]: one multiplexed connection manager
+//! (reconnects on its own), every key under the namespace prefix.
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+use crate::cache::Cache;
+use crate::Result;
+
+/// The Redis cache.
+#[derive(Clone)]
+pub struct RedisCache {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl RedisCache {
+    /// Connects to `url`; keys are prefixed `{namespace}:`.
+    pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client).await?;
+        Ok(Self {
+            conn,
+            prefix: format!("{namespace}:"),
+        })
+    }
+
+    fn key(&self, k: &str) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + k.len());
+        s.push_str(&self.prefix);
+        s.push_str(k);
+        s
+    }
+
+    /// Deletes every key of this namespace (tests clean up with it).
+    pub async fn delete_all(&self) -> Result<()> {
+        let mut c = self.conn.clone();
+        let keys: Vec<String> = c.keys(format!("{}*", self.prefix)).await?;
+        for chunk in keys.chunks(500) {
+            let _: () = c.del(chunk).await?;
+        }
+        Ok(())
+    }
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    (ttl.as_millis() as u64).max(1)
+}
+
+#[async_trait]
+impl Cache for RedisCache {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let mut c = self.conn.clone();
+        Ok(c.get(self.key(key)).await?)
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = c.pset_ex(self.key(key), value, ttl_ms(ttl)).await?;
+        Ok(())
+    }
+
+    async fn set_nx(&self, key: &str, value: &[u8], ttl: Duration) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key(key))
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms(ttl))
+            .query_async(&mut c)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    async fn del(&self, key: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = c.del(self.key(key)).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,252 @@
+//! The durable store the services are written against: local actors and
+//! their keys, followers, the remote-actor cache, outbound activities,
+//! delivery records and dead letters. PostgreSQL implements it
+//! ([`crate::postgres`]).
+use async_trait::async_trait;
+
+use crate::Result;
+
+/// Private key bytes (PKCS#8 DER) that never show in `Debug` output.
+#[derive(Clone)]
+pub struct PrivateKey(pub Vec<u8>);
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<private key>")
+    }
+}
+
+/// A local actor.
+#[derive(Debug, Clone)]
+pub struct LocalActor {
+    /// Store id.
+    pub id: i64,
+    /// Preferred username.
+    pub name: String,
+    /// Display name.
+    pub display_name: String,
+    /// Bio.
+    pub summary: String,
+    /// Follow requests need the application's decision.
+    pub manually_approves_followers: bool,
+    /// RSA-2048 private key, PKCS#8 DER.
+    pub private_key: PrivateKey,
+    /// SubjectPublicKeyInfo PEM.
+    pub public_key_pem: String,
+}
+
+/// What creating an actor needs.
+#[derive(Debug, Clone)]
+pub struct NewActor {
+    /// Preferred username.
+    pub name: String,
+    /// Display name.
+    pub display_name: String,
+    /// Bio.
+    pub summary: String,
+    /// Follow requests need the application's decision.
+    pub manually_approves_followers: bool,
+    /// RSA-2048 private key, PKCS#8 DER.
+    pub private_key: PrivateKey,
+    /// SubjectPublicKeyInfo PEM.
+    pub public_key_pem: String,
+}
+
+/// A remote actor following a local one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Follower {
+    /// The remote actor's id.
+    pub actor: String,
+    /// Its personal inbox.
+    pub inbox: String,
+    /// Its server's shared inbox, if any.
+    pub shared_inbox: Option<String>,
+    /// The inbox host (for per-host accounting and removal).
+    pub host: String,
+}
+
+/// A remote actor as cached: what fanout needs to address it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteActor {
+    /// The actor id.
+    pub id: String,
+    /// Personal inbox.
+    pub inbox: String,
+    /// Shared inbox, if any.
+    pub shared_inbox: Option<String>,
+    /// `publicKey.id`, if any.
+    pub key_id: Option<String>,
+    /// `publicKey.publicKeyPem`, if any.
+    pub public_key_pem: Option<String>,
+}
+
+/// An activity to store before it is queued.
+#[derive(Debug, Clone)]
+pub struct NewActivity {
+    /// Store key (a UUID), referenced by queue messages.
+    pub key: String,
+    /// ActivityPub id.
+    pub ap_id: String,
+    /// Author.
+    pub actor_id: i64,
+    /// Activity type.
+    pub kind: String,
+    /// Object id, when there is one.
+    pub object_id: Option<String>,
+    /// Client idempotency key, when given.
+    pub idempotency_key: Option<String>,
+    /// The activity as stored (with bto/bcc).
+    pub body: serde_json::Value,
+    /// The exact bytes to POST (without bto/bcc).
+    pub delivered_body: Vec<u8>,
+}
+
+/// The result of [`Store::insert_activity`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inserted {
+    /// Store key of the activity (the existing one when not created).
+    pub key: String,
+    /// ActivityPub id.
+    pub ap_id: String,
+    /// False when the idempotency key had been used before.
+    pub created: bool,
+    /// Whether it is already on the fanout queue.
+    pub enqueued: bool,
+}
+
+/// A stored activity, as fanout and delivery read it.
+#[derive(Debug, Clone)]
+pub struct StoredActivity {
+    /// Store key.
+    pub key: String,
+    /// ActivityPub id.
+    pub ap_id: String,
+    /// Activity type.
+    pub kind: String,
+    /// Author's store id.
+    pub actor_id: i64,
+    /// Author's name.
+    pub actor_name: String,
+    /// The activity as stored (with bto/bcc).
+    pub body: serde_json::Value,
+    /// The exact bytes to POST.
+    pub delivered_body: Vec<u8>,
+}
+
+/// A delivery that will not be retried.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    /// Store key of the activity.
+    pub activity_key: String,
+    /// Target inbox.
+    pub inbox: String,
+    /// Inbox host.
+    pub host: String,
+    /// Why it stopped.
+    pub reason: String,
+    /// Last HTTP status, if a response came.
+    pub last_status: Option<u16>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// First attempt, unix milliseconds.
+    pub first_attempt_unix_ms: i64,
+}
+
+/// A dead letter as listed.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Store id.
+    pub id: i64,
+    /// The activity's ActivityPub id.
+    pub activity_id: String,
+    /// Store key of the activity.
+    pub activity_key: String,
+    /// Target inbox.
+    pub inbox: String,
+    /// Inbox host.
+    pub host: String,
+    /// Why it stopped.
+    pub reason: String,
+    /// Last HTTP status, if any.
+    pub last_status: Option<u16>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// First attempt, unix milliseconds.
+    pub first_attempt_unix_ms: i64,
+    /// Last attempt, unix milliseconds.
+    pub last_attempt_unix_ms: i64,
+}
+
+/// Totals for `stampede status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Activities stored.
+    pub activities: u64,
+    /// Deliveries that got a 2xx.
+    pub delivered: u64,
+    /// Dead letters not replayed.
+    pub dead_letters: u64,
+}
+
+/// The durable store.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending schema migrations.
+    async fn migrate(&self) -> Result<()>;
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<()>;
+
+    /// Creates a local actor; [`crate::Error::Conflict`] when the name is taken.
+    async fn create_actor(&self, actor: NewActor) -> Result<LocalActor>;
+    /// A local actor by name.
+    async fn actor_by_name(&self, name: &str) -> Result<Option<LocalActor>>;
+    /// A local actor by store id.
+    async fn actor_by_id(&self, id: i64) -> Result<Option<LocalActor>>;
+
+    /// Adds (or refreshes) a follower of a local actor.
+    async fn add_follower(&self, actor_id: i64, follower: &Follower) -> Result<()>;
+    /// Number of followers of a local actor.
+    async fn follower_count(&self, actor_id: i64) -> Result<u64>;
+    /// One page of the distinct delivery targets (shared inbox, else inbox)
+    /// of a local actor's followers, in order, strictly after `after`.
+    /// Keyset paging: the set is never loaded whole.
+    async fn follower_targets(
+        &self,
+        actor_id: i64,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>>;
+
+    /// A cached remote actor.
+    async fn remote_actor(&self, id: &str) -> Result<Option<RemoteActor>>;
+    /// Stores or refreshes a remote actor.
+    async fn put_remote_actor(&self, actor: &RemoteActor) -> Result<()>;
+
+    /// Stores an activity, or returns the one stored under the same
+    /// idempotency key.
+    async fn insert_activity(&self, activity: NewActivity) -> Result<Inserted>;
+    /// Records that the activity is on the fanout queue.
+    async fn mark_enqueued(&self, key: &str) -> Result<()>;
+    /// Records that fanout queued all its delivery jobs.
+    async fn mark_fanned_out(&self, key: &str, targets: u64) -> Result<()>;
+    /// A stored activity with its author's name.
+    async fn activity(&self, key: &str) -> Result<Option<StoredActivity>>;
+
+    /// Whether a delivery of this activity to this inbox already succeeded.
+    async fn delivered(&self, activity_key: &str, inbox: &str) -> Result<bool>;
+    /// Records a successful delivery (before the queue message is acknowledged).
+    async fn record_delivered(
+        &self,
+        activity_key: &str,
+        inbox: &str,
+        host: &str,
+        status: u16,
+        attempts: u32,
+    ) -> Result<()>;
+    /// Records a delivery that stopped for good.
+    async fn add_dead_letter(&self, dead: NewDeadLetter) -> Result<()>;
+    /// Dead letters not replayed, newest first.
+    async fn dead_letters(&self, limit: u32, host: Option<&str>) -> Result<Vec<DeadLetter>>;
+    /// Totals for status.
+    async fn totals(&self) -> Result<Totals>;
+}
