@@ -1,1 +1,297 @@
+//! Service: delivery. Signs and POSTs each delivery job's activity to its
+//! inbox (draft-cavage `rsa-sha256` over `(request-target) host date digest`,
+//! signed on the signing pool, never on the executor), over one pooled
+//! keep-alive client behind the SSRF guard. A 2xx is recorded before the job
+//! is acknowledged, so a redelivered job is not sent twice. Transient failures
+//! are retried through the broker's delay tiers; permanent ones are recorded
+//! as dead letters with the reason.
+#![deny(missing_docs)]
 
+mod outcome;
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use lru::LruCache;
+use prost::Message;
+use stampede_core::digest::digest_header;
+use stampede_core::keys::load_private_key;
+use stampede_core::signature::{sign_request, POST_HEADERS};
+use stampede_core::targets::inbox_host;
+use stampede_proto::queue::DeliveryJob;
+use stampede_runtime::process::{Listeners, Process};
+use stampede_runtime::queue::{Incoming, OutMessage, QueueName};
+use stampede_runtime::store::NewDeadLetter;
+use stampede_runtime::worker;
+use thiserror::Error;
+use url::Url;
+
+pub use outcome::{classify, retry_delay, Outcome, RETRY_SCHEDULE_SECS};
+
+/// Protobuf name of the delivery job.
+pub const DELIVERY_JOB: &str = "stampede.queue.v1.DeliveryJob";
+/// Activities whose prepared bodies a worker keeps in memory.
+const BODY_CACHE: usize = 1024;
+/// Bytes read of an inbox's answer (only the status matters).
+const MAX_REPLY_BYTES: usize = 16 * 1024;
+
+/// What delivery fails at.
+#[derive(Debug, Error)]
+pub enum DeliveryError {
+    /// A backend failed.
+    #[error(transparent)]
+    Runtime(#[from] stampede_runtime::Error),
+    /// The job can never be delivered.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// An activity ready to send: the body, its digest and its author's key,
+/// shared by every job of the activity that this worker handles.
+struct Prepared {
+    body: Bytes,
+    digest: String,
+    key_id: String,
+    key: Arc<aws_lc_rs::rsa::KeyPair>,
+    ap_id: String,
+}
+
+/// The delivery worker.
+#[derive(Clone)]
+pub struct Delivery {
+    p: Process,
+    bodies: Arc<Mutex<LruCache<String, Arc<Prepared>>>>,
+}
+
+impl Delivery {
+    /// Delivery over a process's backends.
+    pub fn new(p: Process) -> Self {
+        let cap = NonZeroUsize::new(BODY_CACHE).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            p,
+            bodies: Arc::new(Mutex::new(LruCache::new(cap))),
+        }
+    }
+
+    /// Consumes the delivery queue until shutdown.
+    pub async fn run(self) -> Result<(), DeliveryError> {
+        let q = self.p.backends.queue.clone();
+        let shutdown = self.p.shutdown.clone();
+        let prefetch = self.p.cfg.prefetch;
+        worker::run(q, QueueName::Delivery, prefetch, shutdown, move |msg| {
+            let me = self.clone();
+            async move { me.handle(msg).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn handle(&self, msg: Incoming) {
+        let q = &*self.p.backends.queue;
+        let job: DeliveryJob = match worker::decode(&msg, DELIVERY_JOB) {
+            Ok(j) => j,
+            Err(reason) => {
+                return worker::poison(q, &self.p.metrics, QueueName::Delivery, msg, &reason).await
+            }
+        };
+        let host = inbox_host(&job.inbox).unwrap_or_default();
+        let span = tracing::info_span!("deliver", activity_key = %job.activity_key, inbox_host = %host, attempt = job.attempt);
+        let settled = tracing::Instrument::instrument(self.process(&job, &host), span).await;
+        let ok = match settled {
+            Ok(()) => msg.acker.ack().await,
+            Err(e) => {
+                tracing::warn!(activity_key = %job.activity_key, inbox_host = %host, error = %e, "delivery bookkeeping failed; message returned");
+                msg.acker.requeue().await
+            }
+        };
+        if let Err(e) = ok {
+            tracing::warn!(error = %e, "settling the message failed; the broker will redeliver it");
+        }
+    }
+
+    /// Attempts one delivery and makes its effect durable (a delivery record,
+    /// a scheduled retry, or a dead letter). An error means nothing durable
+    /// happened and the message must go back to the queue.
+    async fn process(&self, job: &DeliveryJob, host: &str) -> Result<(), DeliveryError> {
+        let store = &self.p.backends.store;
+        let m = &self.p.metrics;
+        if store.delivered(&job.activity_key, &job.inbox).await? {
+            m.delivery("skipped");
+            tracing::debug!("already delivered");
+            return Ok(());
+        }
+        let started = Instant::now();
+        let attempt = self.attempt(job, host).await;
+        m.delivery_seconds.observe(started.elapsed().as_secs_f64());
+        let outcome = match attempt {
+            Ok(resp) => classify(Some(resp.status), None),
+            Err(DeliveryError::Permanent(reason)) => Outcome::Permanent { status: None, reason },
+            Err(DeliveryError::Runtime(stampede_runtime::Error::Refused(reason))) => {
+                Outcome::Refused { reason }
+            }
+            Err(DeliveryError::Runtime(stampede_runtime::Error::Http(reason))) => {
+                classify(None, Some(reason))
+            }
+            Err(e) => return Err(e),
+        };
+        match outcome {
+            Outcome::Delivered { status } => {
+                store
+                    .record_delivered(&job.activity_key, &job.inbox, host, status, job.attempt + 1)
+                    .await?;
+                m.delivery("delivered");
+                tracing::info!(inbox_host = %host, status, attempt = job.attempt, "delivered");
+            }
+            Outcome::Retry { status, reason, retry_after } => {
+                let attempts = job.attempt + 1;
+                match retry_delay(job.attempt, retry_after.as_deref()) {
+                    Some(delay) => {
+                        let next = DeliveryJob { attempt: attempts, ..job.clone() };
+                        let applied = self
+                            .p
+                            .backends
+                            .queue
+                            .publish_delayed(
+                                QueueName::Delivery,
+                                OutMessage { kind: DELIVERY_JOB, payload: next.encode_to_vec() },
+                                delay,
+                            )
+                            .await?;
+                        m.delivery("retry");
+                        tracing::info!(inbox_host = %host, ?status, %reason, attempt = job.attempt, delay_secs = applied.as_secs(), "delivery failed; retry scheduled");
+                    }
+                    None => {
+                        self.dead(job, host, format!("gave up after {attempts} attempts: {reason}"), status)
+                            .await?;
+                        m.delivery("failed");
+                    }
+                }
+            }
+            Outcome::Permanent { status, reason } => {
+                self.dead(job, host, reason, status).await?;
+                m.delivery("failed");
+            }
+            Outcome::Refused { reason } => {
+                self.dead(job, host, format!("refused: {reason}"), None).await?;
+                m.delivery("refused");
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead(
+        &self,
+        job: &DeliveryJob,
+        host: &str,
+        reason: String,
+        status: Option<u16>,
+    ) -> Result<(), DeliveryError> {
+        tracing::warn!(inbox_host = %host, %reason, ?status, attempt = job.attempt, "delivery dead-lettered");
+        self.p
+            .backends
+            .store
+            .add_dead_letter(NewDeadLetter {
+                activity_key: job.activity_key.clone(),
+                inbox: job.inbox.clone(),
+                host: host.to_string(),
+                reason,
+                last_status: status,
+                attempts: job.attempt + 1,
+                first_attempt_unix_ms: job.first_attempt_unix_ms,
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn prepared(&self, key: &str) -> Result<Arc<Prepared>, DeliveryError> {
+        if let Ok(mut c) = self.bodies.lock() {
+            if let Some(p) = c.get(key) {
+                return Ok(p.clone());
+            }
+        }
+        let store = &self.p.backends.store;
+        let a = store
+            .activity(key)
+            .await?
+            .ok_or_else(|| DeliveryError::Permanent(format!("activity {key} not found")))?;
+        let actor = store
+            .actor_by_id(a.actor_id)
+            .await?
+            .ok_or_else(|| DeliveryError::Permanent(format!("author of {key} not found")))?;
+        let key_pair = load_private_key(&actor.private_key.0)
+            .map_err(|e| DeliveryError::Permanent(format!("author key unusable: {e}")))?;
+        let body = Bytes::from(a.delivered_body);
+        let p = Arc::new(Prepared {
+            digest: digest_header(&body),
+            body,
+            key_id: format!("{}#main-key", self.p.cfg.actor_id(&actor.name)),
+            key: Arc::new(key_pair),
+            ap_id: a.ap_id,
+        });
+        if let Ok(mut c) = self.bodies.lock() {
+            c.put(key.to_string(), p.clone());
+        }
+        Ok(p)
+    }
+
+    /// Signs and POSTs once.
+    async fn attempt(
+        &self,
+        job: &DeliveryJob,
+        host: &str,
+    ) -> Result<stampede_runtime::http::Response, DeliveryError> {
+        let url = Url::parse(&job.inbox)
+            .map_err(|e| DeliveryError::Permanent(format!("bad inbox url: {e}")))?;
+        self.p.http.check_url(&url)?;
+        let prep = self.prepared(&job.activity_key).await?;
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        let path = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_string(),
+        };
+        let signature = {
+            let (prep, host, date) = (prep.clone(), host.to_string(), date.clone());
+            self.p
+                .signer
+                .run(move || {
+                    sign_request(&prep.key, &prep.key_id, "POST", &path, POST_HEADERS, |h| match h {
+                        "host" => Some(host.as_str()),
+                        "date" => Some(date.as_str()),
+                        "digest" => Some(prep.digest.as_str()),
+                        _ => None,
+                    })
+                })
+                .await?
+                .map_err(stampede_runtime::Error::from)?
+        };
+        tracing::debug!(activity_id = %prep.ap_id, "posting");
+        let req = self
+            .p
+            .http
+            .client()
+            .post(url.clone())
+            .header("content-type", "application/activity+json")
+            .header("accept", "application/activity+json")
+            .header("date", date)
+            .header("digest", prep.digest.as_str())
+            .header("signature", signature)
+            .body(prep.body.clone());
+        Ok(self.p.http.send(req, &url, MAX_REPLY_BYTES).await?)
+    }
+}
+
+/// Runs delivery as its own process: the worker, gRPC health and reflection,
+/// metrics, until shutdown.
+pub async fn serve(p: Process, l: Listeners) -> Result<(), DeliveryError> {
+    let metrics = p.spawn_metrics(l.metrics);
+    let routes = p.grpc_routes(&["stampede.delivery"])?;
+    let grpc = tokio::spawn(stampede_runtime::process::serve_grpc(routes, l.grpc, p.shutdown.clone()));
+    tracing::info!(service = "delivery", "started");
+    let result = Delivery::new(p.clone()).run().await;
+    p.shutdown.cancel();
+    let _ = grpc.await;
+    let _ = metrics.await;
+    result
+}

@@ -1,1 +1,233 @@
+//! Service: fanout. Expands one outbound activity into delivery jobs: the
+//! author's followers streamed from the store a page at a time (keyset
+//! paging, never the whole set in memory) and the explicit remote recipients
+//! of `to`/`cc`/`audience`/`bto`/`bcc`, grouped by shared inbox so each
+//! shared inbox gets one POST. Jobs reference the stored activity; the body
+//! is stored once.
+#![deny(missing_docs)]
 
+mod resolve;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use prost::Message;
+use stampede_core::activity::{addressing, PUBLIC};
+use stampede_core::targets::Recipient;
+use stampede_proto::queue::{DeliveryJob, FanoutJob};
+use stampede_runtime::process::{Listeners, Process};
+use stampede_runtime::queue::{Incoming, OutMessage, QueueName};
+use stampede_runtime::store::StoredActivity;
+use stampede_runtime::worker;
+use thiserror::Error;
+
+pub use resolve::Resolver;
+
+/// Protobuf name of the fanout job.
+pub const FANOUT_JOB: &str = "stampede.queue.v1.FanoutJob";
+/// Protobuf name of the delivery job.
+pub const DELIVERY_JOB: &str = "stampede.queue.v1.DeliveryJob";
+/// Followers read per page.
+pub const PAGE: u32 = 1000;
+/// Fanout attempts before a job is dead-lettered.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// What fanout fails at.
+#[derive(Debug, Error)]
+pub enum FanoutError {
+    /// A backend failed; the job is retried.
+    #[error(transparent)]
+    Runtime(#[from] stampede_runtime::Error),
+    /// The job can never succeed; it is dead-lettered.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// The fanout worker.
+#[derive(Clone)]
+pub struct Fanout {
+    p: Process,
+    resolver: Resolver,
+}
+
+impl Fanout {
+    /// Fanout over a process's backends.
+    pub fn new(p: Process) -> Self {
+        let resolver = Resolver::new(p.clone());
+        Self { p, resolver }
+    }
+
+    /// Consumes the fanout queue until shutdown.
+    pub async fn run(self) -> Result<(), FanoutError> {
+        let q = self.p.backends.queue.clone();
+        let shutdown = self.p.shutdown.clone();
+        let prefetch = self.p.cfg.prefetch.clamp(1, 16);
+        worker::run(q, QueueName::Fanout, prefetch, shutdown, move |msg| {
+            let me = self.clone();
+            async move { me.handle(msg).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn handle(&self, msg: Incoming) {
+        let q = &*self.p.backends.queue;
+        let job: FanoutJob = match worker::decode(&msg, FANOUT_JOB) {
+            Ok(j) => j,
+            Err(reason) => return worker::poison(q, &self.p.metrics, QueueName::Fanout, msg, &reason).await,
+        };
+        match self.expand(&job).await {
+            Ok(n) => {
+                if let Err(e) = msg.acker.ack().await {
+                    tracing::warn!(activity_key = %job.activity_key, error = %e, "ack failed");
+                }
+                tracing::info!(activity_key = %job.activity_key, targets = n, "fanned out");
+            }
+            Err(FanoutError::Permanent(reason)) => {
+                worker::poison(q, &self.p.metrics, QueueName::Fanout, msg, &reason).await
+            }
+            Err(FanoutError::Runtime(e)) if job.attempt + 1 < MAX_ATTEMPTS => {
+                tracing::warn!(activity_key = %job.activity_key, attempt = job.attempt, error = %e, "fanout failed; retrying");
+                let retry = FanoutJob { attempt: job.attempt + 1, ..job };
+                let delay = Duration::from_secs(5u64 << retry.attempt.min(6));
+                let out = OutMessage { kind: FANOUT_JOB, payload: retry.encode_to_vec() };
+                match q.publish_delayed(QueueName::Fanout, out, delay).await {
+                    Ok(_) => {
+                        let _ = msg.acker.ack().await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot schedule fanout retry; returning message");
+                        let _ = msg.acker.requeue().await;
+                    }
+                }
+            }
+            Err(FanoutError::Runtime(e)) => {
+                let reason = format!("fanout gave up after {MAX_ATTEMPTS} attempts: {e}");
+                worker::poison(q, &self.p.metrics, QueueName::Fanout, msg, &reason).await
+            }
+        }
+    }
+
+    /// Queues one delivery job per target inbox; returns how many.
+    pub async fn expand(&self, job: &FanoutJob) -> Result<u64, FanoutError> {
+        let b = &self.p.backends;
+        let activity = b
+            .store
+            .activity(&job.activity_key)
+            .await?
+            .ok_or_else(|| FanoutError::Permanent(format!("activity {} not found", job.activity_key)))?;
+        let (explicit, to_followers) = self.explicit_targets(&activity).await?;
+        let now_ms = unix_ms();
+        let make = |inbox: &str| OutMessage {
+            kind: DELIVERY_JOB,
+            payload: DeliveryJob {
+                activity_key: activity.key.clone(),
+                inbox: inbox.to_string(),
+                attempt: 0,
+                first_attempt_unix_ms: now_ms,
+                trace: job.trace.clone(),
+            }
+            .encode_to_vec(),
+        };
+        let mut total = explicit.len() as u64;
+        if !explicit.is_empty() {
+            b.queue
+                .publish_batch(QueueName::Delivery, explicit.iter().map(|i| make(i)).collect())
+                .await?;
+        }
+        if to_followers {
+            let mut after: Option<String> = None;
+            loop {
+                let page = b
+                    .store
+                    .follower_targets(activity.actor_id, after.as_deref(), PAGE)
+                    .await?;
+                let Some(last) = page.last().cloned() else { break };
+                let batch: Vec<OutMessage> = page
+                    .iter()
+                    .filter(|t| !explicit.contains(t.as_str()))
+                    .map(|t| make(t))
+                    .collect();
+                total += batch.len() as u64;
+                b.queue.publish_batch(QueueName::Delivery, batch).await?;
+                if page.len() < PAGE as usize {
+                    break;
+                }
+                after = Some(last);
+            }
+        }
+        b.store.mark_fanned_out(&activity.key, total).await?;
+        self.p.metrics.fanout_targets.observe(total as f64);
+        Ok(total)
+    }
+
+    /// The explicit remote recipients' target inboxes, and whether the
+    /// author's followers are addressed. `bto`/`bcc` recipients get their
+    /// personal inbox: the body delivered has no `bto`/`bcc`, so a shared
+    /// inbox could not tell who the copy is for.
+    async fn explicit_targets(
+        &self,
+        activity: &StoredActivity,
+    ) -> Result<(HashSet<String>, bool), FanoutError> {
+        let Some(obj) = activity.body.as_object() else {
+            return Err(FanoutError::Permanent("stored activity is not an object".into()));
+        };
+        let a = addressing(obj);
+        let actor_id = self.p.cfg.actor_id(&activity.actor_name);
+        let followers = format!("{actor_id}/followers");
+        let local_prefix = format!("{}/", self.p.cfg.base());
+        let mut to_followers = false;
+        let mut targets = HashSet::new();
+        let open = a.open.iter().map(|id| (id, false));
+        let blind = a.blind.iter().map(|id| (id, true));
+        for (id, is_blind) in open.chain(blind) {
+            if *id == followers {
+                to_followers = true;
+                continue;
+            }
+            if id.starts_with(&local_prefix) || id == PUBLIC {
+                // Local actors and collections are the application's to deliver.
+                continue;
+            }
+            match self.resolver.resolve(id, activity.actor_id).await {
+                Ok(Some(r)) => {
+                    let target = if is_blind {
+                        r.inbox.clone()
+                    } else {
+                        Recipient { inbox: &r.inbox, shared_inbox: r.shared_inbox.as_deref() }
+                            .target()
+                            .to_string()
+                    };
+                    targets.insert(target);
+                }
+                Ok(None) => {
+                    tracing::info!(recipient = %id, "recipient is not an actor with an inbox; skipped");
+                }
+                Err(e) => {
+                    tracing::warn!(recipient = %id, error = %e, "recipient unresolvable; skipped");
+                }
+            }
+        }
+        Ok((targets, to_followers))
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Runs fanout as its own process: the worker, gRPC health and reflection,
+/// metrics, until shutdown.
+pub async fn serve(p: Process, l: Listeners) -> Result<(), FanoutError> {
+    let metrics = p.spawn_metrics(l.metrics);
+    let routes = p.grpc_routes(&["stampede.fanout"])?;
+    let grpc = tokio::spawn(stampede_runtime::process::serve_grpc(routes, l.grpc, p.shutdown.clone()));
+    tracing::info!(service = "fanout", "started");
+    let result = Fanout::new(p.clone()).run().await;
+    p.shutdown.cancel();
+    let _ = grpc.await;
+    let _ = metrics.await;
+    result
+}

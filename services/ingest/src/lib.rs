@@ -1,1 +1,88 @@
+//! Service: ingest, the edge of stampede. Its HTTP side serves what remote
+//! servers need to verify us (actor documents with public keys, WebFinger,
+//! followers collections); its gRPC side is the one front door for the local
+//! application and the CLI: actors, `Publish`, status. It does only cheap
+//! checks, stores, enqueues durably and answers.
+#![deny(missing_docs)]
 
+mod api;
+mod documents;
+mod error;
+mod http;
+
+use std::sync::Arc;
+
+use stampede_runtime::metrics::Metrics;
+use stampede_runtime::{Backends, Config};
+
+pub use api::{ActorApi, AdminApi, PublishApi};
+pub use error::IngestError;
+pub use http::router;
+
+/// What the ingest handlers share.
+#[derive(Clone)]
+pub struct Ingest {
+    cfg: Arc<Config>,
+    backends: Backends,
+    metrics: Arc<Metrics>,
+}
+
+impl Ingest {
+    /// Ingest over the given backends.
+    pub fn new(cfg: Arc<Config>, backends: Backends, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cfg,
+            backends,
+            metrics,
+        }
+    }
+
+    /// The gRPC services ingest serves.
+    pub fn grpc(&self) -> (ActorApi, PublishApi, AdminApi) {
+        (
+            ActorApi(self.clone()),
+            PublishApi(self.clone()),
+            AdminApi(self.clone()),
+        )
+    }
+}
+
+/// Runs ingest as its own process: HTTP, gRPC (the API, health, reflection)
+/// and metrics, until the process's shutdown token is cancelled.
+pub async fn serve(
+    p: stampede_runtime::process::Process,
+    l: stampede_runtime::process::Listeners,
+) -> Result<(), IngestError> {
+    use stampede_proto::api::{
+        actor_service_server::ActorServiceServer, admin_service_server::AdminServiceServer,
+        publish_service_server::PublishServiceServer,
+    };
+    let ingest = Ingest::new(p.cfg.clone(), p.backends.clone(), p.metrics.clone());
+    let metrics = p.spawn_metrics(l.metrics);
+    let mut routes = p.grpc_routes(&["stampede.ingest"])?;
+    let (actors, publish, admin) = ingest.grpc();
+    let auth = p.auth();
+    routes
+        .add_service(ActorServiceServer::with_interceptor(actors, auth.clone()))
+        .add_service(PublishServiceServer::with_interceptor(publish, auth.clone()))
+        .add_service(AdminServiceServer::with_interceptor(admin, auth));
+    let http = match l.http {
+        Some(listener) => {
+            let app = router(ingest);
+            let shutdown = p.shutdown.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+            }))
+        }
+        None => None,
+    };
+    tracing::info!(service = "ingest", "started");
+    stampede_runtime::process::serve_grpc(routes, l.grpc, p.shutdown.clone()).await?;
+    if let Some(h) = http {
+        let _ = h.await;
+    }
+    let _ = metrics.await;
+    Ok(())
+}

@@ -13,12 +13,14 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod postgres;
+pub mod process;
 pub mod queue;
 pub mod redis_cache;
 pub mod shutdown;
 pub mod signer;
 pub mod store;
 pub mod telemetry;
+pub mod worker;
 
 pub use backends::Backends;
 pub use config::Config;

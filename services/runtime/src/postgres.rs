@@ -286,6 +286,15 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn activity_count(&self, actor_id: i64) -> Result<u64> {
+        let c = self.client().await?;
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM activities WHERE actor_id = $1", &[&actor_id])
+            .await?
+            .get(0);
+        Ok(n as u64)
+    }
+
     async fn activity(&self, key: &str) -> Result<Option<StoredActivity>> {
         let c = self.client().await?;
         let stmt = c

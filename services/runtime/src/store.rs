@@ -229,6 +229,8 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_enqueued(&self, key: &str) -> Result<()>;
     /// Records that fanout queued all its delivery jobs.
     async fn mark_fanned_out(&self, key: &str, targets: u64) -> Result<()>;
+    /// Number of activities published by a local actor.
+    async fn activity_count(&self, actor_id: i64) -> Result<u64>;
     /// A stored activity with its author's name.
     async fn activity(&self, key: &str) -> Result<Option<StoredActivity>>;
 

@@ -1,0 +1,110 @@
+//! What an inbox's answer means for a delivery, and the retry schedule.
+use std::time::Duration;
+
+/// Retry delays after each failed attempt, in seconds: the first within a
+/// minute for passing blips, then growing to six hours, about 40 hours in
+/// all before the delivery is dead-lettered.
+pub const RETRY_SCHEDULE_SECS: &[u64] = &[
+    30, 300, 1800, 3600, 10800, 21600, 21600, 21600, 21600, 21600, 21600,
+];
+
+/// The meaning of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx.
+    Delivered {
+        /// The status.
+        status: u16,
+    },
+    /// 408, 429, 5xx, timeouts, connection errors: try again later.
+    Retry {
+        /// The status, when a response came.
+        status: Option<u16>,
+        /// What happened.
+        reason: String,
+        /// The `Retry-After` header, when given.
+        retry_after: Option<String>,
+    },
+    /// Other 4xx, or a job that can never succeed: stop.
+    Permanent {
+        /// The status, when a response came.
+        status: Option<u16>,
+        /// What happened.
+        reason: String,
+    },
+    /// The SSRF guard refused the target.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Classifies a response status, or a transport error when no response came.
+pub fn classify(status: Option<u16>, error: Option<String>) -> Outcome {
+    match status {
+        Some(s @ 200..=299) => Outcome::Delivered { status: s },
+        Some(s @ (408 | 429 | 500..=599)) => Outcome::Retry {
+            status: Some(s),
+            reason: format!("http {s}"),
+            retry_after: None,
+        },
+        Some(s) => Outcome::Permanent {
+            status: Some(s),
+            reason: format!("http {s}"),
+        },
+        None => Outcome::Retry {
+            status: None,
+            reason: error.unwrap_or_else(|| "no response".into()),
+            retry_after: None,
+        },
+    }
+}
+
+/// The delay before retry number `attempt + 1`, with ±20 % jitter so retries
+/// to a recovering server spread out; `Retry-After` (seconds or an HTTP date)
+/// wins when longer. `None` when the schedule is exhausted.
+pub fn retry_delay(attempt: u32, retry_after: Option<&str>) -> Option<Duration> {
+    let base = *RETRY_SCHEDULE_SECS.get(attempt as usize)?;
+    let jitter = 0.8 + rand::random::<f64>() * 0.4;
+    let mut d = Duration::from_secs_f64(base as f64 * jitter);
+    if let Some(ra) = retry_after.and_then(parse_retry_after) {
+        d = d.max(ra);
+    }
+    Some(d)
+}
+
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(7 * 24 * 3600)));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    at.duration_since(std::time::SystemTime::now()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_outcomes() {
+        assert_eq!(classify(Some(202), None), Outcome::Delivered { status: 202 });
+        for s in [408, 429, 500, 502, 503] {
+            assert!(matches!(classify(Some(s), None), Outcome::Retry { .. }), "{s}");
+        }
+        for s in [400, 401, 403, 404, 410, 422] {
+            assert!(matches!(classify(Some(s), None), Outcome::Permanent { .. }), "{s}");
+        }
+        assert!(matches!(classify(None, Some("timed out".into())), Outcome::Retry { .. }));
+    }
+
+    #[test]
+    fn schedule_grows_and_ends() {
+        let first = retry_delay(0, None).unwrap();
+        assert!(first <= Duration::from_secs(36) && first >= Duration::from_secs(24));
+        assert!(retry_delay(RETRY_SCHEDULE_SECS.len() as u32, None).is_none());
+        assert!(retry_delay(0, Some("600")).unwrap() >= Duration::from_secs(600));
+        let total: u64 = RETRY_SCHEDULE_SECS.iter().sum();
+        assert!(total > 24 * 3600 && total < 3 * 24 * 3600);
+    }
+}

@@ -1,0 +1,242 @@
+//! The gRPC API for the local application (design §6).
+use prost::Message;
+use stampede_core::activity::prepare_outbound;
+use stampede_core::keys::generate_rsa_2048;
+use stampede_proto::api::{
+    actor_service_server::ActorService, admin_service_server::AdminService,
+    publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter,
+    GetActorRequest, ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest,
+    PublishResponse, QueueDepth, StatusRequest, StatusResponse,
+};
+use stampede_proto::queue::FanoutJob;
+use stampede_runtime::queue::{OutMessage, QueueName};
+use stampede_runtime::store::{NewActivity, NewActor, PrivateKey};
+use tonic::{Request, Response, Status};
+
+use crate::documents::{actor_message, valid_name};
+use crate::{Ingest, IngestError};
+
+/// Protobuf name of the fanout job, carried as the AMQP `type`.
+pub const FANOUT_JOB: &str = "stampede.queue.v1.FanoutJob";
+
+/// `stampede.v1.ActorService`.
+#[derive(Clone)]
+pub struct ActorApi(pub(crate) Ingest);
+/// `stampede.v1.PublishService`.
+#[derive(Clone)]
+pub struct PublishApi(pub(crate) Ingest);
+/// `stampede.v1.AdminService`.
+#[derive(Clone)]
+pub struct AdminApi(pub(crate) Ingest);
+
+#[tonic::async_trait]
+impl ActorService for ActorApi {
+    async fn create_actor(&self, req: Request<CreateActorRequest>) -> Result<Response<Actor>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.0.create_actor(r).await?))
+    }
+
+    async fn get_actor(&self, req: Request<GetActorRequest>) -> Result<Response<Actor>, Status> {
+        let name = req.into_inner().name;
+        let s = &self.0;
+        let a = s
+            .backends
+            .store
+            .actor_by_name(&name)
+            .await
+            .map_err(IngestError::from)?
+            .ok_or_else(|| IngestError::NotFound(format!("no local actor named `{name}`")))?;
+        let n = s.backends.store.follower_count(a.id).await.map_err(IngestError::from)?;
+        Ok(Response::new(actor_message(&s.cfg, &a, n)))
+    }
+}
+
+#[tonic::async_trait]
+impl PublishService for PublishApi {
+    async fn publish(&self, req: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
+        Ok(Response::new(self.0.publish(req.into_inner()).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let b = &self.0.backends;
+        let depths = b.queue.depths().await.map_err(IngestError::from)?;
+        let t = b.store.totals().await.map_err(IngestError::from)?;
+        Ok(Response::new(StatusResponse {
+            queues: depths
+                .into_iter()
+                .map(|d| QueueDepth {
+                    queue: d.queue,
+                    messages: d.messages,
+                    consumers: d.consumers,
+                })
+                .collect(),
+            activities: t.activities,
+            delivered: t.delivered,
+            failed: t.dead_letters,
+            dead_letters: t.dead_letters,
+        }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        req: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) };
+        let host = (!r.host.is_empty()).then_some(r.host.as_str());
+        let rows = self
+            .0
+            .backends
+            .store
+            .dead_letters(limit, host)
+            .await
+            .map_err(IngestError::from)?;
+        Ok(Response::new(ListDeadLettersResponse {
+            dead_letters: rows
+                .into_iter()
+                .map(|d| DeadLetter {
+                    id: d.id.to_string(),
+                    activity_id: d.activity_id,
+                    inbox: d.inbox,
+                    host: d.host,
+                    reason: d.reason,
+                    last_status: d.last_status.map_or(0, u32::from),
+                    attempts: d.attempts,
+                    first_attempt_unix_ms: d.first_attempt_unix_ms,
+                    last_attempt_unix_ms: d.last_attempt_unix_ms,
+                })
+                .collect(),
+        }))
+    }
+}
+
+impl Ingest {
+    async fn create_actor(&self, r: CreateActorRequest) -> Result<Actor, IngestError> {
+        if !valid_name(&r.name) {
+            return Err(IngestError::Invalid(format!(
+                "actor name `{}` must be 1 to 64 of [a-z0-9_]",
+                r.name
+            )));
+        }
+        if r.display_name.len() > 256 || r.summary.len() > 8192 {
+            return Err(IngestError::Invalid(
+                "display_name is limited to 256 bytes and summary to 8192".into(),
+            ));
+        }
+        // RSA key generation takes tens of milliseconds: keep it off the executor.
+        let key = tokio::task::spawn_blocking(generate_rsa_2048)
+            .await
+            .map_err(|e| IngestError::Invalid(format!("key generation failed: {e}")))??;
+        let a = self
+            .backends
+            .store
+            .create_actor(NewActor {
+                name: r.name.clone(),
+                display_name: r.display_name,
+                summary: r.summary,
+                manually_approves_followers: r.manually_approves_followers,
+                private_key: PrivateKey(key.private_pkcs8_der),
+                public_key_pem: key.public_pem,
+            })
+            .await
+            .map_err(|e| match e {
+                stampede_runtime::Error::Conflict(_) => {
+                    IngestError::AlreadyExists(format!("actor `{}` exists already", r.name))
+                }
+                e => e.into(),
+            })?;
+        tracing::info!(actor = %a.name, "actor created");
+        Ok(actor_message(&self.cfg, &a, 0))
+    }
+
+    async fn publish(&self, r: PublishRequest) -> Result<PublishResponse, IngestError> {
+        let max = self.cfg.max_activity_bytes;
+        if r.activity_json.len() > max {
+            return Err(IngestError::Invalid(format!(
+                "activity is {} bytes; the limit is {max}",
+                r.activity_json.len()
+            )));
+        }
+        if r.idempotency_key.len() > 256 {
+            return Err(IngestError::Invalid("idempotency_key is limited to 256 bytes".into()));
+        }
+        let actor = self
+            .backends
+            .store
+            .actor_by_name(&r.actor)
+            .await?
+            .ok_or_else(|| IngestError::NotFound(format!("no local actor named `{}`", r.actor)))?;
+        let actor_id = self.cfg.actor_id(&actor.name);
+        let base = self.cfg.base();
+        let prepared = prepare_outbound(r.activity_json.as_bytes(), &actor_id, |kind| {
+            format!("{base}/{kind}/{}", uuid::Uuid::now_v7())
+        })?;
+        let under_base = prepared
+            .id
+            .strip_prefix(base)
+            .is_some_and(|rest| rest.starts_with('/'));
+        if !under_base {
+            return Err(IngestError::Invalid(format!(
+                "activity id {} is not under {base}",
+                prepared.id
+            )));
+        }
+        let inserted = self
+            .backends
+            .store
+            .insert_activity(NewActivity {
+                key: uuid::Uuid::now_v7().to_string(),
+                ap_id: prepared.id.clone(),
+                actor_id: actor.id,
+                kind: prepared.kind.clone(),
+                object_id: prepared.object_id.clone(),
+                idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
+                body: prepared.json,
+                delivered_body: prepared.delivered_body,
+            })
+            .await
+            .map_err(|e| match e {
+                stampede_runtime::Error::Conflict(_) => IngestError::AlreadyExists(format!(
+                    "an activity with id {} exists already",
+                    prepared.id
+                )),
+                e => e.into(),
+            })?;
+        if !inserted.enqueued {
+            let job = FanoutJob {
+                activity_key: inserted.key.clone(),
+                trace: None,
+                attempt: 0,
+            };
+            self.backends
+                .queue
+                .publish(
+                    QueueName::Fanout,
+                    OutMessage {
+                        kind: FANOUT_JOB,
+                        payload: job.encode_to_vec(),
+                    },
+                )
+                .await
+                .map_err(|e| IngestError::Unavailable(e.to_string()))?;
+            self.backends.store.mark_enqueued(&inserted.key).await?;
+        }
+        if inserted.created {
+            self.metrics.published.inc();
+        }
+        tracing::info!(
+            activity_id = %inserted.ap_id,
+            actor = %actor.name,
+            kind = %prepared.kind,
+            created = inserted.created,
+            "activity published"
+        );
+        Ok(PublishResponse {
+            activity_id: inserted.ap_id,
+            created: inserted.created,
+        })
+    }
+}

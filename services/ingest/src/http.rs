@@ -1,0 +1,142 @@
+//! ingest's HTTP side: what remote servers fetch to verify and address us.
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::documents::person;
+use crate::Ingest;
+
+const ACTIVITY_JSON: &str = "application/activity+json; charset=utf-8";
+
+/// The HTTP routes of ingest.
+pub fn router(ingest: Ingest) -> Router {
+    Router::new()
+        .route("/users/{name}", get(actor))
+        .route("/users/{name}/followers", get(followers))
+        .route("/users/{name}/following", get(following))
+        .route("/users/{name}/outbox", get(outbox))
+        .route("/.well-known/webfinger", get(webfinger))
+        .with_state(ingest)
+}
+
+fn activity_json(body: serde_json::Value) -> Response {
+    ([(header::CONTENT_TYPE, ACTIVITY_JSON)], body.to_string()).into_response()
+}
+
+fn problem(status: StatusCode, reason: impl Into<String>) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], reason.into() + "\n").into_response()
+}
+
+async fn lookup(s: &Ingest, name: &str) -> Result<stampede_runtime::store::LocalActor, Response> {
+    match s.backends.store.actor_by_name(name).await {
+        Ok(Some(a)) => Ok(a),
+        Ok(None) => Err(problem(StatusCode::NOT_FOUND, format!("no actor named {name}"))),
+        Err(e) => {
+            tracing::error!(error = %e, "actor lookup failed");
+            Err(problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable"))
+        }
+    }
+}
+
+async fn actor(State(s): State<Ingest>, Path(name): Path<String>) -> Response {
+    match lookup(&s, &name).await {
+        Ok(a) => activity_json(person(&s.cfg, &a)),
+        Err(r) => r,
+    }
+}
+
+async fn followers(State(s): State<Ingest>, Path(name): Path<String>) -> Response {
+    let a = match lookup(&s, &name).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match s.backends.store.follower_count(a.id).await {
+        Ok(n) => activity_json(json!({
+            "@context": "https://www.w3.org/ns/activitystreams",
+            "id": format!("{}/followers", s.cfg.actor_id(&a.name)),
+            "type": "OrderedCollection",
+            "totalItems": n,
+        })),
+        Err(e) => {
+            tracing::error!(error = %e, "follower count failed");
+            problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
+    }
+}
+
+async fn following(State(s): State<Ingest>, Path(name): Path<String>) -> Response {
+    match lookup(&s, &name).await {
+        // stampede is the federation layer: who a local actor follows is the application's.
+        Ok(a) => activity_json(json!({
+            "@context": "https://www.w3.org/ns/activitystreams",
+            "id": format!("{}/following", s.cfg.actor_id(&a.name)),
+            "type": "OrderedCollection",
+        })),
+        Err(r) => r,
+    }
+}
+
+async fn outbox(State(s): State<Ingest>, Path(name): Path<String>) -> Response {
+    let a = match lookup(&s, &name).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match s.backends.store.activity_count(a.id).await {
+        Ok(n) => activity_json(json!({
+            "@context": "https://www.w3.org/ns/activitystreams",
+            "id": format!("{}/outbox", s.cfg.actor_id(&a.name)),
+            "type": "OrderedCollection",
+            "totalItems": n,
+        })),
+        Err(e) => {
+            tracing::error!(error = %e, "activity count failed");
+            problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Finger {
+    resource: Option<String>,
+}
+
+async fn webfinger(State(s): State<Ingest>, Query(q): Query<Finger>) -> Response {
+    let Some(resource) = q.resource else {
+        return problem(StatusCode::BAD_REQUEST, "missing resource parameter");
+    };
+    let host = s.cfg.public_host();
+    let users = format!("{}/users/", s.cfg.base());
+    let name = if let Some(acct) = resource.strip_prefix("acct:") {
+        match acct.rsplit_once('@') {
+            Some((name, h)) if h.eq_ignore_ascii_case(&host) => name.to_string(),
+            Some(_) => return problem(StatusCode::NOT_FOUND, "not a local account"),
+            None => return problem(StatusCode::BAD_REQUEST, "resource must be acct:name@host"),
+        }
+    } else if let Some(name) = resource.strip_prefix(&users) {
+        name.to_string()
+    } else {
+        return problem(StatusCode::NOT_FOUND, "not a local account");
+    };
+    let a = match lookup(&s, &name).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let id = s.cfg.actor_id(&a.name);
+    (
+        [(header::CONTENT_TYPE, "application/jrd+json; charset=utf-8")],
+        json!({
+            "subject": format!("acct:{}@{host}", a.name),
+            "aliases": [id],
+            "links": [
+                {"rel": "self", "type": "application/activity+json", "href": id},
+                {"rel": "http://webfinger.net/rel/profile-page", "type": "text/html", "href": id}
+            ]
+        })
+        .to_string(),
+    )
+        .into_response()
+}

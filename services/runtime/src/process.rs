@@ -1,0 +1,184 @@
+//! One stampede process: configuration, backends, metrics, the signing pool,
+//! the outbound client and the shutdown token, plus the listeners it serves
+//! on. Services take a [`Process`] and [`Listeners`], so `stampede serve X`,
+//! the thin per-service binaries and the tests all start them the same way.
+use std::fmt::Display;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::RoutesBuilder;
+use tonic::transport::server::TcpIncoming;
+
+use crate::http::OutboundClient;
+use crate::metrics::Metrics;
+use crate::signer::SignerPool;
+use crate::{Backends, Config, Error, Result};
+
+/// What a service runs with.
+#[derive(Clone)]
+pub struct Process {
+    /// Configuration.
+    pub cfg: Arc<Config>,
+    /// Queue, cache, store.
+    pub backends: Backends,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// RSA signing threads.
+    pub signer: SignerPool,
+    /// Guarded outbound HTTP client.
+    pub http: OutboundClient,
+    /// Cancelled when the process must stop.
+    pub shutdown: CancellationToken,
+}
+
+/// The listeners a service serves on, bound by the caller.
+pub struct Listeners {
+    /// ingest's HTTP listener (only ingest uses it).
+    pub http: Option<TcpListener>,
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(cfg: &Config, with_http: bool) -> Result<Self> {
+        Ok(Self {
+            http: if with_http {
+                Some(bind("STAMPEDE_HTTP_ADDR", cfg.http_addr).await?)
+            } else {
+                None
+            },
+            grpc: bind("STAMPEDE_GRPC_ADDR", cfg.grpc_addr).await?,
+            metrics: bind("STAMPEDE_METRICS_ADDR", cfg.metrics_addr).await?,
+        })
+    }
+}
+
+async fn bind(var: &'static str, addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| Error::Config {
+        var,
+        reason: format!("cannot listen on {addr}: {e}"),
+    })
+}
+
+impl Process {
+    /// Connects the backends named by `cfg`.
+    pub async fn connect(cfg: Config, name: &str, shutdown: CancellationToken) -> Result<Self> {
+        let backends = Backends::connect(&cfg, &format!("stampede-{name}")).await?;
+        Self::with_backends(cfg, backends, shutdown)
+    }
+
+    /// A process over backends built elsewhere.
+    pub fn with_backends(cfg: Config, backends: Backends, shutdown: CancellationToken) -> Result<Self> {
+        Ok(Self {
+            http: OutboundClient::new(&cfg)?,
+            cfg: Arc::new(cfg),
+            backends,
+            metrics: Metrics::new(),
+            signer: SignerPool::per_core()?,
+            shutdown,
+        })
+    }
+
+    /// Serves `/metrics`, `/healthz`, `/readyz` in the background.
+    pub fn spawn_metrics(&self, listener: TcpListener) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            self.metrics.clone(),
+            self.backends.clone(),
+            self.shutdown.clone(),
+        ))
+    }
+
+    /// A gRPC route set holding the health service (with `names` following
+    /// readiness) and reflection; services add theirs.
+    pub fn grpc_routes(&self, names: &[&str]) -> Result<RoutesBuilder> {
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(crate::grpc::health(
+            names.iter().map(|n| n.to_string()).collect(),
+            self.backends.clone(),
+            self.shutdown.clone(),
+        ));
+        routes.add_service(
+            crate::grpc::reflection().map_err(|e| Error::Config {
+                var: "STAMPEDE_GRPC_ADDR",
+                reason: format!("reflection: {e}"),
+            })?,
+        );
+        Ok(routes)
+    }
+
+    /// The API token check for the gRPC API.
+    pub fn auth(&self) -> crate::grpc::Auth {
+        crate::grpc::Auth::new(self.cfg.api_token.clone())
+    }
+}
+
+/// Serves gRPC `routes` on `listener` until `shutdown`.
+pub async fn serve_grpc(
+    routes: RoutesBuilder,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    tonic::transport::Server::builder()
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
+        .await
+        .map_err(|e| Error::Http(format!("grpc server: {e}")))
+}
+
+/// `main` of a service binary: logs, configuration from the environment
+/// (a bad value exits with one line naming the variable), listeners, backends,
+/// then `run` until SIGTERM.
+pub fn run_main<F, Fut, E>(name: &'static str, with_http: bool, run: F) -> ExitCode
+where
+    F: FnOnce(Process, Listeners) -> Fut,
+    Fut: Future<Output = std::result::Result<(), E>>,
+    E: Display,
+{
+    crate::telemetry::init();
+    let cfg = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = crate::shutdown::on_signal();
+        let listeners = match Listeners::bind(&cfg, with_http).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let process = match Process::connect(cfg, name, shutdown).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match run(process, listeners).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
