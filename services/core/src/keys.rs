@@ -1,11 +1,14 @@
 //! RSA-2048 keys of local actors: generation, PKCS#8 storage, and the
 //! SubjectPublicKeyInfo PEM published in actor documents.
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};
-use aws_lc_rs::rsa::{KeyPair, KeySize};
-use aws_lc_rs::signature::{KeyPair as _, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
+use aws_lc_rs::rsa::KeySize;
+use aws_lc_rs::signature::{KeyPair as _, RSA_PKCS1_2048_8192_SHA256};
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 
 use crate::CoreError;
+
+pub use aws_lc_rs::rsa::KeyPair;
+pub use aws_lc_rs::signature::ParsedPublicKey;
 
 /// A freshly generated key: the private half as PKCS#8 DER (to store), the
 /// public half as PEM (to publish).

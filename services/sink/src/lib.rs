@@ -1,1 +1,447 @@
+//! Library: the sink, fake remote fediverse servers for tests, the demo and
+//! benchmarks (`stampede sink`). Many HTTP servers on 127.0.0.1 in one
+//! process, each a "host" with actors whose documents carry inboxes (with or
+//! without a shared inbox) and a public key. Every POST to an inbox is checked
+//! the way Mastodon checks it: the `Signature` (draft-cavage, key fetched from
+//! the `keyId` and cached), the `Digest` against the body, and the `Date`
+//! window. Each server counts what it received and misbehaves on request:
+//! a fixed status, slowness, `Retry-After`, or down (not listening).
+#![deny(missing_docs)]
 
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use serde_json::{json, Value};
+use stampede_core::digest::verify_digest_header;
+use stampede_core::keys::{generate_rsa_2048, parse_public_key_pem, ParsedPublicKey};
+use stampede_core::signature::{parse_signature_header, verify_request};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+
+/// Errors of the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A listener failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// Key generation failed.
+    #[error(transparent)]
+    Core(#[from] stampede_core::CoreError),
+    /// No such server.
+    #[error("no server {0}")]
+    NoServer(usize),
+}
+
+/// How a server answers inbox POSTs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Behavior {
+    /// 202 Accepted after verifying.
+    Ok,
+    /// Always this status (after recording the request).
+    Status(u16),
+    /// 429 with this `Retry-After` (seconds).
+    RetryAfter(u64),
+    /// Answers 202 after this long.
+    Slow(Duration),
+}
+
+/// One POST a server received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Request path (`/inbox` or `/users/{name}/inbox`).
+    pub path: String,
+    /// The activity's `id`, if the body had one.
+    pub activity_id: Option<String>,
+    /// `Ok` when signature, digest and date verified; the reason otherwise.
+    pub verified: Result<(), String>,
+    /// The `keyId` of the signature, if parsed.
+    pub key_id: Option<String>,
+    /// The body as JSON (`Null` when it was not JSON).
+    pub body: Value,
+    /// The status answered.
+    pub status: u16,
+}
+
+struct ServerState {
+    base: String,
+    host: String,
+    shared_inbox: bool,
+    behavior: Mutex<Behavior>,
+    received: Mutex<Vec<Received>>,
+    keys: Arc<Mutex<HashMap<String, Arc<ParsedPublicKey>>>>,
+    client: reqwest::Client,
+    public_pem: Arc<String>,
+}
+
+/// One fake server.
+pub struct Server {
+    state: Arc<ServerState>,
+    addr: SocketAddr,
+    down: Mutex<Option<CancellationToken>>,
+}
+
+/// A remote actor hosted by the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkActor {
+    /// Actor id.
+    pub id: String,
+    /// Personal inbox.
+    pub inbox: String,
+    /// Shared inbox, when the server has one.
+    pub shared_inbox: Option<String>,
+    /// `host:port`.
+    pub host: String,
+}
+
+/// Options of a sink.
+#[derive(Clone)]
+pub struct SinkOptions {
+    /// Number of servers.
+    pub servers: usize,
+    /// Which servers (by index) have a shared inbox.
+    pub shared_inbox: Arc<dyn Fn(usize) -> bool + Send + Sync>,
+}
+
+impl Default for SinkOptions {
+    fn default() -> Self {
+        Self {
+            servers: 1,
+            shared_inbox: Arc::new(|_| true),
+        }
+    }
+}
+
+/// A set of fake servers.
+pub struct Sink {
+    servers: Vec<Server>,
+    shutdown: CancellationToken,
+}
+
+impl Sink {
+    /// Starts the servers on 127.0.0.1, each on its own free port.
+    pub async fn start(opts: SinkOptions) -> Result<Self, SinkError> {
+        let key = tokio::task::spawn_blocking(generate_rsa_2048)
+            .await
+            .map_err(|e| SinkError::Io(std::io::Error::other(e)))??;
+        let public_pem = Arc::new(key.public_pem);
+        let keys = Arc::new(Mutex::new(HashMap::new()));
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+        let shutdown = CancellationToken::new();
+        let mut servers = Vec::with_capacity(opts.servers);
+        for i in 0..opts.servers {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let state = Arc::new(ServerState {
+                base: format!("http://{addr}"),
+                host: addr.to_string(),
+                shared_inbox: (opts.shared_inbox)(i),
+                behavior: Mutex::new(Behavior::Ok),
+                received: Mutex::new(Vec::new()),
+                keys: keys.clone(),
+                client: client.clone(),
+                public_pem: public_pem.clone(),
+            });
+            let token = shutdown.child_token();
+            tokio::spawn(accept_loop(listener, router(state.clone()), token.clone()));
+            servers.push(Server {
+                state,
+                addr,
+                down: Mutex::new(Some(token)),
+            });
+        }
+        Ok(Self { servers, shutdown })
+    }
+
+    /// Number of servers.
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Whether there are no servers.
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    fn server(&self, i: usize) -> Result<&Server, SinkError> {
+        self.servers.get(i).ok_or(SinkError::NoServer(i))
+    }
+
+    /// `host:port` of server `i`.
+    pub fn addr(&self, i: usize) -> Option<SocketAddr> {
+        self.servers.get(i).map(|s| s.addr)
+    }
+
+    /// The actor `name` on server `i`.
+    pub fn actor(&self, i: usize, name: &str) -> Option<SinkActor> {
+        let s = &self.servers.get(i)?.state;
+        Some(actor_of(s, name))
+    }
+
+    /// Sets how server `i` answers.
+    pub fn set_behavior(&self, i: usize, b: Behavior) -> Result<(), SinkError> {
+        let s = self.server(i)?;
+        if let Ok(mut g) = s.state.behavior.lock() {
+            *g = b;
+        }
+        Ok(())
+    }
+
+    /// Takes server `i` down: it stops listening and drops its connections.
+    pub fn set_down(&self, i: usize) -> Result<(), SinkError> {
+        let s = self.server(i)?;
+        if let Ok(mut g) = s.down.lock() {
+            if let Some(t) = g.take() {
+                t.cancel();
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings server `i` back up on the same port.
+    pub async fn set_up(&self, i: usize) -> Result<(), SinkError> {
+        let s = self.server(i)?;
+        let listener = TcpListener::bind(s.addr).await?;
+        let token = self.shutdown.child_token();
+        tokio::spawn(accept_loop(listener, router(s.state.clone()), token.clone()));
+        if let Ok(mut g) = s.down.lock() {
+            *g = Some(token);
+        }
+        Ok(())
+    }
+
+    /// What server `i` received so far.
+    pub fn received(&self, i: usize) -> Vec<Received> {
+        self.servers
+            .get(i)
+            .and_then(|s| s.state.received.lock().ok().map(|r| r.clone()))
+            .unwrap_or_default()
+    }
+
+    /// POSTs received by all servers.
+    pub fn total_received(&self) -> usize {
+        self.servers
+            .iter()
+            .map(|s| s.state.received.lock().map_or(0, |r| r.len()))
+            .sum()
+    }
+
+    /// POSTs that failed verification, across all servers.
+    pub fn total_unverified(&self) -> usize {
+        self.servers
+            .iter()
+            .map(|s| {
+                s.state
+                    .received
+                    .lock()
+                    .map_or(0, |r| r.iter().filter(|x| x.verified.is_err()).count())
+            })
+            .sum()
+    }
+
+    /// Stops every server.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn actor_of(s: &ServerState, name: &str) -> SinkActor {
+    let id = format!("{}/users/{name}", s.base);
+    SinkActor {
+        inbox: format!("{id}/inbox"),
+        shared_inbox: s.shared_inbox.then(|| format!("{}/inbox", s.base)),
+        host: s.host.clone(),
+        id,
+    }
+}
+
+async fn accept_loop(listener: TcpListener, app: Router, down: CancellationToken) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = down.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let svc = TowerToHyperService::new(app.clone());
+                conns.spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    conns.abort_all();
+}
+
+fn router(state: Arc<ServerState>) -> Router {
+    Router::new()
+        .route("/users/{name}", get(actor_doc))
+        .route("/users/{name}/inbox", post(inbox))
+        .route("/inbox", post(inbox))
+        .with_state(state)
+}
+
+async fn actor_doc(State(s): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
+    let a = actor_of(&s, &name);
+    let mut doc = json!({
+        "@context": ["https://www.w3.org/ns/activitystreams", "https://w3id.org/security/v1"],
+        "id": a.id,
+        "type": "Person",
+        "preferredUsername": name,
+        "inbox": a.inbox,
+        "outbox": format!("{}/outbox", a.id),
+        "followers": format!("{}/followers", a.id),
+        "publicKey": {
+            "id": format!("{}#main-key", a.id),
+            "owner": a.id,
+            "publicKeyPem": s.public_pem.as_str(),
+        }
+    });
+    if let Some(shared) = a.shared_inbox {
+        doc["endpoints"] = json!({"sharedInbox": shared});
+    }
+    (
+        [("content-type", "application/activity+json")],
+        doc.to_string(),
+    )
+        .into_response()
+}
+
+async fn inbox(
+    State(s): State<Arc<ServerState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Infallible> {
+    let behavior = s.behavior.lock().map(|b| b.clone()).unwrap_or(Behavior::Ok);
+    if let Behavior::Slow(d) = behavior {
+        tokio::time::sleep(d).await;
+    }
+    let path = uri.path().to_string();
+    let path_and_query = uri.path_and_query().map_or(path.clone(), |p| p.to_string());
+    let (verified, key_id) = verify(&s, &method, &path_and_query, &headers, &body).await;
+    let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let status = match (&behavior, &verified) {
+        (Behavior::Status(code), _) => *code,
+        (Behavior::RetryAfter(_), _) => 429,
+        (_, Ok(())) => 202,
+        (_, Err(_)) => 401,
+    };
+    if let Ok(mut r) = s.received.lock() {
+        r.push(Received {
+            path,
+            activity_id: json.get("id").and_then(Value::as_str).map(str::to_string),
+            verified,
+            key_id,
+            body: json,
+            status,
+        });
+    }
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Ok(match behavior {
+        Behavior::RetryAfter(secs) => (code, [("retry-after", secs.to_string())]).into_response(),
+        _ => code.into_response(),
+    })
+}
+
+/// Verifies a signed POST as Mastodon does.
+async fn verify(
+    s: &ServerState,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> (Result<(), String>, Option<String>) {
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let Some(sig) = h("signature") else {
+        return (Err("no signature header".into()), None);
+    };
+    let params = match parse_signature_header(sig) {
+        Ok(p) => p,
+        Err(e) => return (Err(e.to_string()), None),
+    };
+    let key_id = Some(params.key_id.clone());
+    if h("host") != Some(s.host.as_str()) {
+        return (Err(format!("host header {:?} is not {}", h("host"), s.host)), key_id);
+    }
+    match h("date").map(httpdate::parse_http_date) {
+        Some(Ok(d)) => {
+            let now = SystemTime::now();
+            let skew = now.duration_since(d).or_else(|e| Ok::<_, ()>(e.duration())).unwrap_or_default();
+            if skew > Duration::from_secs(300) {
+                return (Err("date outside 5 minutes".into()), key_id);
+            }
+        }
+        _ => return (Err("missing or bad date".into()), key_id),
+    }
+    match h("digest") {
+        Some(d) => {
+            if let Err(e) = verify_digest_header(d, body) {
+                return (Err(e.to_string()), key_id);
+            }
+        }
+        None => return (Err("no digest header".into()), key_id),
+    }
+    let key = match fetch_key(s, &params.key_id).await {
+        Ok(k) => k,
+        Err(e) => return (Err(e), key_id),
+    };
+    let required = ["(request-target)", "host", "date", "digest"];
+    let r = verify_request(&params, method.as_str(), path_and_query, h, &required, &key)
+        .map_err(|e| e.to_string());
+    (r, key_id)
+}
+
+async fn fetch_key(s: &ServerState, key_id: &str) -> Result<Arc<ParsedPublicKey>, String> {
+    if let Some(k) = s.keys.lock().ok().and_then(|m| m.get(key_id).cloned()) {
+        return Ok(k);
+    }
+    let url = key_id.split('#').next().unwrap_or(key_id);
+    let raw = s
+        .client
+        .get(url)
+        .header("accept", "application/activity+json")
+        .send()
+        .await
+        .map_err(|e| format!("key fetch failed: {e}"))?
+        .bytes()
+        .await
+        .map_err(|e| format!("key fetch failed: {e}"))?;
+    let doc: Value =
+        serde_json::from_slice(&raw).map_err(|e| format!("key document is not json: {e}"))?;
+    let pk = &doc["publicKey"];
+    if pk["id"].as_str() != Some(key_id) {
+        return Err(format!("actor document has no key {key_id}"));
+    }
+    let pem = pk["publicKeyPem"].as_str().ok_or("no publicKeyPem")?;
+    let key = Arc::new(parse_public_key_pem(pem).map_err(|e| e.to_string())?);
+    if let Ok(mut m) = s.keys.lock() {
+        m.insert(key_id.to_string(), key.clone());
+    }
+    Ok(key)
+}

@@ -1,1 +1,241 @@
+//! Binary crate: the `stampede` command. `serve` runs one service as its own
+//! process; the rest talk gRPC to ONE address, ingest's (design §6), taken
+//! from `--server` or `STAMPEDE_GRPC_ADDR`.
+#![deny(missing_docs)]
 
+mod client;
+mod sink;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use stampede_runtime::process::run_main;
+
+/// The stampede command line.
+#[derive(Debug, Parser)]
+#[command(name = "stampede", version, about = "Federation delivery for the fediverse")]
+pub struct Cli {
+    /// gRPC address of ingest (host:port or URL).
+    #[arg(long, global = true, env = "STAMPEDE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs one service as its own process (RabbitMQ, Redis and PostgreSQL required).
+    Serve {
+        /// The service.
+        service: Service,
+    },
+    /// Applies the PostgreSQL schema migrations and exits.
+    Migrate,
+    /// Local actors.
+    Actor {
+        #[command(subcommand)]
+        command: ActorCommand,
+    },
+    /// Publishes an activity as a local actor.
+    Publish {
+        /// The local actor's name.
+        #[arg(long)]
+        actor: String,
+        /// A file holding the activity JSON (`-` for standard input).
+        #[arg(long, conflicts_with = "text", required_unless_present = "text")]
+        file: Option<PathBuf>,
+        /// Text of a public note (becomes a Create{Note} to the public and followers).
+        #[arg(long)]
+        text: Option<String>,
+        /// Makes the call idempotent: the same key publishes once.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+    },
+    /// Queue depths and delivery counts.
+    Status,
+    /// Dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Fake remote servers on 127.0.0.1 that verify every delivery they get.
+    Sink(sink::SinkArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Service {
+    Ingest,
+    Inbox,
+    Fanout,
+    Delivery,
+}
+
+#[derive(Debug, Subcommand)]
+enum ActorCommand {
+    /// Creates a local actor (stampede generates its RSA-2048 key).
+    Create {
+        /// Preferred username: 1 to 64 of [a-z0-9_].
+        name: String,
+        /// Display name.
+        #[arg(long, default_value = "")]
+        display_name: String,
+        /// Follow requests wait for the application's decision.
+        #[arg(long)]
+        manually_approves_followers: bool,
+    },
+    /// Shows a local actor.
+    Get {
+        /// The name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Lists dead letters, newest first.
+    List {
+        /// Only this inbox host.
+        #[arg(long)]
+        host: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+/// Entry point of the `stampede` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { service } => match service {
+            Service::Ingest => run_main("ingest", true, stampede_ingest::serve),
+            Service::Inbox => run_main("inbox", false, stampede_inbox::serve),
+            Service::Fanout => run_main("fanout", false, stampede_fanout::serve),
+            Service::Delivery => run_main("delivery", false, stampede_delivery::serve),
+        },
+        command => {
+            stampede_runtime::telemetry::init();
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(&cli.server, command)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(server: &str, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { .. } => unreachable_serve(),
+        Command::Migrate => {
+            let cfg = stampede_runtime::Config::from_env()?;
+            let url = cfg
+                .database_url
+                .context("STAMPEDE_DATABASE_URL: not set (migrate applies the PostgreSQL schema)")?;
+            let store = stampede_runtime::postgres::PgStore::connect(url.expose(), 1)?;
+            stampede_runtime::store::Store::migrate(&store)
+                .await
+                .context("failed to apply migrations")?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Actor { command } => {
+            let c = client::Client::connect(server).await?;
+            match command {
+                ActorCommand::Create {
+                    name,
+                    display_name,
+                    manually_approves_followers,
+                } => {
+                    let a = c
+                        .create_actor(name, display_name, manually_approves_followers)
+                        .await?;
+                    println!("created {}", a.id);
+                    println!("  inbox        {}", a.inbox);
+                    println!("  shared inbox {}", a.shared_inbox);
+                    println!("  key          {}", a.key_id);
+                }
+                ActorCommand::Get { name } => {
+                    let a = c.get_actor(name).await?;
+                    println!("{}", a.id);
+                    println!("  followers    {}", a.followers_count);
+                    println!("  inbox        {}", a.inbox);
+                    println!("  key          {}", a.key_id);
+                }
+            }
+            Ok(())
+        }
+        Command::Publish {
+            actor,
+            file,
+            text,
+            idempotency_key,
+        } => {
+            let c = client::Client::connect(server).await?;
+            let json = match (file, text) {
+                (Some(path), _) if path.as_os_str() == "-" => {
+                    std::io::read_to_string(std::io::stdin()).context("failed to read stdin")?
+                }
+                (Some(path), _) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("failed to read {}", path.display()))?,
+                (None, Some(text)) => {
+                    // The note is addressed to the actor's followers collection,
+                    // so it needs the actor's id; the server assigns the ids.
+                    let a = c.get_actor(actor.clone()).await?;
+                    stampede_core::activity::public_note(&a.id, &text).to_string()
+                }
+                (None, None) => anyhow::bail!("give --file or --text"),
+            };
+            let r = c.publish(actor, json, idempotency_key).await?;
+            if r.created {
+                println!("published {}", r.activity_id);
+            } else {
+                println!("already published {} (same idempotency key)", r.activity_id);
+            }
+            Ok(())
+        }
+        Command::Status => {
+            let c = client::Client::connect(server).await?;
+            let s = c.status().await?;
+            println!("{:<40} {:>10} {:>10}", "QUEUE", "MESSAGES", "CONSUMERS");
+            for q in &s.queues {
+                println!("{:<40} {:>10} {:>10}", q.queue, q.messages, q.consumers);
+            }
+            println!();
+            println!("activities   {}", s.activities);
+            println!("delivered    {}", s.delivered);
+            println!("failed       {}", s.failed);
+            Ok(())
+        }
+        Command::Dlq { command } => {
+            let c = client::Client::connect(server).await?;
+            match command {
+                DlqCommand::List { host, limit } => {
+                    let rows = c.dead_letters(host.unwrap_or_default(), limit).await?;
+                    println!("{:<8} {:<28} {:>6} {:>8}  {:<40} REASON", "ID", "HOST", "STATUS", "ATTEMPTS", "ACTIVITY");
+                    for d in rows {
+                        let status = if d.last_status == 0 { "-".to_string() } else { d.last_status.to_string() };
+                        println!("{:<8} {:<28} {:>6} {:>8}  {:<40} {}", d.id, d.host, status, d.attempts, d.activity_id, d.reason);
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Sink(args) => sink::run(args).await,
+    }
+}
+
+fn unreachable_serve() -> anyhow::Result<()> {
+    anyhow::bail!("serve runs from main")
+}

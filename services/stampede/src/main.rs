@@ -1,1 +1,4 @@
-fn main() {}
+//! `stampede`: see `stampede --help`.
+fn main() -> std::process::ExitCode {
+    stampede::main()
+}

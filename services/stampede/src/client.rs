@@ -1,0 +1,133 @@
+//! The gRPC client of the CLI: one channel to ingest, the API token sent as a
+//! bearer token when `STAMPEDE_API_TOKEN` is set.
+use anyhow::Context;
+use stampede_proto::api::{
+    actor_service_client::ActorServiceClient, admin_service_client::AdminServiceClient,
+    publish_service_client::PublishServiceClient, Actor, CreateActorRequest, DeadLetter,
+    GetActorRequest, ListDeadLettersRequest, PublishRequest, PublishResponse, StatusRequest,
+    StatusResponse,
+};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Token(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Svc = InterceptedService<Channel, Token>;
+
+/// A connection to stampede's front door.
+pub struct Client {
+    actors: ActorServiceClient<Svc>,
+    publish: PublishServiceClient<Svc>,
+    admin: AdminServiceClient<Svc>,
+}
+
+/// Turns `host:port` or a URL into an endpoint URL.
+pub fn endpoint_url(server: &str) -> String {
+    if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    }
+}
+
+impl Client {
+    /// Connects to `server`.
+    pub async fn connect(server: &str) -> anyhow::Result<Self> {
+        let url = endpoint_url(server);
+        let channel = Endpoint::from_shared(url.clone())
+            .with_context(|| format!("bad server address {server}"))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach stampede at {url} (set --server or STAMPEDE_GRPC_ADDR)"))?;
+        let token = match std::env::var("STAMPEDE_API_TOKEN") {
+            Ok(t) if !t.is_empty() => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .context("STAMPEDE_API_TOKEN: not a valid header value")?,
+            ),
+            _ => None,
+        };
+        let t = Token(token);
+        Ok(Self {
+            actors: ActorServiceClient::with_interceptor(channel.clone(), t.clone()),
+            publish: PublishServiceClient::with_interceptor(channel.clone(), t.clone()),
+            admin: AdminServiceClient::with_interceptor(channel, t),
+        })
+    }
+
+    /// Creates a local actor.
+    pub async fn create_actor(&self, name: String, display_name: String, manual: bool) -> anyhow::Result<Actor> {
+        Ok(self
+            .actors
+            .clone()
+            .create_actor(CreateActorRequest {
+                name,
+                display_name,
+                summary: String::new(),
+                manually_approves_followers: manual,
+            })
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    /// A local actor.
+    pub async fn get_actor(&self, name: String) -> anyhow::Result<Actor> {
+        Ok(self
+            .actors
+            .clone()
+            .get_actor(GetActorRequest { name })
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    /// Publishes.
+    pub async fn publish(&self, actor: String, activity_json: String, idempotency_key: String) -> anyhow::Result<PublishResponse> {
+        Ok(self
+            .publish
+            .clone()
+            .publish(PublishRequest {
+                actor,
+                activity_json,
+                idempotency_key,
+            })
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    /// Status.
+    pub async fn status(&self) -> anyhow::Result<StatusResponse> {
+        Ok(self.admin.clone().status(StatusRequest {}).await.map_err(status)?.into_inner())
+    }
+
+    /// Dead letters.
+    pub async fn dead_letters(&self, host: String, limit: u32) -> anyhow::Result<Vec<DeadLetter>> {
+        Ok(self
+            .admin
+            .clone()
+            .list_dead_letters(ListDeadLettersRequest { limit, host })
+            .await
+            .map_err(status)?
+            .into_inner()
+            .dead_letters)
+    }
+}
+
+fn status(s: Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}

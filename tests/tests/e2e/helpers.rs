@@ -1,0 +1,245 @@
+//! `spawn_app()`: every test gets its own PostgreSQL database, its own queue
+//! and Redis key namespace, its own ports, and cleans them up in `stop()`.
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use stampede_proto::api::{
+    actor_service_client::ActorServiceClient, admin_service_client::AdminServiceClient,
+    publish_service_client::PublishServiceClient, CreateActorRequest, PublishRequest,
+    PublishResponse,
+};
+use stampede_runtime::amqp::AmqpQueue;
+use stampede_runtime::postgres::PgStore;
+use stampede_runtime::process::{Listeners, Process};
+use stampede_runtime::redis_cache::RedisCache;
+use stampede_runtime::store::{Follower, Store};
+use stampede_runtime::Config;
+use stampede_sink::SinkActor;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+fn env(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+pub fn amqp_url() -> String {
+    env("STAMPEDE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+}
+pub fn redis_url() -> String {
+    env("STAMPEDE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+}
+pub fn admin_db_url() -> String {
+    env("STAMPEDE_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+}
+
+/// Options of a test deployment.
+pub struct AppOptions {
+    pub allow_private_networks: bool,
+    pub extra: Vec<(&'static str, String)>,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        Self {
+            allow_private_networks: true,
+            extra: Vec::new(),
+        }
+    }
+}
+
+pub struct TestApp {
+    pub namespace: String,
+    pub http_base: String,
+    pub grpc: Channel,
+    pub store: PgStore,
+    pub queue: AmqpQueue,
+    db_name: String,
+    shutdown: CancellationToken,
+    services: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+}
+
+async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// Starts ingest, inbox, fanout and delivery, each as it runs in production.
+pub async fn spawn_app(opts: AppOptions) -> TestApp {
+    let namespace = format!("t{}", uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap());
+    let db_name = format!("stampede_{namespace}");
+    let (admin, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL must run (scripts/test starts it)");
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db_name}"))
+        .await
+        .unwrap();
+    let db_url = {
+        let base = admin_db_url();
+        let (head, _) = base.rsplit_once('/').unwrap();
+        format!("{head}/{db_name}")
+    };
+    let mut ingest_http = Some(listener().await);
+    let http_base = format!("http://{}", ingest_http.as_ref().unwrap().local_addr().unwrap());
+    let mut vars: HashMap<&str, String> = HashMap::from([
+        ("STAMPEDE_PUBLIC_URL", http_base.clone()),
+        ("STAMPEDE_AMQP_URL", amqp_url()),
+        ("STAMPEDE_REDIS_URL", redis_url()),
+        ("STAMPEDE_DATABASE_URL", db_url.clone()),
+        ("STAMPEDE_NAMESPACE", namespace.clone()),
+        ("STAMPEDE_ALLOW_PRIVATE_NETWORKS", opts.allow_private_networks.to_string()),
+        ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "10".to_string()),
+    ]);
+    for (k, v) in opts.extra {
+        vars.insert(k, v);
+    }
+    let cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let shutdown = CancellationToken::new();
+    let mut services = Vec::new();
+    let mut ingest_grpc_addr = None;
+    for name in ["ingest", "inbox", "fanout", "delivery"] {
+        let grpc = listener().await;
+        if name == "ingest" {
+            ingest_grpc_addr = Some(grpc.local_addr().unwrap());
+        }
+        let l = Listeners {
+            http: None,
+            grpc,
+            metrics: listener().await,
+        };
+        let p = Process::connect(cfg.clone(), name, shutdown.child_token())
+            .await
+            .unwrap();
+        let h: JoinHandle<Result<(), String>> = match name {
+            "ingest" => {
+                let l = Listeners {
+                    http: ingest_http.take(),
+                    ..l
+                };
+                tokio::spawn(async move { stampede_ingest::serve(p, l).await.map_err(|e| e.to_string()) })
+            }
+            "inbox" => tokio::spawn(async move { stampede_inbox::serve(p, l).await.map_err(|e| e.to_string()) }),
+            "fanout" => tokio::spawn(async move { stampede_fanout::serve(p, l).await.map_err(|e| e.to_string()) }),
+            _ => tokio::spawn(async move { stampede_delivery::serve(p, l).await.map_err(|e| e.to_string()) }),
+        };
+        services.push((name, h));
+    }
+    let grpc = Channel::from_shared(format!("http://{}", ingest_grpc_addr.unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let store = PgStore::connect(&db_url, 4).unwrap();
+    let queue = AmqpQueue::connect(&amqp_url(), &namespace, "stampede-test").await.unwrap();
+    TestApp {
+
+        namespace,
+        http_base,
+        grpc,
+        store,
+        queue,
+        db_name,
+        shutdown,
+        services,
+    }
+}
+
+impl TestApp {
+    pub fn actors(&self) -> ActorServiceClient<Channel> {
+        ActorServiceClient::new(self.grpc.clone())
+    }
+    pub fn publisher(&self) -> PublishServiceClient<Channel> {
+        PublishServiceClient::new(self.grpc.clone())
+    }
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.grpc.clone())
+    }
+
+    /// Creates a local actor and returns its store id.
+    pub async fn create_actor(&self, name: &str) -> i64 {
+        self.actors()
+            .create_actor(CreateActorRequest {
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        self.store.actor_by_name(name).await.unwrap().unwrap().id
+    }
+
+    pub async fn publish(&self, actor: &str, json: &serde_json::Value, key: &str) -> Result<PublishResponse, tonic::Status> {
+        self.publisher()
+            .publish(PublishRequest {
+                actor: actor.into(),
+                activity_json: json.to_string(),
+                idempotency_key: key.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Seeds followers through the store (the inbound issue adds real Follows).
+    pub async fn seed_followers(&self, actor_id: i64, followers: &[SinkActor]) {
+        use futures::StreamExt;
+        futures::stream::iter(followers)
+            .for_each_concurrent(16, |f| async move {
+                self.store
+                    .add_follower(
+                        actor_id,
+                        &Follower {
+                            actor: f.id.clone(),
+                            inbox: f.inbox.clone(),
+                            shared_inbox: f.shared_inbox.clone(),
+                            host: f.host.clone(),
+                        },
+                    )
+                    .await
+                    .unwrap();
+            })
+            .await;
+    }
+
+    /// Stops the services and removes the database, queues and keys.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for (name, h) in self.services {
+            match tokio::time::timeout(Duration::from_secs(30), h).await {
+                Ok(Ok(Ok(()))) => {}
+                other => panic!("{name} did not stop cleanly: {other:?}"),
+            }
+        }
+        self.queue.delete_all().await.unwrap();
+        let cache = RedisCache::connect(&redis_url(), &self.namespace).await.unwrap();
+        cache.delete_all().await.unwrap();
+        drop(self.store);
+        let (admin, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name))
+            .await
+            .unwrap();
+    }
+}
+
+/// Polls `cond` until it holds or `limit` passes.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
