@@ -16,10 +16,35 @@ pub const AS_CONTEXT: &str = "https://www.w3.org/ns/activitystreams";
 /// <https://www.w3.org/TR/activitystreams-vocabulary/>) plus the extensions
 /// common in the fediverse.
 pub const ACTIVITY_TYPES: &[&str] = &[
-    "Accept", "Add", "Announce", "Arrive", "Block", "Create", "Delete", "Dislike", "Flag",
-    "Follow", "Ignore", "Invite", "Join", "Leave", "Like", "Listen", "Move", "Offer",
-    "Question", "Reject", "Read", "Remove", "TentativeReject", "TentativeAccept", "Travel",
-    "Undo", "Update", "View", "EmojiReact",
+    "Accept",
+    "Add",
+    "Announce",
+    "Arrive",
+    "Block",
+    "Create",
+    "Delete",
+    "Dislike",
+    "Flag",
+    "Follow",
+    "Ignore",
+    "Invite",
+    "Join",
+    "Leave",
+    "Like",
+    "Listen",
+    "Move",
+    "Offer",
+    "Question",
+    "Reject",
+    "Read",
+    "Remove",
+    "TentativeReject",
+    "TentativeAccept",
+    "Travel",
+    "Undo",
+    "Update",
+    "View",
+    "EmojiReact",
 ];
 
 /// Nesting limit for JSON we accept: deeper documents are refused before
@@ -333,8 +358,14 @@ mod tests {
         let body = br#"{"type":"Create","to":["https://r.example/u/a",{"id":"https://q.example/u/b"}],"cc":"as:Public","bcc":["https://z.example/u/c","https://r.example/u/a"],"bto":"https://y.example/u/d","object":{"type":"Note","bcc":["https://z.example/u/c"]}}"#;
         let p = prepare_outbound(body, ME, minter()).unwrap();
         assert!(p.addressing.public);
-        assert_eq!(p.addressing.open, ["https://r.example/u/a", "https://q.example/u/b"]);
-        assert_eq!(p.addressing.blind, ["https://y.example/u/d", "https://z.example/u/c"]);
+        assert_eq!(
+            p.addressing.open,
+            ["https://r.example/u/a", "https://q.example/u/b"]
+        );
+        assert_eq!(
+            p.addressing.blind,
+            ["https://y.example/u/d", "https://z.example/u/c"]
+        );
         let delivered: Value = serde_json::from_slice(&p.delivered_body).unwrap();
         assert!(delivered.get("bcc").is_none());
         assert!(delivered.get("bto").is_none());

@@ -113,6 +113,9 @@ mod tests {
     #[test]
     fn bad_pem_is_refused() {
         assert!(parse_public_key_pem("nope").is_err());
-        assert!(parse_public_key_pem("-----BEGIN PUBLIC KEY-----\n!!!\n-----END PUBLIC KEY-----").is_err());
+        assert!(
+            parse_public_key_pem("-----BEGIN PUBLIC KEY-----\n!!!\n-----END PUBLIC KEY-----")
+                .is_err()
+        );
     }
 }

@@ -64,8 +64,13 @@ pub fn signing_string<'a>(
 /// blocking pool.
 pub fn rsa_sha256_sign(key: &KeyPair, signing_string: &[u8]) -> Result<Vec<u8>, CoreError> {
     let mut sig = vec![0u8; key.public_modulus_len()];
-    key.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), signing_string, &mut sig)
-        .map_err(|e| CoreError::Key(format!("signing failed: {e}")))?;
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &SystemRandom::new(),
+        signing_string,
+        &mut sig,
+    )
+    .map_err(|e| CoreError::Key(format!("signing failed: {e}")))?;
     Ok(sig)
 }
 
@@ -282,7 +287,10 @@ mod tests {
             ("host", "example.com"),
             ("date", "Sun, 05 Jan 2014 21:31:40 GMT"),
             ("content-type", "application/json"),
-            ("digest", "SHA-256=X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE="),
+            (
+                "digest",
+                "SHA-256=X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=",
+            ),
             ("content-length", "18"),
         ];
         let s = signing_string(

@@ -23,7 +23,9 @@ impl<'a> Recipient<'a> {
 
 /// Groups recipients by shared inbox: the distinct target inboxes, in first-
 /// seen order.
-pub fn group_by_shared_inbox<'a>(recipients: impl IntoIterator<Item = Recipient<'a>>) -> Vec<&'a str> {
+pub fn group_by_shared_inbox<'a>(
+    recipients: impl IntoIterator<Item = Recipient<'a>>,
+) -> Vec<&'a str> {
     let mut seen = HashSet::new();
     recipients
         .into_iter()
@@ -50,22 +52,47 @@ mod tests {
     #[test]
     fn one_post_per_shared_inbox() {
         let rs = [
-            Recipient { inbox: "https://a/u/1/inbox", shared_inbox: Some("https://a/inbox") },
-            Recipient { inbox: "https://a/u/2/inbox", shared_inbox: Some("https://a/inbox") },
-            Recipient { inbox: "https://b/u/1/inbox", shared_inbox: None },
-            Recipient { inbox: "https://b/u/2/inbox", shared_inbox: Some("") },
-            Recipient { inbox: "https://b/u/1/inbox", shared_inbox: None },
+            Recipient {
+                inbox: "https://a/u/1/inbox",
+                shared_inbox: Some("https://a/inbox"),
+            },
+            Recipient {
+                inbox: "https://a/u/2/inbox",
+                shared_inbox: Some("https://a/inbox"),
+            },
+            Recipient {
+                inbox: "https://b/u/1/inbox",
+                shared_inbox: None,
+            },
+            Recipient {
+                inbox: "https://b/u/2/inbox",
+                shared_inbox: Some(""),
+            },
+            Recipient {
+                inbox: "https://b/u/1/inbox",
+                shared_inbox: None,
+            },
         ];
         assert_eq!(
             group_by_shared_inbox(rs),
-            ["https://a/inbox", "https://b/u/1/inbox", "https://b/u/2/inbox"]
+            [
+                "https://a/inbox",
+                "https://b/u/1/inbox",
+                "https://b/u/2/inbox"
+            ]
         );
     }
 
     #[test]
     fn host_keeps_port() {
-        assert_eq!(inbox_host("http://127.0.0.1:9000/inbox").as_deref(), Some("127.0.0.1:9000"));
-        assert_eq!(inbox_host("https://m.example/inbox").as_deref(), Some("m.example"));
+        assert_eq!(
+            inbox_host("http://127.0.0.1:9000/inbox").as_deref(),
+            Some("127.0.0.1:9000")
+        );
+        assert_eq!(
+            inbox_host("https://m.example/inbox").as_deref(),
+            Some("m.example")
+        );
         assert_eq!(inbox_host("nope"), None);
     }
 }

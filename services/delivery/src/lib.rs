@@ -127,7 +127,10 @@ impl Delivery {
         m.delivery_seconds.observe(started.elapsed().as_secs_f64());
         let outcome = match attempt {
             Ok(resp) => classify(Some(resp.status), None),
-            Err(DeliveryError::Permanent(reason)) => Outcome::Permanent { status: None, reason },
+            Err(DeliveryError::Permanent(reason)) => Outcome::Permanent {
+                status: None,
+                reason,
+            },
             Err(DeliveryError::Runtime(stampede_runtime::Error::Refused(reason))) => {
                 Outcome::Refused { reason }
             }
@@ -144,18 +147,28 @@ impl Delivery {
                 m.delivery("delivered");
                 tracing::info!(inbox_host = %host, status, attempt = job.attempt, "delivered");
             }
-            Outcome::Retry { status, reason, retry_after } => {
+            Outcome::Retry {
+                status,
+                reason,
+                retry_after,
+            } => {
                 let attempts = job.attempt + 1;
                 match retry_delay(job.attempt, retry_after.as_deref()) {
                     Some(delay) => {
-                        let next = DeliveryJob { attempt: attempts, ..job.clone() };
+                        let next = DeliveryJob {
+                            attempt: attempts,
+                            ..job.clone()
+                        };
                         let applied = self
                             .p
                             .backends
                             .queue
                             .publish_delayed(
                                 QueueName::Delivery,
-                                OutMessage { kind: DELIVERY_JOB, payload: next.encode_to_vec() },
+                                OutMessage {
+                                    kind: DELIVERY_JOB,
+                                    payload: next.encode_to_vec(),
+                                },
                                 delay,
                             )
                             .await?;
@@ -163,8 +176,13 @@ impl Delivery {
                         tracing::info!(inbox_host = %host, ?status, %reason, attempt = job.attempt, delay_secs = applied.as_secs(), "delivery failed; retry scheduled");
                     }
                     None => {
-                        self.dead(job, host, format!("gave up after {attempts} attempts: {reason}"), status)
-                            .await?;
+                        self.dead(
+                            job,
+                            host,
+                            format!("gave up after {attempts} attempts: {reason}"),
+                            status,
+                        )
+                        .await?;
                         m.delivery("failed");
                     }
                 }
@@ -174,7 +192,8 @@ impl Delivery {
                 m.delivery("failed");
             }
             Outcome::Refused { reason } => {
-                self.dead(job, host, format!("refused: {reason}"), None).await?;
+                self.dead(job, host, format!("refused: {reason}"), None)
+                    .await?;
                 m.delivery("refused");
             }
         }
@@ -251,21 +270,24 @@ impl Delivery {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_string(),
         };
-        let signature = {
-            let (prep, host, date) = (prep.clone(), host.to_string(), date.clone());
-            self.p
-                .signer
-                .run(move || {
-                    sign_request(&prep.key, &prep.key_id, "POST", &path, POST_HEADERS, |h| match h {
-                        "host" => Some(host.as_str()),
-                        "date" => Some(date.as_str()),
-                        "digest" => Some(prep.digest.as_str()),
-                        _ => None,
+        let signature =
+            {
+                let (prep, host, date) = (prep.clone(), host.to_string(), date.clone());
+                self.p
+                    .signer
+                    .run(move || {
+                        sign_request(&prep.key, &prep.key_id, "POST", &path, POST_HEADERS, |h| {
+                            match h {
+                                "host" => Some(host.as_str()),
+                                "date" => Some(date.as_str()),
+                                "digest" => Some(prep.digest.as_str()),
+                                _ => None,
+                            }
+                        })
                     })
-                })
-                .await?
-                .map_err(stampede_runtime::Error::from)?
-        };
+                    .await?
+                    .map_err(stampede_runtime::Error::from)?
+            };
         tracing::debug!(activity_id = %prep.ap_id, "posting");
         let req = self
             .p
@@ -287,7 +309,11 @@ impl Delivery {
 pub async fn serve(p: Process, l: Listeners) -> Result<(), DeliveryError> {
     let metrics = p.spawn_metrics(l.metrics);
     let routes = p.grpc_routes(&["stampede.delivery"])?;
-    let grpc = tokio::spawn(stampede_runtime::process::serve_grpc(routes, l.grpc, p.shutdown.clone()));
+    let grpc = tokio::spawn(stampede_runtime::process::serve_grpc(
+        routes,
+        l.grpc,
+        p.shutdown.clone(),
+    ));
     tracing::info!(service = "delivery", "started");
     let result = Delivery::new(p.clone()).run().await;
     p.shutdown.cancel();

@@ -88,14 +88,26 @@ mod tests {
 
     #[test]
     fn statuses_map_to_outcomes() {
-        assert_eq!(classify(Some(202), None), Outcome::Delivered { status: 202 });
+        assert_eq!(
+            classify(Some(202), None),
+            Outcome::Delivered { status: 202 }
+        );
         for s in [408, 429, 500, 502, 503] {
-            assert!(matches!(classify(Some(s), None), Outcome::Retry { .. }), "{s}");
+            assert!(
+                matches!(classify(Some(s), None), Outcome::Retry { .. }),
+                "{s}"
+            );
         }
         for s in [400, 401, 403, 404, 410, 422] {
-            assert!(matches!(classify(Some(s), None), Outcome::Permanent { .. }), "{s}");
+            assert!(
+                matches!(classify(Some(s), None), Outcome::Permanent { .. }),
+                "{s}"
+            );
         }
-        assert!(matches!(classify(None, Some("timed out".into())), Outcome::Retry { .. }));
+        assert!(matches!(
+            classify(None, Some("timed out".into())),
+            Outcome::Retry { .. }
+        ));
     }
 
     #[test]

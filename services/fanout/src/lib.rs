@@ -74,7 +74,9 @@ impl Fanout {
         let q = &*self.p.backends.queue;
         let job: FanoutJob = match worker::decode(&msg, FANOUT_JOB) {
             Ok(j) => j,
-            Err(reason) => return worker::poison(q, &self.p.metrics, QueueName::Fanout, msg, &reason).await,
+            Err(reason) => {
+                return worker::poison(q, &self.p.metrics, QueueName::Fanout, msg, &reason).await
+            }
         };
         match self.expand(&job).await {
             Ok(n) => {
@@ -88,9 +90,15 @@ impl Fanout {
             }
             Err(FanoutError::Runtime(e)) if job.attempt + 1 < MAX_ATTEMPTS => {
                 tracing::warn!(activity_key = %job.activity_key, attempt = job.attempt, error = %e, "fanout failed; retrying");
-                let retry = FanoutJob { attempt: job.attempt + 1, ..job };
+                let retry = FanoutJob {
+                    attempt: job.attempt + 1,
+                    ..job
+                };
                 let delay = Duration::from_secs(5u64 << retry.attempt.min(6));
-                let out = OutMessage { kind: FANOUT_JOB, payload: retry.encode_to_vec() };
+                let out = OutMessage {
+                    kind: FANOUT_JOB,
+                    payload: retry.encode_to_vec(),
+                };
                 match q.publish_delayed(QueueName::Fanout, out, delay).await {
                     Ok(_) => {
                         let _ = msg.acker.ack().await;
@@ -111,11 +119,9 @@ impl Fanout {
     /// Queues one delivery job per target inbox; returns how many.
     pub async fn expand(&self, job: &FanoutJob) -> Result<u64, FanoutError> {
         let b = &self.p.backends;
-        let activity = b
-            .store
-            .activity(&job.activity_key)
-            .await?
-            .ok_or_else(|| FanoutError::Permanent(format!("activity {} not found", job.activity_key)))?;
+        let activity = b.store.activity(&job.activity_key).await?.ok_or_else(|| {
+            FanoutError::Permanent(format!("activity {} not found", job.activity_key))
+        })?;
         let (explicit, to_followers) = self.explicit_targets(&activity).await?;
         let now_ms = unix_ms();
         let make = |inbox: &str| OutMessage {
@@ -132,7 +138,10 @@ impl Fanout {
         let mut total = explicit.len() as u64;
         if !explicit.is_empty() {
             b.queue
-                .publish_batch(QueueName::Delivery, explicit.iter().map(|i| make(i)).collect())
+                .publish_batch(
+                    QueueName::Delivery,
+                    explicit.iter().map(|i| make(i)).collect(),
+                )
                 .await?;
         }
         if to_followers {
@@ -142,7 +151,9 @@ impl Fanout {
                     .store
                     .follower_targets(activity.actor_id, after.as_deref(), PAGE)
                     .await?;
-                let Some(last) = page.last().cloned() else { break };
+                let Some(last) = page.last().cloned() else {
+                    break;
+                };
                 let batch: Vec<OutMessage> = page
                     .iter()
                     .filter(|t| !explicit.contains(t.as_str()))
@@ -170,7 +181,9 @@ impl Fanout {
         activity: &StoredActivity,
     ) -> Result<(HashSet<String>, bool), FanoutError> {
         let Some(obj) = activity.body.as_object() else {
-            return Err(FanoutError::Permanent("stored activity is not an object".into()));
+            return Err(FanoutError::Permanent(
+                "stored activity is not an object".into(),
+            ));
         };
         let a = addressing(obj);
         let actor_id = self.p.cfg.actor_id(&activity.actor_name);
@@ -194,9 +207,12 @@ impl Fanout {
                     let target = if is_blind {
                         r.inbox.clone()
                     } else {
-                        Recipient { inbox: &r.inbox, shared_inbox: r.shared_inbox.as_deref() }
-                            .target()
-                            .to_string()
+                        Recipient {
+                            inbox: &r.inbox,
+                            shared_inbox: r.shared_inbox.as_deref(),
+                        }
+                        .target()
+                        .to_string()
                     };
                     targets.insert(target);
                 }
@@ -223,7 +239,11 @@ fn unix_ms() -> i64 {
 pub async fn serve(p: Process, l: Listeners) -> Result<(), FanoutError> {
     let metrics = p.spawn_metrics(l.metrics);
     let routes = p.grpc_routes(&["stampede.fanout"])?;
-    let grpc = tokio::spawn(stampede_runtime::process::serve_grpc(routes, l.grpc, p.shutdown.clone()));
+    let grpc = tokio::spawn(stampede_runtime::process::serve_grpc(
+        routes,
+        l.grpc,
+        p.shutdown.clone(),
+    ));
     tracing::info!(service = "fanout", "started");
     let result = Fanout::new(p.clone()).run().await;
     p.shutdown.cancel();

@@ -37,7 +37,11 @@ impl Resolver {
         let b = &self.p.backends;
         let key = format!("actor:{id}");
         let count = |r: &'static str| {
-            self.p.metrics.remote_actor_lookups.get_or_create(&[("result", r)]).inc();
+            self.p
+                .metrics
+                .remote_actor_lookups
+                .get_or_create(&[("result", r)])
+                .inc();
         };
         if let Some(raw) = b.cache.get(&key).await? {
             count("cache");
@@ -66,7 +70,8 @@ impl Resolver {
     }
 
     async fn fetch(&self, id: &str, signer: i64) -> Result<Option<RemoteActor>, FanoutError> {
-        let url = Url::parse(id).map_err(|e| FanoutError::Permanent(format!("bad actor id {id}: {e}")))?;
+        let url = Url::parse(id)
+            .map_err(|e| FanoutError::Permanent(format!("bad actor id {id}: {e}")))?;
         self.p.http.check_url(&url)?;
         let actor = self
             .p
@@ -141,7 +146,10 @@ fn parse_actor(requested: &str, doc: &Value) -> Option<RemoteActor> {
         id: id.to_string(),
         inbox,
         shared_inbox,
-        key_id: key.and_then(|k| k.get("id")).and_then(Value::as_str).map(str::to_string),
+        key_id: key
+            .and_then(|k| k.get("id"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
         public_key_pem: key
             .and_then(|k| k.get("publicKeyPem"))
             .and_then(Value::as_str)

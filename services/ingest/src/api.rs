@@ -4,9 +4,9 @@ use stampede_core::activity::prepare_outbound;
 use stampede_core::keys::generate_rsa_2048;
 use stampede_proto::api::{
     actor_service_server::ActorService, admin_service_server::AdminService,
-    publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter,
-    GetActorRequest, ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest,
-    PublishResponse, QueueDepth, StatusRequest, StatusResponse,
+    publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter, GetActorRequest,
+    ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest, PublishResponse, QueueDepth,
+    StatusRequest, StatusResponse,
 };
 use stampede_proto::queue::FanoutJob;
 use stampede_runtime::queue::{OutMessage, QueueName};
@@ -31,7 +31,10 @@ pub struct AdminApi(pub(crate) Ingest);
 
 #[tonic::async_trait]
 impl ActorService for ActorApi {
-    async fn create_actor(&self, req: Request<CreateActorRequest>) -> Result<Response<Actor>, Status> {
+    async fn create_actor(
+        &self,
+        req: Request<CreateActorRequest>,
+    ) -> Result<Response<Actor>, Status> {
         let r = req.into_inner();
         Ok(Response::new(self.0.create_actor(r).await?))
     }
@@ -46,14 +49,22 @@ impl ActorService for ActorApi {
             .await
             .map_err(IngestError::from)?
             .ok_or_else(|| IngestError::NotFound(format!("no local actor named `{name}`")))?;
-        let n = s.backends.store.follower_count(a.id).await.map_err(IngestError::from)?;
+        let n = s
+            .backends
+            .store
+            .follower_count(a.id)
+            .await
+            .map_err(IngestError::from)?;
         Ok(Response::new(actor_message(&s.cfg, &a, n)))
     }
 }
 
 #[tonic::async_trait]
 impl PublishService for PublishApi {
-    async fn publish(&self, req: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
+    async fn publish(
+        &self,
+        req: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
         Ok(Response::new(self.0.publish(req.into_inner()).await?))
     }
 }
@@ -161,7 +172,9 @@ impl Ingest {
             )));
         }
         if r.idempotency_key.len() > 256 {
-            return Err(IngestError::Invalid("idempotency_key is limited to 256 bytes".into()));
+            return Err(IngestError::Invalid(
+                "idempotency_key is limited to 256 bytes".into(),
+            ));
         }
         let actor = self
             .backends

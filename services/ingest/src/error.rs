@@ -31,7 +31,9 @@ impl From<IngestError> for Status {
             IngestError::AlreadyExists(m) => Status::already_exists(m),
             IngestError::Unavailable(m) => {
                 tracing::warn!(error = %m, "queue unavailable");
-                Status::unavailable("the queue cannot take the activity now; retry with the same idempotency key")
+                Status::unavailable(
+                    "the queue cannot take the activity now; retry with the same idempotency key",
+                )
             }
             IngestError::Runtime(stampede_runtime::Error::Conflict(m)) => Status::already_exists(m),
             IngestError::Runtime(e) => {

@@ -28,16 +28,27 @@ fn activity_json(body: serde_json::Value) -> Response {
 }
 
 fn problem(status: StatusCode, reason: impl Into<String>) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], reason.into() + "\n").into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        reason.into() + "\n",
+    )
+        .into_response()
 }
 
 async fn lookup(s: &Ingest, name: &str) -> Result<stampede_runtime::store::LocalActor, Response> {
     match s.backends.store.actor_by_name(name).await {
         Ok(Some(a)) => Ok(a),
-        Ok(None) => Err(problem(StatusCode::NOT_FOUND, format!("no actor named {name}"))),
+        Ok(None) => Err(problem(
+            StatusCode::NOT_FOUND,
+            format!("no actor named {name}"),
+        )),
         Err(e) => {
             tracing::error!(error = %e, "actor lookup failed");
-            Err(problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable"))
+            Err(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable",
+            ))
         }
     }
 }

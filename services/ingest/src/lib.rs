@@ -47,37 +47,60 @@ impl Ingest {
     }
 }
 
+impl Ingest {
+    /// Ingest over a process's backends.
+    pub fn from_process(p: &stampede_runtime::process::Process) -> Self {
+        Self::new(p.cfg.clone(), p.backends.clone(), p.metrics.clone())
+    }
+
+    /// Adds ingest's gRPC API, behind the token check, to `routes`.
+    pub fn add_grpc(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        auth: stampede_runtime::grpc::Auth,
+    ) {
+        use stampede_proto::api::{
+            actor_service_server::ActorServiceServer, admin_service_server::AdminServiceServer,
+            publish_service_server::PublishServiceServer,
+        };
+        let (actors, publish, admin) = self.grpc();
+        routes
+            .add_service(ActorServiceServer::with_interceptor(actors, auth.clone()))
+            .add_service(PublishServiceServer::with_interceptor(
+                publish,
+                auth.clone(),
+            ))
+            .add_service(AdminServiceServer::with_interceptor(admin, auth));
+    }
+
+    /// Serves ingest's HTTP routes on `listener` until shutdown.
+    pub fn spawn_http(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        let app = router(self.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        })
+    }
+}
+
 /// Runs ingest as its own process: HTTP, gRPC (the API, health, reflection)
 /// and metrics, until the process's shutdown token is cancelled.
 pub async fn serve(
     p: stampede_runtime::process::Process,
     l: stampede_runtime::process::Listeners,
 ) -> Result<(), IngestError> {
-    use stampede_proto::api::{
-        actor_service_server::ActorServiceServer, admin_service_server::AdminServiceServer,
-        publish_service_server::PublishServiceServer,
-    };
-    let ingest = Ingest::new(p.cfg.clone(), p.backends.clone(), p.metrics.clone());
+    let ingest = Ingest::from_process(&p);
     let metrics = p.spawn_metrics(l.metrics);
     let mut routes = p.grpc_routes(&["stampede.ingest"])?;
-    let (actors, publish, admin) = ingest.grpc();
-    let auth = p.auth();
-    routes
-        .add_service(ActorServiceServer::with_interceptor(actors, auth.clone()))
-        .add_service(PublishServiceServer::with_interceptor(publish, auth.clone()))
-        .add_service(AdminServiceServer::with_interceptor(admin, auth));
-    let http = match l.http {
-        Some(listener) => {
-            let app = router(ingest);
-            let shutdown = p.shutdown.clone();
-            Some(tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await
-            }))
-        }
-        None => None,
-    };
+    ingest.add_grpc(&mut routes, p.auth());
+    let http = l
+        .http
+        .map(|listener| ingest.spawn_http(listener, p.shutdown.clone()));
     tracing::info!(service = "ingest", "started");
     stampede_runtime::process::serve_grpc(routes, l.grpc, p.shutdown.clone()).await?;
     if let Some(h) = http {

@@ -73,18 +73,27 @@ impl AmqpQueue {
         };
         for q in QueueName::ALL {
             let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
             ch.queue_declare(self.name(q).into(), durable, args).await?;
         }
         for q in [QueueName::Fanout, QueueName::Delivery] {
             for secs in DELAY_TIERS_SECS {
                 let mut args = FieldTable::default();
-                args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("quorum".into()),
+                );
                 args.insert(
                     "x-message-ttl".into(),
                     AMQPValue::LongLongInt((*secs * 1000) as i64),
                 );
-                args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString("".into()),
+                );
                 args.insert(
                     "x-dead-letter-routing-key".into(),
                     AMQPValue::LongString(self.name(q).into()),
@@ -94,7 +103,10 @@ impl AmqpQueue {
                     "x-dead-letter-strategy".into(),
                     AMQPValue::LongString("at-least-once".into()),
                 );
-                args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+                args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
                 ch.queue_declare(self.delay_name(q, *secs).into(), durable, args)
                     .await?;
             }
@@ -103,7 +115,13 @@ impl AmqpQueue {
         Ok(())
     }
 
-    async fn send(&self, routing_key: String, kind: &str, payload: &[u8], headers: Option<FieldTable>) -> Result<lapin::PublisherConfirm> {
+    async fn send(
+        &self,
+        routing_key: String,
+        kind: &str,
+        payload: &[u8],
+        headers: Option<FieldTable>,
+    ) -> Result<lapin::PublisherConfirm> {
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_type(ShortString::from(kind));
@@ -158,7 +176,11 @@ async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<()> {
 #[async_trait]
 impl Queue for AmqpQueue {
     async fn publish(&self, queue: QueueName, msg: OutMessage) -> Result<()> {
-        confirmed(self.send(self.name(queue), msg.kind, &msg.payload, None).await?).await
+        confirmed(
+            self.send(self.name(queue), msg.kind, &msg.payload, None)
+                .await?,
+        )
+        .await
     }
 
     async fn publish_batch(&self, queue: QueueName, msgs: Vec<OutMessage>) -> Result<()> {
@@ -187,7 +209,9 @@ impl Queue for AmqpQueue {
             .unwrap_or(DELAY_TIERS_SECS[DELAY_TIERS_SECS.len() - 1]);
         let target = match queue {
             QueueName::Fanout | QueueName::Delivery => self.delay_name(queue, tier),
-            QueueName::Dead => return Err(Error::Queue("the dead-letter queue has no delays".into())),
+            QueueName::Dead => {
+                return Err(Error::Queue("the dead-letter queue has no delays".into()))
+            }
         };
         confirmed(self.send(target, msg.kind, &msg.payload, None).await?).await?;
         Ok(Duration::from_secs(tier))
@@ -202,9 +226,17 @@ impl Queue for AmqpQueue {
     ) -> Result<()> {
         let mut h = FieldTable::default();
         h.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
-        h.insert(SOURCE_HEADER.into(), AMQPValue::LongString(self.name(from).into()));
+        h.insert(
+            SOURCE_HEADER.into(),
+            AMQPValue::LongString(self.name(from).into()),
+        );
         let c = self
-            .send(self.name(QueueName::Dead), kind.unwrap_or(""), payload, Some(h))
+            .send(
+                self.name(QueueName::Dead),
+                kind.unwrap_or(""),
+                payload,
+                Some(h),
+            )
             .await?;
         confirmed(c).await
     }

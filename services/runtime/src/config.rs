@@ -99,7 +99,10 @@ impl Config {
             let Some(raw) = get(var) else { return Ok(None) };
             let u = Url::parse(&raw).map_err(|e| cfg(var, e))?;
             if !schemes.contains(&u.scheme()) {
-                return Err(cfg(var, format!("scheme must be one of {}", schemes.join(", "))));
+                return Err(cfg(
+                    var,
+                    format!("scheme must be one of {}", schemes.join(", ")),
+                ));
             }
             Ok(Some(Secret(raw)))
         };
@@ -111,7 +114,9 @@ impl Config {
             }
         };
         let number = |var: &'static str, default: u64, min: u64, max: u64| -> Result<u64> {
-            let Some(raw) = get(var) else { return Ok(default) };
+            let Some(raw) = get(var) else {
+                return Ok(default);
+            };
             let n: u64 = raw.trim().parse().map_err(|e| cfg(var, e))?;
             if n < min || n > max {
                 return Err(cfg(var, format!("must be between {min} and {max}")));
@@ -136,7 +141,10 @@ impl Config {
             grpc_addr: addr("STAMPEDE_GRPC_ADDR", "127.0.0.1:50051")?,
             metrics_addr: addr("STAMPEDE_METRICS_ADDR", "127.0.0.1:9464")?,
             amqp_url: url("STAMPEDE_AMQP_URL", &["amqp", "amqps"])?,
-            redis_url: url("STAMPEDE_REDIS_URL", &["redis", "rediss", "redis+unix", "unix"])?,
+            redis_url: url(
+                "STAMPEDE_REDIS_URL",
+                &["redis", "rediss", "redis+unix", "unix"],
+            )?,
             database_url: url("STAMPEDE_DATABASE_URL", &["postgres", "postgresql"])?,
             data_dir: get("STAMPEDE_DATA_DIR")
                 .map(PathBuf::from)

@@ -4,11 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::ServingStatus;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
 use crate::Backends;
@@ -50,9 +50,12 @@ pub fn health(
 }
 
 /// Server reflection over stampede's schema and the health service.
-pub fn reflection(
-) -> Result<tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>, tonic_reflection::server::Error>
-{
+pub fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(stampede_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

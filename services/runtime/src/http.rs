@@ -70,7 +70,8 @@ impl Resolve for GuardedResolver {
             if addrs.is_empty() {
                 return Err(Box::new(Error::Refused(format!(
                     "{host} resolves to no public address"
-                ))) as Box<dyn std::error::Error + Send + Sync>);
+                )))
+                    as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(addrs.into_iter()) as Addrs)
         })
@@ -99,11 +100,7 @@ impl OutboundClient {
     /// Builds the client: pooled keep-alive connections, connect and total
     /// time limits, no redirects (a redirect would skip the signature's host).
     pub fn new(cfg: &Config) -> Result<Self> {
-        let ua = format!(
-            "stampede/{} (+{})",
-            env!("CARGO_PKG_VERSION"),
-            cfg.base()
-        );
+        let ua = format!("stampede/{} (+{})", env!("CARGO_PKG_VERSION"), cfg.base());
         let mut b = reqwest::Client::builder()
             .user_agent(ua)
             .connect_timeout(Duration::from_secs(10))
@@ -141,13 +138,17 @@ impl OutboundClient {
         let ip = match host {
             url::Host::Ipv4(v4) => Some(IpAddr::V4(v4)),
             url::Host::Ipv6(v6) => Some(IpAddr::V6(v6)),
-            url::Host::Domain(d) if d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost") => {
+            url::Host::Domain(d)
+                if d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost") =>
+            {
                 return Err(Error::Refused(format!("{d} is a loopback name")))
             }
             url::Host::Domain(_) => None,
         };
         match ip {
-            Some(ip) if !is_public(ip) => Err(Error::Refused(format!("{ip} is not a public address"))),
+            Some(ip) if !is_public(ip) => {
+                Err(Error::Refused(format!("{ip} is not a public address")))
+            }
             _ => Ok(()),
         }
     }
@@ -220,8 +221,18 @@ mod tests {
     #[test]
     fn private_addresses_are_not_public() {
         for ip in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0",
-            "100.64.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "224.0.0.1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "224.0.0.1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
@@ -240,21 +251,36 @@ mod tests {
             "https://localhost/inbox",
             "https://10.0.0.1/inbox",
         ] {
-            assert!(matches!(strict.check_url(&Url::parse(u).unwrap()), Err(Error::Refused(_))), "{u}");
+            assert!(
+                matches!(
+                    strict.check_url(&Url::parse(u).unwrap()),
+                    Err(Error::Refused(_))
+                ),
+                "{u}"
+            );
         }
-        assert!(strict.check_url(&Url::parse("https://example.com/inbox").unwrap()).is_ok());
+        assert!(strict
+            .check_url(&Url::parse("https://example.com/inbox").unwrap())
+            .is_ok());
         let open = OutboundClient::new(
-            &Config::from_lookup(|k| (k == "STAMPEDE_ALLOW_PRIVATE_NETWORKS").then(|| "true".into())).unwrap(),
+            &Config::from_lookup(|k| {
+                (k == "STAMPEDE_ALLOW_PRIVATE_NETWORKS").then(|| "true".into())
+            })
+            .unwrap(),
         )
         .unwrap();
-        assert!(open.check_url(&Url::parse("http://127.0.0.1:9/inbox").unwrap()).is_ok());
+        assert!(open
+            .check_url(&Url::parse("http://127.0.0.1:9/inbox").unwrap())
+            .is_ok());
     }
 
     #[tokio::test]
     async fn resolver_refuses_names_of_private_addresses() {
         use std::str::FromStr;
         // `localhost` resolves to loopback only: the resolver refuses it.
-        let r = GuardedResolver.resolve(Name::from_str("localhost").unwrap()).await;
+        let r = GuardedResolver
+            .resolve(Name::from_str("localhost").unwrap())
+            .await;
         let e = r.err().unwrap();
         assert!(e.to_string().contains("no public address"), "{e}");
     }

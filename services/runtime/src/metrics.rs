@@ -136,6 +136,9 @@ async fn render(State(s): State<AppState>) -> impl IntoResponse {
 async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     match s.backends.ready().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
     }
 }

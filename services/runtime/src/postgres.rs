@@ -13,11 +13,8 @@ use crate::store::{
 use crate::{Error, Result};
 
 /// Versioned migrations, applied in order; never edit one that has shipped.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../migrations/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "initial", include_str!("../migrations/0001_initial.sql"))];
 
 /// Arbitrary constant naming stampede's migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x5354_414d_5045_4445;
@@ -134,9 +131,14 @@ impl Store for PgStore {
     async fn actor_by_name(&self, name: &str) -> Result<Option<LocalActor>> {
         let c = self.client().await?;
         let stmt = c
-            .prepare_cached(&format!("SELECT {ACTOR_COLUMNS} FROM actors WHERE name = $1"))
+            .prepare_cached(&format!(
+                "SELECT {ACTOR_COLUMNS} FROM actors WHERE name = $1"
+            ))
             .await?;
-        Ok(c.query_opt(&stmt, &[&name]).await?.as_ref().map(actor_from_row))
+        Ok(c.query_opt(&stmt, &[&name])
+            .await?
+            .as_ref()
+            .map(actor_from_row))
     }
 
     async fn actor_by_id(&self, id: i64) -> Result<Option<LocalActor>> {
@@ -144,7 +146,10 @@ impl Store for PgStore {
         let stmt = c
             .prepare_cached(&format!("SELECT {ACTOR_COLUMNS} FROM actors WHERE id = $1"))
             .await?;
-        Ok(c.query_opt(&stmt, &[&id]).await?.as_ref().map(actor_from_row))
+        Ok(c.query_opt(&stmt, &[&id])
+            .await?
+            .as_ref()
+            .map(actor_from_row))
     }
 
     async fn add_follower(&self, actor_id: i64, f: &Follower) -> Result<()> {
@@ -217,7 +222,14 @@ impl Store for PgStore {
              ON CONFLICT (id) DO UPDATE SET inbox = EXCLUDED.inbox,
                shared_inbox = EXCLUDED.shared_inbox, key_id = EXCLUDED.key_id,
                public_key_pem = EXCLUDED.public_key_pem, host = EXCLUDED.host, fetched_at = now()",
-            &[&a.id, &a.inbox, &a.shared_inbox, &a.key_id, &a.public_key_pem, &host],
+            &[
+                &a.id,
+                &a.inbox,
+                &a.shared_inbox,
+                &a.key_id,
+                &a.public_key_pem,
+                &host,
+            ],
         )
         .await?;
         Ok(())
@@ -289,7 +301,10 @@ impl Store for PgStore {
     async fn activity_count(&self, actor_id: i64) -> Result<u64> {
         let c = self.client().await?;
         let n: i64 = c
-            .query_one("SELECT count(*) FROM activities WHERE actor_id = $1", &[&actor_id])
+            .query_one(
+                "SELECT count(*) FROM activities WHERE actor_id = $1",
+                &[&actor_id],
+            )
             .await?
             .get(0);
         Ok(n as u64)
@@ -319,7 +334,9 @@ impl Store for PgStore {
         let stmt = c
             .prepare_cached("SELECT 1 FROM deliveries WHERE activity_key = $1 AND inbox = $2")
             .await?;
-        Ok(c.query_opt(&stmt, &[&activity_key, &inbox]).await?.is_some())
+        Ok(c.query_opt(&stmt, &[&activity_key, &inbox])
+            .await?
+            .is_some())
     }
 
     async fn record_delivered(

@@ -75,7 +75,11 @@ impl Process {
     }
 
     /// A process over backends built elsewhere.
-    pub fn with_backends(cfg: Config, backends: Backends, shutdown: CancellationToken) -> Result<Self> {
+    pub fn with_backends(
+        cfg: Config,
+        backends: Backends,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
         Ok(Self {
             http: OutboundClient::new(&cfg)?,
             cfg: Arc::new(cfg),
@@ -87,7 +91,10 @@ impl Process {
     }
 
     /// Serves `/metrics`, `/healthz`, `/readyz` in the background.
-    pub fn spawn_metrics(&self, listener: TcpListener) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    pub fn spawn_metrics(
+        &self,
+        listener: TcpListener,
+    ) -> tokio::task::JoinHandle<std::io::Result<()>> {
         tokio::spawn(crate::metrics::serve(
             listener,
             self.metrics.clone(),
@@ -105,12 +112,10 @@ impl Process {
             self.backends.clone(),
             self.shutdown.clone(),
         ));
-        routes.add_service(
-            crate::grpc::reflection().map_err(|e| Error::Config {
-                var: "STAMPEDE_GRPC_ADDR",
-                reason: format!("reflection: {e}"),
-            })?,
-        );
+        routes.add_service(crate::grpc::reflection().map_err(|e| Error::Config {
+            var: "STAMPEDE_GRPC_ADDR",
+            reason: format!("reflection: {e}"),
+        })?);
         Ok(routes)
     }
 
@@ -150,7 +155,10 @@ where
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -61,7 +61,11 @@ where
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(queue = queue.suffix(), left = tasks.len(), "in-flight messages returned to the queue");
+        tracing::warn!(
+            queue = queue.suffix(),
+            left = tasks.len(),
+            "in-flight messages returned to the queue"
+        );
         tasks.abort_all();
     }
     drop(consumer);
@@ -71,9 +75,22 @@ where
 /// Moves a message that cannot be processed to the dead-letter queue with
 /// `reason`, then acknowledges it. Should the dead-letter publish fail, the
 /// message goes back to its queue instead of being lost.
-pub async fn poison(q: &dyn Queue, metrics: &Metrics, from: QueueName, msg: Incoming, reason: &str) {
-    metrics.poisoned.get_or_create(&[("queue", from.suffix())]).inc();
-    tracing::warn!(queue = from.suffix(), reason, "poisoned message dead-lettered");
+pub async fn poison(
+    q: &dyn Queue,
+    metrics: &Metrics,
+    from: QueueName,
+    msg: Incoming,
+    reason: &str,
+) {
+    metrics
+        .poisoned
+        .get_or_create(&[("queue", from.suffix())])
+        .inc();
+    tracing::warn!(
+        queue = from.suffix(),
+        reason,
+        "poisoned message dead-lettered"
+    );
     match q
         .dead_letter(from, msg.kind.as_deref(), &msg.payload, reason)
         .await

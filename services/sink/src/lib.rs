@@ -30,7 +30,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-
 /// Errors of the sink.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -218,7 +217,11 @@ impl Sink {
         let s = self.server(i)?;
         let listener = TcpListener::bind(s.addr).await?;
         let token = self.shutdown.child_token();
-        tokio::spawn(accept_loop(listener, router(s.state.clone()), token.clone()));
+        tokio::spawn(accept_loop(
+            listener,
+            router(s.state.clone()),
+            token.clone(),
+        ));
         if let Ok(mut g) = s.down.lock() {
             *g = Some(token);
         }
@@ -387,12 +390,18 @@ async fn verify(
     };
     let key_id = Some(params.key_id.clone());
     if h("host") != Some(s.host.as_str()) {
-        return (Err(format!("host header {:?} is not {}", h("host"), s.host)), key_id);
+        return (
+            Err(format!("host header {:?} is not {}", h("host"), s.host)),
+            key_id,
+        );
     }
     match h("date").map(httpdate::parse_http_date) {
         Some(Ok(d)) => {
             let now = SystemTime::now();
-            let skew = now.duration_since(d).or_else(|e| Ok::<_, ()>(e.duration())).unwrap_or_default();
+            let skew = now
+                .duration_since(d)
+                .or_else(|e| Ok::<_, ()>(e.duration()))
+                .unwrap_or_default();
             if skew > Duration::from_secs(300) {
                 return (Err("date outside 5 minutes".into()), key_id);
             }

@@ -51,7 +51,9 @@ impl Client {
             .with_context(|| format!("bad server address {server}"))?
             .connect()
             .await
-            .with_context(|| format!("cannot reach stampede at {url} (set --server or STAMPEDE_GRPC_ADDR)"))?;
+            .with_context(|| {
+                format!("cannot reach stampede at {url} (set --server or STAMPEDE_GRPC_ADDR)")
+            })?;
         let token = match std::env::var("STAMPEDE_API_TOKEN") {
             Ok(t) if !t.is_empty() => Some(
                 format!("Bearer {t}")
@@ -69,7 +71,12 @@ impl Client {
     }
 
     /// Creates a local actor.
-    pub async fn create_actor(&self, name: String, display_name: String, manual: bool) -> anyhow::Result<Actor> {
+    pub async fn create_actor(
+        &self,
+        name: String,
+        display_name: String,
+        manual: bool,
+    ) -> anyhow::Result<Actor> {
         Ok(self
             .actors
             .clone()
@@ -96,7 +103,12 @@ impl Client {
     }
 
     /// Publishes.
-    pub async fn publish(&self, actor: String, activity_json: String, idempotency_key: String) -> anyhow::Result<PublishResponse> {
+    pub async fn publish(
+        &self,
+        actor: String,
+        activity_json: String,
+        idempotency_key: String,
+    ) -> anyhow::Result<PublishResponse> {
         Ok(self
             .publish
             .clone()
@@ -112,7 +124,13 @@ impl Client {
 
     /// Status.
     pub async fn status(&self) -> anyhow::Result<StatusResponse> {
-        Ok(self.admin.clone().status(StatusRequest {}).await.map_err(status)?.into_inner())
+        Ok(self
+            .admin
+            .clone()
+            .status(StatusRequest {})
+            .await
+            .map_err(status)?
+            .into_inner())
     }
 
     /// Dead letters.

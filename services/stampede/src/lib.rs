@@ -5,6 +5,7 @@
 
 mod client;
 mod sink;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,10 +16,19 @@ use stampede_runtime::process::run_main;
 
 /// The stampede command line.
 #[derive(Debug, Parser)]
-#[command(name = "stampede", version, about = "Federation delivery for the fediverse")]
+#[command(
+    name = "stampede",
+    version,
+    about = "Federation delivery for the fediverse"
+)]
 pub struct Cli {
     /// gRPC address of ingest (host:port or URL).
-    #[arg(long, global = true, env = "STAMPEDE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "STAMPEDE_GRPC_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
     server: String,
     #[command(subcommand)]
     command: Command,
@@ -26,6 +36,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Runs ingest, inbox, fanout and delivery in one process.
+    Up,
     /// Runs one service as its own process (RabbitMQ, Redis and PostgreSQL required).
     Serve {
         /// The service.
@@ -115,9 +127,13 @@ pub fn main() -> ExitCode {
             Service::Fanout => run_main("fanout", false, stampede_fanout::serve),
             Service::Delivery => run_main("delivery", false, stampede_delivery::serve),
         },
+        Command::Up => run_main("up", true, up::run),
         command => {
             stampede_runtime::telemetry::init();
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");
@@ -137,12 +153,12 @@ pub fn main() -> ExitCode {
 
 async fn run(server: &str, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { .. } => unreachable_serve(),
+        Command::Serve { .. } | Command::Up => unreachable_serve(),
         Command::Migrate => {
             let cfg = stampede_runtime::Config::from_env()?;
-            let url = cfg
-                .database_url
-                .context("STAMPEDE_DATABASE_URL: not set (migrate applies the PostgreSQL schema)")?;
+            let url = cfg.database_url.context(
+                "STAMPEDE_DATABASE_URL: not set (migrate applies the PostgreSQL schema)",
+            )?;
             let store = stampede_runtime::postgres::PgStore::connect(url.expose(), 1)?;
             stampede_runtime::store::Store::migrate(&store)
                 .await
@@ -223,10 +239,20 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             match command {
                 DlqCommand::List { host, limit } => {
                     let rows = c.dead_letters(host.unwrap_or_default(), limit).await?;
-                    println!("{:<8} {:<28} {:>6} {:>8}  {:<40} REASON", "ID", "HOST", "STATUS", "ATTEMPTS", "ACTIVITY");
+                    println!(
+                        "{:<8} {:<28} {:>6} {:>8}  {:<40} REASON",
+                        "ID", "HOST", "STATUS", "ATTEMPTS", "ACTIVITY"
+                    );
                     for d in rows {
-                        let status = if d.last_status == 0 { "-".to_string() } else { d.last_status.to_string() };
-                        println!("{:<8} {:<28} {:>6} {:>8}  {:<40} {}", d.id, d.host, status, d.attempts, d.activity_id, d.reason);
+                        let status = if d.last_status == 0 {
+                            "-".to_string()
+                        } else {
+                            d.last_status.to_string()
+                        };
+                        println!(
+                            "{:<8} {:<28} {:>6} {:>8}  {:<40} {}",
+                            d.id, d.host, status, d.attempts, d.activity_id, d.reason
+                        );
                     }
                 }
             }

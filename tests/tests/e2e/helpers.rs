@@ -26,13 +26,19 @@ fn env(var: &str, default: &str) -> String {
 }
 
 pub fn amqp_url() -> String {
-    env("STAMPEDE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+    env(
+        "STAMPEDE_TEST_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    )
 }
 pub fn redis_url() -> String {
     env("STAMPEDE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 }
 pub fn admin_db_url() -> String {
-    env("STAMPEDE_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    env(
+        "STAMPEDE_TEST_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    )
 }
 
 /// Options of a test deployment.
@@ -67,7 +73,10 @@ async fn listener() -> TcpListener {
 
 /// Starts ingest, inbox, fanout and delivery, each as it runs in production.
 pub async fn spawn_app(opts: AppOptions) -> TestApp {
-    let namespace = format!("t{}", uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap());
+    let namespace = format!(
+        "t{}",
+        uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap()
+    );
     let db_name = format!("stampede_{namespace}");
     let (admin, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
         .await
@@ -83,14 +92,20 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
         format!("{head}/{db_name}")
     };
     let mut ingest_http = Some(listener().await);
-    let http_base = format!("http://{}", ingest_http.as_ref().unwrap().local_addr().unwrap());
+    let http_base = format!(
+        "http://{}",
+        ingest_http.as_ref().unwrap().local_addr().unwrap()
+    );
     let mut vars: HashMap<&str, String> = HashMap::from([
         ("STAMPEDE_PUBLIC_URL", http_base.clone()),
         ("STAMPEDE_AMQP_URL", amqp_url()),
         ("STAMPEDE_REDIS_URL", redis_url()),
         ("STAMPEDE_DATABASE_URL", db_url.clone()),
         ("STAMPEDE_NAMESPACE", namespace.clone()),
-        ("STAMPEDE_ALLOW_PRIVATE_NETWORKS", opts.allow_private_networks.to_string()),
+        (
+            "STAMPEDE_ALLOW_PRIVATE_NETWORKS",
+            opts.allow_private_networks.to_string(),
+        ),
         ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "10".to_string()),
     ]);
     for (k, v) in opts.extra {
@@ -113,18 +128,33 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
         let p = Process::connect(cfg.clone(), name, shutdown.child_token())
             .await
             .unwrap();
-        let h: JoinHandle<Result<(), String>> = match name {
-            "ingest" => {
-                let l = Listeners {
-                    http: ingest_http.take(),
-                    ..l
-                };
-                tokio::spawn(async move { stampede_ingest::serve(p, l).await.map_err(|e| e.to_string()) })
-            }
-            "inbox" => tokio::spawn(async move { stampede_inbox::serve(p, l).await.map_err(|e| e.to_string()) }),
-            "fanout" => tokio::spawn(async move { stampede_fanout::serve(p, l).await.map_err(|e| e.to_string()) }),
-            _ => tokio::spawn(async move { stampede_delivery::serve(p, l).await.map_err(|e| e.to_string()) }),
-        };
+        let h: JoinHandle<Result<(), String>> =
+            match name {
+                "ingest" => {
+                    let l = Listeners {
+                        http: ingest_http.take(),
+                        ..l
+                    };
+                    tokio::spawn(async move {
+                        stampede_ingest::serve(p, l)
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                }
+                "inbox" => tokio::spawn(async move {
+                    stampede_inbox::serve(p, l).await.map_err(|e| e.to_string())
+                }),
+                "fanout" => tokio::spawn(async move {
+                    stampede_fanout::serve(p, l)
+                        .await
+                        .map_err(|e| e.to_string())
+                }),
+                _ => tokio::spawn(async move {
+                    stampede_delivery::serve(p, l)
+                        .await
+                        .map_err(|e| e.to_string())
+                }),
+            };
         services.push((name, h));
     }
     let grpc = Channel::from_shared(format!("http://{}", ingest_grpc_addr.unwrap()))
@@ -133,9 +163,10 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
         .await
         .unwrap();
     let store = PgStore::connect(&db_url, 4).unwrap();
-    let queue = AmqpQueue::connect(&amqp_url(), &namespace, "stampede-test").await.unwrap();
+    let queue = AmqpQueue::connect(&amqp_url(), &namespace, "stampede-test")
+        .await
+        .unwrap();
     TestApp {
-
         namespace,
         http_base,
         grpc,
@@ -170,7 +201,12 @@ impl TestApp {
         self.store.actor_by_name(name).await.unwrap().unwrap().id
     }
 
-    pub async fn publish(&self, actor: &str, json: &serde_json::Value, key: &str) -> Result<PublishResponse, tonic::Status> {
+    pub async fn publish(
+        &self,
+        actor: &str,
+        json: &serde_json::Value,
+        key: &str,
+    ) -> Result<PublishResponse, tonic::Status> {
         self.publisher()
             .publish(PublishRequest {
                 actor: actor.into(),
@@ -212,7 +248,9 @@ impl TestApp {
             }
         }
         self.queue.delete_all().await.unwrap();
-        let cache = RedisCache::connect(&redis_url(), &self.namespace).await.unwrap();
+        let cache = RedisCache::connect(&redis_url(), &self.namespace)
+            .await
+            .unwrap();
         cache.delete_all().await.unwrap();
         drop(self.store);
         let (admin, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
@@ -220,7 +258,10 @@ impl TestApp {
             .unwrap();
         tokio::spawn(conn);
         admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name))
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
             .await
             .unwrap();
     }

@@ -6,3 +6,4 @@
 
 mod helpers;
 mod outbound;
+mod process;

@@ -48,7 +48,11 @@ async fn note_to_2000_followers_on_300_servers() {
         }
     }
     let total: usize = expected.values().map(Vec::len).sum();
-    assert_eq!(total, 200 + 2000 / 3 + 1, "200 shared inboxes plus the personal inboxes of 100 servers");
+    assert_eq!(
+        total,
+        200 + 2000 / 3 + 1,
+        "200 shared inboxes plus the personal inboxes of 100 servers"
+    );
 
     let actor_id = format!("{}/users/alice", app.http_base);
     let started = Instant::now();
@@ -76,7 +80,10 @@ async fn note_to_2000_followers_on_300_servers() {
         for rec in &got {
             assert_eq!(rec.verified, Ok(()), "server {i}: {:?}", rec.verified);
             assert_eq!(rec.activity_id.as_deref(), Some(r.activity_id.as_str()));
-            assert_eq!(rec.key_id.as_deref(), Some(format!("{actor_id}#main-key").as_str()));
+            assert_eq!(
+                rec.key_id.as_deref(),
+                Some(format!("{actor_id}#main-key").as_str())
+            );
             assert_eq!(rec.body["object"]["content"], "hello, fediverse");
         }
     }
@@ -96,7 +103,8 @@ async fn direct_addressing_reaches_only_the_addressed_and_hides_bcc() {
     .unwrap();
     let alice = app.create_actor("alice").await;
     // A follower that must NOT get a direct message.
-    app.seed_followers(alice, &[sink.actor(3, "fan").unwrap()]).await;
+    app.seed_followers(alice, &[sink.actor(3, "fan").unwrap()])
+        .await;
     let a = sink.actor(0, "a").unwrap();
     let b = sink.actor(1, "b").unwrap();
     let c = sink.actor(2, "c").unwrap();
@@ -112,10 +120,19 @@ async fn direct_addressing_reaches_only_the_addressed_and_hides_bcc() {
         delivered_count(&app.store).await >= 3
     })
     .await;
-    let paths = |i| sink.received(i).iter().map(|r| r.path.clone()).collect::<Vec<_>>();
+    let paths = |i| {
+        sink.received(i)
+            .iter()
+            .map(|r| r.path.clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(paths(0), ["/inbox"], "a's server has a shared inbox");
     assert_eq!(paths(1), ["/users/b/inbox"], "b's server has none");
-    assert_eq!(paths(2), ["/users/c/inbox"], "a bcc recipient gets its personal inbox");
+    assert_eq!(
+        paths(2),
+        ["/users/c/inbox"],
+        "a bcc recipient gets its personal inbox"
+    );
     assert!(paths(3).is_empty(), "followers are not addressed");
     for i in 0..3 {
         let rec = &sink.received(i)[0];
@@ -135,7 +152,8 @@ async fn same_idempotency_key_delivers_once() {
     let app = spawn_app(AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     let alice = app.create_actor("alice").await;
-    app.seed_followers(alice, &[sink.actor(0, "f").unwrap()]).await;
+    app.seed_followers(alice, &[sink.actor(0, "f").unwrap()])
+        .await;
     let actor_id = format!("{}/users/alice", app.http_base);
     let note = public_note(&actor_id, "once");
     let first = app.publish("alice", &note, "key-1").await.unwrap();
@@ -144,7 +162,10 @@ async fn same_idempotency_key_delivers_once() {
     assert!(!second.created);
     assert_eq!(first.activity_id, second.activity_id);
     // A later activity is a barrier: once it arrives, a duplicate would have too.
-    let barrier = app.publish("alice", &public_note(&actor_id, "barrier"), "key-2").await.unwrap();
+    let barrier = app
+        .publish("alice", &public_note(&actor_id, "barrier"), "key-2")
+        .await
+        .unwrap();
     wait_for("the barrier", Duration::from_secs(30), || async {
         sink.received(0)
             .iter()
@@ -172,17 +193,42 @@ async fn bad_input_gets_a_clear_status_and_queues_nothing() {
         idempotency_key: String::new(),
     };
     let cases = [
-        (call("nobody", r#"{"type":"Like","object":"x"}"#.into()), Code::NotFound, "no local actor"),
-        (call("alice", "{not json".into()), Code::InvalidArgument, "malformed json"),
-        (call("alice", r#"{"type":"Note","content":"x"}"#.into()), Code::InvalidArgument, "not an activity"),
-        (call("alice", "[1]".into()), Code::InvalidArgument, "not an activity"),
         (
-            call("alice", format!(r#"{{"type":"Create","object":{{"type":"Note","content":"{}"}}}}"#, "x".repeat(2 << 20))),
+            call("nobody", r#"{"type":"Like","object":"x"}"#.into()),
+            Code::NotFound,
+            "no local actor",
+        ),
+        (
+            call("alice", "{not json".into()),
+            Code::InvalidArgument,
+            "malformed json",
+        ),
+        (
+            call("alice", r#"{"type":"Note","content":"x"}"#.into()),
+            Code::InvalidArgument,
+            "not an activity",
+        ),
+        (
+            call("alice", "[1]".into()),
+            Code::InvalidArgument,
+            "not an activity",
+        ),
+        (
+            call(
+                "alice",
+                format!(
+                    r#"{{"type":"Create","object":{{"type":"Note","content":"{}"}}}}"#,
+                    "x".repeat(2 << 20)
+                ),
+            ),
             Code::InvalidArgument,
             "limit",
         ),
         (
-            call("alice", r#"{"type":"Like","actor":"https://elsewhere.example/u/x","object":"o"}"#.into()),
+            call(
+                "alice",
+                r#"{"type":"Like","actor":"https://elsewhere.example/u/x","object":"o"}"#.into(),
+            ),
             Code::InvalidArgument,
             "actor",
         ),
@@ -190,22 +236,37 @@ async fn bad_input_gets_a_clear_status_and_queues_nothing() {
     for (req, code, reason) in cases {
         let e = publisher.publish(req).await.unwrap_err();
         assert_eq!(e.code(), code, "{e:?}");
-        assert!(e.message().contains(reason), "{:?} lacks {reason:?}", e.message());
+        assert!(
+            e.message().contains(reason),
+            "{:?} lacks {reason:?}",
+            e.message()
+        );
     }
     let dup = app
         .actors()
-        .create_actor(stampede_proto::api::CreateActorRequest { name: "alice".into(), ..Default::default() })
+        .create_actor(stampede_proto::api::CreateActorRequest {
+            name: "alice".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(dup.code(), Code::AlreadyExists);
     let bad_name = app
         .actors()
-        .create_actor(stampede_proto::api::CreateActorRequest { name: "Bad Name".into(), ..Default::default() })
+        .create_actor(stampede_proto::api::CreateActorRequest {
+            name: "Bad Name".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(bad_name.code(), Code::InvalidArgument);
     assert_eq!(app.store.activity_count(alice).await.unwrap(), 0);
-    let status = app.admin().status(StatusRequest {}).await.unwrap().into_inner();
+    let status = app
+        .admin()
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(status.activities, 0);
     for q in status.queues {
         assert_eq!(q.messages, 0, "{} holds messages", q.queue);
@@ -218,17 +279,32 @@ async fn undecodable_messages_are_dead_lettered_and_workers_go_on() {
     let app = spawn_app(AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     let alice = app.create_actor("alice").await;
-    app.seed_followers(alice, &[sink.actor(0, "f").unwrap()]).await;
+    app.seed_followers(alice, &[sink.actor(0, "f").unwrap()])
+        .await;
     let q = &app.queue;
-    q.publish(QueueName::Fanout, OutMessage { kind: "stampede.queue.v1.FanoutJob", payload: vec![0xff, 0xff, 0xff] })
-        .await
-        .unwrap();
-    q.publish(QueueName::Delivery, OutMessage { kind: "something.Else", payload: b"{}".to_vec() })
-        .await
-        .unwrap();
+    q.publish(
+        QueueName::Fanout,
+        OutMessage {
+            kind: "stampede.queue.v1.FanoutJob",
+            payload: vec![0xff, 0xff, 0xff],
+        },
+    )
+    .await
+    .unwrap();
+    q.publish(
+        QueueName::Delivery,
+        OutMessage {
+            kind: "something.Else",
+            payload: b"{}".to_vec(),
+        },
+    )
+    .await
+    .unwrap();
 
     // Read the dead-letter queue directly.
-    let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await.unwrap();
+    let conn = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let dead = format!("{}.dead", app.namespace);
     let found = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -237,10 +313,26 @@ async fn undecodable_messages_are_dead_lettered_and_workers_go_on() {
         let dead = dead.clone();
         let found = found.clone();
         async move {
-            if let Some(m) = ch.basic_get(dead.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            if let Some(m) = ch
+                .basic_get(dead.into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+            {
                 let h = m.delivery.properties.headers().clone().unwrap();
-                let reason = h.inner().get("x-stampede-reason").unwrap().as_long_string().unwrap().to_string();
-                let source = h.inner().get("x-stampede-source").unwrap().as_long_string().unwrap().to_string();
+                let reason = h
+                    .inner()
+                    .get("x-stampede-reason")
+                    .unwrap()
+                    .as_long_string()
+                    .unwrap()
+                    .to_string();
+                let source = h
+                    .inner()
+                    .get("x-stampede-source")
+                    .unwrap()
+                    .as_long_string()
+                    .unwrap()
+                    .to_string();
                 found.lock().unwrap().push((source, reason));
             }
             found.lock().unwrap().len() == 2
@@ -249,25 +341,45 @@ async fn undecodable_messages_are_dead_lettered_and_workers_go_on() {
     .await;
     let mut reasons = found.lock().unwrap().clone();
     reasons.sort();
-    assert!(reasons[0].0.ends_with(".delivery") && reasons[0].1.contains("unexpected message type"), "{reasons:?}");
-    assert!(reasons[1].0.ends_with(".fanout") && reasons[1].1.contains("cannot decode"), "{reasons:?}");
+    assert!(
+        reasons[0].0.ends_with(".delivery") && reasons[0].1.contains("unexpected message type"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].0.ends_with(".fanout") && reasons[1].1.contains("cannot decode"),
+        "{reasons:?}"
+    );
 
     // The workers are still there.
     let actor_id = format!("{}/users/alice", app.http_base);
-    let r = app.publish("alice", &public_note(&actor_id, "still here"), "").await.unwrap();
-    wait_for("a delivery after the poison", Duration::from_secs(30), || async {
-        sink.received(0).iter().any(|x| x.activity_id.as_deref() == Some(r.activity_id.as_str()))
-    })
+    let r = app
+        .publish("alice", &public_note(&actor_id, "still here"), "")
+        .await
+        .unwrap();
+    wait_for(
+        "a delivery after the poison",
+        Duration::from_secs(30),
+        || async {
+            sink.received(0)
+                .iter()
+                .any(|x| x.activity_id.as_deref() == Some(r.activity_id.as_str()))
+        },
+    )
     .await;
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_addresses_are_refused_and_recorded() {
-    let app = spawn_app(AppOptions { allow_private_networks: false, ..AppOptions::default() }).await;
+    let app = spawn_app(AppOptions {
+        allow_private_networks: false,
+        ..AppOptions::default()
+    })
+    .await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     let alice = app.create_actor("alice").await;
-    app.seed_followers(alice, &[sink.actor(0, "f").unwrap()]).await;
+    app.seed_followers(alice, &[sink.actor(0, "f").unwrap()])
+        .await;
     let actor_id = format!("{}/users/alice", app.http_base);
     let note = json!({
         "type": "Create",
@@ -276,15 +388,24 @@ async fn private_addresses_are_refused_and_recorded() {
         "object": {"type": "Note", "content": "x"}
     });
     app.publish("alice", &note, "").await.unwrap();
-    wait_for("the refusal to be recorded", Duration::from_secs(30), || async {
-        !app.store.dead_letters(10, None).await.unwrap().is_empty()
-    })
+    wait_for(
+        "the refusal to be recorded",
+        Duration::from_secs(30),
+        || async { !app.store.dead_letters(10, None).await.unwrap().is_empty() },
+    )
     .await;
     let dl = app.store.dead_letters(10, None).await.unwrap();
     assert_eq!(dl.len(), 1);
     assert!(dl[0].reason.starts_with("refused"), "{}", dl[0].reason);
-    assert_eq!(dl[0].inbox, sink.actor(0, "f").unwrap().shared_inbox.unwrap());
-    assert_eq!(sink.total_received(), 0, "the private address was never contacted");
+    assert_eq!(
+        dl[0].inbox,
+        sink.actor(0, "f").unwrap().shared_inbox.unwrap()
+    );
+    assert_eq!(
+        sink.total_received(),
+        0,
+        "the private address was never contacted"
+    );
     assert_eq!(app.store.totals().await.unwrap().delivered, 0);
     app.stop().await;
 }

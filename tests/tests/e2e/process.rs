@@ -1,0 +1,153 @@
+//! Services as real processes: `stampede serve X` with health, readiness,
+//! metrics, configuration errors and SIGTERM.
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::helpers::{admin_db_url, amqp_url, redis_url, wait_for};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn a_bad_variable_stops_start_up_with_one_line_naming_it() {
+    for (var, val) in [
+        ("STAMPEDE_GRPC_ADDR", "nope"),
+        ("STAMPEDE_PUBLIC_URL", "ftp://x"),
+        ("STAMPEDE_ALLOW_PRIVATE_NETWORKS", "perhaps"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["serve", "delivery"])
+            .env_clear()
+            .env(var, val)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(lines[0].starts_with(&format!("error: {var}: ")), "{err}");
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "fanout"])
+        .env_clear()
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("STAMPEDE_AMQP_URL: not set"), "{err}");
+}
+
+#[tokio::test]
+async fn serve_reports_health_and_stops_on_sigterm() {
+    let ns = format!("p{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let (admin, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let db = format!("stampede_{ns}");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let db_url = format!("{}/{db}", admin_db_url().rsplit_once('/').unwrap().0);
+    let (grpc, metrics) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .args(["serve", "delivery"])
+        .env("STAMPEDE_AMQP_URL", amqp_url())
+        .env("STAMPEDE_REDIS_URL", redis_url())
+        .env("STAMPEDE_DATABASE_URL", &db_url)
+        .env("STAMPEDE_NAMESPACE", &ns)
+        .env("STAMPEDE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+        .env("STAMPEDE_METRICS_ADDR", format!("127.0.0.1:{metrics}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{metrics}");
+    wait_for("readyz", Duration::from_secs(30), || async {
+        matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200)
+    })
+    .await;
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("stampede_delivery_duration_seconds"),
+        "{text}"
+    );
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    wait_for("grpc health SERVING", Duration::from_secs(10), || {
+        let mut h = health.clone();
+        async move {
+            let r = h
+                .check(HealthCheckRequest {
+                    service: "stampede.delivery".into(),
+                })
+                .await;
+            matches!(r, Ok(r) if r.get_ref().status == ServingStatus::Serving as i32)
+        }
+    })
+    .await;
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await;
+    assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
+
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+
+    let q = stampede_runtime::amqp::AmqpQueue::connect(&amqp_url(), &ns, "cleanup")
+        .await
+        .unwrap();
+    q.delete_all().await.unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
