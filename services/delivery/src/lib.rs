@@ -307,17 +307,6 @@ impl Delivery {
 /// Runs delivery as its own process: the worker, gRPC health and reflection,
 /// metrics, until shutdown.
 pub async fn serve(p: Process, l: Listeners) -> Result<(), DeliveryError> {
-    let metrics = p.spawn_metrics(l.metrics);
-    let routes = p.grpc_routes(&["stampede.delivery"])?;
-    let grpc = tokio::spawn(stampede_runtime::process::serve_grpc(
-        routes,
-        l.grpc,
-        p.shutdown.clone(),
-    ));
-    tracing::info!(service = "delivery", "started");
-    let result = Delivery::new(p.clone()).run().await;
-    p.shutdown.cancel();
-    let _ = grpc.await;
-    let _ = metrics.await;
-    result
+    let work = Delivery::new(p.clone()).run();
+    stampede_runtime::process::serve_worker(p, l, "delivery", work).await
 }

@@ -237,17 +237,6 @@ fn unix_ms() -> i64 {
 /// Runs fanout as its own process: the worker, gRPC health and reflection,
 /// metrics, until shutdown.
 pub async fn serve(p: Process, l: Listeners) -> Result<(), FanoutError> {
-    let metrics = p.spawn_metrics(l.metrics);
-    let routes = p.grpc_routes(&["stampede.fanout"])?;
-    let grpc = tokio::spawn(stampede_runtime::process::serve_grpc(
-        routes,
-        l.grpc,
-        p.shutdown.clone(),
-    ));
-    tracing::info!(service = "fanout", "started");
-    let result = Fanout::new(p.clone()).run().await;
-    p.shutdown.cancel();
-    let _ = grpc.await;
-    let _ = metrics.await;
-    result
+    let work = Fanout::new(p.clone()).run();
+    stampede_runtime::process::serve_worker(p, l, "fanout", work).await
 }

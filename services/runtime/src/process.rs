@@ -138,6 +138,26 @@ pub async fn serve_grpc(
         .map_err(|e| Error::Http(format!("grpc server: {e}")))
 }
 
+/// Runs a queue-driven service as its own process: metrics, gRPC health
+/// (`service` following readiness) and reflection around `work`, which runs
+/// until the process's shutdown token is cancelled.
+pub async fn serve_worker<E: From<Error>>(
+    p: Process,
+    l: Listeners,
+    service: &'static str,
+    work: impl Future<Output = std::result::Result<(), E>>,
+) -> std::result::Result<(), E> {
+    let metrics = p.spawn_metrics(l.metrics);
+    let routes = p.grpc_routes(&[&format!("stampede.{service}")])?;
+    let grpc = tokio::spawn(serve_grpc(routes, l.grpc, p.shutdown.clone()));
+    tracing::info!(service, "started");
+    let result = work.await;
+    p.shutdown.cancel();
+    let _ = grpc.await;
+    let _ = metrics.await;
+    result
+}
+
 /// `main` of a service binary: logs, configuration from the environment
 /// (a bad value exits with one line naming the variable), listeners, backends,
 /// then `run` until SIGTERM.
