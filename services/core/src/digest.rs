@@ -1,6 +1,6 @@
 //! Body digests: the `Digest` header of RFC 3230 (`SHA-256=<base64>`), which
 //! Mastodon-compatible servers require on signed POSTs.
-use aws_lc_rs::digest::{digest, SHA256};
+use aws_lc_rs::digest::{digest, SHA256, SHA512};
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 
 use crate::CoreError;
@@ -15,8 +15,8 @@ pub fn digest_header(body: &[u8]) -> String {
 }
 
 /// Checks a `Digest` header (RFC 3230, possibly listing several algorithms)
-/// against `body`. Only SHA-256 is accepted: SHA-1 and MD5 are too weak to
-/// bind a body to a signature.
+/// against `body`. Only SHA-256 and SHA-512 count: SHA-1 and MD5 are too weak
+/// to bind a body to a signature.
 pub fn verify_digest_header(header: &str, body: &[u8]) -> Result<(), CoreError> {
     let mut saw_sha256 = false;
     for part in header.split(',') {
@@ -24,21 +24,65 @@ pub fn verify_digest_header(header: &str, body: &[u8]) -> Result<(), CoreError> 
         let Some((alg, value)) = part.split_once('=') else {
             continue;
         };
-        if alg.eq_ignore_ascii_case("sha-256") {
-            saw_sha256 = true;
-            let want = STANDARD
-                .decode(value.trim())
-                .map_err(|_| CoreError::DigestMismatch)?;
-            if want.as_slice() == digest(&SHA256, body).as_ref() {
-                return Ok(());
-            }
+        let alg = if alg.eq_ignore_ascii_case("sha-256") {
+            &SHA256
+        } else if alg.eq_ignore_ascii_case("sha-512") {
+            &SHA512
+        } else {
+            continue;
+        };
+        saw_sha256 = true;
+        let want = STANDARD
+            .decode(value.trim())
+            .map_err(|_| CoreError::DigestMismatch)?;
+        if want.as_slice() == digest(alg, body).as_ref() {
+            return Ok(());
         }
     }
     if saw_sha256 {
         Err(CoreError::DigestMismatch)
     } else {
-        Err(CoreError::MissingHeader("digest (SHA-256)".into()))
+        Err(CoreError::MissingHeader("digest (SHA-256 or SHA-512)".into()))
     }
+}
+
+/// Checks a `Content-Digest` header (RFC 9530: a structured dictionary such
+/// as `sha-256=:…:`) against `body`. Every SHA-256 or SHA-512 member must
+/// match, and at least one must be present.
+pub fn verify_content_digest(header: &str, body: &[u8]) -> Result<(), CoreError> {
+    let dict = crate::sfv::parse_dictionary(header).map_err(|_| CoreError::DigestMismatch)?;
+    let mut checked = false;
+    for (alg, member) in dict {
+        let want = match member {
+            crate::sfv::Member::Item(crate::sfv::Item {
+                bare: crate::sfv::Bare::Bytes(b),
+                ..
+            }) => b,
+            _ => continue,
+        };
+        let got = match alg.as_str() {
+            "sha-256" => digest(&SHA256, body),
+            "sha-512" => digest(&SHA512, body),
+            _ => continue,
+        };
+        if want.as_slice() != got.as_ref() {
+            return Err(CoreError::DigestMismatch);
+        }
+        checked = true;
+    }
+    if checked {
+        Ok(())
+    } else {
+        Err(CoreError::MissingHeader("content-digest (sha-256 or sha-512)".into()))
+    }
+}
+
+/// The `Content-Digest` header value for `body` with SHA-256.
+pub fn content_digest_header(body: &[u8]) -> String {
+    let mut out = String::from("sha-256=:");
+    STANDARD.encode_string(digest(&SHA256, body), &mut out);
+    out.push(':');
+    out
 }
 
 #[cfg(test)]
@@ -68,5 +112,16 @@ mod tests {
         ));
         let multi = format!("SHA=xyz, {h}");
         assert!(verify_digest_header(&multi, b"{}").is_ok());
+    }
+
+    #[test]
+    fn content_digest_of_the_rfc_9421_example_body() {
+        // RFC 9421 appendix B.2: the test request's body and its sha-512 digest.
+        let body = br#"{"hello": "world"}"#;
+        let h = "sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVLvRwEmTHWXvJwew==:";
+        assert!(verify_content_digest(h, body).is_ok());
+        assert_eq!(verify_content_digest(h, b"{}"), Err(CoreError::DigestMismatch));
+        assert!(verify_content_digest(&content_digest_header(body), body).is_ok());
+        assert!(matches!(verify_content_digest("md5=:AAAA:", body), Err(CoreError::MissingHeader(_))));
     }
 }

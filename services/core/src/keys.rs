@@ -96,6 +96,146 @@ pub fn pem_decode(pem: &str) -> Result<Vec<u8>, CoreError> {
         .map_err(|e| CoreError::Key(format!("bad PEM base64: {e}")))
 }
 
+/// Signature algorithms stampede verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alg {
+    /// RSASSA-PKCS1-v1_5 with SHA-256: cavage `rsa-sha256` (and `hs2019`
+    /// with an RSA key, as Mastodon sends it), RFC 9421 `rsa-v1_5-sha256`.
+    RsaV15Sha256,
+    /// RSASSA-PSS with SHA-512: RFC 9421 `rsa-pss-sha512`.
+    RsaPssSha512,
+    /// Ed25519: RFC 9421 `ed25519`.
+    Ed25519,
+}
+
+impl Alg {
+    /// The RFC 9421 `alg` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Alg::RsaV15Sha256 => "rsa-v1_5-sha256",
+            Alg::RsaPssSha512 => "rsa-pss-sha512",
+            Alg::Ed25519 => "ed25519",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    Rsa,
+    Ed25519,
+}
+
+/// A remote public key, parsed once, ready for the algorithms its type allows.
+pub struct VerifyingKey {
+    kind: KeyKind,
+    der: Vec<u8>,
+    rsa_sha256: Option<ParsedPublicKey>,
+    min_rsa_bits: usize,
+}
+
+impl std::fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyingKey").field("kind", &self.kind).finish()
+    }
+}
+
+/// DER of the rsaEncryption OID (1.2.840.113549.1.1.1).
+const OID_RSA: &[u8] = &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+/// DER of the Ed25519 OID (1.3.101.112).
+const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+
+impl VerifyingKey {
+    /// Parses a PEM public key (SubjectPublicKeyInfo for RSA or Ed25519, or
+    /// PKCS#1 `RSA PUBLIC KEY`). RSA keys must have at least 2048 bits.
+    pub fn from_pem(pem: &str) -> Result<Self, CoreError> {
+        Self::parse(pem, 2048)
+    }
+
+    /// As [`Self::from_pem`] but accepting 1024-bit RSA keys, which only old
+    /// test vectors (draft-cavage appendix C) still use.
+    pub fn from_pem_allowing_1024_bit_rsa(pem: &str) -> Result<Self, CoreError> {
+        Self::parse(pem, 1024)
+    }
+
+    fn parse(pem: &str, min_rsa_bits: usize) -> Result<Self, CoreError> {
+        let der = pem_decode(pem)?;
+        let head = &der[..der.len().min(24)];
+        let kind = if contains(head, OID_ED25519) {
+            KeyKind::Ed25519
+        } else if contains(head, OID_RSA) || pem.contains("BEGIN RSA PUBLIC KEY") {
+            KeyKind::Rsa
+        } else {
+            return Err(CoreError::Key("unsupported public key type".into()));
+        };
+        let mut key = Self { kind, der, rsa_sha256: None, min_rsa_bits };
+        if kind == KeyKind::Rsa {
+            let alg = if min_rsa_bits < 2048 {
+                &aws_lc_rs::signature::RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY
+            } else {
+                &RSA_PKCS1_2048_8192_SHA256
+            };
+            key.rsa_sha256 = Some(
+                ParsedPublicKey::new(alg, key.der.clone())
+                    .map_err(|e| CoreError::Key(format!("unusable RSA key: {e}")))?,
+            );
+        } else {
+            ParsedPublicKey::new(&aws_lc_rs::signature::ED25519, key.der.clone())
+                .map_err(|e| CoreError::Key(format!("unusable Ed25519 key: {e}")))?;
+        }
+        Ok(key)
+    }
+
+    /// Whether this is an RSA key.
+    pub fn is_rsa(&self) -> bool {
+        self.kind == KeyKind::Rsa
+    }
+
+    /// The algorithm to use when a signature does not name one.
+    pub fn default_alg(&self) -> Alg {
+        match self.kind {
+            KeyKind::Rsa => Alg::RsaV15Sha256,
+            KeyKind::Ed25519 => Alg::Ed25519,
+        }
+    }
+
+    /// Verifies `sig` over `msg` with `alg`; the key's type must fit `alg`.
+    pub fn verify(&self, alg: Alg, msg: &[u8], sig: &[u8]) -> Result<(), CoreError> {
+        let ok = match (alg, self.kind) {
+            (Alg::RsaV15Sha256, KeyKind::Rsa) => self
+                .rsa_sha256
+                .as_ref()
+                .map(|k| k.verify_sig(msg, sig).is_ok())
+                .unwrap_or(false),
+            (Alg::RsaPssSha512, KeyKind::Rsa) => {
+                let _ = self.min_rsa_bits;
+                ParsedPublicKey::new(&aws_lc_rs::signature::RSA_PSS_2048_8192_SHA512, self.der.clone())
+                    .map(|k| k.verify_sig(msg, sig).is_ok())
+                    .unwrap_or(false)
+            }
+            (Alg::Ed25519, KeyKind::Ed25519) => {
+                ParsedPublicKey::new(&aws_lc_rs::signature::ED25519, self.der.clone())
+                    .map(|k| k.verify_sig(msg, sig).is_ok())
+                    .unwrap_or(false)
+            }
+            (alg, _) => {
+                return Err(CoreError::MalformedSignature(format!(
+                    "algorithm {} does not fit the key type",
+                    alg.name()
+                )))
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(CoreError::BadSignature)
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,9 @@ pub mod activity;
 pub mod digest;
 mod error;
 pub mod keys;
+pub mod sfv;
 pub mod signature;
 pub mod targets;
+pub mod verify;
 
 pub use error::CoreError;
