@@ -42,7 +42,9 @@ pub fn verify_digest_header(header: &str, body: &[u8]) -> Result<(), CoreError> 
     if saw_sha256 {
         Err(CoreError::DigestMismatch)
     } else {
-        Err(CoreError::MissingHeader("digest (SHA-256 or SHA-512)".into()))
+        Err(CoreError::MissingHeader(
+            "digest (SHA-256 or SHA-512)".into(),
+        ))
     }
 }
 
@@ -73,7 +75,9 @@ pub fn verify_content_digest(header: &str, body: &[u8]) -> Result<(), CoreError>
     if checked {
         Ok(())
     } else {
-        Err(CoreError::MissingHeader("content-digest (sha-256 or sha-512)".into()))
+        Err(CoreError::MissingHeader(
+            "content-digest (sha-256 or sha-512)".into(),
+        ))
     }
 }
 
@@ -120,8 +124,14 @@ mod tests {
         let body = br#"{"hello": "world"}"#;
         let h = "sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVLvRwEmTHWXvJwew==:";
         assert!(verify_content_digest(h, body).is_ok());
-        assert_eq!(verify_content_digest(h, b"{}"), Err(CoreError::DigestMismatch));
+        assert_eq!(
+            verify_content_digest(h, b"{}"),
+            Err(CoreError::DigestMismatch)
+        );
         assert!(verify_content_digest(&content_digest_header(body), body).is_ok());
-        assert!(matches!(verify_content_digest("md5=:AAAA:", body), Err(CoreError::MissingHeader(_))));
+        assert!(matches!(
+            verify_content_digest("md5=:AAAA:", body),
+            Err(CoreError::MissingHeader(_))
+        ));
     }
 }

@@ -135,12 +135,16 @@ pub struct VerifyingKey {
 
 impl std::fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerifyingKey").field("kind", &self.kind).finish()
+        f.debug_struct("VerifyingKey")
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 
 /// DER of the rsaEncryption OID (1.2.840.113549.1.1.1).
-const OID_RSA: &[u8] = &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+const OID_RSA: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+];
 /// DER of the Ed25519 OID (1.3.101.112).
 const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 
@@ -167,7 +171,12 @@ impl VerifyingKey {
         } else {
             return Err(CoreError::Key("unsupported public key type".into()));
         };
-        let mut key = Self { kind, der, rsa_sha256: None, min_rsa_bits };
+        let mut key = Self {
+            kind,
+            der,
+            rsa_sha256: None,
+            min_rsa_bits,
+        };
         if kind == KeyKind::Rsa {
             let alg = if min_rsa_bits < 2048 {
                 &aws_lc_rs::signature::RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY
@@ -208,9 +217,12 @@ impl VerifyingKey {
                 .unwrap_or(false),
             (Alg::RsaPssSha512, KeyKind::Rsa) => {
                 let _ = self.min_rsa_bits;
-                ParsedPublicKey::new(&aws_lc_rs::signature::RSA_PSS_2048_8192_SHA512, self.der.clone())
-                    .map(|k| k.verify_sig(msg, sig).is_ok())
-                    .unwrap_or(false)
+                ParsedPublicKey::new(
+                    &aws_lc_rs::signature::RSA_PSS_2048_8192_SHA512,
+                    self.der.clone(),
+                )
+                .map(|k| k.verify_sig(msg, sig).is_ok())
+                .unwrap_or(false)
             }
             (Alg::Ed25519, KeyKind::Ed25519) => {
                 ParsedPublicKey::new(&aws_lc_rs::signature::ED25519, self.der.clone())

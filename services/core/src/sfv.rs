@@ -143,11 +143,14 @@ impl P<'_> {
                 while matches!(self.peek(), Some(c) if c.is_ascii_digit()) {
                     self.i += 1;
                 }
-                let text = std::str::from_utf8(&self.s[start..self.i]).map_err(|_| err("bad integer"))?;
+                let text =
+                    std::str::from_utf8(&self.s[start..self.i]).map_err(|_| err("bad integer"))?;
                 if self.i - start > 16 {
                     return Err(err("integer too long"));
                 }
-                text.parse().map(Bare::Integer).map_err(|_| err("bad integer"))
+                text.parse()
+                    .map(Bare::Integer)
+                    .map_err(|_| err("bad integer"))
             }
             Some(c) if c.is_ascii_alphabetic() || c == b'*' => {
                 let start = self.i;
@@ -158,7 +161,9 @@ impl P<'_> {
                         break;
                     }
                 }
-                Ok(Bare::Token(String::from_utf8_lossy(&self.s[start..self.i]).into_owned()))
+                Ok(Bare::Token(
+                    String::from_utf8_lossy(&self.s[start..self.i]).into_owned(),
+                ))
             }
             _ => Err(err("bad item")),
         }
@@ -211,7 +216,10 @@ impl P<'_> {
 
 /// Parses a dictionary; later duplicates of a key replace earlier ones.
 pub fn parse_dictionary(input: &str) -> Result<Vec<(String, Member)>, CoreError> {
-    let mut p = P { s: input.as_bytes(), i: 0 };
+    let mut p = P {
+        s: input.as_bytes(),
+        i: 0,
+    };
     let mut out: Vec<(String, Member)> = Vec::new();
     p.sp();
     if p.peek().is_none() {
@@ -223,7 +231,10 @@ pub fn parse_dictionary(input: &str) -> Result<Vec<(String, Member)>, CoreError>
             p.i += 1;
             p.member()?
         } else {
-            Member::Item(Item { bare: Bare::Bool(true), params: p.params()? })
+            Member::Item(Item {
+                bare: Bare::Bool(true),
+                params: p.params()?,
+            })
         };
         out.retain(|(ok, _)| *ok != k);
         out.push((k, m));
@@ -308,11 +319,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.len(), 2);
-        let Member::List(items, params) = &d[0].1 else { panic!() };
+        let Member::List(items, params) = &d[0].1 else {
+            panic!()
+        };
         let mut s = String::new();
         serialize_list(items, params, &mut s);
-        assert_eq!(s, r#"("@method" "@authority" "content-digest");created=1618884473;keyid="test-key-rsa""#);
-        assert_eq!(d[1].1, Member::Item(Item { bare: Bare::Bytes(vec![0, 1, 2]), params: vec![] }));
+        assert_eq!(
+            s,
+            r#"("@method" "@authority" "content-digest");created=1618884473;keyid="test-key-rsa""#
+        );
+        assert_eq!(
+            d[1].1,
+            Member::Item(Item {
+                bare: Bare::Bytes(vec![0, 1, 2]),
+                params: vec![]
+            })
+        );
     }
 
     #[test]

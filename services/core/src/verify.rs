@@ -27,7 +27,10 @@ pub struct HttpRequest<'a> {
 impl<'a> HttpRequest<'a> {
     /// First value of header `name`.
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| *v)
     }
 
     /// All values of `name`, trimmed and joined with `, ` (RFC 9421 §2.1).
@@ -98,7 +101,9 @@ pub fn parse(req: &HttpRequest) -> Result<Signed, CoreError> {
         "hs2019" => (None, true),
         "ed25519" => (Some(Alg::Ed25519), false),
         other => {
-            return Err(CoreError::MalformedSignature(format!("unsupported algorithm {other}")))
+            return Err(CoreError::MalformedSignature(format!(
+                "unsupported algorithm {other}"
+            )))
         }
     };
     let names: Vec<&str> = p.headers.iter().map(String::as_str).collect();
@@ -131,12 +136,26 @@ fn parse_rfc9421(req: &HttpRequest, input: &str) -> Result<Signed, CoreError> {
     )?;
     // The first labelled signature that names a key.
     for (label, member) in &inputs {
-        let Member::List(items, params) = member else { continue };
+        let Member::List(items, params) = member else {
+            continue;
+        };
         let param = |k: &str| params.iter().find(|(pk, _)| pk == k).map(|(_, v)| v);
-        let Some(Bare::String(key_id)) = param("keyid") else { continue };
+        let Some(Bare::String(key_id)) = param("keyid") else {
+            continue;
+        };
         let signature = match sigs.iter().find(|(l, _)| l == label) {
-            Some((_, Member::Item(sfv::Item { bare: Bare::Bytes(b), .. }))) => b.clone(),
-            _ => return Err(CoreError::MalformedSignature(format!("no signature labelled {label}"))),
+            Some((
+                _,
+                Member::Item(sfv::Item {
+                    bare: Bare::Bytes(b),
+                    ..
+                }),
+            )) => b.clone(),
+            _ => {
+                return Err(CoreError::MalformedSignature(format!(
+                    "no signature labelled {label}"
+                )))
+            }
         };
         let alg = match param("alg") {
             None => None,
@@ -145,7 +164,9 @@ fn parse_rfc9421(req: &HttpRequest, input: &str) -> Result<Signed, CoreError> {
                 "rsa-pss-sha512" => Alg::RsaPssSha512,
                 "ed25519" => Alg::Ed25519,
                 other => {
-                    return Err(CoreError::MalformedSignature(format!("unsupported alg {other}")))
+                    return Err(CoreError::MalformedSignature(format!(
+                        "unsupported alg {other}"
+                    )))
                 }
             }),
             Some(_) => return Err(CoreError::MalformedSignature("alg is not a string".into())),
@@ -153,14 +174,18 @@ fn parse_rfc9421(req: &HttpRequest, input: &str) -> Result<Signed, CoreError> {
         let int = |k: &str| match param(k) {
             Some(Bare::Integer(n)) => Ok(Some(*n)),
             None => Ok(None),
-            Some(_) => Err(CoreError::MalformedSignature(format!("{k} is not an integer"))),
+            Some(_) => Err(CoreError::MalformedSignature(format!(
+                "{k} is not an integer"
+            ))),
         };
         let (created, expires) = (int("created")?, int("expires")?);
         let mut base = String::with_capacity(512);
         let mut covered = Vec::with_capacity(items.len());
         for item in items {
             let Bare::String(name) = &item.bare else {
-                return Err(CoreError::MalformedSignature("component is not a string".into()));
+                return Err(CoreError::MalformedSignature(
+                    "component is not a string".into(),
+                ));
             };
             let value = component(req, name, &item.params)?;
             sfv::serialize_item(item, &mut base);
@@ -183,7 +208,9 @@ fn parse_rfc9421(req: &HttpRequest, input: &str) -> Result<Signed, CoreError> {
             expires,
         });
     }
-    Err(CoreError::MalformedSignature("no signature with a keyid".into()))
+    Err(CoreError::MalformedSignature(
+        "no signature with a keyid".into(),
+    ))
 }
 
 /// The value of one covered component (RFC 9421 §2).
@@ -208,11 +235,19 @@ fn component(req: &HttpRequest, name: &str, params: &sfv::Params) -> Result<Stri
         "@scheme" => req.scheme.to_ascii_lowercase(),
         "@target-uri" => format!("{}://{}{}", req.scheme, authority()?, req.path_and_query),
         "@request-target" => req.path_and_query.to_string(),
-        "@path" => if path.is_empty() { "/".to_string() } else { path.to_string() },
+        "@path" => {
+            if path.is_empty() {
+                "/".to_string()
+            } else {
+                path.to_string()
+            }
+        }
         "@query" => format!("?{}", query.unwrap_or("")),
         "@query-param" => {
             let Some((_, Bare::String(want))) = params.iter().find(|(k, _)| k == "name") else {
-                return Err(CoreError::MalformedSignature("@query-param without name".into()));
+                return Err(CoreError::MalformedSignature(
+                    "@query-param without name".into(),
+                ));
             };
             query
                 .unwrap_or("")
@@ -223,7 +258,9 @@ fn component(req: &HttpRequest, name: &str, params: &sfv::Params) -> Result<Stri
                 .ok_or_else(|| CoreError::MissingHeader(format!("query parameter {want}")))?
         }
         n if n.starts_with('@') => {
-            return Err(CoreError::MalformedSignature(format!("unsupported component {n}")))
+            return Err(CoreError::MalformedSignature(format!(
+                "unsupported component {n}"
+            )))
         }
         header => req
             .combined(header)
@@ -240,7 +277,9 @@ pub fn check_coverage_and_digest(req: &HttpRequest, s: &Signed) -> Result<(), Co
         if ok {
             Ok(())
         } else {
-            Err(CoreError::MalformedSignature(format!("signature does not cover {what}")))
+            Err(CoreError::MalformedSignature(format!(
+                "signature does not cover {what}"
+            )))
         }
     };
     match s.scheme {
@@ -259,7 +298,8 @@ pub fn check_coverage_and_digest(req: &HttpRequest, s: &Signed) -> Result<(), Co
         Scheme::Rfc9421 => {
             need(covers("@method"), "@method")?;
             need(
-                covers("@target-uri") || (covers("@authority") && (covers("@path") || covers("@request-target"))),
+                covers("@target-uri")
+                    || (covers("@authority") && (covers("@path") || covers("@request-target"))),
                 "@target-uri (or @authority and @path)",
             )?;
             need(s.created.is_some() || covers("date"), "created or date")?;
@@ -278,12 +318,21 @@ pub fn check_coverage_and_digest(req: &HttpRequest, s: &Signed) -> Result<(), Co
 /// Checks the request's age: the `Date` header and `created` must lie within
 /// `max_past` seconds before `now` and `max_future` after it; `expires` must
 /// not have passed.
-pub fn check_time(req: &HttpRequest, s: &Signed, now: i64, max_past: i64, max_future: i64) -> Result<(), CoreError> {
+pub fn check_time(
+    req: &HttpRequest,
+    s: &Signed,
+    now: i64,
+    max_past: i64,
+    max_future: i64,
+) -> Result<(), CoreError> {
     let within = |t: i64, what: &str| {
         if t < now - max_past {
             Err(CoreError::StaleDate(format!("{what} is {}s old", now - t)))
         } else if t > now + max_future {
-            Err(CoreError::StaleDate(format!("{what} is {}s in the future", t - now)))
+            Err(CoreError::StaleDate(format!(
+                "{what} is {}s in the future",
+                t - now
+            )))
         } else {
             Ok(())
         }

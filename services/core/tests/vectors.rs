@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 use stampede_core::keys::VerifyingKey;
-use stampede_core::verify::{check_coverage_and_digest, parse, verify_signature, HttpRequest, Scheme};
+use stampede_core::verify::{
+    check_coverage_and_digest, parse, verify_signature, HttpRequest, Scheme,
+};
 use stampede_core::CoreError;
 
 const CAVAGE_KEY: &str = include_str!("vectors/cavage-test-key.pem");
@@ -19,7 +21,10 @@ fn cavage_request<'a>(extra: &'a [(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)
         ("host", "example.com"),
         ("date", "Sun, 05 Jan 2014 21:31:40 GMT"),
         ("content-type", "application/json"),
-        ("digest", "SHA-256=X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE="),
+        (
+            "digest",
+            "SHA-256=X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=",
+        ),
         ("content-length", "18"),
     ];
     h.extend_from_slice(extra);
@@ -134,7 +139,10 @@ fn rfc9421_b23_full_coverage_rsa_pss_sha512() {
     let sig = "sig-b23=:bbN8oArOxYoyylQQUU6QYwrTuaxLwjAC9fbY2F6SVWvh0yBiMIRGOnMYwZ/5MR6fb0Kh1rIRASVxFkeGt683+qRpRRU5p2voTp768ZrCUb38K0fUxN0O0iC59DzYx8DFll5GmydPxSmme9v6ULbMFkl+V5B1TP/yPViV7KsLNmvKiLJH1pFkh/aYA2HXXZzNBXmIkoQoLd7YfW91kE9o/CCoC1xMy7JA1ipwvKvfrs65ldmlu9bpG6A9BmzhuzF8Eim5f8ui9eH8LZH896+QIF61ka39VBrohr9iyMUJpvRX2Zbhl5ZJzSRxpJyoEZAFL2FUo5fTIztsDZKEgM4cUA==:";
     rfc9421(input, sig, RSA_PSS_KEY, "example.com").unwrap();
     // Another authority is another request.
-    assert_eq!(rfc9421(input, sig, RSA_PSS_KEY, "example.org"), Err(CoreError::BadSignature));
+    assert_eq!(
+        rfc9421(input, sig, RSA_PSS_KEY, "example.org"),
+        Err(CoreError::BadSignature)
+    );
 }
 
 #[test]

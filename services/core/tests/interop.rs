@@ -1,0 +1,155 @@
+//! Interop with an independent implementation: Python's `httpsig`
+//! (draft-cavage) and `http-message-signatures` (RFC 9421) sign requests that
+//! stampede verifies, and `httpsig` verifies requests stampede signs.
+//! `scripts/test` installs them (tests/interop/requirements.txt) and sets
+//! `STAMPEDE_TEST_PYTHON`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use serde_json::{json, Value};
+use stampede_core::digest::digest_header;
+use stampede_core::keys::{generate_rsa_2048, load_private_key, VerifyingKey};
+use stampede_core::signature::{sign_request, POST_HEADERS};
+use stampede_core::verify::{
+    check_coverage_and_digest, check_time, parse, verify_signature, HttpRequest, Scheme,
+};
+use stampede_core::CoreError;
+
+fn python() -> String {
+    let py = std::env::var("STAMPEDE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import httpsig, http_message_signatures, requests"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{py} lacks the interop peer's libraries: run scripts/test, which installs services/core/tests/interop/requirements.txt");
+    py
+}
+
+fn peer(args: &[&str], input: Option<&Value>) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/peer.py");
+    let mut child = Command::new(python())
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(v) = input {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(v.to_string().as_bytes())
+            .unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "peer {args:?} failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn check(signed: &Value, body: &[u8]) -> Result<Scheme, CoreError> {
+    let headers: Vec<(String, String)> = signed["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h[0].as_str().unwrap().to_ascii_lowercase(),
+                h[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let req = HttpRequest {
+        method: signed["method"].as_str().unwrap(),
+        scheme: "https",
+        path_and_query: signed["path"].as_str().unwrap(),
+        headers: &headers,
+        body,
+    };
+    let s = parse(&req)?;
+    check_time(&req, &s, now(), 3600, 300)?;
+    check_coverage_and_digest(&req, &s)?;
+    verify_signature(
+        &s,
+        &VerifyingKey::from_pem(signed["public_key_pem"].as_str().unwrap())?,
+    )?;
+    Ok(s.scheme)
+}
+
+#[test]
+fn stampede_verifies_what_the_independent_peer_signs() {
+    for (alg, scheme) in [
+        ("cavage-rsa-sha256", Scheme::Cavage),
+        ("rsa-v1_5-sha256", Scheme::Rfc9421),
+        ("rsa-pss-sha512", Scheme::Rfc9421),
+        ("ed25519", Scheme::Rfc9421),
+    ] {
+        let signed = peer(&["sign", alg], None);
+        let body = STANDARD.decode(signed["body"].as_str().unwrap()).unwrap();
+        assert_eq!(check(&signed, &body), Ok(scheme), "{alg}");
+        let mut tampered = body.clone();
+        tampered[2] ^= 1;
+        assert_eq!(
+            check(&signed, &tampered),
+            Err(CoreError::DigestMismatch),
+            "{alg} tampered body"
+        );
+    }
+}
+
+#[test]
+fn the_independent_peer_verifies_what_stampede_signs() {
+    let key = generate_rsa_2048().unwrap();
+    let pair = load_private_key(&key.private_pkcs8_der).unwrap();
+    let body = br#"{"type":"Create"}"#;
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let digest = digest_header(body);
+    let host = "remote.example";
+    let sig = sign_request(
+        &pair,
+        "https://s.example/users/a#main-key",
+        "POST",
+        "/inbox",
+        POST_HEADERS,
+        |h| match h {
+            "host" => Some(host),
+            "date" => Some(date.as_str()),
+            "digest" => Some(digest.as_str()),
+            _ => None,
+        },
+    )
+    .unwrap();
+    let request = |digest: &str| {
+        json!({
+            "public_key_pem": key.public_pem,
+            "method": "POST",
+            "path": "/inbox",
+            "host": host,
+            "headers": [["Host", host], ["Date", date], ["Digest", digest], ["Signature", sig]],
+        })
+    };
+    assert_eq!(
+        peer(&["verify-cavage"], Some(&request(&digest)))["verified"],
+        true
+    );
+    assert_eq!(
+        peer(&["verify-cavage"], Some(&request("SHA-256=AAAA")))["verified"],
+        false
+    );
+}
