@@ -286,6 +286,18 @@ pub fn public_note(actor_id: &str, text: &str) -> Value {
     })
 }
 
+/// The answer of `local_actor_id` to a Follow (`Accept` or `Reject`): the
+/// Follow as received is the object, addressed to its actor.
+pub fn follow_answer(kind: &str, local_actor_id: &str, follow: &Value, follower: &str) -> Value {
+    serde_json::json!({
+        "@context": AS_CONTEXT,
+        "type": kind,
+        "actor": local_actor_id,
+        "object": follow,
+        "to": [follower],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,6 @@
 //! is stored once.
 #![deny(missing_docs)]
 
-mod resolve;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -21,7 +19,7 @@ use stampede_runtime::store::StoredActivity;
 use stampede_runtime::worker;
 use thiserror::Error;
 
-pub use resolve::Resolver;
+use stampede_runtime::remote::Resolver;
 
 /// Protobuf name of the fanout job.
 pub const FANOUT_JOB: &str = "stampede.queue.v1.FanoutJob";
@@ -191,6 +189,7 @@ impl Fanout {
         let local_prefix = format!("{}/", self.p.cfg.base());
         let mut to_followers = false;
         let mut targets = HashSet::new();
+        let mut author = None;
         let open = a.open.iter().map(|id| (id, false));
         let blind = a.blind.iter().map(|id| (id, true));
         for (id, is_blind) in open.chain(blind) {
@@ -202,7 +201,16 @@ impl Fanout {
                 // Local actors and collections are the application's to deliver.
                 continue;
             }
-            match self.resolver.resolve(id, activity.actor_id).await {
+            if author.is_none() {
+                author = self.p.backends.store.actor_by_id(activity.actor_id).await?;
+            }
+            let Some(signer) = &author else {
+                return Err(FanoutError::Permanent(format!(
+                    "author of {} not found",
+                    activity.key
+                )));
+            };
+            match self.resolver.resolve(id, signer).await {
                 Ok(Some(r)) => {
                     let target = if is_blind {
                         r.inbox.clone()

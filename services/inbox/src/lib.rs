@@ -1,10 +1,35 @@
-//! Service: inbox. Will verify inbound HTTP Signatures, cache remote keys,
-//! drop duplicates, apply Follow/Undo/Delete and hand verified activities to
-//! the application. For now it runs as a process with gRPC health,
-//! reflection and metrics, so deployments have their final shape.
+//! Service: inbox. Consumes what the edge queued, verifies it (HTTP
+//! Signatures draft-cavage and RFC 9421, digests, the date window, that the
+//! key is the actor's; keys cached and refetched on rotation), drops
+//! duplicates, applies the federation side effects stampede owns (Follow,
+//! Undo of a Follow, Delete and Update of actors) and hands verified
+//! activities to the application through the verified-events exchange.
 #![deny(missing_docs)]
 
+use std::time::Duration;
+
+use prost::Message;
+use serde_json::Value;
+use stampede_core::activity::{follow_answer, parse_json};
+use stampede_core::targets::inbox_host;
+use stampede_core::verify::HttpRequest;
+use stampede_proto::queue::{InboundJob, VerifiedActivity};
+use stampede_runtime::inbound::{activity_info, ActivityInfo, Verdict, Verifier};
+use stampede_runtime::outbound;
 use stampede_runtime::process::{Listeners, Process};
+use stampede_runtime::queue::{Incoming, OutMessage, QueueName};
+use stampede_runtime::remote::{parse_actor, Resolver};
+use stampede_runtime::store::{Follower, LocalActor};
+use stampede_runtime::worker;
+
+/// Protobuf name of the inbound job.
+pub const INBOUND_JOB: &str = "stampede.queue.v1.InboundJob";
+/// Protobuf name of the verified activity event.
+pub const VERIFIED_ACTIVITY: &str = "stampede.queue.v1.VerifiedActivity";
+/// How long an activity id is remembered per inbox to drop replays.
+const DEDUP_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Attempts for an activity whose key's server could not be reached.
+const MAX_ATTEMPTS: u32 = 4;
 
 /// What inbox fails at.
 #[derive(Debug, thiserror::Error)]
@@ -14,12 +39,312 @@ pub enum InboxError {
     Runtime(#[from] stampede_runtime::Error),
 }
 
+/// The inbox worker.
+#[derive(Clone)]
+pub struct Inbox {
+    p: Process,
+    verifier: Verifier,
+    resolver: Resolver,
+}
+
+impl Inbox {
+    /// Inbox over a process's backends.
+    pub fn new(p: Process) -> Self {
+        Self {
+            verifier: Verifier::new(p.clone()),
+            resolver: Resolver::new(p.clone()),
+            p,
+        }
+    }
+
+    /// Consumes the inbound queue until shutdown.
+    pub async fn run(self) -> Result<(), InboxError> {
+        let q = self.p.backends.queue.clone();
+        let shutdown = self.p.shutdown.clone();
+        let prefetch = self.p.cfg.prefetch;
+        worker::run(q, QueueName::Inbound, prefetch, shutdown, move |msg| {
+            let me = self.clone();
+            async move { me.handle(msg).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn handle(&self, msg: Incoming) {
+        let q = &*self.p.backends.queue;
+        let m = &self.p.metrics;
+        let job: InboundJob = match worker::decode(&msg, INBOUND_JOB) {
+            Ok(j) => j,
+            Err(reason) => return worker::poison(q, m, QueueName::Inbound, msg, &reason).await,
+        };
+        let settle = match self.process(&job).await {
+            Ok(()) => msg.acker.ack().await,
+            Err(e) => {
+                tracing::warn!(error = %e, recipient = %job.recipient_inbox, "inbound processing failed; retrying later");
+                match self.retry(&job).await {
+                    Ok(true) => msg.acker.ack().await,
+                    Ok(false) => {
+                        m.inbound("failed");
+                        msg.acker.ack().await
+                    }
+                    Err(_) => msg.acker.requeue().await,
+                }
+            }
+        };
+        if let Err(e) = settle {
+            tracing::warn!(error = %e, "settling the message failed; the broker will redeliver it");
+        }
+    }
+
+    /// Schedules another attempt; false when attempts are exhausted.
+    async fn retry(&self, job: &InboundJob) -> Result<bool, stampede_runtime::Error> {
+        if job.attempt + 1 >= MAX_ATTEMPTS {
+            return Ok(false);
+        }
+        let next = InboundJob {
+            attempt: job.attempt + 1,
+            ..job.clone()
+        };
+        let delay = Duration::from_secs(30u64 << job.attempt.min(4));
+        self.p
+            .backends
+            .queue
+            .publish_delayed(
+                QueueName::Inbound,
+                OutMessage {
+                    kind: INBOUND_JOB,
+                    payload: next.encode_to_vec(),
+                },
+                delay,
+            )
+            .await?;
+        Ok(true)
+    }
+
+    /// Verifies and applies one inbound activity. An error leaves nothing
+    /// done that a retry would repeat.
+    async fn process(&self, job: &InboundJob) -> Result<(), InboxError> {
+        let m = &self.p.metrics;
+        let json = match parse_json(&job.body) {
+            Ok(j) => j,
+            Err(e) => {
+                m.inbound("malformed");
+                tracing::info!(reason = %e, "inbound dropped: malformed");
+                return Ok(());
+            }
+        };
+        let info = match activity_info(&json) {
+            Ok(i) => i,
+            Err(e) => {
+                m.inbound("malformed");
+                tracing::info!(reason = %e, "inbound dropped: not an activity");
+                return Ok(());
+            }
+        };
+        let headers: Vec<(String, String)> = job
+            .headers
+            .iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+            .collect();
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let req = HttpRequest {
+            method: &job.method,
+            scheme: self.p.cfg.public_url.scheme(),
+            path_and_query: &job.path,
+            headers: &headers,
+            body: &job.body,
+        };
+        let v = self.verifier.verify(&req, Some(&info)).await;
+        if v.verdict != Verdict::Accepted {
+            if v.transient && job.attempt + 1 < MAX_ATTEMPTS {
+                return Err(stampede_runtime::Error::Http(v.reason).into());
+            }
+            m.inbound(v.verdict.as_str());
+            tracing::info!(
+                verdict = v.verdict.as_str(),
+                reason = %v.reason,
+                actor = %info.actor,
+                activity_id = ?info.id,
+                "inbound rejected"
+            );
+            return Ok(());
+        }
+        let cache = &self.p.backends.cache;
+        let seen = info
+            .id
+            .as_ref()
+            .map(|id| format!("seen:{}:{id}", job.recipient_inbox));
+        if let Some(key) = &seen {
+            if !cache.set_nx(key, b"1", DEDUP_TTL).await? {
+                m.inbound("duplicate");
+                tracing::info!(activity_id = ?info.id, recipient = %job.recipient_inbox, "inbound duplicate dropped");
+                return Ok(());
+            }
+        }
+        let done = async {
+            self.side_effects(&json, &info, v.key_id.as_deref()).await?;
+            let event = VerifiedActivity {
+                activity_json: String::from_utf8_lossy(&job.body).into_owned(),
+                verdict: "accepted".into(),
+                recipient_inbox: job.recipient_inbox.clone(),
+                actor: info.actor.clone(),
+                activity_id: info.id.clone().unwrap_or_default(),
+                activity_type: info.kind.clone(),
+                key_id: v.key_id.clone().unwrap_or_default(),
+                received_unix_ms: job.received_unix_ms,
+                trace: job.trace.clone(),
+            };
+            self.p
+                .backends
+                .queue
+                .publish_event(
+                    "accepted",
+                    OutMessage {
+                        kind: VERIFIED_ACTIVITY,
+                        payload: event.encode_to_vec(),
+                    },
+                )
+                .await?;
+            Ok::<(), InboxError>(())
+        }
+        .await;
+        if let Err(e) = done {
+            if let Some(key) = &seen {
+                let _ = cache.del(key).await;
+            }
+            return Err(e);
+        }
+        m.inbound("accepted");
+        tracing::info!(activity_id = ?info.id, kind = %info.kind, actor = %info.actor, recipient = %job.recipient_inbox, "inbound accepted");
+        Ok(())
+    }
+
+    async fn local_actor(&self, id: Option<&str>) -> Result<Option<LocalActor>, InboxError> {
+        let prefix = format!("{}/users/", self.p.cfg.base());
+        let Some(name) = id.and_then(|i| i.strip_prefix(&prefix)) else {
+            return Ok(None);
+        };
+        Ok(self.p.backends.store.actor_by_name(name).await?)
+    }
+
+    async fn side_effects(
+        &self,
+        json: &Value,
+        info: &ActivityInfo,
+        key_id: Option<&str>,
+    ) -> Result<(), InboxError> {
+        let store = &self.p.backends.store;
+        match info.kind.as_str() {
+            "Follow" => {
+                let Some(actor) = self.local_actor(info.object_id.as_deref()).await? else {
+                    return Ok(());
+                };
+                let instance = self.p.instance_actor().await?;
+                let Some(remote) = self.resolver.resolve(&info.actor, &instance).await? else {
+                    tracing::warn!(actor = %info.actor, "follower has no inbox; follow ignored");
+                    return Ok(());
+                };
+                let follower = Follower {
+                    host: inbox_host(&remote.inbox).unwrap_or_default(),
+                    actor: info.actor.clone(),
+                    inbox: remote.inbox,
+                    shared_inbox: remote.shared_inbox,
+                    follow_id: info.id.clone(),
+                };
+                if actor.manually_approves_followers {
+                    store.add_follow_request(actor.id, &follower, json).await?;
+                    tracing::info!(actor = %actor.name, follower = %info.actor, "follow awaits approval");
+                    return Ok(());
+                }
+                store.add_follower(actor.id, &follower).await?;
+                let accept = follow_answer(
+                    "Accept",
+                    &self.p.cfg.actor_id(&actor.name),
+                    json,
+                    &info.actor,
+                );
+                let key = info.id.as_ref().map(|id| format!("accept:{id}"));
+                outbound::publish(
+                    &self.p.cfg,
+                    &self.p.backends,
+                    &actor,
+                    accept.to_string().as_bytes(),
+                    key,
+                )
+                .await?;
+                tracing::info!(actor = %actor.name, follower = %info.actor, "follow accepted");
+            }
+            "Undo" => {
+                let object = json.get("object");
+                let inner_kind = object
+                    .and_then(Value::as_object)
+                    .map(stampede_core::activity::types)
+                    .and_then(|t| t.first().map(|s| s.to_string()));
+                match inner_kind.as_deref() {
+                    Some("Follow") => {
+                        let target = object
+                            .and_then(|o| o.get("object"))
+                            .and_then(stampede_core::activity::id_of);
+                        if let Some(actor) = self.local_actor(target).await? {
+                            store.remove_follower(actor.id, &info.actor).await?;
+                            store.take_follow_request(actor.id, &info.actor).await?;
+                        }
+                    }
+                    None => {
+                        if let Some(follow_id) = info.object_id.as_deref() {
+                            store.remove_follow_by_id(&info.actor, follow_id).await?;
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+            "Delete" if info.object_id.as_deref().is_none_or(|o| o == info.actor) => {
+                let removed = store.remove_follower_everywhere(&info.actor).await?;
+                self.resolver.forget(&info.actor).await?;
+                let keys: Vec<String> = key_id.map(str::to_string).into_iter().collect();
+                self.verifier
+                    .keys()
+                    .forget_owner(&info.actor, &keys)
+                    .await?;
+                tracing::info!(actor = %info.actor, follows_removed = removed, "remote actor deleted");
+            }
+            "Update" => {
+                let Some(object) = json
+                    .get("object")
+                    .filter(|o| o.get("id").and_then(Value::as_str) == Some(info.actor.as_str()))
+                else {
+                    return Ok(());
+                };
+                if let Some(remote) = parse_actor(&info.actor, object) {
+                    self.resolver.remember(&remote).await?;
+                    let host = inbox_host(&remote.inbox).unwrap_or_default();
+                    store
+                        .update_follower_inboxes(
+                            &info.actor,
+                            &remote.inbox,
+                            remote.shared_inbox.as_deref(),
+                            &host,
+                        )
+                        .await?;
+                    if let (Some(kid), Some(pem)) = (&remote.key_id, &remote.public_key_pem) {
+                        let owner = object["publicKey"]["owner"].as_str().unwrap_or(&info.actor);
+                        if owner == info.actor {
+                            self.verifier.keys().update(kid, owner, pem).await?;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 /// Runs inbox as its own process until shutdown.
 pub async fn serve(p: Process, l: Listeners) -> Result<(), InboxError> {
-    let metrics = p.spawn_metrics(l.metrics);
-    let routes = p.grpc_routes(&["stampede.inbox"])?;
-    tracing::info!(service = "inbox", "started");
-    stampede_runtime::process::serve_grpc(routes, l.grpc, p.shutdown.clone()).await?;
-    let _ = metrics.await;
-    Ok(())
+    let work = Inbox::new(p.clone()).run();
+    stampede_runtime::process::serve_worker(p, l, "inbox", work).await
 }

@@ -1,6 +1,4 @@
 //! The gRPC API for the local application (design §6).
-use prost::Message;
-use stampede_core::activity::prepare_outbound;
 use stampede_core::keys::generate_rsa_2048;
 use stampede_proto::api::{
     actor_service_server::ActorService, admin_service_server::AdminService,
@@ -8,16 +6,12 @@ use stampede_proto::api::{
     ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest, PublishResponse, QueueDepth,
     StatusRequest, StatusResponse,
 };
-use stampede_proto::queue::FanoutJob;
-use stampede_runtime::queue::{OutMessage, QueueName};
-use stampede_runtime::store::{NewActivity, NewActor, PrivateKey};
+use stampede_runtime::outbound;
+use stampede_runtime::store::{NewActor, PrivateKey};
 use tonic::{Request, Response, Status};
 
 use crate::documents::{actor_message, valid_name};
 use crate::{Ingest, IngestError};
-
-/// Protobuf name of the fanout job, carried as the AMQP `type`.
-pub const FANOUT_JOB: &str = "stampede.queue.v1.FanoutJob";
 
 /// `stampede.v1.ActorService`.
 #[derive(Clone)]
@@ -164,13 +158,6 @@ impl Ingest {
     }
 
     async fn publish(&self, r: PublishRequest) -> Result<PublishResponse, IngestError> {
-        let max = self.cfg.max_activity_bytes;
-        if r.activity_json.len() > max {
-            return Err(IngestError::Invalid(format!(
-                "activity is {} bytes; the limit is {max}",
-                r.activity_json.len()
-            )));
-        }
         if r.idempotency_key.len() > 256 {
             return Err(IngestError::Invalid(
                 "idempotency_key is limited to 256 bytes".into(),
@@ -182,68 +169,29 @@ impl Ingest {
             .actor_by_name(&r.actor)
             .await?
             .ok_or_else(|| IngestError::NotFound(format!("no local actor named `{}`", r.actor)))?;
-        let actor_id = self.cfg.actor_id(&actor.name);
-        let base = self.cfg.base();
-        let prepared = prepare_outbound(r.activity_json.as_bytes(), &actor_id, |kind| {
-            format!("{base}/{kind}/{}", uuid::Uuid::now_v7())
+        let key = (!r.idempotency_key.is_empty()).then_some(r.idempotency_key);
+        let published = outbound::publish(
+            &self.cfg,
+            &self.backends,
+            &actor,
+            r.activity_json.as_bytes(),
+            key,
+        )
+        .await
+        .map_err(|e| match e {
+            stampede_runtime::Error::Invalid(m) => IngestError::Invalid(m),
+            stampede_runtime::Error::Conflict(m) => IngestError::AlreadyExists(m),
+            stampede_runtime::Error::Queue(m) => IngestError::Unavailable(m),
+            e => e.into(),
         })?;
-        let under_base = prepared
-            .id
-            .strip_prefix(base)
-            .is_some_and(|rest| rest.starts_with('/'));
-        if !under_base {
-            return Err(IngestError::Invalid(format!(
-                "activity id {} is not under {base}",
-                prepared.id
-            )));
-        }
-        let inserted = self
-            .backends
-            .store
-            .insert_activity(NewActivity {
-                key: uuid::Uuid::now_v7().to_string(),
-                ap_id: prepared.id.clone(),
-                actor_id: actor.id,
-                kind: prepared.kind.clone(),
-                object_id: prepared.object_id.clone(),
-                idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
-                body: prepared.json,
-                delivered_body: prepared.delivered_body,
-            })
-            .await
-            .map_err(|e| match e {
-                stampede_runtime::Error::Conflict(_) => IngestError::AlreadyExists(format!(
-                    "an activity with id {} exists already",
-                    prepared.id
-                )),
-                e => e.into(),
-            })?;
-        if !inserted.enqueued {
-            let job = FanoutJob {
-                activity_key: inserted.key.clone(),
-                trace: None,
-                attempt: 0,
-            };
-            self.backends
-                .queue
-                .publish(
-                    QueueName::Fanout,
-                    OutMessage {
-                        kind: FANOUT_JOB,
-                        payload: job.encode_to_vec(),
-                    },
-                )
-                .await
-                .map_err(|e| IngestError::Unavailable(e.to_string()))?;
-            self.backends.store.mark_enqueued(&inserted.key).await?;
-        }
+        let inserted = published.inserted;
         if inserted.created {
             self.metrics.published.inc();
         }
         tracing::info!(
             activity_id = %inserted.ap_id,
             actor = %actor.name,
-            kind = %prepared.kind,
+            kind = %published.kind,
             created = inserted.created,
             "activity published"
         );

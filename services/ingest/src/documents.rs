@@ -13,7 +13,7 @@ pub fn person(cfg: &Config, a: &LocalActor) -> Value {
             {"manuallyApprovesFollowers": "as:manuallyApprovesFollowers"}
         ],
         "id": id,
-        "type": "Person",
+        "type": if a.name == stampede_runtime::process::INSTANCE_ACTOR { "Application" } else { "Person" },
         "preferredUsername": a.name,
         "name": if a.display_name.is_empty() { &a.name } else { &a.display_name },
         "summary": a.summary,
@@ -48,9 +48,11 @@ pub fn actor_message(cfg: &Config, a: &LocalActor, followers: u64) -> stampede_p
     }
 }
 
-/// Whether `name` is a valid local actor name: 1 to 64 of `[a-z0-9_]`.
+/// Whether `name` is a valid local actor name: 1 to 64 of `[a-z0-9_]`, not
+/// starting with `_` (reserved for the instance actor).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
+        && !name.starts_with('_')
         && name.len() <= 64
         && name
             .bytes()

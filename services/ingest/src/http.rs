@@ -2,7 +2,7 @@
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
@@ -20,6 +20,10 @@ pub fn router(ingest: Ingest) -> Router {
         .route("/users/{name}/following", get(following))
         .route("/users/{name}/outbox", get(outbox))
         .route("/.well-known/webfinger", get(webfinger))
+        .route("/.well-known/nodeinfo", get(nodeinfo_links))
+        .route("/nodeinfo/2.1", get(nodeinfo))
+        .route("/inbox", post(crate::inbox::shared_inbox))
+        .route("/users/{name}/inbox", post(crate::inbox::actor_inbox))
         .with_state(ingest)
 }
 
@@ -146,6 +150,45 @@ async fn webfinger(State(s): State<Ingest>, Query(q): Query<Finger>) -> Response
                 {"rel": "self", "type": "application/activity+json", "href": id},
                 {"rel": "http://webfinger.net/rel/profile-page", "type": "text/html", "href": id}
             ]
+        })
+        .to_string(),
+    )
+        .into_response()
+}
+
+async fn nodeinfo_links(State(s): State<Ingest>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"links": [{
+            "rel": "http://nodeinfo.diaspora.software/ns/schema/2.1",
+            "href": format!("{}/nodeinfo/2.1", s.cfg.base()),
+        }]})
+        .to_string(),
+    )
+        .into_response()
+}
+
+async fn nodeinfo(State(s): State<Ingest>) -> Response {
+    let users = match s.backends.store.actor_count().await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "actor count failed");
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
+        }
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/json; profile=\"http://nodeinfo.diaspora.software/ns/schema/2.1#\"",
+        )],
+        json!({
+            "version": "2.1",
+            "software": {"name": "stampede", "version": env!("CARGO_PKG_VERSION")},
+            "protocols": ["activitypub"],
+            "services": {"inbound": [], "outbound": []},
+            "openRegistrations": false,
+            "usage": {"users": {"total": users}},
+            "metadata": {},
         })
         .to_string(),
     )

@@ -6,9 +6,11 @@
 #![deny(missing_docs)]
 
 mod api;
+mod api_inbound;
 mod documents;
 mod error;
 mod http;
+mod inbox;
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use stampede_runtime::metrics::Metrics;
 use stampede_runtime::{Backends, Config};
 
 pub use api::{ActorApi, AdminApi, PublishApi};
+pub use api_inbound::{FollowApi, InboundApi};
 pub use error::IngestError;
 pub use http::router;
 
@@ -25,18 +28,10 @@ pub struct Ingest {
     cfg: Arc<Config>,
     backends: Backends,
     metrics: Arc<Metrics>,
+    verifier: stampede_runtime::inbound::Verifier,
 }
 
 impl Ingest {
-    /// Ingest over the given backends.
-    pub fn new(cfg: Arc<Config>, backends: Backends, metrics: Arc<Metrics>) -> Self {
-        Self {
-            cfg,
-            backends,
-            metrics,
-        }
-    }
-
     /// The gRPC services ingest serves.
     pub fn grpc(&self) -> (ActorApi, PublishApi, AdminApi) {
         (
@@ -50,7 +45,12 @@ impl Ingest {
 impl Ingest {
     /// Ingest over a process's backends.
     pub fn from_process(p: &stampede_runtime::process::Process) -> Self {
-        Self::new(p.cfg.clone(), p.backends.clone(), p.metrics.clone())
+        Self {
+            cfg: p.cfg.clone(),
+            backends: p.backends.clone(),
+            metrics: p.metrics.clone(),
+            verifier: stampede_runtime::inbound::Verifier::new(p.clone()),
+        }
     }
 
     /// Adds ingest's gRPC API, behind the token check, to `routes`.

@@ -11,10 +11,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::queue::{Acker, Consumer, Depth, Incoming, OutMessage, Queue, QueueName};
 use crate::{Error, Result};
@@ -22,6 +22,9 @@ use crate::{Error, Result};
 /// Delay tiers for retries, in seconds. A delay is rounded up to the next
 /// tier; the longest tier caps it.
 pub const DELAY_TIERS_SECS: &[u64] = &[5, 30, 60, 300, 1800, 3600, 10800, 21600];
+
+/// Queues whose messages can be delayed.
+const DELAYED: [QueueName; 3] = [QueueName::Fanout, QueueName::Delivery, QueueName::Inbound];
 
 /// Header carrying why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-stampede-reason";
@@ -61,6 +64,11 @@ impl AmqpQueue {
         format!("{}.{}", self.namespace, q.suffix())
     }
 
+    /// The topic exchange verified inbound activities are published to.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.verified", self.namespace)
+    }
+
     fn delay_name(&self, q: QueueName, secs: u64) -> String {
         format!("{}.{}.delay.{secs}s", self.namespace, q.suffix())
     }
@@ -79,7 +87,25 @@ impl AmqpQueue {
             );
             ch.queue_declare(self.name(q).into(), durable, args).await?;
         }
-        for q in [QueueName::Fanout, QueueName::Delivery] {
+        ch.exchange_declare(
+            self.events_exchange().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_bind(
+            self.name(QueueName::App).into(),
+            self.events_exchange().into(),
+            "accepted".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        for q in DELAYED {
             for secs in DELAY_TIERS_SECS {
                 let mut args = FieldTable::default();
                 args.insert(
@@ -147,7 +173,7 @@ impl AmqpQueue {
     pub async fn delete_all(&self) -> Result<()> {
         let ch = self.conn.create_channel().await?;
         let mut names: Vec<String> = QueueName::ALL.iter().map(|q| self.name(*q)).collect();
-        for q in [QueueName::Fanout, QueueName::Delivery] {
+        for q in DELAYED {
             for secs in DELAY_TIERS_SECS {
                 names.push(self.delay_name(q, *secs));
             }
@@ -155,6 +181,8 @@ impl AmqpQueue {
         for n in names {
             ch.queue_delete(n.into(), Default::default()).await?;
         }
+        ch.exchange_delete(self.events_exchange().into(), Default::default())
+            .await?;
         Ok(())
     }
 }
@@ -207,12 +235,13 @@ impl Queue for AmqpQueue {
             .copied()
             .find(|t| *t >= want)
             .unwrap_or(DELAY_TIERS_SECS[DELAY_TIERS_SECS.len() - 1]);
-        let target = match queue {
-            QueueName::Fanout | QueueName::Delivery => self.delay_name(queue, tier),
-            QueueName::Dead => {
-                return Err(Error::Queue("the dead-letter queue has no delays".into()))
-            }
-        };
+        if !DELAYED.contains(&queue) {
+            return Err(Error::Queue(format!(
+                "queue {} has no delays",
+                queue.suffix()
+            )));
+        }
+        let target = self.delay_name(queue, tier);
         confirmed(self.send(target, msg.kind, &msg.payload, None).await?).await?;
         Ok(Duration::from_secs(tier))
     }
@@ -241,6 +270,24 @@ impl Queue for AmqpQueue {
         confirmed(c).await
     }
 
+    async fn publish_event(&self, routing_key: &str, msg: OutMessage) -> Result<()> {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_type(ShortString::from(msg.kind));
+        // Not mandatory: an event nobody binds to is not an error.
+        let c = self
+            .publisher
+            .basic_publish(
+                self.events_exchange().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                &msg.payload,
+                props,
+            )
+            .await?;
+        confirmed(c).await
+    }
+
     async fn consume(&self, queue: QueueName, prefetch: u16) -> Result<Box<dyn Consumer>> {
         let ch = self.conn.create_channel().await?;
         ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
@@ -254,7 +301,7 @@ impl Queue for AmqpQueue {
             .await?;
         Ok(Box::new(AmqpConsumer {
             inner: consumer,
-            _channel: ch,
+            channel: ch,
         }))
     }
 
@@ -290,7 +337,20 @@ impl Queue for AmqpQueue {
 
 struct AmqpConsumer {
     inner: lapin::Consumer,
-    _channel: Channel,
+    channel: Channel,
+}
+
+impl Drop for AmqpConsumer {
+    /// Closing the channel hands every unacknowledged message back to the
+    /// queue at once (a dropped subscriber, a stopping worker).
+    fn drop(&mut self) {
+        let ch = self.channel.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = ch.close(200, "consumer closed".into()).await;
+            });
+        }
+    }
 }
 
 #[async_trait]

@@ -16,6 +16,9 @@ pub trait Cache: Send + Sync + 'static {
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()>;
     /// Sets `key` only if absent; true when it was set.
     async fn set_nx(&self, key: &str, value: &[u8], ttl: Duration) -> Result<bool>;
+    /// Increments the counter `key` (created with expiry `ttl`) and returns
+    /// its new value: fixed-window rate limits.
+    async fn incr(&self, key: &str, ttl: Duration) -> Result<u64>;
     /// Removes `key`.
     async fn del(&self, key: &str) -> Result<()>;
     /// Whether the cache answers.

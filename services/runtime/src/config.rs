@@ -65,6 +65,18 @@ pub struct Config {
     /// `STAMPEDE_MAX_ACTIVITY_BYTES` (added): largest activity accepted by
     /// `Publish` or an inbox.
     pub max_activity_bytes: usize,
+    /// `STAMPEDE_BLOCKED_DOMAINS` (added): comma-separated domains whose
+    /// requests are refused, subdomains included.
+    pub blocked_domains: Vec<String>,
+    /// `STAMPEDE_INBOUND_MAX_AGE_SECS` (added, default 3600): how old an
+    /// inbound request's `Date` may be.
+    pub inbound_max_age_secs: i64,
+    /// `STAMPEDE_INBOUND_MAX_FUTURE_SECS` (added, default 300): how far in
+    /// the future an inbound `Date` may be (clock skew).
+    pub inbound_max_future_secs: i64,
+    /// `STAMPEDE_INBOUND_RATE_LIMIT` (added, default 6000): inbound requests
+    /// per remote host per minute; 0 turns the limit off.
+    pub inbound_rate_limit: u64,
 }
 
 impl Config {
@@ -166,6 +178,19 @@ impl Config {
             )?),
             max_activity_bytes: number("STAMPEDE_MAX_ACTIVITY_BYTES", 1 << 20, 1024, 64 << 20)?
                 as usize,
+            blocked_domains: get("STAMPEDE_BLOCKED_DOMAINS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|d| d.trim().trim_start_matches('.').to_ascii_lowercase())
+                        .filter(|d| !d.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            inbound_max_age_secs: number("STAMPEDE_INBOUND_MAX_AGE_SECS", 3600, 60, 7 * 86400)?
+                as i64,
+            inbound_max_future_secs: number("STAMPEDE_INBOUND_MAX_FUTURE_SECS", 300, 0, 86400)?
+                as i64,
+            inbound_rate_limit: number("STAMPEDE_INBOUND_RATE_LIMIT", 6000, 0, 10_000_000)?,
         })
     }
 
@@ -181,6 +206,21 @@ impl Config {
             Some(p) => format!("{host}:{p}"),
             None => host.to_string(),
         }
+    }
+
+    /// Whether `host` (a domain, maybe with a port) is blocked.
+    pub fn is_blocked(&self, host: &str) -> bool {
+        let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        });
+        let host = host.to_ascii_lowercase();
+        self.blocked_domains
+            .iter()
+            .any(|d| host == *d || host.ends_with(&format!(".{d}")))
     }
 
     /// The ActivityPub id of the local actor `name`.
@@ -241,6 +281,16 @@ mod tests {
             assert!(e.starts_with(var), "{var}={val} gave {e}");
             assert!(!e.contains('\n'));
         }
+    }
+
+    #[test]
+    fn blocked_domains_cover_subdomains() {
+        let c = with(&[("STAMPEDE_BLOCKED_DOMAINS", "Bad.example, .worse.example")]).unwrap();
+        assert!(c.is_blocked("bad.example"));
+        assert!(c.is_blocked("a.bad.example:8443"));
+        assert!(c.is_blocked("x.worse.example"));
+        assert!(!c.is_blocked("notbad.example"));
+        assert!(!c.is_blocked("good.example"));
     }
 
     #[test]

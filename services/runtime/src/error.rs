@@ -20,6 +20,12 @@ pub enum Error {
     /// Redis failed.
     #[error("cache: {0}")]
     Cache(String),
+    /// The request is malformed; the reason says how.
+    #[error("{0}")]
+    Invalid(String),
+    /// A named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// A row that must be unique already exists.
     #[error("already exists: {0}")]
     Conflict(String),

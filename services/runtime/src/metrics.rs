@@ -36,6 +36,16 @@ pub struct Metrics {
     pub poisoned: Family<Label, Counter>,
     /// Remote actor lookups by result (`cache`, `store`, `fetched`, `failed`).
     pub remote_actor_lookups: Family<Label, Counter>,
+    /// Key cache lookups (`hit`, `miss`): the hit ratio.
+    pub key_cache: Family<Label, Counter>,
+    /// Key fetches by result (`fetched`, `gone`, `failed`, `invalid`, `refused`).
+    pub key_fetches: Family<Label, Counter>,
+    /// Inbound activities by result (`accepted`, `bad_signature`, `stale_date`,
+    /// `digest_mismatch`, `duplicate`, `blocked`, `rate_limited`,
+    /// `key_unavailable`, `malformed`, `too_large`, `dropped_delete`).
+    pub inbound: Family<Label, Counter>,
+    /// Time to verify one inbound activity, seconds.
+    pub verify_seconds: Histogram,
 }
 
 impl Metrics {
@@ -74,8 +84,36 @@ impl Metrics {
             "Remote actor lookups by where the answer came from",
             remote_actor_lookups.clone(),
         );
+        let key_cache = Family::<Label, Counter>::default();
+        registry.register(
+            "key_cache_lookups",
+            "Remote key lookups by cache result",
+            key_cache.clone(),
+        );
+        let key_fetches = Family::<Label, Counter>::default();
+        registry.register(
+            "key_fetches",
+            "Remote key fetches by result",
+            key_fetches.clone(),
+        );
+        let inbound = Family::<Label, Counter>::default();
+        registry.register(
+            "inbound_activities",
+            "Inbound activities by result",
+            inbound.clone(),
+        );
+        let verify_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "inbound_verify_duration_seconds",
+            "Time to verify one inbound activity",
+            verify_seconds.clone(),
+        );
         Arc::new(Self {
             registry,
+            key_cache,
+            key_fetches,
+            inbound,
+            verify_seconds,
             published,
             fanout_targets,
             deliveries,
@@ -88,6 +126,11 @@ impl Metrics {
     /// Counts one delivery outcome.
     pub fn delivery(&self, outcome: &'static str) {
         self.deliveries.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// Counts one inbound result.
+    pub fn inbound(&self, result: &'static str) {
+        self.inbound.get_or_create(&[("result", result)]).inc();
     }
 
     /// The text exposition.

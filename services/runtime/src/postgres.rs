@@ -8,13 +8,15 @@ use tokio_postgres::NoTls;
 
 use crate::store::{
     DeadLetter, Follower, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter, PrivateKey,
-    RemoteActor, Store, StoredActivity, Totals,
+    RemoteActor, RemoteKey, Store, StoredActivity, Totals,
 };
 use crate::{Error, Result};
 
 /// Versioned migrations, applied in order; never edit one that has shipped.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "initial", include_str!("../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "initial", include_str!("../migrations/0001_initial.sql")),
+    (2, "inbound", include_str!("../migrations/0002_inbound.sql")),
+];
 
 /// Arbitrary constant naming stampede's migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x5354_414d_5045_4445;
@@ -128,6 +130,42 @@ impl Store for PgStore {
         Ok(actor_from_row(&row))
     }
 
+    async fn ensure_actor(&self, a: NewActor) -> Result<LocalActor> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO actors (name, display_name, summary, manually_approves, private_key, public_key_pem)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
+            &[
+                &a.name,
+                &a.display_name,
+                &a.summary,
+                &a.manually_approves_followers,
+                &a.private_key.0,
+                &a.public_key_pem,
+            ],
+        )
+        .await?;
+        let row = c
+            .query_one(
+                &format!("SELECT {ACTOR_COLUMNS} FROM actors WHERE name = $1"),
+                &[&a.name],
+            )
+            .await?;
+        Ok(actor_from_row(&row))
+    }
+
+    async fn actor_count(&self) -> Result<u64> {
+        let c = self.client().await?;
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM actors WHERE name NOT LIKE '\\_%'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(n as u64)
+    }
+
     async fn actor_by_name(&self, name: &str) -> Result<Option<LocalActor>> {
         let c = self.client().await?;
         let stmt = c
@@ -155,14 +193,126 @@ impl Store for PgStore {
     async fn add_follower(&self, actor_id: i64, f: &Follower) -> Result<()> {
         let c = self.client().await?;
         c.execute(
-            "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host)
-             VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host, follow_id)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (actor_id, follower) DO UPDATE
-             SET inbox = EXCLUDED.inbox, shared_inbox = EXCLUDED.shared_inbox, host = EXCLUDED.host",
-            &[&actor_id, &f.actor, &f.inbox, &f.shared_inbox, &f.host],
+             SET inbox = EXCLUDED.inbox, shared_inbox = EXCLUDED.shared_inbox, host = EXCLUDED.host,
+                 follow_id = COALESCE(EXCLUDED.follow_id, followers.follow_id)",
+            &[
+                &actor_id,
+                &f.actor,
+                &f.inbox,
+                &f.shared_inbox,
+                &f.host,
+                &f.follow_id,
+            ],
         )
         .await?;
         Ok(())
+    }
+
+    async fn remove_follower(&self, actor_id: i64, follower: &str) -> Result<bool> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "DELETE FROM followers WHERE actor_id = $1 AND follower = $2",
+                &[&actor_id, &follower],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn remove_follow_by_id(&self, follower: &str, follow_id: &str) -> Result<u64> {
+        let c = self.client().await?;
+        Ok(c.execute(
+            "DELETE FROM followers WHERE follower = $1 AND follow_id = $2",
+            &[&follower, &follow_id],
+        )
+        .await?)
+    }
+
+    async fn remove_follower_everywhere(&self, follower: &str) -> Result<u64> {
+        let c = self.client().await?;
+        let n = c
+            .execute("DELETE FROM followers WHERE follower = $1", &[&follower])
+            .await?;
+        c.execute(
+            "DELETE FROM follow_requests WHERE follower = $1",
+            &[&follower],
+        )
+        .await?;
+        Ok(n)
+    }
+
+    async fn update_follower_inboxes(
+        &self,
+        follower: &str,
+        inbox: &str,
+        shared_inbox: Option<&str>,
+        host: &str,
+    ) -> Result<u64> {
+        let c = self.client().await?;
+        Ok(c.execute(
+            "UPDATE followers SET inbox = $2, shared_inbox = $3, host = $4 WHERE follower = $1",
+            &[&follower, &inbox, &shared_inbox, &host],
+        )
+        .await?)
+    }
+
+    async fn add_follow_request(
+        &self,
+        actor_id: i64,
+        f: &Follower,
+        follow: &serde_json::Value,
+    ) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO follow_requests (actor_id, follower, inbox, shared_inbox, host, follow)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (actor_id, follower) DO UPDATE SET follow = EXCLUDED.follow,
+               inbox = EXCLUDED.inbox, shared_inbox = EXCLUDED.shared_inbox, host = EXCLUDED.host",
+            &[
+                &actor_id,
+                &f.actor,
+                &f.inbox,
+                &f.shared_inbox,
+                &f.host,
+                follow,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn take_follow_request(
+        &self,
+        actor_id: i64,
+        follower: &str,
+    ) -> Result<Option<(Follower, serde_json::Value)>> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "DELETE FROM follow_requests WHERE actor_id = $1 AND follower = $2
+                 RETURNING follower, inbox, shared_inbox, host, follow",
+                &[&actor_id, &follower],
+            )
+            .await?;
+        Ok(row.map(|r| {
+            let follow: serde_json::Value = r.get(4);
+            (
+                Follower {
+                    actor: r.get(0),
+                    inbox: r.get(1),
+                    shared_inbox: r.get(2),
+                    host: r.get(3),
+                    follow_id: follow
+                        .get("id")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string),
+                },
+                follow,
+            )
+        }))
     }
 
     async fn follower_count(&self, actor_id: i64) -> Result<u64> {
@@ -232,6 +382,46 @@ impl Store for PgStore {
             ],
         )
         .await?;
+        Ok(())
+    }
+
+    async fn delete_remote_actor(&self, id: &str) -> Result<()> {
+        let c = self.client().await?;
+        c.execute("DELETE FROM remote_actors WHERE id = $1", &[&id])
+            .await?;
+        Ok(())
+    }
+
+    async fn remote_key(&self, key_id: &str) -> Result<Option<RemoteKey>> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(
+                "SELECT key_id, owner, public_key_pem FROM remote_keys WHERE key_id = $1",
+            )
+            .await?;
+        Ok(c.query_opt(&stmt, &[&key_id]).await?.map(|r| RemoteKey {
+            key_id: r.get(0),
+            owner: r.get(1),
+            public_key_pem: r.get(2),
+        }))
+    }
+
+    async fn put_remote_key(&self, k: &RemoteKey) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO remote_keys (key_id, owner, public_key_pem) VALUES ($1, $2, $3)
+             ON CONFLICT (key_id) DO UPDATE SET owner = EXCLUDED.owner,
+               public_key_pem = EXCLUDED.public_key_pem, fetched_at = now()",
+            &[&k.key_id, &k.owner, &k.public_key_pem],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_remote_keys_of(&self, owner: &str) -> Result<()> {
+        let c = self.client().await?;
+        c.execute("DELETE FROM remote_keys WHERE owner = $1", &[&owner])
+            .await?;
         Ok(())
     }
 

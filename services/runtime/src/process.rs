@@ -33,7 +33,13 @@ pub struct Process {
     pub http: OutboundClient,
     /// Cancelled when the process must stop.
     pub shutdown: CancellationToken,
+    instance: Arc<tokio::sync::OnceCell<crate::store::LocalActor>>,
 }
+
+/// Name of the instance actor, which signs key fetches (servers in
+/// authorized-fetch mode require a signed GET). Names starting with `_` are
+/// reserved.
+pub const INSTANCE_ACTOR: &str = "_instance";
 
 /// The listeners a service serves on, bound by the caller.
 pub struct Listeners {
@@ -87,7 +93,34 @@ impl Process {
             metrics: Metrics::new(),
             signer: SignerPool::per_core()?,
             shutdown,
+            instance: Arc::new(tokio::sync::OnceCell::new()),
         })
+    }
+
+    /// The instance actor, created (with its key) on first use.
+    pub async fn instance_actor(&self) -> Result<crate::store::LocalActor> {
+        self.instance
+            .get_or_try_init(|| async {
+                let store = &self.backends.store;
+                if let Some(a) = store.actor_by_name(INSTANCE_ACTOR).await? {
+                    return Ok(a);
+                }
+                let key = tokio::task::spawn_blocking(stampede_core::keys::generate_rsa_2048)
+                    .await
+                    .map_err(|e| Error::Invalid(format!("key generation failed: {e}")))??;
+                store
+                    .ensure_actor(crate::store::NewActor {
+                        name: INSTANCE_ACTOR.into(),
+                        display_name: "stampede".into(),
+                        summary: String::new(),
+                        manually_approves_followers: true,
+                        private_key: crate::store::PrivateKey(key.private_pkcs8_der),
+                        public_key_pem: key.public_pem,
+                    })
+                    .await
+            })
+            .await
+            .cloned()
     }
 
     /// Serves `/metrics`, `/healthz`, `/readyz` in the background.

@@ -18,11 +18,22 @@ pub enum QueueName {
     Delivery,
     /// Messages that could not be processed, with the reason.
     Dead,
+    /// ingest -> inbox: `InboundJob`.
+    Inbound,
+    /// Verified activities for the application (`VerifiedActivity`), bound
+    /// to the verified-events exchange.
+    App,
 }
 
 impl QueueName {
     /// Every queue, for declaring and for status.
-    pub const ALL: [QueueName; 3] = [QueueName::Fanout, QueueName::Delivery, QueueName::Dead];
+    pub const ALL: [QueueName; 5] = [
+        QueueName::Fanout,
+        QueueName::Delivery,
+        QueueName::Dead,
+        QueueName::Inbound,
+        QueueName::App,
+    ];
 
     /// The name's suffix after the namespace.
     pub fn suffix(self) -> &'static str {
@@ -30,6 +41,8 @@ impl QueueName {
             QueueName::Fanout => "fanout",
             QueueName::Delivery => "delivery",
             QueueName::Dead => "dead",
+            QueueName::Inbound => "inbound",
+            QueueName::App => "app",
         }
     }
 }
@@ -118,6 +131,10 @@ pub trait Queue: Send + Sync + 'static {
         payload: &[u8],
         reason: &str,
     ) -> Result<()>;
+    /// Publishes an event of inbound verification to the verified-events
+    /// exchange the application can bind to; `routing_key` is the verdict
+    /// (`accepted` reaches the application's queue). Confirmed.
+    async fn publish_event(&self, routing_key: &str, msg: OutMessage) -> Result<()>;
     /// Starts consuming with at most `prefetch` unacknowledged messages.
     async fn consume(&self, queue: QueueName, prefetch: u16) -> Result<Box<dyn Consumer>>;
     /// Depths of stampede's queues.

@@ -75,6 +75,22 @@ impl Cache for RedisCache {
         Ok(set.is_some())
     }
 
+    async fn incr(&self, key: &str, ttl: Duration) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let k = self.key(key);
+        let (n,): (u64,) = redis::pipe()
+            .atomic()
+            .incr(&k, 1u64)
+            .cmd("PEXPIRE")
+            .arg(&k)
+            .arg(ttl_ms(ttl))
+            .arg("NX")
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(n)
+    }
+
     async fn del(&self, key: &str) -> Result<()> {
         let mut c = self.conn.clone();
         let _: () = c.del(self.key(key)).await?;

@@ -63,6 +63,19 @@ pub struct Follower {
     pub shared_inbox: Option<String>,
     /// The inbox host (for per-host accounting and removal).
     pub host: String,
+    /// Id of the Follow activity, when known.
+    pub follow_id: Option<String>,
+}
+
+/// A remote public key and its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteKey {
+    /// The key id (`{actor}#main-key`).
+    pub key_id: String,
+    /// The actor that owns it.
+    pub owner: String,
+    /// PEM.
+    pub public_key_pem: String,
 }
 
 /// A remote actor as cached: what fanout needs to address it.
@@ -198,6 +211,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates a local actor; [`crate::Error::Conflict`] when the name is taken.
     async fn create_actor(&self, actor: NewActor) -> Result<LocalActor>;
+    /// The actor named `actor.name`, created from `actor` when absent (the
+    /// instance actor: several processes may race to create it).
+    async fn ensure_actor(&self, actor: NewActor) -> Result<LocalActor>;
+    /// Number of local actors.
+    async fn actor_count(&self) -> Result<u64>;
     /// A local actor by name.
     async fn actor_by_name(&self, name: &str) -> Result<Option<LocalActor>>;
     /// A local actor by store id.
@@ -205,6 +223,33 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds (or refreshes) a follower of a local actor.
     async fn add_follower(&self, actor_id: i64, follower: &Follower) -> Result<()>;
+    /// Removes one follower; true when it was there.
+    async fn remove_follower(&self, actor_id: i64, follower: &str) -> Result<bool>;
+    /// Removes the follows of `follower` made by the Follow `follow_id`.
+    async fn remove_follow_by_id(&self, follower: &str, follow_id: &str) -> Result<u64>;
+    /// Removes every follow by `follower` (its actor was deleted).
+    async fn remove_follower_everywhere(&self, follower: &str) -> Result<u64>;
+    /// Updates the inboxes of every follow by `follower`.
+    async fn update_follower_inboxes(
+        &self,
+        follower: &str,
+        inbox: &str,
+        shared_inbox: Option<&str>,
+        host: &str,
+    ) -> Result<u64>;
+    /// Stores a Follow waiting for the application's decision.
+    async fn add_follow_request(
+        &self,
+        actor_id: i64,
+        follower: &Follower,
+        follow: &serde_json::Value,
+    ) -> Result<()>;
+    /// Removes and returns a pending Follow.
+    async fn take_follow_request(
+        &self,
+        actor_id: i64,
+        follower: &str,
+    ) -> Result<Option<(Follower, serde_json::Value)>>;
     /// Number of followers of a local actor.
     async fn follower_count(&self, actor_id: i64) -> Result<u64>;
     /// One page of the distinct delivery targets (shared inbox, else inbox)
@@ -221,6 +266,14 @@ pub trait Store: Send + Sync + 'static {
     async fn remote_actor(&self, id: &str) -> Result<Option<RemoteActor>>;
     /// Stores or refreshes a remote actor.
     async fn put_remote_actor(&self, actor: &RemoteActor) -> Result<()>;
+    /// Forgets a remote actor (it was deleted).
+    async fn delete_remote_actor(&self, id: &str) -> Result<()>;
+    /// A stored remote key.
+    async fn remote_key(&self, key_id: &str) -> Result<Option<RemoteKey>>;
+    /// Stores or replaces a remote key.
+    async fn put_remote_key(&self, key: &RemoteKey) -> Result<()>;
+    /// Forgets every key of `owner`.
+    async fn delete_remote_keys_of(&self, owner: &str) -> Result<()>;
 
     /// Stores an activity, or returns the one stored under the same
     /// idempotency key.

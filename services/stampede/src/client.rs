@@ -3,9 +3,10 @@
 use anyhow::Context;
 use stampede_proto::api::{
     actor_service_client::ActorServiceClient, admin_service_client::AdminServiceClient,
-    publish_service_client::PublishServiceClient, Actor, CreateActorRequest, DeadLetter,
-    GetActorRequest, ListDeadLettersRequest, PublishRequest, PublishResponse, StatusRequest,
-    StatusResponse,
+    inbound_service_client::InboundServiceClient, publish_service_client::PublishServiceClient,
+    Actor, CreateActorRequest, DeadLetter, GetActorRequest, InboundActivity,
+    ListDeadLettersRequest, PublishRequest, PublishResponse, StatusRequest, StatusResponse,
+    SubscribeRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -32,6 +33,7 @@ pub struct Client {
     actors: ActorServiceClient<Svc>,
     publish: PublishServiceClient<Svc>,
     admin: AdminServiceClient<Svc>,
+    inbound: InboundServiceClient<Svc>,
 }
 
 /// Turns `host:port` or a URL into an endpoint URL.
@@ -66,7 +68,8 @@ impl Client {
         Ok(Self {
             actors: ActorServiceClient::with_interceptor(channel.clone(), t.clone()),
             publish: PublishServiceClient::with_interceptor(channel.clone(), t.clone()),
-            admin: AdminServiceClient::with_interceptor(channel, t),
+            admin: AdminServiceClient::with_interceptor(channel.clone(), t.clone()),
+            inbound: InboundServiceClient::with_interceptor(channel, t),
         })
     }
 
@@ -131,6 +134,32 @@ impl Client {
             .await
             .map_err(status)?
             .into_inner())
+    }
+
+    /// Streams verified inbound activities to `each`, acknowledging each one
+    /// after `each` returns, until the stream ends.
+    pub async fn tail(
+        &self,
+        mut each: impl FnMut(&InboundActivity) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(64);
+        tx.send(SubscribeRequest { ack: vec![] }).await.ok();
+        let mut stream = self
+            .inbound
+            .clone()
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(status)?
+            .into_inner();
+        while let Some(a) = stream.message().await.map_err(status)? {
+            each(&a)?;
+            tx.send(SubscribeRequest {
+                ack: vec![a.delivery_id],
+            })
+            .await
+            .context("the stream closed")?;
+        }
+        Ok(())
     }
 
     /// Dead letters.

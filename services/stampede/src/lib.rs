@@ -67,6 +67,8 @@ enum Command {
     },
     /// Queue depths and delivery counts.
     Status,
+    /// Prints verified inbound activities as they come, one JSON object a line.
+    Tail,
     /// Dead letters.
     Dlq {
         #[command(subcommand)]
@@ -220,6 +222,26 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
                 println!("already published {} (same idempotency key)", r.activity_id);
             }
             Ok(())
+        }
+        Command::Tail => {
+            let c = client::Client::connect(server).await?;
+            use std::io::Write;
+            let stdout = std::io::stdout();
+            c.tail(|a| {
+                let activity: serde_json::Value = serde_json::from_str(&a.activity_json)
+                    .unwrap_or_else(|_| serde_json::Value::String(a.activity_json.clone()));
+                let line = serde_json::json!({
+                    "verdict": a.verdict,
+                    "recipient_inbox": a.recipient_inbox,
+                    "actor": a.actor,
+                    "activity": activity,
+                });
+                let mut out = stdout.lock();
+                writeln!(out, "{line}")?;
+                out.flush()?;
+                Ok(())
+            })
+            .await
         }
         Command::Status => {
             let c = client::Client::connect(server).await?;

@@ -2,6 +2,7 @@
 //! HTTP port, one gRPC port and one runtime.
 use stampede_delivery::Delivery;
 use stampede_fanout::Fanout;
+use stampede_inbox::Inbox;
 use stampede_ingest::Ingest;
 use stampede_runtime::process::{serve_grpc, Listeners, Process};
 
@@ -21,13 +22,14 @@ pub async fn run(p: Process, l: Listeners) -> anyhow::Result<()> {
         .map(|listener| ingest.spawn_http(listener, p.shutdown.clone()));
     let fanout = tokio::spawn(Fanout::new(p.clone()).run());
     let delivery = tokio::spawn(Delivery::new(p.clone()).run());
+    let inbox = tokio::spawn(Inbox::new(p.clone()).run());
     println!(
         "stampede is up: http {}  grpc {}  metrics {}",
         p.cfg.http_addr, p.cfg.grpc_addr, p.cfg.metrics_addr
     );
     let grpc = serve_grpc(routes, l.grpc, p.shutdown.clone()).await;
     p.shutdown.cancel();
-    let (f, d) = (fanout.await, delivery.await);
+    let (f, d, i) = (fanout.await, delivery.await, inbox.await);
     if let Some(h) = http {
         let _ = h.await;
     }
@@ -35,5 +37,6 @@ pub async fn run(p: Process, l: Listeners) -> anyhow::Result<()> {
     grpc?;
     f??;
     d??;
+    i??;
     Ok(())
 }

@@ -230,6 +230,7 @@ impl TestApp {
                             inbox: f.inbox.clone(),
                             shared_inbox: f.shared_inbox.clone(),
                             host: f.host.clone(),
+                            follow_id: None,
                         },
                     )
                     .await

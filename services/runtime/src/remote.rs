@@ -4,15 +4,15 @@
 //! actors are negative-cached so a flood of them costs one fetch each.
 use std::time::Duration;
 
+use crate::http::MAX_RESPONSE_BYTES;
+use crate::process::Process;
+use crate::store::{LocalActor, RemoteActor};
 use serde_json::{json, Value};
 use stampede_core::keys::load_private_key;
 use stampede_core::signature::{sign_request, GET_HEADERS};
-use stampede_runtime::http::MAX_RESPONSE_BYTES;
-use stampede_runtime::process::Process;
-use stampede_runtime::store::RemoteActor;
 use url::Url;
 
-use crate::FanoutError;
+use crate::{Error, Result};
 
 const TTL: Duration = Duration::from_secs(24 * 3600);
 const NEGATIVE_TTL: Duration = Duration::from_secs(3600);
@@ -33,7 +33,7 @@ impl Resolver {
 
     /// The remote actor `id`, or `None` when it is gone or has no inbox (a
     /// collection, say). Fetch requests are signed by the local actor `signer`.
-    pub async fn resolve(&self, id: &str, signer: i64) -> Result<Option<RemoteActor>, FanoutError> {
+    pub async fn resolve(&self, id: &str, signer: &LocalActor) -> Result<Option<RemoteActor>> {
         let b = &self.p.backends;
         let key = format!("actor:{id}");
         let count = |r: &'static str| {
@@ -69,64 +69,79 @@ impl Resolver {
         }
     }
 
-    async fn fetch(&self, id: &str, signer: i64) -> Result<Option<RemoteActor>, FanoutError> {
-        let url = Url::parse(id)
-            .map_err(|e| FanoutError::Permanent(format!("bad actor id {id}: {e}")))?;
-        self.p.http.check_url(&url)?;
-        let actor = self
-            .p
-            .backends
-            .store
-            .actor_by_id(signer)
-            .await?
-            .ok_or_else(|| FanoutError::Permanent(format!("local actor {signer} not found")))?;
-        let key_id = format!("{}#main-key", self.p.cfg.actor_id(&actor.name));
-        let host = stampede_core::targets::inbox_host(id).unwrap_or_default();
-        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-        let path = match url.query() {
-            Some(q) => format!("{}?{q}", url.path()),
-            None => url.path().to_string(),
-        };
-        let signature = {
-            let (host, date, pkcs8) = (host.clone(), date.clone(), actor.private_key.0.clone());
-            self.p
-                .signer
-                .run(move || {
-                    let pair = load_private_key(&pkcs8)?;
-                    sign_request(&pair, &key_id, "GET", &path, GET_HEADERS, |h| match h {
-                        "host" => Some(host.as_str()),
-                        "date" => Some(date.as_str()),
-                        _ => None,
-                    })
-                })
-                .await?
-                .map_err(stampede_runtime::Error::from)?
-        };
-        let req = self
-            .p
-            .http
-            .client()
-            .get(url.clone())
-            .header("accept", ACCEPT)
-            .header("date", date)
-            .header("signature", signature);
-        let resp = self.p.http.send(req, &url, MAX_RESPONSE_BYTES).await?;
+    /// Stores an actor learnt elsewhere (from its key document, an `Update`).
+    pub async fn remember(&self, a: &RemoteActor) -> Result<()> {
+        let b = &self.p.backends;
+        b.store.put_remote_actor(a).await?;
+        b.cache
+            .set(&format!("actor:{}", a.id), &encode(Some(a)), TTL)
+            .await
+    }
+
+    /// Forgets a deleted actor.
+    pub async fn forget(&self, id: &str) -> Result<()> {
+        let b = &self.p.backends;
+        b.store.delete_remote_actor(id).await?;
+        b.cache
+            .set(&format!("actor:{id}"), &encode(None), NEGATIVE_TTL)
+            .await
+    }
+
+    async fn fetch(&self, id: &str, signer: &LocalActor) -> Result<Option<RemoteActor>> {
+        let resp = signed_get(&self.p, id, signer).await?;
         match resp.status {
             200..=299 => {}
             404 | 410 => return Ok(None),
-            s => {
-                return Err(stampede_runtime::Error::Http(format!("GET {id} answered {s}")).into())
-            }
+            s => return Err(Error::Http(format!("GET {id} answered {s}"))),
         }
         let doc = stampede_core::activity::parse_json(&resp.body)
-            .map_err(|e| stampede_runtime::Error::Http(format!("actor document {id}: {e}")))?;
+            .map_err(|e| Error::Http(format!("actor document {id}: {e}")))?;
         Ok(parse_actor(id, &doc))
     }
 }
 
+/// A GET signed by the local actor `signer` (servers in authorized-fetch
+/// mode refuse unsigned ones), behind the SSRF guard.
+pub async fn signed_get(
+    p: &Process,
+    id: &str,
+    signer: &LocalActor,
+) -> Result<crate::http::Response> {
+    let url = Url::parse(id).map_err(|e| Error::Invalid(format!("bad url {id}: {e}")))?;
+    p.http.check_url(&url)?;
+    let key_id = format!("{}#main-key", p.cfg.actor_id(&signer.name));
+    let host = stampede_core::targets::inbox_host(id).unwrap_or_default();
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let path = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    };
+    let signature = {
+        let (host, date, pkcs8) = (host.clone(), date.clone(), signer.private_key.0.clone());
+        p.signer
+            .run(move || {
+                let pair = load_private_key(&pkcs8)?;
+                sign_request(&pair, &key_id, "GET", &path, GET_HEADERS, |h| match h {
+                    "host" => Some(host.as_str()),
+                    "date" => Some(date.as_str()),
+                    _ => None,
+                })
+            })
+            .await??
+    };
+    let req = p
+        .http
+        .client()
+        .get(url.clone())
+        .header("accept", ACCEPT)
+        .header("date", date)
+        .header("signature", signature);
+    p.http.send(req, &url, MAX_RESPONSE_BYTES).await
+}
+
 /// Reads the inboxes and key out of an actor document; `None` when it has no
 /// inbox or claims another origin's id.
-fn parse_actor(requested: &str, doc: &Value) -> Option<RemoteActor> {
+pub fn parse_actor(requested: &str, doc: &Value) -> Option<RemoteActor> {
     let id = doc.get("id")?.as_str()?;
     let same_origin = |a: &str, b: &str| match (Url::parse(a), Url::parse(b)) {
         (Ok(a), Ok(b)) => a.origin() == b.origin(),

@@ -1,0 +1,206 @@
+//! The inbound side of the gRPC API: the verified stream (`Subscribe`), the
+//! verifier for other services (`Verify`), and decisions on Follows that wait
+//! for approval.
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use futures::Stream;
+use prost::Message;
+use stampede_core::activity::{follow_answer, parse_json};
+use stampede_core::verify::HttpRequest;
+use stampede_proto::api::{
+    follow_service_server::FollowService, inbound_service_server::InboundService, FollowDecision,
+    FollowDecisionResponse, InboundActivity, SubscribeRequest, VerifyRequest, VerifyResponse,
+};
+use stampede_proto::queue::VerifiedActivity;
+use stampede_runtime::inbound::activity_info;
+use stampede_runtime::outbound;
+use stampede_runtime::queue::{Acker, Incoming, QueueName};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{Ingest, IngestError};
+
+/// `stampede.v1.InboundService`.
+#[derive(Clone)]
+pub struct InboundApi(pub(crate) Ingest);
+/// `stampede.v1.FollowService`.
+#[derive(Clone)]
+pub struct FollowApi(pub(crate) Ingest);
+
+/// Activities sent to a subscriber before it must acknowledge some.
+const SUBSCRIBE_WINDOW: u16 = 256;
+
+type ActivityStream = Pin<Box<dyn Stream<Item = Result<InboundActivity, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl InboundService for InboundApi {
+    type SubscribeStream = ActivityStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut acks = req.into_inner();
+        let mut consumer = self
+            .0
+            .backends
+            .queue
+            .consume(QueueName::App, SUBSCRIBE_WINDOW)
+            .await
+            .map_err(IngestError::from)?;
+        let (tx, rx) =
+            mpsc::channel::<Result<InboundActivity, Status>>(usize::from(SUBSCRIBE_WINDOW));
+        tokio::spawn(async move {
+            let mut pending: HashMap<u64, Box<dyn Acker>> = HashMap::new();
+            let mut next_id = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => break,
+                    m = acks.message() => match m {
+                        Ok(Some(r)) => {
+                            for id in r.ack {
+                                if let Some(a) = pending.remove(&id) {
+                                    if let Err(e) = a.ack().await {
+                                        tracing::warn!(error = %e, "subscriber ack failed");
+                                    }
+                                }
+                            }
+                        }
+                        _ => break,
+                    },
+                    msg = consumer.next() => match msg {
+                        Some(Ok(Incoming { payload, acker, .. })) => {
+                            let ev = match VerifiedActivity::decode(payload.as_ref()) {
+                                Ok(ev) => ev,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "undecodable event on the application queue; dropped");
+                                    let _ = acker.ack().await;
+                                    continue;
+                                }
+                            };
+                            next_id += 1;
+                            pending.insert(next_id, acker);
+                            let out = InboundActivity {
+                                delivery_id: next_id,
+                                activity_json: ev.activity_json,
+                                verdict: ev.verdict,
+                                recipient_inbox: ev.recipient_inbox,
+                                actor: ev.actor,
+                                activity_id: ev.activity_id,
+                                activity_type: ev.activity_type,
+                                received_unix_ms: ev.received_unix_ms,
+                            };
+                            if tx.send(Ok(out)).await.is_err() {
+                                break;
+                            }
+                        }
+                        _ => break,
+                    },
+                }
+            }
+            // Dropping the consumer closes its channel: whatever was not
+            // acknowledged goes back to the queue for the next subscriber.
+            drop(consumer);
+            tracing::debug!(unacknowledged = pending.len(), "subscriber left");
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn verify(
+        &self,
+        req: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
+        let r = req.into_inner();
+        let headers: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+            .collect();
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let info = parse_json(&r.body)
+            .ok()
+            .and_then(|j| activity_info(&j).ok());
+        let http = HttpRequest {
+            method: &r.method,
+            scheme: self.0.cfg.public_url.scheme(),
+            path_and_query: &r.path,
+            headers: &headers,
+            body: &r.body,
+        };
+        let v = self.0.verifier.verify(&http, info.as_ref()).await;
+        Ok(Response::new(VerifyResponse {
+            verdict: v.verdict.as_str().into(),
+            reason: v.reason,
+            key_id: v.key_id.unwrap_or_default(),
+            actor: v.owner.unwrap_or_default(),
+        }))
+    }
+}
+
+impl FollowApi {
+    async fn decide(
+        &self,
+        d: FollowDecision,
+        accept: bool,
+    ) -> Result<FollowDecisionResponse, IngestError> {
+        let s = &self.0;
+        let store = &s.backends.store;
+        let actor = store
+            .actor_by_name(&d.actor)
+            .await?
+            .ok_or_else(|| IngestError::NotFound(format!("no local actor named `{}`", d.actor)))?;
+        let (follower, follow) = store
+            .take_follow_request(actor.id, &d.follower)
+            .await?
+            .ok_or_else(|| {
+                IngestError::NotFound(format!(
+                    "no pending follow of {} by {}",
+                    d.actor, d.follower
+                ))
+            })?;
+        if accept {
+            store.add_follower(actor.id, &follower).await?;
+        }
+        let kind = if accept { "Accept" } else { "Reject" };
+        let answer = follow_answer(kind, &s.cfg.actor_id(&actor.name), &follow, &follower.actor);
+        let key = follower
+            .follow_id
+            .as_ref()
+            .map(|id| format!("{}:{id}", kind.to_ascii_lowercase()));
+        let published = outbound::publish(
+            &s.cfg,
+            &s.backends,
+            &actor,
+            answer.to_string().as_bytes(),
+            key,
+        )
+        .await?;
+        tracing::info!(actor = %actor.name, follower = %follower.actor, kind, "follow decided");
+        Ok(FollowDecisionResponse {
+            activity_id: published.inserted.ap_id,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl FollowService for FollowApi {
+    async fn accept_follow(
+        &self,
+        req: Request<FollowDecision>,
+    ) -> Result<Response<FollowDecisionResponse>, Status> {
+        Ok(Response::new(self.decide(req.into_inner(), true).await?))
+    }
+
+    async fn reject_follow(
+        &self,
+        req: Request<FollowDecision>,
+    ) -> Result<Response<FollowDecisionResponse>, Status> {
+        Ok(Response::new(self.decide(req.into_inner(), false).await?))
+    }
+}

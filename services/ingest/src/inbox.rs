@@ -1,0 +1,246 @@
+//! The inbox edge: `POST /inbox` and `POST /users/{name}/inbox`. Only cheap
+//! checks here (size, content type, a signature present, JSON, the date
+//! window, blocked domains, a per-host rate limit in Redis); then a durable,
+//! publisher-confirmed enqueue and 202. Verification is the inbox service's.
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use prost::Message;
+use stampede_core::activity::parse_json;
+use stampede_proto::queue::{Header, InboundJob};
+use stampede_runtime::inbound::activity_info;
+use stampede_runtime::queue::{OutMessage, QueueName};
+
+use crate::Ingest;
+
+/// Protobuf name of the inbound job.
+pub const INBOUND_JOB: &str = "stampede.queue.v1.InboundJob";
+
+fn answer(
+    s: &Ingest,
+    status: StatusCode,
+    result: &'static str,
+    reason: impl Into<String>,
+) -> Response {
+    s.metrics.inbound(result);
+    let reason = reason.into();
+    tracing::debug!(result, %reason, status = status.as_u16(), "inbound refused at the edge");
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        reason + "\n",
+    )
+        .into_response()
+}
+
+/// `POST /inbox`.
+pub async fn shared_inbox(
+    State(s): State<Ingest>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let inbox = format!("{}/inbox", s.cfg.base());
+    accept(s, uri, headers, body, inbox).await
+}
+
+/// `POST /users/{name}/inbox`.
+pub async fn actor_inbox(
+    State(s): State<Ingest>,
+    Path(name): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match s.backends.store.actor_by_name(&name).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return (StatusCode::NOT_FOUND, format!("no actor named {name}\n")).into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "actor lookup failed");
+            return answer(
+                &s,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "store unavailable",
+            );
+        }
+    }
+    let inbox = format!("{}/inbox", s.cfg.actor_id(&name));
+    accept(s, uri, headers, body, inbox).await
+}
+
+async fn accept(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: String) -> Response {
+    let cfg = &s.cfg;
+    let h = |n: &header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
+    if let Some(len) = h(&header::CONTENT_LENGTH).and_then(|l| l.parse::<usize>().ok()) {
+        if len > cfg.max_activity_bytes {
+            return answer(
+                &s,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("body over {} bytes", cfg.max_activity_bytes),
+            );
+        }
+    }
+    if let Some(ct) = h(&header::CONTENT_TYPE) {
+        let ct = ct.to_ascii_lowercase();
+        if !(ct.starts_with("application/activity+json")
+            || ct.starts_with("application/ld+json")
+            || ct.starts_with("application/json"))
+        {
+            return answer(
+                &s,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "malformed",
+                "content type must be application/activity+json",
+            );
+        }
+    }
+    let has_signature = headers.contains_key("signature")
+        || h(&header::AUTHORIZATION)
+            .is_some_and(|a| a.len() > 10 && a[..10].eq_ignore_ascii_case("signature "));
+    if !has_signature {
+        return answer(
+            &s,
+            StatusCode::UNAUTHORIZED,
+            "bad_signature",
+            "missing signature",
+        );
+    }
+    let body = match axum::body::to_bytes(body, cfg.max_activity_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return answer(
+                &s,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("body over {} bytes", cfg.max_activity_bytes),
+            )
+        }
+    };
+    let json = match parse_json(&body) {
+        Ok(j) => j,
+        Err(e) => return answer(&s, StatusCode::BAD_REQUEST, "malformed", e.to_string()),
+    };
+    let info = match activity_info(&json) {
+        Ok(i) => i,
+        Err(e) => {
+            return answer(
+                &s,
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                format!("not an activity: {e}"),
+            )
+        }
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if let Some(d) = h(&header::DATE) {
+        let Ok(t) = httpdate::parse_http_date(d) else {
+            return answer(
+                &s,
+                StatusCode::UNAUTHORIZED,
+                "stale_date",
+                "unreadable date",
+            );
+        };
+        let t = t
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if t < now - cfg.inbound_max_age_secs || t > now + cfg.inbound_max_future_secs {
+            return answer(
+                &s,
+                StatusCode::UNAUTHORIZED,
+                "stale_date",
+                "date outside the allowed window",
+            );
+        }
+    }
+    let host = url::Url::parse(&info.actor)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+        .unwrap_or_default();
+    if host.is_empty() {
+        return answer(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "actor is not a URL",
+        );
+    }
+    if cfg.is_blocked(&host) {
+        return answer(&s, StatusCode::FORBIDDEN, "blocked", "domain blocked");
+    }
+    if cfg.inbound_rate_limit > 0 {
+        let window = now / 60;
+        match s
+            .backends
+            .cache
+            .incr(&format!("rl:{host}:{window}"), Duration::from_secs(61))
+            .await
+        {
+            Ok(n) if n > cfg.inbound_rate_limit => {
+                let retry = 60 - now % 60;
+                s.metrics.inbound("rate_limited");
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, retry.to_string())],
+                    format!(
+                        "rate limited: over {} requests a minute from {host}\n",
+                        cfg.inbound_rate_limit
+                    ),
+                )
+                    .into_response();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "rate limit unavailable; letting the request through")
+            }
+        }
+    }
+    let job = InboundJob {
+        method: "POST".into(),
+        path: uri
+            .path_and_query()
+            .map_or_else(|| uri.path().to_string(), |p| p.to_string()),
+        headers: headers
+            .iter()
+            .filter_map(|(k, v)| {
+                Some(Header {
+                    name: k.as_str().to_string(),
+                    value: v.to_str().ok()?.to_string(),
+                })
+            })
+            .collect(),
+        body: body.to_vec(),
+        recipient_inbox: inbox,
+        received_unix_ms: now * 1000,
+        attempt: 0,
+        trace: None,
+    };
+    let msg = OutMessage {
+        kind: INBOUND_JOB,
+        payload: job.encode_to_vec(),
+    };
+    match s.backends.queue.publish(QueueName::Inbound, msg).await {
+        Ok(()) => {
+            tracing::debug!(activity_id = ?info.id, actor = %info.actor, "inbound queued");
+            StatusCode::ACCEPTED.into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "inbound queue unavailable");
+            answer(
+                &s,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the queue cannot take the activity now; retry later",
+            )
+        }
+    }
+}
