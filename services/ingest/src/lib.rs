@@ -61,6 +61,8 @@ impl Ingest {
     ) {
         use stampede_proto::api::{
             actor_service_server::ActorServiceServer, admin_service_server::AdminServiceServer,
+            follow_service_server::FollowServiceServer,
+            inbound_service_server::InboundServiceServer,
             publish_service_server::PublishServiceServer,
         };
         let (actors, publish, admin) = self.grpc();
@@ -70,7 +72,15 @@ impl Ingest {
                 publish,
                 auth.clone(),
             ))
-            .add_service(AdminServiceServer::with_interceptor(admin, auth));
+            .add_service(AdminServiceServer::with_interceptor(admin, auth.clone()))
+            .add_service(InboundServiceServer::with_interceptor(
+                InboundApi(self.clone()),
+                auth.clone(),
+            ))
+            .add_service(FollowServiceServer::with_interceptor(
+                FollowApi(self.clone()),
+                auth,
+            ));
     }
 
     /// Serves ingest's HTTP routes on `listener` until shutdown.

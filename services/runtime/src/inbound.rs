@@ -232,7 +232,7 @@ impl Verifier {
                 }
             }
         }
-        let mut key = match self.keys.get(&signed.key_id).await {
+        let (mut key, fresh) = match self.keys.get(&signed.key_id).await {
             Ok(k) => k,
             Err(e @ KeyError::Gone(_)) => {
                 return Verification::no(Verdict::KeyUnavailable, e.to_string(), key_id)
@@ -244,7 +244,7 @@ impl Verifier {
             }
         };
         let mut result = verify_signature(&signed, &key.key);
-        if result.is_err() && !key.fresh {
+        if result.is_err() && !fresh {
             // The remote may have rotated its key: fetch it once more.
             match self.keys.refetch(&signed.key_id).await {
                 Ok(k) => {

@@ -35,8 +35,6 @@ pub struct KeyEntry {
     pub key: VerifyingKey,
     /// When this process loaded it.
     pub loaded: Instant,
-    /// Whether this process just fetched it from its server.
-    pub fresh: bool,
 }
 
 /// What the caches know of a key, without fetching.
@@ -122,13 +120,13 @@ impl KeyResolver {
                 return Ok(Known::Gone);
             }
             if let (Some(owner), Some(pem)) = (v["owner"].as_str(), v["pem"].as_str()) {
-                if let Ok(k) = self.entry(key_id, owner, pem, false) {
+                if let Ok(k) = self.entry(key_id, owner, pem) {
                     return Ok(Known::Key(k));
                 }
             }
         }
         if let Some(k) = b.store.remote_key(key_id).await? {
-            if let Ok(e) = self.entry(key_id, &k.owner, &k.public_key_pem, false) {
+            if let Ok(e) = self.entry(key_id, &k.owner, &k.public_key_pem) {
                 b.cache
                     .set(
                         &cache_key(key_id),
@@ -155,7 +153,6 @@ impl KeyResolver {
         key_id: &str,
         owner: &str,
         pem: &str,
-        fresh: bool,
     ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
         let key = VerifyingKey::from_pem(pem)
             .map_err(|e| KeyError::Gone(format!("unusable key: {e}")))?;
@@ -164,18 +161,18 @@ impl KeyResolver {
             owner: owner.to_string(),
             key,
             loaded: Instant::now(),
-            fresh,
         });
         self.remember(key_id, Slot::Key(e.clone()));
         Ok(e)
     }
 
-    /// The key `key_id`, from a cache or fetched.
-    pub async fn get(&self, key_id: &str) -> std::result::Result<Arc<KeyEntry>, KeyError> {
+    /// The key `key_id`, from a cache or fetched; the flag says whether it
+    /// was fetched just now (then a failing signature is not the cache's fault).
+    pub async fn get(&self, key_id: &str) -> std::result::Result<(Arc<KeyEntry>, bool), KeyError> {
         match self.known(key_id).await {
             Ok(Known::Key(k)) => {
                 self.count("hit");
-                return Ok(k);
+                return Ok((k, false));
             }
             Ok(Known::Gone) => {
                 self.count("hit");
@@ -185,7 +182,7 @@ impl KeyResolver {
             Err(e) => return Err(KeyError::Unavailable(e.to_string())),
         }
         self.count("miss");
-        self.fetch(key_id).await
+        self.fetch(key_id).await.map(|k| (k, true))
     }
 
     /// Fetches `key_id` from its server again, replacing what the caches hold
@@ -250,7 +247,7 @@ impl KeyResolver {
             self.fetched("invalid");
             return Err(KeyError::Gone(format!("{url} has no key {key_id}")));
         };
-        let entry = self.entry(key_id, &owner, &pem, true)?;
+        let entry = self.entry(key_id, &owner, &pem)?;
         self.fetched("fetched");
         let b = &self.p.backends;
         let stored = RemoteKey {

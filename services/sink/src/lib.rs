@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -23,9 +24,13 @@ use axum::Router;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use serde_json::{json, Value};
+use stampede_core::digest::digest_header;
 use stampede_core::digest::verify_digest_header;
-use stampede_core::keys::{generate_rsa_2048, parse_public_key_pem, ParsedPublicKey};
+use stampede_core::keys::{
+    generate_rsa_2048, load_private_key, parse_public_key_pem, KeyPair, ParsedPublicKey,
+};
 use stampede_core::signature::{parse_signature_header, verify_request};
+use stampede_core::signature::{sign_request, POST_HEADERS};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +79,22 @@ pub struct Received {
     pub status: u16,
 }
 
+/// A key the sink's actors sign with.
+struct SinkKey {
+    pair: KeyPair,
+    public_pem: String,
+}
+
+impl SinkKey {
+    fn generate() -> Result<Self, SinkError> {
+        let k = generate_rsa_2048()?;
+        Ok(Self {
+            pair: load_private_key(&k.private_pkcs8_der)?,
+            public_pem: k.public_pem,
+        })
+    }
+}
+
 struct ServerState {
     base: String,
     host: String,
@@ -82,7 +103,36 @@ struct ServerState {
     received: Mutex<Vec<Received>>,
     keys: Arc<Mutex<HashMap<String, Arc<ParsedPublicKey>>>>,
     client: reqwest::Client,
-    public_pem: Arc<String>,
+    key: Mutex<Arc<SinkKey>>,
+    fetches: AtomicUsize,
+}
+
+/// How [`Sink::send`] signs (or mis-signs) a request.
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// Send no signature at all.
+    pub unsigned: bool,
+    /// Sign with a fresh key that no document publishes.
+    pub wrong_key: bool,
+    /// Sign with this `keyId` instead of the actor's `#main-key`.
+    pub key_id: Option<String>,
+    /// Change the body after signing.
+    pub tamper_body: bool,
+    /// Change the signed `Date` after signing (by one second).
+    pub tamper_date: bool,
+    /// Date to send instead of now.
+    pub date: Option<SystemTime>,
+    /// Send this body instead of the activity's JSON.
+    pub raw_body: Option<Vec<u8>>,
+}
+
+/// What a remote server answered to [`Sink::send`].
+#[derive(Debug, Clone)]
+pub struct SendResult {
+    /// HTTP status.
+    pub status: u16,
+    /// `Retry-After`, when given.
+    pub retry_after: Option<String>,
 }
 
 /// One fake server.
@@ -132,10 +182,11 @@ pub struct Sink {
 impl Sink {
     /// Starts the servers on 127.0.0.1, each on its own free port.
     pub async fn start(opts: SinkOptions) -> Result<Self, SinkError> {
-        let key = tokio::task::spawn_blocking(generate_rsa_2048)
-            .await
-            .map_err(|e| SinkError::Io(std::io::Error::other(e)))??;
-        let public_pem = Arc::new(key.public_pem);
+        let key = Arc::new(
+            tokio::task::spawn_blocking(SinkKey::generate)
+                .await
+                .map_err(|e| SinkError::Io(std::io::Error::other(e)))??,
+        );
         let keys = Arc::new(Mutex::new(HashMap::new()));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -154,7 +205,8 @@ impl Sink {
                 received: Mutex::new(Vec::new()),
                 keys: keys.clone(),
                 client: client.clone(),
-                public_pem: public_pem.clone(),
+                key: Mutex::new(key.clone()),
+                fetches: AtomicUsize::new(0),
             });
             let token = shutdown.child_token();
             tokio::spawn(accept_loop(listener, router(state.clone()), token.clone()));
@@ -165,6 +217,117 @@ impl Sink {
             });
         }
         Ok(Self { servers, shutdown })
+    }
+
+    /// Gives server `i` a new key: its actors' documents publish it and its
+    /// actors sign with it from now on.
+    pub async fn rotate_key(&self, i: usize) -> Result<(), SinkError> {
+        let s = self.server(i)?;
+        let key = tokio::task::spawn_blocking(SinkKey::generate)
+            .await
+            .map_err(|e| SinkError::Io(std::io::Error::other(e)))??;
+        if let Ok(mut k) = s.state.key.lock() {
+            *k = Arc::new(key);
+        }
+        Ok(())
+    }
+
+    /// GETs of actor documents (key fetches) server `i` has answered.
+    pub fn fetches(&self, i: usize) -> usize {
+        self.servers
+            .get(i)
+            .map_or(0, |s| s.state.fetches.load(Ordering::Relaxed))
+    }
+
+    /// POSTs `activity` as actor `actor` of server `from` to `inbox` (a URL),
+    /// signed draft-cavage style as Mastodon signs, or mis-signed as `opts` asks.
+    pub async fn send(
+        &self,
+        from: usize,
+        actor: &str,
+        inbox: &str,
+        activity: &Value,
+        opts: SendOptions,
+    ) -> Result<SendResult, SinkError> {
+        let s = &self.server(from)?.state;
+        let url = url::Url::parse(inbox).map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+        let host = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_string(),
+        };
+        let path = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_string(),
+        };
+        let body = opts
+            .raw_body
+            .clone()
+            .unwrap_or_else(|| activity.to_string().into_bytes());
+        let date_at = opts.date.unwrap_or_else(SystemTime::now);
+        let date = httpdate::fmt_http_date(date_at);
+        let digest = digest_header(&body);
+        let key_id = opts
+            .key_id
+            .clone()
+            .unwrap_or_else(|| format!("{}/users/{actor}#main-key", s.base));
+        let mut req = s
+            .client
+            .post(url.clone())
+            .header("content-type", "application/activity+json");
+        if !opts.unsigned {
+            let key = if opts.wrong_key {
+                Arc::new(
+                    tokio::task::spawn_blocking(SinkKey::generate)
+                        .await
+                        .map_err(|e| SinkError::Io(std::io::Error::other(e)))??,
+                )
+            } else {
+                s.key
+                    .lock()
+                    .map(|k| k.clone())
+                    .map_err(|_| SinkError::NoServer(from))?
+            };
+            let sig = sign_request(
+                &key.pair,
+                &key_id,
+                "POST",
+                &path,
+                POST_HEADERS,
+                |h| match h {
+                    "host" => Some(host.as_str()),
+                    "date" => Some(date.as_str()),
+                    "digest" => Some(digest.as_str()),
+                    _ => None,
+                },
+            )?;
+            req = req.header("signature", sig);
+        }
+        let date = if opts.tamper_date {
+            httpdate::fmt_http_date(date_at + Duration::from_secs(1))
+        } else {
+            date
+        };
+        let mut body = body;
+        if opts.tamper_body {
+            if let Some(b) = body.iter_mut().rev().find(|b| b.is_ascii_alphanumeric()) {
+                *b = if *b == b'a' { b'b' } else { b'a' };
+            }
+        }
+        let resp = req
+            .header("date", date)
+            .header("digest", digest)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+        Ok(SendResult {
+            status: resp.status().as_u16(),
+            retry_after: resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        })
     }
 
     /// Number of servers.
@@ -309,6 +472,12 @@ fn router(state: Arc<ServerState>) -> Router {
 }
 
 async fn actor_doc(State(s): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
+    s.fetches.fetch_add(1, Ordering::Relaxed);
+    let pem = s
+        .key
+        .lock()
+        .map(|k| k.public_pem.clone())
+        .unwrap_or_default();
     let a = actor_of(&s, &name);
     let mut doc = json!({
         "@context": ["https://www.w3.org/ns/activitystreams", "https://w3id.org/security/v1"],
@@ -321,7 +490,7 @@ async fn actor_doc(State(s): State<Arc<ServerState>>, Path(name): Path<String>) 
         "publicKey": {
             "id": format!("{}#main-key", a.id),
             "owner": a.id,
-            "publicKeyPem": s.public_pem.as_str(),
+            "publicKeyPem": pem,
         }
     });
     if let Some(shared) = a.shared_inbox {

@@ -65,6 +65,7 @@ pub struct TestApp {
     db_name: String,
     shutdown: CancellationToken,
     services: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+    metrics: HashMap<&'static str, std::net::SocketAddr>,
 }
 
 async fn listener() -> TcpListener {
@@ -115,6 +116,7 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
     let shutdown = CancellationToken::new();
     let mut services = Vec::new();
     let mut ingest_grpc_addr = None;
+    let mut metrics = HashMap::new();
     for name in ["ingest", "inbox", "fanout", "delivery"] {
         let grpc = listener().await;
         if name == "ingest" {
@@ -125,6 +127,7 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
             grpc,
             metrics: listener().await,
         };
+        metrics.insert(name, l.metrics.local_addr().unwrap());
         let p = Process::connect(cfg.clone(), name, shutdown.child_token())
             .await
             .unwrap();
@@ -175,6 +178,7 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
         db_name,
         shutdown,
         services,
+        metrics,
     }
 }
 
@@ -187,6 +191,40 @@ impl TestApp {
     }
     pub fn admin(&self) -> AdminServiceClient<Channel> {
         AdminServiceClient::new(self.grpc.clone())
+    }
+
+    /// The value of a counter on `service`'s `/metrics` (0 when absent),
+    /// e.g. `metric("inbox", "stampede_inbound_activities_total", "result=\"accepted\"")`.
+    pub async fn metric(&self, service: &str, name: &str, labels: &str) -> u64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.metrics[service]))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let want = if labels.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}{{{labels}}}")
+        };
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&want)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    }
+
+    /// Messages waiting in the application's queue.
+    pub async fn app_queue_depth(&self) -> u64 {
+        use stampede_runtime::queue::Queue;
+        self.queue
+            .depths()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.queue.ends_with(".app"))
+            .map_or(0, |d| d.messages)
     }
 
     /// Creates a local actor and returns its store id.

@@ -1,0 +1,488 @@
+//! The inbound path: remote servers POST signed activities to our inboxes;
+//! the edge checks cheaply and queues, inbox verifies, dedups, applies
+//! follows and hands the rest to the application's stream.
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use stampede_core::activity::public_note;
+use stampede_proto::api::inbound_service_client::InboundServiceClient;
+use stampede_proto::api::SubscribeRequest;
+use stampede_runtime::store::Store;
+use stampede_sink::{SendOptions, Sink, SinkOptions};
+
+use crate::helpers::{spawn_app, wait_for, AppOptions, TestApp};
+
+fn like(actor: &str, n: usize) -> Value {
+    json!({
+        "@context": "https://www.w3.org/ns/activitystreams",
+        "id": format!("{actor}/likes/{n}"),
+        "type": "Like",
+        "actor": actor,
+        "object": "https://elsewhere.example/notes/1",
+    })
+}
+
+async fn inbox_count(app: &TestApp, result: &str) -> u64 {
+    app.metric(
+        "inbox",
+        "stampede_inbound_activities_total",
+        &format!("result=\"{result}\""),
+    )
+    .await
+}
+
+async fn edge_count(app: &TestApp, result: &str) -> u64 {
+    app.metric(
+        "ingest",
+        "stampede_inbound_activities_total",
+        &format!("result=\"{result}\""),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_follows_gets_an_accept_then_the_next_post() {
+    let app = spawn_app(AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    let alice = app.create_actor("alice").await;
+    let alice_id = format!("{}/users/alice", app.http_base);
+    let bob = sink.actor(0, "bob").unwrap();
+    let follow = json!({
+        "@context": "https://www.w3.org/ns/activitystreams",
+        "id": format!("{}/follows/1", bob.id),
+        "type": "Follow",
+        "actor": bob.id,
+        "object": alice_id,
+    });
+    let r = sink
+        .send(
+            0,
+            "bob",
+            &format!("{alice_id}/inbox"),
+            &follow,
+            SendOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    wait_for(
+        "the follower to be stored",
+        Duration::from_secs(30),
+        || async { app.store.follower_count(alice).await.unwrap() == 1 },
+    )
+    .await;
+    wait_for("the signed Accept", Duration::from_secs(30), || async {
+        sink.received(0).iter().any(|x| x.body["type"] == "Accept")
+    })
+    .await;
+    let accept = sink
+        .received(0)
+        .into_iter()
+        .find(|x| x.body["type"] == "Accept")
+        .unwrap();
+    assert_eq!(accept.verified, Ok(()));
+    assert_eq!(accept.body["actor"], alice_id);
+    assert_eq!(accept.body["object"]["id"], follow["id"]);
+    assert_eq!(
+        accept.key_id.as_deref(),
+        Some(format!("{alice_id}#main-key").as_str())
+    );
+
+    let note = app
+        .publish("alice", &public_note(&alice_id, "for my new follower"), "")
+        .await
+        .unwrap();
+    wait_for(
+        "the post to reach the follower",
+        Duration::from_secs(30),
+        || async {
+            sink.received(0)
+                .iter()
+                .any(|x| x.activity_id.as_deref() == Some(note.activity_id.as_str()))
+        },
+    )
+    .await;
+    // The Follow itself reached the application's stream too.
+    wait_for(
+        "the Follow on the stream",
+        Duration::from_secs(10),
+        || async { app.app_queue_depth().await == 1 },
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rejection_has_its_status_or_verdict_and_nothing_is_forwarded() {
+    let app = spawn_app(AppOptions {
+        extra: vec![("STAMPEDE_BLOCKED_DOMAINS", "blocked.example".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    let sink = Sink::start(SinkOptions {
+        servers: 2,
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    app.create_actor("alice").await;
+    let inbox = format!("{}/users/alice/inbox", app.http_base);
+    let bob = sink.actor(0, "bob").unwrap();
+    let eve = sink.actor(1, "eve").unwrap();
+    let send = |a: Value, o: SendOptions| {
+        let (sink, inbox) = (&sink, inbox.clone());
+        async move { sink.send(0, "bob", &inbox, &a, o).await.unwrap() }
+    };
+    let now = SystemTime::now();
+    // Refused at the edge.
+    assert_eq!(
+        send(
+            like(&bob.id, 1),
+            SendOptions {
+                unsigned: true,
+                ..Default::default()
+            }
+        )
+        .await
+        .status,
+        401
+    );
+    assert_eq!(
+        send(
+            like(&bob.id, 2),
+            SendOptions {
+                date: Some(now - Duration::from_secs(7200)),
+                ..Default::default()
+            }
+        )
+        .await
+        .status,
+        401
+    );
+    assert_eq!(
+        send(
+            like(&bob.id, 3),
+            SendOptions {
+                date: Some(now + Duration::from_secs(3600)),
+                ..Default::default()
+            }
+        )
+        .await
+        .status,
+        401
+    );
+    let huge = json!({"type": "Like", "actor": bob.id, "object": "x".repeat(2 << 20)});
+    assert_eq!(send(huge, SendOptions::default()).await.status, 413);
+    assert_eq!(
+        send(
+            like(&bob.id, 4),
+            SendOptions {
+                raw_body: Some(b"not json".to_vec()),
+                ..Default::default()
+            }
+        )
+        .await
+        .status,
+        400
+    );
+    assert_eq!(
+        send(
+            like("https://blocked.example/users/x", 5),
+            SendOptions::default()
+        )
+        .await
+        .status,
+        403
+    );
+    // Queued, then refused by the inbox service.
+    assert_eq!(
+        send(
+            like(&bob.id, 6),
+            SendOptions {
+                wrong_key: true,
+                ..Default::default()
+            }
+        )
+        .await
+        .status,
+        202
+    );
+    assert_eq!(
+        send(
+            like(&bob.id, 7),
+            SendOptions {
+                tamper_body: true,
+                ..Default::default()
+            }
+        )
+        .await
+        .status,
+        202
+    );
+    assert_eq!(
+        send(
+            like(&bob.id, 8),
+            SendOptions {
+                tamper_date: true,
+                ..Default::default()
+            }
+        )
+        .await
+        .status,
+        202
+    );
+    // A key of server 0 vouching for an actor of server 1.
+    assert_eq!(
+        send(like(&eve.id, 9), SendOptions::default()).await.status,
+        202
+    );
+    let ghost = format!("http://{}/missing/ghost", bob.host);
+    assert_eq!(
+        send(
+            like(&ghost, 10),
+            SendOptions {
+                key_id: Some(format!("{ghost}#main-key")),
+                ..Default::default()
+            }
+        )
+        .await
+        .status,
+        202
+    );
+    // The one good activity.
+    assert_eq!(
+        send(like(&bob.id, 11), SendOptions::default()).await.status,
+        202
+    );
+    wait_for("six inbox verdicts", Duration::from_secs(30), || async {
+        let mut n = 0;
+        for r in [
+            "accepted",
+            "bad_signature",
+            "digest_mismatch",
+            "key_unavailable",
+        ] {
+            n += inbox_count(&app, r).await;
+        }
+        n == 6
+    })
+    .await;
+    assert_eq!(edge_count(&app, "bad_signature").await, 1, "unsigned");
+    assert_eq!(
+        edge_count(&app, "stale_date").await,
+        2,
+        "stale and future dates"
+    );
+    assert_eq!(edge_count(&app, "too_large").await, 1);
+    assert_eq!(edge_count(&app, "malformed").await, 1);
+    assert_eq!(edge_count(&app, "blocked").await, 1);
+    assert_eq!(
+        inbox_count(&app, "bad_signature").await,
+        3,
+        "wrong key, tampered date, another origin's key"
+    );
+    assert_eq!(inbox_count(&app, "digest_mismatch").await, 1);
+    assert_eq!(inbox_count(&app, "key_unavailable").await, 1);
+    assert_eq!(inbox_count(&app, "accepted").await, 1);
+    wait_for(
+        "the good one on the stream",
+        Duration::from_secs(10),
+        || async { app.app_queue_depth().await == 1 },
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_host_is_rate_limited_with_retry_after() {
+    let app = spawn_app(AppOptions {
+        extra: vec![("STAMPEDE_INBOUND_RATE_LIMIT", "3".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    app.create_actor("alice").await;
+    let inbox = format!("{}/users/alice/inbox", app.http_base);
+    let bob = sink.actor(0, "bob").unwrap();
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for n in 0..4 {
+        let r = sink
+            .send(0, "bob", &inbox, &like(&bob.id, n), SendOptions::default())
+            .await
+            .unwrap();
+        statuses.push(r.status);
+        retry_after = r.retry_after.or(retry_after);
+    }
+    // A minute boundary between the requests would reset the window.
+    if statuses != [202, 202, 202, 429] {
+        assert_eq!(&statuses[..2], [202, 202], "{statuses:?}");
+    } else {
+        let secs: u64 = retry_after.expect("Retry-After").parse().unwrap();
+        assert!((1..=60).contains(&secs));
+        assert_eq!(edge_count(&app, "rate_limited").await, 1);
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_verifies_after_exactly_one_refetch() {
+    let app = spawn_app(AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    app.create_actor("alice").await;
+    let inbox = format!("{}/users/alice/inbox", app.http_base);
+    let bob = sink.actor(0, "bob").unwrap();
+    sink.send(0, "bob", &inbox, &like(&bob.id, 1), SendOptions::default())
+        .await
+        .unwrap();
+    wait_for("the first activity", Duration::from_secs(30), || async {
+        inbox_count(&app, "accepted").await == 1
+    })
+    .await;
+    assert_eq!(sink.fetches(0), 1);
+    sink.rotate_key(0).await.unwrap();
+    sink.send(0, "bob", &inbox, &like(&bob.id, 2), SendOptions::default())
+        .await
+        .unwrap();
+    wait_for("the second activity", Duration::from_secs(30), || async {
+        inbox_count(&app, "accepted").await == 2
+    })
+    .await;
+    assert_eq!(sink.fetches(0), 2, "exactly one refetch");
+    assert_eq!(inbox_count(&app, "bad_signature").await, 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_to_the_same_inbox_is_forwarded_once() {
+    let app = spawn_app(AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    app.create_actor("alice").await;
+    app.create_actor("carol").await;
+    let bob = sink.actor(0, "bob").unwrap();
+    let a = like(&bob.id, 1);
+    for inbox in ["alice", "alice", "carol"] {
+        let url = format!("{}/users/{inbox}/inbox", app.http_base);
+        assert_eq!(
+            sink.send(0, "bob", &url, &a, SendOptions::default())
+                .await
+                .unwrap()
+                .status,
+            202
+        );
+    }
+    wait_for("three verdicts", Duration::from_secs(30), || async {
+        inbox_count(&app, "accepted").await + inbox_count(&app, "duplicate").await == 3
+    })
+    .await;
+    assert_eq!(
+        inbox_count(&app, "accepted").await,
+        2,
+        "alice once, carol once"
+    );
+    assert_eq!(inbox_count(&app, "duplicate").await, 1);
+    wait_for("two on the stream", Duration::from_secs(10), || async {
+        app.app_queue_depth().await == 2
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_deletes_of_unknown_actors_fetch_nothing() {
+    let app = spawn_app(AppOptions::default()).await;
+    let sink = Arc::new(Sink::start(SinkOptions::default()).await.unwrap());
+    let inbox = format!("{}/inbox", app.http_base);
+    futures::stream::iter(0..1000)
+        .for_each_concurrent(16, |i| {
+            let (sink, inbox) = (sink.clone(), inbox.clone());
+            async move {
+                let who = sink.actor(0, &format!("gone{i}")).unwrap();
+                let delete = json!({"id": format!("{}#delete", who.id), "type": "Delete", "actor": who.id, "object": who.id});
+                let r = sink.send(0, &format!("gone{i}"), &inbox, &delete, SendOptions::default()).await.unwrap();
+                assert_eq!(r.status, 202);
+            }
+        })
+        .await;
+    wait_for("1000 dropped deletes", Duration::from_secs(60), || async {
+        inbox_count(&app, "dropped_delete").await == 1000
+    })
+    .await;
+    assert_eq!(sink.fetches(0), 0, "no key was fetched");
+    assert_eq!(app.app_queue_depth().await, 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_loses_nothing_across_a_disconnect() {
+    let app = spawn_app(AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    app.create_actor("alice").await;
+    let inbox = format!("{}/users/alice/inbox", app.http_base);
+    let bob = sink.actor(0, "bob").unwrap();
+    for n in 0..3 {
+        sink.send(0, "bob", &inbox, &like(&bob.id, n), SendOptions::default())
+            .await
+            .unwrap();
+    }
+    wait_for("three on the stream", Duration::from_secs(30), || async {
+        app.app_queue_depth().await == 3
+    })
+    .await;
+
+    let subscribe = || async {
+        let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(8);
+        tx.send(SubscribeRequest { ack: vec![] }).await.unwrap();
+        let stream = InboundServiceClient::new(app.grpc.clone())
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        (tx, stream)
+    };
+    let (tx, mut stream) = subscribe().await;
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(stream.message().await.unwrap().unwrap());
+    }
+    tx.send(SubscribeRequest {
+        ack: vec![first[0].delivery_id],
+    })
+    .await
+    .unwrap();
+    // Half-close: the server reads the ack, sees the end, and closes its side.
+    drop(tx);
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap();
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    drop(stream);
+
+    let (tx, mut stream) = subscribe().await;
+    let mut again = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        again.push(m.activity_id.clone());
+        tx.send(SubscribeRequest {
+            ack: vec![m.delivery_id],
+        })
+        .await
+        .unwrap();
+    }
+    let mut want: Vec<String> = first[1..].iter().map(|m| m.activity_id.clone()).collect();
+    want.sort();
+    again.sort();
+    assert_eq!(again, want, "the unacknowledged ones came back");
+    assert_eq!(first[0].verdict, "accepted");
+    let activity: Value = serde_json::from_str(&first[0].activity_json).unwrap();
+    assert_eq!(activity["type"], "Like");
+    drop(tx);
+    drop(stream);
+    app.stop().await;
+}
