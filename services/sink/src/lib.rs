@@ -239,6 +239,88 @@ impl Sink {
             .map_or(0, |s| s.state.fetches.load(Ordering::Relaxed))
     }
 
+    /// The `Signature` header actor `actor` of server `from` puts on a request.
+    #[allow(clippy::too_many_arguments)]
+    async fn signature(
+        &self,
+        from: usize,
+        actor: &str,
+        host: &str,
+        method: &str,
+        path: &str,
+        date: &str,
+        digest: &str,
+        opts: &SendOptions,
+    ) -> Result<String, SinkError> {
+        let s = &self.server(from)?.state;
+        let key_id = opts
+            .key_id
+            .clone()
+            .unwrap_or_else(|| format!("{}/users/{actor}#main-key", s.base));
+        let key = if opts.wrong_key {
+            Arc::new(
+                tokio::task::spawn_blocking(SinkKey::generate)
+                    .await
+                    .map_err(|e| SinkError::Io(std::io::Error::other(e)))??,
+            )
+        } else {
+            s.key
+                .lock()
+                .map(|k| k.clone())
+                .map_err(|_| SinkError::NoServer(from))?
+        };
+        Ok(sign_request(
+            &key.pair,
+            &key_id,
+            method,
+            path,
+            POST_HEADERS,
+            |h| match h {
+                "host" => Some(host),
+                "date" => Some(date),
+                "digest" => Some(digest),
+                _ => None,
+            },
+        )?)
+    }
+
+    /// The headers of a POST of `body` by actor `actor` of server `from` to
+    /// `url`, signed as [`Sink::send`] signs them (for `Verify`, say).
+    pub async fn signed_headers(
+        &self,
+        from: usize,
+        actor: &str,
+        url: &str,
+        body: &[u8],
+    ) -> Result<Vec<(String, String)>, SinkError> {
+        let u = url::Url::parse(url).map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+        let host = match u.port() {
+            Some(p) => format!("{}:{p}", u.host_str().unwrap_or_default()),
+            None => u.host_str().unwrap_or_default().to_string(),
+        };
+        let date = httpdate::fmt_http_date(SystemTime::now());
+        let digest = digest_header(body);
+        let sig = self
+            .signature(
+                from,
+                actor,
+                &host,
+                "POST",
+                u.path(),
+                &date,
+                &digest,
+                &SendOptions::default(),
+            )
+            .await?;
+        Ok(vec![
+            ("host".into(), host),
+            ("date".into(), date),
+            ("digest".into(), digest),
+            ("content-type".into(), "application/activity+json".into()),
+            ("signature".into(), sig),
+        ])
+    }
+
     /// POSTs `activity` as actor `actor` of server `from` to `inbox` (a URL),
     /// signed draft-cavage style as Mastodon signs, or mis-signed as `opts` asks.
     pub async fn send(
@@ -266,40 +348,14 @@ impl Sink {
         let date_at = opts.date.unwrap_or_else(SystemTime::now);
         let date = httpdate::fmt_http_date(date_at);
         let digest = digest_header(&body);
-        let key_id = opts
-            .key_id
-            .clone()
-            .unwrap_or_else(|| format!("{}/users/{actor}#main-key", s.base));
         let mut req = s
             .client
             .post(url.clone())
             .header("content-type", "application/activity+json");
         if !opts.unsigned {
-            let key = if opts.wrong_key {
-                Arc::new(
-                    tokio::task::spawn_blocking(SinkKey::generate)
-                        .await
-                        .map_err(|e| SinkError::Io(std::io::Error::other(e)))??,
-                )
-            } else {
-                s.key
-                    .lock()
-                    .map(|k| k.clone())
-                    .map_err(|_| SinkError::NoServer(from))?
-            };
-            let sig = sign_request(
-                &key.pair,
-                &key_id,
-                "POST",
-                &path,
-                POST_HEADERS,
-                |h| match h {
-                    "host" => Some(host.as_str()),
-                    "date" => Some(date.as_str()),
-                    "digest" => Some(digest.as_str()),
-                    _ => None,
-                },
-            )?;
+            let sig = self
+                .signature(from, actor, &host, "POST", &path, &date, &digest, &opts)
+                .await?;
             req = req.header("signature", sig);
         }
         let date = if opts.tamper_date {

@@ -486,3 +486,221 @@ async fn the_stream_loses_nothing_across_a_disconnect() {
     drop(stream);
     app.stop().await;
 }
+
+fn follow_of(follower: &str, target: &str, n: usize) -> Value {
+    json!({
+        "@context": "https://www.w3.org/ns/activitystreams",
+        "id": format!("{follower}/follows/{n}"),
+        "type": "Follow",
+        "actor": follower,
+        "object": target,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_delete_and_update_change_the_followers() {
+    let app = spawn_app(AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions {
+        servers: 2,
+        shared_inbox: Arc::new(|i| i == 0),
+    })
+    .await
+    .unwrap();
+    let alice = app.create_actor("alice").await;
+    let alice_id = format!("{}/users/alice", app.http_base);
+    let inbox = format!("{alice_id}/inbox");
+    let bob = sink.actor(0, "bob").unwrap();
+    let send = |from: usize, who: &str, a: Value| {
+        let (sink, inbox, who) = (&sink, inbox.clone(), who.to_string());
+        async move {
+            assert_eq!(
+                sink.send(from, &who, &inbox, &a, SendOptions::default())
+                    .await
+                    .unwrap()
+                    .status,
+                202
+            )
+        }
+    };
+    let followers = || async { app.store.follower_count(alice).await.unwrap() };
+
+    // Follow, then Undo{Follow}.
+    let f1 = follow_of(&bob.id, &alice_id, 1);
+    send(0, "bob", f1.clone()).await;
+    wait_for("the follow", Duration::from_secs(30), || async {
+        followers().await == 1
+    })
+    .await;
+    send(
+        0,
+        "bob",
+        json!({"id": format!("{}/undo/1", bob.id), "type": "Undo", "actor": bob.id, "object": f1}),
+    )
+    .await;
+    wait_for("the undo", Duration::from_secs(30), || async {
+        followers().await == 0
+    })
+    .await;
+
+    // Follow again, then an Update moving bob's inbox, then Delete{bob}.
+    send(0, "bob", follow_of(&bob.id, &alice_id, 2)).await;
+    wait_for("the second follow", Duration::from_secs(30), || async {
+        followers().await == 1
+    })
+    .await;
+    let moved = sink.actor(1, "bob").unwrap().inbox;
+    let update = json!({
+        "id": format!("{}#update-1", bob.id), "type": "Update", "actor": bob.id,
+        "object": {"id": bob.id, "type": "Person", "inbox": moved},
+    });
+    send(0, "bob", update).await;
+    wait_for("the update", Duration::from_secs(30), || async {
+        app.store.follower_targets(alice, None, 10).await.unwrap() == [moved.clone()]
+    })
+    .await;
+    send(0, "bob", json!({"id": format!("{}#delete", bob.id), "type": "Delete", "actor": bob.id, "object": bob.id})).await;
+    wait_for("the delete", Duration::from_secs(30), || async {
+        followers().await == 0
+    })
+    .await;
+    wait_for("five accepted", Duration::from_secs(10), || async {
+        inbox_count(&app, "accepted").await == 5
+    })
+    .await;
+    assert!(
+        app.store.remote_actor(&bob.id).await.unwrap().is_none(),
+        "the deleted actor is forgotten"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manually_approving_actor_decides_through_grpc() {
+    use stampede_proto::api::{
+        follow_service_client::FollowServiceClient, CreateActorRequest, FollowDecision,
+    };
+    let app = spawn_app(AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    app.actors()
+        .create_actor(CreateActorRequest {
+            name: "dora".into(),
+            manually_approves_followers: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dora = app.store.actor_by_name("dora").await.unwrap().unwrap().id;
+    let dora_id = format!("{}/users/dora", app.http_base);
+    let (bob, eve) = (sink.actor(0, "bob").unwrap(), sink.actor(0, "eve").unwrap());
+    for (who, actor) in [("bob", &bob), ("eve", &eve)] {
+        let r = sink
+            .send(
+                0,
+                who,
+                &format!("{dora_id}/inbox"),
+                &follow_of(&actor.id, &dora_id, 1),
+                SendOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 202);
+    }
+    wait_for(
+        "both follows on the stream",
+        Duration::from_secs(30),
+        || async { app.app_queue_depth().await == 2 },
+    )
+    .await;
+    assert_eq!(
+        app.store.follower_count(dora).await.unwrap(),
+        0,
+        "nothing accepted yet"
+    );
+    let mut follows = FollowServiceClient::new(app.grpc.clone());
+    let decide = |follower: &str| FollowDecision {
+        actor: "dora".into(),
+        follower: follower.into(),
+    };
+    follows.accept_follow(decide(&bob.id)).await.unwrap();
+    follows.reject_follow(decide(&eve.id)).await.unwrap();
+    let again = follows.accept_follow(decide(&eve.id)).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::NotFound);
+    assert_eq!(app.store.follower_count(dora).await.unwrap(), 1);
+    wait_for(
+        "the Accept and the Reject",
+        Duration::from_secs(30),
+        || async {
+            let kinds: Vec<Value> = sink
+                .received(0)
+                .iter()
+                .map(|r| r.body["type"].clone())
+                .collect();
+            kinds.contains(&json!("Accept")) && kinds.contains(&json!("Reject"))
+        },
+    )
+    .await;
+    for r in sink.received(0) {
+        assert_eq!(r.verified, Ok(()));
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_answers_for_any_signed_request_and_nodeinfo_describes_us() {
+    use stampede_proto::api::{VerifyHeader, VerifyRequest};
+    let app = spawn_app(AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    app.create_actor("alice").await;
+    let bob = sink.actor(0, "bob").unwrap();
+    let url = format!("{}/users/alice/inbox", app.http_base);
+    let body = like(&bob.id, 1).to_string().into_bytes();
+    let headers = sink.signed_headers(0, "bob", &url, &body).await.unwrap();
+    let request = |headers: &[(String, String)], body: &[u8]| VerifyRequest {
+        method: "POST".into(),
+        path: "/users/alice/inbox".into(),
+        headers: headers
+            .iter()
+            .map(|(n, v)| VerifyHeader {
+                name: n.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        body: body.to_vec(),
+    };
+    let mut client = InboundServiceClient::new(app.grpc.clone());
+    let ok = client
+        .verify(request(&headers, &body))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.verdict, "accepted", "{}", ok.reason);
+    assert_eq!(ok.actor, bob.id);
+    assert_eq!(ok.key_id, format!("{}#main-key", bob.id));
+    let tampered = client
+        .verify(request(&headers, b"{\"type\":\"Like\"}"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tampered.verdict, "digest_mismatch");
+    let unsigned = client
+        .verify(request(&headers[..4], &body))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unsigned.verdict, "bad_signature");
+    assert!(unsigned.reason.contains("signature"), "{}", unsigned.reason);
+
+    let get = |url: String| async move {
+        serde_json::from_slice::<Value>(&reqwest::get(url).await.unwrap().bytes().await.unwrap())
+            .unwrap()
+    };
+    let links = get(format!("{}/.well-known/nodeinfo", app.http_base)).await;
+    let info = get(links["links"][0]["href"].as_str().unwrap().to_string()).await;
+    assert_eq!(info["software"]["name"], "stampede");
+    assert_eq!(info["protocols"], json!(["activitypub"]));
+    assert_eq!(
+        info["usage"]["users"]["total"], 1,
+        "the instance actor is not a user"
+    );
+    app.stop().await;
+}
