@@ -28,7 +28,7 @@ use stampede_runtime::worker;
 use thiserror::Error;
 use url::Url;
 
-pub use outcome::{classify, retry_delay, Outcome, RETRY_SCHEDULE_SECS};
+pub use outcome::{classify, retry_delay, Outcome};
 
 /// Protobuf name of the delivery job.
 pub const DELIVERY_JOB: &str = "stampede.queue.v1.DeliveryJob";
@@ -56,6 +56,9 @@ struct Prepared {
     key_id: String,
     key: Arc<aws_lc_rs::rsa::KeyPair>,
     ap_id: String,
+    /// A `Delete` of its own author: one attempt, no retries (the key that
+    /// signs it is about to go).
+    deletes_author: bool,
 }
 
 /// The delivery worker.
@@ -126,7 +129,14 @@ impl Delivery {
         let attempt = self.attempt(job, host).await;
         m.delivery_seconds.observe(started.elapsed().as_secs_f64());
         let outcome = match attempt {
-            Ok(resp) => classify(Some(resp.status), None),
+            Ok(resp) => match classify(Some(resp.status), None) {
+                Outcome::Retry { status, reason, .. } => Outcome::Retry {
+                    status,
+                    reason,
+                    retry_after: resp.retry_after,
+                },
+                o => o,
+            },
             Err(DeliveryError::Permanent(reason)) => Outcome::Permanent {
                 status: None,
                 reason,
@@ -153,7 +163,20 @@ impl Delivery {
                 retry_after,
             } => {
                 let attempts = job.attempt + 1;
-                match retry_delay(job.attempt, retry_after.as_deref()) {
+                let once = self
+                    .prepared(&job.activity_key)
+                    .await
+                    .is_ok_and(|p| p.deletes_author);
+                let delay = if once {
+                    None
+                } else {
+                    retry_delay(
+                        &self.p.cfg.retry_schedule,
+                        job.attempt,
+                        retry_after.as_deref(),
+                    )
+                };
+                match delay {
                     Some(delay) => {
                         let next = DeliveryJob {
                             attempt: attempts,
@@ -186,6 +209,18 @@ impl Delivery {
                         m.delivery("failed");
                     }
                 }
+            }
+            Outcome::Permanent {
+                status: Some(410),
+                reason,
+            } => {
+                // Gone: the actor (or its whole server, for a shared inbox) will
+                // not come back; stop delivering to it.
+                let removed = store.remove_followers_by_inbox(&job.inbox).await?;
+                tracing::info!(inbox_host = %host, follows_removed = removed, "inbox gone; its follows removed");
+                self.dead(job, host, format!("gone: {reason}"), Some(410))
+                    .await?;
+                m.delivery("gone");
             }
             Outcome::Permanent { status, reason } => {
                 self.dead(job, host, reason, status).await?;
@@ -241,8 +276,15 @@ impl Delivery {
             .ok_or_else(|| DeliveryError::Permanent(format!("author of {key} not found")))?;
         let key_pair = load_private_key(&actor.private_key.0)
             .map_err(|e| DeliveryError::Permanent(format!("author key unusable: {e}")))?;
+        let author = self.p.cfg.actor_id(&actor.name);
+        let deletes_author = a.kind == "Delete"
+            && a.body
+                .get("object")
+                .and_then(stampede_core::activity::id_of)
+                == Some(author.as_str());
         let body = Bytes::from(a.delivered_body);
         let p = Arc::new(Prepared {
+            deletes_author,
             digest: digest_header(&body),
             body,
             key_id: format!("{}#main-key", self.p.cfg.actor_id(&actor.name)),

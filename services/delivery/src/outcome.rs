@@ -1,13 +1,6 @@
 //! What an inbox's answer means for a delivery, and the retry schedule.
 use std::time::Duration;
 
-/// Retry delays after each failed attempt, in seconds: the first within a
-/// minute for passing blips, then growing to six hours, about 40 hours in
-/// all before the delivery is dead-lettered.
-pub const RETRY_SCHEDULE_SECS: &[u64] = &[
-    30, 300, 1800, 3600, 10800, 21600, 21600, 21600, 21600, 21600, 21600,
-];
-
 /// The meaning of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -60,11 +53,12 @@ pub fn classify(status: Option<u16>, error: Option<String>) -> Outcome {
     }
 }
 
-/// The delay before retry number `attempt + 1`, with ±20 % jitter so retries
-/// to a recovering server spread out; `Retry-After` (seconds or an HTTP date)
-/// wins when longer. `None` when the schedule is exhausted.
-pub fn retry_delay(attempt: u32, retry_after: Option<&str>) -> Option<Duration> {
-    let base = *RETRY_SCHEDULE_SECS.get(attempt as usize)?;
+/// The delay before retry number `attempt + 1` of `schedule` (seconds), with
+/// ±20 % jitter so retries to a recovering server spread out; `Retry-After`
+/// (seconds or an HTTP date) wins when longer. `None` when the schedule is
+/// exhausted.
+pub fn retry_delay(schedule: &[u64], attempt: u32, retry_after: Option<&str>) -> Option<Duration> {
+    let base = *schedule.get(attempt as usize)?;
     let jitter = 0.8 + rand::random::<f64>() * 0.4;
     let mut d = Duration::from_secs_f64(base as f64 * jitter);
     if let Some(ra) = retry_after.and_then(parse_retry_after) {
@@ -112,11 +106,12 @@ mod tests {
 
     #[test]
     fn schedule_grows_and_ends() {
-        let first = retry_delay(0, None).unwrap();
+        use stampede_runtime::config::DEFAULT_RETRY_SCHEDULE_SECS as S;
+        let first = retry_delay(S, 0, None).unwrap();
         assert!(first <= Duration::from_secs(36) && first >= Duration::from_secs(24));
-        assert!(retry_delay(RETRY_SCHEDULE_SECS.len() as u32, None).is_none());
-        assert!(retry_delay(0, Some("600")).unwrap() >= Duration::from_secs(600));
-        let total: u64 = RETRY_SCHEDULE_SECS.iter().sum();
+        assert!(retry_delay(S, S.len() as u32, None).is_none());
+        assert!(retry_delay(S, 0, Some("600")).unwrap() >= Duration::from_secs(600));
+        let total: u64 = S.iter().sum();
         assert!(total > 24 * 3600 && total < 3 * 24 * 3600);
     }
 }

@@ -10,6 +10,13 @@ use url::Url;
 
 use crate::{Error, Result};
 
+/// Retry delays after each failed delivery attempt, in seconds: the first
+/// within a minute for passing blips, then growing to six hours, about 40
+/// hours in all before the delivery is dead-lettered.
+pub const DEFAULT_RETRY_SCHEDULE_SECS: &[u64] = &[
+    30, 300, 1800, 3600, 10800, 21600, 21600, 21600, 21600, 21600, 21600,
+];
+
 /// A secret that never shows in `Debug` output or logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -65,6 +72,10 @@ pub struct Config {
     /// `STAMPEDE_MAX_ACTIVITY_BYTES` (added): largest activity accepted by
     /// `Publish` or an inbox.
     pub max_activity_bytes: usize,
+    /// `STAMPEDE_RETRY_SCHEDULE_SECS` (added): delays before each retry of a
+    /// failed delivery, comma-separated seconds; after the last one the
+    /// delivery is dead-lettered. Default [`DEFAULT_RETRY_SCHEDULE_SECS`].
+    pub retry_schedule: Vec<u64>,
     /// `STAMPEDE_BLOCKED_DOMAINS` (added): comma-separated domains whose
     /// requests are refused, subdomains included.
     pub blocked_domains: Vec<String>,
@@ -178,6 +189,21 @@ impl Config {
             )?),
             max_activity_bytes: number("STAMPEDE_MAX_ACTIVITY_BYTES", 1 << 20, 1024, 64 << 20)?
                 as usize,
+            retry_schedule: match get("STAMPEDE_RETRY_SCHEDULE_SECS") {
+                None => DEFAULT_RETRY_SCHEDULE_SECS.to_vec(),
+                Some(raw) => {
+                    let var = "STAMPEDE_RETRY_SCHEDULE_SECS";
+                    let v: Vec<u64> = raw
+                        .split(',')
+                        .map(|x| x.trim().parse::<u64>())
+                        .collect::<std::result::Result<_, _>>()
+                        .map_err(|e| cfg(var, e))?;
+                    if v.is_empty() || v.len() > 50 || v.iter().any(|s| *s == 0 || *s > 7 * 86400) {
+                        return Err(cfg(var, "1 to 50 delays, each 1 to 604800 seconds"));
+                    }
+                    v
+                }
+            },
             blocked_domains: get("STAMPEDE_BLOCKED_DOMAINS")
                 .map(|v| {
                     v.split(',')
@@ -276,6 +302,8 @@ mod tests {
             ("STAMPEDE_API_TOKEN", "short"),
             ("STAMPEDE_PREFETCH", "0"),
             ("STAMPEDE_NAMESPACE", "a b"),
+            ("STAMPEDE_RETRY_SCHEDULE_SECS", "30,x"),
+            ("STAMPEDE_RETRY_SCHEDULE_SECS", "0"),
         ] {
             let e = with(&[(var, val)]).unwrap_err().to_string();
             assert!(e.starts_with(var), "{var}={val} gave {e}");

@@ -231,6 +231,19 @@ impl Store for PgStore {
         .await?)
     }
 
+    async fn remove_followers_by_inbox(&self, inbox: &str) -> Result<u64> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "DELETE FROM followers WHERE inbox = $1 OR shared_inbox = $1",
+                &[&inbox],
+            )
+            .await?;
+        c.execute("DELETE FROM remote_actors WHERE inbox = $1", &[&inbox])
+            .await?;
+        Ok(n)
+    }
+
     async fn remove_follower_everywhere(&self, follower: &str) -> Result<u64> {
         let c = self.client().await?;
         let n = c

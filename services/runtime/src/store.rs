@@ -227,6 +227,8 @@ pub trait Store: Send + Sync + 'static {
     async fn remove_follower(&self, actor_id: i64, follower: &str) -> Result<bool>;
     /// Removes the follows of `follower` made by the Follow `follow_id`.
     async fn remove_follow_by_id(&self, follower: &str, follow_id: &str) -> Result<u64>;
+    /// Removes the follows delivered to `inbox` (personal or shared): it answered 410 Gone.
+    async fn remove_followers_by_inbox(&self, inbox: &str) -> Result<u64>;
     /// Removes every follow by `follower` (its actor was deleted).
     async fn remove_follower_everywhere(&self, follower: &str) -> Result<u64>;
     /// Updates the inboxes of every follow by `follower`.

@@ -77,6 +77,8 @@ pub struct Received {
     pub body: Value,
     /// The status answered.
     pub status: u16,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 /// A key the sink's actors sign with.
@@ -588,6 +590,7 @@ async fn inbox(
             key_id,
             body: json,
             status,
+            at: std::time::Instant::now(),
         });
     }
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -1,0 +1,122 @@
+//! Delivery outcomes by status: retried, dead-lettered, gone, Retry-After.
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use stampede_core::activity::public_note;
+use stampede_runtime::store::Store;
+use stampede_sink::{Behavior, Sink, SinkOptions};
+
+use crate::helpers::{spawn_app, wait_for, AppOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_status_class_has_its_outcome() {
+    let app = spawn_app(AppOptions {
+        extra: vec![("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,1".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    // 0: 503 then fine; 1: 404; 2: 410; 3: 429 with Retry-After then fine; 4: always 500.
+    let sink = Sink::start(SinkOptions {
+        servers: 5,
+        shared_inbox: Arc::new(|_| false),
+    })
+    .await
+    .unwrap();
+    let alice = app.create_actor("alice").await;
+    let followers: Vec<_> = (0..5).map(|i| sink.actor(i, "f").unwrap()).collect();
+    app.seed_followers(alice, &followers).await;
+    sink.set_behavior(0, Behavior::Status(503)).unwrap();
+    sink.set_behavior(1, Behavior::Status(404)).unwrap();
+    sink.set_behavior(2, Behavior::Status(410)).unwrap();
+    sink.set_behavior(3, Behavior::RetryAfter(7)).unwrap();
+    sink.set_behavior(4, Behavior::Status(500)).unwrap();
+    let alice_id = format!("{}/users/alice", app.http_base);
+    app.publish("alice", &public_note(&alice_id, "outcomes"), "")
+        .await
+        .unwrap();
+    wait_for(
+        "first attempts everywhere",
+        Duration::from_secs(30),
+        || async { (0..5).all(|i| !sink.received(i).is_empty()) },
+    )
+    .await;
+    sink.set_behavior(0, Behavior::Ok).unwrap();
+    sink.set_behavior(3, Behavior::Ok).unwrap();
+    wait_for(
+        "the retried ones to land",
+        Duration::from_secs(40),
+        || async { sink.received(0).len() >= 2 && sink.received(3).len() >= 2 },
+    )
+    .await;
+    // Server 3 asked for 7 seconds: the retry waited at least that.
+    let r3 = sink.received(3);
+    assert!(
+        r3[1].at - r3[0].at >= Duration::from_secs(7),
+        "retry came after {:?}",
+        r3[1].at - r3[0].at
+    );
+    // Server 4 fails on every attempt: 1 + 3 retries, then a dead letter.
+    wait_for(
+        "the 500s to be given up",
+        Duration::from_secs(40),
+        || async {
+            app.store
+                .dead_letters(10, None)
+                .await
+                .unwrap()
+                .iter()
+                .any(|d| d.last_status == Some(500))
+        },
+    )
+    .await;
+    assert_eq!(sink.received(4).len(), 4);
+    assert_eq!(sink.received(0).len(), 2, "503 once, then delivered");
+    assert_eq!(sink.received(1).len(), 1, "404 is not retried");
+    assert_eq!(sink.received(2).len(), 1, "410 is not retried");
+    let dl = app.store.dead_letters(10, None).await.unwrap();
+    let by_status = |s: u16| dl.iter().find(|d| d.last_status == Some(s)).cloned();
+    assert_eq!(by_status(404).unwrap().attempts, 1);
+    assert!(by_status(410).unwrap().reason.starts_with("gone"));
+    assert_eq!(by_status(500).unwrap().attempts, 4);
+    assert!(by_status(503).is_none() && by_status(429).is_none());
+    assert_eq!(app.store.totals().await.unwrap().delivered, 2);
+    // The gone follower is no longer a follower.
+    assert_eq!(app.store.follower_count(alice).await.unwrap(), 4);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_of_our_own_actor_gets_one_attempt() {
+    let app = spawn_app(AppOptions {
+        extra: vec![("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,1".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    let alice = app.create_actor("alice").await;
+    app.seed_followers(alice, &[sink.actor(0, "f").unwrap()])
+        .await;
+    sink.set_behavior(0, Behavior::Status(503)).unwrap();
+    let alice_id = format!("{}/users/alice", app.http_base);
+    let delete = json!({
+        "type": "Delete",
+        "actor": alice_id,
+        "object": alice_id,
+        "to": ["https://www.w3.org/ns/activitystreams#Public"],
+        "cc": [format!("{alice_id}/followers")],
+    });
+    app.publish("alice", &delete, "").await.unwrap();
+    wait_for(
+        "the one attempt to be recorded",
+        Duration::from_secs(30),
+        || async { !app.store.dead_letters(10, None).await.unwrap().is_empty() },
+    )
+    .await;
+    assert_eq!(sink.received(0).len(), 1);
+    assert_eq!(
+        app.store.dead_letters(10, None).await.unwrap()[0].attempts,
+        1
+    );
+    app.stop().await;
+}
