@@ -4,7 +4,7 @@ use stampede_proto::api::{
     actor_service_server::ActorService, admin_service_server::AdminService,
     publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter, GetActorRequest,
     ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest, PublishResponse, QueueDepth,
-    StatusRequest, StatusResponse,
+    ReplayDeadLettersRequest, ReplayDeadLettersResponse, StatusRequest, StatusResponse,
 };
 use stampede_runtime::outbound;
 use stampede_runtime::store::{NewActor, PrivateKey};
@@ -85,6 +85,13 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn replay_dead_letters(
+        &self,
+        req: Request<ReplayDeadLettersRequest>,
+    ) -> Result<Response<ReplayDeadLettersResponse>, Status> {
+        Ok(Response::new(self.replay(req.into_inner()).await?))
+    }
+
     async fn list_dead_letters(
         &self,
         req: Request<ListDeadLettersRequest>,
@@ -115,6 +122,37 @@ impl AdminService for AdminApi {
                 })
                 .collect(),
         }))
+    }
+}
+
+impl AdminApi {
+    async fn replay(
+        &self,
+        r: ReplayDeadLettersRequest,
+    ) -> Result<ReplayDeadLettersResponse, IngestError> {
+        let chosen = [!r.id.is_empty(), !r.host.is_empty(), r.all];
+        if chosen.iter().filter(|c| **c).count() != 1 {
+            return Err(IngestError::Invalid(
+                "give exactly one of id, host, all".into(),
+            ));
+        }
+        let id = if r.id.is_empty() {
+            None
+        } else {
+            Some(
+                r.id.parse::<i64>()
+                    .map_err(|_| IngestError::Invalid(format!("bad dead letter id {}", r.id)))?,
+            )
+        };
+        let host = (!r.host.is_empty()).then_some(r.host.as_str());
+        let replayed = outbound::replay_dead_letters(&self.0.backends, id, host)
+            .await
+            .map_err(|e| match e {
+                stampede_runtime::Error::Queue(m) => IngestError::Unavailable(m),
+                e => e.into(),
+            })?;
+        tracing::info!(replayed, ?id, ?host, "dead letters replayed");
+        Ok(ReplayDeadLettersResponse { replayed })
     }
 }
 

@@ -11,6 +11,46 @@ use crate::{Backends, Config, Error, Result};
 
 /// Protobuf name of the fanout job, carried as the AMQP `type`.
 pub const FANOUT_JOB: &str = "stampede.queue.v1.FanoutJob";
+/// Protobuf name of the delivery job.
+pub const DELIVERY_JOB: &str = "stampede.queue.v1.DeliveryJob";
+
+/// Queues dead letters again (their attempts start over) and marks them
+/// replayed: one of `id`, `host`, or all when both are `None`. Returns how
+/// many. Marked only after the broker confirmed the jobs, so a failure
+/// replays nothing twice and loses nothing.
+pub async fn replay_dead_letters(b: &Backends, id: Option<i64>, host: Option<&str>) -> Result<u64> {
+    let mut total = 0;
+    loop {
+        let rows = b.store.dead_letters_to_replay(id, host, 500).await?;
+        if rows.is_empty() {
+            return Ok(total);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let jobs = rows
+            .iter()
+            .map(|d| OutMessage {
+                kind: DELIVERY_JOB,
+                payload: stampede_proto::queue::DeliveryJob {
+                    activity_key: d.activity_key.clone(),
+                    inbox: d.inbox.clone(),
+                    attempt: 0,
+                    first_attempt_unix_ms: now,
+                    trace: None,
+                }
+                .encode_to_vec(),
+            })
+            .collect();
+        b.queue.publish_batch(QueueName::Delivery, jobs).await?;
+        let ids: Vec<i64> = rows.iter().map(|d| d.id).collect();
+        b.store.mark_replayed(&ids).await?;
+        total += ids.len() as u64;
+        if id.is_some() {
+            return Ok(total);
+        }
+    }
+}
 
 /// What publishing produced.
 #[derive(Debug, Clone)]

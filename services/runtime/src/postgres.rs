@@ -65,6 +65,27 @@ fn actor_from_row(r: &tokio_postgres::Row) -> LocalActor {
     }
 }
 
+const DEAD_LETTER_SELECT: &str =
+    "SELECT d.id, a.ap_id, d.activity_key, d.inbox, d.host, d.reason, d.last_status, d.attempts,
+            (extract(epoch FROM d.first_attempt_at) * 1000)::int8,
+            (extract(epoch FROM d.last_attempt_at) * 1000)::int8
+     FROM dead_letters d JOIN activities a ON a.key = d.activity_key";
+
+fn dead_letter_from_row(r: &tokio_postgres::Row) -> DeadLetter {
+    DeadLetter {
+        id: r.get(0),
+        activity_id: r.get(1),
+        activity_key: r.get(2),
+        inbox: r.get(3),
+        host: r.get(4),
+        reason: r.get(5),
+        last_status: r.get::<_, Option<i32>>(6).map(|s| s as u16),
+        attempts: r.get::<_, i32>(7) as u32,
+        first_attempt_unix_ms: r.get(8),
+        last_attempt_unix_ms: r.get(9),
+    }
+}
+
 const ACTOR_COLUMNS: &str =
     "id, name, display_name, summary, manually_approves, private_key, public_key_pem";
 
@@ -590,34 +611,50 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn dead_letters_to_replay(
+        &self,
+        id: Option<i64>,
+        host: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "{DEAD_LETTER_SELECT}
+                     WHERE d.replayed_at IS NULL AND ($1::int8 IS NULL OR d.id = $1)
+                       AND ($2::text IS NULL OR d.host = $2)
+                     ORDER BY d.id LIMIT $3"
+                ),
+                &[&id, &host, &i64::from(limit)],
+            )
+            .await?;
+        Ok(rows.iter().map(dead_letter_from_row).collect())
+    }
+
+    async fn mark_replayed(&self, ids: &[i64]) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE dead_letters SET replayed_at = now() WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn dead_letters(&self, limit: u32, host: Option<&str>) -> Result<Vec<DeadLetter>> {
         let c = self.client().await?;
         let rows = c
             .query(
-                "SELECT d.id, a.ap_id, d.activity_key, d.inbox, d.host, d.reason, d.last_status, d.attempts,
-                        (extract(epoch FROM d.first_attempt_at) * 1000)::int8,
-                        (extract(epoch FROM d.last_attempt_at) * 1000)::int8
-                 FROM dead_letters d JOIN activities a ON a.key = d.activity_key
-                 WHERE d.replayed_at IS NULL AND ($2::text IS NULL OR d.host = $2)
-                 ORDER BY d.id DESC LIMIT $1",
+                &format!(
+                    "{DEAD_LETTER_SELECT}
+                     WHERE d.replayed_at IS NULL AND ($2::text IS NULL OR d.host = $2)
+                     ORDER BY d.id DESC LIMIT $1"
+                ),
                 &[&i64::from(limit), &host],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| DeadLetter {
-                id: r.get(0),
-                activity_id: r.get(1),
-                activity_key: r.get(2),
-                inbox: r.get(3),
-                host: r.get(4),
-                reason: r.get(5),
-                last_status: r.get::<_, Option<i32>>(6).map(|s| s as u16),
-                attempts: r.get::<_, i32>(7) as u32,
-                first_attempt_unix_ms: r.get(8),
-                last_attempt_unix_ms: r.get(9),
-            })
-            .collect())
+        Ok(rows.iter().map(dead_letter_from_row).collect())
     }
 
     async fn totals(&self) -> Result<Totals> {

@@ -302,6 +302,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     /// Records a delivery that stopped for good.
     async fn add_dead_letter(&self, dead: NewDeadLetter) -> Result<()>;
+    /// Dead letters not replayed that match (`id`, or `host`, or every one when
+    /// both are `None`), oldest first, at most `limit`.
+    async fn dead_letters_to_replay(
+        &self,
+        id: Option<i64>,
+        host: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>>;
+    /// Marks dead letters replayed.
+    async fn mark_replayed(&self, ids: &[i64]) -> Result<()>;
     /// Dead letters not replayed, newest first.
     async fn dead_letters(&self, limit: u32, host: Option<&str>) -> Result<Vec<DeadLetter>>;
     /// Totals for status.

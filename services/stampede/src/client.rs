@@ -5,8 +5,8 @@ use stampede_proto::api::{
     actor_service_client::ActorServiceClient, admin_service_client::AdminServiceClient,
     inbound_service_client::InboundServiceClient, publish_service_client::PublishServiceClient,
     Actor, CreateActorRequest, DeadLetter, GetActorRequest, InboundActivity,
-    ListDeadLettersRequest, PublishRequest, PublishResponse, StatusRequest, StatusResponse,
-    SubscribeRequest,
+    ListDeadLettersRequest, PublishRequest, PublishResponse, ReplayDeadLettersRequest,
+    StatusRequest, StatusResponse, SubscribeRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -160,6 +160,18 @@ impl Client {
             .context("the stream closed")?;
         }
         Ok(())
+    }
+
+    /// Replays dead letters; returns how many.
+    pub async fn replay(&self, id: String, host: String, all: bool) -> anyhow::Result<u64> {
+        Ok(self
+            .admin
+            .clone()
+            .replay_dead_letters(ReplayDeadLettersRequest { id, host, all })
+            .await
+            .map_err(status)?
+            .into_inner()
+            .replayed)
     }
 
     /// Dead letters.

@@ -117,6 +117,18 @@ enum DlqCommand {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Queues dead letters for delivery again.
+    Replay {
+        /// One dead letter.
+        #[arg(long, conflicts_with_all = ["host", "all"], required_unless_present_any = ["host", "all"])]
+        id: Option<String>,
+        /// Every dead letter of this inbox host.
+        #[arg(long, conflicts_with = "all")]
+        host: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// Entry point of the `stampede` binary.
@@ -259,6 +271,12 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
         Command::Dlq { command } => {
             let c = client::Client::connect(server).await?;
             match command {
+                DlqCommand::Replay { id, host, all } => {
+                    let n = c
+                        .replay(id.unwrap_or_default(), host.unwrap_or_default(), all)
+                        .await?;
+                    println!("replayed {n} dead letters");
+                }
                 DlqCommand::List { host, limit } => {
                     let rows = c.dead_letters(host.unwrap_or_default(), limit).await?;
                     println!(

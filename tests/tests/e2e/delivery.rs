@@ -120,3 +120,86 @@ async fn a_delete_of_our_own_actor_gets_one_attempt() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_and_replay_deliver_once() {
+    use stampede_proto::api::{ListDeadLettersRequest, ReplayDeadLettersRequest};
+    let app = spawn_app(AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    let alice = app.create_actor("alice").await;
+    app.seed_followers(alice, &[sink.actor(0, "f").unwrap()])
+        .await;
+    sink.set_behavior(0, Behavior::Status(404)).unwrap();
+    let alice_id = format!("{}/users/alice", app.http_base);
+    let note = app
+        .publish("alice", &public_note(&alice_id, "again"), "")
+        .await
+        .unwrap();
+    let mut admin = app.admin();
+    wait_for("the dead letter", Duration::from_secs(30), || {
+        let mut admin = admin.clone();
+        async move {
+            !admin
+                .list_dead_letters(ListDeadLettersRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .dead_letters
+                .is_empty()
+        }
+    })
+    .await;
+    let dl = admin
+        .list_dead_letters(ListDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].last_status, 404);
+    assert_eq!(dl[0].activity_id, note.activity_id);
+    sink.set_behavior(0, Behavior::Ok).unwrap();
+    let replay = |id: &str, all: bool| ReplayDeadLettersRequest {
+        id: id.into(),
+        host: String::new(),
+        all,
+    };
+    let n = admin
+        .replay_dead_letters(replay(&dl[0].id, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .replayed;
+    assert_eq!(n, 1);
+    wait_for("the replayed delivery", Duration::from_secs(30), || async {
+        app.store.totals().await.unwrap().delivered == 1
+    })
+    .await;
+    // Replaying again finds nothing: delivered once.
+    assert_eq!(
+        admin
+            .replay_dead_letters(replay(&dl[0].id, false))
+            .await
+            .unwrap()
+            .into_inner()
+            .replayed,
+        0
+    );
+    assert_eq!(
+        admin
+            .replay_dead_letters(replay("", true))
+            .await
+            .unwrap()
+            .into_inner()
+            .replayed,
+        0
+    );
+    let bad = admin
+        .replay_dead_letters(replay("", false))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let got: Vec<_> = sink.received(0).into_iter().map(|r| r.status).collect();
+    assert_eq!(got, [404, 202]);
+    app.stop().await;
+}
