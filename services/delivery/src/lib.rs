@@ -34,6 +34,8 @@ pub use outcome::{classify, retry_delay, Outcome};
 pub const DELIVERY_JOB: &str = "stampede.queue.v1.DeliveryJob";
 /// Activities whose prepared bodies a worker keeps in memory.
 const BODY_CACHE: usize = 1024;
+/// How long a delivery to a paused host is parked before it is looked at again.
+const PARK_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 /// Bytes read of an inbox's answer (only the status matters).
 const MAX_REPLY_BYTES: usize = 16 * 1024;
 
@@ -59,6 +61,9 @@ struct Prepared {
     /// A `Delete` of its own author: one attempt, no retries (the key that
     /// signs it is about to go).
     deletes_author: bool,
+    /// For a `Create` or `Update`: its author and object, to check whether a
+    /// later `Delete` of the object superseded it.
+    supersedable: Option<(i64, String)>,
 }
 
 /// The delivery worker.
@@ -124,6 +129,29 @@ impl Delivery {
             m.delivery("skipped");
             tracing::debug!("already delivered");
             return Ok(());
+        }
+        if stampede_runtime::hosts::is_paused(&self.p.backends, host).await? {
+            // Parked: held by the broker and looked at again later, never tried.
+            let out = OutMessage {
+                kind: DELIVERY_JOB,
+                payload: job.encode_to_vec(),
+            };
+            self.p
+                .backends
+                .queue
+                .publish_delayed(QueueName::Delivery, out, PARK_DELAY)
+                .await?;
+            m.delivery("parked");
+            return Ok(());
+        }
+        if let Ok(prep) = self.prepared(&job.activity_key).await {
+            if let Some((actor, object)) = &prep.supersedable {
+                if store.object_deleted(*actor, object).await? {
+                    m.delivery("superseded");
+                    tracing::info!(activity_id = %prep.ap_id, "superseded by a Delete of its object; not sent");
+                    return Ok(());
+                }
+            }
         }
         let started = Instant::now();
         let attempt = self.attempt(job, host).await;
@@ -283,8 +311,17 @@ impl Delivery {
                 .and_then(stampede_core::activity::id_of)
                 == Some(author.as_str());
         let body = Bytes::from(a.delivered_body);
+        let supersedable = match a.kind.as_str() {
+            "Create" | "Update" => a
+                .body
+                .get("object")
+                .and_then(stampede_core::activity::id_of)
+                .map(|o| (a.actor_id, o.to_string())),
+            _ => None,
+        };
         let p = Arc::new(Prepared {
             deletes_author,
+            supersedable,
             digest: digest_header(&body),
             body,
             key_id: format!("{}#main-key", self.p.cfg.actor_id(&actor.name)),

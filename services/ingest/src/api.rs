@@ -3,8 +3,9 @@ use stampede_core::keys::generate_rsa_2048;
 use stampede_proto::api::{
     actor_service_server::ActorService, admin_service_server::AdminService,
     publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter, GetActorRequest,
-    ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest, PublishResponse, QueueDepth,
-    ReplayDeadLettersRequest, ReplayDeadLettersResponse, StatusRequest, StatusResponse,
+    HostRequest, HostResponse, ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest,
+    PublishResponse, QueueDepth, ReplayDeadLettersRequest, ReplayDeadLettersResponse,
+    StatusRequest, StatusResponse,
 };
 use stampede_runtime::outbound;
 use stampede_runtime::store::{NewActor, PrivateKey};
@@ -82,7 +83,26 @@ impl AdminService for AdminApi {
             delivered: t.delivered,
             failed: t.dead_letters,
             dead_letters: t.dead_letters,
+            paused_hosts: b.store.paused_hosts().await.map_err(IngestError::from)?,
         }))
+    }
+
+    async fn pause_host(
+        &self,
+        req: Request<HostRequest>,
+    ) -> Result<Response<HostResponse>, Status> {
+        Ok(Response::new(
+            self.set_paused(req.into_inner().host, true).await?,
+        ))
+    }
+
+    async fn resume_host(
+        &self,
+        req: Request<HostRequest>,
+    ) -> Result<Response<HostResponse>, Status> {
+        Ok(Response::new(
+            self.set_paused(req.into_inner().host, false).await?,
+        ))
     }
 
     async fn replay_dead_letters(
@@ -126,6 +146,23 @@ impl AdminService for AdminApi {
 }
 
 impl AdminApi {
+    async fn set_paused(&self, host: String, paused: bool) -> Result<HostResponse, IngestError> {
+        let host = host.trim().to_ascii_lowercase();
+        if host.is_empty() || host.contains('/') || host.len() > 255 {
+            return Err(IngestError::Invalid(
+                "host must be a host name, with a port if not the default".into(),
+            ));
+        }
+        let b = &self.0.backends;
+        if paused {
+            stampede_runtime::hosts::pause(b, &host).await?;
+        } else {
+            stampede_runtime::hosts::resume(b, &host).await?;
+        }
+        tracing::info!(inbox_host = %host, paused, "host paused state changed");
+        Ok(HostResponse { host, paused })
+    }
+
     async fn replay(
         &self,
         r: ReplayDeadLettersRequest,

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod config;
 mod error;
 pub mod grpc;
+pub mod hosts;
 pub mod http;
 pub mod inbound;
 pub mod keys;

@@ -16,6 +16,7 @@ use crate::{Error, Result};
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "initial", include_str!("../migrations/0001_initial.sql")),
     (2, "inbound", include_str!("../migrations/0002_inbound.sql")),
+    (3, "hosts", include_str!("../migrations/0003_hosts.sql")),
 ];
 
 /// Arbitrary constant naming stampede's migration advisory lock.
@@ -655,6 +656,37 @@ impl Store for PgStore {
             )
             .await?;
         Ok(rows.iter().map(dead_letter_from_row).collect())
+    }
+
+    async fn set_host_paused(&self, host: &str, paused: bool) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO hosts (host, paused) VALUES ($1, $2)
+             ON CONFLICT (host) DO UPDATE SET paused = EXCLUDED.paused, updated_at = now()",
+            &[&host, &paused],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn paused_hosts(&self) -> Result<Vec<String>> {
+        let c = self.client().await?;
+        let rows = c
+            .query("SELECT host FROM hosts WHERE paused ORDER BY host", &[])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn object_deleted(&self, actor_id: i64, object_id: &str) -> Result<bool> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(
+                "SELECT 1 FROM activities WHERE actor_id = $1 AND object_id = $2 AND kind = 'Delete' LIMIT 1",
+            )
+            .await?;
+        Ok(c.query_opt(&stmt, &[&actor_id, &object_id])
+            .await?
+            .is_some())
     }
 
     async fn totals(&self) -> Result<Totals> {

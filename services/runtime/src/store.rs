@@ -314,6 +314,12 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_replayed(&self, ids: &[i64]) -> Result<()>;
     /// Dead letters not replayed, newest first.
     async fn dead_letters(&self, limit: u32, host: Option<&str>) -> Result<Vec<DeadLetter>>;
+    /// Pauses or resumes deliveries to `host`.
+    async fn set_host_paused(&self, host: &str, paused: bool) -> Result<()>;
+    /// Paused hosts.
+    async fn paused_hosts(&self) -> Result<Vec<String>>;
+    /// Whether `actor_id` published a `Delete` of `object_id`.
+    async fn object_deleted(&self, actor_id: i64, object_id: &str) -> Result<bool>;
     /// Totals for status.
     async fn totals(&self) -> Result<Totals>;
 }

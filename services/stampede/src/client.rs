@@ -4,7 +4,7 @@ use anyhow::Context;
 use stampede_proto::api::{
     actor_service_client::ActorServiceClient, admin_service_client::AdminServiceClient,
     inbound_service_client::InboundServiceClient, publish_service_client::PublishServiceClient,
-    Actor, CreateActorRequest, DeadLetter, GetActorRequest, InboundActivity,
+    Actor, CreateActorRequest, DeadLetter, GetActorRequest, HostRequest, InboundActivity,
     ListDeadLettersRequest, PublishRequest, PublishResponse, ReplayDeadLettersRequest,
     StatusRequest, StatusResponse, SubscribeRequest,
 };
@@ -158,6 +158,18 @@ impl Client {
             })
             .await
             .context("the stream closed")?;
+        }
+        Ok(())
+    }
+
+    /// Pauses (or resumes) deliveries to `host`.
+    pub async fn set_host_paused(&self, host: String, paused: bool) -> anyhow::Result<()> {
+        let mut a = self.admin.clone();
+        let req = HostRequest { host };
+        if paused {
+            a.pause_host(req).await.map_err(status)?;
+        } else {
+            a.resume_host(req).await.map_err(status)?;
         }
         Ok(())
     }

@@ -74,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Per-host delivery controls.
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
+    },
     /// Fake remote servers on 127.0.0.1 that verify every delivery they get.
     Sink(sink::SinkArgs),
 }
@@ -103,6 +108,20 @@ enum ActorCommand {
     Get {
         /// The name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostCommand {
+    /// Parks deliveries to HOST (as in inbox URLs: name, with :port if not the default).
+    Pause {
+        /// The host.
+        host: String,
+    },
+    /// Resumes deliveries to HOST.
+    Resume {
+        /// The host.
+        host: String,
     },
 }
 
@@ -266,6 +285,9 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             println!("activities   {}", s.activities);
             println!("delivered    {}", s.delivered);
             println!("failed       {}", s.failed);
+            if !s.paused_hosts.is_empty() {
+                println!("paused hosts {}", s.paused_hosts.join(", "));
+            }
             Ok(())
         }
         Command::Dlq { command } => {
@@ -296,6 +318,16 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        Command::Host { command } => {
+            let c = client::Client::connect(server).await?;
+            let (host, paused) = match command {
+                HostCommand::Pause { host } => (host, true),
+                HostCommand::Resume { host } => (host, false),
+            };
+            c.set_host_paused(host.clone(), paused).await?;
+            println!("{host} {}", if paused { "paused" } else { "resumed" });
             Ok(())
         }
         Command::Sink(args) => sink::run(args).await,

@@ -203,3 +203,95 @@ async fn dead_letters_list_and_replay_deliver_once() {
     assert_eq!(got, [404, 202]);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_supersedes_a_create_still_parked_for_a_paused_host() {
+    use stampede_proto::api::{HostRequest, StatusRequest};
+    let app = spawn_app(AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    let alice = app.create_actor("alice").await;
+    let follower = sink.actor(0, "f").unwrap();
+    app.seed_followers(alice, std::slice::from_ref(&follower))
+        .await;
+    let mut admin = app.admin();
+    admin
+        .pause_host(HostRequest {
+            host: follower.host.clone(),
+        })
+        .await
+        .unwrap();
+    let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.paused_hosts.len(), 1);
+    assert_eq!(status.paused_hosts[0], follower.host);
+
+    let alice_id = format!("{}/users/alice", app.http_base);
+    let note_id = format!("{alice_id}/notes/1");
+    let create = json!({
+        "type": "Create",
+        "to": ["https://www.w3.org/ns/activitystreams#Public"],
+        "cc": [format!("{alice_id}/followers")],
+        "object": {"id": note_id, "type": "Note", "content": "oops"},
+    });
+    app.publish("alice", &create, "").await.unwrap();
+    wait_for(
+        "the create to be parked",
+        Duration::from_secs(30),
+        || async {
+            app.metric(
+                "delivery",
+                "stampede_deliveries_total",
+                "outcome=\"parked\"",
+            )
+            .await
+                >= 1
+        },
+    )
+    .await;
+    let delete = json!({
+        "type": "Delete",
+        "to": ["https://www.w3.org/ns/activitystreams#Public"],
+        "cc": [format!("{alice_id}/followers")],
+        "object": {"id": note_id, "type": "Tombstone"},
+    });
+    let deleted = app.publish("alice", &delete, "").await.unwrap();
+    admin
+        .resume_host(HostRequest {
+            host: follower.host.clone(),
+        })
+        .await
+        .unwrap();
+    wait_for("the delete to arrive", Duration::from_secs(30), || async {
+        sink.received(0)
+            .iter()
+            .any(|r| r.activity_id.as_deref() == Some(deleted.activity_id.as_str()))
+    })
+    .await;
+    wait_for(
+        "the create to be superseded",
+        Duration::from_secs(30),
+        || async {
+            app.metric(
+                "delivery",
+                "stampede_deliveries_total",
+                "outcome=\"superseded\"",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    let kinds: Vec<_> = sink
+        .received(0)
+        .iter()
+        .map(|r| r.body["type"].clone())
+        .collect();
+    assert_eq!(kinds, [json!("Delete")], "only the Delete was sent");
+    assert!(admin
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .paused_hosts
+        .is_empty());
+    app.stop().await;
+}
