@@ -295,3 +295,46 @@ async fn a_delete_supersedes_a_create_still_parked_for_a_paused_host() {
         .is_empty());
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_inbox_times_out_and_a_dead_one_is_retried() {
+    let app = spawn_app(AppOptions {
+        extra: vec![
+            ("STAMPEDE_RETRY_SCHEDULE_SECS", "1".into()),
+            ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "1".into()),
+        ],
+        ..AppOptions::default()
+    })
+    .await;
+    let sink = Sink::start(SinkOptions {
+        servers: 2,
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    let alice = app.create_actor("alice").await;
+    let followers: Vec<_> = (0..2).map(|i| sink.actor(i, "f").unwrap()).collect();
+    app.seed_followers(alice, &followers).await;
+    sink.set_behavior(0, Behavior::Slow(Duration::from_secs(3)))
+        .unwrap();
+    sink.set_down(1).unwrap();
+    let alice_id = format!("{}/users/alice", app.http_base);
+    app.publish("alice", &public_note(&alice_id, "slow"), "")
+        .await
+        .unwrap();
+    wait_for("both given up", Duration::from_secs(40), || async {
+        app.store.dead_letters(10, None).await.unwrap().len() == 2
+    })
+    .await;
+    for d in app.store.dead_letters(10, None).await.unwrap() {
+        assert_eq!(d.attempts, 2, "{d:?}");
+        assert_eq!(d.last_status, None);
+        if d.host == followers[0].host {
+            assert!(d.reason.contains("timed out"), "{}", d.reason);
+        } else {
+            assert!(d.reason.contains("connection failed"), "{}", d.reason);
+        }
+    }
+    assert_eq!(app.store.totals().await.unwrap().delivered, 0);
+    app.stop().await;
+}
