@@ -85,17 +85,13 @@ impl Delivery {
 
     /// Consumes the delivery queue until shutdown.
     pub async fn run(self) -> Result<(), DeliveryError> {
-        let q = self.p.backends.queue.clone();
-        let shutdown = self.p.shutdown.clone();
-        let prefetch = self.p.cfg.prefetch;
-        worker::run(q, QueueName::Delivery, prefetch, shutdown, move |msg| {
-            let me = self.clone();
-            async move { me.handle(msg).await }
-        })
-        .await?;
+        let (p, prefetch) = (self.p.clone(), self.p.cfg.prefetch);
+        worker::serve(&p, QueueName::Delivery, prefetch, self).await?;
         Ok(())
     }
+}
 
+impl worker::Handler for Delivery {
     async fn handle(&self, msg: Incoming) {
         let q = &*self.p.backends.queue;
         let job: DeliveryJob = match worker::decode(&msg, DELIVERY_JOB) {
@@ -118,7 +114,9 @@ impl Delivery {
             tracing::warn!(error = %e, "settling the message failed; the broker will redeliver it");
         }
     }
+}
 
+impl Delivery {
     /// Attempts one delivery and makes its effect durable (a delivery record,
     /// a scheduled retry, or a dead letter). An error means nothing durable
     /// happened and the message must go back to the queue.

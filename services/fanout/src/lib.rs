@@ -57,17 +57,13 @@ impl Fanout {
 
     /// Consumes the fanout queue until shutdown.
     pub async fn run(self) -> Result<(), FanoutError> {
-        let q = self.p.backends.queue.clone();
-        let shutdown = self.p.shutdown.clone();
-        let prefetch = self.p.cfg.prefetch.clamp(1, 16);
-        worker::run(q, QueueName::Fanout, prefetch, shutdown, move |msg| {
-            let me = self.clone();
-            async move { me.handle(msg).await }
-        })
-        .await?;
+        let (p, prefetch) = (self.p.clone(), self.p.cfg.prefetch.clamp(1, 16));
+        worker::serve(&p, QueueName::Fanout, prefetch, self).await?;
         Ok(())
     }
+}
 
+impl worker::Handler for Fanout {
     async fn handle(&self, msg: Incoming) {
         let q = &*self.p.backends.queue;
         let job: FanoutJob = match worker::decode(&msg, FANOUT_JOB) {
@@ -113,7 +109,9 @@ impl Fanout {
             }
         }
     }
+}
 
+impl Fanout {
     /// Queues one delivery job per target inbox; returns how many.
     pub async fn expand(&self, job: &FanoutJob) -> Result<u64, FanoutError> {
         let b = &self.p.backends;

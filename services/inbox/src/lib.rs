@@ -59,17 +59,13 @@ impl Inbox {
 
     /// Consumes the inbound queue until shutdown.
     pub async fn run(self) -> Result<(), InboxError> {
-        let q = self.p.backends.queue.clone();
-        let shutdown = self.p.shutdown.clone();
-        let prefetch = self.p.cfg.prefetch;
-        worker::run(q, QueueName::Inbound, prefetch, shutdown, move |msg| {
-            let me = self.clone();
-            async move { me.handle(msg).await }
-        })
-        .await?;
+        let (p, prefetch) = (self.p.clone(), self.p.cfg.prefetch);
+        worker::serve(&p, QueueName::Inbound, prefetch, self).await?;
         Ok(())
     }
+}
 
+impl worker::Handler for Inbox {
     async fn handle(&self, msg: Incoming) {
         let q = &*self.p.backends.queue;
         let m = &self.p.metrics;
@@ -95,7 +91,9 @@ impl Inbox {
             tracing::warn!(error = %e, "settling the message failed; the broker will redeliver it");
         }
     }
+}
 
+impl Inbox {
     /// Schedules another attempt; false when attempts are exhausted.
     async fn retry(&self, job: &InboundJob) -> Result<bool, stampede_runtime::Error> {
         if job.attempt + 1 >= MAX_ATTEMPTS {

@@ -72,6 +72,33 @@ where
     Ok(())
 }
 
+/// A queue-driven service: it settles every message it is handed.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// Processes and settles one message.
+    fn handle(&self, msg: Incoming) -> impl Future<Output = ()> + Send;
+}
+
+/// Consumes `queue` for the process until its shutdown, handing every
+/// message to `handler`.
+pub async fn serve<H: Handler>(
+    p: &crate::process::Process,
+    queue: QueueName,
+    prefetch: u16,
+    handler: H,
+) -> Result<()> {
+    run(
+        p.backends.queue.clone(),
+        queue,
+        prefetch,
+        p.shutdown.clone(),
+        move |msg| {
+            let h = handler.clone();
+            async move { h.handle(msg).await }
+        },
+    )
+    .await
+}
+
 /// Moves a message that cannot be processed to the dead-letter queue with
 /// `reason`, then acknowledges it. Should the dead-letter publish fail, the
 /// message goes back to its queue instead of being lost.
