@@ -29,7 +29,11 @@ fn python() -> String {
 }
 
 fn peer(args: &[&str], input: Option<&Value>) -> Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/peer.py");
+    // Cargo sets CARGO_MANIFEST_DIR when it runs tests; read it then, not at
+    // compile time, so a binary reused from another checkout finds this one's script.
+    let dir =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    let script = format!("{dir}/tests/interop/peer.py");
     let mut child = Command::new(python())
         .arg(script)
         .args(args)

@@ -139,14 +139,11 @@ impl Inbox {
                 return Ok(());
             }
         };
-        let headers: Vec<(String, String)> = job
+        // The edge queues header names lower-case (InboundJob's contract): borrow them.
+        let headers: Vec<(&str, &str)> = job
             .headers
             .iter()
-            .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
-            .collect();
-        let headers: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .map(|h| (h.name.as_str(), h.value.as_str()))
             .collect();
         let req = HttpRequest {
             method: &job.method,
