@@ -16,7 +16,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::queue::{Acker, Consumer, Depth, Incoming, OutMessage, Queue, QueueName};
+use crate::queue::{Acker, Consumer, DeadInfo, Depth, Incoming, OutMessage, Queue, QueueName};
 use crate::{Error, Result};
 
 /// Delay tiers for retries, in seconds. A delay is rounded up to the next
@@ -364,9 +364,23 @@ impl Consumer for AmqpConsumer {
             kind: d.properties.kind().as_ref().map(|k| k.as_str().to_string()),
             payload: Bytes::from(d.data),
             redelivered: d.redelivered,
+            dead: dead_info(&d.properties),
             acker: Box::new(AmqpAcker(d.acker)),
         }))
     }
+}
+
+/// The reason and source headers of a dead-lettered message.
+fn dead_info(props: &BasicProperties) -> Option<DeadInfo> {
+    let h = props.headers().as_ref()?;
+    let text = |name: &str| match h.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        _ => None,
+    };
+    Some(DeadInfo {
+        reason: text(REASON_HEADER)?,
+        source: text(SOURCE_HEADER).unwrap_or_default(),
+    })
 }
 
 struct AmqpAcker(lapin::Acker);

@@ -4,9 +4,13 @@ use std::time::Duration;
 
 use crate::amqp::AmqpQueue;
 use crate::cache::Cache;
+use crate::embedded_queue::EmbeddedQueue;
+use crate::embedded_store::EmbeddedStore;
+use crate::memory_cache::MemoryCache;
 use crate::postgres::PgStore;
 use crate::queue::Queue;
 use crate::redis_cache::RedisCache;
+use crate::sqlite::DataDirLock;
 use crate::store::Store;
 use crate::{Config, Error, Result};
 
@@ -19,9 +23,61 @@ pub struct Backends {
     pub queue: Arc<dyn Queue>,
     /// The shared hot state.
     pub cache: Arc<dyn Cache>,
+    /// Which implementations these are, for the start-up line and status.
+    pub summary: String,
 }
 
 impl Backends {
+    /// Opens the backends of the all-in-one layout: each of RabbitMQ, Redis
+    /// and PostgreSQL whose URL is set, and the embedded queue, cache and
+    /// store (in the locked `STAMPEDE_DATA_DIR`) for those that are not.
+    pub async fn open(cfg: &Config, process: &str) -> Result<Self> {
+        let mut lock: Option<DataDirLock> = None;
+        let mut locked = || -> Result<DataDirLock> {
+            if let Some(l) = &lock {
+                return Ok(l.clone());
+            }
+            let l = DataDirLock::acquire(&cfg.data_dir)?;
+            lock = Some(l.clone());
+            Ok(l)
+        };
+        let dir = cfg.data_dir.display();
+        let (store, store_kind): (Arc<dyn Store>, String) = match &cfg.database_url {
+            Some(url) => {
+                let store = PgStore::connect(url.expose(), 16)?;
+                store.migrate().await?;
+                (Arc::new(store), "PostgreSQL".into())
+            }
+            None => (
+                Arc::new(EmbeddedStore::open(&locked()?)?),
+                format!("embedded ({dir}/store.db)"),
+            ),
+        };
+        let (queue, queue_kind): (Arc<dyn Queue>, String) = match &cfg.amqp_url {
+            Some(url) => (
+                Arc::new(AmqpQueue::connect(url.expose(), &cfg.namespace, process).await?),
+                "RabbitMQ".into(),
+            ),
+            None => (
+                Arc::new(EmbeddedQueue::open(&locked()?, &cfg.namespace).await?),
+                format!("embedded ({dir}/queue.db)"),
+            ),
+        };
+        let (cache, cache_kind): (Arc<dyn Cache>, &str) = match &cfg.redis_url {
+            Some(url) => (
+                Arc::new(RedisCache::connect(url.expose(), &cfg.namespace).await?),
+                "Redis",
+            ),
+            None => (Arc::new(MemoryCache::new()), "in-memory"),
+        };
+        Ok(Self {
+            store,
+            queue,
+            cache,
+            summary: format!("queue {queue_kind}, store {store_kind}, cache {cache_kind}"),
+        })
+    }
+
     /// Connects to RabbitMQ, Redis and PostgreSQL as configured and applies
     /// migrations. Separate service processes need all three.
     pub async fn connect(cfg: &Config, process: &str) -> Result<Self> {
@@ -42,6 +98,7 @@ impl Backends {
             store: Arc::new(store),
             queue: Arc::new(queue),
             cache: Arc::new(cache),
+            summary: "queue RabbitMQ, store PostgreSQL, cache Redis".into(),
         })
     }
 

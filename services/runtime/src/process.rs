@@ -41,6 +41,10 @@ pub struct Process {
 /// reserved.
 pub const INSTANCE_ACTOR: &str = "_instance";
 
+/// Process name of the all-in-one layout (`stampede up`), the only one the
+/// embedded backends serve.
+pub const ALL_IN_ONE: &str = "up";
+
 /// The listeners a service serves on, bound by the caller.
 pub struct Listeners {
     /// ingest's HTTP listener (only ingest uses it).
@@ -74,9 +78,16 @@ async fn bind(var: &'static str, addr: SocketAddr) -> Result<TcpListener> {
 }
 
 impl Process {
-    /// Connects the backends named by `cfg`.
+    /// Connects the backends named by `cfg`: RabbitMQ, Redis and PostgreSQL
+    /// for a service run on its own; for [`ALL_IN_ONE`], the embedded ones
+    /// where a URL is unset.
     pub async fn connect(cfg: Config, name: &str, shutdown: CancellationToken) -> Result<Self> {
-        let backends = Backends::connect(&cfg, &format!("stampede-{name}")).await?;
+        let connection = format!("stampede-{name}");
+        let backends = if name == ALL_IN_ONE {
+            Backends::open(&cfg, &connection).await?
+        } else {
+            Backends::connect(&cfg, &connection).await?
+        };
         Self::with_backends(cfg, backends, shutdown)
     }
 

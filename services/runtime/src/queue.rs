@@ -74,6 +74,9 @@ pub struct Incoming {
     pub payload: Bytes,
     /// Whether the broker delivered it before (a consumer died holding it).
     pub redelivered: bool,
+    /// On the dead-letter queue: why the message was moved there and the
+    /// queue it came from.
+    pub dead: Option<DeadInfo>,
     /// Settles the message.
     pub acker: Box<dyn Acker>,
 }
@@ -86,6 +89,15 @@ impl std::fmt::Debug for Incoming {
             .field("redelivered", &self.redelivered)
             .finish()
     }
+}
+
+/// Why a message is on the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadInfo {
+    /// The reason given by the worker that gave up on it.
+    pub reason: String,
+    /// Full name of the queue it came from.
+    pub source: String,
 }
 
 /// A stream of messages from one queue.

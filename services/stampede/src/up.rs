@@ -24,8 +24,8 @@ pub async fn run(p: Process, l: Listeners) -> anyhow::Result<()> {
     let delivery = tokio::spawn(Delivery::new(p.clone()).run());
     let inbox = tokio::spawn(Inbox::new(p.clone()).run());
     println!(
-        "stampede is up: http {}  grpc {}  metrics {}",
-        p.cfg.http_addr, p.cfg.grpc_addr, p.cfg.metrics_addr
+        "stampede is up: http {}  grpc {}  metrics {}\n  backends: {}",
+        p.cfg.http_addr, p.cfg.grpc_addr, p.cfg.metrics_addr, p.backends.summary
     );
     let grpc = serve_grpc(routes, l.grpc, p.shutdown.clone()).await;
     p.shutdown.cancel();

@@ -1,0 +1,245 @@
+//! SQLite for the embedded backends: one connection on one dedicated thread
+//! per database file, WAL journal with `synchronous = FULL`, and group
+//! commit: the thread runs every job waiting for it in one transaction (each
+//! job in its own savepoint, so one failing job undoes only itself) and
+//! answers them all after one commit. A caller is answered only once its
+//! writes are durable, and a burst of writers costs one fsync, not one each.
+//!
+//! The data directory is locked ([`DataDirLock`]) before any file in it is
+//! opened: a second process on the same directory fails at start instead of
+//! corrupting it.
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::Connection;
+
+use crate::{Error, Result};
+
+/// Most jobs one transaction holds.
+const MAX_BATCH: usize = 512;
+
+type Reply = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+
+/// An exclusive lock on the data directory, held while the process runs
+/// (released by the OS when the process dies, even by kill -9).
+#[derive(Debug, Clone)]
+pub struct DataDirLock {
+    _file: Arc<File>,
+    dir: PathBuf,
+}
+
+impl DataDirLock {
+    /// Creates `dir` if needed and locks it; fails with a clear error when
+    /// another process holds it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        let config = |reason: String| Error::Config {
+            var: "STAMPEDE_DATA_DIR",
+            reason,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| config(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("stampede.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| config(format!("cannot open {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(config(format!(
+                    "{} is in use by another stampede process (lock {}); stop it or choose another data directory",
+                    dir.display(),
+                    path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(config(format!("cannot lock {}: {e}", path.display())))
+            }
+        }
+        Ok(Self {
+            _file: Arc::new(file),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The locked directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// A database file served by its own thread.
+#[derive(Clone)]
+pub(crate) struct Db {
+    tx: mpsc::Sender<Job>,
+    _lock: DataDirLock,
+}
+
+impl Db {
+    /// Opens (creating) `file` in the locked directory and applies `schema`
+    /// when the file's `user_version` is below `version`.
+    pub(crate) fn open(lock: &DataDirLock, file: &str, schema: &[(i32, &str)]) -> Result<Self> {
+        let path = lock.dir().join(file);
+        let conn = Connection::open(&path)?;
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let current: i32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (version, sql) in schema {
+            if *version > current {
+                tracing::info!(file, version, "applying embedded schema");
+                conn.execute_batch(&format!(
+                    "BEGIN; {sql}; PRAGMA user_version = {version}; COMMIT;"
+                ))?;
+            }
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(format!("stampede-db-{file}"))
+            .spawn(move || serve(conn, rx))?;
+        Ok(Self {
+            tx,
+            _lock: lock.clone(),
+        })
+    }
+
+    /// Runs `f` on the database thread inside the current group transaction;
+    /// answers after the commit.
+    pub(crate) async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let r = f(conn);
+            let ok = r.is_ok();
+            let reply: Reply = Box::new(move |commit| {
+                let r = match commit {
+                    Ok(()) => r,
+                    Err(e) => Err(Error::Db(format!("commit failed: {e}"))),
+                };
+                let _ = tx.send(r);
+            });
+            (ok, reply)
+        });
+        self.tx
+            .send(job)
+            .map_err(|_| Error::Db("the embedded database is closed".into()))?;
+        rx.await
+            .map_err(|_| Error::Db("the embedded database thread stopped".into()))?
+    }
+}
+
+fn serve(conn: Connection, rx: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut replies = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let began = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
+        for job in batch.drain(..) {
+            if began {
+                let _ = conn.execute_batch("SAVEPOINT job");
+            }
+            let (ok, reply) = job(&conn);
+            if began {
+                let _ = if ok {
+                    conn.execute_batch("RELEASE job")
+                } else {
+                    conn.execute_batch("ROLLBACK TO job; RELEASE job")
+                };
+            }
+            replies.push(reply);
+        }
+        let commit = if began {
+            conn.execute_batch("COMMIT").map_err(|e| {
+                let _ = conn.execute_batch("ROLLBACK");
+                tracing::error!(error = %e, "embedded database commit failed");
+                e.to_string()
+            })
+        } else {
+            Ok(())
+        };
+        for reply in replies.drain(..) {
+            reply(commit.clone());
+        }
+    }
+}
+
+/// Now, unix milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        if let rusqlite::Error::SqliteFailure(f, msg) = &e {
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+            {
+                return Error::Conflict(msg.clone().unwrap_or_else(|| e.to_string()));
+            }
+        }
+        Error::Db(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_on_the_same_directory_fails_clearly() {
+        let dir = std::env::temp_dir().join(format!("stampede-lock-{}", uuid::Uuid::new_v4()));
+        let first = DataDirLock::acquire(&dir).unwrap();
+        let err = DataDirLock::acquire(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("STAMPEDE_DATA_DIR") && err.contains("in use"),
+            "{err}"
+        );
+        drop(first);
+        DataDirLock::acquire(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_undoes_only_itself() {
+        let dir = std::env::temp_dir().join(format!("stampede-db-{}", uuid::Uuid::new_v4()));
+        let lock = DataDirLock::acquire(&dir).unwrap();
+        let db = Db::open(&lock, "t.db", &[(1, "CREATE TABLE t (v INTEGER UNIQUE)")]).unwrap();
+        let a = db.call(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?));
+        let b = db.call(|c| {
+            c.execute("INSERT INTO t VALUES (2)", [])?;
+            Ok(c.execute("INSERT INTO t VALUES (1)", [])?)
+        });
+        let (a, b) = tokio::join!(a, b);
+        assert_eq!(a.unwrap(), 1);
+        assert!(matches!(b, Err(Error::Conflict(_))));
+        let rows: Vec<i64> = db
+            .call(|c| {
+                let mut s = c.prepare("SELECT v FROM t ORDER BY v")?;
+                let r = s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                Ok(r)
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows, [1]);
+        drop(db);
+        drop(lock);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
