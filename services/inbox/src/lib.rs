@@ -80,7 +80,7 @@ impl worker::Handler for Inbox {
                 match self.retry(&job).await {
                     Ok(true) => msg.acker.ack().await,
                     Ok(false) => {
-                        m.inbound("failed");
+                        m.inbound_verify("failed");
                         msg.acker.ack().await
                     }
                     Err(_) => msg.acker.requeue().await,
@@ -126,7 +126,7 @@ impl Inbox {
         let json = match parse_json(&job.body) {
             Ok(j) => j,
             Err(e) => {
-                m.inbound("malformed");
+                m.inbound_verify("malformed");
                 tracing::info!(reason = %e, "inbound dropped: malformed");
                 return Ok(());
             }
@@ -134,7 +134,7 @@ impl Inbox {
         let info = match activity_info(&json) {
             Ok(i) => i,
             Err(e) => {
-                m.inbound("malformed");
+                m.inbound_verify("malformed");
                 tracing::info!(reason = %e, "inbound dropped: not an activity");
                 return Ok(());
             }
@@ -157,7 +157,7 @@ impl Inbox {
             if v.transient && job.attempt + 1 < MAX_ATTEMPTS {
                 return Err(stampede_runtime::Error::Http(v.reason).into());
             }
-            m.inbound(v.verdict.as_str());
+            m.inbound_verify(v.verdict.as_str());
             tracing::info!(
                 verdict = v.verdict.as_str(),
                 reason = %v.reason,
@@ -174,7 +174,7 @@ impl Inbox {
             .map(|id| format!("seen:{}:{id}", job.recipient_inbox));
         if let Some(key) = &seen {
             if !cache.set_nx(key, b"1", DEDUP_TTL).await? {
-                m.inbound("duplicate");
+                m.inbound_verify("duplicate");
                 tracing::info!(activity_id = ?info.id, recipient = %job.recipient_inbox, "inbound duplicate dropped");
                 return Ok(());
             }
@@ -212,7 +212,7 @@ impl Inbox {
             }
             return Err(e);
         }
-        m.inbound("accepted");
+        m.inbound_verify("accepted");
         tracing::info!(activity_id = ?info.id, kind = %info.kind, actor = %info.actor, recipient = %job.recipient_inbox, "inbound accepted");
         Ok(())
     }

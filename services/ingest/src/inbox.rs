@@ -25,7 +25,7 @@ fn answer(
     result: &'static str,
     reason: impl Into<String>,
 ) -> Response {
-    s.metrics.inbound(result);
+    s.metrics.inbound_edge(result);
     let reason = reason.into();
     tracing::debug!(result, %reason, status = status.as_u16(), "inbound refused at the edge");
     (
@@ -187,7 +187,7 @@ async fn accept(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: Stri
         {
             Ok(n) if n > cfg.inbound_rate_limit => {
                 let retry = 60 - now % 60;
-                s.metrics.inbound("rate_limited");
+                s.metrics.inbound_edge("rate_limited");
                 return (
                     StatusCode::TOO_MANY_REQUESTS,
                     [(header::RETRY_AFTER, retry.to_string())],

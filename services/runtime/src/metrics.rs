@@ -43,7 +43,7 @@ pub struct Metrics {
     /// Inbound activities by result (`accepted`, `bad_signature`, `stale_date`,
     /// `digest_mismatch`, `duplicate`, `blocked`, `rate_limited`,
     /// `key_unavailable`, `malformed`, `too_large`, `dropped_delete`).
-    pub inbound: Family<Label, Counter>,
+    pub inbound: Family<[(&'static str, &'static str); 2], Counter>,
     /// Time to verify one inbound activity, seconds.
     pub verify_seconds: Histogram,
 }
@@ -96,10 +96,10 @@ impl Metrics {
             "Remote key fetches by result",
             key_fetches.clone(),
         );
-        let inbound = Family::<Label, Counter>::default();
+        let inbound = Family::<[(&'static str, &'static str); 2], Counter>::default();
         registry.register(
             "inbound_activities",
-            "Inbound activities by result",
+            "Inbound activities by stage (edge, verify) and result",
             inbound.clone(),
         );
         let verify_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -128,9 +128,18 @@ impl Metrics {
         self.deliveries.get_or_create(&[("outcome", outcome)]).inc();
     }
 
-    /// Counts one inbound result.
-    pub fn inbound(&self, result: &'static str) {
-        self.inbound.get_or_create(&[("result", result)]).inc();
+    /// Counts one inbound result at the edge (ingest's cheap checks).
+    pub fn inbound_edge(&self, result: &'static str) {
+        self.inbound
+            .get_or_create(&[("stage", "edge"), ("result", result)])
+            .inc();
+    }
+
+    /// Counts one inbound result of verification (the inbox service).
+    pub fn inbound_verify(&self, result: &'static str) {
+        self.inbound
+            .get_or_create(&[("stage", "verify"), ("result", result)])
+            .inc();
     }
 
     /// The text exposition.

@@ -5,7 +5,7 @@
 
 mod client;
 mod sink;
-mod up;
+pub mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

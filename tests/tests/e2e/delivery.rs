@@ -4,17 +4,18 @@ use std::time::Duration;
 
 use serde_json::json;
 use stampede_core::activity::public_note;
-use stampede_runtime::store::Store;
 use stampede_sink::{Behavior, Sink, SinkOptions};
 
-use crate::helpers::{spawn_app, wait_for, AppOptions};
+use crate::helpers::{spawn_app, wait_for, AppOptions, Backend};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_status_class_has_its_outcome() {
-    let app = spawn_app(AppOptions {
-        extra: vec![("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,1".into())],
-        ..AppOptions::default()
-    })
+async fn each_status_class_has_its_outcome(backend: Backend) {
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,1".into())],
+            ..AppOptions::default()
+        },
+    )
     .await;
     // 0: 503 then fine; 1: 404; 2: 410; 3: 429 with Retry-After then fine; 4: always 500.
     let sink = Sink::start(SinkOptions {
@@ -86,12 +87,14 @@ async fn each_status_class_has_its_outcome() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delete_of_our_own_actor_gets_one_attempt() {
-    let app = spawn_app(AppOptions {
-        extra: vec![("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,1".into())],
-        ..AppOptions::default()
-    })
+async fn a_delete_of_our_own_actor_gets_one_attempt(backend: Backend) {
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,1".into())],
+            ..AppOptions::default()
+        },
+    )
     .await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     let alice = app.create_actor("alice").await;
@@ -121,10 +124,9 @@ async fn a_delete_of_our_own_actor_gets_one_attempt() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_list_and_replay_deliver_once() {
+async fn dead_letters_list_and_replay_deliver_once(backend: Backend) {
     use stampede_proto::api::{ListDeadLettersRequest, ReplayDeadLettersRequest};
-    let app = spawn_app(AppOptions::default()).await;
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     let alice = app.create_actor("alice").await;
     app.seed_followers(alice, &[sink.actor(0, "f").unwrap()])
@@ -204,10 +206,9 @@ async fn dead_letters_list_and_replay_deliver_once() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delete_supersedes_a_create_still_parked_for_a_paused_host() {
+async fn a_delete_supersedes_a_create_still_parked_for_a_paused_host(backend: Backend) {
     use stampede_proto::api::{HostRequest, StatusRequest};
-    let app = spawn_app(AppOptions::default()).await;
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     let alice = app.create_actor("alice").await;
     let follower = sink.actor(0, "f").unwrap();
@@ -296,15 +297,17 @@ async fn a_delete_supersedes_a_create_still_parked_for_a_paused_host() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_inbox_times_out_and_a_dead_one_is_retried() {
-    let app = spawn_app(AppOptions {
-        extra: vec![
-            ("STAMPEDE_RETRY_SCHEDULE_SECS", "1".into()),
-            ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "1".into()),
-        ],
-        ..AppOptions::default()
-    })
+async fn a_slow_inbox_times_out_and_a_dead_one_is_retried(backend: Backend) {
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![
+                ("STAMPEDE_RETRY_SCHEDULE_SECS", "1".into()),
+                ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "1".into()),
+            ],
+            ..AppOptions::default()
+        },
+    )
     .await;
     let sink = Sink::start(SinkOptions {
         servers: 2,
@@ -338,3 +341,11 @@ async fn a_slow_inbox_times_out_and_a_dead_one_is_retried() {
     assert_eq!(app.store.totals().await.unwrap().delivered, 0);
     app.stop().await;
 }
+
+crate::both_backends!(
+    each_status_class_has_its_outcome,
+    a_delete_of_our_own_actor_gets_one_attempt,
+    dead_letters_list_and_replay_deliver_once,
+    a_delete_supersedes_a_create_still_parked_for_a_paused_host,
+    a_slow_inbox_times_out_and_a_dead_one_is_retried,
+);

@@ -1,7 +1,12 @@
-//! `spawn_app()`: every test gets its own PostgreSQL database, its own queue
-//! and Redis key namespace, its own ports, and cleans them up in `stop()`.
+//! `spawn_app()`: every test gets its own backends and ports and cleans them
+//! up in `stop()`. On [`Backend::External`] the four services run as in
+//! production, each with its own connections, on a PostgreSQL database, a
+//! queue namespace and a Redis key prefix of the test's own; on
+//! [`Backend::Embedded`] they run all in one as `stampede up` does, on the
+//! embedded backends in a data directory of the test's own.
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stampede_proto::api::{
@@ -10,8 +15,8 @@ use stampede_proto::api::{
     PublishResponse,
 };
 use stampede_runtime::amqp::AmqpQueue;
-use stampede_runtime::postgres::PgStore;
-use stampede_runtime::process::{Listeners, Process};
+use stampede_runtime::process::{Listeners, Process, ALL_IN_ONE};
+use stampede_runtime::queue::Queue;
 use stampede_runtime::redis_cache::RedisCache;
 use stampede_runtime::store::{Follower, Store};
 use stampede_runtime::Config;
@@ -41,6 +46,35 @@ pub fn admin_db_url() -> String {
     )
 }
 
+/// Which backend set a test deployment runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// RabbitMQ, Redis, PostgreSQL; each service on its own.
+    External,
+    /// The embedded queue, cache and store; all services in one (`stampede up`).
+    Embedded,
+}
+
+/// Runs an `async fn(Backend)` test once per backend set: for each name, a
+/// module of that name holding the tests `external` and `embedded`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn external() {
+                    super::$name($crate::helpers::Backend::External).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    super::$name($crate::helpers::Backend::Embedded).await
+                }
+            }
+        )*
+    };
+}
+
 /// Options of a test deployment.
 pub struct AppOptions {
     pub allow_private_networks: bool,
@@ -60,24 +94,33 @@ pub struct TestApp {
     pub namespace: String,
     pub http_base: String,
     pub grpc: Channel,
-    pub store: PgStore,
-    pub queue: AmqpQueue,
-    db_name: String,
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn Queue>,
+    /// External: the test's database. Embedded: the test's data directory.
+    cleanup: Cleanup,
     shutdown: CancellationToken,
     services: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
     metrics: HashMap<&'static str, std::net::SocketAddr>,
+}
+
+enum Cleanup {
+    External { db_name: String },
+    Embedded { data_dir: std::path::PathBuf },
 }
 
 async fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.unwrap()
 }
 
-/// Starts ingest, inbox, fanout and delivery, each as it runs in production.
-pub async fn spawn_app(opts: AppOptions) -> TestApp {
+/// Starts ingest, inbox, fanout and delivery on `backend`.
+pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
     let namespace = format!(
         "t{}",
         uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap()
     );
+    if backend == Backend::Embedded {
+        return spawn_all_in_one(namespace, opts).await;
+    }
     let db_name = format!("stampede_{namespace}");
     let (admin, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
         .await
@@ -97,18 +140,10 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
         "http://{}",
         ingest_http.as_ref().unwrap().local_addr().unwrap()
     );
-    let mut vars: HashMap<&str, String> = HashMap::from([
-        ("STAMPEDE_PUBLIC_URL", http_base.clone()),
-        ("STAMPEDE_AMQP_URL", amqp_url()),
-        ("STAMPEDE_REDIS_URL", redis_url()),
-        ("STAMPEDE_DATABASE_URL", db_url.clone()),
-        ("STAMPEDE_NAMESPACE", namespace.clone()),
-        (
-            "STAMPEDE_ALLOW_PRIVATE_NETWORKS",
-            opts.allow_private_networks.to_string(),
-        ),
-        ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "10".to_string()),
-    ]);
+    let mut vars = base_vars(&http_base, &namespace, &opts);
+    vars.insert("STAMPEDE_AMQP_URL", amqp_url());
+    vars.insert("STAMPEDE_REDIS_URL", redis_url());
+    vars.insert("STAMPEDE_DATABASE_URL", db_url.clone());
     for (k, v) in opts.extra {
         vars.insert(k, v);
     }
@@ -165,8 +200,63 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
         .connect()
         .await
         .unwrap();
-    let store = PgStore::connect(&db_url, 4).unwrap();
+    let store = stampede_runtime::postgres::PgStore::connect(&db_url, 4).unwrap();
     let queue = AmqpQueue::connect(&amqp_url(), &namespace, "stampede-test")
+        .await
+        .unwrap();
+    TestApp {
+        namespace,
+        http_base,
+        grpc,
+        store: Arc::new(store),
+        queue: Arc::new(queue),
+        cleanup: Cleanup::External { db_name },
+        shutdown,
+        services,
+        metrics,
+    }
+}
+
+fn base_vars(http_base: &str, namespace: &str, opts: &AppOptions) -> HashMap<&'static str, String> {
+    HashMap::from([
+        ("STAMPEDE_PUBLIC_URL", http_base.to_string()),
+        ("STAMPEDE_NAMESPACE", namespace.to_string()),
+        (
+            "STAMPEDE_ALLOW_PRIVATE_NETWORKS",
+            opts.allow_private_networks.to_string(),
+        ),
+        ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "10".to_string()),
+    ])
+}
+
+/// `stampede up` on the embedded backends, in a data directory of its own.
+async fn spawn_all_in_one(namespace: String, opts: AppOptions) -> TestApp {
+    let data_dir = std::env::temp_dir().join(format!("stampede-test-{namespace}"));
+    let http = listener().await;
+    let http_base = format!("http://{}", http.local_addr().unwrap());
+    let mut vars = base_vars(&http_base, &namespace, &opts);
+    vars.insert("STAMPEDE_DATA_DIR", data_dir.display().to_string());
+    for (k, v) in opts.extra {
+        vars.insert(k, v);
+    }
+    let cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let shutdown = CancellationToken::new();
+    let l = Listeners {
+        http: Some(http),
+        grpc: listener().await,
+        metrics: listener().await,
+    };
+    let grpc_addr = l.grpc.local_addr().unwrap();
+    let metrics_addr = l.metrics.local_addr().unwrap();
+    let p = Process::connect(cfg, ALL_IN_ONE, shutdown.child_token())
+        .await
+        .unwrap();
+    let (store, queue) = (p.backends.store.clone(), p.backends.queue.clone());
+    let h: JoinHandle<Result<(), String>> =
+        tokio::spawn(async move { stampede::up::run(p, l).await.map_err(|e| e.to_string()) });
+    let grpc = Channel::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
     TestApp {
@@ -175,10 +265,13 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
         grpc,
         store,
         queue,
-        db_name,
+        cleanup: Cleanup::Embedded { data_dir },
         shutdown,
-        services,
-        metrics,
+        services: vec![("up", h)],
+        metrics: ["ingest", "inbox", "fanout", "delivery"]
+            .into_iter()
+            .map(|n| (n, metrics_addr))
+            .collect(),
     }
 }
 
@@ -194,7 +287,7 @@ impl TestApp {
     }
 
     /// The value of a counter on `service`'s `/metrics` (0 when absent),
-    /// e.g. `metric("inbox", "stampede_inbound_activities_total", "result=\"accepted\"")`.
+    /// e.g. `metric("inbox", "stampede_inbound_activities_total", "stage=\"verify\",result=\"accepted\"")`.
     pub async fn metric(&self, service: &str, name: &str, labels: &str) -> u64 {
         let text = reqwest::get(format!("http://{}/metrics", self.metrics[service]))
             .await
@@ -217,7 +310,6 @@ impl TestApp {
 
     /// Messages waiting in the application's queue.
     pub async fn app_queue_depth(&self) -> u64 {
-        use stampede_runtime::queue::Queue;
         self.queue
             .depths()
             .await
@@ -286,21 +378,31 @@ impl TestApp {
                 other => panic!("{name} did not stop cleanly: {other:?}"),
             }
         }
-        self.queue.delete_all().await.unwrap();
+        drop(self.store);
+        drop(self.queue);
+        let db_name = match self.cleanup {
+            Cleanup::Embedded { data_dir } => {
+                std::fs::remove_dir_all(&data_dir).unwrap();
+                return;
+            }
+            Cleanup::External { db_name } => db_name,
+        };
+        AmqpQueue::connect(&amqp_url(), &self.namespace, "stampede-test-cleanup")
+            .await
+            .unwrap()
+            .delete_all()
+            .await
+            .unwrap();
         let cache = RedisCache::connect(&redis_url(), &self.namespace)
             .await
             .unwrap();
         cache.delete_all().await.unwrap();
-        drop(self.store);
         let (admin, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(conn);
         admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
             .await
             .unwrap();
     }

@@ -9,10 +9,9 @@ use serde_json::{json, Value};
 use stampede_core::activity::public_note;
 use stampede_proto::api::inbound_service_client::InboundServiceClient;
 use stampede_proto::api::SubscribeRequest;
-use stampede_runtime::store::Store;
 use stampede_sink::{SendOptions, Sink, SinkOptions};
 
-use crate::helpers::{spawn_app, wait_for, AppOptions, TestApp};
+use crate::helpers::{spawn_app, wait_for, AppOptions, Backend, TestApp};
 
 fn like(actor: &str, n: usize) -> Value {
     json!({
@@ -28,7 +27,7 @@ async fn inbox_count(app: &TestApp, result: &str) -> u64 {
     app.metric(
         "inbox",
         "stampede_inbound_activities_total",
-        &format!("result=\"{result}\""),
+        &format!("stage=\"verify\",result=\"{result}\""),
     )
     .await
 }
@@ -37,14 +36,13 @@ async fn edge_count(app: &TestApp, result: &str) -> u64 {
     app.metric(
         "ingest",
         "stampede_inbound_activities_total",
-        &format!("result=\"{result}\""),
+        &format!("stage=\"edge\",result=\"{result}\""),
     )
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_remote_follows_gets_an_accept_then_the_next_post() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn a_remote_follows_gets_an_accept_then_the_next_post(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     let alice = app.create_actor("alice").await;
     let alice_id = format!("{}/users/alice", app.http_base);
@@ -114,12 +112,14 @@ async fn a_remote_follows_gets_an_accept_then_the_next_post() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_rejection_has_its_status_or_verdict_and_nothing_is_forwarded() {
-    let app = spawn_app(AppOptions {
-        extra: vec![("STAMPEDE_BLOCKED_DOMAINS", "blocked.example".into())],
-        ..AppOptions::default()
-    })
+async fn every_rejection_has_its_status_or_verdict_and_nothing_is_forwarded(backend: Backend) {
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![("STAMPEDE_BLOCKED_DOMAINS", "blocked.example".into())],
+            ..AppOptions::default()
+        },
+    )
     .await;
     let sink = Sink::start(SinkOptions {
         servers: 2,
@@ -295,12 +295,14 @@ async fn every_rejection_has_its_status_or_verdict_and_nothing_is_forwarded() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_busy_host_is_rate_limited_with_retry_after() {
-    let app = spawn_app(AppOptions {
-        extra: vec![("STAMPEDE_INBOUND_RATE_LIMIT", "3".into())],
-        ..AppOptions::default()
-    })
+async fn a_busy_host_is_rate_limited_with_retry_after(backend: Backend) {
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![("STAMPEDE_INBOUND_RATE_LIMIT", "3".into())],
+            ..AppOptions::default()
+        },
+    )
     .await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     app.create_actor("alice").await;
@@ -327,9 +329,8 @@ async fn a_busy_host_is_rate_limited_with_retry_after() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_key_verifies_after_exactly_one_refetch() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn a_rotated_key_verifies_after_exactly_one_refetch(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     app.create_actor("alice").await;
     let inbox = format!("{}/users/alice/inbox", app.http_base);
@@ -355,9 +356,8 @@ async fn a_rotated_key_verifies_after_exactly_one_refetch() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_to_the_same_inbox_is_forwarded_once() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn a_replay_to_the_same_inbox_is_forwarded_once(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     app.create_actor("alice").await;
     app.create_actor("carol").await;
@@ -390,9 +390,8 @@ async fn a_replay_to_the_same_inbox_is_forwarded_once() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_deletes_of_unknown_actors_fetch_nothing() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn a_thousand_deletes_of_unknown_actors_fetch_nothing(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Arc::new(Sink::start(SinkOptions::default()).await.unwrap());
     let inbox = format!("{}/inbox", app.http_base);
     futures::stream::iter(0..1000)
@@ -415,9 +414,8 @@ async fn a_thousand_deletes_of_unknown_actors_fetch_nothing() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_stream_loses_nothing_across_a_disconnect() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn the_stream_loses_nothing_across_a_disconnect(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     app.create_actor("alice").await;
     let inbox = format!("{}/users/alice/inbox", app.http_base);
@@ -497,9 +495,8 @@ fn follow_of(follower: &str, target: &str, n: usize) -> Value {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn undo_delete_and_update_change_the_followers() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn undo_delete_and_update_change_the_followers(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions {
         servers: 2,
         shared_inbox: Arc::new(|i| i == 0),
@@ -574,12 +571,11 @@ async fn undo_delete_and_update_change_the_followers() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_manually_approving_actor_decides_through_grpc() {
+async fn a_manually_approving_actor_decides_through_grpc(backend: Backend) {
     use stampede_proto::api::{
         follow_service_client::FollowServiceClient, CreateActorRequest, FollowDecision,
     };
-    let app = spawn_app(AppOptions::default()).await;
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     app.actors()
         .create_actor(CreateActorRequest {
@@ -645,10 +641,9 @@ async fn a_manually_approving_actor_decides_through_grpc() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_answers_for_any_signed_request_and_nodeinfo_describes_us() {
+async fn verify_answers_for_any_signed_request_and_nodeinfo_describes_us(backend: Backend) {
     use stampede_proto::api::{VerifyHeader, VerifyRequest};
-    let app = spawn_app(AppOptions::default()).await;
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     app.create_actor("alice").await;
     let bob = sink.actor(0, "bob").unwrap();
@@ -704,3 +699,16 @@ async fn verify_answers_for_any_signed_request_and_nodeinfo_describes_us() {
     );
     app.stop().await;
 }
+
+crate::both_backends!(
+    a_remote_follows_gets_an_accept_then_the_next_post,
+    every_rejection_has_its_status_or_verdict_and_nothing_is_forwarded,
+    a_busy_host_is_rate_limited_with_retry_after,
+    a_rotated_key_verifies_after_exactly_one_refetch,
+    a_replay_to_the_same_inbox_is_forwarded_once,
+    a_thousand_deletes_of_unknown_actors_fetch_nothing,
+    the_stream_loses_nothing_across_a_disconnect,
+    undo_delete_and_update_change_the_followers,
+    a_manually_approving_actor_decides_through_grpc,
+    verify_answers_for_any_signed_request_and_nodeinfo_describes_us,
+);

@@ -3,24 +3,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::BasicGetOptions;
 use serde_json::json;
 use stampede_core::activity::{public_note, PUBLIC};
 use stampede_proto::api::StatusRequest;
-use stampede_runtime::queue::{OutMessage, Queue, QueueName};
+use stampede_runtime::queue::{OutMessage, QueueName};
 use stampede_runtime::store::Store;
 use stampede_sink::{Sink, SinkActor, SinkOptions};
 use tonic::Code;
 
-use crate::helpers::{amqp_url, spawn_app, wait_for, AppOptions};
+use crate::helpers::{spawn_app, wait_for, AppOptions, Backend};
 
-async fn delivered_count(store: &impl Store) -> u64 {
+async fn delivered_count(store: &Arc<dyn Store>) -> u64 {
     store.totals().await.unwrap().delivered
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn note_to_2000_followers_on_300_servers() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn note_to_2000_followers_on_300_servers(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     // Two servers in three have a shared inbox.
     let sink = Sink::start(SinkOptions {
         servers: 300,
@@ -92,9 +90,8 @@ async fn note_to_2000_followers_on_300_servers() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_addressing_reaches_only_the_addressed_and_hides_bcc() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn direct_addressing_reaches_only_the_addressed_and_hides_bcc(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions {
         servers: 4,
         shared_inbox: Arc::new(|i| i != 1),
@@ -147,9 +144,8 @@ async fn direct_addressing_reaches_only_the_addressed_and_hides_bcc() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn same_idempotency_key_delivers_once() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn same_idempotency_key_delivers_once(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     let alice = app.create_actor("alice").await;
     app.seed_followers(alice, &[sink.actor(0, "f").unwrap()])
@@ -182,9 +178,8 @@ async fn same_idempotency_key_delivers_once() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_a_clear_status_and_queues_nothing() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn bad_input_gets_a_clear_status_and_queues_nothing(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     let alice = app.create_actor("alice").await;
     let mut publisher = app.publisher();
     let call = |actor: &str, body: String| stampede_proto::api::PublishRequest {
@@ -274,9 +269,8 @@ async fn bad_input_gets_a_clear_status_and_queues_nothing() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn undecodable_messages_are_dead_lettered_and_workers_go_on() {
-    let app = spawn_app(AppOptions::default()).await;
+async fn undecodable_messages_are_dead_lettered_and_workers_go_on(backend: Backend) {
+    let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     let alice = app.create_actor("alice").await;
     app.seed_followers(alice, &[sink.actor(0, "f").unwrap()])
@@ -302,44 +296,22 @@ async fn undecodable_messages_are_dead_lettered_and_workers_go_on() {
     .unwrap();
 
     // Read the dead-letter queue directly.
-    let conn = lapin::Connection::connect(&amqp_url(), Default::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let dead = format!("{}.dead", app.namespace);
-    let found = Arc::new(std::sync::Mutex::new(Vec::new()));
-    wait_for("two dead letters", Duration::from_secs(20), || {
-        let ch = ch.clone();
-        let dead = dead.clone();
-        let found = found.clone();
-        async move {
-            if let Some(m) = ch
-                .basic_get(dead.into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-            {
-                let h = m.delivery.properties.headers().clone().unwrap();
-                let reason = h
-                    .inner()
-                    .get("x-stampede-reason")
-                    .unwrap()
-                    .as_long_string()
-                    .unwrap()
-                    .to_string();
-                let source = h
-                    .inner()
-                    .get("x-stampede-source")
-                    .unwrap()
-                    .as_long_string()
-                    .unwrap()
-                    .to_string();
-                found.lock().unwrap().push((source, reason));
-            }
-            found.lock().unwrap().len() == 2
-        }
-    })
-    .await;
-    let mut reasons = found.lock().unwrap().clone();
+    // Read the dead-letter queue through the queue the services use: the
+    // reason and the source travel with each message on both backends.
+    let mut dead = app.queue.consume(QueueName::Dead, 10).await.unwrap();
+    let mut found = Vec::new();
+    while found.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(20), dead.next())
+            .await
+            .expect("two dead letters")
+            .unwrap()
+            .unwrap();
+        let info = m.dead.clone().expect("reason and source");
+        m.acker.ack().await.unwrap();
+        found.push((info.source, info.reason));
+    }
+    drop(dead);
+    let mut reasons = found;
     reasons.sort();
     assert!(
         reasons[0].0.ends_with(".delivery") && reasons[0].1.contains("unexpected message type"),
@@ -369,12 +341,14 @@ async fn undecodable_messages_are_dead_lettered_and_workers_go_on() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn private_addresses_are_refused_and_recorded() {
-    let app = spawn_app(AppOptions {
-        allow_private_networks: false,
-        ..AppOptions::default()
-    })
+async fn private_addresses_are_refused_and_recorded(backend: Backend) {
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            allow_private_networks: false,
+            ..AppOptions::default()
+        },
+    )
     .await;
     let sink = Sink::start(SinkOptions::default()).await.unwrap();
     let alice = app.create_actor("alice").await;
@@ -409,3 +383,12 @@ async fn private_addresses_are_refused_and_recorded() {
     assert_eq!(app.store.totals().await.unwrap().delivered, 0);
     app.stop().await;
 }
+
+crate::both_backends!(
+    note_to_2000_followers_on_300_servers,
+    direct_addressing_reaches_only_the_addressed_and_hides_bcc,
+    same_idempotency_key_delivers_once,
+    bad_input_gets_a_clear_status_and_queues_nothing,
+    undecodable_messages_are_dead_lettered_and_workers_go_on,
+    private_addresses_are_refused_and_recorded,
+);
