@@ -388,6 +388,33 @@ impl Sink {
         })
     }
 
+    /// Actor `actor` of server `from` follows the local actor `target` (its
+    /// id) with a signed Follow to the target's inbox. The Follow's id is
+    /// `{actor id}/follows/{target}`, so following twice is one follow.
+    pub async fn follow(
+        &self,
+        from: usize,
+        actor: &str,
+        target: &str,
+    ) -> Result<SendResult, SinkError> {
+        let me = self.actor(from, actor).ok_or(SinkError::NoServer(from))?;
+        let follow = serde_json::json!({
+            "@context": "https://www.w3.org/ns/activitystreams",
+            "id": format!("{}/follows/{}", me.id, target.rsplit('/').next().unwrap_or(target)),
+            "type": "Follow",
+            "actor": me.id,
+            "object": target,
+        });
+        self.send(
+            from,
+            actor,
+            &format!("{target}/inbox"),
+            &follow,
+            SendOptions::default(),
+        )
+        .await
+    }
+
     /// Number of servers.
     pub fn len(&self) -> usize {
         self.servers.len()
