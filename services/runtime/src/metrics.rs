@@ -128,6 +128,11 @@ impl Metrics {
         self.deliveries.get_or_create(&[("outcome", outcome)]).inc();
     }
 
+    /// Deliveries counted so far with this outcome.
+    pub fn delivery_count(&self, outcome: &'static str) -> u64 {
+        self.deliveries.get_or_create(&[("outcome", outcome)]).get()
+    }
+
     /// Counts one inbound result at the edge (ingest's cheap checks).
     pub fn inbound_edge(&self, result: &'static str) {
         self.inbound

@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 mod client;
+mod demo;
 mod sink;
 pub mod up;
 
@@ -81,6 +82,9 @@ enum Command {
     },
     /// Fake remote servers on 127.0.0.1 that verify every delivery they get.
     Sink(sink::SinkArgs),
+    /// Shows stampede at work in a minute: embedded stampede plus fake
+    /// servers that follow, fail, slow down and die, live progress, a summary.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -162,7 +166,11 @@ pub fn main() -> ExitCode {
         },
         Command::Up => run_main("up", true, up::run),
         command => {
-            stampede_runtime::telemetry::init();
+            if matches!(command, Command::Demo(_)) {
+                stampede_runtime::telemetry::init_with_default("error");
+            } else {
+                stampede_runtime::telemetry::init();
+            }
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -331,6 +339,7 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sink(args) => sink::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
     }
 }
 

@@ -218,7 +218,7 @@ async fn kill_9_with_deliveries_pending_loses_none_and_sends_none_twice() {
     })
     .await
     .unwrap();
-    let expected = |i: usize| if i % 2 == 0 { 1 } else { 2 };
+    let expected = |i: usize| if i.is_multiple_of(2) { 1 } else { 2 };
     for i in 0..10 {
         for name in ["ann", "ben"] {
             assert_eq!(sink.follow(i, name, &alice).await.unwrap().status, 202);
@@ -273,4 +273,73 @@ async fn kill_9_with_deliveries_pending_loses_none_and_sends_none_twice() {
     }
     stop(child).await;
     remove(&up.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_small_and_its_summary_matches_what_the_servers_received() {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(BIN)
+            .args([
+                "demo",
+                "--servers",
+                "8",
+                "--followers",
+                "20",
+                "--posts",
+                "2",
+                "--dead",
+                "0.125",
+                "--slow",
+                "0.125",
+                "--failing",
+                "0.125",
+                "--slow-secs",
+                "0.5",
+            ])
+            .env("RUST_LOG", "error")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let number_after = |prefix: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(prefix)).unwrap();
+        line[prefix.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // 8 servers (every fourth without a shared inbox: 2 servers x 2-3
+    // followers), 2 posts; the dead server's deliveries are dead letters.
+    let delivered = number_after("stampede: delivered ");
+    let received = number_after("servers:  received ");
+    assert_eq!(delivered, received, "{text}");
+    assert!(delivered > 0);
+    assert!(
+        text.contains("check:    delivered == received: ok"),
+        "{text}"
+    );
+    assert!(
+        text.contains(", 0 failed verification, 0 duplicates"),
+        "{text}"
+    );
+    let total = text.lines().find(|l| l.starts_with("total")).unwrap();
+    let cols: Vec<u64> = total
+        .split_whitespace()
+        .skip(1)
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert_eq!(cols[..2], [8, 20], "{total}");
+    assert_eq!(cols[3], received, "{total}");
+    // Not a terminal: plain lines, no carriage returns.
+    assert!(!text.contains('\r'));
 }
