@@ -7,6 +7,7 @@
 //! as dead letters with the reason.
 #![deny(missing_docs)]
 
+mod lanes;
 mod outcome;
 
 use std::num::NonZeroUsize;
@@ -21,6 +22,7 @@ use stampede_core::keys::load_private_key;
 use stampede_core::signature::{sign_request, POST_HEADERS};
 use stampede_core::targets::inbox_host;
 use stampede_proto::queue::DeliveryJob;
+use stampede_runtime::hosts::{self, Gate};
 use stampede_runtime::process::{Listeners, Process};
 use stampede_runtime::queue::{Incoming, OutMessage, QueueName};
 use stampede_runtime::store::NewDeadLetter;
@@ -28,6 +30,7 @@ use stampede_runtime::worker;
 use thiserror::Error;
 use url::Url;
 
+pub use lanes::Lanes;
 pub use outcome::{classify, retry_delay, Outcome};
 
 /// Protobuf name of the delivery job.
@@ -71,6 +74,14 @@ struct Prepared {
 pub struct Delivery {
     p: Process,
     bodies: Arc<Mutex<LruCache<String, Arc<Prepared>>>>,
+    lanes: Lanes,
+}
+
+/// Whether a retryable outcome says the host is unwell (counts towards its
+/// circuit): 5xx, timeouts and connection errors, not 408 or 429 (the host
+/// answered, it is only busy).
+fn unwell(status: Option<u16>) -> bool {
+    status.is_none_or(|s| s >= 500)
 }
 
 impl Delivery {
@@ -80,12 +91,14 @@ impl Delivery {
         Self {
             p,
             bodies: Arc::new(Mutex::new(LruCache::new(cap))),
+            lanes: Lanes::default(),
         }
     }
 
     /// Consumes the delivery queue until shutdown.
     pub async fn run(self) -> Result<(), DeliveryError> {
         let (p, prefetch) = (self.p.clone(), self.p.cfg.prefetch);
+        stampede_runtime::hosts::restore_paused(&p.backends).await?;
         worker::serve(&p, QueueName::Delivery, prefetch, self).await?;
         Ok(())
     }
@@ -128,20 +141,39 @@ impl Delivery {
             tracing::debug!("already delivered");
             return Ok(());
         }
-        if stampede_runtime::hosts::is_paused(&self.p.backends, host).await? {
-            // Parked: held by the broker and looked at again later, never tried.
-            let out = OutMessage {
-                kind: DELIVERY_JOB,
-                payload: job.encode_to_vec(),
-            };
-            self.p
-                .backends
-                .queue
-                .publish_delayed(QueueName::Delivery, out, PARK_DELAY)
+        let b = &self.p.backends;
+        let cfg = &self.p.cfg;
+        let (gate, health) = hosts::gate(b, cfg, host).await?;
+        let limit = match gate {
+            Gate::Go { limit } => limit,
+            Gate::Paused => return self.park(job, PARK_DELAY, "parked").await,
+            Gate::Open(wait) => return self.park(job, wait, "circuit_open").await,
+            Gate::Probing => return self.park(job, PARK_DELAY, "circuit_open").await,
+            Gate::Unavailable { since_ms } => {
+                let since = httpdate::fmt_http_date(
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::from_millis(since_ms.max(0) as u64),
+                );
+                self.dead(
+                    job,
+                    host,
+                    format!("host unavailable: failing since {since}"),
+                    None,
+                )
                 .await?;
-            m.delivery("parked");
-            return Ok(());
-        }
+                m.delivery("unavailable");
+                return Ok(());
+            }
+            Gate::Probe => {
+                if self.probe(host, &job.inbox).await {
+                    hosts::record_success(b, cfg, host, &health).await?;
+                    1
+                } else {
+                    hosts::probe_failed(b, cfg, host, &health).await?;
+                    return self.park(job, cfg.circuit_open, "circuit_open").await;
+                }
+            }
+        };
         if let Ok(prep) = self.prepared(&job.activity_key).await {
             if let Some((actor, object)) = &prep.supersedable {
                 if store.object_deleted(*actor, object).await? {
@@ -151,8 +183,13 @@ impl Delivery {
                 }
             }
         }
+        let slot = match self.lanes.try_acquire(host, limit) {
+            Ok(slot) => slot,
+            Err(wait) => return self.park(job, wait, "deferred").await,
+        };
         let started = Instant::now();
         let attempt = self.attempt(job, host).await;
+        drop(slot);
         m.delivery_seconds.observe(started.elapsed().as_secs_f64());
         let outcome = match attempt {
             Ok(resp) => match classify(Some(resp.status), None) {
@@ -175,6 +212,13 @@ impl Delivery {
             }
             Err(e) => return Err(e),
         };
+        match &outcome {
+            Outcome::Delivered { .. } => hosts::record_success(b, cfg, host, &health).await?,
+            Outcome::Retry { status, .. } if unwell(*status) => {
+                hosts::record_failure(b, cfg, host).await?
+            }
+            _ => {}
+        }
         match outcome {
             Outcome::Delivered { status } => {
                 store
@@ -259,6 +303,47 @@ impl Delivery {
             }
         }
         Ok(())
+    }
+
+    /// Puts a job back in the broker for `wait` without trying it (not an attempt).
+    async fn park(
+        &self,
+        job: &DeliveryJob,
+        wait: std::time::Duration,
+        why: &'static str,
+    ) -> Result<(), DeliveryError> {
+        let out = OutMessage {
+            kind: DELIVERY_JOB,
+            payload: job.encode_to_vec(),
+        };
+        self.p
+            .backends
+            .queue
+            .publish_delayed(QueueName::Delivery, out, wait)
+            .await?;
+        self.p.metrics.delivery(why);
+        tracing::debug!(why, wait_secs = wait.as_secs(), "parked");
+        Ok(())
+    }
+
+    /// The half-open probe: a cheap GET of the host's NodeInfo discovery
+    /// document. Any answer but 5xx or 429 means the host is back.
+    async fn probe(&self, host: &str, inbox: &str) -> bool {
+        let Ok(mut url) = Url::parse(inbox) else {
+            return false;
+        };
+        url.set_path("/.well-known/nodeinfo");
+        url.set_query(None);
+        let req = self.p.http.client().get(url.clone());
+        let ok = match self.p.http.send(req, &url, MAX_REPLY_BYTES).await {
+            Ok(r) => r.status < 500 && r.status != 429,
+            Err(_) => false,
+        };
+        tracing::info!(inbox_host = %host, ok, "half-open probe");
+        self.p
+            .metrics
+            .delivery(if ok { "probe_ok" } else { "probe_failed" });
+        ok
     }
 
     async fn dead(

@@ -84,6 +84,20 @@ impl AdminService for AdminApi {
             failed: t.dead_letters,
             dead_letters: t.dead_letters,
             paused_hosts: b.store.paused_hosts().await.map_err(IngestError::from)?,
+            failing_hosts: b
+                .store
+                .failing_hosts(100)
+                .await
+                .map_err(IngestError::from)?
+                .into_iter()
+                .map(|h| stampede_proto::api::FailingHost {
+                    host: h.host,
+                    failing_since_unix_ms: h.failing_since_unix_ms,
+                    failures: h.failures,
+                    circuit_open_until_unix_ms: h.open_until_unix_ms,
+                    unavailable: h.unavailable,
+                })
+                .collect(),
         }))
     }
 

@@ -21,7 +21,7 @@ use crate::{Error, Result};
 
 /// Delay tiers for retries, in seconds. A delay is rounded up to the next
 /// tier; the longest tier caps it.
-pub const DELAY_TIERS_SECS: &[u64] = &[5, 30, 60, 300, 1800, 3600, 10800, 21600];
+pub const DELAY_TIERS_SECS: &[u64] = &[5, 10, 30, 60, 300, 1800, 3600, 10800, 21600];
 
 /// Queues whose messages can be delayed.
 const DELAYED: [QueueName; 3] = [QueueName::Fanout, QueueName::Delivery, QueueName::Inbound];

@@ -12,6 +12,8 @@ use crate::Result;
 pub trait Cache: Send + Sync + 'static {
     /// The value under `key`, if present.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// The values under `keys`, in order, in one round trip.
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>>;
     /// Sets `key` to `value` for `ttl`.
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()>;
     /// Sets `key` only if absent; true when it was set.

@@ -88,6 +88,23 @@ pub struct Config {
     /// `STAMPEDE_INBOUND_RATE_LIMIT` (added, default 6000): inbound requests
     /// per remote host per minute; 0 turns the limit off.
     pub inbound_rate_limit: u64,
+    /// `STAMPEDE_HOST_CONCURRENCY` (added, default 8): deliveries in flight
+    /// to one remote host per delivery worker; a job for a saturated host is
+    /// parked, never waited for.
+    pub host_concurrency: usize,
+    /// `STAMPEDE_CIRCUIT_FAILURES` (added, default 10): consecutive failed
+    /// deliveries (5xx, timeouts, connection errors) that open a host's circuit.
+    pub circuit_failures: u64,
+    /// `STAMPEDE_CIRCUIT_OPEN_SECS` (added, default 60): how long a circuit
+    /// first stays open; it doubles each time a probe fails (up to 64x).
+    pub circuit_open: Duration,
+    /// `STAMPEDE_HOST_RAMP_SECS` (added, default 120): after a host recovers,
+    /// its concurrency grows from 1 to `STAMPEDE_HOST_CONCURRENCY` over this long.
+    pub host_ramp: Duration,
+    /// `STAMPEDE_HOST_UNAVAILABLE_SECS` (added, default 172800, two days): a
+    /// host failing this long is unavailable; its deliveries are dead-lettered
+    /// until a probe finds it back.
+    pub host_unavailable_after: Duration,
 }
 
 impl Config {
@@ -217,6 +234,16 @@ impl Config {
             inbound_max_future_secs: number("STAMPEDE_INBOUND_MAX_FUTURE_SECS", 300, 0, 86400)?
                 as i64,
             inbound_rate_limit: number("STAMPEDE_INBOUND_RATE_LIMIT", 6000, 0, 10_000_000)?,
+            host_concurrency: number("STAMPEDE_HOST_CONCURRENCY", 8, 1, 1000)? as usize,
+            circuit_failures: number("STAMPEDE_CIRCUIT_FAILURES", 10, 1, 1_000_000)?,
+            circuit_open: Duration::from_secs(number("STAMPEDE_CIRCUIT_OPEN_SECS", 60, 1, 86400)?),
+            host_ramp: Duration::from_secs(number("STAMPEDE_HOST_RAMP_SECS", 120, 0, 86400)?),
+            host_unavailable_after: Duration::from_secs(number(
+                "STAMPEDE_HOST_UNAVAILABLE_SECS",
+                172_800,
+                60,
+                365 * 86400,
+            )?),
         })
     }
 

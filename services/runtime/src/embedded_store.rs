@@ -6,13 +6,19 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::sqlite::{now_ms, DataDirLock, Db};
 use crate::store::{
-    DeadLetter, Follower, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter, PrivateKey,
-    RemoteActor, RemoteKey, Store, StoredActivity, Totals,
+    DeadLetter, Follower, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
+    PrivateKey, RemoteActor, RemoteKey, Store, StoredActivity, Totals,
 };
 use crate::{Error, Result};
 
 /// Versioned schema (`PRAGMA user_version`); never edit one that has shipped.
-const SCHEMA: &[(i32, &str)] = &[(1, include_str!("../migrations/embedded/0001_store.sql"))];
+const SCHEMA: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/embedded/0001_store.sql")),
+    (
+        2,
+        include_str!("../migrations/embedded/0002_host_health.sql"),
+    ),
+];
 
 /// The SQLite implementation of [`Store`].
 #[derive(Clone)]
@@ -671,6 +677,55 @@ impl Store for EmbeddedStore {
                 let rows = s
                     .query_map([], |r| r.get(0))?
                     .collect::<rusqlite::Result<Vec<String>>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn set_host_health(&self, host: &str, h: Option<&HostHealth>) -> Result<()> {
+        let (host, h) = (host.to_string(), h.cloned());
+        self.db
+            .call(move |c| {
+                match h {
+                    Some(h) => c.execute(
+                        "INSERT INTO hosts (host, failing_since_ms, failures, open_until_ms, unavailable, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (host) DO UPDATE SET failing_since_ms = excluded.failing_since_ms,
+                           failures = excluded.failures, open_until_ms = excluded.open_until_ms,
+                           unavailable = excluded.unavailable, updated_at = excluded.updated_at",
+                        params![host, h.failing_since_unix_ms, h.failures as i64, h.open_until_unix_ms, h.unavailable, now_ms()],
+                    )?,
+                    None => c.execute(
+                        "UPDATE hosts SET failing_since_ms = NULL, failures = 0, open_until_ms = NULL,
+                           unavailable = 0, updated_at = ?2
+                         WHERE host = ?1 AND failing_since_ms IS NOT NULL",
+                        params![host, now_ms()],
+                    )?,
+                };
+                Ok(())
+            })
+            .await
+    }
+
+    async fn failing_hosts(&self, limit: u32) -> Result<Vec<HostHealth>> {
+        self.db
+            .call(move |c| {
+                let mut s = c.prepare_cached(
+                    "SELECT host, failing_since_ms, failures, COALESCE(open_until_ms, 0), unavailable
+                     FROM hosts WHERE failing_since_ms IS NOT NULL
+                     ORDER BY failing_since_ms LIMIT ?1",
+                )?;
+                let rows = s
+                    .query_map([i64::from(limit)], |r| {
+                        Ok(HostHealth {
+                            host: r.get(0)?,
+                            failing_since_unix_ms: r.get(1)?,
+                            failures: r.get::<_, i64>(2)? as u64,
+                            open_until_unix_ms: r.get(3)?,
+                            unavailable: r.get(4)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
                 Ok(rows)
             })
             .await

@@ -52,6 +52,19 @@ impl Cache for MemoryCache {
             .map(|(v, _)| v.clone()))
     }
 
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+        let map = self.lock();
+        let now = Instant::now();
+        Ok(keys
+            .iter()
+            .map(|k| {
+                map.get(k)
+                    .filter(|(_, until)| *until > now)
+                    .map(|(v, _)| v.clone())
+            })
+            .collect())
+    }
+
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
         self.for_write()
             .insert(key.to_string(), (value.to_vec(), Instant::now() + ttl));

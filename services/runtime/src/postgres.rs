@@ -7,8 +7,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use crate::store::{
-    DeadLetter, Follower, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter, PrivateKey,
-    RemoteActor, RemoteKey, Store, StoredActivity, Totals,
+    DeadLetter, Follower, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
+    PrivateKey, RemoteActor, RemoteKey, Store, StoredActivity, Totals,
 };
 use crate::{Error, Result};
 
@@ -17,6 +17,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "initial", include_str!("../migrations/0001_initial.sql")),
     (2, "inbound", include_str!("../migrations/0002_inbound.sql")),
     (3, "hosts", include_str!("../migrations/0003_hosts.sql")),
+    (
+        4,
+        "host_health",
+        include_str!("../migrations/0004_host_health.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming stampede's migration advisory lock.
@@ -675,6 +680,61 @@ impl Store for PgStore {
             .query("SELECT host FROM hosts WHERE paused ORDER BY host", &[])
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn set_host_health(&self, host: &str, h: Option<&HostHealth>) -> Result<()> {
+        let c = self.client().await?;
+        match h {
+            Some(h) => {
+                c.execute(
+                    "INSERT INTO hosts (host, failing_since_ms, failures, open_until_ms, unavailable)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (host) DO UPDATE SET failing_since_ms = EXCLUDED.failing_since_ms,
+                       failures = EXCLUDED.failures, open_until_ms = EXCLUDED.open_until_ms,
+                       unavailable = EXCLUDED.unavailable, updated_at = now()",
+                    &[
+                        &host,
+                        &h.failing_since_unix_ms,
+                        &(h.failures as i64),
+                        &h.open_until_unix_ms,
+                        &h.unavailable,
+                    ],
+                )
+                .await?;
+            }
+            None => {
+                c.execute(
+                    "UPDATE hosts SET failing_since_ms = NULL, failures = 0, open_until_ms = NULL,
+                       unavailable = FALSE, updated_at = now()
+                     WHERE host = $1 AND failing_since_ms IS NOT NULL",
+                    &[&host],
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn failing_hosts(&self, limit: u32) -> Result<Vec<HostHealth>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT host, failing_since_ms, failures, COALESCE(open_until_ms, 0), unavailable
+                 FROM hosts WHERE failing_since_ms IS NOT NULL
+                 ORDER BY failing_since_ms LIMIT $1",
+                &[&i64::from(limit)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| HostHealth {
+                host: r.get(0),
+                failing_since_unix_ms: r.get(1),
+                failures: r.get::<_, i64>(2) as u64,
+                open_until_unix_ms: r.get(3),
+                unavailable: r.get(4),
+            })
+            .collect())
     }
 
     async fn object_deleted(&self, actor_id: i64, object_id: &str) -> Result<bool> {

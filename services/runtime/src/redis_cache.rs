@@ -56,6 +56,18 @@ impl Cache for RedisCache {
         Ok(c.get(self.key(key)).await?)
     }
 
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd("MGET");
+        for k in keys {
+            cmd.arg(self.key(k));
+        }
+        Ok(cmd.query_async(&mut c).await?)
+    }
+
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
         let mut c = self.conn.clone();
         let _: () = c.pset_ex(self.key(key), value, ttl_ms(ttl)).await?;

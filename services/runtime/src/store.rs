@@ -201,6 +201,21 @@ pub struct Totals {
     pub dead_letters: u64,
 }
 
+/// A remote host whose deliveries fail, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostHealth {
+    /// The host (`name[:port]`).
+    pub host: String,
+    /// First failure of the current run, unix milliseconds.
+    pub failing_since_unix_ms: i64,
+    /// Consecutive failures when last recorded.
+    pub failures: u64,
+    /// Until when its circuit is open (deliveries parked), unix milliseconds; 0 when closed.
+    pub open_until_unix_ms: i64,
+    /// Failing for longer than `STAMPEDE_HOST_UNAVAILABLE_SECS`: deliveries are dead-lettered.
+    pub unavailable: bool,
+}
+
 /// The durable store.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -318,6 +333,10 @@ pub trait Store: Send + Sync + 'static {
     async fn set_host_paused(&self, host: &str, paused: bool) -> Result<()>;
     /// Paused hosts.
     async fn paused_hosts(&self) -> Result<Vec<String>>;
+    /// Records a host's failing state, or (`None`) that it recovered.
+    async fn set_host_health(&self, host: &str, health: Option<&HostHealth>) -> Result<()>;
+    /// Failing hosts, longest failing first, at most `limit`.
+    async fn failing_hosts(&self, limit: u32) -> Result<Vec<HostHealth>>;
     /// Whether `actor_id` published a `Delete` of `object_id`.
     async fn object_deleted(&self, actor_id: i64, object_id: &str) -> Result<bool>;
     /// Totals for status.

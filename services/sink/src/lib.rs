@@ -107,6 +107,25 @@ struct ServerState {
     client: reqwest::Client,
     key: Mutex<Arc<SinkKey>>,
     fetches: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// Counts a POST in progress; tracks the most seen at once.
+struct InFlight<'a>(&'a ServerState);
+
+impl<'a> InFlight<'a> {
+    fn enter(s: &'a ServerState) -> Self {
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(s)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// How [`Sink::send`] signs (or mis-signs) a request.
@@ -209,6 +228,8 @@ impl Sink {
                 client: client.clone(),
                 key: Mutex::new(key.clone()),
                 fetches: AtomicUsize::new(0),
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: AtomicUsize::new(0),
             });
             let token = shutdown.child_token();
             tokio::spawn(accept_loop(listener, router(state.clone()), token.clone()));
@@ -476,6 +497,20 @@ impl Sink {
         Ok(())
     }
 
+    /// The most POSTs server `i` had in progress at once since the last reset.
+    pub fn max_in_flight(&self, i: usize) -> usize {
+        self.servers
+            .get(i)
+            .map_or(0, |s| s.state.max_in_flight.load(Ordering::SeqCst))
+    }
+
+    /// Starts counting [`Sink::max_in_flight`] afresh.
+    pub fn reset_max_in_flight(&self, i: usize) {
+        if let Some(s) = self.servers.get(i) {
+            s.state.max_in_flight.store(0, Ordering::SeqCst);
+        }
+    }
+
     /// What server `i` received so far.
     pub fn received(&self, i: usize) -> Vec<Received> {
         self.servers
@@ -553,7 +588,25 @@ fn router(state: Arc<ServerState>) -> Router {
         .route("/users/{name}", get(actor_doc))
         .route("/users/{name}/inbox", post(inbox))
         .route("/inbox", post(inbox))
+        .fallback(other)
         .with_state(state)
+}
+
+/// Any other request: a server answering a fixed status (5xx, 410, 429)
+/// answers it everywhere, as a broken server does; otherwise 404.
+async fn other(State(s): State<Arc<ServerState>>) -> Response {
+    let behavior = s.behavior.lock().map(|b| b.clone()).unwrap_or(Behavior::Ok);
+    match behavior {
+        Behavior::Status(code) => StatusCode::from_u16(code)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            .into_response(),
+        Behavior::RetryAfter(secs) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", secs.to_string())],
+        )
+            .into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn actor_doc(State(s): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
@@ -595,6 +648,7 @@ async fn inbox(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Infallible> {
+    let _in_flight = InFlight::enter(&s);
     let behavior = s.behavior.lock().map(|b| b.clone()).unwrap_or(Behavior::Ok);
     if let Behavior::Slow(d) = behavior {
         tokio::time::sleep(d).await;

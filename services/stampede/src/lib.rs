@@ -293,6 +293,31 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             println!("activities   {}", s.activities);
             println!("delivered    {}", s.delivered);
             println!("failed       {}", s.failed);
+            if !s.failing_hosts.is_empty() {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                println!(
+                    "\n{:<32} {:>9} {:>14} {:>14}",
+                    "FAILING HOST", "FAILURES", "FAILING FOR", "CIRCUIT"
+                );
+                for h in &s.failing_hosts {
+                    let circuit = if h.unavailable {
+                        "unavailable".to_string()
+                    } else if h.circuit_open_until_unix_ms > now {
+                        format!("open {}s", (h.circuit_open_until_unix_ms - now) / 1000)
+                    } else {
+                        "half-open".to_string()
+                    };
+                    println!(
+                        "{:<32} {:>9} {:>13}s {:>14}",
+                        h.host,
+                        h.failures,
+                        (now - h.failing_since_unix_ms).max(0) / 1000,
+                        circuit
+                    );
+                }
+            }
             if !s.paused_hosts.is_empty() {
                 println!("paused hosts {}", s.paused_hosts.join(", "));
             }

@@ -7,6 +7,7 @@
 mod delivery;
 mod embedded;
 mod helpers;
+mod hosts;
 mod inbound;
 mod outbound;
 mod process;

@@ -1,0 +1,214 @@
+//! Per-host lanes and circuit breakers: one bad host does not slow the
+//! others; a failing host's circuit opens, is probed, closes, and its
+//! concurrency ramps up again.
+use std::time::{Duration, Instant};
+
+use stampede_core::activity::public_note;
+use stampede_proto::api::StatusRequest;
+use stampede_sink::{Behavior, Sink, SinkOptions};
+
+use crate::helpers::{spawn_app, wait_for, AppOptions, Backend, TestApp};
+
+fn posts_received(sink: &Sink, i: usize) -> usize {
+    sink.received(i)
+        .iter()
+        .filter(|r| r.body["type"] == "Create")
+        .count()
+}
+
+fn posts_delivered(sink: &Sink, i: usize) -> usize {
+    sink.received(i)
+        .iter()
+        .filter(|r| r.body["type"] == "Create" && (200..300).contains(&r.status))
+        .count()
+}
+
+async fn publish_posts(app: &TestApp, n: usize) {
+    let alice = format!("{}/users/alice", app.http_base);
+    for k in 0..n {
+        app.publish("alice", &public_note(&alice, &format!("post {k}")), "")
+            .await
+            .unwrap();
+    }
+}
+
+async fn circuit_opens_is_probed_closes_and_ramps_up(backend: Backend) {
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![
+                ("STAMPEDE_CIRCUIT_FAILURES", "3".into()),
+                ("STAMPEDE_CIRCUIT_OPEN_SECS", "12".into()),
+                ("STAMPEDE_HOST_RAMP_SECS", "120".into()),
+                ("STAMPEDE_HOST_CONCURRENCY", "4".into()),
+                ("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,1,1,1,1,1,1,1,1".into()),
+            ],
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    let alice = app.create_actor("alice").await;
+    app.seed_followers(alice, &[sink.actor(0, "bob").unwrap()])
+        .await;
+    sink.set_behavior(0, Behavior::Status(503)).unwrap();
+    publish_posts(&app, 1).await;
+
+    // Three failures open the circuit: no fourth attempt while it is open.
+    wait_for("three failed attempts", Duration::from_secs(20), || async {
+        posts_received(&sink, 0) == 3
+    })
+    .await;
+    let status = app
+        .admin()
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let host = sink.actor(0, "bob").unwrap().host;
+    let failing = status
+        .failing_hosts
+        .iter()
+        .find(|h| h.host == host)
+        .expect("the failing host in status");
+    assert_eq!(failing.failures, 3);
+    assert!(failing.circuit_open_until_unix_ms > 0 && !failing.unavailable);
+    // The retry comes while the circuit is open: parked, not tried.
+    wait_for(
+        "a delivery parked by the open circuit",
+        Duration::from_secs(15),
+        || async {
+            app.metric(
+                "delivery",
+                "stampede_deliveries_total",
+                "outcome=\"circuit_open\"",
+            )
+            .await
+                >= 1
+        },
+    )
+    .await;
+    assert_eq!(
+        posts_received(&sink, 0),
+        3,
+        "tried while the circuit was open"
+    );
+    // Requests from the host do not revive it (nothing here sends any, and
+    // outbound health never reads inbound traffic).
+
+    // The host recovers: the half-open probe finds it, the circuit closes,
+    // and the parked delivery goes through.
+    sink.set_behavior(0, Behavior::Slow(Duration::from_millis(1500)))
+        .unwrap();
+    wait_for(
+        "the post after recovery",
+        Duration::from_secs(60),
+        || async { posts_delivered(&sink, 0) == 1 },
+    )
+    .await;
+    assert_eq!(
+        app.metric(
+            "delivery",
+            "stampede_deliveries_total",
+            "outcome=\"probe_ok\""
+        )
+        .await,
+        1
+    );
+    let status = app
+        .admin()
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.failing_hosts.is_empty(), "{status:?}");
+
+    // Ramping up: 4 posts at once reach the recovered host one at a time
+    // (its limit grows from 1 to 4 over 120 s), the rest parked meanwhile.
+    sink.reset_max_in_flight(0);
+    publish_posts(&app, 4).await;
+    wait_for("the four posts", Duration::from_secs(60), || async {
+        posts_delivered(&sink, 0) == 5
+    })
+    .await;
+    assert_eq!(sink.max_in_flight(0), 1, "not ramping");
+    assert!(
+        app.metric(
+            "delivery",
+            "stampede_deliveries_total",
+            "outcome=\"deferred\""
+        )
+        .await
+            >= 1
+    );
+    app.stop().await;
+}
+
+/// Time until every healthy server got `posts` posts.
+async fn healthy_run(with_bad_hosts: bool) -> Duration {
+    const HEALTHY: usize = 50;
+    const POSTS: usize = 8;
+    let app = spawn_app(
+        Backend::External,
+        AppOptions {
+            extra: vec![
+                ("STAMPEDE_PREFETCH", "16".into()),
+                ("STAMPEDE_HOST_CONCURRENCY", "2".into()),
+                ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "30".into()),
+            ],
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let servers = if with_bad_hosts { HEALTHY + 2 } else { HEALTHY };
+    let sink = Sink::start(SinkOptions {
+        servers,
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    let alice = app.create_actor("alice").await;
+    let followers: Vec<_> = (0..servers).map(|i| sink.actor(i, "f").unwrap()).collect();
+    app.seed_followers(alice, &followers).await;
+    if with_bad_hosts {
+        // The last two: one down, one answering after 20 s.
+        sink.set_down(HEALTHY).unwrap();
+        sink.set_behavior(HEALTHY + 1, Behavior::Slow(Duration::from_secs(20)))
+            .unwrap();
+    }
+    // Let the slow host's deliveries be first in the queue.
+    let started = Instant::now();
+    publish_posts(&app, POSTS).await;
+    wait_for(
+        "every healthy server's posts",
+        Duration::from_secs(120),
+        || async { (0..HEALTHY).all(|i| posts_delivered(&sink, i) == POSTS) },
+    )
+    .await;
+    let took = started.elapsed();
+    if with_bad_hosts {
+        // The slow host never had more than its lane's two in flight.
+        assert!(sink.max_in_flight(HEALTHY + 1) <= 2);
+    }
+    app.stop().await;
+    took
+}
+
+/// One dead host and one that takes 20 s among 50 healthy ones, with a
+/// worker that holds only 16 messages at once: without per-host lanes the
+/// slow host's jobs would fill the worker for 20 s at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_and_a_slow_host_do_not_slow_the_healthy_ones() {
+    let baseline = healthy_run(false).await;
+    let with_bad = healthy_run(true).await;
+    assert!(
+        with_bad <= baseline * 3 + Duration::from_secs(5),
+        "healthy hosts took {with_bad:?} with bad hosts around, {baseline:?} without"
+    );
+    assert!(
+        with_bad < Duration::from_secs(20),
+        "healthy hosts waited for the slow one: {with_bad:?}"
+    );
+}
+
+crate::both_backends!(circuit_opens_is_probed_closes_and_ramps_up);
