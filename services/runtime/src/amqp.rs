@@ -3,6 +3,7 @@
 //! acknowledgement, and delayed retries held by the broker in delay tiers
 //! (queues with a queue-level TTL that dead-letter back into the work queue;
 //! per-message TTLs in one queue would stall behind longer ones).
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use tokio::sync::{watch, RwLock};
 
 use crate::queue::{Acker, Consumer, DeadInfo, Depth, Incoming, OutMessage, Queue, QueueName};
 use crate::{Error, Result};
@@ -34,29 +37,89 @@ pub const SOURCE_HEADER: &str = "x-stampede-source";
 /// The RabbitMQ queue.
 #[derive(Clone)]
 pub struct AmqpQueue {
+    inner: Arc<Inner>,
+    namespace: String,
+}
+
+/// One connection and its confirming publisher channel.
+#[derive(Clone)]
+struct Link {
     conn: Arc<Connection>,
     publisher: Channel,
+}
+
+struct Inner {
+    url: String,
+    connection_name: String,
     namespace: String,
+    link: RwLock<Link>,
+    /// Bumped on every reconnection; consumers and publishers wait on it.
+    generation: watch::Sender<u64>,
+    connected: AtomicBool,
+}
+
+/// How long a publisher waits for the broker to come back before failing.
+const RECONNECT_WAIT: Duration = Duration::from_secs(10);
+/// Backoff between reconnection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+async fn open_link(url: &str, connection_name: &str) -> Result<Link> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(LongString::from(connection_name.to_string()));
+    let conn = Connection::connect(url, props).await?;
+    let publisher = conn.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(Link {
+        conn: Arc::new(conn),
+        publisher,
+    })
 }
 
 impl AmqpQueue {
     /// Connects, opens a confirming publisher channel and declares the
-    /// topology (idempotent: every process does it at start).
+    /// topology (idempotent: every process does it at start). A supervisor
+    /// then reconnects with backoff whenever the connection drops: while it
+    /// is down `is_connected` is false (readiness says so), publishers wait
+    /// for it up to 10 s and then fail, and consumers resume on the new
+    /// connection (what they held unacknowledged the broker redelivers).
     pub async fn connect(url: &str, namespace: &str, connection_name: &str) -> Result<Self> {
-        let props = ConnectionProperties::default()
-            .with_connection_name(LongString::from(connection_name.to_string()));
-        let conn = Connection::connect(url, props).await?;
-        let publisher = conn.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let link = open_link(url, connection_name).await?;
+        let (generation, _) = watch::channel(0);
         let q = Self {
-            conn: Arc::new(conn),
-            publisher,
+            inner: Arc::new(Inner {
+                url: url.to_string(),
+                connection_name: connection_name.to_string(),
+                namespace: namespace.to_string(),
+                link: RwLock::new(link),
+                generation,
+                connected: AtomicBool::new(true),
+            }),
             namespace: namespace.to_string(),
         };
         q.declare().await?;
+        tokio::spawn(supervise(Arc::downgrade(&q.inner)));
         Ok(q)
+    }
+
+    /// The current link, waiting for a reconnection when the broker is away.
+    async fn link(&self) -> Result<Link> {
+        let mut rx = self.inner.generation.subscribe();
+        let deadline = tokio::time::Instant::now() + RECONNECT_WAIT;
+        loop {
+            if self.inner.connected.load(Ordering::Acquire) {
+                let link = self.inner.link.read().await.clone();
+                if link.conn.status().connected() {
+                    return Ok(link);
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(Error::Queue("the broker is unreachable".into())),
+            }
+        }
     }
 
     /// Full name of a queue.
@@ -74,71 +137,8 @@ impl AmqpQueue {
     }
 
     async fn declare(&self) -> Result<()> {
-        let ch = self.conn.create_channel().await?;
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        for q in QueueName::ALL {
-            let mut args = FieldTable::default();
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-            ch.queue_declare(self.name(q).into(), durable, args).await?;
-        }
-        ch.exchange_declare(
-            self.events_exchange().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-        ch.queue_bind(
-            self.name(QueueName::App).into(),
-            self.events_exchange().into(),
-            "accepted".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        for q in DELAYED {
-            for secs in DELAY_TIERS_SECS {
-                let mut args = FieldTable::default();
-                args.insert(
-                    "x-queue-type".into(),
-                    AMQPValue::LongString("quorum".into()),
-                );
-                args.insert(
-                    "x-message-ttl".into(),
-                    AMQPValue::LongLongInt((*secs * 1000) as i64),
-                );
-                args.insert(
-                    "x-dead-letter-exchange".into(),
-                    AMQPValue::LongString("".into()),
-                );
-                args.insert(
-                    "x-dead-letter-routing-key".into(),
-                    AMQPValue::LongString(self.name(q).into()),
-                );
-                // Quorum queues dead-letter at-least-once only with reject-publish overflow.
-                args.insert(
-                    "x-dead-letter-strategy".into(),
-                    AMQPValue::LongString("at-least-once".into()),
-                );
-                args.insert(
-                    "x-overflow".into(),
-                    AMQPValue::LongString("reject-publish".into()),
-                );
-                ch.queue_declare(self.delay_name(q, *secs).into(), durable, args)
-                    .await?;
-            }
-        }
-        let _ = ch.close(200, "declared".into()).await;
-        Ok(())
+        let conn = self.inner.link.read().await.conn.clone();
+        declare(&conn, &self.namespace).await
     }
 
     async fn send(
@@ -155,6 +155,8 @@ impl AmqpQueue {
             props = props.with_headers(h);
         }
         Ok(self
+            .link()
+            .await?
             .publisher
             .basic_publish(
                 ShortString::from(""),
@@ -171,7 +173,7 @@ impl AmqpQueue {
 
     /// Deletes every queue of this namespace (tests clean up with it).
     pub async fn delete_all(&self) -> Result<()> {
-        let ch = self.conn.create_channel().await?;
+        let ch = self.link().await?.conn.create_channel().await?;
         let mut names: Vec<String> = QueueName::ALL.iter().map(|q| self.name(*q)).collect();
         for q in DELAYED {
             for secs in DELAY_TIERS_SECS {
@@ -184,6 +186,114 @@ impl AmqpQueue {
         ch.exchange_delete(self.events_exchange().into(), Default::default())
             .await?;
         Ok(())
+    }
+}
+
+async fn declare(conn: &Connection, namespace: &str) -> Result<()> {
+    let ch = conn.create_channel().await?;
+
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    for q in QueueName::ALL {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        ch.queue_declare(format!("{namespace}.{}", q.suffix()).into(), durable, args)
+            .await?;
+    }
+    ch.exchange_declare(
+        format!("{namespace}.verified").into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        format!("{namespace}.{}", QueueName::App.suffix()).into(),
+        format!("{namespace}.verified").into(),
+        "accepted".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    for q in DELAYED {
+        for secs in DELAY_TIERS_SECS {
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt((*secs * 1000) as i64),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(format!("{namespace}.{}", q.suffix()).into()),
+            );
+            // Quorum queues dead-letter at-least-once only with reject-publish overflow.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+            ch.queue_declare(
+                format!("{namespace}.{}.delay.{secs}s", q.suffix()).into(),
+                durable,
+                args,
+            )
+            .await?;
+        }
+    }
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Watches the connection and replaces it when it drops, with backoff.
+async fn supervise(inner: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Some(i) = inner.upgrade() else { return };
+        if i.link.read().await.conn.status().connected() {
+            continue;
+        }
+        i.connected.store(false, Ordering::Release);
+        tracing::warn!(connection = %i.connection_name, "broker connection lost; reconnecting");
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match open_link(&i.url, &i.connection_name).await {
+                Ok(link) => match declare(&link.conn, &i.namespace).await {
+                    Ok(()) => {
+                        *i.link.write().await = link;
+                        i.connected.store(true, Ordering::Release);
+                        i.generation.send_modify(|g| *g += 1);
+                        tracing::info!(connection = %i.connection_name, "broker connection restored");
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "declaring after reconnect failed"),
+                },
+                Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            if Arc::strong_count(&i) == 1 {
+                return;
+            }
+        }
     }
 }
 
@@ -276,6 +386,8 @@ impl Queue for AmqpQueue {
             .with_type(ShortString::from(msg.kind));
         // Not mandatory: an event nobody binds to is not an error.
         let c = self
+            .link()
+            .await?
             .publisher
             .basic_publish(
                 self.events_exchange().into(),
@@ -289,24 +401,17 @@ impl Queue for AmqpQueue {
     }
 
     async fn consume(&self, queue: QueueName, prefetch: u16) -> Result<Box<dyn Consumer>> {
-        let ch = self.conn.create_channel().await?;
-        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let consumer = ch
-            .basic_consume(
-                self.name(queue).into(),
-                ShortString::from(format!("stampede-{}", uuid::Uuid::new_v4())),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let current = self.start_consumer(queue, prefetch).await?;
         Ok(Box::new(AmqpConsumer {
-            inner: consumer,
-            channel: ch,
+            queue: self.clone(),
+            name: queue,
+            prefetch,
+            current: Some(current),
         }))
     }
 
     async fn depths(&self) -> Result<Vec<Depth>> {
-        let ch = self.conn.create_channel().await?;
+        let ch = self.link().await?.conn.create_channel().await?;
         let mut out = Vec::new();
         for q in QueueName::ALL {
             let name = self.name(q);
@@ -331,20 +436,46 @@ impl Queue for AmqpQueue {
     }
 
     fn is_connected(&self) -> bool {
-        self.conn.status().connected()
+        self.inner.connected.load(Ordering::Acquire)
     }
 }
 
+impl AmqpQueue {
+    async fn start_consumer(
+        &self,
+        queue: QueueName,
+        prefetch: u16,
+    ) -> Result<(lapin::Consumer, Channel)> {
+        let ch = self.link().await?.conn.create_channel().await?;
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let consumer = ch
+            .basic_consume(
+                self.name(queue).into(),
+                ShortString::from(format!("stampede-{}", uuid::Uuid::new_v4())),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((consumer, ch))
+    }
+}
+
+/// A consumer that survives reconnections: when its channel goes, it waits
+/// for the new connection and consumes again.
 struct AmqpConsumer {
-    inner: lapin::Consumer,
-    channel: Channel,
+    queue: AmqpQueue,
+    name: QueueName,
+    prefetch: u16,
+    current: Option<(lapin::Consumer, Channel)>,
 }
 
 impl Drop for AmqpConsumer {
     /// Closing the channel hands every unacknowledged message back to the
     /// queue at once (a dropped subscriber, a stopping worker).
     fn drop(&mut self) {
-        let ch = self.channel.clone();
+        let Some((_, ch)) = self.current.take() else {
+            return;
+        };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = ch.close(200, "consumer closed".into()).await;
@@ -356,9 +487,30 @@ impl Drop for AmqpConsumer {
 #[async_trait]
 impl Consumer for AmqpConsumer {
     async fn next(&mut self) -> Option<Result<Incoming>> {
-        let d = match self.inner.next().await? {
-            Ok(d) => d,
-            Err(e) => return Some(Err(e.into())),
+        let d = loop {
+            let Some((consumer, _)) = self.current.as_mut() else {
+                match self.queue.start_consumer(self.name, self.prefetch).await {
+                    Ok(c) => {
+                        tracing::info!(queue = self.name.suffix(), "consuming again");
+                        self.current = Some(c);
+                    }
+                    Err(e) => {
+                        tracing::debug!(queue = self.name.suffix(), error = %e, "cannot consume yet");
+                        tokio::time::sleep(BACKOFF_MAX / 5).await;
+                    }
+                }
+                continue;
+            };
+            match consumer.next().await {
+                Some(Ok(d)) => break d,
+                Some(Err(e)) => {
+                    tracing::warn!(queue = self.name.suffix(), error = %e, "consumer lost; resuming after reconnection");
+                }
+                None => {
+                    tracing::warn!(queue = self.name.suffix(), "consumer cancelled; resuming");
+                }
+            }
+            self.current = None;
         };
         Some(Ok(Incoming {
             kind: d.properties.kind().as_ref().map(|k| k.as_str().to_string()),

@@ -79,6 +79,9 @@ macro_rules! both_backends {
 pub struct AppOptions {
     pub allow_private_networks: bool,
     pub extra: Vec<(&'static str, String)>,
+    /// External only: services not to start in the test process (a test
+    /// runs them as child processes).
+    pub skip: Vec<&'static str>,
 }
 
 impl Default for AppOptions {
@@ -86,6 +89,7 @@ impl Default for AppOptions {
         Self {
             allow_private_networks: true,
             extra: Vec::new(),
+            skip: Vec::new(),
         }
     }
 }
@@ -96,6 +100,8 @@ pub struct TestApp {
     pub grpc: Channel,
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
+    /// The configuration the services run with, as environment variables.
+    pub env: HashMap<&'static str, String>,
     /// External: the test's database. Embedded: the test's data directory.
     cleanup: Cleanup,
     shutdown: CancellationToken,
@@ -153,6 +159,9 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
     let mut ingest_grpc_addr = None;
     let mut metrics = HashMap::new();
     for name in ["ingest", "inbox", "fanout", "delivery"] {
+        if opts.skip.contains(&name) {
+            continue;
+        }
         let grpc = listener().await;
         if name == "ingest" {
             ingest_grpc_addr = Some(grpc.local_addr().unwrap());
@@ -211,6 +220,7 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
         store: Arc::new(store),
         queue: Arc::new(queue),
         cleanup: Cleanup::External { db_name },
+        env: vars,
         shutdown,
         services,
         metrics,
@@ -266,6 +276,7 @@ async fn spawn_all_in_one(namespace: String, opts: AppOptions) -> TestApp {
         store,
         queue,
         cleanup: Cleanup::Embedded { data_dir },
+        env: vars,
         shutdown,
         services: vec![("up", h)],
         metrics: ["ingest", "inbox", "fanout", "delivery"]
@@ -306,6 +317,13 @@ impl TestApp {
                     .and_then(|rest| rest.strip_prefix(' '))
             })
             .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    }
+
+    /// The status `/readyz` of `service` answers.
+    pub async fn readyz(&self, service: &str) -> u16 {
+        reqwest::get(format!("http://{}/readyz", self.metrics[service]))
+            .await
+            .map_or(0, |r| r.status().as_u16())
     }
 
     /// Messages waiting in the application's queue.
@@ -423,5 +441,71 @@ where
             panic!("timed out after {limit:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP proxy the test controls, between the services and a backend: it
+/// can cut every connection and refuse new ones for a while.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Mutex<CancellationToken>,
+    blocked: Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> Arc<Self> {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let p = Arc::new(Self {
+            port: l.local_addr().unwrap().port(),
+            cut: std::sync::Mutex::new(CancellationToken::new()),
+            blocked: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            stop: CancellationToken::new(),
+        });
+        let me = p.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    _ = me.stop.cancelled() => return,
+                    a = l.accept() => match a { Ok(a) => a, Err(_) => continue },
+                };
+                if me.blocked.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let cut = me.cut.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+        p
+    }
+
+    /// Drops every open connection and refuses new ones until [`Proxy::unblock`].
+    pub fn cut_and_block(&self) {
+        self.blocked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut c = self.cut.lock().unwrap();
+        c.cancel();
+        *c = CancellationToken::new();
+    }
+
+    pub fn unblock(&self) {
+        self.blocked
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.cut.lock().unwrap().cancel();
     }
 }
