@@ -14,7 +14,7 @@ use crate::{Error, Result};
 /// within a minute for passing blips, then growing to six hours, about 40
 /// hours in all before the delivery is dead-lettered.
 pub const DEFAULT_RETRY_SCHEDULE_SECS: &[u64] = &[
-    30, 300, 1800, 3600, 10800, 21600, 21600, 21600, 21600, 21600, 21600,
+    30, 300, 1800, 3600, 10800, 21600, 21600, 21600, 21600, 21600, 21600, 21600,
 ];
 
 /// A secret that never shows in `Debug` output or logs.
