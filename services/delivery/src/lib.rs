@@ -144,8 +144,14 @@ impl Delivery {
         let b = &self.p.backends;
         let cfg = &self.p.cfg;
         let (gate, health) = hosts::gate(b, cfg, host).await?;
+        let mut class = "normal";
         let limit = match gate {
-            Gate::Go { limit } => limit,
+            Gate::Go { limit } => {
+                if limit < cfg.host_concurrency {
+                    class = "ramping";
+                }
+                limit
+            }
             Gate::Paused => return self.park(job, PARK_DELAY, "parked").await,
             Gate::Open(wait) => return self.park(job, wait, "circuit_open").await,
             Gate::Probing => return self.park(job, PARK_DELAY, "circuit_open").await,
@@ -167,6 +173,7 @@ impl Delivery {
             Gate::Probe => {
                 if self.probe(host, &job.inbox).await {
                     hosts::record_success(b, cfg, host, &health).await?;
+                    class = "probe";
                     1
                 } else {
                     hosts::probe_failed(b, cfg, host, &health).await?;
@@ -188,7 +195,13 @@ impl Delivery {
             Err(wait) => return self.park(job, wait, "deferred").await,
         };
         let started = Instant::now();
+        let in_flight = m
+            .delivery_in_flight
+            .get_or_create(&[("host_class", class)])
+            .clone();
+        in_flight.inc();
         let attempt = self.attempt(job, host).await;
+        in_flight.dec();
         drop(slot);
         m.delivery_seconds.observe(started.elapsed().as_secs_f64());
         let outcome = match attempt {

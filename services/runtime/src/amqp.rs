@@ -147,13 +147,12 @@ impl AmqpQueue {
         kind: &str,
         payload: &[u8],
         headers: Option<FieldTable>,
+        ready_ms: i64,
     ) -> Result<lapin::PublisherConfirm> {
-        let mut props = BasicProperties::default()
+        let props = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_type(ShortString::from(kind));
-        if let Some(h) = headers {
-            props = props.with_headers(h);
-        }
+            .with_type(ShortString::from(kind))
+            .with_headers(message_headers(headers, ready_ms));
         Ok(self
             .link()
             .await?
@@ -315,7 +314,7 @@ async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<()> {
 impl Queue for AmqpQueue {
     async fn publish(&self, queue: QueueName, msg: OutMessage) -> Result<()> {
         confirmed(
-            self.send(self.name(queue), msg.kind, &msg.payload, None)
+            self.send(self.name(queue), msg.kind, &msg.payload, None, now_ms())
                 .await?,
         )
         .await
@@ -324,8 +323,12 @@ impl Queue for AmqpQueue {
     async fn publish_batch(&self, queue: QueueName, msgs: Vec<OutMessage>) -> Result<()> {
         let name = self.name(queue);
         let mut pending = Vec::with_capacity(msgs.len());
+        let now = now_ms();
         for m in &msgs {
-            pending.push(self.send(name.clone(), m.kind, &m.payload, None).await?);
+            pending.push(
+                self.send(name.clone(), m.kind, &m.payload, None, now)
+                    .await?,
+            );
         }
         for p in pending {
             confirmed(p).await?;
@@ -352,7 +355,12 @@ impl Queue for AmqpQueue {
             )));
         }
         let target = self.delay_name(queue, tier);
-        confirmed(self.send(target, msg.kind, &msg.payload, None).await?).await?;
+        let ready = now_ms() + (tier * 1000) as i64;
+        confirmed(
+            self.send(target, msg.kind, &msg.payload, None, ready)
+                .await?,
+        )
+        .await?;
         Ok(Duration::from_secs(tier))
     }
 
@@ -375,6 +383,7 @@ impl Queue for AmqpQueue {
                 kind.unwrap_or(""),
                 payload,
                 Some(h),
+                now_ms(),
             )
             .await?;
         confirmed(c).await
@@ -383,7 +392,8 @@ impl Queue for AmqpQueue {
     async fn publish_event(&self, routing_key: &str, msg: OutMessage) -> Result<()> {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_type(ShortString::from(msg.kind));
+            .with_type(ShortString::from(msg.kind))
+            .with_headers(message_headers(None, now_ms()));
         // Not mandatory: an event nobody binds to is not an error.
         let c = self
             .link()
@@ -516,9 +526,45 @@ impl Consumer for AmqpConsumer {
             kind: d.properties.kind().as_ref().map(|k| k.as_str().to_string()),
             payload: Bytes::from(d.data),
             redelivered: d.redelivered,
+            ready_unix_ms: ready_ms(&d.properties),
+            traceparent: traceparent(&d.properties),
             dead: dead_info(&d.properties),
             acker: Box::new(AmqpAcker(d.acker)),
         }))
+    }
+}
+
+/// Header carrying when a message becomes ready (unix ms).
+const READY_HEADER: &str = "x-stampede-ready-ms";
+/// W3C trace context of the publisher's span.
+const TRACEPARENT_HEADER: &str = "traceparent";
+
+fn now_ms() -> i64 {
+    crate::sqlite::now_ms()
+}
+
+/// Headers every message carries: when it is ready and, when tracing, the
+/// publisher's trace context.
+fn message_headers(extra: Option<FieldTable>, ready_ms: i64) -> FieldTable {
+    let mut h = extra.unwrap_or_default();
+    h.insert(READY_HEADER.into(), AMQPValue::LongLongInt(ready_ms));
+    if let Some(tp) = crate::telemetry::current_traceparent() {
+        h.insert(TRACEPARENT_HEADER.into(), AMQPValue::LongString(tp.into()));
+    }
+    h
+}
+
+fn traceparent(props: &BasicProperties) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(TRACEPARENT_HEADER)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+fn ready_ms(props: &BasicProperties) -> Option<i64> {
+    match props.headers().as_ref()?.inner().get(READY_HEADER)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
     }
 }
 

@@ -24,9 +24,10 @@ use crate::queue::{Acker, Consumer, DeadInfo, Depth, Incoming, OutMessage, Queue
 use crate::sqlite::{now_ms, DataDirLock, Db};
 use crate::{Error, Result};
 
-const SCHEMA: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE messages (
+const SCHEMA: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE messages (
         id      INTEGER PRIMARY KEY AUTOINCREMENT,
         queue   TEXT NOT NULL,
         kind    TEXT,
@@ -35,7 +36,13 @@ const SCHEMA: &[(i32, &str)] = &[(
         reason  TEXT,
         source  TEXT
     )",
-)];
+    ),
+    (
+        2,
+        "ALTER TABLE messages ADD COLUMN ready_at INTEGER;
+     ALTER TABLE messages ADD COLUMN traceparent TEXT",
+    ),
+];
 
 /// The routing key of verified activities bound to the application's queue.
 const ACCEPTED: &str = "accepted";
@@ -47,6 +54,8 @@ struct Msg {
     payload: Bytes,
     redelivered: bool,
     dead: Option<DeadInfo>,
+    ready_ms: i64,
+    traceparent: Option<String>,
 }
 
 #[derive(Debug)]
@@ -148,6 +157,8 @@ struct NewRow {
     payload: Vec<u8>,
     due: i64,
     dead: Option<DeadInfo>,
+    ready: i64,
+    traceparent: Option<String>,
 }
 
 /// The embedded implementation of [`Queue`].
@@ -164,7 +175,8 @@ impl EmbeddedQueue {
         let rows = db
             .call(|c| {
                 let mut s = c.prepare(
-                    "SELECT id, queue, kind, payload, due_at, reason, source FROM messages ORDER BY id",
+                    "SELECT id, queue, kind, payload, due_at, reason, source, ready_at, traceparent
+                     FROM messages ORDER BY id",
                 )?;
                 let rows = s
                     .query_map([], |r| {
@@ -176,6 +188,8 @@ impl EmbeddedQueue {
                             r.get::<_, i64>(4)?,
                             r.get::<_, Option<String>>(5)?,
                             r.get::<_, Option<String>>(6)?,
+                            r.get::<_, Option<i64>>(7)?,
+                            r.get::<_, Option<String>>(8)?,
                         ))
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -190,7 +204,7 @@ impl EmbeddedQueue {
             }),
         };
         let loaded = rows.len();
-        for (id, queue, kind, payload, due, reason, source) in rows {
+        for (id, queue, kind, payload, due, reason, source, ready, traceparent) in rows {
             let Some(name) = queue_by_suffix(&queue) else {
                 tracing::warn!(id, queue, "stored message for an unknown queue left alone");
                 continue;
@@ -206,6 +220,8 @@ impl EmbeddedQueue {
                     payload: Bytes::from(payload),
                     redelivered: true,
                     dead,
+                    ready_ms: ready.unwrap_or(due),
+                    traceparent,
                 },
                 due,
             );
@@ -234,8 +250,8 @@ impl EmbeddedQueue {
             .db
             .call(move |c| {
                 let mut s = c.prepare_cached(
-                    "INSERT INTO messages (queue, kind, payload, due_at, reason, source)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO messages (queue, kind, payload, due_at, reason, source, ready_at, traceparent)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?;
                 let mut ids = Vec::with_capacity(rows.len());
                 for r in &rows {
@@ -249,7 +265,9 @@ impl EmbeddedQueue {
                         r.payload,
                         r.due,
                         reason,
-                        source
+                        source,
+                        r.ready,
+                        r.traceparent
                     ])?;
                     ids.push(c.last_insert_rowid());
                 }
@@ -264,6 +282,8 @@ impl EmbeddedQueue {
                     payload: Bytes::from(r.payload),
                     redelivered: false,
                     dead: r.dead,
+                    ready_ms: r.ready,
+                    traceparent: r.traceparent,
                 },
                 r.due,
             );
@@ -278,6 +298,8 @@ impl EmbeddedQueue {
             payload: msg.payload,
             due,
             dead: None,
+            ready: due.max(now_ms()),
+            traceparent: crate::telemetry::current_traceparent(),
         }
     }
 }
@@ -316,6 +338,8 @@ impl Queue for EmbeddedQueue {
             kind: kind.map(str::to_string),
             payload: payload.to_vec(),
             due: 0,
+            ready: now_ms(),
+            traceparent: crate::telemetry::current_traceparent(),
             dead: Some(DeadInfo {
                 reason: reason.to_string(),
                 source: self.full_name(from),
@@ -395,6 +419,8 @@ impl Consumer for EmbeddedConsumer {
                         kind: msg.kind.clone(),
                         payload: msg.payload.clone(),
                         redelivered: msg.redelivered,
+                        ready_unix_ms: Some(msg.ready_ms),
+                        traceparent: msg.traceparent.clone(),
                         dead: msg.dead.clone(),
                         acker: Box::new(EmbeddedAcker {
                             queue: self.queue.clone(),

@@ -11,6 +11,7 @@ use axum::Router;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -46,6 +47,15 @@ pub struct Metrics {
     pub inbound: Family<[(&'static str, &'static str); 2], Counter>,
     /// Time to verify one inbound activity, seconds.
     pub verify_seconds: Histogram,
+    /// Ready messages per queue (sampled).
+    pub queue_messages: Family<Label, Gauge>,
+    /// Per queue: how long the message most recently taken from its head
+    /// had been ready (the consumers' lag).
+    pub queue_oldest_age: Family<Label, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Deliveries in flight by host class (`normal`, `ramping`, `probe`).
+    pub delivery_in_flight: Family<Label, Gauge>,
+    /// Remote hosts whose deliveries are failing (sampled from the store).
+    pub hosts_failing: Gauge,
 }
 
 impl Metrics {
@@ -108,7 +118,35 @@ impl Metrics {
             "Time to verify one inbound activity",
             verify_seconds.clone(),
         );
+        let queue_messages = Family::<Label, Gauge>::default();
+        registry.register(
+            "queue_messages",
+            "Ready messages per queue",
+            queue_messages.clone(),
+        );
+        let queue_oldest_age = Family::<Label, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "queue_oldest_message_age_seconds",
+            "How long the message last taken from the head of the queue had been ready",
+            queue_oldest_age.clone(),
+        );
+        let delivery_in_flight = Family::<Label, Gauge>::default();
+        registry.register(
+            "delivery_in_flight",
+            "Deliveries in flight by host class (normal, ramping, probe)",
+            delivery_in_flight.clone(),
+        );
+        let hosts_failing = Gauge::default();
+        registry.register(
+            "hosts_failing",
+            "Remote hosts whose deliveries are failing",
+            hosts_failing.clone(),
+        );
         Arc::new(Self {
+            queue_messages,
+            queue_oldest_age,
+            delivery_in_flight,
+            hosts_failing,
             registry,
             key_cache,
             key_fetches,
@@ -145,6 +183,47 @@ impl Metrics {
         self.inbound
             .get_or_create(&[("stage", "verify"), ("result", result)])
             .inc();
+    }
+
+    /// Records the wait of a message just taken from `queue`.
+    pub fn queue_age(&self, queue: &'static str, ready_unix_ms: Option<i64>) {
+        if let Some(ready) = ready_unix_ms {
+            let age = (crate::sqlite::now_ms() - ready).max(0) as f64 / 1000.0;
+            self.queue_oldest_age
+                .get_or_create(&[("queue", queue)])
+                .set(age);
+        }
+    }
+
+    /// Samples queue depths and failing hosts every `every` until `shutdown`.
+    pub async fn sample(
+        self: Arc<Self>,
+        backends: Backends,
+        every: std::time::Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Ok(depths) = backends.queue.depths().await {
+                for d in depths {
+                    if let Some(q) = crate::queue::QueueName::ALL
+                        .into_iter()
+                        .find(|q| d.queue.ends_with(&format!(".{}", q.suffix())))
+                    {
+                        self.queue_messages
+                            .get_or_create(&[("queue", q.suffix())])
+                            .set(d.messages as i64);
+                    }
+                }
+            }
+            if let Ok(h) = backends.store.failing_hosts(10_000).await {
+                self.hosts_failing.set(h.len() as i64);
+            }
+        }
     }
 
     /// The text exposition.

@@ -139,6 +139,11 @@ impl Process {
         &self,
         listener: TcpListener,
     ) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        tokio::spawn(self.metrics.clone().sample(
+            self.backends.clone(),
+            std::time::Duration::from_secs(10),
+            self.shutdown.clone(),
+        ));
         tokio::spawn(crate::metrics::serve(
             listener,
             self.metrics.clone(),

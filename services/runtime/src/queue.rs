@@ -74,6 +74,11 @@ pub struct Incoming {
     pub payload: Bytes,
     /// Whether the broker delivered it before (a consumer died holding it).
     pub redelivered: bool,
+    /// When it became ready to consume (published, or its delay ended),
+    /// unix milliseconds, when known.
+    pub ready_unix_ms: Option<i64>,
+    /// W3C `traceparent` of the span that published it, when tracing.
+    pub traceparent: Option<String>,
     /// On the dead-letter queue: why the message was moved there and the
     /// queue it came from.
     pub dead: Option<DeadInfo>,

@@ -86,12 +86,14 @@ pub async fn serve<H: Handler>(
     prefetch: u16,
     handler: H,
 ) -> Result<()> {
+    let metrics = p.metrics.clone();
     run(
         p.backends.queue.clone(),
         queue,
         prefetch,
         p.shutdown.clone(),
         move |msg| {
+            metrics.queue_age(queue.suffix(), msg.ready_unix_ms);
             let h = handler.clone();
             async move { h.handle(msg).await }
         },

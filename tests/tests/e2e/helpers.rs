@@ -319,6 +319,16 @@ impl TestApp {
             .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
     }
 
+    /// The whole `/metrics` text of `service`.
+    pub async fn metrics_text(&self, service: &str) -> String {
+        reqwest::get(format!("http://{}/metrics", self.metrics[service]))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// The status `/readyz` of `service` answers.
     pub async fn readyz(&self, service: &str) -> u16 {
         reqwest::get(format!("http://{}/readyz", self.metrics[service]))

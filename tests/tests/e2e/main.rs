@@ -10,5 +10,6 @@ mod embedded;
 mod helpers;
 mod hosts;
 mod inbound;
+mod metrics;
 mod outbound;
 mod process;
