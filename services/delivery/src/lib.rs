@@ -61,6 +61,8 @@ struct Prepared {
     key_id: String,
     key: Arc<aws_lc_rs::rsa::KeyPair>,
     ap_id: String,
+    /// Activity type.
+    kind: String,
     /// A `Delete` of its own author: one attempt, no retries (the key that
     /// signs it is about to go).
     deletes_author: bool,
@@ -75,6 +77,12 @@ pub struct Delivery {
     p: Process,
     bodies: Arc<Mutex<LruCache<String, Arc<Prepared>>>>,
     lanes: Lanes,
+}
+
+/// Counts a delivery outcome and records it on the current (deliver) span.
+fn count_outcome(m: &stampede_runtime::metrics::Metrics, o: &'static str) {
+    m.delivery(o);
+    tracing::Span::current().record("outcome", o);
 }
 
 /// Whether a retryable outcome says the host is unwell (counts towards its
@@ -114,7 +122,15 @@ impl worker::Handler for Delivery {
             }
         };
         let host = inbox_host(&job.inbox).unwrap_or_default();
-        let span = tracing::info_span!("deliver", activity_key = %job.activity_key, inbox_host = %host, attempt = job.attempt);
+        let span = tracing::info_span!(
+            "deliver",
+            activity_key = %job.activity_key,
+            inbox_host = %host,
+            attempt = job.attempt,
+            activity_id = tracing::field::Empty,
+            activity_type = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
         let settled = tracing::Instrument::instrument(self.process(&job, &host), span).await;
         let ok = match settled {
             Ok(()) => msg.acker.ack().await,
@@ -137,7 +153,7 @@ impl Delivery {
         let store = &self.p.backends.store;
         let m = &self.p.metrics;
         if store.delivered(&job.activity_key, &job.inbox).await? {
-            m.delivery("skipped");
+            count_outcome(m, "skipped");
             tracing::debug!("already delivered");
             return Ok(());
         }
@@ -167,7 +183,7 @@ impl Delivery {
                     None,
                 )
                 .await?;
-                m.delivery("unavailable");
+                count_outcome(m, "unavailable");
                 return Ok(());
             }
             Gate::Probe => {
@@ -184,7 +200,7 @@ impl Delivery {
         if let Ok(prep) = self.prepared(&job.activity_key).await {
             if let Some((actor, object)) = &prep.supersedable {
                 if store.object_deleted(*actor, object).await? {
-                    m.delivery("superseded");
+                    count_outcome(m, "superseded");
                     tracing::info!(activity_id = %prep.ap_id, "superseded by a Delete of its object; not sent");
                     return Ok(());
                 }
@@ -237,7 +253,7 @@ impl Delivery {
                 store
                     .record_delivered(&job.activity_key, &job.inbox, host, status, job.attempt + 1)
                     .await?;
-                m.delivery("delivered");
+                count_outcome(m, "delivered");
                 tracing::info!(inbox_host = %host, status, attempt = job.attempt, "delivered");
             }
             Outcome::Retry {
@@ -278,7 +294,7 @@ impl Delivery {
                                 delay,
                             )
                             .await?;
-                        m.delivery("retry");
+                        count_outcome(m, "retry");
                         tracing::info!(inbox_host = %host, ?status, %reason, attempt = job.attempt, delay_secs = applied.as_secs(), "delivery failed; retry scheduled");
                     }
                     None => {
@@ -289,7 +305,7 @@ impl Delivery {
                             status,
                         )
                         .await?;
-                        m.delivery("failed");
+                        count_outcome(m, "failed");
                     }
                 }
             }
@@ -303,16 +319,16 @@ impl Delivery {
                 tracing::info!(inbox_host = %host, follows_removed = removed, "inbox gone; its follows removed");
                 self.dead(job, host, format!("gone: {reason}"), Some(410))
                     .await?;
-                m.delivery("gone");
+                count_outcome(m, "gone");
             }
             Outcome::Permanent { status, reason } => {
                 self.dead(job, host, reason, status).await?;
-                m.delivery("failed");
+                count_outcome(m, "failed");
             }
             Outcome::Refused { reason } => {
                 self.dead(job, host, format!("refused: {reason}"), None)
                     .await?;
-                m.delivery("refused");
+                count_outcome(m, "refused");
             }
         }
         Ok(())
@@ -334,7 +350,7 @@ impl Delivery {
             .queue
             .publish_delayed(QueueName::Delivery, out, wait)
             .await?;
-        self.p.metrics.delivery(why);
+        count_outcome(&self.p.metrics, why);
         tracing::debug!(why, wait_secs = wait.as_secs(), "parked");
         Ok(())
     }
@@ -423,6 +439,7 @@ impl Delivery {
             key_id: format!("{}#main-key", self.p.cfg.actor_id(&actor.name)),
             key: Arc::new(key_pair),
             ap_id: a.ap_id,
+            kind: a.kind.clone(),
         });
         if let Ok(mut c) = self.bodies.lock() {
             c.put(key.to_string(), p.clone());
@@ -463,6 +480,9 @@ impl Delivery {
                     .await?
                     .map_err(stampede_runtime::Error::from)?
             };
+        let span = tracing::Span::current();
+        span.record("activity_id", prep.ap_id.as_str());
+        span.record("activity_type", prep.kind.as_str());
         tracing::debug!(activity_id = %prep.ap_id, "posting");
         let req = self
             .p

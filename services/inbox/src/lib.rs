@@ -190,7 +190,8 @@ impl Inbox {
                 activity_type: info.kind.clone(),
                 key_id: v.key_id.clone().unwrap_or_default(),
                 received_unix_ms: job.received_unix_ms,
-                trace: job.trace.clone(),
+                trace: stampede_runtime::telemetry::current_trace_context()
+                    .or_else(|| job.trace.clone()),
             };
             self.p
                 .backends

@@ -60,7 +60,22 @@ impl PublishService for PublishApi {
         &self,
         req: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        Ok(Response::new(self.0.publish(req.into_inner()).await?))
+        let span = tracing::info_span!(
+            "publish",
+            actor = %req.get_ref().actor,
+            activity_id = tracing::field::Empty,
+            activity_type = tracing::field::Empty,
+        );
+        stampede_runtime::telemetry::set_parent(
+            &span,
+            req.metadata()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+        );
+        let r =
+            tracing::Instrument::instrument(self.0.publish(req.into_inner()), span.clone()).await?;
+        span.record("activity_id", r.activity_id.as_str());
+        Ok(Response::new(r))
     }
 }
 

@@ -70,7 +70,9 @@ impl InboundService for InboundApi {
                         _ => break,
                     },
                     msg = consumer.next() => match msg {
-                        Some(Ok(Incoming { payload, acker, .. })) => {
+                        Some(Ok(Incoming { payload, acker, traceparent, .. })) => {
+                            let span = tracing::info_span!("subscribe.deliver");
+                            stampede_runtime::telemetry::set_parent(&span, traceparent.as_deref());
                             let ev = match VerifiedActivity::decode(payload.as_ref()) {
                                 Ok(ev) => ev,
                                 Err(e) => {
@@ -91,7 +93,10 @@ impl InboundService for InboundApi {
                                 activity_type: ev.activity_type,
                                 received_unix_ms: ev.received_unix_ms,
                             };
-                            if tx.send(Ok(out)).await.is_err() {
+                            if tracing::Instrument::instrument(tx.send(Ok(out)), span)
+                                .await
+                                .is_err()
+                            {
                                 break;
                             }
                         }

@@ -75,6 +75,15 @@ pub async fn actor_inbox(
 }
 
 async fn accept(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: String) -> Response {
+    let span = tracing::info_span!("inbox.receive", path = %uri.path());
+    stampede_runtime::telemetry::set_parent(
+        &span,
+        headers.get("traceparent").and_then(|v| v.to_str().ok()),
+    );
+    tracing::Instrument::instrument(receive(s, uri, headers, body, inbox), span).await
+}
+
+async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: String) -> Response {
     let cfg = &s.cfg;
     let h = |n: &header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
     if let Some(len) = h(&header::CONTENT_LENGTH).and_then(|l| l.parse::<usize>().ok()) {
@@ -222,7 +231,7 @@ async fn accept(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: Stri
         recipient_inbox: inbox,
         received_unix_ms: now * 1000,
         attempt: 0,
-        trace: None,
+        trace: stampede_runtime::telemetry::current_trace_context(),
     };
     let msg = OutMessage {
         kind: INBOUND_JOB,

@@ -216,7 +216,6 @@ where
     Fut: Future<Output = std::result::Result<(), E>>,
     E: Display,
 {
-    crate::telemetry::init();
     let cfg = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -234,7 +233,8 @@ where
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
+        crate::telemetry::init_for(&format!("stampede-{name}"), "info,tokio_postgres=warn");
         let shutdown = crate::shutdown::on_signal();
         let listeners = match Listeners::bind(&cfg, with_http).await {
             Ok(l) => l,
@@ -257,5 +257,7 @@ where
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    crate::telemetry::shutdown();
+    code
 }

@@ -94,8 +94,15 @@ pub async fn serve<H: Handler>(
         p.shutdown.clone(),
         move |msg| {
             metrics.queue_age(queue.suffix(), msg.ready_unix_ms);
+            // One span per message, a child of the span that published it.
+            let span = tracing::info_span!(
+                "consume",
+                queue = queue.suffix(),
+                redelivered = msg.redelivered
+            );
+            crate::telemetry::set_parent(&span, msg.traceparent.as_deref());
             let h = handler.clone();
-            async move { h.handle(msg).await }
+            tracing::Instrument::instrument(async move { h.handle(msg).await }, span)
         },
     )
     .await

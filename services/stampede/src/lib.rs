@@ -166,11 +166,6 @@ pub fn main() -> ExitCode {
         },
         Command::Up => run_main("up", true, up::run),
         command => {
-            if matches!(command, Command::Demo(_)) {
-                stampede_runtime::telemetry::init_with_default("error");
-            } else {
-                stampede_runtime::telemetry::init();
-            }
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -181,6 +176,12 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let _runtime = rt.enter();
+            if matches!(command, Command::Demo(_)) {
+                stampede_runtime::telemetry::init_with_default("error");
+            } else {
+                stampede_runtime::telemetry::init();
+            }
             match rt.block_on(run(&cli.server, command)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
