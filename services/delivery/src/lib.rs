@@ -206,7 +206,7 @@ impl Delivery {
                 }
             }
         }
-        let slot = match self.lanes.try_acquire(host, limit) {
+        let slot = match self.lanes.acquire(host, limit).await {
             Ok(slot) => slot,
             Err(wait) => return self.park(job, wait, "deferred").await,
         };

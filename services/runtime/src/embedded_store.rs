@@ -175,6 +175,25 @@ impl Store for EmbeddedStore {
             .await
     }
 
+    async fn add_followers(&self, actor_id: i64, followers: &[Follower]) -> Result<()> {
+        for chunk in followers.chunks(10_000) {
+            let chunk = chunk.to_vec();
+            self.db
+                .call(move |c| {
+                    let mut s = c.prepare_cached(
+                        "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host)
+                         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (actor_id, follower) DO NOTHING",
+                    )?;
+                    for f in &chunk {
+                        s.execute(params![actor_id, f.actor, f.inbox, f.shared_inbox, f.host])?;
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn remove_follower(&self, actor_id: i64, follower: &str) -> Result<bool> {
         let follower = follower.to_string();
         self.db

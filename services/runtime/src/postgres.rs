@@ -238,6 +238,25 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn add_followers(&self, actor_id: i64, followers: &[Follower]) -> Result<()> {
+        let c = self.client().await?;
+        for chunk in followers.chunks(5000) {
+            let actors: Vec<&str> = chunk.iter().map(|f| f.actor.as_str()).collect();
+            let inboxes: Vec<&str> = chunk.iter().map(|f| f.inbox.as_str()).collect();
+            let shared: Vec<Option<&str>> =
+                chunk.iter().map(|f| f.shared_inbox.as_deref()).collect();
+            let hosts: Vec<&str> = chunk.iter().map(|f| f.host.as_str()).collect();
+            c.execute(
+                "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host)
+                 SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[])
+                 ON CONFLICT (actor_id, follower) DO NOTHING",
+                &[&actor_id, &actors, &inboxes, &shared, &hosts],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn remove_follower(&self, actor_id: i64, follower: &str) -> Result<bool> {
         let c = self.client().await?;
         let n = c

@@ -238,6 +238,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds (or refreshes) a follower of a local actor.
     async fn add_follower(&self, actor_id: i64, follower: &Follower) -> Result<()>;
+    /// Adds many followers at once (imports, benchmarks); existing ones are kept.
+    async fn add_followers(&self, actor_id: i64, followers: &[Follower]) -> Result<()>;
     /// Removes one follower; true when it was there.
     async fn remove_follower(&self, actor_id: i64, follower: &str) -> Result<bool>;
     /// Removes the follows of `follower` made by the Follow `follow_id`.

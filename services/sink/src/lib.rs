@@ -109,6 +109,15 @@ struct ServerState {
     fetches: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    verify_every: usize,
+    count_only: bool,
+    seq: AtomicUsize,
+    total: AtomicUsize,
+    unverified: AtomicUsize,
+    /// Count-only mode: accepted copies per (path, activity id).
+    accepted: Mutex<HashMap<(String, String), u32>>,
+    /// Count-only mode: when each accepted POST arrived.
+    arrivals: Mutex<Vec<std::time::Instant>>,
 }
 
 /// Counts a POST in progress; tracks the most seen at once.
@@ -183,6 +192,12 @@ pub struct SinkOptions {
     pub servers: usize,
     /// Which servers (by index) have a shared inbox.
     pub shared_inbox: Arc<dyn Fn(usize) -> bool + Send + Sync>,
+    /// Verify every Nth POST's signature and digest (1: all; 0: none), so
+    /// the sink is not the bottleneck of a benchmark.
+    pub verify_every: usize,
+    /// Keep only counts (accepted copies per inbox and activity, arrival
+    /// times), not every request: for benchmarks.
+    pub count_only: bool,
 }
 
 impl Default for SinkOptions {
@@ -190,6 +205,8 @@ impl Default for SinkOptions {
         Self {
             servers: 1,
             shared_inbox: Arc::new(|_| true),
+            verify_every: 1,
+            count_only: false,
         }
     }
 }
@@ -230,6 +247,13 @@ impl Sink {
                 fetches: AtomicUsize::new(0),
                 in_flight: AtomicUsize::new(0),
                 max_in_flight: AtomicUsize::new(0),
+                verify_every: opts.verify_every,
+                count_only: opts.count_only,
+                seq: AtomicUsize::new(0),
+                total: AtomicUsize::new(0),
+                unverified: AtomicUsize::new(0),
+                accepted: Mutex::new(HashMap::new()),
+                arrivals: Mutex::new(Vec::new()),
             });
             let token = shutdown.child_token();
             tokio::spawn(accept_loop(listener, router(state.clone()), token.clone()));
@@ -523,20 +547,34 @@ impl Sink {
     pub fn total_received(&self) -> usize {
         self.servers
             .iter()
-            .map(|s| s.state.received.lock().map_or(0, |r| r.len()))
+            .map(|s| s.state.total.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Count-only mode: accepted copies at server `i` per (path, activity id).
+    pub fn accepted_copies(&self, i: usize) -> HashMap<(String, String), u32> {
+        self.servers
+            .get(i)
+            .and_then(|s| s.state.accepted.lock().ok().map(|a| a.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Count-only mode: arrival times of every accepted POST, all servers.
+    pub fn arrivals(&self) -> Vec<std::time::Instant> {
+        let mut out = Vec::new();
+        for s in &self.servers {
+            if let Ok(a) = s.state.arrivals.lock() {
+                out.extend_from_slice(&a);
+            }
+        }
+        out
     }
 
     /// POSTs that failed verification, across all servers.
     pub fn total_unverified(&self) -> usize {
         self.servers
             .iter()
-            .map(|s| {
-                s.state
-                    .received
-                    .lock()
-                    .map_or(0, |r| r.iter().filter(|x| x.verified.is_err()).count())
-            })
+            .map(|s| s.state.unverified.load(Ordering::Relaxed))
             .sum()
     }
 
@@ -655,7 +693,13 @@ async fn inbox(
     }
     let path = uri.path().to_string();
     let path_and_query = uri.path_and_query().map_or(path.clone(), |p| p.to_string());
-    let (verified, key_id) = verify(&s, &method, &path_and_query, &headers, &body).await;
+    let n = s.seq.fetch_add(1, Ordering::Relaxed);
+    let check = s.verify_every != 0 && n % s.verify_every == 0;
+    let (verified, key_id) = if check {
+        verify(&s, &method, &path_and_query, &headers, &body).await
+    } else {
+        (Ok(()), None)
+    };
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let status = match (&behavior, &verified) {
         (Behavior::Status(code), _) => *code,
@@ -663,7 +707,25 @@ async fn inbox(
         (_, Ok(())) => 202,
         (_, Err(_)) => 401,
     };
-    if let Ok(mut r) = s.received.lock() {
+    s.total.fetch_add(1, Ordering::Relaxed);
+    if verified.is_err() {
+        s.unverified.fetch_add(1, Ordering::Relaxed);
+    }
+    if s.count_only {
+        if status < 300 {
+            let id = json
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            if let Ok(mut a) = s.accepted.lock() {
+                *a.entry((path, id)).or_insert(0) += 1;
+            }
+            if let Ok(mut a) = s.arrivals.lock() {
+                a.push(std::time::Instant::now());
+            }
+        }
+    } else if let Ok(mut r) = s.received.lock() {
         r.push(Received {
             path,
             activity_id: json.get("id").and_then(Value::as_str).map(str::to_string),

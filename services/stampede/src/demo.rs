@@ -201,6 +201,7 @@ async fn drive(
         Sink::start(SinkOptions {
             servers: args.servers,
             shared_inbox: Arc::new(|i| i % 4 != 3),
+            ..SinkOptions::default()
         })
         .await?,
     );

@@ -3,6 +3,7 @@
 //! from `--server` or `STAMPEDE_GRPC_ADDR`.
 #![deny(missing_docs)]
 
+mod bench;
 mod client;
 mod demo;
 mod sink;
@@ -82,6 +83,8 @@ enum Command {
     },
     /// Fake remote servers on 127.0.0.1 that verify every delivery they get.
     Sink(sink::SinkArgs),
+    /// Benchmarks against this machine's own ceiling: delivery, fanout.
+    Bench(bench::BenchArgs),
     /// Shows stampede at work in a minute: embedded stampede plus fake
     /// servers that follow, fail, slow down and die, live progress, a summary.
     Demo(demo::DemoArgs),
@@ -177,7 +180,7 @@ pub fn main() -> ExitCode {
                 }
             };
             let _runtime = rt.enter();
-            if matches!(command, Command::Demo(_)) {
+            if matches!(command, Command::Demo(_) | Command::Bench(_)) {
                 stampede_runtime::telemetry::init_with_default("error");
             } else {
                 stampede_runtime::telemetry::init();
@@ -366,6 +369,7 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
         }
         Command::Sink(args) => sink::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
 

@@ -50,6 +50,12 @@ pub struct SinkArgs {
     /// Followers per server with `--follow`.
     #[arg(long, default_value_t = 1)]
     followers_per_server: usize,
+    /// Verify every Nth POST's signature and digest (1: all, 0: none).
+    #[arg(long, default_value_t = 1)]
+    verify_every: usize,
+    /// Keep counts only, not every request (long runs, benchmarks).
+    #[arg(long)]
+    count_only: bool,
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 5)]
     every: u64,
@@ -96,6 +102,8 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
     let opts = SinkOptions {
         servers: args.servers,
         shared_inbox: std::sync::Arc::new(move |i| every == 0 || (i + 1) % every != 0),
+        verify_every: args.verify_every,
+        count_only: args.count_only,
     };
     let sink = Sink::start(opts).await?;
     if let Some(target) = &args.follow {
@@ -155,9 +163,10 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
             _ = stampede_runtime::shutdown::signal() => break,
             _ = tick.tick() => {
                 println!(
-                    "received {} POSTs ({} failed verification)",
+                    "received {} POSTs ({} failed verification), sink CPU {:.1} s",
                     sink.total_received(),
-                    sink.total_unverified()
+                    sink.total_unverified(),
+                    crate::bench::process_cpu_secs()
                 );
             }
         }

@@ -21,6 +21,7 @@ async fn each_status_class_has_its_outcome(backend: Backend) {
     let sink = Sink::start(SinkOptions {
         servers: 5,
         shared_inbox: Arc::new(|_| false),
+        ..SinkOptions::default()
     })
     .await
     .unwrap();

@@ -215,6 +215,7 @@ async fn kill_9_with_deliveries_pending_loses_none_and_sends_none_twice() {
     let sink = Sink::start(SinkOptions {
         servers: 10,
         shared_inbox: std::sync::Arc::new(|i| i % 2 == 0),
+        ..SinkOptions::default()
     })
     .await
     .unwrap();

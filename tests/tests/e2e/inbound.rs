@@ -500,6 +500,7 @@ async fn undo_delete_and_update_change_the_followers(backend: Backend) {
     let sink = Sink::start(SinkOptions {
         servers: 2,
         shared_inbox: Arc::new(|i| i == 0),
+        ..SinkOptions::default()
     })
     .await
     .unwrap();

@@ -23,6 +23,7 @@ async fn note_to_2000_followers_on_300_servers(backend: Backend) {
     let sink = Sink::start(SinkOptions {
         servers: 300,
         shared_inbox: Arc::new(|i| i % 3 != 0),
+        ..SinkOptions::default()
     })
     .await
     .unwrap();
@@ -95,6 +96,7 @@ async fn direct_addressing_reaches_only_the_addressed_and_hides_bcc(backend: Bac
     let sink = Sink::start(SinkOptions {
         servers: 4,
         shared_inbox: Arc::new(|i| i != 1),
+        ..SinkOptions::default()
     })
     .await
     .unwrap();

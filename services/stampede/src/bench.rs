@@ -1,0 +1,800 @@
+//! `stampede bench delivery|fanout`: end-to-end benchmarks against this
+//! machine's own ceiling, measured first in the same run, with a correctness
+//! check that fails the bench (nothing lost, nothing duplicated).
+//!
+//! Everything runs in this process: stampede (all in one, on the embedded
+//! backends or on RabbitMQ/Redis/PostgreSQL), and for delivery a sink of
+//! fake servers on its own runtime threads (`stampede-sink`) so its CPU is
+//! reported apart.
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+use stampede_core::activity::public_note;
+use stampede_proto::api::actor_service_client::ActorServiceClient;
+use stampede_proto::api::publish_service_client::PublishServiceClient;
+use stampede_proto::api::{CreateActorRequest, PublishRequest};
+use stampede_runtime::process::{Listeners, Process, ALL_IN_ONE};
+use stampede_runtime::queue::QueueName;
+use stampede_runtime::store::{Follower, NewActor, PrivateKey};
+use stampede_runtime::Config;
+use stampede_sink::{Sink, SinkOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// `stampede bench …`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// One Create to many followers: signed POSTs/s against the signing ceiling.
+    Delivery(DeliveryArgs),
+    /// One activity to a million followers: time until every delivery job is queued.
+    Fanout(FanoutArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendKind {
+    /// Embedded queue, store and cache in a temporary data directory.
+    Embedded,
+    /// RabbitMQ, Redis, PostgreSQL from STAMPEDE_AMQP_URL, STAMPEDE_REDIS_URL,
+    /// STAMPEDE_DATABASE_URL (a scratch database is created next to it).
+    External,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Every follower has only a personal inbox: one POST per follower.
+    Personal,
+    /// Every server has a shared inbox: one POST per server.
+    Shared,
+    /// Both, one after the other.
+    Both,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Backends to run on.
+    #[arg(long, value_enum, default_value = "embedded")]
+    backend: BackendKind,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Give up after this long.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+}
+
+#[derive(Debug, Args)]
+struct DeliveryArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Followers of the publishing actor.
+    #[arg(long, default_value_t = 10_000)]
+    followers: usize,
+    /// Fake servers they live on.
+    #[arg(long, default_value_t = 1_000)]
+    hosts: usize,
+    /// Personal inboxes, shared inboxes, or both.
+    #[arg(long, value_enum, default_value = "both")]
+    mode: Mode,
+    /// The sink verifies every Nth signature (1: all).
+    #[arg(long, default_value_t = 1)]
+    verify_every: usize,
+    /// Unacknowledged deliveries per worker (STAMPEDE_PREFETCH).
+    #[arg(long, default_value_t = 256)]
+    prefetch: u16,
+}
+
+#[derive(Debug, Args)]
+struct FanoutArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Followers of the publishing actor.
+    #[arg(long, default_value_t = 1_000_000)]
+    followers: usize,
+    /// Servers they live on (each with a shared inbox).
+    #[arg(long, default_value_t = 50_000)]
+    hosts: usize,
+}
+
+/// Runs a benchmark; an error when its correctness check fails.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.which {
+        Which::Delivery(a) => delivery(a).await,
+        Which::Fanout(a) => fanout(a).await,
+    }
+}
+
+// ---------------------------------------------------------------- ceilings
+
+/// RSA-2048 PKCS#1 v1.5 SHA-256 signatures per second with aws-lc-rs (the
+/// library delivery signs with): on one core, and on all cores at once.
+fn signing_ceiling(for_each: Duration) -> anyhow::Result<(f64, f64, usize)> {
+    let key = stampede_core::keys::generate_rsa_2048()?;
+    let pair = Arc::new(stampede_core::keys::load_private_key(
+        &key.private_pkcs8_der,
+    )?);
+    let msg = b"(request-target): post /inbox\nhost: remote.example\ndate: Fri, 27 Nov 2026 12:00:00 GMT\ndigest: SHA-256=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+    let run = |threads: usize| -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let pair = pair.clone();
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while started.elapsed() < for_each {
+                        if stampede_core::signature::rsa_sha256_sign(&pair, msg).is_ok() {
+                            n += 1;
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for h in handles {
+            total += h
+                .join()
+                .map_err(|_| anyhow::anyhow!("signing thread panicked"))?;
+        }
+        Ok(total as f64 / started.elapsed().as_secs_f64())
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok((run(1)?, run(cores)?, cores))
+}
+
+// ---------------------------------------------------------------- process facts
+
+/// Peak resident set of this process, MiB (`VmHWM`).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Starts peak-RSS accounting afresh (Linux `clear_refs` 5).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// CPU seconds of this process (user + system).
+pub fn process_cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .map_or(0.0, |s| cpu_of_stat(&s))
+}
+
+fn cpu_of_stat(stat: &str) -> f64 {
+    // Fields after the parenthesised command: state is field 3; utime 14, stime 15.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of this process's threads named `name`.
+fn threads_cpu_secs(name: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .map(|s| cpu_of_stat(&s))
+        .sum()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+// ---------------------------------------------------------------- deployment
+
+enum Cleanup {
+    Dir(PathBuf),
+    External {
+        admin_url: String,
+        db: String,
+        amqp: String,
+        redis: String,
+        namespace: String,
+    },
+}
+
+struct Deployment {
+    p: Process,
+    base: String,
+    grpc: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    cleanup: Cleanup,
+}
+
+#[derive(PartialEq, Eq)]
+enum Services {
+    /// All four (stampede up).
+    All,
+    /// Fanout only: jobs stay queued for counting.
+    FanoutOnly,
+}
+
+fn env(var: &str) -> anyhow::Result<String> {
+    std::env::var(var).with_context(|| format!("{var}: needed by --backend external"))
+}
+
+async fn deploy(
+    kind: BackendKind,
+    services: Services,
+    extra: &[(&'static str, String)],
+) -> anyhow::Result<Deployment> {
+    let ns = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let metrics = TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", http.local_addr()?);
+    let grpc_url = format!("http://{}", grpc.local_addr()?);
+    let mut vars: HashMap<&str, String> = HashMap::from([
+        ("STAMPEDE_PUBLIC_URL", base.clone()),
+        ("STAMPEDE_HTTP_ADDR", http.local_addr()?.to_string()),
+        ("STAMPEDE_GRPC_ADDR", grpc.local_addr()?.to_string()),
+        ("STAMPEDE_METRICS_ADDR", metrics.local_addr()?.to_string()),
+        ("STAMPEDE_NAMESPACE", ns.clone()),
+        ("STAMPEDE_ALLOW_PRIVATE_NETWORKS", "true".into()),
+        ("STAMPEDE_INBOUND_RATE_LIMIT", "0".into()),
+    ]);
+    let cleanup = match kind {
+        BackendKind::Embedded => {
+            let dir = std::env::temp_dir().join(format!("stampede-{ns}"));
+            vars.insert("STAMPEDE_DATA_DIR", dir.display().to_string());
+            Cleanup::Dir(dir)
+        }
+        BackendKind::External => {
+            let (amqp, redis, admin_url) = (
+                env("STAMPEDE_AMQP_URL")?,
+                env("STAMPEDE_REDIS_URL")?,
+                env("STAMPEDE_DATABASE_URL")?,
+            );
+            let db = format!("stampede_{ns}");
+            let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await?;
+            let db_url = match admin_url.rsplit_once('/') {
+                Some((head, _)) => format!("{head}/{db}"),
+                None => bail!("STAMPEDE_DATABASE_URL has no database name"),
+            };
+            vars.insert("STAMPEDE_AMQP_URL", amqp.clone());
+            vars.insert("STAMPEDE_REDIS_URL", redis.clone());
+            vars.insert("STAMPEDE_DATABASE_URL", db_url);
+            Cleanup::External {
+                admin_url,
+                db,
+                amqp,
+                redis,
+                namespace: ns.clone(),
+            }
+        }
+    };
+    for (k, v) in extra {
+        vars.insert(k, v.clone());
+    }
+    let cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
+    let shutdown = CancellationToken::new();
+    let p = Process::connect(cfg, ALL_IN_ONE, shutdown.clone()).await?;
+    let task = match services {
+        Services::All => tokio::spawn(crate::up::run(
+            p.clone(),
+            Listeners {
+                http: Some(http),
+                grpc,
+                metrics,
+            },
+        )),
+        Services::FanoutOnly => {
+            let f = stampede_fanout::Fanout::new(p.clone());
+            tokio::spawn(async move { f.run().await.map_err(anyhow::Error::from) })
+        }
+    };
+    Ok(Deployment {
+        p,
+        base,
+        grpc: grpc_url,
+        shutdown,
+        task,
+        cleanup,
+    })
+}
+
+impl Deployment {
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+        drop(self.p);
+        match self.cleanup {
+            Cleanup::Dir(d) => {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            Cleanup::External {
+                admin_url,
+                db,
+                amqp,
+                redis,
+                namespace,
+            } => {
+                stampede_runtime::amqp::AmqpQueue::connect(&amqp, &namespace, "bench-cleanup")
+                    .await?
+                    .delete_all()
+                    .await?;
+                stampede_runtime::redis_cache::RedisCache::connect(&redis, &namespace)
+                    .await?
+                    .delete_all()
+                    .await?;
+                let (client, conn) =
+                    tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_json(path: &Option<PathBuf>, v: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        std::fs::write(p, serde_json::to_vec_pretty(v)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("results written to {}", p.display());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- delivery
+
+async fn delivery(a: DeliveryArgs) -> anyhow::Result<()> {
+    if a.followers == 0 || a.hosts == 0 {
+        bail!("--followers and --hosts must be at least 1");
+    }
+    println!(
+        "stampede bench delivery: one Create to {} followers on {} hosts, backend {:?}",
+        a.followers, a.hosts, a.common.backend
+    );
+    let (one, all, cores) =
+        tokio::task::spawn_blocking(|| signing_ceiling(Duration::from_secs(2))).await??;
+    println!(
+        "ceiling: RSA-2048 signing with aws-lc-rs: {one:.0}/s on one core, {all:.0}/s on all {cores} cores"
+    );
+    let modes = match a.mode {
+        Mode::Both => vec![Mode::Personal, Mode::Shared],
+        m => vec![m],
+    };
+    let mut runs = Vec::new();
+    let mut ok = true;
+    for mode in modes {
+        let r = delivery_run(&a, mode, all).await?;
+        ok &= r["check"]["ok"].as_bool().unwrap_or(false);
+        runs.push(r);
+    }
+    println!();
+    println!(
+        "{:<9} {:>7} {:>8} {:>9} {:>9} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8}  check",
+        "mode",
+        "POSTs",
+        "seconds",
+        "POSTs/s",
+        "ceiling",
+        "ratio",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "RSS MiB",
+        "sink CPU"
+    );
+    for r in &runs {
+        println!(
+            "{:<9} {:>7} {:>8.2} {:>9.0} {:>9.0} {:>6.2} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>7.1}s  {}",
+            r["mode"].as_str().unwrap_or(""),
+            r["posts"],
+            r["seconds"].as_f64().unwrap_or(0.0),
+            r["rate"].as_f64().unwrap_or(0.0),
+            r["ceiling"].as_f64().unwrap_or(0.0),
+            r["ratio"].as_f64().unwrap_or(0.0),
+            r["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+            r["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+            r["latency_ms"]["max"].as_f64().unwrap_or(0.0),
+            r["peak_rss_mib"].as_f64().unwrap_or(0.0),
+            r["sink_cpu_secs"].as_f64().unwrap_or(0.0),
+            r["check"]["summary"].as_str().unwrap_or("")
+        );
+    }
+    write_json(
+        &a.common.json,
+        &json!({
+            "bench": "delivery",
+            "backend": format!("{:?}", a.common.backend).to_lowercase(),
+            "followers": a.followers,
+            "hosts": a.hosts,
+            "ceiling": {"what": "RSA-2048 PKCS#1 v1.5 SHA-256 signatures/s, aws-lc-rs", "one_core": one, "all_cores": all, "cores": cores},
+            "runs": runs,
+        }),
+    )?;
+    if !ok {
+        bail!("correctness check failed");
+    }
+    Ok(())
+}
+
+async fn delivery_run(
+    a: &DeliveryArgs,
+    mode: Mode,
+    ceiling: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let shared = mode == Mode::Shared;
+    let d = deploy(
+        a.common.backend,
+        Services::All,
+        &[
+            ("STAMPEDE_PREFETCH", a.prefetch.to_string()),
+            ("STAMPEDE_LOG_FORMAT", "text".into()),
+        ],
+    )
+    .await?;
+    // The sink on runtime threads of its own, so its CPU is measured apart.
+    let sink_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("stampede-sink")
+        .enable_all()
+        .build()?;
+    let opts = SinkOptions {
+        servers: a.hosts,
+        shared_inbox: Arc::new(move |_| shared),
+        verify_every: a.verify_every,
+        count_only: true,
+    };
+    let sink = Arc::new(sink_rt.spawn(Sink::start(opts)).await??);
+    let result = delivery_measure(a, mode, ceiling, &d, &sink).await;
+    sink.shutdown();
+    drop(sink);
+    sink_rt.shutdown_background();
+    d.stop().await?;
+    result
+}
+
+async fn delivery_measure(
+    a: &DeliveryArgs,
+    mode: Mode,
+    ceiling: f64,
+    d: &Deployment,
+    sink: &Sink,
+) -> anyhow::Result<serde_json::Value> {
+    let channel = Channel::from_shared(d.grpc.clone())?.connect().await?;
+    ActorServiceClient::new(channel.clone())
+        .create_actor(CreateActorRequest {
+            name: "bench".into(),
+            ..Default::default()
+        })
+        .await?;
+    let store = d.p.backends.store.clone();
+    let actor = store
+        .actor_by_name("bench")
+        .await?
+        .context("the bench actor vanished")?;
+    // Followers: u{j} on server j % hosts.
+    let mut followers = Vec::with_capacity(a.followers);
+    for j in 0..a.followers {
+        let f = sink
+            .actor(j % a.hosts, &format!("u{j}"))
+            .context("sink server")?;
+        followers.push(Follower {
+            actor: f.id,
+            inbox: f.inbox,
+            shared_inbox: f.shared_inbox,
+            host: f.host,
+            follow_id: None,
+        });
+    }
+    store.add_followers(actor.id, &followers).await?;
+    // Expected copies per server: the distinct targets.
+    let mut expected: Vec<std::collections::HashSet<String>> = vec![Default::default(); a.hosts];
+    for (j, f) in followers.iter().enumerate() {
+        let target = f.shared_inbox.clone().unwrap_or_else(|| f.inbox.clone());
+        let path = url::Url::parse(&target)?.path().to_string();
+        expected[j % a.hosts].insert(path);
+    }
+    let total: usize = expected.iter().map(|e| e.len()).sum();
+    println!(
+        "{}: {} followers seeded; publishing (expect {total} POSTs)",
+        if mode == Mode::Shared {
+            "shared"
+        } else {
+            "personal"
+        },
+        a.followers
+    );
+    let cpu_before = threads_cpu_secs("stampede-sink");
+    reset_peak_rss();
+    let note = public_note(&format!("{}/users/bench", d.base), "benchmark");
+    let started = Instant::now();
+    let id = PublishServiceClient::new(channel)
+        .publish(PublishRequest {
+            actor: "bench".into(),
+            activity_json: note.to_string(),
+            idempotency_key: String::new(),
+        })
+        .await?
+        .into_inner()
+        .activity_id;
+    let deadline = started + Duration::from_secs(a.common.timeout_secs);
+    let mut last = Instant::now();
+    while sink.total_received() < total {
+        if Instant::now() > deadline {
+            break;
+        }
+        if last.elapsed() > Duration::from_secs(2) {
+            println!(
+                "  {} of {total} POSTs after {:.1} s",
+                sink.total_received(),
+                started.elapsed().as_secs_f64()
+            );
+            last = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // Anything more (a duplicate) would come soon after.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sink_cpu = threads_cpu_secs("stampede-sink") - cpu_before;
+    let mut lost = 0usize;
+    let mut duplicated = 0usize;
+    for (i, want) in expected.iter().enumerate() {
+        let got = sink.accepted_copies(i);
+        for path in want {
+            match got.get(&(path.clone(), id.clone())) {
+                None => lost += 1,
+                Some(n) => duplicated += (*n as usize).saturating_sub(1),
+            }
+        }
+    }
+    let unverified = sink.total_unverified();
+    let mut lat: Vec<f64> = sink
+        .arrivals()
+        .into_iter()
+        .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(|x, y| x.total_cmp(y));
+    let rate = total as f64 / seconds.max(1e-9);
+    let ok = lost == 0 && duplicated == 0 && unverified == 0;
+    let summary = if ok {
+        "ok".to_string()
+    } else {
+        format!("FAILED: {lost} lost, {duplicated} duplicated, {unverified} unverified")
+    };
+    Ok(json!({
+        "mode": if mode == Mode::Shared { "shared" } else { "personal" },
+        "posts": total,
+        "seconds": seconds,
+        "rate": rate,
+        "ceiling": ceiling,
+        "ratio": rate / ceiling.max(1e-9),
+        "latency_ms": {
+            "what": "from Publish to arrival at the server",
+            "p50": percentile(&lat, 0.5),
+            "p90": percentile(&lat, 0.9),
+            "p99": percentile(&lat, 0.99),
+            "max": lat.last().copied().unwrap_or(0.0),
+        },
+        "peak_rss_mib": peak_rss_mib(),
+        "sink_cpu_secs": sink_cpu,
+        "sink_verified_every": a.verify_every,
+        "check": {"ok": ok, "lost": lost, "duplicated": duplicated, "unverified": unverified, "summary": summary},
+    }))
+}
+
+// ---------------------------------------------------------------- fanout
+
+async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
+    if a.followers == 0 || a.hosts == 0 {
+        bail!("--followers and --hosts must be at least 1");
+    }
+    println!(
+        "stampede bench fanout: one activity to {} followers on {} hosts, backend {:?}",
+        a.followers, a.hosts, a.common.backend
+    );
+    let d = deploy(a.common.backend, Services::FanoutOnly, &[]).await?;
+    let result = fanout_measure(&a, &d).await;
+    d.stop().await?;
+    let r = result?;
+    println!();
+    println!(
+        "{:>9} {:>7} {:>9} {:>11} {:>13} {:>6} {:>8} {:>9}  check",
+        "followers",
+        "targets",
+        "seconds",
+        "followers/s",
+        "ceiling (scan)",
+        "ratio",
+        "RSS MiB",
+        "job bytes"
+    );
+    println!(
+        "{:>9} {:>7} {:>9.2} {:>11.0} {:>13.0} {:>6.2} {:>8.0} {:>9}  {}",
+        r["followers"],
+        r["targets"],
+        r["seconds"].as_f64().unwrap_or(0.0),
+        r["rate"].as_f64().unwrap_or(0.0),
+        r["ceiling"].as_f64().unwrap_or(0.0),
+        r["ratio"].as_f64().unwrap_or(0.0),
+        r["peak_rss_mib"].as_f64().unwrap_or(0.0),
+        r["job_bytes"],
+        r["check"]["summary"].as_str().unwrap_or("")
+    );
+    write_json(&a.common.json, &r)?;
+    if !r["check"]["ok"].as_bool().unwrap_or(false) {
+        bail!("correctness check failed");
+    }
+    Ok(())
+}
+
+async fn fanout_measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_json::Value> {
+    let store = d.p.backends.store.clone();
+    let key = tokio::task::spawn_blocking(stampede_core::keys::generate_rsa_2048).await??;
+    let actor = store
+        .create_actor(NewActor {
+            name: "bench".into(),
+            display_name: String::new(),
+            summary: String::new(),
+            manually_approves_followers: false,
+            private_key: PrivateKey(key.private_pkcs8_der),
+            public_key_pem: key.public_pem,
+        })
+        .await?;
+    let seeding = Instant::now();
+    let chunk = 20_000;
+    let mut j = 0;
+    while j < a.followers {
+        let end = (j + chunk).min(a.followers);
+        let batch: Vec<Follower> = (j..end)
+            .map(|k| {
+                let h = k % a.hosts;
+                Follower {
+                    actor: format!("https://h{h}.bench.example/users/u{k}"),
+                    inbox: format!("https://h{h}.bench.example/users/u{k}/inbox"),
+                    shared_inbox: Some(format!("https://h{h}.bench.example/inbox")),
+                    host: format!("h{h}.bench.example"),
+                    follow_id: None,
+                }
+            })
+            .collect();
+        store.add_followers(actor.id, &batch).await?;
+        j = end;
+    }
+    let targets = a.hosts.min(a.followers);
+    println!(
+        "{} followers seeded in {:.1} s",
+        a.followers,
+        seeding.elapsed().as_secs_f64()
+    );
+    // Ceiling: reading every distinct target from the store, alone.
+    let scan = Instant::now();
+    let mut after: Option<String> = None;
+    let mut scanned = 0usize;
+    loop {
+        let page = store
+            .follower_targets(actor.id, after.as_deref(), stampede_fanout::PAGE)
+            .await?;
+        scanned += page.len();
+        let done = page.len() < stampede_fanout::PAGE as usize;
+        after = page.last().cloned();
+        if done {
+            break;
+        }
+    }
+    let scan_secs = scan.elapsed().as_secs_f64();
+    if scanned != targets {
+        bail!("store scan found {scanned} targets, expected {targets}");
+    }
+    reset_peak_rss();
+    let rss_before = peak_rss_mib();
+    let body = public_note(&format!("{}/users/bench", d.base), "to a million").to_string();
+    let started = Instant::now();
+    let published =
+        stampede_runtime::outbound::publish(&d.p.cfg, &d.p.backends, &actor, body.as_bytes(), None)
+            .await?;
+    let deadline = started + Duration::from_secs(a.common.timeout_secs);
+    let depth = || async {
+        d.p.backends
+            .queue
+            .depths()
+            .await
+            .map(|ds| {
+                ds.into_iter()
+                    .find(|q| {
+                        q.queue
+                            .ends_with(&format!(".{}", QueueName::Delivery.suffix()))
+                    })
+                    .map_or(0, |q| q.messages)
+            })
+            .unwrap_or(0)
+    };
+    let mut queued = 0;
+    while Instant::now() < deadline {
+        queued = depth().await;
+        if queued >= targets as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // Late duplicates would show up now.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let final_depth = depth().await;
+    let job = stampede_proto::queue::DeliveryJob {
+        activity_key: published.inserted.key.clone(),
+        inbox: format!("https://h{}.bench.example/inbox", a.hosts - 1),
+        ..Default::default()
+    };
+    let job_bytes = prost::Message::encoded_len(&job);
+    let ok = final_depth == targets as u64;
+    let rate = a.followers as f64 / seconds.max(1e-9);
+    let ceiling = a.followers as f64 / scan_secs.max(1e-9);
+    Ok(json!({
+        "bench": "fanout",
+        "backend": format!("{:?}", a.common.backend).to_lowercase(),
+        "followers": a.followers,
+        "hosts": a.hosts,
+        "targets": targets,
+        "seconds": seconds,
+        "rate": rate,
+        "ceiling": ceiling,
+        "ceiling_what": "followers/s of reading every distinct target from the store alone",
+        "ratio": rate / ceiling.max(1e-9),
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_before_mib": rss_before,
+        "job_bytes": job_bytes,
+        "check": {
+            "ok": ok,
+            "queued": final_depth,
+            "expected": targets,
+            "summary": if ok { "ok".to_string() } else { format!("FAILED: {final_depth} jobs queued, {targets} expected (reached {queued} in time)") },
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_and_percentiles() {
+        let stat = "123 (stampede sink) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
+        assert!((cpu_of_stat(stat) - 3.0).abs() < 1e-9);
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 51.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert!(peak_rss_mib() > 0.0);
+    }
+}
