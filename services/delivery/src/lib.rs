@@ -39,6 +39,16 @@ pub const DELIVERY_JOB: &str = "stampede.queue.v1.DeliveryJob";
 const BODY_CACHE: usize = 1024;
 /// How long a delivery to a paused host is parked before it is looked at again.
 const PARK_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often (per activity, per worker) the store is asked whether a
+/// `Create`/`Update` was superseded by a `Delete`.
+const SUPERSESSION_RECHECK_MS: i64 = 1000;
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Bytes read of an inbox's answer (only the status matters).
 const MAX_REPLY_BYTES: usize = 16 * 1024;
 
@@ -63,6 +73,10 @@ struct Prepared {
     ap_id: String,
     /// Activity type.
     kind: String,
+    /// Supersession: when the store was last asked (unix ms), and whether
+    /// the object has been deleted.
+    checked_ms: std::sync::atomic::AtomicI64,
+    deleted: std::sync::atomic::AtomicBool,
     /// A `Delete` of its own author: one attempt, no retries (the key that
     /// signs it is about to go).
     deletes_author: bool,
@@ -131,7 +145,8 @@ impl worker::Handler for Delivery {
             activity_type = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        let settled = tracing::Instrument::instrument(self.process(&job, &host), span).await;
+        let check = msg.redelivered || job.may_be_delivered;
+        let settled = tracing::Instrument::instrument(self.process(&job, &host, check), span).await;
         let ok = match settled {
             Ok(()) => msg.acker.ack().await,
             Err(e) => {
@@ -149,10 +164,17 @@ impl Delivery {
     /// Attempts one delivery and makes its effect durable (a delivery record,
     /// a scheduled retry, or a dead letter). An error means nothing durable
     /// happened and the message must go back to the queue.
-    async fn process(&self, job: &DeliveryJob, host: &str) -> Result<(), DeliveryError> {
+    async fn process(
+        &self,
+        job: &DeliveryJob,
+        host: &str,
+        may_be_delivered: bool,
+    ) -> Result<(), DeliveryError> {
         let store = &self.p.backends.store;
         let m = &self.p.metrics;
-        if store.delivered(&job.activity_key, &job.inbox).await? {
+        // A first, fresh message cannot have succeeded before; a redelivered
+        // one (a worker died holding it) or one from a fanout that ran twice may.
+        if may_be_delivered && store.delivered(&job.activity_key, &job.inbox).await? {
             count_outcome(m, "skipped");
             tracing::debug!("already delivered");
             return Ok(());
@@ -199,7 +221,7 @@ impl Delivery {
         };
         if let Ok(prep) = self.prepared(&job.activity_key).await {
             if let Some((actor, object)) = &prep.supersedable {
-                if store.object_deleted(*actor, object).await? {
+                if self.superseded(&prep, *actor, object).await? {
                     count_outcome(m, "superseded");
                     tracing::info!(activity_id = %prep.ap_id, "superseded by a Delete of its object; not sent");
                     return Ok(());
@@ -334,6 +356,32 @@ impl Delivery {
         Ok(())
     }
 
+    /// Whether a `Delete` of the object has been published since: asked of
+    /// the store at most once a second per activity per worker (one query
+    /// per delivery would be one per inbox of a 50,000-inbox fanout).
+    async fn superseded(
+        &self,
+        prep: &Prepared,
+        actor: i64,
+        object: &str,
+    ) -> Result<bool, DeliveryError> {
+        use std::sync::atomic::Ordering;
+        let now = unix_ms();
+        if prep.deleted.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let last = prep.checked_ms.load(Ordering::Relaxed);
+        if now - last < SUPERSESSION_RECHECK_MS {
+            return Ok(false);
+        }
+        prep.checked_ms.store(now, Ordering::Relaxed);
+        let deleted = self.p.backends.store.object_deleted(actor, object).await?;
+        if deleted {
+            prep.deleted.store(true, Ordering::Relaxed);
+        }
+        Ok(deleted)
+    }
+
     /// Puts a job back in the broker for `wait` without trying it (not an attempt).
     async fn park(
         &self,
@@ -440,6 +488,8 @@ impl Delivery {
             key: Arc::new(key_pair),
             ap_id: a.ap_id,
             kind: a.kind.clone(),
+            checked_ms: std::sync::atomic::AtomicI64::new(0),
+            deleted: std::sync::atomic::AtomicBool::new(false),
         });
         if let Ok(mut c) = self.bodies.lock() {
             c.put(key.to_string(), p.clone());

@@ -72,7 +72,7 @@ impl worker::Handler for Fanout {
                 return worker::poison(q, &self.p.metrics, QueueName::Fanout, msg, &reason).await
             }
         };
-        match self.expand(&job).await {
+        match self.expand(&job, msg.redelivered || job.attempt > 0).await {
             Ok(n) => {
                 if let Err(e) = msg.acker.ack().await {
                     tracing::warn!(activity_key = %job.activity_key, error = %e, "ack failed");
@@ -113,7 +113,7 @@ impl worker::Handler for Fanout {
 
 impl Fanout {
     /// Queues one delivery job per target inbox; returns how many.
-    pub async fn expand(&self, job: &FanoutJob) -> Result<u64, FanoutError> {
+    pub async fn expand(&self, job: &FanoutJob, ran_before: bool) -> Result<u64, FanoutError> {
         let b = &self.p.backends;
         let activity = b.store.activity(&job.activity_key).await?.ok_or_else(|| {
             FanoutError::Permanent(format!("activity {} not found", job.activity_key))
@@ -128,6 +128,7 @@ impl Fanout {
                 attempt: 0,
                 first_attempt_unix_ms: now_ms,
                 trace: job.trace.clone(),
+                may_be_delivered: ran_before,
             }
             .encode_to_vec(),
         };

@@ -37,7 +37,9 @@ pub async fn replay_dead_letters(b: &Backends, id: Option<i64>, host: Option<&st
                     inbox: d.inbox.clone(),
                     attempt: 0,
                     first_attempt_unix_ms: now,
-                    trace: None,
+                    trace: crate::telemetry::current_trace_context(),
+                    // Rare and operator-driven: check the record first.
+                    may_be_delivered: true,
                 }
                 .encode_to_vec(),
             })

@@ -1,0 +1,76 @@
+//! The benchmarks at tiny sizes: they run, on both backend sets, and their
+//! correctness checks pass (the numbers are not looked at here).
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::helpers::{admin_db_url, amqp_url, redis_url, Backend};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
+
+async fn bench(backend: Backend, args: &[&str]) -> serde_json::Value {
+    let json = std::env::temp_dir().join(format!("stampede-bench-{}.json", uuid::Uuid::new_v4()));
+    let mut c = Command::new(BIN);
+    c.arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_LOG", "error");
+    match backend {
+        Backend::Embedded => c.args(["--backend", "embedded"]),
+        Backend::External => c
+            .args(["--backend", "external"])
+            .env("STAMPEDE_AMQP_URL", amqp_url())
+            .env("STAMPEDE_REDIS_URL", redis_url())
+            .env("STAMPEDE_DATABASE_URL", admin_db_url()),
+    };
+    let out = tokio::time::timeout(Duration::from_secs(180), c.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    v
+}
+
+async fn delivery_and_fanout_benches_run_and_check(backend: Backend) {
+    let d = bench(
+        backend,
+        &[
+            "delivery",
+            "--followers",
+            "40",
+            "--hosts",
+            "8",
+            "--mode",
+            "both",
+        ],
+    )
+    .await;
+    assert!(d["ceiling"]["all_cores"].as_f64().unwrap() > 0.0);
+    let runs = d["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["posts"], 40);
+    assert_eq!(runs[1]["posts"], 8);
+    for r in runs {
+        assert_eq!(r["check"]["ok"], true, "{r}");
+        assert!(r["rate"].as_f64().unwrap() > 0.0);
+        assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    }
+    let f = bench(
+        backend,
+        &["fanout", "--followers", "3000", "--hosts", "150"],
+    )
+    .await;
+    assert_eq!(f["check"]["ok"], true, "{f}");
+    assert_eq!(f["targets"], 150);
+    assert!(f["job_bytes"].as_u64().unwrap() < 1024);
+}
+
+crate::both_backends!(delivery_and_fanout_benches_run_and_check);
