@@ -616,6 +616,49 @@ async fn delivery_measure(
 
 // ---------------------------------------------------------------- fanout
 
+/// RabbitMQ's memory per message of a queue, from `rabbitmqctl` on this
+/// machine (external backend only; `None` when it cannot be asked).
+async fn broker_bytes_per_message(d: &Deployment, q: QueueName) -> Option<f64> {
+    let Cleanup::External {
+        amqp, namespace, ..
+    } = &d.cleanup
+    else {
+        return None;
+    };
+    let vhost = url::Url::parse(amqp).ok().map(|u| {
+        let p = u.path().trim_start_matches('/').to_string();
+        if p.is_empty() {
+            "/".to_string()
+        } else {
+            p.replace("%2f", "/").replace("%2F", "/")
+        }
+    })?;
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "-p",
+            &vhost,
+            "name",
+            "messages",
+            "memory",
+        ])
+        .output()
+        .await
+        .ok()?;
+    let want = format!("{namespace}.{}", q.suffix());
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            [name, messages, memory] if *name == want => {
+                let (m, b): (f64, f64) = (messages.parse().ok()?, memory.parse().ok()?);
+                (m > 0.0).then(|| b / m)
+            }
+            _ => None,
+        }
+    })
+}
+
 async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     if a.followers == 0 || a.hosts == 0 {
         bail!("--followers and --hosts must be at least 1");
@@ -630,7 +673,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let r = result?;
     println!();
     println!(
-        "{:>9} {:>7} {:>9} {:>11} {:>13} {:>6} {:>8} {:>9}  check",
+        "{:>9} {:>7} {:>8} {:>11} {:>14} {:>6} {:>8} {:>9} {:>12}  check",
         "followers",
         "targets",
         "seconds",
@@ -638,18 +681,23 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         "ceiling (scan)",
         "ratio",
         "RSS MiB",
-        "job bytes"
+        "job bytes",
+        "broker B/msg"
     );
+    let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
     println!(
-        "{:>9} {:>7} {:>9.2} {:>11.0} {:>13.0} {:>6.2} {:>8.0} {:>9}  {}",
-        r["followers"],
-        r["targets"],
-        r["seconds"].as_f64().unwrap_or(0.0),
-        r["rate"].as_f64().unwrap_or(0.0),
-        r["ceiling"].as_f64().unwrap_or(0.0),
-        r["ratio"].as_f64().unwrap_or(0.0),
-        r["peak_rss_mib"].as_f64().unwrap_or(0.0),
-        r["job_bytes"],
+        "{:>9} {:>7} {:>8.2} {:>11.0} {:>14.0} {:>6.2} {:>8.0} {:>9} {:>12}  {}",
+        n("followers"),
+        n("targets"),
+        n("seconds"),
+        n("rate"),
+        n("ceiling"),
+        n("ratio"),
+        n("peak_rss_mib"),
+        n("job_bytes"),
+        r["broker_bytes_per_message"]
+            .as_f64()
+            .map_or("-".to_string(), |b| format!("{b:.0}")),
         r["check"]["summary"].as_str().unwrap_or("")
     );
     write_json(&a.common.json, &r)?;
@@ -758,6 +806,7 @@ async fn fanout_measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_
         ..Default::default()
     };
     let job_bytes = prost::Message::encoded_len(&job);
+    let broker = broker_bytes_per_message(d, QueueName::Delivery).await;
     let ok = final_depth == targets as u64;
     let rate = a.followers as f64 / seconds.max(1e-9);
     let ceiling = a.followers as f64 / scan_secs.max(1e-9);
@@ -775,6 +824,7 @@ async fn fanout_measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_
         "peak_rss_mib": peak_rss_mib(),
         "rss_before_mib": rss_before,
         "job_bytes": job_bytes,
+        "broker_bytes_per_message": broker,
         "check": {
             "ok": ok,
             "queued": final_depth,
