@@ -17,6 +17,9 @@ pub const DEFAULT_RETRY_SCHEDULE_SECS: &[u64] = &[
     30, 300, 1800, 3600, 10800, 21600, 21600, 21600, 21600, 21600, 21600, 21600,
 ];
 
+/// The services `stampede up` can run.
+pub const UP_SERVICES: [&str; 4] = ["ingest", "inbox", "fanout", "delivery"];
+
 /// A secret that never shows in `Debug` output or logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -105,6 +108,9 @@ pub struct Config {
     /// host failing this long is unavailable; its deliveries are dead-lettered
     /// until a probe finds it back.
     pub host_unavailable_after: Duration,
+    /// `STAMPEDE_UP_SERVICES` (added, default all four): which services
+    /// `stampede up` runs, comma-separated (`ingest` alone: just the edge).
+    pub up_services: Vec<String>,
 }
 
 impl Config {
@@ -234,6 +240,23 @@ impl Config {
             inbound_max_future_secs: number("STAMPEDE_INBOUND_MAX_FUTURE_SECS", 300, 0, 86400)?
                 as i64,
             inbound_rate_limit: number("STAMPEDE_INBOUND_RATE_LIMIT", 6000, 0, 10_000_000)?,
+            up_services: match get("STAMPEDE_UP_SERVICES") {
+                None => UP_SERVICES.iter().map(|s| s.to_string()).collect(),
+                Some(raw) => {
+                    let v: Vec<String> = raw
+                        .split(',')
+                        .map(|s| s.trim().to_ascii_lowercase())
+                        .filter(|s| !s.is_empty())
+                        .collect();
+                    if v.is_empty() || v.iter().any(|s| !UP_SERVICES.contains(&s.as_str())) {
+                        return Err(cfg(
+                            "STAMPEDE_UP_SERVICES",
+                            "a comma-separated list of ingest, inbox, fanout, delivery",
+                        ));
+                    }
+                    v
+                }
+            },
             host_concurrency: number("STAMPEDE_HOST_CONCURRENCY", 8, 1, 1000)? as usize,
             circuit_failures: number("STAMPEDE_CIRCUIT_FAILURES", 10, 1, 1_000_000)?,
             circuit_open: Duration::from_secs(number("STAMPEDE_CIRCUIT_OPEN_SECS", 60, 1, 86400)?),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use futures::StreamExt;
 use serde_json::json;
 use stampede_core::activity::public_note;
 use stampede_proto::api::actor_service_client::ActorServiceClient;
@@ -40,6 +41,21 @@ enum Which {
     Delivery(DeliveryArgs),
     /// One activity to a million followers: time until every delivery job is queued.
     Fanout(FanoutArgs),
+    /// A burst of inbox POSTs at the edge, answered 202 after a durable
+    /// enqueue; then kill -9 and count what is queued.
+    Ingest(IngestArgs),
+}
+
+#[derive(Debug, Args)]
+struct IngestArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Inbox POSTs in the burst.
+    #[arg(long, default_value_t = 100_000)]
+    requests: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,6 +128,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Which::Delivery(a) => delivery(a).await,
         Which::Fanout(a) => fanout(a).await,
+        Which::Ingest(a) => ingest(a).await,
     }
 }
 
@@ -244,22 +261,12 @@ fn env(var: &str) -> anyhow::Result<String> {
     std::env::var(var).with_context(|| format!("{var}: needed by --backend external"))
 }
 
-async fn deploy(
-    kind: BackendKind,
-    services: Services,
-    extra: &[(&'static str, String)],
-) -> anyhow::Result<Deployment> {
+/// Backends of a bench's own: a fresh namespace, and an embedded data
+/// directory or a scratch PostgreSQL database. The variables to run with,
+/// and how to clean up.
+async fn scratch(kind: BackendKind) -> anyhow::Result<(HashMap<&'static str, String>, Cleanup)> {
     let ns = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let http = TcpListener::bind("127.0.0.1:0").await?;
-    let grpc = TcpListener::bind("127.0.0.1:0").await?;
-    let metrics = TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", http.local_addr()?);
-    let grpc_url = format!("http://{}", grpc.local_addr()?);
-    let mut vars: HashMap<&str, String> = HashMap::from([
-        ("STAMPEDE_PUBLIC_URL", base.clone()),
-        ("STAMPEDE_HTTP_ADDR", http.local_addr()?.to_string()),
-        ("STAMPEDE_GRPC_ADDR", grpc.local_addr()?.to_string()),
-        ("STAMPEDE_METRICS_ADDR", metrics.local_addr()?.to_string()),
+    let mut vars: HashMap<&'static str, String> = HashMap::from([
         ("STAMPEDE_NAMESPACE", ns.clone()),
         ("STAMPEDE_ALLOW_PRIVATE_NETWORKS", "true".into()),
         ("STAMPEDE_INBOUND_RATE_LIMIT", "0".into()),
@@ -294,10 +301,61 @@ async fn deploy(
                 db,
                 amqp,
                 redis,
-                namespace: ns.clone(),
+                namespace: ns,
             }
         }
     };
+    Ok((vars, cleanup))
+}
+
+impl Cleanup {
+    async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Cleanup::Dir(d) => {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            Cleanup::External {
+                admin_url,
+                db,
+                amqp,
+                redis,
+                namespace,
+            } => {
+                stampede_runtime::amqp::AmqpQueue::connect(&amqp, &namespace, "bench-cleanup")
+                    .await?
+                    .delete_all()
+                    .await?;
+                stampede_runtime::redis_cache::RedisCache::connect(&redis, &namespace)
+                    .await?
+                    .delete_all()
+                    .await?;
+                let (client, conn) =
+                    tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn deploy(
+    kind: BackendKind,
+    services: Services,
+    extra: &[(&'static str, String)],
+) -> anyhow::Result<Deployment> {
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let metrics = TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", http.local_addr()?);
+    let grpc_url = format!("http://{}", grpc.local_addr()?);
+    let (mut vars, cleanup) = scratch(kind).await?;
+    vars.insert("STAMPEDE_PUBLIC_URL", base.clone());
+    vars.insert("STAMPEDE_HTTP_ADDR", http.local_addr()?.to_string());
+    vars.insert("STAMPEDE_GRPC_ADDR", grpc.local_addr()?.to_string());
+    vars.insert("STAMPEDE_METRICS_ADDR", metrics.local_addr()?.to_string());
     for (k, v) in extra {
         vars.insert(k, v.clone());
     }
@@ -333,33 +391,7 @@ impl Deployment {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
         drop(self.p);
-        match self.cleanup {
-            Cleanup::Dir(d) => {
-                let _ = std::fs::remove_dir_all(d);
-            }
-            Cleanup::External {
-                admin_url,
-                db,
-                amqp,
-                redis,
-                namespace,
-            } => {
-                stampede_runtime::amqp::AmqpQueue::connect(&amqp, &namespace, "bench-cleanup")
-                    .await?
-                    .delete_all()
-                    .await?;
-                stampede_runtime::redis_cache::RedisCache::connect(&redis, &namespace)
-                    .await?
-                    .delete_all()
-                    .await?;
-                let (client, conn) =
-                    tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await?;
-                tokio::spawn(conn);
-                client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-                    .await?;
-            }
-        }
+        self.cleanup.run().await?;
         Ok(())
     }
 }
@@ -832,6 +864,281 @@ async fn fanout_measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_
             "summary": if ok { "ok".to_string() } else { format!("FAILED: {final_depth} jobs queued, {targets} expected (reached {queued} in time)") },
         },
     }))
+}
+
+// ---------------------------------------------------------------- ingest
+
+/// An inbound activity as a remote server would POST it (the edge checks
+/// only cheap things; the signature is shaped right but not verified here:
+/// the edge never verifies).
+fn inbound_body(n: usize) -> (String, Vec<u8>) {
+    let host = n % 1000;
+    let id = format!("https://r{host}.bench.example/activities/{n}");
+    let body = json!({
+        "@context": "https://www.w3.org/ns/activitystreams",
+        "id": id,
+        "type": "Create",
+        "actor": format!("https://r{host}.bench.example/users/a{}", n % 7),
+        "to": ["https://www.w3.org/ns/activitystreams#Public"],
+        "object": {
+            "id": format!("{id}/note"),
+            "type": "Note",
+            "content": "a burst at the edge",
+        },
+    });
+    (id, body.to_string().into_bytes())
+}
+
+/// Durable enqueues per second of the queue alone, in this process, with
+/// the same concurrency and message size: the edge's ceiling.
+async fn enqueue_ceiling(kind: BackendKind, concurrency: usize, n: usize) -> anyhow::Result<f64> {
+    let (vars, cleanup) = scratch(kind).await?;
+    let cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
+    let backends = stampede_runtime::Backends::open(&cfg, "bench-ceiling").await?;
+    let q = backends.queue.clone();
+    let payload = inbound_body(0).1;
+    let started = Instant::now();
+    let results = futures::stream::iter(0..n)
+        .map(|_| {
+            let q = q.clone();
+            let payload = payload.clone();
+            async move {
+                q.publish(
+                    QueueName::Inbound,
+                    stampede_runtime::queue::OutMessage {
+                        kind: "bench.Ceiling",
+                        payload,
+                    },
+                )
+                .await
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    for r in results {
+        r?;
+    }
+    drop(q);
+    drop(backends);
+    // Let the embedded store's threads close before the directory goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cleanup.run().await?;
+    Ok(n as f64 / secs.max(1e-9))
+}
+
+async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
+    if a.requests == 0 || a.concurrency == 0 {
+        bail!("--requests and --concurrency must be at least 1");
+    }
+    println!(
+        "stampede bench ingest: {} inbox POSTs, {} at once, backend {:?}",
+        a.requests, a.concurrency, a.common.backend
+    );
+    let ceiling = enqueue_ceiling(a.common.backend, a.concurrency, a.requests.min(20_000)).await?;
+    println!("ceiling: durable enqueues of the queue alone: {ceiling:.0}/s");
+
+    // stampede as a child process running only the edge, so it can be killed.
+    let (mut vars, cleanup) = scratch(a.common.backend).await?;
+    let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
+    let (http, grpc, metrics) = (
+        port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
+        port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
+        port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
+    );
+    let base = format!("http://127.0.0.1:{http}");
+    vars.insert("STAMPEDE_PUBLIC_URL", base.clone());
+    vars.insert("STAMPEDE_HTTP_ADDR", format!("127.0.0.1:{http}"));
+    vars.insert("STAMPEDE_GRPC_ADDR", format!("127.0.0.1:{grpc}"));
+    vars.insert("STAMPEDE_METRICS_ADDR", format!("127.0.0.1:{metrics}"));
+    vars.insert("STAMPEDE_UP_SERVICES", "ingest".into());
+    vars.insert("RUST_LOG", "warn".into());
+    let result = ingest_measure(&a, &vars, &base, metrics, ceiling).await;
+    cleanup.run().await?;
+    let r = result?;
+    println!();
+    println!(
+        "{:>8} {:>8} {:>9} {:>9} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8}  check",
+        "POSTs",
+        "202s",
+        "seconds",
+        "202s/s",
+        "ratio",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "RSS MiB",
+        "queued"
+    );
+    let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    println!(
+        "{:>8} {:>8} {:>9.2} {:>9.0} {:>6.2} {:>7.1} {:>7.1} {:>7.1} {:>8.0} {:>8}  {}",
+        n("requests"),
+        n("accepted"),
+        n("seconds"),
+        n("rate"),
+        n("ratio"),
+        r["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+        r["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+        r["latency_ms"]["max"].as_f64().unwrap_or(0.0),
+        n("peak_rss_mib"),
+        n("queued_after_kill"),
+        r["check"]["summary"].as_str().unwrap_or("")
+    );
+    write_json(&a.common.json, &r)?;
+    if !r["check"]["ok"].as_bool().unwrap_or(false) {
+        bail!("correctness check failed");
+    }
+    Ok(())
+}
+
+async fn ingest_measure(
+    a: &IngestArgs,
+    vars: &HashMap<&'static str, String>,
+    base: &str,
+    metrics_port: u16,
+    ceiling: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("up")
+        .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("child pid")?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(a.concurrency)
+        .build()?;
+    let ready = format!("http://127.0.0.1:{metrics_port}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if matches!(client.get(&ready).send().await, Ok(r) if r.status() == 200) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("stampede did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("{base}/inbox");
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let started = Instant::now();
+    let results = futures::stream::iter(0..a.requests)
+        .map(|n| {
+            let (client, url, date) = (&client, &url, &date);
+            async move {
+                let (id, body) = inbound_body(n);
+                let digest = stampede_core::digest::digest_header(&body);
+                let sig = format!(
+                    "keyId=\"https://r{}.bench.example/users/a{}#main-key\",algorithm=\"rsa-sha256\",headers=\"(request-target) host date digest\",signature=\"AAAA\"",
+                    n % 1000,
+                    n % 7
+                );
+                let t = Instant::now();
+                let status = client
+                    .post(url)
+                    .header("content-type", "application/activity+json")
+                    .header("date", date.as_str())
+                    .header("digest", digest)
+                    .header("signature", sig)
+                    .body(body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                (id, status, t.elapsed().as_secs_f64() * 1000.0)
+            }
+        })
+        .buffer_unordered(a.concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let peak_rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0);
+    // kill -9 right after the burst: what was answered 202 must be queued.
+    child.start_kill()?;
+    child.wait().await?;
+    let accepted: std::collections::HashSet<String> = results
+        .iter()
+        .filter(|(_, s, _)| *s == 202)
+        .map(|(id, _, _)| id.clone())
+        .collect();
+    let mut lat: Vec<f64> = results
+        .iter()
+        .filter(|(_, s, _)| *s == 202)
+        .map(|(_, _, ms)| *ms)
+        .collect();
+    lat.sort_by(|x, y| x.total_cmp(y));
+    let other: usize = results.iter().filter(|(_, s, _)| *s != 202).count();
+    let queued = queued_inbound_ids(vars).await?;
+    let lost = accepted.iter().filter(|id| !queued.contains(*id)).count();
+    let ok = lost == 0 && !accepted.is_empty();
+    let rate = accepted.len() as f64 / seconds.max(1e-9);
+    Ok(json!({
+        "bench": "ingest",
+        "backend": if vars.contains_key("STAMPEDE_AMQP_URL") { "external" } else { "embedded" },
+        "requests": a.requests,
+        "concurrency": a.concurrency,
+        "accepted": accepted.len(),
+        "not_accepted": other,
+        "seconds": seconds,
+        "rate": rate,
+        "ceiling": ceiling,
+        "ceiling_what": "durable enqueues/s of the queue alone, same concurrency and size",
+        "ratio": rate / ceiling.max(1e-9),
+        "latency_ms": {
+            "p50": percentile(&lat, 0.5),
+            "p90": percentile(&lat, 0.9),
+            "p99": percentile(&lat, 0.99),
+            "max": lat.last().copied().unwrap_or(0.0),
+        },
+        "peak_rss_mib": peak_rss,
+        "queued_after_kill": queued.len(),
+        "check": {
+            "ok": ok,
+            "lost_after_kill": lost,
+            "summary": if ok { "ok".to_string() } else { format!("FAILED: {lost} answered 202 but not queued after kill -9 ({} accepted)", accepted.len()) },
+        },
+    }))
+}
+
+/// The activity ids of the inbound jobs left in the queue (after the kill).
+async fn queued_inbound_ids(
+    vars: &HashMap<&'static str, String>,
+) -> anyhow::Result<std::collections::HashSet<String>> {
+    let cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
+    let backends = stampede_runtime::Backends::open(&cfg, "bench-count").await?;
+    let q = backends.queue.clone();
+    let mut consumer = q.consume(QueueName::Inbound, 1000).await?;
+    let mut ids = std::collections::HashSet::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await;
+        let Ok(Some(Ok(m))) = next else { break };
+        if let Ok(job) =
+            <stampede_proto::queue::InboundJob as prost::Message>::decode(m.payload.as_ref())
+        {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&job.body) {
+                if let Some(id) = v.get("id").and_then(|i| i.as_str()) {
+                    ids.insert(id.to_string());
+                }
+            }
+        }
+        let _ = m.acker.ack().await;
+    }
+    drop(consumer);
+    drop(q);
+    drop(backends);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(ids)
 }
 
 #[cfg(test)]

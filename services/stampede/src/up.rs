@@ -1,42 +1,59 @@
 //! `stampede up`: ingest, inbox, fanout and delivery in one process, on one
-//! HTTP port, one gRPC port and one runtime.
+//! HTTP port, one gRPC port and one runtime (`STAMPEDE_UP_SERVICES` picks a
+//! subset: `ingest` alone is just the edge).
 use stampede_delivery::Delivery;
 use stampede_fanout::Fanout;
 use stampede_inbox::Inbox;
 use stampede_ingest::Ingest;
 use stampede_runtime::process::{serve_grpc, Listeners, Process};
 
-/// Runs all four services until shutdown.
+/// Runs the configured services until shutdown.
 pub async fn run(p: Process, l: Listeners) -> anyhow::Result<()> {
+    let on = |s: &str| p.cfg.up_services.iter().any(|x| x == s);
     let metrics = p.spawn_metrics(l.metrics);
-    let mut routes = p.grpc_routes(&[
-        "stampede.ingest",
-        "stampede.inbox",
-        "stampede.fanout",
-        "stampede.delivery",
-    ])?;
+    let names: Vec<String> = p
+        .cfg
+        .up_services
+        .iter()
+        .map(|s| format!("stampede.{s}"))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut routes = p.grpc_routes(&names)?;
     let ingest = Ingest::from_process(&p);
-    ingest.add_grpc(&mut routes, p.auth());
-    let http = l
-        .http
-        .map(|listener| ingest.spawn_http(listener, p.shutdown.clone()));
-    let fanout = tokio::spawn(Fanout::new(p.clone()).run());
-    let delivery = tokio::spawn(Delivery::new(p.clone()).run());
-    let inbox = tokio::spawn(Inbox::new(p.clone()).run());
+    // The gRPC API and the HTTP edge are ingest's.
+    let http = if on("ingest") {
+        ingest.add_grpc(&mut routes, p.auth());
+        l.http
+            .map(|listener| ingest.spawn_http(listener, p.shutdown.clone()))
+    } else {
+        None
+    };
+    let fanout = on("fanout").then(|| tokio::spawn(Fanout::new(p.clone()).run()));
+    let delivery = on("delivery").then(|| tokio::spawn(Delivery::new(p.clone()).run()));
+    let inbox = on("inbox").then(|| tokio::spawn(Inbox::new(p.clone()).run()));
     println!(
-        "stampede is up: http {}  grpc {}  metrics {}\n  backends: {}",
-        p.cfg.http_addr, p.cfg.grpc_addr, p.cfg.metrics_addr, p.backends.summary
+        "stampede is up: http {}  grpc {}  metrics {}\n  backends: {}\n  services: {}",
+        p.cfg.http_addr,
+        p.cfg.grpc_addr,
+        p.cfg.metrics_addr,
+        p.backends.summary,
+        p.cfg.up_services.join(", ")
     );
     let grpc = serve_grpc(routes, l.grpc, p.shutdown.clone()).await;
     p.shutdown.cancel();
-    let (f, d, i) = (fanout.await, delivery.await, inbox.await);
     if let Some(h) = http {
         let _ = h.await;
     }
+    if let Some(f) = fanout {
+        f.await??;
+    }
+    if let Some(d) = delivery {
+        d.await??;
+    }
+    if let Some(i) = inbox {
+        i.await??;
+    }
     let _ = metrics.await;
     grpc?;
-    f??;
-    d??;
-    i??;
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The benchmarks at tiny sizes: they run, on both backend sets, and their
+//! The benchmarks at tiny sizes (delivery, fanout, ingest with its kill -9): they run, on both backend sets, and their
 //! correctness checks pass (the numbers are not looked at here).
 use std::time::Duration;
 
@@ -71,6 +71,14 @@ async fn delivery_and_fanout_benches_run_and_check(backend: Backend) {
     assert_eq!(f["check"]["ok"], true, "{f}");
     assert_eq!(f["targets"], 150);
     assert!(f["job_bytes"].as_u64().unwrap() < 1024);
+    let i = bench(
+        backend,
+        &["ingest", "--requests", "500", "--concurrency", "16"],
+    )
+    .await;
+    assert_eq!(i["check"]["ok"], true, "{i}");
+    assert_eq!(i["accepted"], 500);
+    assert_eq!(i["queued_after_kill"], 500);
 }
 
 crate::both_backends!(delivery_and_fanout_benches_run_and_check);
