@@ -171,6 +171,13 @@ impl Metrics {
         self.deliveries.get_or_create(&[("outcome", outcome)]).get()
     }
 
+    /// Inbound activities counted so far at `stage` with `result`.
+    pub fn inbound_count(&self, stage: &'static str, result: &'static str) -> u64 {
+        self.inbound
+            .get_or_create(&[("stage", stage), ("result", result)])
+            .get()
+    }
+
     /// Counts one inbound result at the edge (ingest's cheap checks).
     pub fn inbound_edge(&self, result: &'static str) {
         self.inbound

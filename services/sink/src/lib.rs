@@ -368,6 +368,71 @@ impl Sink {
         ])
     }
 
+    /// The headers of a POST of `body` to `url` signed with RFC 9421 by actor
+    /// `actor` of server `from`: `rsa-v1_5-sha256` over `@method`,
+    /// `@authority`, `@path`, `content-digest` and `date`.
+    pub fn signed_headers_rfc9421(
+        &self,
+        from: usize,
+        actor: &str,
+        url: &str,
+        body: &[u8],
+    ) -> Result<Vec<(String, String)>, SinkError> {
+        use base64::Engine;
+        let s = &self.server(from)?.state;
+        let u = url::Url::parse(url).map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+        let host = match u.port() {
+            Some(p) => format!("{}:{p}", u.host_str().unwrap_or_default()),
+            None => u.host_str().unwrap_or_default().to_string(),
+        };
+        let date = httpdate::fmt_http_date(SystemTime::now());
+        let digest = stampede_core::digest::content_digest_header(body);
+        let created = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let input = format!(
+            "sig1=(\"@method\" \"@authority\" \"@path\" \"content-digest\" \"date\");created={created};keyid=\"{}/users/{actor}#main-key\";alg=\"rsa-v1_5-sha256\"",
+            s.base
+        );
+        // The verifier's own signature base, then the signature over it.
+        let placeholder = "sig1=:AAAA:".to_string();
+        let headers = [
+            ("host", host.as_str()),
+            ("date", date.as_str()),
+            ("content-digest", digest.as_str()),
+            ("signature-input", input.as_str()),
+            ("signature", placeholder.as_str()),
+        ];
+        let req = stampede_core::verify::HttpRequest {
+            method: "POST",
+            scheme: u.scheme(),
+            path_and_query: u.path(),
+            headers: &headers,
+            body,
+        };
+        let signed = stampede_core::verify::parse(&req)?;
+        let key = s
+            .key
+            .lock()
+            .map(|k| k.clone())
+            .map_err(|_| SinkError::NoServer(from))?;
+        let sig = stampede_core::signature::rsa_sha256_sign(&key.pair, signed.base.as_bytes())?;
+        Ok(vec![
+            ("host".into(), host),
+            ("date".into(), date),
+            ("content-digest".into(), digest),
+            ("content-type".into(), "application/activity+json".into()),
+            ("signature-input".into(), input),
+            (
+                "signature".into(),
+                format!(
+                    "sig1=:{}:",
+                    base64::engine::general_purpose::STANDARD.encode(sig)
+                ),
+            ),
+        ])
+    }
+
     /// POSTs `activity` as actor `actor` of server `from` to `inbox` (a URL),
     /// signed draft-cavage style as Mastodon signs, or mis-signed as `opts` asks.
     pub async fn send(

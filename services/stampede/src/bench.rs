@@ -44,6 +44,27 @@ enum Which {
     /// A burst of inbox POSTs at the edge, answered 202 after a durable
     /// enqueue; then kill -9 and count what is queued.
     Ingest(IngestArgs),
+    /// Pre-signed inbound activities from many remote actors through the
+    /// edge, the queue and verification to the application's stream.
+    Inbound(InboundArgs),
+}
+
+#[derive(Debug, Args)]
+struct InboundArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Signed POSTs per run (four runs: cavage and RFC 9421, each with a cold then a warm key cache).
+    #[arg(long, default_value_t = 10_000)]
+    requests: usize,
+    /// Remote actors signing them (each its own key id).
+    #[arg(long, default_value_t = 1_000)]
+    actors: usize,
+    /// Fake servers the actors live on.
+    #[arg(long, default_value_t = 100)]
+    servers: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +150,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Delivery(a) => delivery(a).await,
         Which::Fanout(a) => fanout(a).await,
         Which::Ingest(a) => ingest(a).await,
+        Which::Inbound(a) => inbound(a).await,
     }
 }
 
@@ -1139,6 +1161,301 @@ async fn queued_inbound_ids(
     drop(backends);
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(ids)
+}
+
+// ---------------------------------------------------------------- inbound
+
+/// RSA-2048 verifications per second (parse + digest + verify of a cavage
+/// request, as the inbox does), on one core and on all.
+fn verify_ceiling(for_each: Duration) -> anyhow::Result<(f64, f64)> {
+    use stampede_core::verify::{self, HttpRequest};
+    let key = stampede_core::keys::generate_rsa_2048()?;
+    let pair = stampede_core::keys::load_private_key(&key.private_pkcs8_der)?;
+    let verifying = Arc::new(stampede_core::keys::VerifyingKey::from_pem(
+        &key.public_pem,
+    )?);
+    let body = Arc::new(inbound_body(0).1);
+    let digest = stampede_core::digest::digest_header(&body);
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let sig = stampede_core::signature::sign_request(
+        &pair,
+        "https://r0.bench.example/users/a0#main-key",
+        "POST",
+        "/inbox",
+        stampede_core::signature::POST_HEADERS,
+        |h| match h {
+            "host" => Some("social.example"),
+            "date" => Some(date.as_str()),
+            "digest" => Some(digest.as_str()),
+            _ => None,
+        },
+    )?;
+    let headers = Arc::new(vec![
+        ("host".to_string(), "social.example".to_string()),
+        ("date".to_string(), date.clone()),
+        ("digest".to_string(), digest.clone()),
+        ("signature".to_string(), sig),
+    ]);
+    let run = |threads: usize| -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (verifying, body, headers) = (verifying.clone(), body.clone(), headers.clone());
+                std::thread::spawn(move || {
+                    let h: Vec<(&str, &str)> = headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    let req = HttpRequest {
+                        method: "POST",
+                        scheme: "https",
+                        path_and_query: "/inbox",
+                        headers: &h,
+                        body: &body,
+                    };
+                    let mut n = 0u64;
+                    while started.elapsed() < for_each {
+                        let ok = verify::parse(&req).and_then(|s| {
+                            verify::check_coverage_and_digest(&req, &s)?;
+                            verify::verify_signature(&s, &verifying)
+                        });
+                        if ok.is_ok() {
+                            n += 1;
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for h in handles {
+            total += h
+                .join()
+                .map_err(|_| anyhow::anyhow!("verify thread panicked"))?;
+        }
+        Ok(total as f64 / started.elapsed().as_secs_f64())
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok((run(1)?, run(cores)?))
+}
+
+async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
+    if a.requests == 0 || a.actors == 0 || a.servers == 0 || a.concurrency == 0 {
+        bail!("--requests, --actors, --servers and --concurrency must be at least 1");
+    }
+    println!(
+        "stampede bench inbound: {} signed POSTs per run from {} actors on {} servers, backend {:?}",
+        a.requests, a.actors, a.servers, a.common.backend
+    );
+    let (one, all) =
+        tokio::task::spawn_blocking(|| verify_ceiling(Duration::from_secs(1))).await??;
+    println!("ceiling: RSA-2048 verification (parse + digest + verify): {one:.0}/s on one core, {all:.0}/s on all");
+    let sink_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("stampede-sink")
+        .enable_all()
+        .build()?;
+    let opts = SinkOptions {
+        servers: a.servers,
+        count_only: true,
+        ..SinkOptions::default()
+    };
+    let sink = Arc::new(sink_rt.spawn(Sink::start(opts)).await??);
+    let mut runs = Vec::new();
+    let mut failure = None;
+    for scheme in ["cavage", "rfc9421"] {
+        // A deployment of its own per scheme: its key cache starts cold.
+        let d = deploy(
+            a.common.backend,
+            Services::All,
+            &[("STAMPEDE_UP_SERVICES", "ingest,inbox".into())],
+        )
+        .await?;
+        for cache in ["cold", "warm"] {
+            match inbound_run(&a, &d, &sink, scheme, cache, one).await {
+                Ok(r) => runs.push(r),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        d.stop().await?;
+        if failure.is_some() {
+            break;
+        }
+    }
+    sink.shutdown();
+    drop(sink);
+    sink_rt.shutdown_background();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    println!();
+    println!(
+        "{:<8} {:<5} {:>7} {:>8} {:>10} {:>9} {:>6} {:>7} {:>7} {:>8}  check",
+        "scheme",
+        "keys",
+        "POSTs",
+        "seconds",
+        "verified/s",
+        "ceiling1",
+        "ratio",
+        "p50 ms",
+        "p99 ms",
+        "RSS MiB"
+    );
+    for r in &runs {
+        let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        println!(
+            "{:<8} {:<5} {:>7} {:>8.2} {:>10.0} {:>9.0} {:>6.2} {:>7.1} {:>7.1} {:>8.0}  {}",
+            r["scheme"].as_str().unwrap_or(""),
+            r["key_cache"].as_str().unwrap_or(""),
+            n("posts"),
+            n("seconds"),
+            n("rate"),
+            n("ceiling_one_core"),
+            n("ratio"),
+            r["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+            r["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+            n("peak_rss_mib"),
+            r["check"]["summary"].as_str().unwrap_or("")
+        );
+    }
+    let ok = runs
+        .iter()
+        .all(|r| r["check"]["ok"].as_bool().unwrap_or(false));
+    write_json(
+        &a.common.json,
+        &json!({
+            "bench": "inbound",
+            "backend": format!("{:?}", a.common.backend).to_lowercase(),
+            "ceiling": {"what": "RSA-2048 cavage parse + digest + verify per second", "one_core": one, "all_cores": all},
+            "runs": runs,
+        }),
+    )?;
+    if !ok {
+        bail!("correctness check failed");
+    }
+    Ok(())
+}
+
+async fn app_depth(d: &Deployment) -> u64 {
+    d.p.backends
+        .queue
+        .depths()
+        .await
+        .map(|ds| {
+            ds.into_iter()
+                .find(|q| q.queue.ends_with(&format!(".{}", QueueName::App.suffix())))
+                .map_or(0, |q| q.messages)
+        })
+        .unwrap_or(0)
+}
+
+async fn inbound_run(
+    a: &InboundArgs,
+    d: &Deployment,
+    sink: &Sink,
+    scheme: &str,
+    cache: &str,
+    ceiling_one: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let url = format!("{}/inbox", d.base);
+    // Pre-signed: signing is the remote servers' work, not measured.
+    let mut requests = Vec::with_capacity(a.requests);
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    for n in 0..a.requests {
+        let actor = n % a.actors;
+        let server = actor % a.servers;
+        let name = format!("a{actor}");
+        let me = sink.actor(server, &name).context("sink server")?;
+        let body = json!({
+            "@context": "https://www.w3.org/ns/activitystreams",
+            "id": format!("{}/likes/{tag}-{n}", me.id),
+            "type": "Like",
+            "actor": me.id,
+            "object": format!("{}/notes/1", d.base),
+        })
+        .to_string()
+        .into_bytes();
+        let headers = if scheme == "cavage" {
+            sink.signed_headers(server, &name, &url, &body).await?
+        } else {
+            sink.signed_headers_rfc9421(server, &name, &url, &body)?
+        };
+        requests.push((headers, body));
+    }
+    let accepted_before = d.p.metrics.inbound_count("verify", "accepted");
+    let depth_before = app_depth(d).await;
+    reset_peak_rss();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(a.concurrency)
+        .build()?;
+    let started = Instant::now();
+    let results = futures::stream::iter(requests)
+        .map(|(headers, body)| {
+            let (client, url) = (&client, &url);
+            async move {
+                let mut req = client.post(url.as_str());
+                for (k, v) in &headers {
+                    if k != "host" {
+                        req = req.header(k.as_str(), v.as_str());
+                    }
+                }
+                let t = Instant::now();
+                let status = req
+                    .body(body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                (status, t.elapsed().as_secs_f64() * 1000.0)
+            }
+        })
+        .buffer_unordered(a.concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    let edge_secs = started.elapsed().as_secs_f64();
+    let want = depth_before + a.requests as u64;
+    let deadline = started + Duration::from_secs(a.common.timeout_secs);
+    while app_depth(d).await < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let delivered = app_depth(d).await - depth_before;
+    let accepted = d.p.metrics.inbound_count("verify", "accepted") - accepted_before;
+    let not_202 = results.iter().filter(|(s, _)| *s != 202).count();
+    let mut lat: Vec<f64> = results.iter().map(|(_, ms)| *ms).collect();
+    lat.sort_by(|x, y| x.total_cmp(y));
+    let ok = not_202 == 0 && accepted == a.requests as u64 && delivered == a.requests as u64;
+    let rate = a.requests as f64 / seconds.max(1e-9);
+    Ok(json!({
+        "scheme": scheme,
+        "key_cache": cache,
+        "posts": a.requests,
+        "seconds": seconds,
+        "edge_seconds": edge_secs,
+        "rate": rate,
+        "ceiling_one_core": ceiling_one,
+        "ratio": rate / ceiling_one.max(1e-9),
+        "latency_ms": {
+            "what": "edge answer (202) per request",
+            "p50": percentile(&lat, 0.5),
+            "p90": percentile(&lat, 0.9),
+            "p99": percentile(&lat, 0.99),
+            "max": lat.last().copied().unwrap_or(0.0),
+        },
+        "peak_rss_mib": peak_rss_mib(),
+        "check": {
+            "ok": ok,
+            "not_202": not_202,
+            "verified_accepted": accepted,
+            "on_application_stream": delivered,
+            "summary": if ok { "ok".to_string() } else { format!("FAILED: {not_202} not 202, {accepted} accepted, {delivered} on the stream of {}", a.requests) },
+        },
+    }))
 }
 
 #[cfg(test)]

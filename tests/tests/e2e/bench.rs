@@ -1,4 +1,5 @@
-//! The benchmarks at tiny sizes (delivery, fanout, ingest with its kill -9): they run, on both backend sets, and their
+//! The benchmarks at tiny sizes (delivery, fanout, ingest with its kill -9,
+//! inbound with both signature schemes): they run, on both backend sets, and their
 //! correctness checks pass (the numbers are not looked at here).
 use std::time::Duration;
 
@@ -39,7 +40,7 @@ async fn bench(backend: Backend, args: &[&str]) -> serde_json::Value {
     v
 }
 
-async fn delivery_and_fanout_benches_run_and_check(backend: Backend) {
+async fn every_bench_runs_small_and_passes_its_check(backend: Backend) {
     let d = bench(
         backend,
         &[
@@ -79,6 +80,25 @@ async fn delivery_and_fanout_benches_run_and_check(backend: Backend) {
     assert_eq!(i["check"]["ok"], true, "{i}");
     assert_eq!(i["accepted"], 500);
     assert_eq!(i["queued_after_kill"], 500);
+    let v = bench(
+        backend,
+        &[
+            "inbound",
+            "--requests",
+            "120",
+            "--actors",
+            "20",
+            "--servers",
+            "4",
+        ],
+    )
+    .await;
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "cavage and RFC 9421, cold and warm");
+    for r in runs {
+        assert_eq!(r["check"]["ok"], true, "{r}");
+        assert_eq!(r["check"]["on_application_stream"], 120);
+    }
 }
 
-crate::both_backends!(delivery_and_fanout_benches_run_and_check);
+crate::both_backends!(every_bench_runs_small_and_passes_its_check);
