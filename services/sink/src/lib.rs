@@ -608,6 +608,18 @@ impl Sink {
             .unwrap_or_default()
     }
 
+    /// Activities of `kind` (`Accept`, `Create`, …) received by all servers.
+    pub fn received_of_type(&self, kind: &str) -> usize {
+        (0..self.len())
+            .map(|i| {
+                self.received(i)
+                    .iter()
+                    .filter(|r| r.body["type"] == kind)
+                    .count()
+            })
+            .sum()
+    }
+
     /// POSTs received by all servers.
     pub fn total_received(&self) -> usize {
         self.servers

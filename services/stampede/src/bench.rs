@@ -164,32 +164,40 @@ fn signing_ceiling(for_each: Duration) -> anyhow::Result<(f64, f64, usize)> {
         &key.private_pkcs8_der,
     )?);
     let msg = b"(request-target): post /inbox\nhost: remote.example\ndate: Fri, 27 Nov 2026 12:00:00 GMT\ndigest: SHA-256=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
-    let run = |threads: usize| -> anyhow::Result<f64> {
-        let started = Instant::now();
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                let pair = pair.clone();
-                std::thread::spawn(move || {
-                    let mut n = 0u64;
-                    while started.elapsed() < for_each {
-                        if stampede_core::signature::rsa_sha256_sign(&pair, msg).is_ok() {
-                            n += 1;
-                        }
-                    }
-                    n
-                })
-            })
-            .collect();
-        let mut total = 0;
-        for h in handles {
-            total += h
-                .join()
-                .map_err(|_| anyhow::anyhow!("signing thread panicked"))?;
-        }
-        Ok(total as f64 / started.elapsed().as_secs_f64())
-    };
+    let sign = move || stampede_core::signature::rsa_sha256_sign(&pair, msg).is_ok();
+    let run = |threads: usize| rate_on_threads(threads, for_each, sign.clone());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     Ok((run(1)?, run(cores)?, cores))
+}
+
+/// Successful calls of `work` per second on `threads` threads for `for_each`.
+fn rate_on_threads(
+    threads: usize,
+    for_each: Duration,
+    work: impl Fn() -> bool + Clone + Send + 'static,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let work = work.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while started.elapsed() < for_each {
+                    if work() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a measuring thread panicked"))?;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
 // ---------------------------------------------------------------- process facts
@@ -1196,45 +1204,26 @@ fn verify_ceiling(for_each: Duration) -> anyhow::Result<(f64, f64)> {
         ("digest".to_string(), digest.clone()),
         ("signature".to_string(), sig),
     ]);
-    let run = |threads: usize| -> anyhow::Result<f64> {
-        let started = Instant::now();
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                let (verifying, body, headers) = (verifying.clone(), body.clone(), headers.clone());
-                std::thread::spawn(move || {
-                    let h: Vec<(&str, &str)> = headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect();
-                    let req = HttpRequest {
-                        method: "POST",
-                        scheme: "https",
-                        path_and_query: "/inbox",
-                        headers: &h,
-                        body: &body,
-                    };
-                    let mut n = 0u64;
-                    while started.elapsed() < for_each {
-                        let ok = verify::parse(&req).and_then(|s| {
-                            verify::check_coverage_and_digest(&req, &s)?;
-                            verify::verify_signature(&s, &verifying)
-                        });
-                        if ok.is_ok() {
-                            n += 1;
-                        }
-                    }
-                    n
-                })
-            })
+    let check = move || {
+        let h: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let mut total = 0;
-        for h in handles {
-            total += h
-                .join()
-                .map_err(|_| anyhow::anyhow!("verify thread panicked"))?;
-        }
-        Ok(total as f64 / started.elapsed().as_secs_f64())
+        let req = HttpRequest {
+            method: "POST",
+            scheme: "https",
+            path_and_query: "/inbox",
+            headers: &h,
+            body: &body,
+        };
+        verify::parse(&req)
+            .and_then(|s| {
+                verify::check_coverage_and_digest(&req, &s)?;
+                verify::verify_signature(&s, &verifying)
+            })
+            .is_ok()
     };
+    let run = |threads: usize| rate_on_threads(threads, for_each, check.clone());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     Ok((run(1)?, run(cores)?))
 }

@@ -235,14 +235,7 @@ async fn drive(
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     loop {
         let n = store.follower_count(local.id).await?;
-        let accepts = (0..sink.len())
-            .map(|i| {
-                sink.received(i)
-                    .iter()
-                    .filter(|r| r.body["type"] == "Accept")
-                    .count()
-            })
-            .sum::<usize>();
+        let accepts = sink.received_of_type("Accept");
         progress_line(
             tty,
             &format!(

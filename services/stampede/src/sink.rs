@@ -130,14 +130,7 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
         let want = (sink.len() * args.followers_per_server).saturating_sub(refused);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let accepts = (0..sink.len())
-                .map(|i| {
-                    sink.received(i)
-                        .iter()
-                        .filter(|r| r.body["type"] == "Accept")
-                        .count()
-                })
-                .sum::<usize>();
+            let accepts = sink.received_of_type("Accept");
             if accepts >= want || tokio::time::Instant::now() > deadline {
                 println!("{accepts} signed Accepts received");
                 break;

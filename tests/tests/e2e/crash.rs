@@ -8,7 +8,7 @@ use stampede_core::activity::public_note;
 use stampede_sink::{Behavior, Sink, SinkOptions};
 use tokio::process::Command;
 
-use crate::helpers::{amqp_url, spawn_app, wait_for, AppOptions, Backend, Proxy};
+use crate::helpers::{amqp_url, free_port, spawn_app, wait_for, AppOptions, Backend, Proxy};
 
 /// Copies of each activity a server accepted.
 fn accepted(sink: &Sink, i: usize) -> HashMap<String, usize> {
@@ -121,14 +121,6 @@ async fn a_broker_connection_cut_under_load_loses_nothing() {
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `stampede serve delivery` as a child process of this deployment.
 fn delivery_worker(env: &HashMap<&'static str, String>) -> tokio::process::Child {

@@ -13,17 +13,9 @@ use stampede_sink::{Sink, SinkOptions};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
-use crate::helpers::wait_for;
+use crate::helpers::{free_port, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn data_dir() -> PathBuf {
     std::env::temp_dir().join(format!("stampede-up-{}", uuid::Uuid::new_v4().simple()))

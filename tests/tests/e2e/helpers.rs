@@ -114,6 +114,15 @@ enum Cleanup {
     Embedded { data_dir: std::path::PathBuf },
 }
 
+/// A port free on 127.0.0.1 right now (for child processes to bind).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 async fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.unwrap()
 }

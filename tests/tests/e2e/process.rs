@@ -8,17 +8,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::helpers::{admin_db_url, amqp_url, redis_url, wait_for};
+use crate::helpers::{admin_db_url, amqp_url, free_port, redis_url, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test]
 async fn a_bad_variable_stops_start_up_with_one_line_naming_it() {
