@@ -93,8 +93,36 @@ async fn circuit_opens_is_probed_closes_and_ramps_up(backend: Backend) {
         3,
         "tried while the circuit was open"
     );
-    // Requests from the host do not revive it (nothing here sends any, and
-    // outbound health never reads inbound traffic).
+    // The failing host sends us a signed request: its outbound health is not
+    // revived by that, the circuit stays open.
+    let alice_id = format!("{}/users/alice", app.http_base);
+    assert_eq!(
+        sink.follow(0, "carol", &alice_id).await.unwrap().status,
+        202
+    );
+    wait_for("the Follow verified", Duration::from_secs(15), || async {
+        app.metric(
+            "inbox",
+            "stampede_inbound_activities_total",
+            "stage=\"verify\",result=\"accepted\"",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let status = app
+        .admin()
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let still = status
+        .failing_hosts
+        .iter()
+        .find(|h| h.host == host)
+        .expect("still failing after it sent us a request");
+    assert!(still.circuit_open_until_unix_ms > 0);
+    assert_eq!(posts_received(&sink, 0), 3);
 
     // The host recovers: the half-open probe finds it, the circuit closes,
     // and the parked delivery goes through.
