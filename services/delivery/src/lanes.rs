@@ -93,6 +93,7 @@ impl Lanes {
     }
 
     /// Deliveries in flight to `host`.
+    #[cfg(test)]
     pub fn in_flight(&self, host: &str) -> usize {
         self.lock().get(host).map_or(0, |l| l.in_flight)
     }

@@ -146,13 +146,12 @@ impl AmqpQueue {
         routing_key: String,
         kind: &str,
         payload: &[u8],
-        headers: Option<FieldTable>,
-        ready_ms: i64,
+        headers: FieldTable,
     ) -> Result<lapin::PublisherConfirm> {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_type(ShortString::from(kind))
-            .with_headers(message_headers(headers, ready_ms));
+            .with_headers(headers);
         Ok(self
             .link()
             .await?
@@ -314,8 +313,13 @@ async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<()> {
 impl Queue for AmqpQueue {
     async fn publish(&self, queue: QueueName, msg: OutMessage) -> Result<()> {
         confirmed(
-            self.send(self.name(queue), msg.kind, &msg.payload, None, now_ms())
-                .await?,
+            self.send(
+                self.name(queue),
+                msg.kind,
+                &msg.payload,
+                message_headers(None, now_ms()),
+            )
+            .await?,
         )
         .await
     }
@@ -323,10 +327,11 @@ impl Queue for AmqpQueue {
     async fn publish_batch(&self, queue: QueueName, msgs: Vec<OutMessage>) -> Result<()> {
         let name = self.name(queue);
         let mut pending = Vec::with_capacity(msgs.len());
-        let now = now_ms();
+        // One trace context and ready time for the whole batch.
+        let headers = message_headers(None, now_ms());
         for m in &msgs {
             pending.push(
-                self.send(name.clone(), m.kind, &m.payload, None, now)
+                self.send(name.clone(), m.kind, &m.payload, headers.clone())
                     .await?,
             );
         }
@@ -357,7 +362,7 @@ impl Queue for AmqpQueue {
         let target = self.delay_name(queue, tier);
         let ready = now_ms() + (tier * 1000) as i64;
         confirmed(
-            self.send(target, msg.kind, &msg.payload, None, ready)
+            self.send(target, msg.kind, &msg.payload, message_headers(None, ready))
                 .await?,
         )
         .await?;
@@ -382,8 +387,7 @@ impl Queue for AmqpQueue {
                 self.name(QueueName::Dead),
                 kind.unwrap_or(""),
                 payload,
-                Some(h),
-                now_ms(),
+                message_headers(Some(h), now_ms()),
             )
             .await?;
         confirmed(c).await
@@ -436,6 +440,7 @@ impl Queue for AmqpQueue {
                 )
                 .await?;
             out.push(Depth {
+                name: q,
                 queue: name,
                 messages: u64::from(d.message_count()),
                 consumers: u64::from(d.consumer_count()),

@@ -82,24 +82,19 @@ impl Backends {
     /// migrations. Separate service processes need all three.
     pub async fn connect(cfg: &Config, process: &str) -> Result<Self> {
         let need = |v: &Option<crate::config::Secret>, var: &'static str| {
-            v.clone().ok_or(Error::Config {
+            match v {
+            Some(_) => Ok(()),
+            None => Err(Error::Config {
                 var,
                 reason: "not set: a service run on its own needs RabbitMQ, Redis and PostgreSQL (the embedded backends serve `stampede up`)".into(),
-            })
+            }),
+        }
         };
-        let amqp = need(&cfg.amqp_url, "STAMPEDE_AMQP_URL")?;
-        let redis = need(&cfg.redis_url, "STAMPEDE_REDIS_URL")?;
-        let db = need(&cfg.database_url, "STAMPEDE_DATABASE_URL")?;
-        let store = PgStore::connect(db.expose(), 16)?;
-        store.migrate().await?;
-        let queue = AmqpQueue::connect(amqp.expose(), &cfg.namespace, process).await?;
-        let cache = RedisCache::connect(redis.expose(), &cfg.namespace).await?;
-        Ok(Self {
-            store: Arc::new(store),
-            queue: Arc::new(queue),
-            cache: Arc::new(cache),
-            summary: "queue RabbitMQ, store PostgreSQL, cache Redis".into(),
-        })
+        need(&cfg.amqp_url, "STAMPEDE_AMQP_URL")?;
+        need(&cfg.redis_url, "STAMPEDE_REDIS_URL")?;
+        need(&cfg.database_url, "STAMPEDE_DATABASE_URL")?;
+        // All three set: `open` picks no embedded backend.
+        Self::open(cfg, process).await
     }
 
     /// Whether every backend answers; the reason when one does not.

@@ -291,7 +291,7 @@ impl EmbeddedQueue {
         Ok(())
     }
 
-    fn row(queue: QueueName, msg: OutMessage, due: i64) -> NewRow {
+    fn row(queue: QueueName, msg: OutMessage, due: i64, traceparent: Option<String>) -> NewRow {
         NewRow {
             queue,
             kind: Some(msg.kind.to_string()),
@@ -299,7 +299,7 @@ impl EmbeddedQueue {
             due,
             dead: None,
             ready: due.max(now_ms()),
-            traceparent: crate::telemetry::current_traceparent(),
+            traceparent,
         }
     }
 }
@@ -307,12 +307,19 @@ impl EmbeddedQueue {
 #[async_trait]
 impl Queue for EmbeddedQueue {
     async fn publish(&self, queue: QueueName, msg: OutMessage) -> Result<()> {
-        self.write(vec![Self::row(queue, msg, 0)]).await
+        let tp = crate::telemetry::current_traceparent();
+        self.write(vec![Self::row(queue, msg, 0, tp)]).await
     }
 
     async fn publish_batch(&self, queue: QueueName, msgs: Vec<OutMessage>) -> Result<()> {
-        self.write(msgs.into_iter().map(|m| Self::row(queue, m, 0)).collect())
-            .await
+        // One trace context for the whole batch.
+        let tp = crate::telemetry::current_traceparent();
+        self.write(
+            msgs.into_iter()
+                .map(|m| Self::row(queue, m, 0, tp.clone()))
+                .collect(),
+        )
+        .await
     }
 
     async fn publish_delayed(
@@ -322,7 +329,8 @@ impl Queue for EmbeddedQueue {
         delay: Duration,
     ) -> Result<Duration> {
         let due = now_ms().saturating_add(delay.as_millis() as i64);
-        self.write(vec![Self::row(queue, msg, due)]).await?;
+        let tp = crate::telemetry::current_traceparent();
+        self.write(vec![Self::row(queue, msg, due, tp)]).await?;
         Ok(delay)
     }
 
@@ -373,6 +381,7 @@ impl Queue for EmbeddedQueue {
             .map(|q| {
                 let lane = self.lane(q);
                 Depth {
+                    name: q,
                     queue: self.full_name(q),
                     messages: lane.lock().ready.len() as u64,
                     consumers: lane.consumers.load(Ordering::Relaxed),

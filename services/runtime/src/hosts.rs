@@ -65,11 +65,6 @@ pub async fn resume(b: &Backends, host: &str) -> Result<()> {
     b.cache.del(&paused_key(host)).await
 }
 
-/// Whether deliveries to `host` are paused.
-pub async fn is_paused(b: &Backends, host: &str) -> Result<bool> {
-    Ok(b.cache.get(&paused_key(host)).await?.is_some())
-}
-
 /// Copies the paused hosts from the store into the cache (an in-memory
 /// cache starts empty).
 pub async fn restore_paused(b: &Backends) -> Result<()> {

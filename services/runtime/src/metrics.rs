@@ -217,14 +217,9 @@ impl Metrics {
             }
             if let Ok(depths) = backends.queue.depths().await {
                 for d in depths {
-                    if let Some(q) = crate::queue::QueueName::ALL
-                        .into_iter()
-                        .find(|q| d.queue.ends_with(&format!(".{}", q.suffix())))
-                    {
-                        self.queue_messages
-                            .get_or_create(&[("queue", q.suffix())])
-                            .set(d.messages as i64);
-                    }
+                    self.queue_messages
+                        .get_or_create(&[("queue", d.name.suffix())])
+                        .set(d.messages as i64);
                 }
             }
             if let Ok(h) = backends.store.failing_hosts(10_000).await {

@@ -116,12 +116,23 @@ pub trait Consumer: Send {
 /// Depth of one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Depth {
+    /// Which queue.
+    pub name: QueueName,
     /// Full queue name.
     pub queue: String,
     /// Ready messages.
     pub messages: u64,
     /// Consumers attached.
     pub consumers: u64,
+}
+
+/// Ready messages in one of stampede's queues.
+pub async fn ready_messages(q: &dyn Queue, name: QueueName) -> Result<u64> {
+    Ok(q.depths()
+        .await?
+        .into_iter()
+        .find(|d| d.name == name)
+        .map_or(0, |d| d.messages))
 }
 
 /// The broker.

@@ -106,12 +106,21 @@ pub fn shutdown() {
     }
 }
 
-/// The W3C `traceparent` of the current span, when traces are recorded.
+/// The W3C `traceparent` of the current span, when traces are recorded
+/// (`None`, without allocating, when they are not).
 pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
     let cx = tracing::Span::current().context();
-    let mut carrier: HashMap<String, String> = HashMap::with_capacity(2);
-    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-    carrier.remove("traceparent")
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
 }
 
 /// The current trace context as the queue messages' `TraceContext`.

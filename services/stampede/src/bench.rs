@@ -20,7 +20,7 @@ use stampede_proto::api::actor_service_client::ActorServiceClient;
 use stampede_proto::api::publish_service_client::PublishServiceClient;
 use stampede_proto::api::{CreateActorRequest, PublishRequest};
 use stampede_runtime::process::{Listeners, Process, ALL_IN_ONE};
-use stampede_runtime::queue::QueueName;
+use stampede_runtime::queue::{ready_messages, QueueName};
 use stampede_runtime::store::{Follower, NewActor, PrivateKey};
 use stampede_runtime::Config;
 use stampede_sink::{Sink, SinkOptions};
@@ -204,7 +204,12 @@ fn rate_on_threads(
 
 /// Peak resident set of this process, MiB (`VmHWM`).
 fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_mib_of("self")
+}
+
+/// Peak resident set of process `pid` (or `self`), MiB.
+fn peak_rss_mib_of(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -249,6 +254,17 @@ fn threads_cpu_secs(name: &str) -> f64 {
         .sum()
 }
 
+/// Percentiles of sorted latencies, milliseconds, with what they measure.
+fn latency_json(sorted: &[f64], what: &str) -> serde_json::Value {
+    json!({
+        "what": what,
+        "p50": percentile(sorted, 0.5),
+        "p90": percentile(sorted, 0.9),
+        "p99": percentile(sorted, 0.99),
+        "max": sorted.last().copied().unwrap_or(0.0),
+    })
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -258,6 +274,31 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 // ---------------------------------------------------------------- deployment
+
+/// Fake servers on runtime threads of their own (`stampede-sink`), so their
+/// CPU is measured apart from stampede's.
+struct BenchSink {
+    sink: Arc<Sink>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl BenchSink {
+    async fn start(opts: SinkOptions) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("stampede-sink")
+            .enable_all()
+            .build()?;
+        let sink = Arc::new(rt.spawn(Sink::start(opts)).await??);
+        Ok(Self { sink, rt })
+    }
+
+    fn stop(self) {
+        self.sink.shutdown();
+        drop(self.sink);
+        self.rt.shutdown_background();
+    }
+}
 
 enum Cleanup {
     Dir(PathBuf),
@@ -525,23 +566,15 @@ async fn delivery_run(
         ],
     )
     .await?;
-    // The sink on runtime threads of its own, so its CPU is measured apart.
-    let sink_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("stampede-sink")
-        .enable_all()
-        .build()?;
-    let opts = SinkOptions {
+    let sink = BenchSink::start(SinkOptions {
         servers: a.hosts,
         shared_inbox: Arc::new(move |_| shared),
         verify_every: a.verify_every,
         count_only: true,
-    };
-    let sink = Arc::new(sink_rt.spawn(Sink::start(opts)).await??);
-    let result = delivery_measure(a, mode, ceiling, &d, &sink).await;
-    sink.shutdown();
-    drop(sink);
-    sink_rt.shutdown_background();
+    })
+    .await?;
+    let result = delivery_measure(a, mode, ceiling, &d, &sink.sink).await;
+    sink.stop();
     d.stop().await?;
     result
 }
@@ -662,13 +695,7 @@ async fn delivery_measure(
         "rate": rate,
         "ceiling": ceiling,
         "ratio": rate / ceiling.max(1e-9),
-        "latency_ms": {
-            "what": "from Publish to arrival at the server",
-            "p50": percentile(&lat, 0.5),
-            "p90": percentile(&lat, 0.9),
-            "p99": percentile(&lat, 0.99),
-            "max": lat.last().copied().unwrap_or(0.0),
-        },
+        "latency_ms": latency_json(&lat, "from Publish to arrival at the server"),
         "peak_rss_mib": peak_rss_mib(),
         "sink_cpu_secs": sink_cpu,
         "sink_verified_every": a.verify_every,
@@ -836,18 +863,8 @@ async fn fanout_measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_
             .await?;
     let deadline = started + Duration::from_secs(a.common.timeout_secs);
     let depth = || async {
-        d.p.backends
-            .queue
-            .depths()
+        ready_messages(&*d.p.backends.queue, QueueName::Delivery)
             .await
-            .map(|ds| {
-                ds.into_iter()
-                    .find(|q| {
-                        q.queue
-                            .ends_with(&format!(".{}", QueueName::Delivery.suffix()))
-                    })
-                    .map_or(0, |q| q.messages)
-            })
             .unwrap_or(0)
     };
     let mut queued = 0;
@@ -1085,15 +1102,7 @@ async fn ingest_measure(
         .collect::<Vec<_>>()
         .await;
     let seconds = started.elapsed().as_secs_f64();
-    let peak_rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0);
+    let peak_rss = peak_rss_mib_of(&pid.to_string());
     // kill -9 right after the burst: what was answered 202 must be queued.
     child.start_kill()?;
     child.wait().await?;
@@ -1125,12 +1134,7 @@ async fn ingest_measure(
         "ceiling": ceiling,
         "ceiling_what": "durable enqueues/s of the queue alone, same concurrency and size",
         "ratio": rate / ceiling.max(1e-9),
-        "latency_ms": {
-            "p50": percentile(&lat, 0.5),
-            "p90": percentile(&lat, 0.9),
-            "p99": percentile(&lat, 0.99),
-            "max": lat.last().copied().unwrap_or(0.0),
-        },
+        "latency_ms": latency_json(&lat, "202 answer per request"),
         "peak_rss_mib": peak_rss,
         "queued_after_kill": queued.len(),
         "check": {
@@ -1239,17 +1243,12 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
     let (one, all) =
         tokio::task::spawn_blocking(|| verify_ceiling(Duration::from_secs(1))).await??;
     println!("ceiling: RSA-2048 verification (parse + digest + verify): {one:.0}/s on one core, {all:.0}/s on all");
-    let sink_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("stampede-sink")
-        .enable_all()
-        .build()?;
-    let opts = SinkOptions {
+    let sink = BenchSink::start(SinkOptions {
         servers: a.servers,
         count_only: true,
         ..SinkOptions::default()
-    };
-    let sink = Arc::new(sink_rt.spawn(Sink::start(opts)).await??);
+    })
+    .await?;
     let mut runs = Vec::new();
     let mut failure = None;
     for scheme in ["cavage", "rfc9421"] {
@@ -1261,7 +1260,7 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
         )
         .await?;
         for cache in ["cold", "warm"] {
-            match inbound_run(&a, &d, &sink, scheme, cache, one).await {
+            match inbound_run(&a, &d, &sink.sink, scheme, cache, one).await {
                 Ok(r) => runs.push(r),
                 Err(e) => {
                     failure = Some(e);
@@ -1274,9 +1273,7 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
             break;
         }
     }
-    sink.shutdown();
-    drop(sink);
-    sink_rt.shutdown_background();
+    sink.stop();
     if let Some(e) = failure {
         return Err(e);
     }
@@ -1330,15 +1327,8 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
 }
 
 async fn app_depth(d: &Deployment) -> u64 {
-    d.p.backends
-        .queue
-        .depths()
+    ready_messages(&*d.p.backends.queue, QueueName::App)
         .await
-        .map(|ds| {
-            ds.into_iter()
-                .find(|q| q.queue.ends_with(&format!(".{}", QueueName::App.suffix())))
-                .map_or(0, |q| q.messages)
-        })
         .unwrap_or(0)
 }
 
@@ -1429,13 +1419,7 @@ async fn inbound_run(
         "rate": rate,
         "ceiling_one_core": ceiling_one,
         "ratio": rate / ceiling_one.max(1e-9),
-        "latency_ms": {
-            "what": "edge answer (202) per request",
-            "p50": percentile(&lat, 0.5),
-            "p90": percentile(&lat, 0.9),
-            "p99": percentile(&lat, 0.99),
-            "max": lat.last().copied().unwrap_or(0.0),
-        },
+        "latency_ms": latency_json(&lat, "edge answer (202) per request"),
         "peak_rss_mib": peak_rss_mib(),
         "check": {
             "ok": ok,

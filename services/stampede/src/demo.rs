@@ -16,7 +16,7 @@ use stampede_proto::api::actor_service_client::ActorServiceClient;
 use stampede_proto::api::publish_service_client::PublishServiceClient;
 use stampede_proto::api::{CreateActorRequest, PublishRequest};
 use stampede_runtime::process::{Listeners, Process, ALL_IN_ONE};
-use stampede_runtime::queue::QueueName;
+use stampede_runtime::queue::{ready_messages, QueueName};
 use stampede_runtime::Config;
 use stampede_sink::{Behavior, Sink, SinkOptions};
 use tokio::net::TcpListener;
@@ -437,19 +437,13 @@ struct Counts {
 
 impl Counts {
     async fn read(p: &Process) -> anyhow::Result<Self> {
-        let queue = p
-            .backends
-            .queue
-            .depths()
+        let q = &*p.backends.queue;
+        let queue = ready_messages(q, QueueName::Delivery)
             .await
             .context("queue depth")?
-            .into_iter()
-            .filter(|d| {
-                d.queue.ends_with(QueueName::Delivery.suffix())
-                    || d.queue.ends_with(QueueName::Fanout.suffix())
-            })
-            .map(|d| d.messages)
-            .sum();
+            + ready_messages(q, QueueName::Fanout)
+                .await
+                .context("queue depth")?;
         Ok(Self {
             delivered: p.metrics.delivery_count("delivered"),
             retries: p.metrics.delivery_count("retry"),
