@@ -354,11 +354,29 @@ mod tests {
             ("STAMPEDE_NAMESPACE", "a b"),
             ("STAMPEDE_RETRY_SCHEDULE_SECS", "30,x"),
             ("STAMPEDE_RETRY_SCHEDULE_SECS", "0"),
+            ("STAMPEDE_HOST_CONCURRENCY", "0"),
+            ("STAMPEDE_CIRCUIT_FAILURES", "ten"),
+            ("STAMPEDE_CIRCUIT_OPEN_SECS", "0"),
+            ("STAMPEDE_HOST_RAMP_SECS", "-1"),
+            ("STAMPEDE_HOST_UNAVAILABLE_SECS", "5"),
+            ("STAMPEDE_UP_SERVICES", "ingest,outbox"),
+            ("STAMPEDE_UP_SERVICES", ","),
         ] {
             let e = with(&[(var, val)]).unwrap_err().to_string();
             assert!(e.starts_with(var), "{var}={val} gave {e}");
             assert!(!e.contains('\n'));
         }
+    }
+
+    #[test]
+    fn up_services_default_to_all_and_take_a_subset() {
+        assert_eq!(with(&[]).unwrap().up_services, UP_SERVICES);
+        assert_eq!(
+            with(&[("STAMPEDE_UP_SERVICES", " Ingest, inbox ")])
+                .unwrap()
+                .up_services,
+            ["ingest", "inbox"]
+        );
     }
 
     #[test]

@@ -350,3 +350,69 @@ crate::both_backends!(
     a_delete_supersedes_a_create_still_parked_for_a_paused_host,
     a_slow_inbox_times_out_and_a_dead_one_is_retried,
 );
+
+/// A job from a fanout that ran twice carries `may_be_delivered`: delivery
+/// checks its success record first and does not send it again.
+async fn a_job_that_may_be_delivered_is_checked_and_not_resent(backend: Backend) {
+    use prost::Message;
+    use stampede_runtime::queue::{OutMessage, QueueName};
+    let app = spawn_app(backend, AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions {
+        servers: 2,
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    // Server 1 answers 404: its dead letter names the activity's store key.
+    sink.set_behavior(1, Behavior::Status(404)).unwrap();
+    let alice = app.create_actor("alice").await;
+    let followers: Vec<_> = (0..2).map(|i| sink.actor(i, "f").unwrap()).collect();
+    app.seed_followers(alice, &followers).await;
+    let actor_id = format!("{}/users/alice", app.http_base);
+    app.publish("alice", &public_note(&actor_id, "once"), "")
+        .await
+        .unwrap();
+    wait_for(
+        "a delivery and a dead letter",
+        Duration::from_secs(30),
+        || async {
+            sink.received(0).len() == 1
+                && !app.store.dead_letters(1, None).await.unwrap().is_empty()
+        },
+    )
+    .await;
+    let key = app.store.dead_letters(1, None).await.unwrap()[0]
+        .activity_key
+        .clone();
+    let target = followers[0].shared_inbox.clone().unwrap();
+    let job = stampede_proto::queue::DeliveryJob {
+        activity_key: key,
+        inbox: target,
+        may_be_delivered: true,
+        ..Default::default()
+    };
+    app.queue
+        .publish(
+            QueueName::Delivery,
+            OutMessage {
+                kind: stampede_delivery::DELIVERY_JOB,
+                payload: job.encode_to_vec(),
+            },
+        )
+        .await
+        .unwrap();
+    wait_for("the duplicate skipped", Duration::from_secs(15), || async {
+        app.metric(
+            "delivery",
+            "stampede_deliveries_total",
+            "outcome=\"skipped\"",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(sink.received(0).len(), 1, "sent again");
+    app.stop().await;
+}
+
+crate::both_backends!(a_job_that_may_be_delivered_is_checked_and_not_resent);
