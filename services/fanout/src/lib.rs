@@ -151,10 +151,9 @@ impl Fanout {
                 let Some(last) = page.last().cloned() else {
                     break;
                 };
-                let batch: Vec<OutMessage> = page
-                    .iter()
-                    .filter(|t| !explicit.contains(t.as_str()))
-                    .map(|t| make(t))
+                let batch: Vec<OutMessage> = interleave_by_host(&page)
+                    .filter(|t| !explicit.contains(*t))
+                    .map(make)
                     .collect();
                 total += batch.len() as u64;
                 b.queue.publish_batch(QueueName::Delivery, batch).await?;
@@ -235,6 +234,41 @@ impl Fanout {
     }
 }
 
+/// A page of targets (sorted, so one host's inboxes sit together) in
+/// round-robin order over their hosts: a host with many followers gets its
+/// POSTs spread over the page instead of in one burst, which keeps its
+/// connections few and reused and its lane from filling at once.
+fn interleave_by_host(page: &[String]) -> impl Iterator<Item = &str> {
+    fn host(t: &str) -> &str {
+        let rest = t.split_once("://").map_or(t, |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest)
+    }
+    // Runs of one host, in page order.
+    let mut runs: Vec<std::collections::VecDeque<&str>> = Vec::new();
+    let mut last: Option<&str> = None;
+    for t in page {
+        let h = host(t);
+        if last != Some(h) {
+            runs.push(std::collections::VecDeque::new());
+            last = Some(h);
+        }
+        if let Some(run) = runs.last_mut() {
+            run.push_back(t.as_str());
+        }
+    }
+    let mut out = Vec::with_capacity(page.len());
+    while !runs.is_empty() {
+        runs.retain_mut(|run| match run.pop_front() {
+            Some(t) => {
+                out.push(t);
+                true
+            }
+            None => false,
+        });
+    }
+    out.into_iter()
+}
+
 fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -246,4 +280,35 @@ fn unix_ms() -> i64 {
 pub async fn serve(p: Process, l: Listeners) -> Result<(), FanoutError> {
     let work = Fanout::new(p.clone()).run();
     stampede_runtime::process::serve_worker(p, l, "fanout", work).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_is_spread_round_robin_over_its_hosts() {
+        let page: Vec<String> = [
+            "https://a.example/u/1/inbox",
+            "https://a.example/u/2/inbox",
+            "https://a.example/u/3/inbox",
+            "https://b.example/inbox",
+            "https://c.example/u/1/inbox",
+            "https://c.example/u/2/inbox",
+        ]
+        .map(String::from)
+        .to_vec();
+        let order: Vec<&str> = interleave_by_host(&page).collect();
+        assert_eq!(
+            order,
+            [
+                "https://a.example/u/1/inbox",
+                "https://b.example/inbox",
+                "https://c.example/u/1/inbox",
+                "https://a.example/u/2/inbox",
+                "https://c.example/u/2/inbox",
+                "https://a.example/u/3/inbox",
+            ]
+        );
+    }
 }

@@ -477,7 +477,7 @@ impl Acker for EmbeddedAcker {
             .queue
             .inner
             .db
-            .call(move |c| {
+            .call_relaxed(move |c| {
                 c.prepare_cached("DELETE FROM messages WHERE id = ?1")?
                     .execute([id])?;
                 Ok(())

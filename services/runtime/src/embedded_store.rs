@@ -572,7 +572,7 @@ impl Store for EmbeddedStore {
     async fn delivered(&self, activity_key: &str, inbox: &str) -> Result<bool> {
         let (key, inbox) = (activity_key.to_string(), inbox.to_string());
         self.db
-            .call(move |c| {
+            .call_relaxed(move |c| {
                 Ok(c.prepare_cached(
                     "SELECT 1 FROM deliveries WHERE activity_key = ?1 AND inbox = ?2",
                 )?
@@ -595,7 +595,7 @@ impl Store for EmbeddedStore {
             host.to_string(),
         );
         self.db
-            .call(move |c| {
+            .call_relaxed(move |c| {
                 c.prepare_cached(
                     "INSERT INTO deliveries (activity_key, inbox, host, status, attempts, delivered_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",

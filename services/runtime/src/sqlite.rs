@@ -5,6 +5,14 @@
 //! answers them all after one commit. A caller is answered only once its
 //! writes are durable, and a burst of writers costs one fsync, not one each.
 //!
+//! A job may be *relaxed* ([`Db::call_relaxed`]): its transaction commits to
+//! the WAL without an fsync of its own (it reaches the disk with the next
+//! durable commit or checkpoint). A killed process loses nothing (the write
+//! is in the OS's page cache); only an OS crash or power cut can roll back
+//! such a write. Used for writes whose loss only repeats work, never loses
+//! it: queue acknowledgements and delivery success records (the queue's
+//! message stays, so its delivery is retried), like RabbitMQ's acks.
+//!
 //! The data directory is locked ([`DataDirLock`]) before any file in it is
 //! opened: a second process on the same directory fails at start instead of
 //! corrupting it.
@@ -22,7 +30,13 @@ use crate::{Error, Result};
 const MAX_BATCH: usize = 512;
 
 type Reply = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+type Run = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+
+struct Job {
+    /// Whether the caller must be answered only after an fsync.
+    durable: bool,
+    run: Run,
+}
 
 /// An exclusive lock on the data directory, held while the process runs
 /// (released by the OS when the process dies, even by kill -9).
@@ -110,14 +124,32 @@ impl Db {
     }
 
     /// Runs `f` on the database thread inside the current group transaction;
-    /// answers after the commit.
+    /// answers after the commit is durable.
     pub(crate) async fn call<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        self.submit(true, f).await
+    }
+
+    /// Like [`Db::call`], but answers once the commit is in the WAL, before it
+    /// is fsynced (see the module's note on relaxed jobs).
+    pub(crate) async fn call_relaxed<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.submit(false, f).await
+    }
+
+    async fn submit<T, F>(&self, durable: bool, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        let run: Run = Box::new(move |conn| {
             let r = f(conn);
             let ok = r.is_ok();
             let reply: Reply = Box::new(move |commit| {
@@ -130,16 +162,17 @@ impl Db {
             (ok, reply)
         });
         self.tx
-            .send(job)
+            .send(Job { durable, run })
             .map_err(|_| Error::Db("the embedded database is closed".into()))?;
         rx.await
-            .map_err(|_| Error::Db("the embedded database thread stopped".into()))?
+            .map_err(|_| Error::Db("the embedded database dropped the request".into()))?
     }
 }
 
 fn serve(conn: Connection, rx: mpsc::Receiver<Job>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
+    let mut synchronous_full = true;
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -148,12 +181,28 @@ fn serve(conn: Connection, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        let durable = batch.iter().any(|j| j.durable);
+        // `synchronous` cannot change inside a transaction: set it for this one.
+        if durable != synchronous_full {
+            let level = if durable { "FULL" } else { "NORMAL" };
+            match conn.pragma_update(None, "synchronous", level) {
+                Ok(()) => synchronous_full = durable,
+                Err(e) if durable => {
+                    // Never answer a durable job from a commit that skips the
+                    // fsync: dropping the jobs unrun fails their callers.
+                    tracing::error!(error = %e, "embedded database: cannot restore synchronous = FULL");
+                    batch.clear();
+                    continue;
+                }
+                Err(_) => {}
+            }
+        }
         let began = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
         for job in batch.drain(..) {
             if began {
                 let _ = conn.execute_batch("SAVEPOINT job");
             }
-            let (ok, reply) = job(&conn);
+            let (ok, reply) = (job.run)(&conn);
             if began {
                 let _ = if ok {
                     conn.execute_batch("RELEASE job")
@@ -213,6 +262,41 @@ mod tests {
         );
         drop(first);
         DataDirLock::acquire(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn relaxed_jobs_skip_the_fsync_and_durable_ones_restore_it() {
+        let dir = std::env::temp_dir().join(format!("stampede-db-{}", uuid::Uuid::new_v4()));
+        let lock = DataDirLock::acquire(&dir).unwrap();
+        let db = Db::open(&lock, "t.db", &[(1, "CREATE TABLE t (v INTEGER)")]).unwrap();
+        let level = |c: &Connection| -> Result<i64> {
+            Ok(c.pragma_query_value(None, "synchronous", |r| r.get(0))?)
+        };
+        // 1 = NORMAL (commit to the WAL, no fsync), 2 = FULL.
+        let relaxed = db
+            .call_relaxed(move |c| {
+                c.execute("INSERT INTO t VALUES (1)", [])?;
+                level(c)
+            })
+            .await
+            .unwrap();
+        assert_eq!(relaxed, 1);
+        let durable = db
+            .call(move |c| {
+                c.execute("INSERT INTO t VALUES (2)", [])?;
+                level(c)
+            })
+            .await
+            .unwrap();
+        assert_eq!(durable, 2);
+        let n: i64 = db
+            .call_relaxed(|c| Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        drop(db);
+        drop(lock);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

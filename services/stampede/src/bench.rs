@@ -15,6 +15,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use serde_json::json;
+
+use crate::loadgen;
 use stampede_core::activity::public_note;
 use stampede_proto::api::actor_service_client::ActorServiceClient;
 use stampede_proto::api::publish_service_client::PublishServiceClient;
@@ -242,13 +244,15 @@ fn cpu_of_stat(stat: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// CPU seconds of this process's threads named `name`.
+/// CPU seconds of this process's threads whose name starts with `name`.
 fn threads_cpu_secs(name: &str) -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
         return 0.0;
     };
     dir.flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim().starts_with(name))
+        })
         .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
         .map(|s| cpu_of_stat(&s))
         .sum()
@@ -504,7 +508,7 @@ async fn delivery(a: DeliveryArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<9} {:>7} {:>8} {:>9} {:>9} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8}  check",
+        "{:<9} {:>7} {:>8} {:>9} {:>9} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6}  check",
         "mode",
         "POSTs",
         "seconds",
@@ -515,11 +519,12 @@ async fn delivery(a: DeliveryArgs) -> anyhow::Result<()> {
         "p99 ms",
         "max ms",
         "RSS MiB",
-        "sink CPU"
+        "sink CPU",
+        "sign %"
     );
     for r in &runs {
         println!(
-            "{:<9} {:>7} {:>8.2} {:>9.0} {:>9.0} {:>6.2} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>7.1}s  {}",
+            "{:<9} {:>7} {:>8.2} {:>9.0} {:>9.0} {:>6.2} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>7.1}s {:>5.0}%  {}",
             r["mode"].as_str().unwrap_or(""),
             r["posts"],
             r["seconds"].as_f64().unwrap_or(0.0),
@@ -531,6 +536,7 @@ async fn delivery(a: DeliveryArgs) -> anyhow::Result<()> {
             r["latency_ms"]["max"].as_f64().unwrap_or(0.0),
             r["peak_rss_mib"].as_f64().unwrap_or(0.0),
             r["sink_cpu_secs"].as_f64().unwrap_or(0.0),
+            r["signing_share"].as_f64().unwrap_or(0.0) * 100.0,
             r["check"]["summary"].as_str().unwrap_or("")
         );
     }
@@ -631,6 +637,7 @@ async fn delivery_measure(
         a.followers
     );
     let cpu_before = threads_cpu_secs("stampede-sink");
+    let (sign_before, all_before) = (threads_cpu_secs("stampede-sign-"), process_cpu_secs());
     reset_peak_rss();
     let note = public_note(&format!("{}/users/bench", d.base), "benchmark");
     let started = Instant::now();
@@ -660,6 +667,8 @@ async fn delivery_measure(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let sign_cpu = threads_cpu_secs("stampede-sign-") - sign_before;
+    let all_cpu = process_cpu_secs() - all_before;
     // Anything more (a duplicate) would come soon after.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sink_cpu = threads_cpu_secs("stampede-sink") - cpu_before;
@@ -699,6 +708,9 @@ async fn delivery_measure(
         "peak_rss_mib": peak_rss_mib(),
         "sink_cpu_secs": sink_cpu,
         "sink_verified_every": a.verify_every,
+        "signing_cpu_secs": sign_cpu,
+        "process_cpu_secs": all_cpu,
+        "signing_share": sign_cpu / all_cpu.max(1e-9),
         "check": {"ok": ok, "lost": lost, "duplicated": duplicated, "unverified": unverified, "summary": summary},
     }))
 }
@@ -1040,6 +1052,14 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The socket address of a `http://127.0.0.1:port` base URL.
+fn socket_addr(base: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let u = url::Url::parse(base)?;
+    let host = u.host_str().context("base URL without host")?;
+    let port = u.port_or_known_default().context("base URL without port")?;
+    Ok(format!("{host}:{port}").parse()?)
+}
+
 async fn ingest_measure(
     a: &IngestArgs,
     vars: &HashMap<&'static str, String>,
@@ -1069,38 +1089,33 @@ async fn ingest_measure(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let url = format!("{base}/inbox");
+    let addr = socket_addr(base)?;
+    let authority = addr.to_string();
     let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-    let started = Instant::now();
-    let results = futures::stream::iter(0..a.requests)
+    // Built before the clock starts: the remote servers' work, not stampede's.
+    let (ids, requests): (Vec<String>, Vec<Vec<u8>>) = (0..a.requests)
         .map(|n| {
-            let (client, url, date) = (&client, &url, &date);
-            async move {
-                let (id, body) = inbound_body(n);
-                let digest = stampede_core::digest::digest_header(&body);
-                let sig = format!(
+            let (id, body) = inbound_body(n);
+            let headers = [
+                ("content-type".to_string(), "application/activity+json".to_string()),
+                ("date".to_string(), date.clone()),
+                ("digest".to_string(), stampede_core::digest::digest_header(&body)),
+                ("signature".to_string(), format!(
                     "keyId=\"https://r{}.bench.example/users/a{}#main-key\",algorithm=\"rsa-sha256\",headers=\"(request-target) host date digest\",signature=\"AAAA\"",
                     n % 1000,
                     n % 7
-                );
-                let t = Instant::now();
-                let status = client
-                    .post(url)
-                    .header("content-type", "application/activity+json")
-                    .header("date", date.as_str())
-                    .header("digest", digest)
-                    .header("signature", sig)
-                    .body(body)
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0);
-                (id, status, t.elapsed().as_secs_f64() * 1000.0)
-            }
+                )),
+            ];
+            (id, loadgen::post(&authority, "/inbox", &headers, &body))
         })
-        .buffer_unordered(a.concurrency)
-        .collect::<Vec<_>>()
-        .await;
+        .unzip();
+    let started = Instant::now();
+    let answers = loadgen::run(addr, requests, a.concurrency).await;
+    let results: Vec<(String, u16, f64)> = ids
+        .into_iter()
+        .zip(answers)
+        .map(|(id, (status, ms))| (id, status, ms))
+        .collect();
     let seconds = started.elapsed().as_secs_f64();
     let peak_rss = peak_rss_mib_of(&pid.to_string());
     // kill -9 right after the burst: what was answered 202 must be queued.
@@ -1279,7 +1294,7 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<8} {:<5} {:>7} {:>8} {:>10} {:>9} {:>6} {:>7} {:>7} {:>8}  check",
+        "{:<8} {:<5} {:>7} {:>8} {:>10} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7}  check",
         "scheme",
         "keys",
         "POSTs",
@@ -1289,12 +1304,13 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
         "ratio",
         "p50 ms",
         "p99 ms",
-        "RSS MiB"
+        "RSS MiB",
+        "CPU µs"
     );
     for r in &runs {
         let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
         println!(
-            "{:<8} {:<5} {:>7} {:>8.2} {:>10.0} {:>9.0} {:>6.2} {:>7.1} {:>7.1} {:>8.0}  {}",
+            "{:<8} {:<5} {:>7} {:>8.2} {:>10.0} {:>9.0} {:>6.2} {:>7.1} {:>7.1} {:>8.0} {:>7.0}  {}",
             r["scheme"].as_str().unwrap_or(""),
             r["key_cache"].as_str().unwrap_or(""),
             n("posts"),
@@ -1305,6 +1321,7 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
             r["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
             r["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
             n("peak_rss_mib"),
+            n("cpu_us_per_activity"),
             r["check"]["summary"].as_str().unwrap_or("")
         );
     }
@@ -1341,6 +1358,8 @@ async fn inbound_run(
     ceiling_one: f64,
 ) -> anyhow::Result<serde_json::Value> {
     let url = format!("{}/inbox", d.base);
+    let addr = socket_addr(&d.base)?;
+    let authority = addr.to_string();
     // Pre-signed: signing is the remote servers' work, not measured.
     let mut requests = Vec::with_capacity(a.requests);
     let tag = uuid::Uuid::new_v4().simple().to_string();
@@ -1363,38 +1382,15 @@ async fn inbound_run(
         } else {
             sink.signed_headers_rfc9421(server, &name, &url, &body)?
         };
-        requests.push((headers, body));
+        requests.push(loadgen::post(&authority, "/inbox", &headers, &body));
     }
     let accepted_before = d.p.metrics.inbound_count("verify", "accepted");
     let depth_before = app_depth(d).await;
     reset_peak_rss();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(a.concurrency)
-        .build()?;
+    println!("  {scheme} {cache}: {} POSTs", a.requests);
+    let cpu_before = process_cpu_secs();
     let started = Instant::now();
-    let results = futures::stream::iter(requests)
-        .map(|(headers, body)| {
-            let (client, url) = (&client, &url);
-            async move {
-                let mut req = client.post(url.as_str());
-                for (k, v) in &headers {
-                    if k != "host" {
-                        req = req.header(k.as_str(), v.as_str());
-                    }
-                }
-                let t = Instant::now();
-                let status = req
-                    .body(body)
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0);
-                (status, t.elapsed().as_secs_f64() * 1000.0)
-            }
-        })
-        .buffer_unordered(a.concurrency)
-        .collect::<Vec<_>>()
-        .await;
+    let results = loadgen::run(addr, requests, a.concurrency).await;
     let edge_secs = started.elapsed().as_secs_f64();
     let want = depth_before + a.requests as u64;
     let deadline = started + Duration::from_secs(a.common.timeout_secs);
@@ -1402,6 +1398,7 @@ async fn inbound_run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = process_cpu_secs() - cpu_before;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let delivered = app_depth(d).await - depth_before;
     let accepted = d.p.metrics.inbound_count("verify", "accepted") - accepted_before;
@@ -1419,6 +1416,7 @@ async fn inbound_run(
         "rate": rate,
         "ceiling_one_core": ceiling_one,
         "ratio": rate / ceiling_one.max(1e-9),
+        "cpu_us_per_activity": cpu * 1e6 / a.requests as f64,
         "latency_ms": latency_json(&lat, "edge answer (202) per request"),
         "peak_rss_mib": peak_rss_mib(),
         "check": {

@@ -6,6 +6,7 @@
 mod bench;
 mod client;
 mod demo;
+mod loadgen;
 mod sink;
 pub mod up;
 
