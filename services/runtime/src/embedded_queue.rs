@@ -473,21 +473,18 @@ impl Acker for EmbeddedAcker {
             return Err(Error::Queue("message already settled".into()));
         };
         let id = msg.id;
-        let deleted = self
-            .queue
+        // Not awaited: the message's effect is already durable, so a delete
+        // lost to a crash only hands the message out again after restart,
+        // marked redelivered (as RabbitMQ does with an ack it never got).
+        self.queue
             .inner
             .db
-            .call_relaxed(move |c| {
+            .call_detached("queue acknowledgement", move |c| {
                 c.prepare_cached("DELETE FROM messages WHERE id = ?1")?
                     .execute([id])?;
                 Ok(())
-            })
-            .await;
-        if deleted.is_err() {
-            // Still stored: hand it out again rather than forget it.
-            self.queue.lane(self.name).give_back(msg);
-        }
-        deleted
+            });
+        Ok(())
     }
 
     async fn requeue(&self) -> Result<()> {

@@ -28,6 +28,8 @@ use crate::{Error, Result};
 
 /// Most jobs one transaction holds.
 const MAX_BATCH: usize = 512;
+/// How long relaxed writes in a busy stream wait to share a commit.
+const RELAXED_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 
 type Reply = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
 type Run = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
@@ -143,6 +145,36 @@ impl Db {
         self.submit(false, f).await
     }
 
+    /// Queues a relaxed write and returns at once, without waiting for it to
+    /// run: for a write whose loss (the process killed before it runs) only
+    /// repeats work, as a queue acknowledgement's does. A failure is logged.
+    pub(crate) fn call_detached<F>(&self, what: &'static str, f: F)
+    where
+        F: FnOnce(&Connection) -> Result<()> + Send + 'static,
+    {
+        let run: Run = Box::new(move |conn| {
+            let r = f(conn);
+            let ok = r.is_ok();
+            let reply: Reply = Box::new(move |commit| {
+                let failed = r.err().map(|e| e.to_string()).or(commit.err());
+                if let Some(error) = failed {
+                    tracing::warn!(what, %error, "embedded database write failed");
+                }
+            });
+            (ok, reply)
+        });
+        if self
+            .tx
+            .send(Job {
+                durable: false,
+                run,
+            })
+            .is_err()
+        {
+            tracing::warn!(what, "embedded database closed; write dropped");
+        }
+    }
+
     async fn submit<T, F>(&self, durable: bool, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -173,6 +205,7 @@ fn serve(conn: Connection, rx: mpsc::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
     let mut synchronous_full = true;
+    let mut last_commit = std::time::Instant::now();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -181,7 +214,25 @@ fn serve(conn: Connection, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let durable = batch.iter().any(|j| j.durable);
+        let mut durable = batch.iter().any(|j| j.durable);
+        // Relaxed writes in a busy stream (acknowledgements, delivery
+        // records) wait a moment for company: each commit writes its pages
+        // to the WAL, so a few commits of many rows cost far less than many
+        // of one. Their callers are not waiting on an fsync, and a durable
+        // job arriving meanwhile ends the wait.
+        if !durable && last_commit.elapsed() < RELAXED_LINGER * 2 {
+            let deadline = std::time::Instant::now() + RELAXED_LINGER;
+            while batch.len() < MAX_BATCH && !durable {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(j) => {
+                        durable = j.durable;
+                        batch.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
         // `synchronous` cannot change inside a transaction: set it for this one.
         if durable != synchronous_full {
             let level = if durable { "FULL" } else { "NORMAL" };
@@ -221,6 +272,7 @@ fn serve(conn: Connection, rx: mpsc::Receiver<Job>) {
         } else {
             Ok(())
         };
+        last_commit = std::time::Instant::now();
         for reply in replies.drain(..) {
             reply(commit.clone());
         }

@@ -126,8 +126,10 @@ struct DeliveryArgs {
     /// Personal inboxes, shared inboxes, or both.
     #[arg(long, value_enum, default_value = "both")]
     mode: Mode,
-    /// The sink verifies every Nth signature (1: all).
-    #[arg(long, default_value_t = 1)]
+    /// The fake servers verify every Nth signature (1: all). Verifying
+    /// costs them about a twentieth of what signing costs stampede, on the
+    /// same cores: a sample keeps the check without measuring the servers.
+    #[arg(long, default_value_t = 10)]
     verify_every: usize,
     /// Unacknowledged deliveries per worker (STAMPEDE_PREFETCH).
     #[arg(long, default_value_t = 256)]
@@ -172,8 +174,23 @@ fn signing_ceiling(for_each: Duration) -> anyhow::Result<(f64, f64, usize)> {
     Ok((run(1)?, run(cores)?, cores))
 }
 
-/// Successful calls of `work` per second on `threads` threads for `for_each`.
+/// Successful calls of `work` per second on `threads` threads: the best of
+/// three rounds of `for_each / 3`. A shared machine's rate dips while a
+/// neighbour runs; the ceiling is what the machine can do, so a dip must not
+/// lower it (that would flatter every ratio measured against it).
 fn rate_on_threads(
+    threads: usize,
+    for_each: Duration,
+    work: impl Fn() -> bool + Clone + Send + 'static,
+) -> anyhow::Result<f64> {
+    let mut best: f64 = 0.0;
+    for _ in 0..3 {
+        best = best.max(one_round(threads, for_each / 3, work.clone())?);
+    }
+    Ok(best)
+}
+
+fn one_round(
     threads: usize,
     for_each: Duration,
     work: impl Fn() -> bool + Clone + Send + 'static,
@@ -491,7 +508,7 @@ async fn delivery(a: DeliveryArgs) -> anyhow::Result<()> {
         a.followers, a.hosts, a.common.backend
     );
     let (one, all, cores) =
-        tokio::task::spawn_blocking(|| signing_ceiling(Duration::from_secs(2))).await??;
+        tokio::task::spawn_blocking(|| signing_ceiling(Duration::from_secs(3))).await??;
     println!(
         "ceiling: RSA-2048 signing with aws-lc-rs: {one:.0}/s on one core, {all:.0}/s on all {cores} cores"
     );
@@ -1256,7 +1273,7 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
         a.requests, a.actors, a.servers, a.common.backend
     );
     let (one, all) =
-        tokio::task::spawn_blocking(|| verify_ceiling(Duration::from_secs(1))).await??;
+        tokio::task::spawn_blocking(|| verify_ceiling(Duration::from_secs(3))).await??;
     println!("ceiling: RSA-2048 verification (parse + digest + verify): {one:.0}/s on one core, {all:.0}/s on all");
     let sink = BenchSink::start(SinkOptions {
         servers: a.servers,
