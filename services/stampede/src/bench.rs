@@ -1085,7 +1085,18 @@ async fn ingest_measure(
     ceiling: f64,
 ) -> anyhow::Result<serde_json::Value> {
     let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
+    let mut cmd = tokio::process::Command::new(exe);
+    // The backends are the bench's choice, not the caller's environment's.
+    for var in [
+        "STAMPEDE_AMQP_URL",
+        "STAMPEDE_REDIS_URL",
+        "STAMPEDE_DATABASE_URL",
+    ] {
+        if !vars.contains_key(var) {
+            cmd.env_remove(var);
+        }
+    }
+    let mut child = cmd
         .arg("up")
         .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(std::process::Stdio::null())
