@@ -94,7 +94,28 @@ impl DataDirLock {
 #[derive(Clone)]
 pub(crate) struct Db {
     tx: mpsc::Sender<Job>,
+    _closer: Arc<Closer>,
+}
+
+/// Dropped with the last handle: lets the thread finish the writes queued
+/// to it (an acknowledgement is queued, not awaited) before the data
+/// directory's lock is released, so a process that opens the directory next
+/// finds them done.
+struct Closer {
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     _lock: DataDirLock,
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        // Every `Db`, and so every sender, is gone (a `Db` drops its sender
+        // before its share of this): the thread ends once it has run what
+        // is queued.
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Db {
@@ -116,12 +137,15 @@ impl Db {
             }
         }
         let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("stampede-db-{file}"))
             .spawn(move || serve(conn, rx))?;
         Ok(Self {
+            _closer: Arc::new(Closer {
+                thread: std::sync::Mutex::new(Some(thread)),
+                _lock: lock.clone(),
+            }),
             tx,
-            _lock: lock.clone(),
         })
     }
 
