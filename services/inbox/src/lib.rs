@@ -74,7 +74,30 @@ impl worker::Handler for Inbox {
             Err(reason) => return worker::poison(q, m, QueueName::Inbound, msg, &reason).await,
         };
         let settle = match self.process(&job).await {
-            Ok(()) => msg.acker.ack().await,
+            Ok(None) => msg.acker.ack().await,
+            Ok(Some(accepted)) => {
+                // Publishing the event is the whole effect: one step with the ack.
+                let done = msg
+                    .acker
+                    .ack_with_event(q, "accepted", accepted.event)
+                    .await;
+                match done {
+                    Ok(()) => {
+                        m.inbound_verify("accepted");
+                        tracing::info!(activity_id = ?accepted.info.id, kind = %accepted.info.kind, actor = %accepted.info.actor, recipient = %job.recipient_inbox, "inbound accepted");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Not published: forget the dedup mark so the
+                        // message, handed out again, is not taken for a copy.
+                        if let Some(key) = &accepted.seen {
+                            let _ = self.p.backends.cache.del(key).await;
+                        }
+                        tracing::warn!(error = %e, "publishing a verified activity failed; retrying");
+                        msg.acker.requeue().await
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, recipient = %job.recipient_inbox, "inbound processing failed; retrying later");
                 match self.retry(&job).await {
@@ -91,6 +114,14 @@ impl worker::Handler for Inbox {
             tracing::warn!(error = %e, "settling the message failed; the broker will redeliver it");
         }
     }
+}
+
+/// A verified activity's event for the application, and what to log or undo.
+struct Accepted {
+    event: OutMessage,
+    info: ActivityInfo,
+    /// The dedup mark set for it, removed again if publishing fails.
+    seen: Option<String>,
 }
 
 impl Inbox {
@@ -119,16 +150,17 @@ impl Inbox {
         Ok(true)
     }
 
-    /// Verifies and applies one inbound activity. An error leaves nothing
-    /// done that a retry would repeat.
-    async fn process(&self, job: &InboundJob) -> Result<(), InboxError> {
+    /// Verifies and applies one inbound activity; an accepted one comes back
+    /// with the event for the application, to be published with the ack. An
+    /// error leaves nothing done that a retry would repeat.
+    async fn process(&self, job: &InboundJob) -> Result<Option<Accepted>, InboxError> {
         let m = &self.p.metrics;
         let json = match parse_json(&job.body) {
             Ok(j) => j,
             Err(e) => {
                 m.inbound_verify("malformed");
                 tracing::info!(reason = %e, "inbound dropped: malformed");
-                return Ok(());
+                return Ok(None);
             }
         };
         let info = match activity_info(&json) {
@@ -136,7 +168,7 @@ impl Inbox {
             Err(e) => {
                 m.inbound_verify("malformed");
                 tracing::info!(reason = %e, "inbound dropped: not an activity");
-                return Ok(());
+                return Ok(None);
             }
         };
         // The edge queues header names lower-case (InboundJob's contract): borrow them.
@@ -165,7 +197,7 @@ impl Inbox {
                 activity_id = ?info.id,
                 "inbound rejected"
             );
-            return Ok(());
+            return Ok(None);
         }
         let cache = &self.p.backends.cache;
         let seen = info
@@ -176,7 +208,7 @@ impl Inbox {
             if !cache.set_nx(key, b"1", DEDUP_TTL).await? {
                 m.inbound_verify("duplicate");
                 tracing::info!(activity_id = ?info.id, recipient = %job.recipient_inbox, "inbound duplicate dropped");
-                return Ok(());
+                return Ok(None);
             }
         }
         let done = async {
@@ -193,29 +225,21 @@ impl Inbox {
                 trace: stampede_runtime::telemetry::current_trace_context()
                     .or_else(|| job.trace.clone()),
             };
-            self.p
-                .backends
-                .queue
-                .publish_event(
-                    "accepted",
-                    OutMessage {
-                        kind: VERIFIED_ACTIVITY,
-                        payload: event.encode_to_vec(),
-                    },
-                )
-                .await?;
-            Ok::<(), InboxError>(())
+            Ok::<OutMessage, InboxError>(OutMessage {
+                kind: VERIFIED_ACTIVITY,
+                payload: event.encode_to_vec(),
+            })
         }
         .await;
-        if let Err(e) = done {
-            if let Some(key) = &seen {
-                let _ = cache.del(key).await;
+        match done {
+            Ok(event) => Ok(Some(Accepted { event, info, seen })),
+            Err(e) => {
+                if let Some(key) = &seen {
+                    let _ = cache.del(key).await;
+                }
+                Err(e)
             }
-            return Err(e);
         }
-        m.inbound_verify("accepted");
-        tracing::info!(activity_id = ?info.id, kind = %info.kind, actor = %info.actor, recipient = %job.recipient_inbox, "inbound accepted");
-        Ok(())
     }
 
     async fn local_actor(&self, id: Option<&str>) -> Result<Option<LocalActor>, InboxError> {

@@ -245,10 +245,20 @@ impl EmbeddedQueue {
         if rows.is_empty() {
             return Ok(());
         }
+        self.write_and_delete(rows, None).await
+    }
+
+    /// Writes rows and deletes message `delete` in one durable transaction,
+    /// then makes the rows visible to consumers.
+    async fn write_and_delete(&self, rows: Vec<NewRow>, delete: Option<i64>) -> Result<()> {
         let (ids, rows) = self
             .inner
             .db
             .call(move |c| {
+                if let Some(id) = delete {
+                    c.prepare_cached("DELETE FROM messages WHERE id = ?1")?
+                        .execute([id])?;
+                }
                 let mut s = c.prepare_cached(
                     "INSERT INTO messages (queue, kind, payload, due_at, reason, source, ready_at, traceparent)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -494,6 +504,33 @@ impl Acker for EmbeddedAcker {
         self.queue.lane(self.name).give_back(msg);
         Ok(())
     }
+
+    /// The event's row and this message's deletion in one transaction: one
+    /// durable commit instead of two writes, and never one without the other.
+    async fn ack_with_event(
+        &self,
+        queue: &dyn Queue,
+        routing_key: &str,
+        event: OutMessage,
+    ) -> Result<()> {
+        if routing_key != ACCEPTED {
+            queue.publish_event(routing_key, event).await?;
+            return self.ack().await;
+        }
+        let Some((msg, _permit)) = self.take() else {
+            return Err(Error::Queue("message already settled".into()));
+        };
+        let tp = crate::telemetry::current_traceparent();
+        let row = EmbeddedQueue::row(QueueName::App, event, 0, tp);
+        match self.queue.write_and_delete(vec![row], Some(msg.id)).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Neither happened: the message is still stored; hand it out again.
+                self.queue.lane(self.name).give_back(msg);
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Drop for EmbeddedAcker {
@@ -565,6 +602,33 @@ mod tests {
         assert!(started.elapsed() > Duration::from_millis(500));
         later.acker.ack().await.unwrap();
         drop((c, q, lock));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_event_published_with_the_ack_survives_a_restart_and_the_message_does_not() {
+        let dir = std::env::temp_dir().join(format!("stampede-q-{}", uuid::Uuid::new_v4()));
+        {
+            let lock = DataDirLock::acquire(&dir).unwrap();
+            let q = EmbeddedQueue::open(&lock, "t").await.unwrap();
+            q.publish(QueueName::Inbound, msg("in")).await.unwrap();
+            let mut c = q.consume(QueueName::Inbound, 1).await.unwrap();
+            let m = payload(&mut c).await;
+            m.acker
+                .ack_with_event(&q, ACCEPTED, msg("verified"))
+                .await
+                .unwrap();
+            assert!(matches!(m.acker.ack().await, Err(Error::Queue(_))));
+        }
+        let lock = DataDirLock::acquire(&dir).unwrap();
+        let q = EmbeddedQueue::open(&lock, "t").await.unwrap();
+        let mut app = q.consume(QueueName::App, 1).await.unwrap();
+        let event = payload(&mut app).await;
+        assert_eq!(&event.payload[..], b"verified");
+        let depths = q.depths().await.unwrap();
+        let inbound = depths.iter().find(|d| d.queue == "t.inbound").unwrap();
+        assert_eq!(inbound.messages, 0, "the acknowledged message is gone");
+        drop((app, q, lock));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -64,6 +64,19 @@ pub trait Acker: Send + Sync {
     async fn ack(&self) -> Result<()>;
     /// Give the message back to the queue (shutdown, transient failure before any effect).
     async fn requeue(&self) -> Result<()>;
+    /// Publishes an event (see [`Queue::publish_event`]) whose publication is
+    /// this message's whole effect, then acknowledges the message. The
+    /// embedded queue does both in one transaction; a broker publishes
+    /// (confirmed) and then acknowledges.
+    async fn ack_with_event(
+        &self,
+        queue: &dyn Queue,
+        routing_key: &str,
+        event: OutMessage,
+    ) -> Result<()> {
+        queue.publish_event(routing_key, event).await?;
+        self.ack().await
+    }
 }
 
 /// A message received from a queue.
