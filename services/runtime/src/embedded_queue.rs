@@ -256,8 +256,7 @@ impl EmbeddedQueue {
             .db
             .call(move |c| {
                 if let Some(id) = delete {
-                    c.prepare_cached("DELETE FROM messages WHERE id = ?1")?
-                        .execute([id])?;
+                    delete_message(c, id)?;
                 }
                 let mut s = c.prepare_cached(
                     "INSERT INTO messages (queue, kind, payload, due_at, reason, source, ready_at, traceparent)
@@ -464,6 +463,13 @@ impl Consumer for EmbeddedConsumer {
     }
 }
 
+/// Removes a settled message's row.
+fn delete_message(c: &rusqlite::Connection, id: i64) -> Result<()> {
+    c.prepare_cached("DELETE FROM messages WHERE id = ?1")?
+        .execute([id])?;
+    Ok(())
+}
+
 struct EmbeddedAcker {
     queue: EmbeddedQueue,
     name: QueueName,
@@ -489,11 +495,7 @@ impl Acker for EmbeddedAcker {
         self.queue
             .inner
             .db
-            .call_detached("queue acknowledgement", move |c| {
-                c.prepare_cached("DELETE FROM messages WHERE id = ?1")?
-                    .execute([id])?;
-                Ok(())
-            });
+            .call_detached("queue acknowledgement", move |c| delete_message(c, id));
         Ok(())
     }
 

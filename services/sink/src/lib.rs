@@ -341,10 +341,7 @@ impl Sink {
         body: &[u8],
     ) -> Result<Vec<(String, String)>, SinkError> {
         let u = url::Url::parse(url).map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
-        let host = match u.port() {
-            Some(p) => format!("{}:{p}", u.host_str().unwrap_or_default()),
-            None => u.host_str().unwrap_or_default().to_string(),
-        };
+        let host = stampede_core::targets::inbox_host(url).unwrap_or_default();
         let date = httpdate::fmt_http_date(SystemTime::now());
         let digest = digest_header(body);
         let sig = self
@@ -381,10 +378,7 @@ impl Sink {
         use base64::Engine;
         let s = &self.server(from)?.state;
         let u = url::Url::parse(url).map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
-        let host = match u.port() {
-            Some(p) => format!("{}:{p}", u.host_str().unwrap_or_default()),
-            None => u.host_str().unwrap_or_default().to_string(),
-        };
+        let host = stampede_core::targets::inbox_host(url).unwrap_or_default();
         let date = httpdate::fmt_http_date(SystemTime::now());
         let digest = stampede_core::digest::content_digest_header(body);
         let created = SystemTime::now()
