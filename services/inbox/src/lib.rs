@@ -39,9 +39,19 @@ pub enum InboxError {
     Runtime(#[from] stampede_runtime::Error),
 }
 
-/// The inbox worker.
+/// The inbox worker (one reference count to clone: it is cloned per message).
 #[derive(Clone)]
-pub struct Inbox {
+pub struct Inbox(std::sync::Arc<Parts>);
+
+impl std::ops::Deref for Inbox {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+#[doc(hidden)]
+pub struct Parts {
     p: Process,
     verifier: Verifier,
     resolver: Resolver,
@@ -50,11 +60,11 @@ pub struct Inbox {
 impl Inbox {
     /// Inbox over a process's backends.
     pub fn new(p: Process) -> Self {
-        Self {
+        Self(std::sync::Arc::new(Parts {
             verifier: Verifier::new(p.clone()),
             resolver: Resolver::new(p.clone()),
             p,
-        }
+        }))
     }
 
     /// Consumes the inbound queue until shutdown.
@@ -212,7 +222,11 @@ impl Inbox {
             }
         }
         let done = async {
-            self.side_effects(&json, &info, v.key_id.as_deref()).await?;
+            if has_side_effects(&info.kind) {
+                // Boxed: most activities have none, and inline these paths
+                // would size every message's future for them.
+                Box::pin(self.side_effects(&json, &info, v.key_id.as_deref())).await?;
+            }
             let event = VerifiedActivity {
                 activity_json: String::from_utf8_lossy(&job.body).into_owned(),
                 verdict: "accepted".into(),
@@ -361,6 +375,11 @@ impl Inbox {
         }
         Ok(())
     }
+}
+
+/// Whether stampede itself acts on activities of this type (see `side_effects`).
+fn has_side_effects(kind: &str) -> bool {
+    matches!(kind, "Follow" | "Undo" | "Delete" | "Update")
 }
 
 /// Runs inbox as its own process until shutdown.

@@ -22,9 +22,20 @@ pub use api_inbound::{FollowApi, InboundApi};
 pub use error::IngestError;
 pub use http::router;
 
-/// What the ingest handlers share.
+/// What the ingest handlers share (one reference count to clone: the
+/// HTTP router clones it per request).
 #[derive(Clone)]
-pub struct Ingest {
+pub struct Ingest(Arc<Shared>);
+
+impl std::ops::Deref for Ingest {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+#[doc(hidden)]
+pub struct Shared {
     cfg: Arc<Config>,
     backends: Backends,
     metrics: Arc<Metrics>,
@@ -45,12 +56,12 @@ impl Ingest {
 impl Ingest {
     /// Ingest over a process's backends.
     pub fn from_process(p: &stampede_runtime::process::Process) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             cfg: p.cfg.clone(),
             backends: p.backends.clone(),
             metrics: p.metrics.clone(),
             verifier: stampede_runtime::inbound::Verifier::new(p.clone()),
-        }
+        }))
     }
 
     /// Adds ingest's gRPC API, behind the token check, to `routes`.

@@ -24,7 +24,7 @@ pub struct Backends {
     /// The shared hot state.
     pub cache: Arc<dyn Cache>,
     /// Which implementations these are, for the start-up line and status.
-    pub summary: String,
+    pub summary: Arc<str>,
 }
 
 impl Backends {
@@ -74,7 +74,7 @@ impl Backends {
             store,
             queue,
             cache,
-            summary: format!("queue {queue_kind}, store {store_kind}, cache {cache_kind}"),
+            summary: format!("queue {queue_kind}, store {store_kind}, cache {cache_kind}").into(),
         })
     }
 

@@ -182,13 +182,15 @@ impl KeyResolver {
             Err(e) => return Err(KeyError::Unavailable(e.to_string())),
         }
         self.count("miss");
-        self.fetch(key_id).await.map(|k| (k, true))
+        // Boxed: the network path is rare, and inline it would size every
+        // message's future for it.
+        Box::pin(self.fetch(key_id)).await.map(|k| (k, true))
     }
 
     /// Fetches `key_id` from its server again, replacing what the caches hold
     /// (the remote rotated its key).
     pub async fn refetch(&self, key_id: &str) -> std::result::Result<Arc<KeyEntry>, KeyError> {
-        self.fetch(key_id).await
+        Box::pin(self.fetch(key_id)).await
     }
 
     /// Fetches once per key at a time: concurrent callers share the fetch.

@@ -18,9 +18,20 @@ use crate::metrics::Metrics;
 use crate::signer::SignerPool;
 use crate::{Backends, Config, Error, Result};
 
-/// What a service runs with.
+/// What a service runs with. Cloning is one reference count: handlers hold
+/// it, and they are cloned per message and per request.
 #[derive(Clone)]
-pub struct Process {
+pub struct Process(Arc<ProcessParts>);
+
+impl std::ops::Deref for Process {
+    type Target = ProcessParts;
+    fn deref(&self) -> &ProcessParts {
+        &self.0
+    }
+}
+
+/// The parts of a [`Process`].
+pub struct ProcessParts {
     /// Configuration.
     pub cfg: Arc<Config>,
     /// Queue, cache, store.
@@ -33,7 +44,7 @@ pub struct Process {
     pub http: OutboundClient,
     /// Cancelled when the process must stop.
     pub shutdown: CancellationToken,
-    instance: Arc<tokio::sync::OnceCell<crate::store::LocalActor>>,
+    instance: tokio::sync::OnceCell<crate::store::LocalActor>,
 }
 
 /// Name of the instance actor, which signs key fetches (servers in
@@ -97,15 +108,15 @@ impl Process {
         backends: Backends,
         shutdown: CancellationToken,
     ) -> Result<Self> {
-        Ok(Self {
+        Ok(Self(Arc::new(ProcessParts {
             http: OutboundClient::new(&cfg)?,
             cfg: Arc::new(cfg),
             backends,
             metrics: Metrics::new(),
             signer: SignerPool::per_core()?,
             shutdown,
-            instance: Arc::new(tokio::sync::OnceCell::new()),
-        })
+            instance: tokio::sync::OnceCell::new(),
+        })))
     }
 
     /// The instance actor, created (with its key) on first use.

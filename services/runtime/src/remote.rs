@@ -52,7 +52,8 @@ impl Resolver {
             b.cache.set(&key, &encode(Some(&a)), TTL).await?;
             return Ok(Some(a));
         }
-        match self.fetch(id, signer).await {
+        // Boxed: rare, and inline it would size the caller's future for it.
+        match Box::pin(self.fetch(id, signer)).await {
             Ok(found) => {
                 count("fetched");
                 if let Some(a) = &found {

@@ -1322,7 +1322,7 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<8} {:<5} {:>7} {:>8} {:>10} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7}  check",
+        "{:<8} {:<5} {:>7} {:>8} {:>10} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:>7}  check",
         "scheme",
         "keys",
         "POSTs",
@@ -1333,12 +1333,13 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
         "p50 ms",
         "p99 ms",
         "RSS MiB",
-        "CPU µs"
+        "CPU µs",
+        "DB µs"
     );
     for r in &runs {
         let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
         println!(
-            "{:<8} {:<5} {:>7} {:>8.2} {:>10.0} {:>9.0} {:>6.2} {:>7.1} {:>7.1} {:>8.0} {:>7.0}  {}",
+            "{:<8} {:<5} {:>7} {:>8.2} {:>10.0} {:>9.0} {:>6.2} {:>7.1} {:>7.1} {:>8.0} {:>7.0} {:>7.0}  {}",
             r["scheme"].as_str().unwrap_or(""),
             r["key_cache"].as_str().unwrap_or(""),
             n("posts"),
@@ -1350,6 +1351,7 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
             r["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
             n("peak_rss_mib"),
             n("cpu_us_per_activity"),
+            n("db_cpu_us_per_activity"),
             r["check"]["summary"].as_str().unwrap_or("")
         );
     }
@@ -1417,6 +1419,7 @@ async fn inbound_run(
     reset_peak_rss();
     println!("  {scheme} {cache}: {} POSTs", a.requests);
     let cpu_before = process_cpu_secs();
+    let db_before = threads_cpu_secs("stampede-db-");
     let started = Instant::now();
     let results = loadgen::run(addr, requests, a.concurrency).await;
     let edge_secs = started.elapsed().as_secs_f64();
@@ -1427,6 +1430,7 @@ async fn inbound_run(
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = process_cpu_secs() - cpu_before;
+    let db_cpu = threads_cpu_secs("stampede-db-") - db_before;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let delivered = app_depth(d).await - depth_before;
     let accepted = d.p.metrics.inbound_count("verify", "accepted") - accepted_before;
@@ -1445,6 +1449,7 @@ async fn inbound_run(
         "ceiling_one_core": ceiling_one,
         "ratio": rate / ceiling_one.max(1e-9),
         "cpu_us_per_activity": cpu * 1e6 / a.requests as f64,
+        "db_cpu_us_per_activity": db_cpu * 1e6 / a.requests as f64,
         "latency_ms": latency_json(&lat, "edge answer (202) per request"),
         "peak_rss_mib": peak_rss_mib(),
         "check": {
