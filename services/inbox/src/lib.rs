@@ -271,6 +271,7 @@ impl Inbox {
         key_id: Option<&str>,
     ) -> Result<(), InboxError> {
         let store = &self.p.backends.store;
+        // Only called for the kinds `has_side_effects` names: keep the two in step.
         match info.kind.as_str() {
             "Follow" => {
                 let Some(actor) = self.local_actor(info.object_id.as_deref()).await? else {
