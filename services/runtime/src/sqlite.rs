@@ -124,6 +124,11 @@ impl Db {
     pub(crate) fn open(lock: &DataDirLock, file: &str, schema: &[(i32, &str)]) -> Result<Self> {
         let path = lock.dir().join(file);
         let conn = Connection::open(&path)?;
+        // This connection is the file's only user (the data directory is
+        // locked): holding SQLite's lock for good spares two fcntl locks per
+        // transaction, and set before the first WAL access it keeps the WAL
+        // index in this process's memory instead of a shared-memory file.
+        conn.pragma_update_and_check(None, "locking_mode", "EXCLUSIVE", |r| r.get::<_, String>(0))?;
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -377,6 +382,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 2);
+        // The WAL index lives in this process (exclusive locking mode).
+        assert!(!dir.join("t.db-shm").exists());
         drop(db);
         drop(lock);
         std::fs::remove_dir_all(&dir).unwrap();
