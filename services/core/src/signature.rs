@@ -4,6 +4,8 @@
 //!
 //! Signing and verifying are pure functions over the request's method, path
 //! and headers; the caller supplies a header lookup and the key.
+use std::borrow::Cow;
+
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::KeyPair;
 use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_SHA256};
@@ -133,24 +135,25 @@ pub fn parse_signature_header(value: &str) -> Result<SignatureParams, CoreError>
     let mut created = None;
     let mut expires = None;
     for (k, v) in params(value)? {
-        match k.to_ascii_lowercase().as_str() {
-            "keyid" => key_id = Some(v),
-            "algorithm" => algorithm = Some(v.to_ascii_lowercase()),
-            "headers" => {
-                headers = Some(
-                    v.split_ascii_whitespace()
-                        .map(|h| h.to_ascii_lowercase())
-                        .collect::<Vec<_>>(),
-                )
-            }
-            "signature" => {
-                signature = Some(STANDARD.decode(v.as_bytes()).map_err(|e| {
-                    CoreError::MalformedSignature(format!("signature is not base64: {e}"))
-                })?)
-            }
-            "created" => created = Some(parse_int("created", &v)?),
-            "expires" => expires = Some(parse_int("expires", &v)?),
-            _ => {}
+        let is = |name: &str| k.eq_ignore_ascii_case(name);
+        if is("keyid") {
+            key_id = Some(v.into_owned());
+        } else if is("algorithm") {
+            algorithm = Some(v.to_ascii_lowercase());
+        } else if is("headers") {
+            headers = Some(
+                v.split_ascii_whitespace()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect::<Vec<_>>(),
+            );
+        } else if is("signature") {
+            signature = Some(STANDARD.decode(v.as_bytes()).map_err(|e| {
+                CoreError::MalformedSignature(format!("signature is not base64: {e}"))
+            })?);
+        } else if is("created") {
+            created = Some(parse_int("created", &v)?);
+        } else if is("expires") {
+            expires = Some(parse_int("expires", &v)?);
         }
     }
     let key_id = key_id.ok_or_else(|| CoreError::MalformedSignature("no keyId".into()))?;
@@ -176,58 +179,71 @@ fn parse_int(name: &str, v: &str) -> Result<i64, CoreError> {
 }
 
 /// Splits `k="v",k2=v2` into pairs; quoted values may hold commas and `\"`.
-fn params(input: &str) -> Result<Vec<(String, String)>, CoreError> {
+/// Names and values borrow from the input unless a value has escapes.
+fn params(input: &str) -> Result<Vec<(&str, Cow<'_, str>)>, CoreError> {
+    let b = input.as_bytes();
     let mut out = Vec::with_capacity(6);
-    let mut chars = input.chars().peekable();
+    let mut i = 0;
     loop {
-        while matches!(chars.peek(), Some(c) if *c == ',' || c.is_whitespace()) {
-            chars.next();
+        while i < b.len() && (b[i] == b',' || b[i].is_ascii_whitespace()) {
+            i += 1;
         }
-        if chars.peek().is_none() {
+        if i >= b.len() {
             break;
         }
-        let mut key = String::new();
-        for c in chars.by_ref() {
-            if c == '=' {
-                break;
-            }
-            key.push(c);
+        let start = i;
+        while i < b.len() && b[i] != b'=' {
+            i += 1;
         }
-        let mut val = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
+        let key = input[start..i].trim();
+        i = (i + 1).min(b.len());
+        let val = if b.get(i) == Some(&b'"') {
+            i += 1;
+            // The delimiters are ASCII, so scanning bytes never splits a
+            // character; an escape keeps the character after the backslash.
+            let mut owned: Option<String> = None;
+            let mut seg = i;
             let mut closed = false;
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some(n) = chars.next() {
-                            val.push(n);
-                        }
+            while i < b.len() {
+                match b[i] {
+                    b'\\' => {
+                        owned
+                            .get_or_insert_with(String::new)
+                            .push_str(&input[seg..i]);
+                        i += 1;
+                        seg = i;
+                        i += input[i..].chars().next().map_or(0, char::len_utf8);
                     }
-                    '"' => {
+                    b'"' => {
                         closed = true;
                         break;
                     }
-                    _ => val.push(c),
+                    _ => i += 1,
                 }
             }
             if !closed {
                 return Err(CoreError::MalformedSignature("unterminated quote".into()));
             }
-        } else {
-            while let Some(c) = chars.peek() {
-                if *c == ',' {
-                    break;
+            let rest = &input[seg..i];
+            i += 1;
+            match owned {
+                Some(mut o) => {
+                    o.push_str(rest);
+                    Cow::Owned(o.trim().to_string())
                 }
-                val.push(*c);
-                chars.next();
+                None => Cow::Borrowed(rest.trim()),
             }
-        }
-        let key = key.trim();
+        } else {
+            let vstart = i;
+            while i < b.len() && b[i] != b',' {
+                i += 1;
+            }
+            Cow::Borrowed(input[vstart..i].trim())
+        };
         if key.is_empty() {
             return Err(CoreError::MalformedSignature("empty parameter name".into()));
         }
-        out.push((key.to_string(), val.trim().to_string()));
+        out.push((key, val));
     }
     Ok(out)
 }
@@ -319,6 +335,25 @@ mod tests {
         assert_eq!(p.signature, [0, 1, 2]);
         assert!(parse_signature_header("keyId=\"x\"").is_err());
         assert!(parse_signature_header("keyId=\"x,signature=\"AA==\"").is_err());
+    }
+
+    #[test]
+    fn parameter_names_ignore_case_and_values_may_be_escaped_or_bare() {
+        let p = parse_signature_header(
+            r#"Signature KEYID="https://a.example/k\"ey#é\\" , Algorithm=RSA-SHA256,created=1700000000, headers="(created)  Host",signature="AAEC""#,
+        )
+        .unwrap();
+        assert_eq!(p.key_id, r#"https://a.example/k"ey#é\"#);
+        assert_eq!(p.algorithm, "rsa-sha256");
+        assert_eq!(p.created, Some(1_700_000_000));
+        assert_eq!(p.headers, ["(created)", "host"]);
+        assert_eq!(p.signature, [0, 1, 2]);
+        // An escaped non-ASCII character stays whole.
+        let p = parse_signature_header(r#"keyId="a\éb",signature="AAEC""#).unwrap();
+        assert_eq!(p.key_id, "aéb");
+        assert!(parse_signature_header(r#"keyId="a\"#).is_err());
+        assert!(parse_signature_header(r#"=x,keyId="a",signature="AAEC""#).is_err());
+        assert!(parse_signature_header(r#"keyId="a",signature="AAEC",created=soon"#).is_err());
     }
 
     #[test]
