@@ -112,15 +112,11 @@ pub fn activity_info(json: &Value) -> Result<ActivityInfo, String> {
     })
 }
 
-fn host_of(url: &str) -> Option<String> {
-    Url::parse(url)
-        .ok()?
-        .host_str()
-        .map(str::to_ascii_lowercase)
-}
-
-fn origin_of(url: &str) -> Option<url::Origin> {
-    Url::parse(url).ok().map(|u| u.origin())
+/// The URL and its host, lower-cased; `None` when it is not a URL with a host.
+fn url_and_host(url: &str) -> Option<(Url, String)> {
+    let u = Url::parse(url).ok()?;
+    let host = u.host_str()?.to_ascii_lowercase();
+    Some((u, host))
 }
 
 /// The verifier of one process.
@@ -191,17 +187,19 @@ impl Verifier {
             }
             Err(e) => return Verification::no(Verdict::BadSignature, e.to_string(), key_id),
         }
-        let Some(key_host) = host_of(&signed.key_id) else {
+        // Each URL parsed once: parsing was a visible share of a message's CPU.
+        let Some((key_url, key_host)) = url_and_host(&signed.key_id) else {
             return Verification::no(Verdict::BadSignature, "keyId is not a URL", key_id);
         };
         if cfg.is_blocked(&key_host) {
             return Verification::no(Verdict::Blocked, format!("{key_host} is blocked"), key_id);
         }
         if let Some(a) = activity {
-            if host_of(&a.actor).is_some_and(|h| cfg.is_blocked(&h)) {
+            let actor = url_and_host(&a.actor);
+            if actor.as_ref().is_some_and(|(_, h)| cfg.is_blocked(h)) {
                 return Verification::no(Verdict::Blocked, "the actor's domain is blocked", key_id);
             }
-            if origin_of(&a.actor) != origin_of(&signed.key_id) {
+            if actor.map(|(u, _)| u.origin()) != Some(key_url.origin()) {
                 return Verification::no(
                     Verdict::BadSignature,
                     format!(
