@@ -64,9 +64,13 @@ struct InboundArgs {
     /// Fake servers the actors live on.
     #[arg(long, default_value_t = 100)]
     servers: usize,
-    /// Requests in flight at once.
+    /// Requests in flight at once (the connections of the load generator).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// After each warm run, one more at this many POSTs a second, open loop,
+    /// for the latency at that rate (0: skip it).
+    #[arg(long, default_value_t = 15_000.0)]
+    rate: f64,
 }
 
 #[derive(Debug, Args)]
@@ -1138,7 +1142,7 @@ async fn ingest_measure(
         })
         .unzip();
     let started = Instant::now();
-    let answers = loadgen::run(addr, requests, a.concurrency).await;
+    let answers = loadgen::run(addr, requests, a.concurrency, None).await;
     let results: Vec<(String, u16, f64)> = ids
         .into_iter()
         .zip(answers)
@@ -1279,6 +1283,9 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
     if a.requests == 0 || a.actors == 0 || a.servers == 0 || a.concurrency == 0 {
         bail!("--requests, --actors, --servers and --concurrency must be at least 1");
     }
+    if !(a.rate >= 0.0 && a.rate.is_finite()) {
+        bail!("--rate must be a number of POSTs a second, or 0");
+    }
     println!(
         "stampede bench inbound: {} signed POSTs per run from {} actors on {} servers, backend {:?}",
         a.requests, a.actors, a.servers, a.common.backend
@@ -1302,8 +1309,9 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
             &[("STAMPEDE_UP_SERVICES", "ingest,inbox".into())],
         )
         .await?;
-        for cache in ["cold", "warm"] {
-            match inbound_run(&a, &d, &sink.sink, scheme, cache, one).await {
+        let paced = (a.rate > 0.0).then_some(("warm", Some(a.rate)));
+        for (cache, rate) in [("cold", None), ("warm", None)].into_iter().chain(paced) {
+            match inbound_run(&a, &d, &sink.sink, scheme, cache, rate, one).await {
                 Ok(r) => runs.push(r),
                 Err(e) => {
                     failure = Some(e);
@@ -1322,9 +1330,10 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<8} {:<5} {:>7} {:>8} {:>10} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:>7}  check",
+        "{:<8} {:<5} {:>8} {:>7} {:>8} {:>10} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:>7}  check",
         "scheme",
         "keys",
+        "offered",
         "POSTs",
         "seconds",
         "verified/s",
@@ -1339,9 +1348,12 @@ async fn inbound(a: InboundArgs) -> anyhow::Result<()> {
     for r in &runs {
         let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
         println!(
-            "{:<8} {:<5} {:>7} {:>8.2} {:>10.0} {:>9.0} {:>6.2} {:>7.1} {:>7.1} {:>8.0} {:>7.0} {:>7.0}  {}",
+            "{:<8} {:<5} {:>8} {:>7} {:>8.2} {:>10.0} {:>9.0} {:>6.2} {:>7.1} {:>7.1} {:>8.0} {:>7.0} {:>7.0}  {}",
             r["scheme"].as_str().unwrap_or(""),
             r["key_cache"].as_str().unwrap_or(""),
+            r["offered_rate"]
+                .as_f64()
+                .map_or_else(|| "max".to_string(), |o| format!("{o:.0}/s")),
             n("posts"),
             n("seconds"),
             n("rate"),
@@ -1385,6 +1397,7 @@ async fn inbound_run(
     sink: &Sink,
     scheme: &str,
     cache: &str,
+    offered: Option<f64>,
     ceiling_one: f64,
 ) -> anyhow::Result<serde_json::Value> {
     let url = format!("{}/inbox", d.base);
@@ -1417,11 +1430,14 @@ async fn inbound_run(
     let accepted_before = d.p.metrics.inbound_count("verify", "accepted");
     let depth_before = app_depth(d).await;
     reset_peak_rss();
-    println!("  {scheme} {cache}: {} POSTs", a.requests);
+    match offered {
+        Some(r) => println!("  {scheme} {cache}: {} POSTs at {r:.0}/s", a.requests),
+        None => println!("  {scheme} {cache}: {} POSTs", a.requests),
+    }
     let cpu_before = process_cpu_secs();
     let db_before = threads_cpu_secs("stampede-db-");
     let started = Instant::now();
-    let results = loadgen::run(addr, requests, a.concurrency).await;
+    let results = loadgen::run(addr, requests, a.concurrency, offered).await;
     let edge_secs = started.elapsed().as_secs_f64();
     let want = depth_before + a.requests as u64;
     let deadline = started + Duration::from_secs(a.common.timeout_secs);
@@ -1442,6 +1458,11 @@ async fn inbound_run(
     Ok(json!({
         "scheme": scheme,
         "key_cache": cache,
+        "offered_rate": offered,
+        "load": match offered {
+            Some(r) => format!("open loop: {r:.0} POSTs a second over {} connections; latency from when each was due", a.concurrency),
+            None => format!("closed loop: {} in flight", a.concurrency),
+        },
         "posts": a.requests,
         "seconds": seconds,
         "edge_seconds": edge_secs,

@@ -3,10 +3,18 @@
 //! parsed only as far as their status and length. A general-purpose client
 //! spends about as much CPU per request as the server it drives; on cores
 //! shared with stampede that would be measured as stampede's cost.
+//!
+//! Two kinds of load. Closed loop (no rate): every connection sends its next
+//! request as soon as the last is answered, which finds the highest rate,
+//! but at saturation each request's latency is just the number in flight
+//! over that rate. Open loop (a rate): request `i` is due at `i / rate`
+//! seconds whatever the answers do, and its latency counts from when it was
+//! due, so time spent waiting for a free connection or a late timer counts
+//! against the server (no coordinated omission): the latency at that rate.
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,11 +38,19 @@ pub fn post(authority: &str, path: &str, headers: &[(String, String)], body: &[u
     out
 }
 
-/// Sends every request over `concurrency` connections to `addr`; returns,
-/// in request order, each answer's status (0: no answer) and latency in ms.
-pub async fn run(addr: SocketAddr, requests: Vec<Vec<u8>>, concurrency: usize) -> Vec<(u16, f64)> {
+/// Sends every request over `concurrency` connections to `addr`, as fast as
+/// they are answered or, with `rate`, that many a second (module note);
+/// returns, in request order, each answer's status (0: no answer) and
+/// latency in ms.
+pub async fn run(
+    addr: SocketAddr,
+    requests: Vec<Vec<u8>>,
+    concurrency: usize,
+    rate: Option<f64>,
+) -> Vec<(u16, f64)> {
     let requests = Arc::new(requests);
     let next = Arc::new(AtomicUsize::new(0));
+    let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency.max(1) {
         let (requests, next) = (Arc::clone(&requests), Arc::clone(&next));
@@ -45,7 +61,14 @@ pub async fn run(addr: SocketAddr, requests: Vec<Vec<u8>>, concurrency: usize) -
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(req) = requests.get(i) else { break };
-                let t = Instant::now();
+                let t = match rate {
+                    Some(rate) => {
+                        let due = start + Duration::from_secs_f64(i as f64 / rate);
+                        tokio::time::sleep_until(due).await;
+                        due.into_std()
+                    }
+                    None => Instant::now(),
+                };
                 let status = match exchange(&mut conn, addr, req, &mut buf).await {
                     Ok(s) => s,
                     Err(_) => {
@@ -186,7 +209,7 @@ mod tests {
                 )
             })
             .collect();
-        let out = run(addr, requests, 4).await;
+        let out = run(addr, requests.clone(), 4, None).await;
         assert_eq!(out.len(), 50);
         for (i, (status, _)) in out.iter().enumerate() {
             assert_eq!(*status, if i % 10 == 3 { 400 } else { 202 }, "request {i}");
@@ -196,5 +219,14 @@ mod tests {
             4,
             "one connection per slot, kept alive"
         );
+        // Open loop: 50 requests at 500/s take about 0.1 s, however fast
+        // the answers come.
+        let started = Instant::now();
+        let out = run(addr, requests, 4, Some(500.0)).await;
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(95), "{took:?}");
+        for (i, (status, _)) in out.iter().enumerate() {
+            assert_eq!(*status, if i % 10 == 3 { 400 } else { 202 }, "request {i}");
+        }
     }
 }

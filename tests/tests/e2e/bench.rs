@@ -94,11 +94,23 @@ async fn every_bench_runs_small_and_passes_its_check(backend: Backend) {
     )
     .await;
     let runs = v["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 4, "cavage and RFC 9421, cold and warm");
+    assert_eq!(
+        runs.len(),
+        6,
+        "cavage and RFC 9421: cold, warm, warm at the offered rate"
+    );
     for r in runs {
         assert_eq!(r["check"]["ok"], true, "{r}");
         assert_eq!(r["check"]["on_application_stream"], 120);
     }
+    let paced: Vec<_> = runs
+        .iter()
+        .filter(|r| r["offered_rate"].is_number())
+        .collect();
+    assert_eq!(paced.len(), 2, "one open-loop run per scheme");
+    assert!(paced
+        .iter()
+        .all(|r| r["offered_rate"] == 15_000.0 && r["key_cache"] == "warm"));
 }
 
 crate::both_backends!(every_bench_runs_small_and_passes_its_check);
