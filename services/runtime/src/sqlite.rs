@@ -18,8 +18,7 @@
 //! corrupting it.
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
@@ -93,8 +92,75 @@ impl DataDirLock {
 /// A database file served by its own thread.
 #[derive(Clone)]
 pub(crate) struct Db {
-    tx: mpsc::Sender<Job>,
+    pending: Arc<Pending>,
     _closer: Arc<Closer>,
+}
+
+/// The jobs waiting for the database thread.
+///
+/// A relaxed job does not wake the thread while it lingers for company (see
+/// `serve`): in a stream of acknowledgements and delivery records the thread
+/// wakes once a millisecond, not once a job. A durable job, a full batch, or
+/// any job while the thread sleeps with nothing to do wakes it at once.
+#[derive(Default)]
+struct Pending {
+    state: Mutex<PendingState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct PendingState {
+    jobs: Vec<Job>,
+    /// A durable job is among `jobs`.
+    durable: bool,
+    /// Every handle is gone: run what is queued, then end.
+    closed: bool,
+    waiting: Waiting,
+}
+
+/// What the database thread is doing when a job arrives.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// Working: it looks at the jobs when it is done.
+    #[default]
+    No,
+    /// Asleep with nothing to do.
+    Idle,
+    /// Lingering, until a deadline, for company for relaxed jobs.
+    Linger,
+}
+
+impl Pending {
+    fn lock(&self) -> MutexGuard<'_, PendingState> {
+        // The state is plain data; a panic elsewhere leaves it usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a job; gives it back if the thread has ended.
+    fn push(&self, job: Job) -> std::result::Result<(), Job> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(job);
+        }
+        st.durable |= job.durable;
+        st.jobs.push(job);
+        let wake = match st.waiting {
+            Waiting::No => false,
+            Waiting::Idle => true,
+            Waiting::Linger => st.durable || st.jobs.len() >= MAX_BATCH,
+        };
+        if wake {
+            st.waiting = Waiting::No;
+            drop(st);
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
 }
 
 /// Dropped with the last handle: lets the thread finish the writes queued
@@ -103,14 +169,15 @@ pub(crate) struct Db {
 /// finds them done.
 struct Closer {
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    pending: Arc<Pending>,
     _lock: DataDirLock,
 }
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        // Every `Db`, and so every sender, is gone (a `Db` drops its sender
-        // before its share of this): the thread ends once it has run what
-        // is queued.
+        // Every `Db` is gone, so no job can be queued any more: the thread
+        // ends once it has run what is queued.
+        self.pending.close();
         let thread = self.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(thread) = thread {
             let _ = thread.join();
@@ -141,16 +208,20 @@ impl Db {
                 ))?;
             }
         }
-        let (tx, rx) = mpsc::channel::<Job>();
-        let thread = std::thread::Builder::new()
-            .name(format!("stampede-db-{file}"))
-            .spawn(move || serve(conn, rx))?;
+        let pending = Arc::new(Pending::default());
+        let thread = {
+            let pending = Arc::clone(&pending);
+            std::thread::Builder::new()
+                .name(format!("stampede-db-{file}"))
+                .spawn(move || serve(conn, &pending))?
+        };
         Ok(Self {
             _closer: Arc::new(Closer {
                 thread: std::sync::Mutex::new(Some(thread)),
+                pending: Arc::clone(&pending),
                 _lock: lock.clone(),
             }),
-            tx,
+            pending,
         })
     }
 
@@ -193,8 +264,8 @@ impl Db {
             (ok, reply)
         });
         if self
-            .tx
-            .send(Job {
+            .pending
+            .push(Job {
                 durable: false,
                 run,
             })
@@ -222,46 +293,64 @@ impl Db {
             });
             (ok, reply)
         });
-        self.tx
-            .send(Job { durable, run })
+        self.pending
+            .push(Job { durable, run })
             .map_err(|_| Error::Db("the embedded database is closed".into()))?;
         rx.await
             .map_err(|_| Error::Db("the embedded database dropped the request".into()))?
     }
 }
 
-fn serve(conn: Connection, rx: mpsc::Receiver<Job>) {
+/// Takes the next batch: waits for a job, and lets relaxed jobs in a busy
+/// stream (acknowledgements, delivery records) wait a moment for company:
+/// each commit writes its pages to the WAL, so a few commits of many rows
+/// cost far less than many of one. Their callers are not waiting on an
+/// fsync, and a durable job arriving meanwhile ends the wait. `None` once
+/// every handle is gone and nothing is left.
+fn next_batch(
+    pending: &Pending,
+    batch: &mut Vec<Job>,
+    last_commit: std::time::Instant,
+) -> Option<bool> {
+    let mut st = pending.lock();
+    while st.jobs.is_empty() {
+        if st.closed {
+            return None;
+        }
+        st.waiting = Waiting::Idle;
+        st = pending.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+    }
+    if !st.durable && last_commit.elapsed() < RELAXED_LINGER * 2 {
+        let deadline = std::time::Instant::now() + RELAXED_LINGER;
+        while !st.durable && st.jobs.len() < MAX_BATCH && !st.closed {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st.waiting = Waiting::Linger;
+            st = match pending.wake.wait_timeout(st, left) {
+                Ok((st, _)) => st,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+    st.waiting = Waiting::No;
+    if st.jobs.len() <= MAX_BATCH {
+        batch.append(&mut st.jobs);
+        st.durable = false;
+    } else {
+        batch.extend(st.jobs.drain(..MAX_BATCH));
+        st.durable = st.jobs.iter().any(|j| j.durable);
+    }
+    Some(batch.iter().any(|j| j.durable))
+}
+
+fn serve(conn: Connection, pending: &Pending) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
     let mut synchronous_full = true;
     let mut last_commit = std::time::Instant::now();
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
-        let mut durable = batch.iter().any(|j| j.durable);
-        // Relaxed writes in a busy stream (acknowledgements, delivery
-        // records) wait a moment for company: each commit writes its pages
-        // to the WAL, so a few commits of many rows cost far less than many
-        // of one. Their callers are not waiting on an fsync, and a durable
-        // job arriving meanwhile ends the wait.
-        if !durable && last_commit.elapsed() < RELAXED_LINGER * 2 {
-            let deadline = std::time::Instant::now() + RELAXED_LINGER;
-            while batch.len() < MAX_BATCH && !durable {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(j) => {
-                        durable = j.durable;
-                        batch.push(j);
-                    }
-                    Err(_) => break,
-                }
-            }
-        }
+    while let Some(durable) = next_batch(pending, &mut batch, last_commit) {
         // `synchronous` cannot change inside a transaction: set it for this one.
         if durable != synchronous_full {
             let level = if durable { "FULL" } else { "NORMAL" };
@@ -384,6 +473,49 @@ mod tests {
         assert_eq!(n, 2);
         // The WAL index lives in this process (exclusive locking mode).
         assert!(!dir.join("t.db-shm").exists());
+        drop(db);
+        drop(lock);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn relaxed_writes_in_a_stream_all_land_and_queued_ones_run_before_close() {
+        let dir = std::env::temp_dir().join(format!("stampede-db-{}", uuid::Uuid::new_v4()));
+        let lock = DataDirLock::acquire(&dir).unwrap();
+        let schema = [(1, "CREATE TABLE t (v INTEGER)")];
+        let db = Db::open(&lock, "t.db", &schema).unwrap();
+        // A stream of relaxed writes (the thread lingers for company between
+        // commits and is not woken by each), then a durable one.
+        let stream = (0..300).map(|v| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.call_relaxed(move |c| Ok(c.execute("INSERT INTO t VALUES (?1)", [v])?))
+                    .await
+            })
+        });
+        for r in futures::future::join_all(stream).await {
+            r.unwrap().unwrap();
+        }
+        db.call(|c| Ok(c.execute("INSERT INTO t VALUES (-1)", [])?))
+            .await
+            .unwrap();
+        // Detached writes queued just before the last handle goes run
+        // before the directory's lock is released.
+        for v in 1000..1100 {
+            db.call_detached("test", move |c| {
+                c.execute("INSERT INTO t VALUES (?1)", [v])?;
+                Ok(())
+            });
+        }
+        drop(db);
+        drop(lock);
+        let lock = DataDirLock::acquire(&dir).unwrap();
+        let db = Db::open(&lock, "t.db", &schema).unwrap();
+        let n: i64 = db
+            .call(|c| Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(n, 401);
         drop(db);
         drop(lock);
         std::fs::remove_dir_all(&dir).unwrap();
