@@ -28,6 +28,7 @@ use stampede_runtime::queue::{Incoming, OutMessage, QueueName};
 use stampede_runtime::store::NewDeadLetter;
 use stampede_runtime::worker;
 use thiserror::Error;
+use tokio::sync::OnceCell;
 use url::Url;
 
 pub use lanes::Lanes;
@@ -89,7 +90,10 @@ struct Prepared {
 #[derive(Clone)]
 pub struct Delivery {
     p: Process,
-    bodies: Arc<Mutex<LruCache<String, Arc<Prepared>>>>,
+    /// Prepared activities by key. A cell is filled once: the first job of
+    /// an activity loads it while the others (a whole prefetch at the start
+    /// of a fanout) wait for it instead of each loading and parsing the key.
+    bodies: Arc<Mutex<LruCache<String, Arc<OnceCell<Arc<Prepared>>>>>>,
     lanes: Lanes,
 }
 
@@ -448,11 +452,24 @@ impl Delivery {
     }
 
     async fn prepared(&self, key: &str) -> Result<Arc<Prepared>, DeliveryError> {
-        if let Ok(mut c) = self.bodies.lock() {
-            if let Some(p) = c.get(key) {
-                return Ok(p.clone());
-            }
-        }
+        let cell = match self.bodies.lock() {
+            Ok(mut c) => match c.get(key) {
+                Some(cell) => cell.clone(),
+                None => {
+                    let cell = Arc::new(OnceCell::new());
+                    c.put(key.to_string(), cell.clone());
+                    cell
+                }
+            },
+            Err(_) => Arc::new(OnceCell::new()),
+        };
+        cell.get_or_try_init(|| self.load_prepared(key))
+            .await
+            .cloned()
+    }
+
+    /// Loads an activity's body and its author's key from the store.
+    async fn load_prepared(&self, key: &str) -> Result<Arc<Prepared>, DeliveryError> {
         let store = &self.p.backends.store;
         let a = store
             .activity(key)
@@ -491,9 +508,6 @@ impl Delivery {
             checked_ms: std::sync::atomic::AtomicI64::new(0),
             deleted: std::sync::atomic::AtomicBool::new(false),
         });
-        if let Ok(mut c) = self.bodies.lock() {
-            c.put(key.to_string(), p.clone());
-        }
         Ok(p)
     }
 
@@ -554,4 +568,86 @@ impl Delivery {
 pub async fn serve(p: Process, l: Listeners) -> Result<(), DeliveryError> {
     let work = Delivery::new(p.clone()).run();
     stampede_runtime::process::serve_worker(p, l, "delivery", work).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stampede_runtime::shutdown::CancellationToken;
+    use stampede_runtime::store::{NewActivity, NewActor, PrivateKey};
+
+    /// The jobs of one fanout arrive together: the first loads the activity
+    /// and parses its author's key, the rest share what it loaded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_jobs_of_one_activity_share_one_load() {
+        let dir = std::env::temp_dir().join(format!(
+            "stampede-delivery-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let cfg = stampede_runtime::Config::from_lookup(|k| {
+            (k == "STAMPEDE_DATA_DIR").then(|| dir.display().to_string())
+        })
+        .unwrap();
+        let p = Process::connect(
+            cfg,
+            stampede_runtime::process::ALL_IN_ONE,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let key = stampede_core::keys::generate_rsa_2048().unwrap();
+        let actor = p
+            .backends
+            .store
+            .create_actor(NewActor {
+                name: "alice".into(),
+                display_name: String::new(),
+                summary: String::new(),
+                manually_approves_followers: false,
+                private_key: PrivateKey(key.private_pkcs8_der),
+                public_key_pem: key.public_pem,
+            })
+            .await
+            .unwrap();
+        let body = serde_json::json!({"id": "https://x.example/a/1", "type": "Announce"});
+        p.backends
+            .store
+            .insert_activity(NewActivity {
+                key: "k1".into(),
+                ap_id: "https://x.example/a/1".into(),
+                actor_id: actor.id,
+                kind: "Announce".into(),
+                object_id: None,
+                idempotency_key: None,
+                delivered_body: body.to_string().into_bytes(),
+                body,
+            })
+            .await
+            .unwrap();
+        let d = Delivery::new(p.clone());
+        let loads: Vec<_> = (0..32)
+            .map(|_| {
+                let d = d.clone();
+                tokio::spawn(async move { d.prepared("k1").await })
+            })
+            .collect();
+        let mut prepared = Vec::new();
+        for l in loads {
+            prepared.push(l.await.unwrap().unwrap());
+        }
+        assert!(prepared.iter().all(|x| Arc::ptr_eq(x, &prepared[0])));
+        assert_eq!(
+            prepared[0].key_id,
+            format!("{}#main-key", p.cfg.actor_id("alice"))
+        );
+        // A missing activity is an error each time, and not remembered as found.
+        assert!(matches!(
+            d.prepared("missing").await,
+            Err(DeliveryError::Permanent(_))
+        ));
+        assert!(d.prepared("missing").await.is_err());
+        drop((d, p));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

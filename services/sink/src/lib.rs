@@ -111,7 +111,10 @@ struct ServerState {
     max_in_flight: AtomicUsize,
     verify_every: usize,
     count_only: bool,
-    seq: AtomicUsize,
+    /// POSTs received by all the servers: every `verify_every`th of them is
+    /// verified, counted across servers so that a benchmark with one POST per
+    /// server (shared inboxes) samples as sparsely as one with many.
+    seq: Arc<AtomicUsize>,
     total: AtomicUsize,
     unverified: AtomicUsize,
     /// Count-only mode: accepted copies per (path, activity id).
@@ -192,8 +195,9 @@ pub struct SinkOptions {
     pub servers: usize,
     /// Which servers (by index) have a shared inbox.
     pub shared_inbox: Arc<dyn Fn(usize) -> bool + Send + Sync>,
-    /// Verify every Nth POST's signature and digest (1: all; 0: none), so
-    /// the sink is not the bottleneck of a benchmark.
+    /// Verify every Nth POST's signature and digest, counted across all the
+    /// servers (1: all; 0: none), so the sink is not the bottleneck of a
+    /// benchmark.
     pub verify_every: usize,
     /// Keep only counts (accepted copies per inbox and activity, arrival
     /// times), not every request: for benchmarks.
@@ -226,6 +230,7 @@ impl Sink {
                 .map_err(|e| SinkError::Io(std::io::Error::other(e)))??,
         );
         let keys = Arc::new(Mutex::new(HashMap::new()));
+        let seq = Arc::new(AtomicUsize::new(0));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -249,7 +254,7 @@ impl Sink {
                 max_in_flight: AtomicUsize::new(0),
                 verify_every: opts.verify_every,
                 count_only: opts.count_only,
-                seq: AtomicUsize::new(0),
+                seq: seq.clone(),
                 total: AtomicUsize::new(0),
                 unverified: AtomicUsize::new(0),
                 accepted: Mutex::new(HashMap::new()),

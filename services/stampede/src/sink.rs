@@ -50,7 +50,8 @@ pub struct SinkArgs {
     /// Followers per server with `--follow`.
     #[arg(long, default_value_t = 1)]
     followers_per_server: usize,
-    /// Verify every Nth POST's signature and digest (1: all, 0: none).
+    /// Verify every Nth POST's signature and digest, counted across all the
+    /// servers (1: all, 0: none).
     #[arg(long, default_value_t = 1)]
     verify_every: usize,
     /// Keep counts only, not every request (long runs, benchmarks).
