@@ -17,6 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use lru::LruCache;
 use prost::Message;
+use reqwest::header::{HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE, DATE};
 use stampede_core::digest::digest_header;
 use stampede_core::keys::load_private_key;
 use stampede_core::signature::{sign_request, POST_HEADERS};
@@ -44,11 +45,19 @@ const PARK_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 /// `Create`/`Update` was superseded by a `Delete`.
 const SUPERSESSION_RECHECK_MS: i64 = 1000;
 
+fn http_date(t: std::time::SystemTime) -> HeaderValue {
+    HeaderValue::try_from(httpdate::fmt_http_date(t)).unwrap_or(HeaderValue::from_static(""))
+}
+
 fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
+
+const ACTIVITY_JSON: HeaderValue = HeaderValue::from_static("application/activity+json");
+const DIGEST: HeaderName = HeaderName::from_static("digest");
+const SIGNATURE: HeaderName = HeaderName::from_static("signature");
 
 /// Bytes read of an inbox's answer (only the status matters).
 const MAX_REPLY_BYTES: usize = 16 * 1024;
@@ -69,6 +78,8 @@ pub enum DeliveryError {
 struct Prepared {
     body: Bytes,
     digest: String,
+    /// `digest`, ready to send (cloning it shares the bytes).
+    digest_value: HeaderValue,
     key_id: String,
     key: Arc<aws_lc_rs::rsa::KeyPair>,
     ap_id: String,
@@ -86,6 +97,9 @@ struct Prepared {
     supersedable: Option<(i64, String)>,
 }
 
+/// Prepared activities by store key, each filled once.
+type BodyCache = Mutex<LruCache<String, Arc<OnceCell<Arc<Prepared>>>>>;
+
 /// The delivery worker.
 #[derive(Clone)]
 pub struct Delivery {
@@ -93,8 +107,11 @@ pub struct Delivery {
     /// Prepared activities by key. A cell is filled once: the first job of
     /// an activity loads it while the others (a whole prefetch at the start
     /// of a fanout) wait for it instead of each loading and parsing the key.
-    bodies: Arc<Mutex<LruCache<String, Arc<OnceCell<Arc<Prepared>>>>>>,
+    bodies: Arc<BodyCache>,
     lanes: Lanes,
+    /// The `Date` header of the current second (unix seconds, value): it
+    /// changes once a second, not once a POST.
+    date: Arc<Mutex<(u64, HeaderValue)>>,
 }
 
 /// Counts a delivery outcome and records it on the current (deliver) span.
@@ -118,7 +135,23 @@ impl Delivery {
             p,
             bodies: Arc::new(Mutex::new(LruCache::new(cap))),
             lanes: Lanes::default(),
+            date: Arc::new(Mutex::new((0, HeaderValue::from_static("")))),
         }
+    }
+
+    /// The `Date` header value for now.
+    fn date_now(&self) -> HeaderValue {
+        let now = std::time::SystemTime::now();
+        let secs = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let Ok(mut cached) = self.date.lock() else {
+            return http_date(now);
+        };
+        if cached.0 != secs {
+            *cached = (secs, http_date(now));
+        }
+        cached.1.clone()
     }
 
     /// Consumes the delivery queue until shutdown.
@@ -496,10 +529,14 @@ impl Delivery {
                 .map(|o| (a.actor_id, o.to_string())),
             _ => None,
         };
+        let digest = digest_header(&body);
+        let digest_value = HeaderValue::try_from(digest.as_str())
+            .map_err(|e| DeliveryError::Permanent(format!("digest header: {e}")))?;
         let p = Arc::new(Prepared {
             deletes_author,
             supersedable,
-            digest: digest_header(&body),
+            digest,
+            digest_value,
             body,
             key_id: format!("{}#main-key", self.p.cfg.actor_id(&actor.name)),
             key: Arc::new(key_pair),
@@ -521,7 +558,7 @@ impl Delivery {
             .map_err(|e| DeliveryError::Permanent(format!("bad inbox url: {e}")))?;
         self.p.http.check_url(&url)?;
         let prep = self.prepared(&job.activity_key).await?;
-        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        let date = self.date_now();
         let path = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_string(),
@@ -535,7 +572,7 @@ impl Delivery {
                         sign_request(&prep.key, &prep.key_id, "POST", &path, POST_HEADERS, |h| {
                             match h {
                                 "host" => Some(host.as_str()),
-                                "date" => Some(date.as_str()),
+                                "date" => date.to_str().ok(),
                                 "digest" => Some(prep.digest.as_str()),
                                 _ => None,
                             }
@@ -553,11 +590,11 @@ impl Delivery {
             .http
             .client()
             .post(url.clone())
-            .header("content-type", "application/activity+json")
-            .header("accept", "application/activity+json")
-            .header("date", date)
-            .header("digest", prep.digest.as_str())
-            .header("signature", signature)
+            .header(CONTENT_TYPE, ACTIVITY_JSON)
+            .header(ACCEPT, ACTIVITY_JSON)
+            .header(DATE, date)
+            .header(DIGEST, prep.digest_value.clone())
+            .header(SIGNATURE, signature)
             .body(prep.body.clone());
         Ok(self.p.http.send(req, &url, MAX_REPLY_BYTES).await?)
     }
@@ -647,6 +684,11 @@ mod tests {
             Err(DeliveryError::Permanent(_))
         ));
         assert!(d.prepared("missing").await.is_err());
+        // The cached `Date` is an HTTP date of this second.
+        let date = d.date_now();
+        let t = httpdate::parse_http_date(date.to_str().unwrap()).unwrap();
+        let skew = std::time::SystemTime::now().duration_since(t).unwrap();
+        assert!(skew < std::time::Duration::from_secs(2), "{skew:?}");
         drop((d, p));
         let _ = std::fs::remove_dir_all(&dir);
     }
