@@ -55,6 +55,7 @@ async fn every_bench_runs_small_and_passes_its_check(backend: Backend) {
     )
     .await;
     assert!(d["ceiling"]["all_cores"].as_f64().unwrap() > 0.0);
+    assert!(d["ceiling"]["cpu_us_per_signature"].as_f64().unwrap() > 0.0);
     let runs = d["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     assert_eq!(runs[0]["posts"], 40);
@@ -63,6 +64,7 @@ async fn every_bench_runs_small_and_passes_its_check(backend: Backend) {
         assert_eq!(r["check"]["ok"], true, "{r}");
         assert!(r["rate"].as_f64().unwrap() > 0.0);
         assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0);
+        assert!(r["cpu_us_per_post"]["other"].as_f64().is_some(), "{r}");
     }
     let f = bench(
         backend,
