@@ -94,7 +94,8 @@ impl worker::Handler for Inbox {
                 match done {
                     Ok(()) => {
                         m.inbound_verify("accepted");
-                        tracing::info!(activity_id = ?accepted.info.id, kind = %accepted.info.kind, actor = %accepted.info.actor, recipient = %job.recipient_inbox, "inbound accepted");
+                        // Per activity, like "delivered": debug (metrics count it).
+                        tracing::debug!(activity_id = ?accepted.info.id, kind = %accepted.info.kind, actor = %accepted.info.actor, recipient = %job.recipient_inbox, "inbound accepted");
                         Ok(())
                     }
                     Err(e) => {
