@@ -908,3 +908,42 @@ async fn fetch_key(s: &ServerState, key_id: &str) -> Result<Arc<ParsedPublicKey>
     }
     Ok(key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `verify_every` samples the POSTs of all servers together: one POST
+    /// to each of 12 servers with every 5th verified is 3 verifications,
+    /// not 12 (each server's first).
+    #[tokio::test]
+    async fn verification_is_sampled_across_servers() {
+        let sink = Sink::start(SinkOptions {
+            servers: 12,
+            verify_every: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let from = sink.actor(0, "alice").unwrap();
+        for i in 0..sink.len() {
+            let inbox = sink.actor(i, "bob").unwrap().shared_inbox.unwrap();
+            let activity = serde_json::json!({
+                "id": format!("{}/activities/{i}", from.id),
+                "type": "Create",
+                "actor": from.id,
+            });
+            let r = sink
+                .send(0, "alice", &inbox, &activity, SendOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(r.status, 202);
+        }
+        let received: Vec<Received> = (0..sink.len()).flat_map(|i| sink.received(i)).collect();
+        assert_eq!(received.len(), 12);
+        assert!(received.iter().all(|r| r.verified.is_ok()));
+        let verified = received.iter().filter(|r| r.key_id.is_some()).count();
+        assert_eq!(verified, 3);
+        sink.shutdown();
+    }
+}
