@@ -718,6 +718,7 @@ async fn delivery_measure(
         .collect();
     lat.sort_by(|x, y| x.total_cmp(y));
     let rate = total as f64 / seconds.max(1e-9);
+    let us_per_post = 1e6 / total.max(1) as f64;
     let ok = lost == 0 && duplicated == 0 && unverified == 0;
     let summary = if ok {
         "ok".to_string()
@@ -743,9 +744,9 @@ async fn delivery_measure(
         // preemptions took; `other` is all the rest (HTTP on both ends, the
         // queue and the store, the fake servers included).
         "cpu_us_per_post": {
-            "signing": sign_cpu * 1e6 / total.max(1) as f64,
-            "other": (all_cpu - sign_cpu) * 1e6 / total.max(1) as f64,
-            "sink": sink_cpu * 1e6 / total.max(1) as f64,
+            "signing": sign_cpu * us_per_post,
+            "other": (all_cpu - sign_cpu) * us_per_post,
+            "sink": sink_cpu * us_per_post,
         },
         "check": {"ok": ok, "lost": lost, "duplicated": duplicated, "unverified": unverified, "summary": summary},
     }))
