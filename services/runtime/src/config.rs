@@ -111,6 +111,9 @@ pub struct Config {
     /// `STAMPEDE_UP_SERVICES` (added, default all four): which services
     /// `stampede up` runs, comma-separated (`ingest` alone: just the edge).
     pub up_services: Vec<String>,
+    /// `STAMPEDE_RUNTIME_THREADS` (added, default 0: chosen per service): the
+    /// async runtime's worker threads. See [`Config::runtime_threads_for`].
+    pub runtime_threads: usize,
 }
 
 impl Config {
@@ -240,6 +243,7 @@ impl Config {
             inbound_max_future_secs: number("STAMPEDE_INBOUND_MAX_FUTURE_SECS", 300, 0, 86400)?
                 as i64,
             inbound_rate_limit: number("STAMPEDE_INBOUND_RATE_LIMIT", 6000, 0, 10_000_000)?,
+            runtime_threads: number("STAMPEDE_RUNTIME_THREADS", 0, 0, 1024)? as usize,
             up_services: match get("STAMPEDE_UP_SERVICES") {
                 None => UP_SERVICES.iter().map(|s| s.to_string()).collect(),
                 Some(raw) => {
@@ -268,6 +272,26 @@ impl Config {
                 365 * 86400,
             )?),
         })
+    }
+
+    /// Worker threads of the async runtime of `service` (`up`, `ingest`,
+    /// `inbox`, `fanout`, `delivery`, or `bench`, which runs `up`'s services
+    /// in process): `STAMPEDE_RUNTIME_THREADS` when set, else one per core,
+    /// except where the RSA signing pool (one thread per core) does most of
+    /// the work, delivery and `up`: there half the cores, at least one. The
+    /// runtime's share of a delivery is about a third of the signature's, and
+    /// a runtime worker for every core beside a busy signing thread for every
+    /// core costs a futex wake-up and a context switch per job as the idle
+    /// workers wake each other (BENCHMARKS.md).
+    pub fn runtime_threads_for(&self, service: &str) -> usize {
+        if self.runtime_threads > 0 {
+            return self.runtime_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        match service {
+            "up" | "delivery" | "bench" => (cores / 2).max(1),
+            _ => cores,
+        }
     }
 
     /// The public base URL as a string without a trailing slash.
@@ -376,6 +400,24 @@ mod tests {
                 .unwrap()
                 .up_services,
             ["ingest", "inbox"]
+        );
+    }
+
+    #[test]
+    fn runtime_threads_leave_the_signing_pool_its_cores() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let auto = with(&[]).unwrap();
+        assert_eq!(auto.runtime_threads_for("inbox"), cores);
+        assert_eq!(auto.runtime_threads_for("ingest"), cores);
+        assert_eq!(auto.runtime_threads_for("delivery"), (cores / 2).max(1));
+        assert_eq!(auto.runtime_threads_for("up"), (cores / 2).max(1));
+        let set = with(&[("STAMPEDE_RUNTIME_THREADS", "3")]).unwrap();
+        assert_eq!(set.runtime_threads_for("delivery"), 3);
+        assert_eq!(set.runtime_threads_for("inbox"), 3);
+        let err = with(&[("STAMPEDE_RUNTIME_THREADS", "many")]).unwrap_err();
+        assert!(
+            err.to_string().contains("STAMPEDE_RUNTIME_THREADS"),
+            "{err}"
         );
     }
 

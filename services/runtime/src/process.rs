@@ -235,6 +235,7 @@ where
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.runtime_threads_for(name))
         .enable_all()
         .build()
     {

@@ -325,6 +325,22 @@ impl BenchSink {
     }
 }
 
+/// Runs the load generator on a runtime thread of its own (`stampede-load`),
+/// as the remote servers are apart from stampede: not on the runtime of the
+/// services it drives, whose threads are sized as `stampede up`'s.
+async fn on_load_thread<T: Send + 'static>(
+    load: impl std::future::Future<Output = T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("stampede-load")
+        .enable_all()
+        .build()?;
+    let out = rt.spawn(load).await;
+    rt.shutdown_background();
+    Ok(out?)
+}
+
 enum Cleanup {
     Dir(PathBuf),
     External {
@@ -1158,7 +1174,7 @@ async fn ingest_measure(
         })
         .unzip();
     let started = Instant::now();
-    let answers = loadgen::run(addr, requests, a.concurrency, None).await;
+    let answers = on_load_thread(loadgen::run(addr, requests, a.concurrency, None)).await?;
     let results: Vec<(String, u16, f64)> = ids
         .into_iter()
         .zip(answers)
@@ -1453,7 +1469,9 @@ async fn inbound_run(
     let cpu_before = process_cpu_secs();
     let db_before = threads_cpu_secs("stampede-db-");
     let started = Instant::now();
-    let results = loadgen::run(addr, requests, a.concurrency, offered).await;
+    let load_before = threads_cpu_secs("stampede-load");
+    let results = on_load_thread(loadgen::run(addr, requests, a.concurrency, offered)).await?;
+    let load_cpu = threads_cpu_secs("stampede-load") - load_before;
     let edge_secs = started.elapsed().as_secs_f64();
     let want = depth_before + a.requests as u64;
     let deadline = started + Duration::from_secs(a.common.timeout_secs);
@@ -1487,6 +1505,7 @@ async fn inbound_run(
         "ratio": rate / ceiling_one.max(1e-9),
         "cpu_us_per_activity": cpu * 1e6 / a.requests as f64,
         "db_cpu_us_per_activity": db_cpu * 1e6 / a.requests as f64,
+        "load_cpu_us_per_activity": load_cpu * 1e6 / a.requests as f64,
         "latency_ms": latency_json(&lat, "edge answer (202) per request"),
         "peak_rss_mib": peak_rss_mib(),
         "check": {

@@ -170,10 +170,15 @@ pub fn main() -> ExitCode {
         },
         Command::Up => run_main("up", true, up::run),
         command => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if matches!(command, Command::Bench(_)) {
+                // The benches run stampede's services in this process: on
+                // as many runtime threads as `stampede up` would have.
+                if let Ok(cfg) = stampede_runtime::Config::from_env() {
+                    builder.worker_threads(cfg.runtime_threads_for("bench"));
+                }
+            }
+            let rt = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");
