@@ -1060,20 +1060,32 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
 
     // stampede as a child process running only the edge, so it can be killed.
     let (mut vars, cleanup) = scratch(a.common.backend).await?;
-    let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
-    let (http, grpc, metrics) = (
-        port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
-        port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
-        port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
-    );
-    let base = format!("http://127.0.0.1:{http}");
-    vars.insert("STAMPEDE_PUBLIC_URL", base.clone());
-    vars.insert("STAMPEDE_HTTP_ADDR", format!("127.0.0.1:{http}"));
-    vars.insert("STAMPEDE_GRPC_ADDR", format!("127.0.0.1:{grpc}"));
-    vars.insert("STAMPEDE_METRICS_ADDR", format!("127.0.0.1:{metrics}"));
     vars.insert("STAMPEDE_UP_SERVICES", "ingest".into());
     vars.insert("RUST_LOG", "warn".into());
-    let result = ingest_measure(&a, &vars, &base, metrics, ceiling).await;
+    let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
+    let mut attempt = 0;
+    let result = loop {
+        // Free ports, found by binding and letting go: the child binds them
+        // again, and another socket may take one in between. Then the child
+        // exits at once, and the bench tries other ports.
+        let (http, grpc, metrics) = (
+            port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
+            port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
+            port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
+        );
+        let base = format!("http://127.0.0.1:{http}");
+        vars.insert("STAMPEDE_PUBLIC_URL", base.clone());
+        vars.insert("STAMPEDE_HTTP_ADDR", format!("127.0.0.1:{http}"));
+        vars.insert("STAMPEDE_GRPC_ADDR", format!("127.0.0.1:{grpc}"));
+        vars.insert("STAMPEDE_METRICS_ADDR", format!("127.0.0.1:{metrics}"));
+        attempt += 1;
+        match ingest_measure(&a, &vars, &base, metrics, ceiling).await {
+            Err(e) if attempt < 3 && e.downcast_ref::<ChildExited>().is_some() => {
+                println!("  {e}; trying other ports");
+            }
+            r => break r,
+        }
+    };
     cleanup.run().await?;
     let r = result?;
     println!();
@@ -1120,6 +1132,19 @@ fn socket_addr(base: &str) -> anyhow::Result<std::net::SocketAddr> {
     Ok(format!("{host}:{port}").parse()?)
 }
 
+/// The child `stampede up` of `bench ingest` exited before it was ready
+/// (most likely a port taken between choosing it and binding it).
+#[derive(Debug)]
+struct ChildExited(std::process::ExitStatus);
+
+impl std::fmt::Display for ChildExited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stampede up exited before it was ready ({})", self.0)
+    }
+}
+
+impl std::error::Error for ChildExited {}
+
 async fn ingest_measure(
     a: &IngestArgs,
     vars: &HashMap<&'static str, String>,
@@ -1154,6 +1179,9 @@ async fn ingest_measure(
     loop {
         if matches!(client.get(&ready).send().await, Ok(r) if r.status() == 200) {
             break;
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(ChildExited(status).into());
         }
         if Instant::now() > deadline {
             bail!("stampede did not become ready");
