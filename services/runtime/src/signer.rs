@@ -79,7 +79,7 @@ fn work(rx: &Mutex<mpsc::Receiver<Job>>) {
             Ok(job) => job,
             Err(mpsc::TryRecvError::Empty) => {
                 // Nothing queued: answer what is held, then wait.
-                held.drain(..).for_each(|answer| answer());
+                answer(&mut held);
                 let waited = match rx.lock() {
                     Ok(queue) => queue.recv().ok(),
                     Err(_) => None,
@@ -90,15 +90,20 @@ fn work(rx: &Mutex<mpsc::Receiver<Job>>) {
                 }
             }
             Err(mpsc::TryRecvError::Disconnected) => {
-                held.drain(..).for_each(|answer| answer());
+                answer(&mut held);
                 return;
             }
         };
         held.push(job());
         if held.len() >= HOLD {
-            held.drain(..).for_each(|answer| answer());
+            answer(&mut held);
         }
     }
+}
+
+/// Hands every held result to its caller.
+fn answer(held: &mut Vec<Completion>) {
+    held.drain(..).for_each(|completion| completion());
 }
 
 #[cfg(test)]

@@ -310,11 +310,7 @@ struct BenchSink {
 
 impl BenchSink {
     async fn start(opts: SinkOptions) -> anyhow::Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("stampede-sink")
-            .enable_all()
-            .build()?;
+        let rt = side_runtime("stampede-sink")?;
         let sink = Arc::new(rt.spawn(Sink::start(opts)).await??);
         Ok(Self { sink, rt })
     }
@@ -326,17 +322,24 @@ impl BenchSink {
     }
 }
 
+/// A one-thread runtime named `name`, for what stands for the remote side
+/// (fake servers, load generator): apart from stampede's runtime, its CPU
+/// measured by thread name.
+fn side_runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
 /// Runs the load generator on a runtime thread of its own (`stampede-load`),
 /// as the remote servers are apart from stampede: not on the runtime of the
 /// services it drives, whose threads are sized as `stampede up`'s.
 async fn on_load_thread<T: Send + 'static>(
     load: impl std::future::Future<Output = T> + Send + 'static,
 ) -> anyhow::Result<T> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("stampede-load")
-        .enable_all()
-        .build()?;
+    let rt = side_runtime("stampede-load")?;
     let out = rt.spawn(load).await;
     rt.shutdown_background();
     Ok(out?)
