@@ -1523,6 +1523,19 @@ async fn inbound_run(
     let delivered = app_depth(d).await - depth_before;
     let accepted = d.p.metrics.inbound_count("verify", "accepted") - accepted_before;
     let not_202 = results.iter().filter(|(s, _)| *s != 202).count();
+    // Open loop: the worst latency of each 50 ms of the schedule, which
+    // tells a stall (a few windows) from a slow steady state (all of them).
+    let worst_by_50ms: Option<Vec<f64>> = offered.map(|rate| {
+        let mut worst = Vec::new();
+        for (i, (_, ms)) in results.iter().enumerate() {
+            let w = (i as f64 / rate / 0.05) as usize;
+            if worst.len() <= w {
+                worst.resize(w + 1, 0.0);
+            }
+            worst[w] = f64::max(worst[w], (*ms * 10.0).round() / 10.0);
+        }
+        worst
+    });
     let mut lat: Vec<f64> = results.iter().map(|(_, ms)| *ms).collect();
     lat.sort_by(|x, y| x.total_cmp(y));
     let ok = not_202 == 0 && accepted == a.requests as u64 && delivered == a.requests as u64;
@@ -1545,6 +1558,7 @@ async fn inbound_run(
         "db_cpu_us_per_activity": db_cpu * 1e6 / a.requests as f64,
         "load_cpu_us_per_activity": load_cpu * 1e6 / a.requests as f64,
         "latency_ms": latency_json(&lat, "edge answer (202) per request"),
+        "latency_max_ms_per_50ms": worst_by_50ms,
         "peak_rss_mib": peak_rss_mib(),
         "check": {
             "ok": ok,

@@ -50,13 +50,17 @@ pub async fn run(
 ) -> Vec<(u16, f64)> {
     let requests = Arc::new(requests);
     let next = Arc::new(AtomicUsize::new(0));
+    // The connections are open before the clock starts, as a remote
+    // server's keep-alive connections are; one that fails is retried
+    // when its first request is sent.
+    let conns = futures::future::join_all((0..concurrency.max(1)).map(|_| connect(addr))).await;
     let start = tokio::time::Instant::now();
-    let mut tasks = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency.max(1) {
+    let mut tasks = Vec::with_capacity(conns.len());
+    for conn in conns {
         let (requests, next) = (Arc::clone(&requests), Arc::clone(&next));
         tasks.push(tokio::spawn(async move {
             let mut done = Vec::new();
-            let mut conn: Option<TcpStream> = None;
+            let mut conn = conn.ok();
             let mut buf = Vec::with_capacity(4096);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -92,6 +96,12 @@ pub async fn run(
     out
 }
 
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
 async fn exchange(
     conn: &mut Option<TcpStream>,
     addr: SocketAddr,
@@ -100,11 +110,7 @@ async fn exchange(
 ) -> std::io::Result<u16> {
     let stream = match conn {
         Some(s) => s,
-        None => {
-            let s = TcpStream::connect(addr).await?;
-            s.set_nodelay(true)?;
-            conn.insert(s)
-        }
+        None => conn.insert(connect(addr).await?),
     };
     stream.write_all(req).await?;
     buf.clear();
