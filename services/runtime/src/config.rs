@@ -275,22 +275,29 @@ impl Config {
     }
 
     /// Worker threads of the async runtime of `service` (`up`, `ingest`,
-    /// `inbox`, `fanout`, `delivery`, or `bench`, which runs `up`'s services
-    /// in process): `STAMPEDE_RUNTIME_THREADS` when set, else one per core,
-    /// except where the RSA signing pool (one thread per core) does most of
-    /// the work, delivery and `up`: there half the cores, at least one. The
-    /// runtime's share of a delivery is about a third of the signature's, and
-    /// a runtime worker for every core beside a busy signing thread for every
-    /// core costs a futex wake-up and a context switch per job as the idle
-    /// workers wake each other (BENCHMARKS.md).
+    /// `inbox`, `fanout` or `delivery`): `STAMPEDE_RUNTIME_THREADS` when set,
+    /// else one per core, except where the RSA signing pool (one thread per
+    /// core) does most of the work, `delivery` and an `up` that runs
+    /// delivery: there half the cores, at least one. The runtime's share of a
+    /// delivery is about a third of the signature's, and a runtime worker for
+    /// every core beside a busy signing thread for every core costs a futex
+    /// wake-up and a context switch per job as the idle workers wake each
+    /// other (BENCHMARKS.md). Without delivery the signing pool idles, and
+    /// the edge and verification get every core.
     pub fn runtime_threads_for(&self, service: &str) -> usize {
         if self.runtime_threads > 0 {
             return self.runtime_threads;
         }
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        match service {
-            "up" | "delivery" | "bench" => (cores / 2).max(1),
-            _ => cores,
+        let signs = match service {
+            "delivery" => true,
+            "up" => self.up_services.iter().any(|s| s == "delivery"),
+            _ => false,
+        };
+        if signs {
+            (cores / 2).max(1)
+        } else {
+            cores
         }
     }
 
@@ -411,6 +418,12 @@ mod tests {
         assert_eq!(auto.runtime_threads_for("ingest"), cores);
         assert_eq!(auto.runtime_threads_for("delivery"), (cores / 2).max(1));
         assert_eq!(auto.runtime_threads_for("up"), (cores / 2).max(1));
+        let edge = with(&[("STAMPEDE_UP_SERVICES", "ingest,inbox")]).unwrap();
+        assert_eq!(
+            edge.runtime_threads_for("up"),
+            cores,
+            "no delivery, no signing pool to leave cores to"
+        );
         let set = with(&[("STAMPEDE_RUNTIME_THREADS", "3")]).unwrap();
         assert_eq!(set.runtime_threads_for("delivery"), 3);
         assert_eq!(set.runtime_threads_for("inbox"), 3);

@@ -37,6 +37,20 @@ pub struct BenchArgs {
     which: Which,
 }
 
+impl BenchArgs {
+    /// The service whose runtime this bench's in-process services get
+    /// ([`stampede_runtime::Config::runtime_threads_for`]): `delivery` where
+    /// they sign, else the service it measures.
+    pub fn runs_as(&self) -> &'static str {
+        match self.which {
+            Which::Delivery(_) => "delivery",
+            Which::Fanout(_) => "fanout",
+            Which::Ingest(_) => "ingest",
+            Which::Inbound(_) => "inbox",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Which {
     /// One Create to many followers: signed POSTs/s against the signing ceiling.

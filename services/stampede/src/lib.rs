@@ -171,11 +171,11 @@ pub fn main() -> ExitCode {
         Command::Up => run_main("up", true, up::run),
         command => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if matches!(command, Command::Bench(_)) {
+            if let Command::Bench(args) = &command {
                 // The benches run stampede's services in this process: on
-                // as many runtime threads as `stampede up` would have.
+                // as many runtime threads as `stampede up` running them would.
                 if let Ok(cfg) = stampede_runtime::Config::from_env() {
-                    builder.worker_threads(cfg.runtime_threads_for("bench"));
+                    builder.worker_threads(cfg.runtime_threads_for(args.runs_as()));
                 }
             }
             let rt = match builder.enable_all().build() {
