@@ -58,10 +58,12 @@ pub async fn actor_inbox(
     match s.backends.store.actor_by_name(&name).await {
         Ok(Some(_)) => {}
         Ok(None) => {
-            return (StatusCode::NOT_FOUND, format!("no actor named {name}\n")).into_response()
+            discard_rest(body);
+            return (StatusCode::NOT_FOUND, format!("no actor named {name}\n")).into_response();
         }
         Err(e) => {
             tracing::error!(error = %e, "actor lookup failed");
+            discard_rest(body);
             return answer(
                 &s,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -72,6 +74,32 @@ pub async fn actor_inbox(
     }
     let inbox = format!("{}/inbox", s.cfg.actor_id(&name));
     accept(s, uri, headers, body, inbox).await
+}
+
+/// Most of a rejected request's unread body read and thrown away, and for
+/// how long, after its answer: a socket closed with unread data sends a
+/// reset, which can destroy the answer before the remote server, still
+/// sending, reads it. Beyond these the connection is closed anyway.
+const DISCARD_BYTES: usize = 8 << 20;
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops what is left of a rejected request's body (up to the
+/// limits above) while its answer is sent.
+fn discard_rest(body: Body) {
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let mut data = body.into_data_stream();
+        let mut left = DISCARD_BYTES;
+        let _ = tokio::time::timeout(DISCARD_TIME, async {
+            while let Some(Ok(chunk)) = data.next().await {
+                left = left.saturating_sub(chunk.len());
+                if left == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
 }
 
 async fn accept(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: String) -> Response {
@@ -88,6 +116,7 @@ async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: Str
     let h = |n: &header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
     if let Some(len) = h(&header::CONTENT_LENGTH).and_then(|l| l.parse::<usize>().ok()) {
         if len > cfg.max_activity_bytes {
+            discard_rest(body);
             return answer(
                 &s,
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -102,6 +131,7 @@ async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: Str
             || ct.starts_with("application/ld+json")
             || ct.starts_with("application/json"))
         {
+            discard_rest(body);
             return answer(
                 &s,
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -114,6 +144,7 @@ async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: Str
         || h(&header::AUTHORIZATION)
             .is_some_and(|a| a.len() > 10 && a[..10].eq_ignore_ascii_case("signature "));
     if !has_signature {
+        discard_rest(body);
         return answer(
             &s,
             StatusCode::UNAUTHORIZED,

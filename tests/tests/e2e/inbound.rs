@@ -701,7 +701,44 @@ async fn verify_answers_for_any_signed_request_and_nodeinfo_describes_us(backend
     app.stop().await;
 }
 
+/// A remote server still sending a body the edge refused at its headers
+/// (too large, no signature) reads the answer, not a reset: the edge reads
+/// the rest of the body before it closes.
+async fn a_refused_body_still_being_sent_gets_its_answer(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(backend, AppOptions::default()).await;
+    app.create_actor("alice").await;
+    let addr = app.http_base.trim_start_matches("http://").to_string();
+    // Larger than both ends' socket buffers hold: without the edge reading
+    // it, the write or the read after it meets the reset.
+    let body = vec![b'x'; 6 << 20];
+    for (signature, status) in [("signature: keyId=\"x\"\r\n", "413"), ("", "401")] {
+        let len = if status == "413" { body.len() } else { 1000 };
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /users/alice/inbox HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/activity+json\r\n{signature}content-length: {len}\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&body[..len]).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await.unwrap() {
+                0 => break,
+                n => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+    }
+    app.stop().await;
+}
+
 crate::both_backends!(
+    a_refused_body_still_being_sent_gets_its_answer,
     a_remote_follows_gets_an_accept_then_the_next_post,
     every_rejection_has_its_status_or_verdict_and_nothing_is_forwarded,
     a_busy_host_is_rate_limited_with_retry_after,
