@@ -113,6 +113,17 @@ async fn every_bench_runs_small_and_passes_its_check(backend: Backend) {
     assert!(paced
         .iter()
         .all(|r| r["offered_rate"] == 15_000.0 && r["key_cache"] == "warm"));
+    for r in &paced {
+        // 120 POSTs at 15,000/s are all due in the first 50 ms window.
+        let windows = r["latency_max_ms_per_50ms"].as_array().unwrap();
+        assert_eq!(windows.len(), 1, "{r}");
+        let max = r["latency_ms"]["max"].as_f64().unwrap();
+        assert!((windows[0].as_f64().unwrap() - max).abs() <= 0.05, "{r}");
+    }
+    assert!(runs
+        .iter()
+        .filter(|r| r["offered_rate"].is_null())
+        .all(|r| r["latency_max_ms_per_50ms"].is_null()));
 }
 
 crate::both_backends!(every_bench_runs_small_and_passes_its_check);
