@@ -55,22 +55,24 @@ pub async fn actor_inbox(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match s.backends.store.actor_by_name(&name).await {
-        Ok(Some(_)) => {}
+    let refused = match s.backends.store.actor_by_name(&name).await {
+        Ok(Some(_)) => None,
         Ok(None) => {
-            discard_rest(body);
-            return (StatusCode::NOT_FOUND, format!("no actor named {name}\n")).into_response();
+            Some((StatusCode::NOT_FOUND, format!("no actor named {name}\n")).into_response())
         }
         Err(e) => {
             tracing::error!(error = %e, "actor lookup failed");
-            discard_rest(body);
-            return answer(
+            Some(answer(
                 &s,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "store unavailable",
-            );
+            ))
         }
+    };
+    if let Some(r) = refused {
+        discard_rest(body);
+        return r;
     }
     let inbox = format!("{}/inbox", s.cfg.actor_id(&name));
     accept(s, uri, headers, body, inbox).await
@@ -111,18 +113,18 @@ async fn accept(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: Stri
     tracing::Instrument::instrument(receive(s, uri, headers, body, inbox), span).await
 }
 
-async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: String) -> Response {
+/// The checks a request fails on its headers alone, before its body is read.
+fn refused_at_headers(s: &Ingest, headers: &HeaderMap) -> Option<Response> {
     let cfg = &s.cfg;
     let h = |n: &header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
     if let Some(len) = h(&header::CONTENT_LENGTH).and_then(|l| l.parse::<usize>().ok()) {
         if len > cfg.max_activity_bytes {
-            discard_rest(body);
-            return answer(
-                &s,
+            return Some(answer(
+                s,
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 format!("body over {} bytes", cfg.max_activity_bytes),
-            );
+            ));
         }
     }
     if let Some(ct) = h(&header::CONTENT_TYPE) {
@@ -131,27 +133,35 @@ async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: Str
             || ct.starts_with("application/ld+json")
             || ct.starts_with("application/json"))
         {
-            discard_rest(body);
-            return answer(
-                &s,
+            return Some(answer(
+                s,
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "malformed",
                 "content type must be application/activity+json",
-            );
+            ));
         }
     }
     let has_signature = headers.contains_key("signature")
         || h(&header::AUTHORIZATION)
             .is_some_and(|a| a.len() > 10 && a[..10].eq_ignore_ascii_case("signature "));
     if !has_signature {
-        discard_rest(body);
-        return answer(
-            &s,
+        return Some(answer(
+            s,
             StatusCode::UNAUTHORIZED,
             "bad_signature",
             "missing signature",
-        );
+        ));
     }
+    None
+}
+
+async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: String) -> Response {
+    if let Some(r) = refused_at_headers(&s, &headers) {
+        discard_rest(body);
+        return r;
+    }
+    let cfg = &s.cfg;
+    let h = |n: &header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
     let body = match axum::body::to_bytes(body, cfg.max_activity_bytes).await {
         Ok(b) => b,
         Err(_) => {
