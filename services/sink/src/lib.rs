@@ -683,7 +683,17 @@ async fn accept_loop(listener: TcpListener, app: Router, down: CancellationToken
             _ = down.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors (or another resource): the
+                        // connection stays in the backlog, so retrying at
+                        // once would spin. Wait for connections to close.
+                        tracing::warn!(error = %e, "sink: accept failed; retrying in 50 ms");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
                 let svc = TowerToHyperService::new(app.clone());
                 conns.spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()

@@ -541,6 +541,17 @@ async fn delivery(a: DeliveryArgs) -> anyhow::Result<()> {
     if a.followers == 0 || a.hosts == 0 {
         bail!("--followers and --hosts must be at least 1");
     }
+    // Each fake host holds a listener and an accepted connection, and
+    // delivery's pool a connection to it: three descriptors a host.
+    let (soft, _) = rlimit::Resource::NOFILE.get()?;
+    let wanted = 3 * a.hosts as u64 + 512;
+    if wanted > soft {
+        bail!(
+            "--hosts {} needs about {wanted} open files (a listener, an accepted and a pooled \
+             connection per host) but the limit is {soft}: raise it (ulimit -Hn) or use fewer hosts",
+            a.hosts
+        );
+    }
     println!(
         "stampede bench delivery: one Create to {} followers on {} hosts, backend {:?}",
         a.followers, a.hosts, a.common.backend

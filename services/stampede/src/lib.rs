@@ -161,6 +161,11 @@ enum DlqCommand {
 /// Entry point of the `stampede` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every remote host delivered to keeps a pooled connection, and every
+    // remote server posting keeps one open at the edge: raise the soft
+    // open-file limit to the hard one (often 1,024 against 500,000 or more),
+    // as servers do. Where it cannot be raised, the limit stays as it was.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     match cli.command {
         Command::Serve { service } => match service {
             Service::Ingest => run_main("ingest", true, stampede_ingest::serve),

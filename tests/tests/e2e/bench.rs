@@ -127,3 +127,57 @@ async fn every_bench_runs_small_and_passes_its_check(backend: Backend) {
 }
 
 crate::both_backends!(every_bench_runs_small_and_passes_its_check);
+
+/// The hard open-file limit of this process, from /proc.
+fn hard_nofile() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(4).unwrap().parse().unwrap()
+}
+
+/// `bench delivery` needs three descriptors a fake host. A low soft limit
+/// is raised to the hard one at start-up, as servers do; a hard limit too low
+/// for `--hosts` stops the bench before it starts, with the arithmetic.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_or_the_bench_says_it_is_too_low() {
+    let run = |limit: &str| {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "ulimit {limit} && exec \"$0\" bench delivery --followers 100 --hosts 100 --mode shared"
+            ))
+            .arg(BIN)
+            .env("RUST_LOG", "error");
+        c
+    };
+    if hard_nofile() >= 1024 {
+        let out = tokio::time::timeout(Duration::from_secs(180), run("-Sn 64").output())
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("shared") && l.ends_with(" ok")),
+            "{text}"
+        );
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), run("-n 64").output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--hosts 100 needs about 812 open files") && err.contains("the limit is 64"),
+        "{err}"
+    );
+}

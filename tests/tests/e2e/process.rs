@@ -143,3 +143,69 @@ async fn serve_reports_health_and_stops_on_sigterm() {
         .await
         .unwrap();
 }
+
+/// CPU seconds (user and system) a process has used, from /proc.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of the whole line (utime, stime) in clock ticks (100/s).
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// A fake server out of file descriptors waits for connections to close
+/// instead of retrying its accept at once (a spin on one core), and answers
+/// again once they have.
+#[tokio::test]
+async fn a_sink_out_of_descriptors_waits_instead_of_spinning() {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 64 && exec \"$0\" sink --servers 1 --verify-every 0 --every 3600")
+        .arg(BIN)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+    let addr = base.trim_start_matches("http://").to_string();
+    // More connections than the sink has descriptors left: the rest wait
+    // in the listener's backlog while its accept fails with EMFILE.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cpu_secs(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_secs(pid) - before;
+    assert!(
+        spent < 0.5,
+        "the sink used {spent} s of CPU in 2 s while out of descriptors"
+    );
+    drop(held);
+    let url = format!("{base}/users/f0");
+    wait_for(
+        "the sink to answer again",
+        Duration::from_secs(10),
+        || async {
+            reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 200)
+        },
+    )
+    .await;
+    child.kill().await.unwrap();
+}
