@@ -39,7 +39,8 @@ pub use outcome::{classify, retry_delay, Outcome};
 pub const DELIVERY_JOB: &str = "stampede.queue.v1.DeliveryJob";
 /// Activities whose prepared bodies a worker keeps in memory.
 const BODY_CACHE: usize = 1024;
-/// How long a delivery to a paused host is parked before it is looked at again.
+/// How long a delivery is parked before it is looked at again: to a paused
+/// host, or one this process lacked the descriptors or memory to try.
 const PARK_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often (per activity, per worker) the store is asked whether a
 /// `Create`/`Update` was superseded by a `Delete`.
@@ -297,6 +298,13 @@ impl Delivery {
             }
             Err(DeliveryError::Runtime(stampede_runtime::Error::Http(reason))) => {
                 classify(None, Some(reason))
+            }
+            Err(DeliveryError::Runtime(stampede_runtime::Error::Exhausted(reason))) => {
+                // This side could not even try (out of descriptors, ports,
+                // memory): not an attempt, and not the host's failure, or
+                // running out would open the circuits of healthy hosts.
+                tracing::warn!(inbox_host = %host, %reason, "out of local resources; delivery put back, not counted as an attempt");
+                return self.park(job, PARK_DELAY, "local_exhausted").await;
             }
             Err(e) => return Err(e),
         };

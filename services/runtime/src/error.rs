@@ -35,6 +35,11 @@ pub enum Error {
     /// An outbound HTTP request failed.
     #[error("http: {0}")]
     Http(String),
+    /// An outbound request could not be made because this process or
+    /// machine ran out of something a connection needs (file descriptors,
+    /// local ports, socket buffers, memory): not the remote's fault.
+    #[error("out of local resources: {0}")]
+    Exhausted(String),
     /// The protocol core refused something.
     #[error(transparent)]
     Core(#[from] stampede_core::CoreError),

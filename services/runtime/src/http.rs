@@ -193,6 +193,15 @@ impl OutboundClient {
     }
 }
 
+/// Whether an I/O error means this side ran out of something (descriptors,
+/// local ports, buffers, memory) rather than the remote failing.
+fn local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
 fn classify(e: reqwest::Error) -> Error {
     let mut source: Option<&dyn std::error::Error> = Some(&e);
     while let Some(s) = source {
@@ -202,6 +211,11 @@ fn classify(e: reqwest::Error) -> Error {
         let text = s.to_string();
         if text.contains("resolves to no public address") {
             return Error::Refused(text);
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if local_exhaustion(io) {
+                return Error::Exhausted(format!("{e}: {io}"));
+            }
         }
         source = s.source();
     }
@@ -217,6 +231,34 @@ fn classify(e: reqwest::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_ports_or_memory_is_local() {
+        for code in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(
+                local_exhaustion(&std::io::Error::from_raw_os_error(code)),
+                "{code}"
+            );
+        }
+        for code in [
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+        ] {
+            assert!(
+                !local_exhaustion(&std::io::Error::from_raw_os_error(code)),
+                "{code}"
+            );
+        }
+        assert!(!local_exhaustion(&std::io::Error::other("no")));
+    }
 
     #[test]
     fn private_addresses_are_not_public() {

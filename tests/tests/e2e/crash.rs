@@ -1,5 +1,6 @@
 //! Crash safety on the real backends: the broker connection cut under load,
-//! and a delivery worker killed with -9 mid-batch.
+//! a delivery worker killed with -9 mid-batch, and one out of file
+//! descriptors.
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
@@ -8,7 +9,9 @@ use stampede_core::activity::public_note;
 use stampede_sink::{Behavior, Sink, SinkOptions};
 use tokio::process::Command;
 
-use crate::helpers::{amqp_url, free_port, spawn_app, wait_for, AppOptions, Backend, Proxy};
+use crate::helpers::{
+    amqp_url, free_port, redis_url, spawn_app, wait_for, AppOptions, Backend, Proxy,
+};
 
 /// Copies of each activity a server accepted.
 fn accepted(sink: &Sink, i: usize) -> HashMap<String, usize> {
@@ -214,5 +217,142 @@ async fn kill_9_of_a_delivery_worker_mid_batch_loses_nothing_and_resends_nothing
     }
     worker.start_kill().unwrap();
     worker.wait().await.unwrap();
+    app.stop().await;
+}
+
+/// Descriptors a process has open.
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64
+}
+
+/// A delivery worker out of file descriptors cannot open connections: those
+/// jobs are parked (not an attempt) and no host is held responsible, so
+/// running out does not open the circuits of healthy hosts. Once
+/// descriptors are back, every follower gets the post.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_out_of_descriptors_blames_no_host_and_loses_nothing() {
+    const SERVERS: usize = 24;
+    let app = spawn_app(
+        Backend::External,
+        AppOptions {
+            skip: vec!["delivery"],
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let sink = Sink::start(SinkOptions {
+        servers: 2 * SERVERS,
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    // "warm" is followed on the first half of the servers, "alice" on the rest.
+    let warm = app.create_actor("warm").await;
+    let alice = app.create_actor("alice").await;
+    let first: Vec<_> = (0..SERVERS).map(|i| sink.actor(i, "f").unwrap()).collect();
+    let second: Vec<_> = (SERVERS..2 * SERVERS)
+        .map(|i| sink.actor(i, "f").unwrap())
+        .collect();
+    app.seed_followers(warm, &first).await;
+    app.seed_followers(alice, &second).await;
+    let metrics_port = free_port();
+    let mut worker = Command::new(BIN)
+        .args(["serve", "delivery"])
+        .envs(app.env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("STAMPEDE_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("STAMPEDE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = worker.id().unwrap();
+    let delivered = |range: std::ops::Range<usize>| -> usize {
+        range
+            .map(|i| accepted(&sink, i).values().sum::<usize>())
+            .sum()
+    };
+    // A first post opens the worker's database, broker and cache connections.
+    let warm_id = format!("{}/users/warm", app.http_base);
+    app.publish("warm", &public_note(&warm_id, "warm-up"), "")
+        .await
+        .unwrap();
+    wait_for("the warm-up post", Duration::from_secs(60), || async {
+        delivered(0..SERVERS) == SERVERS
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Room for four more descriptors, then a post to 24 new hosts.
+    let (mut soft, mut hard) = (0, 0);
+    rlimit::prlimit(
+        pid as i32,
+        rlimit::Resource::NOFILE,
+        None,
+        Some((&mut soft, &mut hard)),
+    )
+    .unwrap();
+    let tight = open_fds(pid) + 4;
+    rlimit::prlimit(
+        pid as i32,
+        rlimit::Resource::NOFILE,
+        Some((tight, hard)),
+        None,
+    )
+    .unwrap();
+    let alice_id = format!("{}/users/alice", app.http_base);
+    app.publish("alice", &public_note(&alice_id, "hello"), "")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let while_short = delivered(SERVERS..2 * SERVERS);
+    assert!(
+        while_short < SERVERS,
+        "every host was reached with {tight} descriptors"
+    );
+    rlimit::prlimit(
+        pid as i32,
+        rlimit::Resource::NOFILE,
+        Some((soft, hard)),
+        None,
+    )
+    .unwrap();
+    wait_for(
+        "every follower to get the post",
+        Duration::from_secs(60),
+        || async { delivered(SERVERS..2 * SERVERS) >= SERVERS },
+    )
+    .await;
+    for i in SERVERS..2 * SERVERS {
+        assert_eq!(accepted(&sink, i).len(), 1, "server {i}");
+    }
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |outcome: &str| -> f64 {
+        let want = format!("stampede_deliveries_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    assert!(count("local_exhausted") >= 1.0, "{text}");
+    assert_eq!(count("retry"), 0.0, "{text}");
+    assert_eq!(count("failed"), 0.0, "{text}");
+    let cache = stampede_runtime::redis_cache::RedisCache::connect(&redis_url(), &app.namespace)
+        .await
+        .unwrap();
+    for i in SERVERS..2 * SERVERS {
+        let host = sink.addr(i).unwrap().to_string();
+        let fails = stampede_runtime::cache::Cache::get(&cache, &format!("health:fails:{host}"))
+            .await
+            .unwrap();
+        assert!(fails.is_none(), "{host} was counted as failing");
+    }
+    worker.kill().await.unwrap();
     app.stop().await;
 }
