@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::helpers::{admin_db_url, amqp_url, redis_url, Backend};
+use crate::helpers::{admin_db_url, amqp_url, redis_url, succeeded, Backend};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
 
@@ -29,12 +29,7 @@ async fn bench(backend: Backend, args: &[&str]) -> serde_json::Value {
         .await
         .unwrap()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     std::fs::remove_file(&json).unwrap();
     v
@@ -158,12 +153,7 @@ async fn the_open_file_limit_is_raised_or_the_bench_says_it_is_too_low() {
             .await
             .unwrap()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = succeeded(&out);
         assert!(
             text.lines()
                 .any(|l| l.starts_with("shared") && l.ends_with(" ok")),

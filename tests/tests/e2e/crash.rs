@@ -125,16 +125,17 @@ async fn a_broker_connection_cut_under_load_loses_nothing() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
 
-/// `stampede serve delivery` as a child process of this deployment.
-fn delivery_worker(env: &HashMap<&'static str, String>) -> tokio::process::Child {
+/// `stampede serve delivery` as a child process of this deployment, its
+/// `/metrics` on `metrics_port`.
+fn delivery_worker(
+    env: &HashMap<&'static str, String>,
+    metrics_port: u16,
+) -> tokio::process::Child {
     Command::new(BIN)
         .args(["serve", "delivery"])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("STAMPEDE_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env(
-            "STAMPEDE_METRICS_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
+        .env("STAMPEDE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -191,7 +192,7 @@ async fn kill_9_of_a_delivery_worker_mid_batch_loses_nothing_and_resends_nothing
         || async { app.store.totals().await.unwrap().activities == POSTS as u64 },
     )
     .await;
-    let mut worker = delivery_worker(&app.env);
+    let mut worker = delivery_worker(&app.env, free_port());
     wait_for("the first wave", Duration::from_secs(60), || async {
         total(&sink) >= SERVERS
     })
@@ -202,7 +203,7 @@ async fn kill_9_of_a_delivery_worker_mid_batch_loses_nothing_and_resends_nothing
     worker.start_kill().unwrap();
     worker.wait().await.unwrap();
 
-    let mut worker = delivery_worker(&app.env);
+    let mut worker = delivery_worker(&app.env, free_port());
     wait_for(
         "every post at every server",
         Duration::from_secs(90),
@@ -218,6 +219,20 @@ async fn kill_9_of_a_delivery_worker_mid_batch_loses_nothing_and_resends_nothing
     worker.start_kill().unwrap();
     worker.wait().await.unwrap();
     app.stop().await;
+}
+
+/// Sets a process's open-file limits (soft, hard) when `new` is given;
+/// returns the ones it had.
+fn set_nofile(pid: u32, new: Option<(u64, u64)>) -> (u64, u64) {
+    let (mut soft, mut hard) = (0, 0);
+    rlimit::prlimit(
+        pid as i32,
+        rlimit::Resource::NOFILE,
+        new,
+        Some((&mut soft, &mut hard)),
+    )
+    .unwrap();
+    (soft, hard)
 }
 
 /// Descriptors a process has open.
@@ -258,17 +273,7 @@ async fn a_worker_out_of_descriptors_blames_no_host_and_loses_nothing() {
     app.seed_followers(warm, &first).await;
     app.seed_followers(alice, &second).await;
     let metrics_port = free_port();
-    let mut worker = Command::new(BIN)
-        .args(["serve", "delivery"])
-        .envs(app.env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("STAMPEDE_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env("STAMPEDE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut worker = delivery_worker(&app.env, metrics_port);
     let pid = worker.id().unwrap();
     let delivered = |range: std::ops::Range<usize>| -> usize {
         range
@@ -286,22 +291,9 @@ async fn a_worker_out_of_descriptors_blames_no_host_and_loses_nothing() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Room for four more descriptors, then a post to 24 new hosts.
-    let (mut soft, mut hard) = (0, 0);
-    rlimit::prlimit(
-        pid as i32,
-        rlimit::Resource::NOFILE,
-        None,
-        Some((&mut soft, &mut hard)),
-    )
-    .unwrap();
+    let (soft, hard) = set_nofile(pid, None);
     let tight = open_fds(pid) + 4;
-    rlimit::prlimit(
-        pid as i32,
-        rlimit::Resource::NOFILE,
-        Some((tight, hard)),
-        None,
-    )
-    .unwrap();
+    set_nofile(pid, Some((tight, hard)));
     let alice_id = format!("{}/users/alice", app.http_base);
     app.publish("alice", &public_note(&alice_id, "hello"), "")
         .await
@@ -312,13 +304,7 @@ async fn a_worker_out_of_descriptors_blames_no_host_and_loses_nothing() {
         while_short < SERVERS,
         "every host was reached with {tight} descriptors"
     );
-    rlimit::prlimit(
-        pid as i32,
-        rlimit::Resource::NOFILE,
-        Some((soft, hard)),
-        None,
-    )
-    .unwrap();
+    set_nofile(pid, Some((soft, hard)));
     wait_for(
         "every follower to get the post",
         Duration::from_secs(60),

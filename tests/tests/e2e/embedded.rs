@@ -13,7 +13,7 @@ use stampede_sink::{Sink, SinkOptions};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
-use crate::helpers::{free_port, wait_for};
+use crate::helpers::{free_port, succeeded, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
 
@@ -296,12 +296,7 @@ async fn the_demo_runs_small_and_its_summary_matches_what_the_servers_received()
     .await
     .unwrap()
     .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = succeeded(&out);
     let number_after = |prefix: &str| -> u64 {
         let line = text.lines().find(|l| l.starts_with(prefix)).unwrap();
         line[prefix.len()..]

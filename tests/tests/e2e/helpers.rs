@@ -446,6 +446,18 @@ impl TestApp {
 }
 
 /// Polls `cond` until it holds or `limit` passes.
+/// The standard output of a finished child that had to succeed; when it did
+/// not, the assertion shows both of its outputs.
+pub fn succeeded(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,
