@@ -14,6 +14,20 @@ pub fn digest_header(body: &[u8]) -> String {
     out
 }
 
+/// A short fixed-size name for a tuple of strings (SHA-256 of the parts,
+/// each length-prefixed, first 16 bytes, base64 without padding): keys of
+/// marks whose parts come from remote input, so neither their size nor
+/// their text is the sender's to choose.
+pub fn tuple_hash(parts: &[&str]) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p.as_bytes());
+    }
+    let d = ctx.finish();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&d.as_ref()[..16])
+}
+
 /// Checks a `Digest` header (RFC 3230, possibly listing several algorithms)
 /// against `body`. Only SHA-256 and SHA-512 count: SHA-1 and MD5 are too weak
 /// to bind a body to a signature.
@@ -92,6 +106,15 @@ pub fn content_digest_header(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tuple_hashes_are_short_and_unambiguous() {
+        let a = tuple_hash(&["ab", "c"]);
+        assert_eq!(a.len(), 22);
+        assert_ne!(a, tuple_hash(&["a", "bc"]));
+        assert_eq!(a, tuple_hash(&["ab", "c"]));
+        assert_eq!(tuple_hash(&["x".repeat(1 << 20).as_str()]).len(), 22);
+    }
 
     #[test]
     fn digest_of_known_body() {

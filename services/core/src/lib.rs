@@ -6,11 +6,15 @@
 
 pub mod activity;
 pub mod digest;
+pub mod documents;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod sfv;
 pub mod signature;
 pub mod targets;
 pub mod verify;
+pub mod webfinger;
 
 pub use error::CoreError;

@@ -45,9 +45,57 @@ pub fn inbox_host(inbox: &str) -> Option<String> {
     })
 }
 
+/// A domain as policy compares it: the port dropped, lower-case, trailing
+/// dots removed and internationalised names in their ASCII (IDNA) form, so
+/// `Bücher.Example.` and `xn--bcher-kva.example:443` are one domain. A bracketed
+/// IPv6 literal keeps its brackets; what cannot be read as a host is returned
+/// lower-cased as given.
+pub fn normalize_domain(host: &str) -> String {
+    let host = host.trim();
+    let bare = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return match rest.split_once(']') {
+            Some((v6, _)) => format!("[{}]", v6.to_ascii_lowercase()),
+            None => host.to_ascii_lowercase(),
+        };
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        }
+    };
+    let bare = bare.trim_end_matches('.');
+    match url::Host::parse(bare) {
+        Ok(url::Host::Domain(d)) => d.trim_end_matches('.').to_string(),
+        Ok(other) => other.to_string(),
+        Err(_) => bare.to_ascii_lowercase(),
+    }
+}
+
+/// Whether `domain` (normalised) is `parent` or one of its subdomains.
+pub fn domain_within(domain: &str, parent: &str) -> bool {
+    domain.len() >= parent.len()
+        && domain.ends_with(parent)
+        && (domain.len() == parent.len()
+            || domain.as_bytes()[domain.len() - parent.len() - 1] == b'.')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn domains_normalise_before_matching() {
+        assert_eq!(normalize_domain("Bad.Example."), "bad.example");
+        assert_eq!(normalize_domain("bad.example:8443"), "bad.example");
+        assert_eq!(normalize_domain("BÜCHER.example"), "xn--bcher-kva.example");
+        assert_eq!(normalize_domain("[::1]:80"), "[::1]");
+        assert_eq!(normalize_domain("127.0.0.1:9"), "127.0.0.1");
+        assert!(domain_within("a.bad.example", "bad.example"));
+        assert!(domain_within("bad.example", "bad.example"));
+        assert!(!domain_within("notbad.example", "bad.example"));
+        assert!(!domain_within("example", "bad.example"));
+    }
 
     #[test]
     fn one_post_per_shared_inbox() {

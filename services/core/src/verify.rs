@@ -325,13 +325,18 @@ pub fn check_time(
     max_past: i64,
     max_future: i64,
 ) -> Result<(), CoreError> {
+    // Saturating: `created` and `expires` are the sender's integers, and
+    // i64::MIN or i64::MAX must not overflow (a panic, or a wrapped answer).
     let within = |t: i64, what: &str| {
-        if t < now - max_past {
-            Err(CoreError::StaleDate(format!("{what} is {}s old", now - t)))
-        } else if t > now + max_future {
+        if t < now.saturating_sub(max_past) {
+            Err(CoreError::StaleDate(format!(
+                "{what} is {}s old",
+                now.saturating_sub(t)
+            )))
+        } else if t > now.saturating_add(max_future) {
             Err(CoreError::StaleDate(format!(
                 "{what} is {}s in the future",
-                t - now
+                t.saturating_sub(now)
             )))
         } else {
             Ok(())
@@ -376,5 +381,56 @@ pub fn verify_signature(s: &Signed, key: &VerifyingKey) -> Result<(), CoreError>
             }
             r => r,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(created: Option<i64>, expires: Option<i64>) -> Signed {
+        Signed {
+            scheme: Scheme::Cavage,
+            key_id: "k".into(),
+            alg: None,
+            hs2019: true,
+            covered: vec![],
+            base: String::new(),
+            signature: vec![],
+            created,
+            expires,
+        }
+    }
+
+    #[test]
+    fn extreme_created_and_expires_are_refused_without_overflow() {
+        let req = HttpRequest {
+            method: "POST",
+            scheme: "https",
+            path_and_query: "/inbox",
+            headers: &[],
+            body: b"",
+        };
+        let now = 1_700_000_000;
+        for c in [i64::MIN, i64::MIN + 1, -1, i64::MAX, i64::MAX - 1] {
+            // With windows as wide as i64 allows, the arithmetic must not overflow.
+            let _ = check_time(&req, &signed(Some(c), None), now, i64::MAX, i64::MAX);
+            let _ = check_time(
+                &req,
+                &signed(Some(c), Some(c)),
+                i64::MIN,
+                i64::MAX,
+                i64::MAX,
+            );
+            let r = check_time(&req, &signed(Some(c), None), now, 3600, 300);
+            assert!(matches!(r, Err(CoreError::StaleDate(_))), "{c}: {r:?}");
+        }
+        for e in [i64::MIN, -1] {
+            let r = check_time(&req, &signed(Some(now), Some(e)), now, 3600, 300);
+            assert!(matches!(r, Err(CoreError::StaleDate(_))), "{e}: {r:?}");
+        }
+        assert!(check_time(&req, &signed(Some(now), Some(i64::MAX)), now, 3600, 300).is_ok());
+        let r = check_time(&req, &signed(Some(now), None), i64::MIN, 3600, 300);
+        assert!(r.is_err());
     }
 }

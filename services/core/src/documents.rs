@@ -1,0 +1,302 @@
+//! Documents fetched from remote servers (actors, keys) and the origin rule
+//! that binds what they say: a document speaks only for the origin (scheme,
+//! host, port) of the URL it was fetched from. A server can publish anything
+//! about its own actors and nothing about another server's.
+use serde_json::Value;
+use url::Url;
+
+/// Whether `a` and `b` are URLs of the same origin (scheme, host, port).
+/// Anything that is not an absolute URL with a host has no origin.
+pub fn same_origin(a: &str, b: &str) -> bool {
+    match (Url::parse(a), Url::parse(b)) {
+        (Ok(a), Ok(b)) => a.host().is_some() && a.origin() == b.origin(),
+        _ => false,
+    }
+}
+
+/// Whether `url` is of the origin of `base` (already parsed).
+pub fn same_origin_as(base: &Url, url: &str) -> bool {
+    Url::parse(url).is_ok_and(|u| u.host().is_some() && u.origin() == base.origin())
+}
+
+/// A key published in a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedKey {
+    /// The key id.
+    pub id: String,
+    /// The actor it claims to belong to.
+    pub owner: String,
+    /// The SPKI PEM.
+    pub pem: String,
+}
+
+/// What an actor document says about its actor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorDocument {
+    /// `id`.
+    pub id: String,
+    /// `inbox`.
+    pub inbox: String,
+    /// `endpoints.sharedInbox`.
+    pub shared_inbox: Option<String>,
+    /// The first key of `publicKey` (an object, or the first of an array).
+    pub key: Option<PublishedKey>,
+}
+
+/// The keys a document publishes: `publicKey` as an object or an array; a
+/// key's owner defaults to the document's `id`.
+fn published_keys(doc: &Value) -> impl Iterator<Item = PublishedKey> + '_ {
+    let doc_id = doc.get("id").and_then(Value::as_str);
+    let one = move |k: &Value| -> Option<PublishedKey> {
+        Some(PublishedKey {
+            id: k.get("id")?.as_str()?.to_string(),
+            owner: k
+                .get("owner")
+                .and_then(Value::as_str)
+                .or(doc_id)?
+                .to_string(),
+            pem: k.get("publicKeyPem")?.as_str()?.to_string(),
+        })
+    };
+    let keys: Vec<&Value> = match doc.get("publicKey") {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(k @ Value::Object(_)) => vec![k],
+        _ => Vec::new(),
+    };
+    keys.into_iter().filter_map(one)
+}
+
+/// Reads an actor document fetched from `fetched_from`. `None` when its `id`
+/// is of another origin than the URL fetched (a server cannot describe
+/// another server's actor), or it has no inbox (a collection, say). A key
+/// it lists is kept only when the key's id and owner are the actor's origin
+/// and the owner is the actor.
+pub fn parse_actor(fetched_from: &str, doc: &Value) -> Option<ActorDocument> {
+    let id = doc.get("id")?.as_str()?;
+    let origin = Url::parse(fetched_from).ok()?;
+    if !same_origin_as(&origin, id) {
+        return None;
+    }
+    let inbox = doc.get("inbox")?.as_str()?.to_string();
+    let shared_inbox = doc
+        .get("endpoints")
+        .and_then(|e| e.get("sharedInbox"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let key = published_keys(doc).find(|k| k.owner == id && same_origin_as(&origin, &k.id));
+    Some(ActorDocument {
+        id: id.to_string(),
+        inbox,
+        shared_inbox,
+        key,
+    })
+}
+
+/// Whether `doc` (an actor document) lists the key `key_id`.
+pub fn lists_key(doc: &Value, key_id: &str) -> bool {
+    published_keys(doc).any(|k| k.id == key_id)
+}
+
+/// A key found in the document fetched for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundKey {
+    /// The key, its owner bound to the origin fetched.
+    pub key: PublishedKey,
+    /// The document is the owner's own actor document (its `id` is the
+    /// owner), so the owner is confirmed. Otherwise it is a key document of
+    /// its own and the owner's actor document must be fetched and list it.
+    pub owner_confirmed: bool,
+}
+
+/// Why a fetched document yields no usable key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyDocError {
+    /// The document does not publish the key asked for.
+    NoSuchKey,
+    /// The document, or the key's owner, is of another origin than the URL
+    /// fetched: it speaks for someone else.
+    ForeignOrigin(String),
+}
+
+impl std::fmt::Display for KeyDocError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyDocError::NoSuchKey => f.write_str("the document has no such key"),
+            KeyDocError::ForeignOrigin(what) => {
+                write!(f, "{what} is of another origin than the URL fetched")
+            }
+        }
+    }
+}
+
+/// Finds `key_id` in the document fetched from `fetched_from` (an actor
+/// document with `publicKey`, or the key object itself). The document's
+/// `id` and the key's owner must be of the origin of `fetched_from`.
+pub fn key_in_document(
+    fetched_from: &str,
+    key_id: &str,
+    doc: &Value,
+) -> Result<FoundKey, KeyDocError> {
+    let origin =
+        Url::parse(fetched_from).map_err(|_| KeyDocError::ForeignOrigin("the key URL".into()))?;
+    if !same_origin_as(&origin, key_id) {
+        return Err(KeyDocError::ForeignOrigin(format!("key {key_id}")));
+    }
+    let doc_id = doc.get("id").and_then(Value::as_str);
+    if let Some(id) = doc_id {
+        if !same_origin_as(&origin, id) {
+            return Err(KeyDocError::ForeignOrigin(format!("document {id}")));
+        }
+    }
+    let key = if doc.get("publicKey").is_some() {
+        published_keys(doc).find(|k| k.id == key_id)
+    } else {
+        // The key object itself: it must name its owner.
+        (doc_id == Some(key_id))
+            .then(|| {
+                Some(PublishedKey {
+                    id: key_id.to_string(),
+                    owner: doc.get("owner")?.as_str()?.to_string(),
+                    pem: doc.get("publicKeyPem")?.as_str()?.to_string(),
+                })
+            })
+            .flatten()
+    };
+    let key = key.ok_or(KeyDocError::NoSuchKey)?;
+    if !same_origin_as(&origin, &key.owner) {
+        return Err(KeyDocError::ForeignOrigin(format!("owner {}", key.owner)));
+    }
+    let owner_confirmed = doc_id == Some(key.owner.as_str());
+    Ok(FoundKey {
+        key,
+        owner_confirmed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn origins_compare_scheme_host_and_port() {
+        assert!(same_origin(
+            "https://a.example/u/1",
+            "https://a.example/x#k"
+        ));
+        assert!(same_origin(
+            "https://A.example/u",
+            "https://a.example:443/v"
+        ));
+        assert!(!same_origin("https://a.example/u", "http://a.example/u"));
+        assert!(!same_origin(
+            "https://a.example/u",
+            "https://a.example:8443/u"
+        ));
+        assert!(!same_origin("https://a.example/u", "https://b.a.example/u"));
+        assert!(!same_origin("urn:x:1", "urn:x:1"));
+        assert!(!same_origin("not a url", "not a url"));
+    }
+
+    #[test]
+    fn an_actor_document_and_its_key() {
+        let doc = json!({
+            "id": "https://r.example/u/a",
+            "inbox": "https://r.example/u/a/inbox",
+            "endpoints": {"sharedInbox": "https://r.example/inbox"},
+            "publicKey": {"id": "https://r.example/u/a#main-key", "owner": "https://r.example/u/a", "publicKeyPem": "PEM"}
+        });
+        let a = parse_actor("https://r.example/u/a", &doc).unwrap();
+        assert_eq!(a.shared_inbox.as_deref(), Some("https://r.example/inbox"));
+        assert_eq!(a.key.as_ref().unwrap().pem, "PEM");
+        let k = key_in_document(
+            "https://r.example/u/a",
+            "https://r.example/u/a#main-key",
+            &doc,
+        )
+        .unwrap();
+        assert!(k.owner_confirmed);
+        assert_eq!(k.key.owner, "https://r.example/u/a");
+        assert_eq!(
+            key_in_document("https://r.example/u/a", "https://r.example/u/a#other", &doc),
+            Err(KeyDocError::NoSuchKey)
+        );
+        assert!(lists_key(&doc, "https://r.example/u/a#main-key"));
+        assert!(!lists_key(&doc, "https://r.example/u/a#other"));
+    }
+
+    #[test]
+    fn a_key_array_and_a_key_document() {
+        let many = json!({"id": "https://r/u/a", "publicKey": [{"id": "https://r/k1", "publicKeyPem": "A"}, {"id": "https://r/k2", "publicKeyPem": "B"}]});
+        let k = key_in_document("https://r/u/a", "https://r/k2", &many).unwrap();
+        assert_eq!(
+            (k.key.owner.as_str(), k.key.pem.as_str()),
+            ("https://r/u/a", "B")
+        );
+        let key = json!({"id": "https://r/k", "owner": "https://r/u/a", "publicKeyPem": "C"});
+        let k = key_in_document("https://r/k", "https://r/k", &key).unwrap();
+        assert_eq!(k.key.owner, "https://r/u/a");
+        assert!(
+            !k.owner_confirmed,
+            "a key document must be confirmed by its owner"
+        );
+    }
+
+    /// The hijack: evil.example answers for its own key URL with a document
+    /// claiming to be victim.example's actor, with evil's inbox.
+    #[test]
+    fn a_document_cannot_speak_for_another_origin() {
+        let evil = json!({
+            "id": "https://victim.example/users/alice",
+            "inbox": "https://evil.example/steal",
+            "publicKey": {"id": "https://evil.example/k", "owner": "https://victim.example/users/alice", "publicKeyPem": "P"}
+        });
+        assert!(matches!(
+            key_in_document("https://evil.example/k", "https://evil.example/k", &evil),
+            Err(KeyDocError::ForeignOrigin(_))
+        ));
+        assert_eq!(parse_actor("https://evil.example/k", &evil), None);
+        // The owner alone of another origin.
+        let owner_only = json!({
+            "id": "https://evil.example/k",
+            "publicKey": {"id": "https://evil.example/k", "owner": "https://victim.example/users/alice", "publicKeyPem": "P"}
+        });
+        assert!(matches!(
+            key_in_document(
+                "https://evil.example/k",
+                "https://evil.example/k",
+                &owner_only
+            ),
+            Err(KeyDocError::ForeignOrigin(_))
+        ));
+        // A key id of another origin than the URL fetched.
+        assert!(matches!(
+            key_in_document(
+                "https://evil.example/k",
+                "https://victim.example/k",
+                &owner_only
+            ),
+            Err(KeyDocError::ForeignOrigin(_))
+        ));
+    }
+
+    #[test]
+    fn an_actor_keeps_only_its_own_key() {
+        let doc = json!({
+            "id": "https://r.example/u/a", "inbox": "https://r.example/u/a/inbox",
+            "publicKey": {"id": "https://other.example/k", "owner": "https://r.example/u/a", "publicKeyPem": "P"}
+        });
+        assert_eq!(
+            parse_actor("https://r.example/u/a", &doc).unwrap().key,
+            None
+        );
+        let doc = json!({
+            "id": "https://r.example/u/a", "inbox": "https://r.example/u/a/inbox",
+            "publicKey": {"id": "https://r.example/u/a#k", "owner": "https://r.example/u/b", "publicKeyPem": "P"}
+        });
+        assert_eq!(
+            parse_actor("https://r.example/u/a", &doc).unwrap().key,
+            None
+        );
+    }
+}
