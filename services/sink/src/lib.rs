@@ -121,6 +121,11 @@ struct ServerState {
     accepted: Mutex<HashMap<(String, String), u32>>,
     /// Count-only mode: when each accepted POST arrived.
     arrivals: Mutex<Vec<std::time::Instant>>,
+    /// Documents served instead of the generated ones, by path: a hostile
+    /// server's answers.
+    documents: Mutex<HashMap<String, Value>>,
+    /// GETs answered, by path.
+    gets: Mutex<HashMap<String, usize>>,
 }
 
 /// Counts a POST in progress; tracks the most seen at once.
@@ -145,7 +150,7 @@ impl Drop for InFlight<'_> {
 pub struct SendOptions {
     /// Send no signature at all.
     pub unsigned: bool,
-    /// Sign with a fresh key that no document publishes.
+    /// Sign with a key that no document publishes (one per sink).
     pub wrong_key: bool,
     /// Sign with this `keyId` instead of the actor's `#main-key`.
     pub key_id: Option<String>,
@@ -157,6 +162,14 @@ pub struct SendOptions {
     pub date: Option<SystemTime>,
     /// Send this body instead of the activity's JSON.
     pub raw_body: Option<Vec<u8>>,
+    /// Sign for, and send, this `Host` instead of the URL's (a request
+    /// signed for another server, replayed).
+    pub host: Option<String>,
+    /// Connect from this local address (127.0.0.0/8 is all loopback on
+    /// Linux): a client of its own address.
+    pub source: Option<std::net::IpAddr>,
+    /// More headers, sent unsigned (`X-Forwarded-For`, say).
+    pub headers: Vec<(String, String)>,
 }
 
 /// What a remote server answered to [`Sink::send`].
@@ -202,6 +215,9 @@ pub struct SinkOptions {
     /// Keep only counts (accepted copies per inbox and activity, arrival
     /// times), not every request: for benchmarks.
     pub count_only: bool,
+    /// The loopback address server `i` listens on (default 127.0.0.1; any
+    /// of 127.0.0.0/8 gives a server a host of its own).
+    pub bind: Arc<dyn Fn(usize) -> std::net::IpAddr + Send + Sync>,
 }
 
 impl Default for SinkOptions {
@@ -211,6 +227,7 @@ impl Default for SinkOptions {
             shared_inbox: Arc::new(|_| true),
             verify_every: 1,
             count_only: false,
+            bind: Arc::new(|_| std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
         }
     }
 }
@@ -219,6 +236,9 @@ impl Default for SinkOptions {
 pub struct Sink {
     servers: Vec<Server>,
     shutdown: CancellationToken,
+    /// The key `SendOptions::wrong_key` signs with: published nowhere,
+    /// made once (a forger needs one key, and keys are slow to make).
+    forged: tokio::sync::OnceCell<Arc<SinkKey>>,
 }
 
 impl Sink {
@@ -238,7 +258,7 @@ impl Sink {
         let shutdown = CancellationToken::new();
         let mut servers = Vec::with_capacity(opts.servers);
         for i in 0..opts.servers {
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let listener = TcpListener::bind(((opts.bind)(i), 0)).await?;
             let addr = listener.local_addr()?;
             let state = Arc::new(ServerState {
                 base: format!("http://{addr}"),
@@ -259,6 +279,8 @@ impl Sink {
                 unverified: AtomicUsize::new(0),
                 accepted: Mutex::new(HashMap::new()),
                 arrivals: Mutex::new(Vec::new()),
+                documents: Mutex::new(HashMap::new()),
+                gets: Mutex::new(HashMap::new()),
             });
             let token = shutdown.child_token();
             tokio::spawn(accept_loop(listener, router(state.clone()), token.clone()));
@@ -268,7 +290,37 @@ impl Sink {
                 down: Mutex::new(Some(token)),
             });
         }
-        Ok(Self { servers, shutdown })
+        Ok(Self {
+            servers,
+            shutdown,
+            forged: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// The signing key of server `from`, or the forger's for `wrong_key`.
+    async fn signing_key(
+        &self,
+        from: usize,
+        opts: &SendOptions,
+    ) -> Result<Arc<SinkKey>, SinkError> {
+        if opts.wrong_key {
+            return self
+                .forged
+                .get_or_try_init(|| async {
+                    tokio::task::spawn_blocking(SinkKey::generate)
+                        .await
+                        .map_err(|e| SinkError::Io(std::io::Error::other(e)))?
+                        .map(Arc::new)
+                })
+                .await
+                .cloned();
+        }
+        self.server(from)?
+            .state
+            .key
+            .lock()
+            .map(|k| k.clone())
+            .map_err(|_| SinkError::NoServer(from))
     }
 
     /// Gives server `i` a new key: its actors' documents publish it and its
@@ -291,6 +343,92 @@ impl Sink {
             .map_or(0, |s| s.state.fetches.load(Ordering::Relaxed))
     }
 
+    /// Server `i` answers GETs of `path` with `doc` from now on (instead of
+    /// a generated actor document, or 404): what a hostile server serves.
+    pub fn serve_document(&self, i: usize, path: &str, doc: Value) -> Result<(), SinkError> {
+        let s = self.server(i)?;
+        if let Ok(mut d) = s.state.documents.lock() {
+            d.insert(path.to_string(), doc);
+        }
+        Ok(())
+    }
+
+    /// GETs of `path` server `i` has answered (any status).
+    pub fn gets(&self, i: usize, path: &str) -> usize {
+        self.servers
+            .get(i)
+            .and_then(|s| s.state.gets.lock().ok()?.get(path).copied())
+            .unwrap_or(0)
+    }
+
+    /// GETs server `i` has answered, all paths.
+    pub fn total_gets(&self, i: usize) -> usize {
+        self.servers
+            .get(i)
+            .and_then(|s| s.state.gets.lock().ok().map(|g| g.values().sum()))
+            .unwrap_or(0)
+    }
+
+    /// The public key (PEM) server `i`'s actors sign with now.
+    pub fn public_pem(&self, i: usize) -> Option<String> {
+        let s = self.servers.get(i)?;
+        s.state.key.lock().ok().map(|k| k.public_pem.clone())
+    }
+
+    /// The headers of a `method` request of `url` (with `body`, which may
+    /// be empty) by actor `actor` of server `from`, signed draft-cavage
+    /// style as `opts` asks (its `key_id`, `wrong_key`, `host`); with a body,
+    /// its `digest` and `content-type` too.
+    pub async fn signed_request_headers(
+        &self,
+        from: usize,
+        actor: &str,
+        method: &str,
+        url: &str,
+        body: &[u8],
+        opts: &SendOptions,
+    ) -> Result<Vec<(String, String)>, SinkError> {
+        let u = url::Url::parse(url).map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+        let host = opts
+            .host
+            .clone()
+            .unwrap_or_else(|| stampede_core::targets::inbox_host(url).unwrap_or_default());
+        let date = httpdate::fmt_http_date(SystemTime::now());
+        let digest = digest_header(body);
+        let path = match u.query() {
+            Some(q) => format!("{}?{q}", u.path()),
+            None => u.path().to_string(),
+        };
+        let s = &self.server(from)?.state;
+        let key_id = opts
+            .key_id
+            .clone()
+            .unwrap_or_else(|| format!("{}/users/{actor}#main-key", s.base));
+        let key = self.signing_key(from, opts).await?;
+        let with_body = !body.is_empty();
+        let covered: &[&str] = if with_body {
+            POST_HEADERS
+        } else {
+            stampede_core::signature::GET_HEADERS
+        };
+        let sig = sign_request(&key.pair, &key_id, method, &path, covered, |h| match h {
+            "host" => Some(host.as_str()),
+            "date" => Some(date.as_str()),
+            "digest" => Some(digest.as_str()),
+            _ => None,
+        })?;
+        let mut headers = vec![
+            ("host".to_string(), host),
+            ("date".to_string(), date),
+            ("signature".to_string(), sig),
+        ];
+        if with_body {
+            headers.push(("digest".into(), digest));
+            headers.push(("content-type".into(), "application/activity+json".into()));
+        }
+        Ok(headers)
+    }
+
     /// The `Signature` header actor `actor` of server `from` puts on a request.
     #[allow(clippy::too_many_arguments)]
     async fn signature(
@@ -309,18 +447,7 @@ impl Sink {
             .key_id
             .clone()
             .unwrap_or_else(|| format!("{}/users/{actor}#main-key", s.base));
-        let key = if opts.wrong_key {
-            Arc::new(
-                tokio::task::spawn_blocking(SinkKey::generate)
-                    .await
-                    .map_err(|e| SinkError::Io(std::io::Error::other(e)))??,
-            )
-        } else {
-            s.key
-                .lock()
-                .map(|k| k.clone())
-                .map_err(|_| SinkError::NoServer(from))?
-        };
+        let key = self.signing_key(from, opts).await?;
         Ok(sign_request(
             &key.pair,
             &key_id,
@@ -444,10 +571,10 @@ impl Sink {
     ) -> Result<SendResult, SinkError> {
         let s = &self.server(from)?.state;
         let url = url::Url::parse(inbox).map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
-        let host = match url.port() {
+        let host = opts.host.clone().unwrap_or_else(|| match url.port() {
             Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
             None => url.host_str().unwrap_or_default().to_string(),
-        };
+        });
         let path = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_string(),
@@ -459,10 +586,23 @@ impl Sink {
         let date_at = opts.date.unwrap_or_else(SystemTime::now);
         let date = httpdate::fmt_http_date(date_at);
         let digest = digest_header(&body);
-        let mut req = s
-            .client
+        let client = match opts.source {
+            None => s.client.clone(),
+            Some(ip) => reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .local_address(ip)
+                .build()
+                .map_err(|e| SinkError::Io(std::io::Error::other(e)))?,
+        };
+        let mut req = client
             .post(url.clone())
             .header("content-type", "application/activity+json");
+        if opts.host.is_some() {
+            req = req.header("host", host.as_str());
+        }
+        for (k, v) in &opts.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
         if !opts.unsigned {
             let sig = self
                 .signature(from, actor, &host, "POST", &path, &date, &digest, &opts)
@@ -718,7 +858,12 @@ fn router(state: Arc<ServerState>) -> Router {
 
 /// Any other request: a server answering a fixed status (5xx, 410, 429)
 /// answers it everywhere, as a broken server does; otherwise 404.
-async fn other(State(s): State<Arc<ServerState>>) -> Response {
+async fn other(State(s): State<Arc<ServerState>>, method: Method, uri: Uri) -> Response {
+    if method == Method::GET {
+        if let Some(r) = got(&s, uri.path()) {
+            return r;
+        }
+    }
     let behavior = s.behavior.lock().map(|b| b.clone()).unwrap_or(Behavior::Ok);
     match behavior {
         Behavior::Status(code) => StatusCode::from_u16(code)
@@ -733,8 +878,30 @@ async fn other(State(s): State<Arc<ServerState>>) -> Response {
     }
 }
 
-async fn actor_doc(State(s): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
+/// Counts a GET of `path`; the document served there instead, if any.
+fn got(s: &ServerState, path: &str) -> Option<Response> {
+    if let Ok(mut g) = s.gets.lock() {
+        *g.entry(path.to_string()).or_insert(0) += 1;
+    }
+    let doc = s.documents.lock().ok()?.get(path).cloned()?;
+    Some(
+        (
+            [("content-type", "application/activity+json")],
+            doc.to_string(),
+        )
+            .into_response(),
+    )
+}
+
+async fn actor_doc(
+    State(s): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+    uri: Uri,
+) -> Response {
     s.fetches.fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = got(&s, uri.path()) {
+        return r;
+    }
     let pem = s
         .key
         .lock()

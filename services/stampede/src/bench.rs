@@ -649,6 +649,7 @@ async fn delivery_run(
         shared_inbox: Arc::new(move |_| shared),
         verify_every: a.verify_every,
         count_only: true,
+        ..SinkOptions::default()
     })
     .await?;
     let result = delivery_measure(a, mode, ceiling, &d, &sink.sink).await;

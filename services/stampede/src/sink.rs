@@ -105,6 +105,7 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
         shared_inbox: std::sync::Arc::new(move |i| every == 0 || (i + 1) % every != 0),
         verify_every: args.verify_every,
         count_only: args.count_only,
+        ..SinkOptions::default()
     };
     let sink = Sink::start(opts).await?;
     if let Some(target) = &args.follow {
