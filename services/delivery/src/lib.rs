@@ -210,6 +210,23 @@ impl Delivery {
     ) -> Result<(), DeliveryError> {
         let store = &self.p.backends.store;
         let m = &self.p.metrics;
+        // Policy at send time: a domain blocked after its jobs were queued
+        // gets none of them, and this server never posts to itself (a
+        // remote actor naming our inbox as its own would make a loop).
+        // Not a dead letter: there is nothing to replay.
+        let cfg = &self.p.cfg;
+        let refused = if cfg.is_own_authority(host) {
+            Some("our own host")
+        } else if cfg.is_blocked(host) {
+            Some("a blocked domain")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            count_outcome(m, "skipped");
+            tracing::info!(inbox_host = %host, reason = why, "delivery skipped: the inbox is on {why}");
+            return Ok(());
+        }
         // A first, fresh message cannot have succeeded before; a redelivered
         // one (a worker died holding it) or one from a fanout that ran twice may.
         if may_be_delivered && store.delivered(&job.activity_key, &job.inbox).await? {
@@ -218,7 +235,6 @@ impl Delivery {
             return Ok(());
         }
         let b = &self.p.backends;
-        let cfg = &self.p.cfg;
         let (gate, health) = hosts::gate(b, cfg, host).await?;
         let mut class = "normal";
         let limit = match gate {

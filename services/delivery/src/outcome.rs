@@ -67,13 +67,19 @@ pub fn retry_delay(schedule: &[u64], attempt: u32, retry_after: Option<&str>) ->
     Some(d)
 }
 
+/// The longest `Retry-After` honoured, in either form: a remote cannot park
+/// its deliveries for longer than the retry schedule's scale.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+
 fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs.min(7 * 24 * 3600)));
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    at.duration_since(std::time::SystemTime::now()).ok()
+    at.duration_since(std::time::SystemTime::now())
+        .ok()
+        .map(|d| d.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -111,6 +117,14 @@ mod tests {
         assert!(first <= Duration::from_secs(36) && first >= Duration::from_secs(24));
         assert!(retry_delay(S, S.len() as u32, None).is_none());
         assert!(retry_delay(S, 0, Some("600")).unwrap() >= Duration::from_secs(600));
+        // Both forms of Retry-After are capped at a week.
+        assert_eq!(parse_retry_after("99999999999"), Some(MAX_RETRY_AFTER));
+        let far = httpdate::fmt_http_date(
+            std::time::SystemTime::now() + Duration::from_secs(400 * 24 * 3600),
+        );
+        assert_eq!(parse_retry_after(&far), Some(MAX_RETRY_AFTER));
+        let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
+        assert!(parse_retry_after(&soon).unwrap() <= Duration::from_secs(120));
         let total: u64 = S.iter().sum();
         assert!(total > 24 * 3600 && total < 3 * 24 * 3600);
     }

@@ -152,7 +152,7 @@ impl Fanout {
                     break;
                 };
                 let batch: Vec<OutMessage> = interleave_by_host(&page)
-                    .filter(|t| !explicit.contains(*t))
+                    .filter(|t| !explicit.contains(*t) && self.allowed(t))
                     .map(make)
                     .collect();
                 total += batch.len() as u64;
@@ -166,6 +166,28 @@ impl Fanout {
         b.store.mark_fanned_out(&activity.key, total).await?;
         self.p.metrics.fanout_targets.observe(total as f64);
         Ok(total)
+    }
+
+    /// Whether an inbox may be queued: not on a blocked domain (a follower
+    /// on a domain blocked since it followed), not on this server (a loop).
+    /// Counted when not.
+    fn allowed(&self, inbox: &str) -> bool {
+        let cfg = &self.p.cfg;
+        let host = target_host(inbox);
+        let why = if cfg.is_own_authority(host) {
+            "own_host"
+        } else if cfg.is_blocked(host) {
+            "blocked"
+        } else {
+            return true;
+        };
+        self.p
+            .metrics
+            .fanout_skipped
+            .get_or_create(&[("reason", why)])
+            .inc();
+        tracing::debug!(inbox, reason = why, "target skipped");
+        false
     }
 
     /// The explicit remote recipients' target inboxes, and whether the
@@ -209,6 +231,7 @@ impl Fanout {
                 )));
             };
             match self.resolver.resolve(id, signer).await {
+                Ok(Some(r)) if !self.allowed(&r.inbox) => {}
                 Ok(Some(r)) => {
                     let target = if is_blind {
                         r.inbox.clone()
@@ -238,13 +261,19 @@ impl Fanout {
 /// round-robin order over their hosts: a host with many followers gets its
 /// POSTs spread over the page instead of in one burst, which keeps its
 /// connections few and reused and its lane from filling at once.
+/// The authority (`host[:port]`) of an inbox URL, sliced rather than parsed
+/// (`inbox_host` parses and allocates, once per follower of a
+/// million-follower fanout).
+fn target_host(t: &str) -> &str {
+    let rest = t.split_once("://").map_or(t, |(_, r)| r);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    // Userinfo is not part of the host.
+    authority.rsplit_once('@').map_or(authority, |(_, h)| h)
+}
+
 fn interleave_by_host(page: &[String]) -> impl Iterator<Item = &str> {
-    // A grouping key only, sliced rather than parsed (`inbox_host` parses
-    // and allocates, once per follower of a million-follower fanout).
-    fn host(t: &str) -> &str {
-        let rest = t.split_once("://").map_or(t, |(_, r)| r);
-        rest.split('/').next().unwrap_or(rest)
-    }
+    use target_host as host;
     // Runs of one host, in page order.
     let mut runs: Vec<std::collections::VecDeque<&str>> = Vec::new();
     let mut last: Option<&str> = None;

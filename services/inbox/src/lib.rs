@@ -18,7 +18,7 @@ use stampede_runtime::inbound::{activity_info, ActivityInfo, Verdict, Verifier};
 use stampede_runtime::outbound;
 use stampede_runtime::process::{Listeners, Process};
 use stampede_runtime::queue::{Incoming, OutMessage, QueueName};
-use stampede_runtime::remote::{parse_actor, Resolver};
+use stampede_runtime::remote::{remote_actor, Resolver};
 use stampede_runtime::store::{Follower, LocalActor};
 use stampede_runtime::worker;
 
@@ -109,10 +109,36 @@ impl worker::Handler for Inbox {
                     }
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, recipient = %job.recipient_inbox, "inbound processing failed; retrying later");
-                match self.retry(&job).await {
-                    Ok(true) => msg.acker.ack().await,
+            Err(Later::RateLimited { wait }) => match self.retry(&job, Some(wait)).await {
+                Ok(true) => {
+                    m.inbound_verify("deferred");
+                    msg.acker.ack().await
+                }
+                Ok(false) => {
+                    m.inbound_verify("rate_limited");
+                    msg.acker.ack().await
+                }
+                Err(_) => msg.acker.requeue().await,
+            },
+            Err(later) => {
+                let wait = match later {
+                    Later::Failed(e, wait) => {
+                        tracing::warn!(error = %e, recipient = %job.recipient_inbox, "inbound processing failed; retrying later");
+                        wait
+                    }
+                    // Per message, and what a flood of forged requests
+                    // produces: counted, logged at debug.
+                    Later::Deferred { reason, wait } => {
+                        tracing::debug!(%reason, recipient = %job.recipient_inbox, attempt = job.attempt, "inbound verification deferred");
+                        wait
+                    }
+                    Later::RateLimited { wait } => Some(wait),
+                };
+                match self.retry(&job, wait).await {
+                    Ok(true) => {
+                        m.inbound_verify("deferred");
+                        msg.acker.ack().await
+                    }
                     Ok(false) => {
                         m.inbound_verify("failed");
                         msg.acker.ack().await
@@ -127,6 +153,34 @@ impl worker::Handler for Inbox {
     }
 }
 
+/// Why an inbound job is tried again later.
+enum Later {
+    /// Processing failed (a backend, or the key's server) and may succeed
+    /// later, best after the wait when one is known.
+    Failed(InboxError, Option<Duration>),
+    /// Verification could not decide yet (the key's server unreachable, a
+    /// key fetch rationed), best tried again after the wait when known.
+    Deferred {
+        reason: String,
+        wait: Option<Duration>,
+    },
+    /// Its verified sender's host is over `STAMPEDE_INBOUND_RATE_LIMIT`
+    /// this minute.
+    RateLimited { wait: Duration },
+}
+
+impl From<InboxError> for Later {
+    fn from(e: InboxError) -> Self {
+        Later::Failed(e, None)
+    }
+}
+
+impl From<stampede_runtime::Error> for Later {
+    fn from(e: stampede_runtime::Error) -> Self {
+        Later::Failed(e.into(), None)
+    }
+}
+
 /// A verified activity's event for the application, and what to log or undo.
 struct Accepted {
     event: OutMessage,
@@ -136,8 +190,13 @@ struct Accepted {
 }
 
 impl Inbox {
-    /// Schedules another attempt; false when attempts are exhausted.
-    async fn retry(&self, job: &InboundJob) -> Result<bool, stampede_runtime::Error> {
+    /// Schedules another attempt, after `wait` when it is longer than the
+    /// usual delay; false when attempts are exhausted.
+    async fn retry(
+        &self,
+        job: &InboundJob,
+        wait: Option<Duration>,
+    ) -> Result<bool, stampede_runtime::Error> {
         if job.attempt + 1 >= MAX_ATTEMPTS {
             return Ok(false);
         }
@@ -145,7 +204,7 @@ impl Inbox {
             attempt: job.attempt + 1,
             ..job.clone()
         };
-        let delay = Duration::from_secs(30u64 << job.attempt.min(4));
+        let delay = Duration::from_secs(30u64 << job.attempt.min(4)).max(wait.unwrap_or_default());
         self.p
             .backends
             .queue
@@ -164,7 +223,7 @@ impl Inbox {
     /// Verifies and applies one inbound activity; an accepted one comes back
     /// with the event for the application, to be published with the ack. An
     /// error leaves nothing done that a retry would repeat.
-    async fn process(&self, job: &InboundJob) -> Result<Option<Accepted>, InboxError> {
+    async fn process(&self, job: &InboundJob) -> Result<Option<Accepted>, Later> {
         let m = &self.p.metrics;
         let json = match parse_json(&job.body) {
             Ok(j) => j,
@@ -198,7 +257,10 @@ impl Inbox {
         let v = self.verifier.verify(&req, Some(&info)).await;
         if v.verdict != Verdict::Accepted {
             if v.transient && job.attempt + 1 < MAX_ATTEMPTS {
-                return Err(stampede_runtime::Error::Http(v.reason).into());
+                return Err(Later::Deferred {
+                    reason: v.reason,
+                    wait: v.retry_after,
+                });
             }
             m.inbound_verify(v.verdict.as_str());
             tracing::info!(
@@ -211,10 +273,22 @@ impl Inbox {
             return Ok(None);
         }
         let cache = &self.p.backends.cache;
-        let seen = info
-            .id
-            .as_ref()
-            .map(|id| format!("seen:{}:{id}", job.recipient_inbox));
+        if let Some(wait) = self.over_rate(v.key_id.as_deref()).await {
+            if job.attempt + 1 < MAX_ATTEMPTS {
+                return Err(Later::RateLimited { wait });
+            }
+            m.inbound_verify("rate_limited");
+            tracing::info!(actor = %info.actor, activity_id = ?info.id, "inbound dropped: its host stayed over the rate limit");
+            return Ok(None);
+        }
+        // Keyed on a hash of (inbox, actor, id): the id alone would let one
+        // server mark another's ids as seen, and its size is the sender's.
+        let seen = info.id.as_ref().map(|id| {
+            format!(
+                "seen:{}",
+                stampede_core::digest::tuple_hash(&[&job.recipient_inbox, &info.actor, id])
+            )
+        });
         if let Some(key) = &seen {
             if !cache.set_nx(key, b"1", DEDUP_TTL).await? {
                 m.inbound_verify("duplicate");
@@ -252,9 +326,32 @@ impl Inbox {
                 if let Some(key) = &seen {
                     let _ = cache.del(key).await;
                 }
-                Err(e)
+                Err(e.into())
             }
         }
+    }
+
+    /// Counts one verified activity against its key's host's window
+    /// (`STAMPEDE_INBOUND_RATE_LIMIT` a minute): the wait until the window
+    /// ends when the host is over it. A failing cache lets it through.
+    async fn over_rate(&self, key_id: Option<&str>) -> Option<Duration> {
+        let limit = self.p.cfg.inbound_rate_limit;
+        let host = key_id.and_then(inbox_host)?;
+        if limit == 0 {
+            return None;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let n = self
+            .p
+            .backends
+            .cache
+            .incr(&format!("rlk:{host}:{}", now / 60), Duration::from_secs(61))
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "rate limit unavailable; letting the activity through"))
+            .ok()?;
+        (n > limit).then(|| Duration::from_secs(60 - now % 60 + 1))
     }
 
     async fn local_actor(&self, id: Option<&str>) -> Result<Option<LocalActor>, InboxError> {
@@ -354,7 +451,7 @@ impl Inbox {
                 else {
                     return Ok(());
                 };
-                if let Some(remote) = parse_actor(&info.actor, object) {
+                if let Some(remote) = remote_actor(&self.p.cfg, &info.actor, object) {
                     self.resolver.remember(&remote).await?;
                     let host = inbox_host(&remote.inbox).unwrap_or_default();
                     store
@@ -365,11 +462,10 @@ impl Inbox {
                             &host,
                         )
                         .await?;
+                    // `remote_actor` keeps only a key of the actor's origin
+                    // that names the actor as its owner.
                     if let (Some(kid), Some(pem)) = (&remote.key_id, &remote.public_key_pem) {
-                        let owner = object["publicKey"]["owner"].as_str().unwrap_or(&info.actor);
-                        if owner == info.actor {
-                            self.verifier.keys().update(kid, owner, pem).await?;
-                        }
+                        self.verifier.keys().update(kid, &info.actor, pem).await?;
                     }
                 }
             }

@@ -7,6 +7,8 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 
+use stampede_core::webfinger::NotLocal;
+
 use crate::documents::person;
 use crate::Ingest;
 
@@ -125,16 +127,12 @@ async fn webfinger(State(s): State<Ingest>, Query(q): Query<Finger>) -> Response
     };
     let host = s.cfg.public_host();
     let users = format!("{}/users/", s.cfg.base());
-    let name = if let Some(acct) = resource.strip_prefix("acct:") {
-        match acct.rsplit_once('@') {
-            Some((name, h)) if h.eq_ignore_ascii_case(&host) => name.to_string(),
-            Some(_) => return problem(StatusCode::NOT_FOUND, "not a local account"),
-            None => return problem(StatusCode::BAD_REQUEST, "resource must be acct:name@host"),
+    let name = match stampede_core::webfinger::local_name(&resource, &host, &users) {
+        Ok(name) => name.to_string(),
+        Err(NotLocal::Elsewhere) => return problem(StatusCode::NOT_FOUND, "not a local account"),
+        Err(NotLocal::Malformed) => {
+            return problem(StatusCode::BAD_REQUEST, "resource must be acct:name@host")
         }
-    } else if let Some(name) = resource.strip_prefix(&users) {
-        name.to_string()
-    } else {
-        return problem(StatusCode::NOT_FOUND, "not a local account");
     };
     let a = match lookup(&s, &name).await {
         Ok(a) => a,

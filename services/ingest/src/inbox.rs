@@ -1,11 +1,15 @@
 //! The inbox edge: `POST /inbox` and `POST /users/{name}/inbox`. Only cheap
 //! checks here (size, content type, a signature present, JSON, the date
-//! window, blocked domains, a per-host rate limit in Redis); then a durable,
-//! publisher-confirmed enqueue and 202. Verification is the inbox service's.
+//! window, blocked domains, a per-client-address rate limit in Redis); then
+//! a durable, publisher-confirmed enqueue and 202. Verification is the inbox
+//! service's. Nothing in the body is believed here: the rate limit is keyed
+//! on the address the connection came from (or, behind a trusted proxy, the
+//! address it forwarded for), never on the actor the body claims.
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use prost::Message;
@@ -36,20 +40,65 @@ fn answer(
         .into_response()
 }
 
+/// The client a request came from: the peer address, or, when the peer is a
+/// trusted proxy (`STAMPEDE_TRUSTED_PROXIES`), the last address in
+/// `X-Forwarded-For` that is not itself a trusted proxy (each proxy appends
+/// the address it received from, so addresses left of the first untrusted
+/// one are the client's own claims).
+pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            // Unreadable: the hop that wrote it is as far as we can trust.
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// The rate-limit key of a client address: IPv6 by its /64 (one subscriber's
+/// allocation: a host with a /64 has 2^64 addresses to rotate through).
+fn rate_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
 /// `POST /inbox`.
 pub async fn shared_inbox(
     State(s): State<Ingest>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let inbox = format!("{}/inbox", s.cfg.base());
-    accept(s, uri, headers, body, inbox).await
+    accept(s, peer, uri, headers, body, inbox).await
 }
 
 /// `POST /users/{name}/inbox`.
 pub async fn actor_inbox(
     State(s): State<Ingest>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
     uri: Uri,
     headers: HeaderMap,
@@ -75,7 +124,7 @@ pub async fn actor_inbox(
         return r;
     }
     let inbox = format!("{}/inbox", s.cfg.actor_id(&name));
-    accept(s, uri, headers, body, inbox).await
+    accept(s, peer, uri, headers, body, inbox).await
 }
 
 /// Most of a rejected request's unread body read and thrown away, and for
@@ -104,13 +153,21 @@ fn discard_rest(body: Body) {
     });
 }
 
-async fn accept(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: String) -> Response {
-    let span = tracing::info_span!("inbox.receive", path = %uri.path());
+async fn accept(
+    s: Ingest,
+    peer: SocketAddr,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+    inbox: String,
+) -> Response {
+    let client = client_address(peer.ip(), &headers, &s.cfg.trusted_proxies);
+    let span = tracing::info_span!("inbox.receive", path = %uri.path(), %client);
     stampede_runtime::telemetry::set_parent(
         &span,
         headers.get("traceparent").and_then(|v| v.to_str().ok()),
     );
-    tracing::Instrument::instrument(receive(s, uri, headers, body, inbox), span).await
+    tracing::Instrument::instrument(receive(s, client, uri, headers, body, inbox), span).await
 }
 
 /// The checks a request fails on its headers alone, before its body is read.
@@ -155,22 +212,46 @@ fn refused_at_headers(s: &Ingest, headers: &HeaderMap) -> Option<Response> {
     None
 }
 
-async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: String) -> Response {
+async fn receive(
+    s: Ingest,
+    client: IpAddr,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+    inbox: String,
+) -> Response {
     if let Some(r) = refused_at_headers(&s, &headers) {
         discard_rest(body);
         return r;
     }
     let cfg = &s.cfg;
     let h = |n: &header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
-    let body = match axum::body::to_bytes(body, cfg.max_activity_bytes).await {
-        Ok(b) => b,
-        Err(_) => {
+    let read = axum::body::to_bytes(body, cfg.max_activity_bytes);
+    let body = match tokio::time::timeout(cfg.http_body_timeout, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             return answer(
                 &s,
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 format!("body over {} bytes", cfg.max_activity_bytes),
             )
+        }
+        Err(_) => {
+            let mut r = answer(
+                &s,
+                StatusCode::REQUEST_TIMEOUT,
+                "timed_out",
+                format!(
+                    "the body did not arrive within {} s",
+                    cfg.http_body_timeout.as_secs()
+                ),
+            );
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return r;
         }
     };
     let json = match parse_json(&body) {
@@ -232,7 +313,10 @@ async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: Str
         match s
             .backends
             .cache
-            .incr(&format!("rl:{host}:{window}"), Duration::from_secs(61))
+            .incr(
+                &format!("rl:{}:{window}", rate_key(client)),
+                Duration::from_secs(61),
+            )
             .await
         {
             Ok(n) if n > cfg.inbound_rate_limit => {
@@ -242,7 +326,7 @@ async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: Str
                     StatusCode::TOO_MANY_REQUESTS,
                     [(header::RETRY_AFTER, retry.to_string())],
                     format!(
-                        "rate limited: over {} requests a minute from {host}\n",
+                        "rate limited: over {} requests a minute from {client}\n",
                         cfg.inbound_rate_limit
                     ),
                 )
@@ -292,5 +376,61 @@ async fn receive(s: Ingest, uri: Uri, headers: HeaderMap, body: Body, inbox: Str
                 "the queue cannot take the activity now; retry later",
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xff(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // An untrusted peer's header is its own claim.
+        assert_eq!(
+            client_address(ip("203.0.113.9"), &xff(&["198.51.100.1"]), &trusted),
+            ip("203.0.113.9")
+        );
+        // Behind the ingress: the address it forwarded for.
+        assert_eq!(
+            client_address(ip("10.1.1.1"), &xff(&["198.51.100.1"]), &trusted),
+            ip("198.51.100.1")
+        );
+        // A client's forged hops left of the real one are ignored.
+        assert_eq!(
+            client_address(
+                ip("10.1.1.1"),
+                &xff(&["1.2.3.4, 198.51.100.1", "10.2.2.2"]),
+                &trusted
+            ),
+            ip("198.51.100.1")
+        );
+        // Garbage stops the walk at the last hop a proxy wrote.
+        assert_eq!(
+            client_address(ip("10.1.1.1"), &xff(&["1.2.3.4, junk, 10.3.3.3"]), &trusted),
+            ip("10.3.3.3")
+        );
+        assert_eq!(
+            client_address(ip("10.1.1.1"), &HeaderMap::new(), &trusted),
+            ip("10.1.1.1")
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_by_their_64() {
+        let a = rate_key("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = rate_key("2001:db8:1:2:bbbb::9".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, rate_key("2001:db8:1:3::1".parse().unwrap()));
+        assert_eq!(rate_key("192.0.2.7".parse().unwrap()), "192.0.2.7");
     }
 }

@@ -11,6 +11,7 @@ mod documents;
 mod error;
 mod http;
 mod inbox;
+mod server;
 
 use std::sync::Arc;
 
@@ -94,18 +95,19 @@ impl Ingest {
             ));
     }
 
-    /// Serves ingest's HTTP routes on `listener` until shutdown.
+    /// Serves ingest's HTTP routes on `listener` until shutdown, with the
+    /// connection deadlines of the configuration.
     pub fn spawn_http(
         &self,
         listener: tokio::net::TcpListener,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> tokio::task::JoinHandle<std::io::Result<()>> {
         let app = router(self.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        })
+        let deadlines = server::Deadlines {
+            header: self.cfg.http_header_timeout,
+            idle: self.cfg.http_idle_timeout,
+        };
+        tokio::spawn(server::serve(listener, app, deadlines, shutdown))
     }
 }
 

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use stampede_core::targets::{domain_within, normalize_domain};
 use url::Url;
 
 use crate::{Error, Result};
@@ -114,6 +115,32 @@ pub struct Config {
     /// `STAMPEDE_RUNTIME_THREADS` (added, default 0: chosen per service): the
     /// async runtime's worker threads. See [`Config::runtime_threads_for`].
     pub runtime_threads: usize,
+    /// `STAMPEDE_PUBLIC_HOST_ALIASES` (added): other `host[:port]`s a signed
+    /// request may be addressed to (its signed `host` / `@authority`) besides
+    /// the public URL's; lower-cased.
+    pub public_host_aliases: Vec<String>,
+    /// `STAMPEDE_TRUSTED_PROXIES` (added): CIDRs of proxies (a Kubernetes
+    /// ingress) whose `X-Forwarded-For` names the real client; from anyone
+    /// else the header is ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `STAMPEDE_KEY_REFETCH_SECS` (added, default 300): a cached key that
+    /// fails to verify is fetched again (the remote may have rotated it) at
+    /// most once in this long, so forged requests cannot make us hammer the
+    /// key's server.
+    pub key_refetch: Duration,
+    /// `STAMPEDE_KEY_FETCH_RATE_LIMIT` (added, default 600): key and actor
+    /// fetches triggered by inbound requests per remote host per minute; 0
+    /// turns the limit off. Beyond it a fetch waits for the next minute.
+    pub key_fetch_rate_limit: u64,
+    /// `STAMPEDE_HTTP_HEADER_TIMEOUT_SECS` (added, default 10): the edge closes
+    /// a connection that has not sent a whole request head in this long.
+    pub http_header_timeout: Duration,
+    /// `STAMPEDE_HTTP_BODY_TIMEOUT_SECS` (added, default 20): the edge answers
+    /// 408 and closes when a request body takes longer than this to arrive.
+    pub http_body_timeout: Duration,
+    /// `STAMPEDE_HTTP_IDLE_TIMEOUT_SECS` (added, default 60): the edge closes a
+    /// keep-alive connection idle between requests this long.
+    pub http_idle_timeout: Duration,
 }
 
 impl Config {
@@ -184,6 +211,19 @@ impl Config {
                 "must be 1 to 64 of [A-Za-z0-9_-]",
             ));
         }
+        let list = |var: &str| -> Vec<String> {
+            get(var)
+                .map(|v| {
+                    v.split(',')
+                        .map(|d| d.trim().to_string())
+                        .filter(|d| !d.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let secs = |var: &'static str, default: u64, min: u64, max: u64| -> Result<Duration> {
+            number(var, default, min, max).map(Duration::from_secs)
+        };
         Ok(Config {
             public_url,
             http_addr: addr("STAMPEDE_HTTP_ADDR", "127.0.0.1:8080")?,
@@ -230,14 +270,33 @@ impl Config {
                     v
                 }
             },
-            blocked_domains: get("STAMPEDE_BLOCKED_DOMAINS")
-                .map(|v| {
-                    v.split(',')
-                        .map(|d| d.trim().trim_start_matches('.').to_ascii_lowercase())
-                        .filter(|d| !d.is_empty())
-                        .collect()
+            blocked_domains: list("STAMPEDE_BLOCKED_DOMAINS")
+                .iter()
+                .map(|d| normalize_domain(d.trim_start_matches('.')))
+                .filter(|d| !d.is_empty())
+                .collect(),
+            public_host_aliases: list("STAMPEDE_PUBLIC_HOST_ALIASES")
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            trusted_proxies: list("STAMPEDE_TRUSTED_PROXIES")
+                .iter()
+                .map(|c| {
+                    c.parse::<ipnet::IpNet>()
+                        .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|e| {
+                            cfg(
+                                "STAMPEDE_TRUSTED_PROXIES",
+                                format!("{c}: {e} (expected CIDRs such as 10.0.0.0/8)"),
+                            )
+                        })
                 })
-                .unwrap_or_default(),
+                .collect::<Result<_>>()?,
+            key_refetch: secs("STAMPEDE_KEY_REFETCH_SECS", 300, 1, 86400)?,
+            key_fetch_rate_limit: number("STAMPEDE_KEY_FETCH_RATE_LIMIT", 600, 0, 10_000_000)?,
+            http_header_timeout: secs("STAMPEDE_HTTP_HEADER_TIMEOUT_SECS", 10, 1, 3600)?,
+            http_body_timeout: secs("STAMPEDE_HTTP_BODY_TIMEOUT_SECS", 20, 1, 3600)?,
+            http_idle_timeout: secs("STAMPEDE_HTTP_IDLE_TIMEOUT_SECS", 60, 1, 86400)?,
             inbound_max_age_secs: number("STAMPEDE_INBOUND_MAX_AGE_SECS", 3600, 60, 7 * 86400)?
                 as i64,
             inbound_max_future_secs: number("STAMPEDE_INBOUND_MAX_FUTURE_SECS", 300, 0, 86400)?
@@ -315,25 +374,64 @@ impl Config {
         }
     }
 
-    /// Whether `host` (a domain, maybe with a port) is blocked.
+    /// Whether `host` (a domain, maybe with a port, in any case, with a
+    /// trailing dot or in Unicode) is a blocked domain or one of its
+    /// subdomains.
     pub fn is_blocked(&self, host: &str) -> bool {
-        let host = host.rsplit_once(':').map_or(host, |(h, p)| {
-            if p.bytes().all(|b| b.is_ascii_digit()) {
-                h
-            } else {
-                host
-            }
-        });
-        let host = host.to_ascii_lowercase();
-        self.blocked_domains
-            .iter()
-            .any(|d| host == *d || host.ends_with(&format!(".{d}")))
+        if self.blocked_domains.is_empty() {
+            return false;
+        }
+        let host = normalize_domain(host);
+        self.blocked_domains.iter().any(|d| domain_within(&host, d))
+    }
+
+    /// Whether the host of `url` is blocked (a URL without a host is not).
+    pub fn is_blocked_url(&self, url: &str) -> bool {
+        !self.blocked_domains.is_empty()
+            && Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(|h| self.is_blocked(h)))
+                .unwrap_or(false)
+    }
+
+    /// Whether `authority` (`host[:port]`, as a request's `Host` header
+    /// carries it) is this server: the public URL's host and port, or an
+    /// alias (`STAMPEDE_PUBLIC_HOST_ALIASES`). A missing port is the public
+    /// URL's scheme's default. Allocates nothing: fanout asks it per target.
+    pub fn is_own_authority(&self, authority: &str) -> bool {
+        let default_port = self.public_url.port_or_known_default();
+        let (host, port) = split_authority(authority);
+        let port = port.or(default_port);
+        let same = |h: &str, p: Option<u16>| {
+            port == p.or(default_port) && host.eq_ignore_ascii_case(h.trim_end_matches('.'))
+        };
+        let own = self.public_url.host_str().unwrap_or_default();
+        same(own, self.public_url.port())
+            || self.public_host_aliases.iter().any(|alias| {
+                let (h, p) = split_authority(alias);
+                same(h, p)
+            })
     }
 
     /// The ActivityPub id of the local actor `name`.
     pub fn actor_id(&self, name: &str) -> String {
         format!("{}/users/{name}", self.base())
     }
+}
+
+/// `host[:port]` split (an IPv6 literal keeps its brackets, as `Url::host_str`
+/// gives it); the host without trailing dots. A port that is not a number
+/// is kept as part of the host, so it matches nothing.
+fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    let a = authority.trim();
+    let (host, port) = match a.rfind(':') {
+        Some(i) if !a[i..].contains(']') => match a[i + 1..].parse::<u16>() {
+            Ok(p) => (&a[..i], Some(p)),
+            Err(_) => (a, None),
+        },
+        _ => (a, None),
+    };
+    (host.trim_end_matches('.'), port)
 }
 
 fn cfg(var: &'static str, reason: impl ToString) -> Error {
@@ -392,6 +490,9 @@ mod tests {
             ("STAMPEDE_HOST_UNAVAILABLE_SECS", "5"),
             ("STAMPEDE_UP_SERVICES", "ingest,outbox"),
             ("STAMPEDE_UP_SERVICES", ","),
+            ("STAMPEDE_TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("STAMPEDE_KEY_REFETCH_SECS", "0"),
+            ("STAMPEDE_HTTP_HEADER_TIMEOUT_SECS", "x"),
         ] {
             let e = with(&[(var, val)]).unwrap_err().to_string();
             assert!(e.starts_with(var), "{var}={val} gave {e}");
@@ -442,6 +543,44 @@ mod tests {
         assert!(c.is_blocked("x.worse.example"));
         assert!(!c.is_blocked("notbad.example"));
         assert!(!c.is_blocked("good.example"));
+        assert!(c.is_blocked("BAD.example."), "case and a trailing dot");
+        assert!(c.is_blocked_url("https://x.Bad.Example./users/a"));
+        assert!(!c.is_blocked_url("https://good.example/inbox"));
+        let idn = with(&[("STAMPEDE_BLOCKED_DOMAINS", "bücher.example")]).unwrap();
+        assert!(idn.is_blocked("xn--bcher-kva.example"));
+        assert!(idn.is_blocked("BÜCHER.example"));
+    }
+
+    #[test]
+    fn own_authority_is_the_public_host_or_an_alias() {
+        let c = with(&[
+            ("STAMPEDE_PUBLIC_URL", "https://Social.example"),
+            (
+                "STAMPEDE_PUBLIC_HOST_ALIASES",
+                "old.example, www.social.example:8443",
+            ),
+        ])
+        .unwrap();
+        assert!(c.is_own_authority("social.example"));
+        assert!(c.is_own_authority("SOCIAL.example:443"));
+        assert!(c.is_own_authority("old.example"));
+        assert!(c.is_own_authority("www.social.example:8443"));
+        assert!(!c.is_own_authority("social.example:8443"));
+        assert!(!c.is_own_authority("evil.example"));
+        let local = with(&[]).unwrap();
+        assert!(local.is_own_authority("127.0.0.1:8080"));
+        assert!(!local.is_own_authority("127.0.0.1:8081"));
+    }
+
+    #[test]
+    fn trusted_proxies_take_cidrs_and_addresses() {
+        let c = with(&[(
+            "STAMPEDE_TRUSTED_PROXIES",
+            "10.0.0.0/8, 192.168.1.7, fd00::/8",
+        )])
+        .unwrap();
+        assert_eq!(c.trusted_proxies.len(), 3);
+        assert!(c.trusted_proxies[1].contains(&"192.168.1.7".parse::<std::net::IpAddr>().unwrap()));
     }
 
     #[test]

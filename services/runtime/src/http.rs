@@ -28,13 +28,23 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public_v4(v4);
             }
             let s = v6.segments();
+            if s[0] == 0x2002 {
+                // 6to4: the relay reaches the IPv4 address in bits 16..48.
+                let v4 =
+                    Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
+                return is_public_v4(v4);
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
+                || s[..6] == [0; 6] // ::/96, IPv4-compatible (deprecated): any v4 behind it
                 || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
                 || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+                || (s[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated, still routed inside)
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0] == 0x0064 && s[1] == 0xff9b)) // NAT64 can reach private v4
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo: tunnels to an embedded v4
+                || (s[0] == 0x0100 && s[1..4] == [0; 3]) // discard-only 100::/64
+                || (s[0] == 0x0064 && s[1] == 0xff9b)) // NAT64 (well-known and local-use) can reach private v4
         }
     }
 }
@@ -109,7 +119,10 @@ impl OutboundClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(32)
             .tcp_keepalive(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::none());
+            .redirect(reqwest::redirect::Policy::none())
+            // Never a proxy from the environment (`HTTPS_PROXY`, …): the
+            // proxy would resolve names itself, past the guard's resolver.
+            .no_proxy();
         if !cfg.allow_private_networks {
             b = b.dns_resolver(Arc::new(GuardedResolver));
         }
@@ -275,10 +288,24 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "224.0.0.1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "fec0::1",
+            "2002:7f00:1::1",
+            "2002:a00:1::1",
+            "2002:c0a8:101::1",
+            "2001:0:4136:e378::1",
+            "64:ff9b:1::a00:1",
+            "100::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["93.184.216.34", "2606:4700::1111", "1.1.1.1"] {
+        for ip in [
+            "93.184.216.34",
+            "2606:4700::1111",
+            "1.1.1.1",
+            "2002:5db8:d822::1",
+        ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
     }

@@ -1,10 +1,12 @@
-//! Verifying an inbound signed request end to end: signature syntax, date
-//! window, digest, blocked domains, that the key belongs to the activity's
-//! actor (same origin, owner = actor), the key itself (cached or fetched,
-//! refetched once on failure for rotation), and the cheap drop of `Delete`s
-//! of actors whose keys we never had. Used by the inbox service and by the
-//! `Verify` gRPC call.
-use std::time::Instant;
+//! Verifying an inbound signed request end to end: signature syntax, that
+//! it was addressed to us (its signed host), date window, digest, blocked
+//! domains, that the key belongs to the activity's actor (same origin, owner
+//! = actor) and the activity's ids to the actor's origin, the key itself
+//! (cached or fetched, refetched on failure for rotation at most once per
+//! `STAMPEDE_KEY_REFETCH_SECS`), and the cheap drop of `Delete`s of actors
+//! whose keys we never had. Used by the inbox service and by the `Verify`
+//! gRPC call.
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use stampede_core::activity::id_of;
@@ -35,6 +37,12 @@ pub enum Verdict {
     /// A `Delete` of an actor whose key is gone or was never known: dropped
     /// without fetching anything.
     DroppedDelete,
+    /// The activity's id (or, for `Create`/`Update`/`Delete`, its object's)
+    /// is of another origin than its actor: it speaks for another server.
+    ForeignId,
+    /// The signature was made for another server (its signed `host` /
+    /// `@authority` is not our public host or an alias): a replay.
+    WrongHost,
 }
 
 impl Verdict {
@@ -48,6 +56,8 @@ impl Verdict {
             Verdict::KeyUnavailable => "key_unavailable",
             Verdict::Blocked => "blocked",
             Verdict::DroppedDelete => "dropped_delete",
+            Verdict::ForeignId => "foreign_id",
+            Verdict::WrongHost => "wrong_host",
         }
     }
 }
@@ -63,8 +73,11 @@ pub struct Verification {
     pub key_id: Option<String>,
     /// The key's owner, when the key was had.
     pub owner: Option<String>,
-    /// Whether trying again later may succeed (the key's server was unreachable).
+    /// Whether trying again later may succeed (the key's server was
+    /// unreachable, or a fetch was rationed).
     pub transient: bool,
+    /// When a transient verdict is worth trying again, if known.
+    pub retry_after: Option<Duration>,
 }
 
 impl Verification {
@@ -75,9 +88,30 @@ impl Verification {
             key_id: key_id.map(str::to_string),
             owner: None,
             transient: false,
+            retry_after: None,
+        }
+    }
+
+    fn later(mut self, wait: Option<Duration>) -> Self {
+        self.transient = true;
+        self.retry_after = wait;
+        self
+    }
+
+    /// The verdict for a key that could not be had.
+    fn key_error(e: KeyError, key_id: Option<&str>) -> Self {
+        let v = Verification::no(Verdict::KeyUnavailable, e.to_string(), key_id);
+        match e {
+            KeyError::Gone(_) => v,
+            KeyError::Unavailable(_) => v.later(None),
+            KeyError::Throttled { wait, .. } => v.later(Some(wait)),
         }
     }
 }
+
+/// The longest id (activity, actor, object) accepted: real ones are a URL
+/// of a hundred bytes or so, and each is kept for a week as a dedup mark.
+pub const MAX_ID_BYTES: usize = 2048;
 
 /// What verification needs to know of the activity.
 #[derive(Debug, Clone)]
@@ -104,12 +138,46 @@ pub fn activity_info(json: &Value) -> Result<ActivityInfo, String> {
         .and_then(id_of)
         .ok_or("no actor")?
         .to_string();
+    let id = o.get("id").and_then(Value::as_str).map(str::to_string);
+    let object_id = o.get("object").and_then(id_of).map(str::to_string);
+    for (what, v) in [
+        ("actor", Some(&actor)),
+        ("id", id.as_ref()),
+        ("object id", object_id.as_ref()),
+    ] {
+        if v.is_some_and(|v| v.len() > MAX_ID_BYTES) {
+            return Err(format!("{what} longer than {MAX_ID_BYTES} bytes"));
+        }
+    }
     Ok(ActivityInfo {
-        id: o.get("id").and_then(Value::as_str).map(str::to_string),
+        id,
         kind,
         actor,
-        object_id: o.get("object").and_then(id_of).map(str::to_string),
+        object_id,
     })
+}
+
+/// Whether the activity's ids are of its actor's origin (`actor` already
+/// parsed): its own id, and for `Create`, `Update` and `Delete` the
+/// object's, which such an activity asserts authorship of. Mastodon checks
+/// the same (`invalid_origin?`).
+fn ids_of_actor_origin(actor: &Url, a: &ActivityInfo) -> Result<(), String> {
+    use stampede_core::documents::same_origin_as;
+    if let Some(id) = &a.id {
+        if !same_origin_as(actor, id) {
+            return Err(format!(
+                "activity id {id} is of another origin than its actor"
+            ));
+        }
+    }
+    if matches!(a.kind.as_str(), "Create" | "Update" | "Delete") {
+        if let Some(o) = &a.object_id {
+            if !same_origin_as(actor, o) {
+                return Err(format!("object id {o} is of another origin than the actor"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The URL and its host, lower-cased; `None` when it is not a URL with a host.
@@ -163,7 +231,33 @@ impl Verifier {
             Ok(s) => s,
             Err(e) => return Verification::no(Verdict::BadSignature, e.to_string(), None),
         };
+        if signed.key_id.len() > MAX_ID_BYTES {
+            // Key ids name cache entries and fetches: bounded like other ids.
+            return Verification::no(
+                Verdict::BadSignature,
+                format!("keyId longer than {MAX_ID_BYTES} bytes"),
+                None,
+            );
+        }
         let key_id = Some(signed.key_id.as_str());
+        // The signed host (cavage `host`, RFC 9421 `@authority` or the
+        // authority of `@target-uri`, all read from this header) must be
+        // ours: a request a victim signed for another server cannot be
+        // replayed to us.
+        match req.header("host") {
+            Some(h) if cfg.is_own_authority(h) => {}
+            h => {
+                return Verification::no(
+                    Verdict::WrongHost,
+                    format!(
+                        "signed for host {:?}, not {}",
+                        h.unwrap_or(""),
+                        cfg.public_host()
+                    ),
+                    key_id,
+                )
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
@@ -199,7 +293,7 @@ impl Verifier {
             if actor.as_ref().is_some_and(|(_, h)| cfg.is_blocked(h)) {
                 return Verification::no(Verdict::Blocked, "the actor's domain is blocked", key_id);
             }
-            if actor.map(|(u, _)| u.origin()) != Some(key_url.origin()) {
+            let Some((actor_url, _)) = actor.filter(|(u, _)| u.origin() == key_url.origin()) else {
                 return Verification::no(
                     Verdict::BadSignature,
                     format!(
@@ -208,6 +302,9 @@ impl Verifier {
                     ),
                     key_id,
                 );
+            };
+            if let Err(reason) = ids_of_actor_origin(&actor_url, a) {
+                return Verification::no(Verdict::ForeignId, reason, key_id);
             }
             let self_delete =
                 a.kind == "Delete" && a.object_id.as_deref().is_none_or(|o| o == a.actor);
@@ -222,34 +319,36 @@ impl Verifier {
                         )
                     }
                     Err(e) => {
-                        let mut v =
-                            Verification::no(Verdict::KeyUnavailable, e.to_string(), key_id);
-                        v.transient = true;
-                        return v;
+                        return Verification::no(Verdict::KeyUnavailable, e.to_string(), key_id)
+                            .later(None)
                     }
                 }
             }
         }
         let (mut key, fresh) = match self.keys.get(&signed.key_id).await {
             Ok(k) => k,
-            Err(e @ KeyError::Gone(_)) => {
-                return Verification::no(Verdict::KeyUnavailable, e.to_string(), key_id)
-            }
-            Err(e @ KeyError::Unavailable(_)) => {
-                let mut v = Verification::no(Verdict::KeyUnavailable, e.to_string(), key_id);
-                v.transient = true;
-                return v;
-            }
+            Err(e) => return Verification::key_error(e, key_id),
         };
         let mut result = verify_signature(&signed, &key.key);
         if result.is_err() && !fresh {
-            // The remote may have rotated its key: fetch it once more.
+            // The remote may have rotated its key: fetch it once more, at
+            // most once per refetch window. Within the window the request
+            // may still be genuine (a rotation just after a forged request
+            // took the refetch), so it is tried again after the window.
             match self.keys.refetch(&signed.key_id).await {
                 Ok(k) => {
                     key = k;
                     result = verify_signature(&signed, &key.key);
                 }
-                Err(e) => return Verification::no(Verdict::KeyUnavailable, e.to_string(), key_id),
+                Err(KeyError::Throttled { reason, wait }) => {
+                    return Verification::no(
+                        Verdict::BadSignature,
+                        format!("signature does not verify with the cached key ({reason})"),
+                        key_id,
+                    )
+                    .later(Some(wait))
+                }
+                Err(e) => return Verification::key_error(e, key_id),
             }
         }
         if let Err(e) = result {
@@ -270,6 +369,7 @@ impl Verifier {
             key_id: Some(signed.key_id.clone()),
             owner: Some(key.owner.clone()),
             transient: false,
+            retry_after: None,
         }
     }
 }

@@ -1,8 +1,13 @@
 //! Remote public keys for verifying inbound requests: memory, then Redis,
 //! then PostgreSQL, then a GET signed by the instance actor. One fetch at a
-//! time per key (concurrent requests for the same key wait for it), negative
-//! answers cached (a flood of requests signed by a deleted actor costs one
-//! fetch), and a forced refetch when a cached key stops verifying (rotation).
+//! time per key (concurrent requests for the same key wait for it), and
+//! every fetch bound to the origin fetched (design §10): a key document
+//! names only owners of its own origin, a key document that is not its
+//! owner's actor document is believed only when that actor document lists
+//! the key. Fetches are a resource a remote request can spend, so they are
+//! rationed: a key that stops verifying is fetched again (rotation) at most
+//! once per `STAMPEDE_KEY_REFETCH_SECS`, gone, invalid and refused keys are
+//! remembered, and fetches per remote host per minute are capped.
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -10,17 +15,23 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use serde_json::{json, Value};
+use stampede_core::documents::{key_in_document, lists_key, same_origin, KeyDocError};
 use stampede_core::keys::VerifyingKey;
 use tokio::sync::OnceCell;
 use url::Url;
 
 use crate::process::Process;
-use crate::remote::{parse_actor, signed_get};
+use crate::remote::{remote_actor, signed_get};
 use crate::store::RemoteKey;
 use crate::{Error, Result};
 
 const TTL: Duration = Duration::from_secs(24 * 3600);
-const NEGATIVE_TTL: Duration = Duration::from_secs(2 * 3600);
+/// How long a key that its server says is gone (404/410) is remembered so.
+const GONE_TTL: Duration = Duration::from_secs(2 * 3600);
+/// How long a key whose document was unusable (no such key, another
+/// origin's owner) or that the SSRF guard refused is remembered so: short,
+/// a server may fix its documents.
+const INVALID_TTL: Duration = Duration::from_secs(15 * 60);
 /// How long this process trusts its in-memory copy before asking Redis again.
 const MEMORY_TTL: Duration = Duration::from_secs(600);
 
@@ -57,6 +68,16 @@ pub enum KeyError {
     /// The key's server could not be reached or failed; try later.
     #[error("key unavailable: {0}")]
     Unavailable(String),
+    /// Fetching now would exceed a ration (a refetch within
+    /// `STAMPEDE_KEY_REFETCH_SECS`, or the remote host's fetches this
+    /// minute); the wait says when it may be tried again.
+    #[error("key fetch throttled: {reason}")]
+    Throttled {
+        /// Which ration.
+        reason: String,
+        /// When a fetch may be tried again.
+        wait: Duration,
+    },
 }
 
 #[derive(Clone)]
@@ -77,6 +98,25 @@ pub struct KeyResolver {
 
 fn cache_key(key_id: &str) -> String {
     format!("key:{key_id}")
+}
+
+/// The mark of a key's last refetch: the next waits until it expires. The
+/// first fetch sets none, so a key rotated soon after we first saw it is
+/// refetched at once.
+fn fetched_mark(key_id: &str) -> String {
+    format!("keyrefetched:{key_id}")
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Whether a stored or cached (key, owner) pair obeys the origin rule; rows
+/// written before the rule was enforced may not.
+fn owner_plausible(key_id: &str, owner: &str) -> bool {
+    same_origin(key_id, owner)
 }
 
 impl KeyResolver {
@@ -148,12 +188,20 @@ impl KeyResolver {
         }
     }
 
+    /// A usable entry for (key, owner, PEM), remembered in memory; refused
+    /// when the owner is of another origin than the key (a row written
+    /// before the origin rule was enforced).
     fn entry(
         &self,
         key_id: &str,
         owner: &str,
         pem: &str,
     ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
+        if !owner_plausible(key_id, owner) {
+            return Err(KeyError::Gone(format!(
+                "owner {owner} is of another origin than key {key_id}"
+            )));
+        }
         let key = VerifyingKey::from_pem(pem)
             .map_err(|e| KeyError::Gone(format!("unusable key: {e}")))?;
         let e = Arc::new(KeyEntry {
@@ -188,8 +236,37 @@ impl KeyResolver {
     }
 
     /// Fetches `key_id` from its server again, replacing what the caches hold
-    /// (the remote rotated its key).
+    /// (the remote may have rotated its key), unless it was refetched within
+    /// `STAMPEDE_KEY_REFETCH_SECS`: forged requests naming a real key would
+    /// otherwise make us send its server a GET each.
     pub async fn refetch(&self, key_id: &str) -> std::result::Result<Arc<KeyEntry>, KeyError> {
+        let window = self.p.cfg.key_refetch;
+        let mark = fetched_mark(key_id);
+        let cache = &self.p.backends.cache;
+        let now = unix_ms();
+        let first = cache
+            .set_nx(&mark, now.to_string().as_bytes(), window)
+            .await
+            .map_err(|e| KeyError::Unavailable(e.to_string()))?;
+        if !first {
+            self.fetched("throttled");
+            let since = cache
+                .get(&mark)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok())
+                .unwrap_or(now);
+            let elapsed = Duration::from_millis((now - since).max(0) as u64);
+            return Err(KeyError::Throttled {
+                reason: format!(
+                    "{key_id} was refetched {}s ago; at most once in {}s",
+                    elapsed.as_secs(),
+                    window.as_secs()
+                ),
+                wait: window.saturating_sub(elapsed).max(Duration::from_secs(1)),
+            });
+        }
         Box::pin(self.fetch(key_id)).await
     }
 
@@ -211,69 +288,157 @@ impl KeyResolver {
         result
     }
 
-    async fn fetch_now(&self, key_id: &str) -> std::result::Result<Arc<KeyEntry>, KeyError> {
-        let unavailable = |e: Error| KeyError::Unavailable(e.to_string());
-        let url = {
-            let mut u =
-                Url::parse(key_id).map_err(|e| KeyError::Gone(format!("bad key id: {e}")))?;
-            u.set_fragment(None);
-            u.to_string()
-        };
-        let instance = self.p.instance_actor().await.map_err(unavailable)?;
-        let resp = match signed_get(&self.p, &url, &instance).await {
+    /// Takes one fetch from the ration of `url`'s host for this minute.
+    async fn ration(&self, url: &Url) -> std::result::Result<(), KeyError> {
+        let limit = self.p.cfg.key_fetch_rate_limit;
+        if limit == 0 {
+            return Ok(());
+        }
+        let host = stampede_core::targets::inbox_host(url.as_str()).unwrap_or_default();
+        let now = unix_ms() / 1000;
+        let n = self
+            .p
+            .backends
+            .cache
+            .incr(&format!("kf:{host}:{}", now / 60), Duration::from_secs(61))
+            .await
+            .map_err(|e| KeyError::Unavailable(e.to_string()))?;
+        if n > limit {
+            self.fetched("throttled");
+            return Err(KeyError::Throttled {
+                reason: format!("over {limit} key fetches a minute to {host}"),
+                wait: Duration::from_secs((60 - now % 60) as u64 + 1),
+            });
+        }
+        Ok(())
+    }
+
+    /// A signed GET of `url` within its host's ration; the document and
+    /// the status it came with, or why there is none.
+    async fn get_document(&self, url: &Url) -> std::result::Result<Value, Fetched> {
+        self.ration(url).await.map_err(Fetched::Key)?;
+        let instance = self
+            .p
+            .instance_actor()
+            .await
+            .map_err(|e| Fetched::Key(KeyError::Unavailable(e.to_string())))?;
+        let resp = match signed_get(&self.p, url.as_str(), &instance).await {
             Ok(r) => r,
-            Err(Error::Refused(r)) => {
-                self.fetched("refused");
-                return Err(KeyError::Gone(format!("refused: {r}")));
-            }
-            Err(e) => {
-                self.fetched("failed");
-                return Err(unavailable(e));
-            }
+            Err(Error::Refused(r)) => return Err(Fetched::Refused(r)),
+            Err(e) => return Err(Fetched::Key(KeyError::Unavailable(e.to_string()))),
         };
         match resp.status {
             200..=299 => {}
-            404 | 410 => {
-                self.fetched("gone");
-                self.mark_gone(key_id).await;
-                return Err(KeyError::Gone(format!("{url} answered {}", resp.status)));
-            }
+            s @ (404 | 410) => return Err(Fetched::Gone(s)),
             s => {
-                self.fetched("failed");
-                return Err(KeyError::Unavailable(format!("{url} answered {s}")));
+                return Err(Fetched::Key(KeyError::Unavailable(format!(
+                    "{url} answered {s}"
+                ))))
             }
         }
-        let doc = stampede_core::activity::parse_json(&resp.body)
-            .map_err(|e| KeyError::Gone(format!("key document: {e}")))?;
-        let Some((owner, pem)) = key_in_document(key_id, &doc) else {
-            self.fetched("invalid");
-            return Err(KeyError::Gone(format!("{url} has no key {key_id}")));
+        stampede_core::activity::parse_json(&resp.body)
+            .map_err(|e| Fetched::Invalid(format!("{url}: {e}")))
+    }
+
+    async fn fetch_now(&self, key_id: &str) -> std::result::Result<Arc<KeyEntry>, KeyError> {
+        let url = match Url::parse(key_id) {
+            Ok(mut u) if u.host().is_some() => {
+                u.set_fragment(None);
+                u
+            }
+            _ => return Err(KeyError::Gone(format!("bad key id {key_id}"))),
         };
-        let entry = self.entry(key_id, &owner, &pem)?;
+        let result = async {
+            let doc = self.get_document(&url).await?;
+            let found = key_in_document(url.as_str(), key_id, &doc).map_err(|e| match e {
+                KeyDocError::NoSuchKey => Fetched::Invalid(format!("{url} has no key {key_id}")),
+                e => Fetched::Invalid(e.to_string()),
+            })?;
+            let key = found.key;
+            if found.owner_confirmed {
+                // The key document is the owner's actor document: keep its inboxes.
+                self.remember_actor(url.as_str(), &doc).await;
+            } else {
+                // A key document of its own: believed only if the owner's
+                // actor document (same origin, checked above) lists the key.
+                let owner_url = Url::parse(&key.owner)
+                    .map_err(|_| Fetched::Invalid(format!("owner {} is not a URL", key.owner)))?;
+                let owner_doc = self.get_document(&owner_url).await?;
+                let is_owner = owner_doc.get("id").and_then(Value::as_str) == Some(&key.owner);
+                if !is_owner || !lists_key(&owner_doc, key_id) {
+                    return Err(Fetched::Invalid(format!(
+                        "the actor {} does not list key {key_id}",
+                        key.owner
+                    )));
+                }
+                self.remember_actor(&key.owner, &owner_doc).await;
+            }
+            Ok(key)
+        }
+        .await;
+        let key = match result {
+            Ok(k) => k,
+            Err(Fetched::Key(e)) => {
+                self.fetched(match e {
+                    KeyError::Throttled { .. } => "throttled",
+                    _ => "failed",
+                });
+                return Err(e);
+            }
+            Err(Fetched::Gone(status)) => {
+                self.fetched("gone");
+                self.mark_negative(key_id, GONE_TTL).await;
+                return Err(KeyError::Gone(format!("{url} answered {status}")));
+            }
+            Err(Fetched::Refused(r)) => {
+                self.fetched("refused");
+                self.mark_negative(key_id, INVALID_TTL).await;
+                return Err(KeyError::Gone(format!("refused: {r}")));
+            }
+            Err(Fetched::Invalid(r)) => {
+                self.fetched("invalid");
+                self.mark_negative(key_id, INVALID_TTL).await;
+                tracing::info!(key_id, reason = %r, "key document refused");
+                return Err(KeyError::Gone(r));
+            }
+        };
+        let unavailable = |e: Error| KeyError::Unavailable(e.to_string());
+        let entry = self.entry(key_id, &key.owner, &key.pem)?;
         self.fetched("fetched");
         let b = &self.p.backends;
-        let stored = RemoteKey {
-            key_id: key_id.to_string(),
-            owner: owner.clone(),
-            public_key_pem: pem.clone(),
-        };
-        b.store.put_remote_key(&stored).await.map_err(unavailable)?;
+        b.store
+            .put_remote_key(&RemoteKey {
+                key_id: key_id.to_string(),
+                owner: key.owner.clone(),
+                public_key_pem: key.pem.clone(),
+            })
+            .await
+            .map_err(unavailable)?;
         b.cache
             .set(
                 &cache_key(key_id),
-                &json!({"owner": owner, "pem": pem}).to_string().into_bytes(),
+                &json!({"owner": key.owner, "pem": key.pem})
+                    .to_string()
+                    .into_bytes(),
                 TTL,
             )
             .await
             .map_err(unavailable)?;
-        // The key document is usually the actor document: keep its inboxes.
-        if let Some(actor) = parse_actor(&owner, &doc) {
-            crate::remote::Resolver::new(self.p.clone())
+        Ok(entry)
+    }
+
+    /// Remembers the actor an actor document fetched from `fetched_from`
+    /// describes, when it may (its id of that origin, an inbox, no blocked
+    /// host). Best effort: the key is what was asked for.
+    async fn remember_actor(&self, fetched_from: &str, doc: &Value) {
+        if let Some(actor) = remote_actor(&self.p.cfg, fetched_from, doc) {
+            if let Err(e) = crate::remote::Resolver::new(self.p.clone())
                 .remember(&actor)
                 .await
-                .map_err(unavailable)?;
+            {
+                tracing::warn!(actor = %actor.id, error = %e, "remembering an actor failed");
+            }
         }
-        Ok(entry)
     }
 
     fn fetched(&self, result: &'static str) {
@@ -284,15 +449,20 @@ impl KeyResolver {
             .inc();
     }
 
-    /// Remembers that `key_id` is gone, everywhere.
-    pub async fn mark_gone(&self, key_id: &str) {
+    /// Remembers that `key_id` cannot be had, everywhere, for `ttl`.
+    async fn mark_negative(&self, key_id: &str, ttl: Duration) {
         self.remember(key_id, Slot::Gone(Instant::now()));
         let _ = self
             .p
             .backends
             .cache
-            .set(&cache_key(key_id), br#"{"gone":true}"#, NEGATIVE_TTL)
+            .set(&cache_key(key_id), br#"{"gone":true}"#, ttl)
             .await;
+    }
+
+    /// Remembers that `key_id` is gone, everywhere.
+    pub async fn mark_gone(&self, key_id: &str) {
+        self.mark_negative(key_id, GONE_TTL).await
     }
 
     /// Forgets the keys of a deleted actor and remembers them gone.
@@ -304,8 +474,15 @@ impl KeyResolver {
         Ok(())
     }
 
-    /// Replaces the cached key from an `Update` of its actor.
+    /// Replaces the cached key from an `Update` of its actor. The key's id
+    /// must be of the actor's origin (an actor cannot adopt another
+    /// server's key id).
     pub async fn update(&self, key_id: &str, owner: &str, pem: &str) -> Result<()> {
+        if !owner_plausible(key_id, owner) {
+            return Err(Error::Invalid(format!(
+                "key {key_id} is of another origin than {owner}"
+            )));
+        }
         if VerifyingKey::from_pem(pem).is_err() {
             return Err(Error::Invalid("unusable key in update".into()));
         }
@@ -334,50 +511,14 @@ impl KeyResolver {
     }
 }
 
-/// Finds `key_id` in a fetched document: an actor with `publicKey` (an object
-/// or an array), or the key object itself. Returns (owner, PEM).
-pub fn key_in_document(key_id: &str, doc: &Value) -> Option<(String, String)> {
-    let pick = |k: &Value, default_owner: Option<&str>| -> Option<(String, String)> {
-        if k.get("id")?.as_str()? != key_id {
-            return None;
-        }
-        let pem = k.get("publicKeyPem")?.as_str()?.to_string();
-        let owner = k
-            .get("owner")
-            .and_then(Value::as_str)
-            .or(default_owner)?
-            .to_string();
-        Some((owner, pem))
-    };
-    let doc_id = doc.get("id").and_then(Value::as_str);
-    match doc.get("publicKey") {
-        Some(Value::Array(keys)) => keys.iter().find_map(|k| pick(k, doc_id)),
-        Some(k @ Value::Object(_)) => pick(k, doc_id),
-        _ => pick(doc, None),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_keys_in_actor_and_key_documents() {
-        let actor = json!({"id": "https://r/u/a", "publicKey": {"id": "https://r/u/a#main-key", "owner": "https://r/u/a", "publicKeyPem": "P"}});
-        assert_eq!(
-            key_in_document("https://r/u/a#main-key", &actor),
-            Some(("https://r/u/a".into(), "P".into()))
-        );
-        assert_eq!(key_in_document("https://r/u/a#other", &actor), None);
-        let many = json!({"id": "https://r/u/a", "publicKey": [{"id": "k1", "publicKeyPem": "A"}, {"id": "k2", "publicKeyPem": "B"}]});
-        assert_eq!(
-            key_in_document("k2", &many),
-            Some(("https://r/u/a".into(), "B".into()))
-        );
-        let key = json!({"id": "k", "owner": "https://r/u/a", "publicKeyPem": "C"});
-        assert_eq!(
-            key_in_document("k", &key),
-            Some(("https://r/u/a".into(), "C".into()))
-        );
-    }
+/// Why a fetched document gave no key.
+enum Fetched {
+    /// No answer worth remembering (unreachable, 5xx, throttled).
+    Key(KeyError),
+    /// 404 or 410.
+    Gone(u16),
+    /// The SSRF guard refused the URL.
+    Refused(String),
+    /// The document is not JSON or does not hold the key for its origin.
+    Invalid(String),
 }

@@ -56,6 +56,9 @@ pub struct Metrics {
     pub delivery_in_flight: Family<Label, Gauge>,
     /// Remote hosts whose deliveries are failing (sampled from the store).
     pub hosts_failing: Gauge,
+    /// Follower inboxes fanout did not queue, by reason (`blocked`: a
+    /// blocked domain; `own_host`: this server, a loop).
+    pub fanout_skipped: Family<Label, Counter>,
 }
 
 impl Metrics {
@@ -142,7 +145,14 @@ impl Metrics {
             "Remote hosts whose deliveries are failing",
             hosts_failing.clone(),
         );
+        let fanout_skipped = Family::<Label, Counter>::default();
+        registry.register(
+            "fanout_skipped_targets",
+            "Target inboxes fanout did not queue, by reason (blocked, own_host)",
+            fanout_skipped.clone(),
+        );
         Arc::new(Self {
+            fanout_skipped,
             queue_messages,
             queue_oldest_age,
             delivery_in_flight,

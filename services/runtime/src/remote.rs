@@ -12,7 +12,7 @@ use stampede_core::keys::load_private_key;
 use stampede_core::signature::{sign_request, GET_HEADERS};
 use url::Url;
 
-use crate::{Error, Result};
+use crate::{Config, Error, Result};
 
 const TTL: Duration = Duration::from_secs(24 * 3600);
 const NEGATIVE_TTL: Duration = Duration::from_secs(3600);
@@ -44,12 +44,24 @@ impl Resolver {
                 .inc();
         };
         if let Some(raw) = b.cache.get(&key).await? {
-            count("cache");
-            return Ok(decode(id, &raw));
+            match decode(id, &raw) {
+                Some(a) if !plausible(&a) => {}
+                Some(a) if self.p.cfg.is_blocked_url(&a.inbox) => {
+                    count("cache");
+                    return Ok(None);
+                }
+                found => {
+                    count("cache");
+                    return Ok(found);
+                }
+            }
         }
-        if let Some(a) = b.store.remote_actor(id).await? {
+        if let Some(a) = b.store.remote_actor(id).await?.filter(plausible) {
             count("store");
             b.cache.set(&key, &encode(Some(&a)), TTL).await?;
+            if self.p.cfg.is_blocked_url(&a.inbox) {
+                return Ok(None);
+            }
             return Ok(Some(a));
         }
         // Boxed: rare, and inline it would size the caller's future for it.
@@ -97,7 +109,7 @@ impl Resolver {
         }
         let doc = stampede_core::activity::parse_json(&resp.body)
             .map_err(|e| Error::Http(format!("actor document {id}: {e}")))?;
-        Ok(parse_actor(id, &doc))
+        Ok(remote_actor(&self.p.cfg, id, &doc))
     }
 }
 
@@ -140,37 +152,44 @@ pub async fn signed_get(
     p.http.send(req, &url, MAX_RESPONSE_BYTES).await
 }
 
-/// Reads the inboxes and key out of an actor document; `None` when it has no
-/// inbox or claims another origin's id.
-pub fn parse_actor(requested: &str, doc: &Value) -> Option<RemoteActor> {
-    let id = doc.get("id")?.as_str()?;
-    let same_origin = |a: &str, b: &str| match (Url::parse(a), Url::parse(b)) {
-        (Ok(a), Ok(b)) => a.origin() == b.origin(),
-        _ => false,
+/// The actor an actor document fetched from `fetched_from` describes (see
+/// [`stampede_core::documents::parse_actor`]: its id must be of the origin
+/// fetched); `None` also when its inbox or shared inbox is on a blocked
+/// domain or on this server (a loop), or is not an http(s) URL.
+pub fn remote_actor(cfg: &Config, fetched_from: &str, doc: &Value) -> Option<RemoteActor> {
+    let a = stampede_core::documents::parse_actor(fetched_from, doc)?;
+    let usable = |inbox: &str| {
+        Url::parse(inbox).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && u.host_str().is_some_and(|h| !cfg.is_blocked(h))
+                && stampede_core::targets::inbox_host(inbox)
+                    .is_some_and(|a| !cfg.is_own_authority(&a))
+        })
     };
-    if !same_origin(id, requested) {
+    if !usable(&a.inbox) || a.shared_inbox.as_deref().is_some_and(|s| !usable(s)) {
+        tracing::info!(actor = %a.id, "actor document names an inbox on a blocked or unusable host; ignored");
         return None;
     }
-    let inbox = doc.get("inbox")?.as_str()?.to_string();
-    let shared_inbox = doc
-        .get("endpoints")
-        .and_then(|e| e.get("sharedInbox"))
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let key = doc.get("publicKey");
+    let (key_id, public_key_pem) = match a.key {
+        Some(k) => (Some(k.id), Some(k.pem)),
+        None => (None, None),
+    };
     Some(RemoteActor {
-        id: id.to_string(),
-        inbox,
-        shared_inbox,
-        key_id: key
-            .and_then(|k| k.get("id"))
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        public_key_pem: key
-            .and_then(|k| k.get("publicKeyPem"))
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        id: a.id,
+        inbox: a.inbox,
+        shared_inbox: a.shared_inbox,
+        key_id,
+        public_key_pem,
     })
+}
+
+/// Whether a remembered actor obeys the origin rule (its key of its own
+/// origin); rows written before the rule was enforced may not, and are
+/// fetched afresh instead of believed.
+fn plausible(a: &RemoteActor) -> bool {
+    a.key_id
+        .as_deref()
+        .is_none_or(|k| stampede_core::documents::same_origin(k, &a.id))
 }
 
 fn encode(a: Option<&RemoteActor>) -> Vec<u8> {
@@ -211,7 +230,8 @@ mod tests {
             "endpoints": {"sharedInbox": "https://r.example/inbox"},
             "publicKey": {"id": "https://r.example/u/a#main-key", "publicKeyPem": "PEM"}
         });
-        let a = parse_actor("https://r.example/u/a", &doc).unwrap();
+        let cfg = Config::from_lookup(|_| None).unwrap();
+        let a = remote_actor(&cfg, "https://r.example/u/a", &doc).unwrap();
         assert_eq!(a.shared_inbox.as_deref(), Some("https://r.example/inbox"));
         assert_eq!(decode(&a.id, &encode(Some(&a))), Some(a));
         assert_eq!(decode("x", &encode(None)), None);
@@ -219,7 +239,60 @@ mod tests {
 
     #[test]
     fn refuses_a_document_of_another_origin() {
+        let cfg = Config::from_lookup(|_| None).unwrap();
         let doc = json!({"id": "https://evil.example/u/a", "inbox": "https://evil.example/inbox"});
-        assert_eq!(parse_actor("https://r.example/u/a", &doc), None);
+        assert_eq!(remote_actor(&cfg, "https://r.example/u/a", &doc), None);
+    }
+
+    #[test]
+    fn refuses_an_inbox_on_a_blocked_domain() {
+        let cfg = Config::from_lookup(|k| {
+            (k == "STAMPEDE_BLOCKED_DOMAINS").then(|| "blocked.example".to_string())
+        })
+        .unwrap();
+        let doc = |inbox: &str, shared: &str| json!({"id": "https://r.example/u/a", "inbox": inbox, "endpoints": {"sharedInbox": shared}});
+        let ok = doc("https://r.example/u/a/inbox", "https://r.example/inbox");
+        assert!(remote_actor(&cfg, "https://r.example/u/a", &ok).is_some());
+        for bad in [
+            doc(
+                "https://x.Blocked.example./inbox",
+                "https://r.example/inbox",
+            ),
+            doc(
+                "https://r.example/u/a/inbox",
+                "https://blocked.example/inbox",
+            ),
+            doc("ftp://r.example/inbox", "https://r.example/inbox"),
+            doc(
+                "http://127.0.0.1:8080/users/alice/inbox",
+                "https://r.example/inbox",
+            ),
+        ] {
+            assert_eq!(
+                remote_actor(&cfg, "https://r.example/u/a", &bad),
+                None,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_remembered_actor_with_another_origins_key_is_not_believed() {
+        let poisoned = RemoteActor {
+            id: "https://victim.example/users/alice".into(),
+            inbox: "https://evil.example/steal".into(),
+            shared_inbox: None,
+            key_id: Some("https://evil.example/k".into()),
+            public_key_pem: None,
+        };
+        assert!(!plausible(&poisoned));
+        assert!(plausible(&RemoteActor {
+            key_id: Some("https://victim.example/users/alice#main-key".into()),
+            ..poisoned.clone()
+        }));
+        assert!(plausible(&RemoteActor {
+            key_id: None,
+            ..poisoned
+        }));
     }
 }

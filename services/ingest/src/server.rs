@@ -1,0 +1,223 @@
+//! The edge's HTTP/1.1 server, built for hostile clients: every connection
+//! has a deadline in each of its phases, so one that trickles its request
+//! head a byte at a time (slowloris) or sits idle is closed instead of
+//! holding a socket and a task forever. `STAMPEDE_HTTP_HEADER_TIMEOUT_SECS`
+//! bounds a request head from its first byte (and a new connection's wait
+//! for it), `STAMPEDE_HTTP_IDLE_TIMEOUT_SECS` a keep-alive connection
+//! between requests; the body's deadline is the handler's
+//! (`STAMPEDE_HTTP_BODY_TIMEOUT_SECS`, answered 408). Each request carries
+//! the peer address (`ConnectInfo`) for the edge's rate limit.
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// How long connections may take to finish their requests after shutdown
+/// begins; then they are closed.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// The connection deadlines.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// From a request head's first byte (or a new connection) to its end.
+    pub header: Duration,
+    /// Between the end of a response and the next request's first byte.
+    pub idle: Duration,
+}
+
+const IDLE: u8 = 0;
+const HEAD: u8 = 1;
+const BUSY: u8 = 2;
+
+/// Where a connection is, and since when (ms after `start`).
+struct Phase {
+    start: Instant,
+    phase: AtomicU8,
+    since_ms: AtomicU64,
+    /// Wakes the connection's watchdog to take the new deadline.
+    changed: tokio::sync::Notify,
+}
+
+impl Phase {
+    fn new(start: Instant) -> Self {
+        // A new connection waits for its first request head.
+        Self {
+            start,
+            phase: AtomicU8::new(HEAD),
+            since_ms: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn set(&self, phase: u8) {
+        self.since_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.phase.store(phase, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// When the current phase's deadline passes (`None` while a request is
+    /// being served: the handler bounds that itself).
+    fn deadline(&self, d: &Deadlines) -> Option<Instant> {
+        let limit = match self.phase.load(Ordering::Acquire) {
+            IDLE => d.idle,
+            HEAD => d.header,
+            _ => return None,
+        };
+        let since = Duration::from_millis(self.since_ms.load(Ordering::Relaxed));
+        Some(self.start + since + limit)
+    }
+}
+
+/// The socket, noting when an idle connection starts sending a request.
+struct Watched {
+    io: TcpStream,
+    phase: Arc<Phase>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before && self.phase.phase.load(Ordering::Acquire) == IDLE {
+            self.phase.set(HEAD);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets open requests
+/// finish (up to ten seconds).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    deadlines: Deadlines,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors, say: the connection stays in
+                        // the backlog, so retrying at once would spin.
+                        tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                conns.spawn(connection(stream, peer, app.clone(), deadlines, shutdown.clone()));
+            }
+        }
+    }
+    drop(listener);
+    let drained =
+        tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::info!(
+            connections = conns.len(),
+            "closing connections still open after the drain"
+        );
+        conns.abort_all();
+    }
+    Ok(())
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    deadlines: Deadlines,
+    shutdown: CancellationToken,
+) {
+    let phase = Arc::new(Phase::new(Instant::now()));
+    let io = TokioIo::new(Watched {
+        io: stream,
+        phase: phase.clone(),
+    });
+    let svc_phase = phase.clone();
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let (app, phase) = (app.clone(), svc_phase.clone());
+        phase.set(BUSY);
+        req.extensions_mut().insert(ConnectInfo(peer));
+        async move {
+            let resp = app.oneshot(req.map(axum::body::Body::new)).await;
+            phase.set(IDLE);
+            resp
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        let deadline = phase
+            .deadline(&deadlines)
+            .unwrap_or_else(|| Instant::now() + deadlines.header);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = phase.changed.notified() => {}
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                if phase.deadline(&deadlines).is_some_and(|d| d <= Instant::now()) {
+                    tracing::debug!(%peer, "connection closed: request head or idle deadline passed");
+                    return;
+                }
+            }
+        }
+    }
+}
