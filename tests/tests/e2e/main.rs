@@ -14,3 +14,4 @@ mod inbound;
 mod metrics;
 mod outbound;
 mod process;
+mod trust;
