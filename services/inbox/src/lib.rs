@@ -109,30 +109,22 @@ impl worker::Handler for Inbox {
                     }
                 }
             }
-            Err(Later::RateLimited { wait }) => match self.retry(&job, Some(wait)).await {
-                Ok(true) => {
-                    m.inbound_verify("deferred");
-                    msg.acker.ack().await
-                }
-                Ok(false) => {
-                    m.inbound_verify("rate_limited");
-                    msg.acker.ack().await
-                }
-                Err(_) => msg.acker.requeue().await,
-            },
             Err(later) => {
-                let wait = match later {
+                // What to count if no attempt is left (process() counts the
+                // last attempt's verdict itself; a failing backend can still
+                // run out here).
+                let (wait, exhausted) = match later {
                     Later::Failed(e, wait) => {
                         tracing::warn!(error = %e, recipient = %job.recipient_inbox, "inbound processing failed; retrying later");
-                        wait
+                        (wait, "failed")
                     }
                     // Per message, and what a flood of forged requests
                     // produces: counted, logged at debug.
                     Later::Deferred { reason, wait } => {
                         tracing::debug!(%reason, recipient = %job.recipient_inbox, attempt = job.attempt, "inbound verification deferred");
-                        wait
+                        (wait, "failed")
                     }
-                    Later::RateLimited { wait } => Some(wait),
+                    Later::RateLimited { wait } => (Some(wait), "rate_limited"),
                 };
                 match self.retry(&job, wait).await {
                     Ok(true) => {
@@ -140,7 +132,7 @@ impl worker::Handler for Inbox {
                         msg.acker.ack().await
                     }
                     Ok(false) => {
-                        m.inbound_verify("failed");
+                        m.inbound_verify(exhausted);
                         msg.acker.ack().await
                     }
                     Err(_) => msg.acker.requeue().await,

@@ -399,24 +399,17 @@ impl Sink {
             Some(q) => format!("{}?{q}", u.path()),
             None => u.path().to_string(),
         };
-        let s = &self.server(from)?.state;
-        let key_id = opts
-            .key_id
-            .clone()
-            .unwrap_or_else(|| format!("{}/users/{actor}#main-key", s.base));
-        let key = self.signing_key(from, opts).await?;
         let with_body = !body.is_empty();
         let covered: &[&str] = if with_body {
             POST_HEADERS
         } else {
             stampede_core::signature::GET_HEADERS
         };
-        let sig = sign_request(&key.pair, &key_id, method, &path, covered, |h| match h {
-            "host" => Some(host.as_str()),
-            "date" => Some(date.as_str()),
-            "digest" => Some(digest.as_str()),
-            _ => None,
-        })?;
+        let sig = self
+            .signature(
+                from, actor, &host, method, &path, &date, &digest, covered, opts,
+            )
+            .await?;
         let mut headers = vec![
             ("host".to_string(), host),
             ("date".to_string(), date),
@@ -440,6 +433,7 @@ impl Sink {
         path: &str,
         date: &str,
         digest: &str,
+        covered: &[&str],
         opts: &SendOptions,
     ) -> Result<String, SinkError> {
         let s = &self.server(from)?.state;
@@ -453,7 +447,7 @@ impl Sink {
             &key_id,
             method,
             path,
-            POST_HEADERS,
+            covered,
             |h| match h {
                 "host" => Some(host),
                 "date" => Some(date),
@@ -485,6 +479,7 @@ impl Sink {
                 u.path(),
                 &date,
                 &digest,
+                POST_HEADERS,
                 &SendOptions::default(),
             )
             .await?;
@@ -605,7 +600,17 @@ impl Sink {
         }
         if !opts.unsigned {
             let sig = self
-                .signature(from, actor, &host, "POST", &path, &date, &digest, &opts)
+                .signature(
+                    from,
+                    actor,
+                    &host,
+                    "POST",
+                    &path,
+                    &date,
+                    &digest,
+                    POST_HEADERS,
+                    &opts,
+                )
                 .await?;
             req = req.header("signature", sig);
         }

@@ -69,10 +69,9 @@ async fn a_fresh_minute_if_needed(margin_secs: u64) {
     }
 }
 
-/// Finding 1: evil.example, asked for its own key, answers with a document
-/// claiming to be victim.example's actor with evil's inbox. Nothing of it
-/// may be believed: a DM to the victim goes to the victim.
-async fn a_key_document_cannot_redirect_another_servers_actor(backend: Backend) {
+/// A deployment and two remote servers with keys of their own: server 0
+/// the victim's, server 1 the attacker's.
+async fn victim_and_evil(backend: Backend) -> (TestApp, Sink) {
     let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions {
         servers: 2,
@@ -81,6 +80,14 @@ async fn a_key_document_cannot_redirect_another_servers_actor(backend: Backend) 
     .await
     .unwrap();
     sink.rotate_key(1).await.unwrap();
+    (app, sink)
+}
+
+/// Finding 1: evil.example, asked for its own key, answers with a document
+/// claiming to be victim.example's actor with evil's inbox. Nothing of it
+/// may be believed: a DM to the victim goes to the victim.
+async fn a_key_document_cannot_redirect_another_servers_actor(backend: Backend) {
+    let (app, sink) = victim_and_evil(backend).await;
     app.create_actor("alice").await;
     let alice_id = format!("{}/users/alice", app.http_base);
     let victim = sink.actor(0, "bob").unwrap();
@@ -159,14 +166,7 @@ async fn a_key_document_cannot_redirect_another_servers_actor(backend: Backend) 
 /// key's origin and, for a key document that is not the owner's actor
 /// document, the owner's actor document lists the key.
 async fn verify_speaks_only_for_owners_that_list_the_key(backend: Backend) {
-    let app = spawn_app(backend, AppOptions::default()).await;
-    let sink = Sink::start(SinkOptions {
-        servers: 2,
-        ..SinkOptions::default()
-    })
-    .await
-    .unwrap();
-    sink.rotate_key(1).await.unwrap();
+    let (app, sink) = victim_and_evil(backend).await;
     let victim = sink.actor(0, "bob").unwrap();
     let mallory = sink.actor(1, "mallory").unwrap();
     let carol = sink.actor(1, "carol").unwrap();
@@ -245,14 +245,7 @@ async fn verify_speaks_only_for_owners_that_list_the_key(backend: Backend) {
 /// Finding 3: an `Update` of an actor cannot register a key id of another
 /// origin (here, another server's actor's key) as its own.
 async fn an_update_cannot_adopt_another_origins_key(backend: Backend) {
-    let app = spawn_app(backend, AppOptions::default()).await;
-    let sink = Sink::start(SinkOptions {
-        servers: 2,
-        ..SinkOptions::default()
-    })
-    .await
-    .unwrap();
-    sink.rotate_key(1).await.unwrap();
+    let (app, sink) = victim_and_evil(backend).await;
     app.create_actor("alice").await;
     let inbox = format!("{}/users/alice/inbox", app.http_base);
     let bob = sink.actor(0, "bob").unwrap();
@@ -307,14 +300,7 @@ async fn an_update_cannot_adopt_another_origins_key(backend: Backend) {
 /// id) must be of its actor's origin; one of another origin is refused with
 /// a verdict of its own and does not mark the real one as seen.
 async fn ids_of_another_origin_are_refused_and_shadow_nothing(backend: Backend) {
-    let app = spawn_app(backend, AppOptions::default()).await;
-    let sink = Sink::start(SinkOptions {
-        servers: 2,
-        ..SinkOptions::default()
-    })
-    .await
-    .unwrap();
-    sink.rotate_key(1).await.unwrap();
+    let (app, sink) = victim_and_evil(backend).await;
     let alice = app.create_actor("alice").await;
     let alice_id = format!("{}/users/alice", app.http_base);
     let inbox = format!("{alice_id}/inbox");
