@@ -1,6 +1,7 @@
 //! The hot shared state the services are written against (remote-actor
-//! cache, later dedup, host health and rate limits). Redis implements it
-//! ([`crate::redis_cache`]).
+//! cache, dedup, host health, rate limits, parked-delivery counts). Redis
+//! implements it ([`crate::redis_cache`]), and process memory
+//! ([`crate::memory_cache`]) for the embedded layout.
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,6 +22,15 @@ pub trait Cache: Send + Sync + 'static {
     /// Increments the counter `key` (created with expiry `ttl`) and returns
     /// its new value: fixed-window rate limits.
     async fn incr(&self, key: &str, ttl: Duration) -> Result<u64>;
+    /// Adds `by` to the integer `field` of the hash `key` and returns its new
+    /// value. The hash lives at least `ttl` from now: its expiry is extended,
+    /// never shortened, so a later write with a shorter `ttl` does not cut
+    /// short what an earlier one still needs.
+    async fn hash_incr(&self, key: &str, field: &str, by: i64, ttl: Duration) -> Result<i64>;
+    /// Every field of the hash `key` with its integer value (none when absent).
+    async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>>;
+    /// Removes `fields` from the hash `key`.
+    async fn hash_del(&self, key: &str, fields: &[String]) -> Result<()>;
     /// Removes `key`.
     async fn del(&self, key: &str) -> Result<()>;
     /// Whether the cache answers.

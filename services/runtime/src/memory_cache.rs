@@ -23,6 +23,8 @@ const SHARDS: usize = 64;
 const SWEEP_EVERY: u64 = 4096;
 
 type Map = HashMap<String, (Vec<u8>, Instant)>;
+/// Hashes (few, small: parked-delivery counts) with their expiry.
+type Hashes = HashMap<String, (HashMap<String, i64>, Instant)>;
 
 #[derive(Default)]
 struct Shard {
@@ -52,6 +54,9 @@ pub struct MemoryCache {
     /// Picks a key's shard; seeded per process, so remote input (activity
     /// ids are dedup keys) cannot aim at one shard.
     hasher: RandomState,
+    /// Hashes, apart from the plain values: a handful of keys written by
+    /// our own code, never by remote input.
+    hashes: Mutex<Hashes>,
 }
 
 impl Default for MemoryCache {
@@ -59,6 +64,7 @@ impl Default for MemoryCache {
         Self {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             hasher: RandomState::new(),
+            hashes: Mutex::default(),
         }
     }
 }
@@ -79,6 +85,14 @@ impl MemoryCache {
 
     fn for_write(&self, key: &str) -> MutexGuard<'_, Map> {
         self.shard(key).for_write()
+    }
+
+    /// The hashes, without the expired ones.
+    fn hashes(&self) -> MutexGuard<'_, Hashes> {
+        let mut h = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        h.retain(|_, (_, until)| *until > now);
+        h
     }
 }
 
@@ -139,8 +153,40 @@ impl Cache for MemoryCache {
         Ok(n)
     }
 
+    async fn hash_incr(&self, key: &str, field: &str, by: i64, ttl: Duration) -> Result<i64> {
+        let mut h = self.hashes();
+        let until = Instant::now() + ttl;
+        let (fields, expiry) = h
+            .entry(key.to_string())
+            .or_insert_with(|| (HashMap::new(), until));
+        *expiry = (*expiry).max(until);
+        let n = fields.entry(field.to_string()).or_insert(0);
+        *n += by;
+        Ok(*n)
+    }
+
+    async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>> {
+        Ok(self.hashes().get(key).map_or_else(Vec::new, |(fields, _)| {
+            fields.iter().map(|(f, n)| (f.clone(), *n)).collect()
+        }))
+    }
+
+    async fn hash_del(&self, key: &str, fields: &[String]) -> Result<()> {
+        let mut h = self.hashes();
+        if let Some((map, _)) = h.get_mut(key) {
+            for f in fields {
+                map.remove(f);
+            }
+            if map.is_empty() {
+                h.remove(key);
+            }
+        }
+        Ok(())
+    }
+
     async fn del(&self, key: &str) -> Result<()> {
         self.lock(key).remove(key);
+        self.hashes().remove(key);
         Ok(())
     }
 
@@ -168,6 +214,27 @@ mod tests {
         assert_eq!(c.incr("n", short).await.unwrap(), 1);
         c.del("k").await.unwrap();
         assert_eq!(c.get("k").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn hash_fields_count_and_the_hash_expires_no_sooner_than_asked() {
+        let c = MemoryCache::new();
+        let long = Duration::from_millis(300);
+        let short = Duration::from_millis(30);
+        assert_eq!(c.hash_incr("h", "a", 1, long).await.unwrap(), 1);
+        assert_eq!(c.hash_incr("h", "a", 2, short).await.unwrap(), 3);
+        assert_eq!(c.hash_incr("h", "b", 1, short).await.unwrap(), 1);
+        let mut all = c.hash_get_all("h").await.unwrap();
+        all.sort();
+        assert_eq!(all, [("a".to_string(), 3), ("b".to_string(), 1)]);
+        // The shorter expiry of the later writes did not cut the hash short.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(c.hash_get_all("h").await.unwrap().len(), 2);
+        c.hash_del("h", &["a".to_string()]).await.unwrap();
+        assert_eq!(c.hash_get_all("h").await.unwrap(), [("b".to_string(), 1)]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(c.hash_get_all("h").await.unwrap().is_empty());
+        assert!(c.hash_get_all("absent").await.unwrap().is_empty());
     }
 
     #[test]

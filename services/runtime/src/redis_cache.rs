@@ -103,6 +103,42 @@ impl Cache for RedisCache {
         Ok(n)
     }
 
+    async fn hash_incr(&self, key: &str, field: &str, by: i64, ttl: Duration) -> Result<i64> {
+        let mut c = self.conn.clone();
+        let k = self.key(key);
+        // NX gives a new hash its expiry, GT only ever extends it.
+        let (n,): (i64,) = redis::pipe()
+            .atomic()
+            .hincr(&k, field, by)
+            .cmd("PEXPIRE")
+            .arg(&k)
+            .arg(ttl_ms(ttl))
+            .arg("NX")
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&k)
+            .arg(ttl_ms(ttl))
+            .arg("GT")
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(n)
+    }
+
+    async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>> {
+        let mut c = self.conn.clone();
+        Ok(c.hgetall(self.key(key)).await?)
+    }
+
+    async fn hash_del(&self, key: &str, fields: &[String]) -> Result<()> {
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        let _: () = c.hdel(self.key(key), fields).await?;
+        Ok(())
+    }
+
     async fn del(&self, key: &str) -> Result<()> {
         let mut c = self.conn.clone();
         let _: () = c.del(self.key(key)).await?;
