@@ -251,6 +251,21 @@ async fn open(b: &Backends, cfg: &Config, host: &str, failures: u64) -> Result<(
         .await?;
     let since = number(&b.cache.get(&since_key(host)).await?).unwrap_or(now);
     let unavailable = now - since >= cfg.host_unavailable_after.as_millis() as i64;
+    // The failure state expires `keep` after the first failure unless
+    // renewed: each opening (the first, and after every failed probe)
+    // renews it, so a host that keeps failing is never forgotten and
+    // treated as new (its circuit closed, its deliveries tried again, its
+    // failing time started over); one no delivery has asked about for
+    // `keep` is.
+    for (key, value) in [
+        (since_key(host), since),
+        (fails_key(host), failures as i64),
+        (opens_key(host), opens as i64),
+    ] {
+        b.cache
+            .set(&key, value.to_string().as_bytes(), keep)
+            .await?;
+    }
     b.store
         .set_host_health(
             host,
@@ -277,6 +292,39 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(|k| m.get(k).cloned()).unwrap()
+    }
+
+    /// A host failing longer than its failure state is kept is still
+    /// failing, since its first failure, as long as probes keep failing.
+    #[tokio::test]
+    async fn a_host_that_keeps_failing_is_not_forgotten() {
+        let dir = std::env::temp_dir().join(format!("stampede-hosts-{}", uuid::Uuid::new_v4()));
+        let mut c = cfg(&[
+            ("STAMPEDE_DATA_DIR", &dir.display().to_string()),
+            ("STAMPEDE_CIRCUIT_FAILURES", "2"),
+        ]);
+        // The failure state is kept twice this: 400 ms from the first failure.
+        c.host_unavailable_after = Duration::from_millis(200);
+        let b = Backends::open(&c, "test").await.unwrap();
+        record_failure(&b, &c, "h").await.unwrap();
+        record_failure(&b, &c, "h").await.unwrap();
+        let first = state(&b, "h").await.unwrap();
+        assert!(first.open_until_ms.is_some() && first.failures == 2);
+        // Probes keep failing, the last one after the state would have
+        // expired had it not been renewed.
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let s = state(&b, "h").await.unwrap();
+            probe_failed(&b, &c, "h", &s).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = state(&b, "h").await.unwrap();
+        assert_eq!(s.failing_since_ms, first.failing_since_ms);
+        assert!(s.failures >= 2, "{s:?}");
+        let (g, _) = gate(&b, &c, "h").await.unwrap();
+        assert!(matches!(g, Gate::Unavailable { .. }), "{g:?}");
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
