@@ -246,7 +246,12 @@ impl Delivery {
             }
             Gate::Paused => return self.park(job, PARK_DELAY, "parked").await,
             Gate::Open(wait) => return self.park(job, wait, "circuit_open").await,
-            Gate::Probing => return self.park(job, PARK_DELAY, "circuit_open").await,
+            // Another worker is probing: look again once the probe has had
+            // time, but no later than the circuit's own open time would.
+            Gate::Probing => {
+                let wait = PARK_DELAY.min(cfg.circuit_open);
+                return self.park(job, wait, "circuit_open").await;
+            }
             Gate::Unavailable { since_ms } => {
                 let since = httpdate::fmt_http_date(
                     std::time::UNIX_EPOCH
@@ -268,8 +273,8 @@ impl Delivery {
                     class = "probe";
                     1
                 } else {
-                    hosts::probe_failed(b, cfg, host, &health).await?;
-                    return self.park(job, cfg.circuit_open, "circuit_open").await;
+                    let wait = hosts::probe_failed(b, cfg, host, &health).await?;
+                    return self.park(job, wait, "circuit_open").await;
                 }
             }
         };

@@ -153,6 +153,17 @@ impl HostState {
     }
 }
 
+/// How long a delivery waits behind a circuit open until `until`: until it
+/// closes, or until the host turns unavailable if that comes first (its
+/// deliveries are dead-lettered then, not at the next probe, up to 64 times
+/// the circuit's open time later); a second at least.
+fn parked_for(cfg: &Config, failing_since_ms: Option<i64>, until: i64, now: i64) -> Duration {
+    let turns_unavailable =
+        failing_since_ms.map(|since| since + cfg.host_unavailable_after.as_millis() as i64);
+    let back = turns_unavailable.map_or(until, |t| t.min(until));
+    Duration::from_millis((back - now).max(0) as u64).max(Duration::from_secs(1))
+}
+
 /// Decides what a delivery to `host` does. Takes the probe lease when the
 /// circuit is half-open and nobody holds it.
 pub async fn gate(b: &Backends, cfg: &Config, host: &str) -> Result<(Gate, HostState)> {
@@ -165,8 +176,10 @@ pub async fn gate(b: &Backends, cfg: &Config, host: &str) -> Result<(Gate, HostS
         if let Some(since_ms) = s.unavailable(cfg, now) {
             return Ok((Gate::Unavailable { since_ms }, s));
         }
-        let wait = Duration::from_millis((until - now) as u64);
-        return Ok((Gate::Open(wait.max(Duration::from_secs(1))), s));
+        return Ok((
+            Gate::Open(parked_for(cfg, s.failing_since_ms, until, now)),
+            s,
+        ));
     }
     if s.failures >= cfg.circuit_failures {
         // The circuit was open and its time is up: half-open.
@@ -234,12 +247,22 @@ pub async fn record_failure(b: &Backends, cfg: &Config, host: &str) -> Result<()
 }
 
 /// The half-open probe failed: the circuit opens again, for longer.
-pub async fn probe_failed(b: &Backends, cfg: &Config, host: &str, s: &HostState) -> Result<()> {
-    open(b, cfg, host, s.failures).await?;
-    b.cache.del(&probe_key(host)).await
+/// Returns how long the probing delivery is to wait, as any other behind the
+/// circuit.
+pub async fn probe_failed(
+    b: &Backends,
+    cfg: &Config,
+    host: &str,
+    s: &HostState,
+) -> Result<Duration> {
+    let (since, until) = open(b, cfg, host, s.failures).await?;
+    b.cache.del(&probe_key(host)).await?;
+    Ok(parked_for(cfg, Some(since), until, now_ms()))
 }
 
-async fn open(b: &Backends, cfg: &Config, host: &str, failures: u64) -> Result<()> {
+/// Opens the circuit; returns since when the host fails and until when the
+/// circuit is open (unix ms).
+async fn open(b: &Backends, cfg: &Config, host: &str, failures: u64) -> Result<(i64, i64)> {
     let keep = cfg.host_unavailable_after * 2;
     let opens = b.cache.incr(&opens_key(host), keep).await?;
     let factor = 1u32 << (opens.saturating_sub(1).min(6) as u32);
@@ -279,7 +302,7 @@ async fn open(b: &Backends, cfg: &Config, host: &str, failures: u64) -> Result<(
         )
         .await?;
     tracing::warn!(inbox_host = %host, failures, open_secs = open_for.as_secs(), unavailable, "circuit opened");
-    Ok(())
+    Ok((since, until))
 }
 
 #[cfg(test)]
@@ -323,6 +346,36 @@ mod tests {
         assert!(s.failures >= 2, "{s:?}");
         let (g, _) = gate(&b, &c, "h").await.unwrap();
         assert!(matches!(g, Gate::Unavailable { .. }), "{g:?}");
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A delivery parked behind an open circuit comes back when the host
+    /// turns unavailable, if that is before the circuit closes.
+    #[tokio::test]
+    async fn an_open_circuit_parks_no_longer_than_until_the_host_is_unavailable() {
+        let dir = std::env::temp_dir().join(format!("stampede-hosts-{}", uuid::Uuid::new_v4()));
+        let mut c = cfg(&[
+            ("STAMPEDE_DATA_DIR", &dir.display().to_string()),
+            ("STAMPEDE_CIRCUIT_FAILURES", "1"),
+            ("STAMPEDE_CIRCUIT_OPEN_SECS", "60"),
+        ]);
+        c.host_unavailable_after = Duration::from_secs(5);
+        let b = Backends::open(&c, "test").await.unwrap();
+        record_failure(&b, &c, "h").await.unwrap();
+        let (g, _) = gate(&b, &c, "h").await.unwrap();
+        let Gate::Open(wait) = g else { panic!("{g:?}") };
+        assert!(
+            wait <= Duration::from_secs(5) && wait > Duration::from_secs(3),
+            "{wait:?}"
+        );
+        // Without that, until the circuit closes.
+        c.host_unavailable_after = Duration::from_secs(3600);
+        let (g, _) = gate(&b, &c, "h").await.unwrap();
+        assert!(
+            matches!(g, Gate::Open(w) if w > Duration::from_secs(50)),
+            "{g:?}"
+        );
         drop(b);
         let _ = std::fs::remove_dir_all(&dir);
     }
