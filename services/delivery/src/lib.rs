@@ -257,11 +257,13 @@ impl Delivery {
                     std::time::UNIX_EPOCH
                         + std::time::Duration::from_millis(since_ms.max(0) as u64),
                 );
+                // Not tried this time: the attempts made are those before.
                 self.dead(
                     job,
                     host,
                     format!("host unavailable: failing since {since}"),
                     None,
+                    job.attempt,
                 )
                 .await?;
                 count_outcome(m, "unavailable");
@@ -394,6 +396,7 @@ impl Delivery {
                             host,
                             format!("gave up after {attempts} attempts: {reason}"),
                             status,
+                            attempts,
                         )
                         .await?;
                         count_outcome(m, "failed");
@@ -408,17 +411,30 @@ impl Delivery {
                 // not come back; stop delivering to it.
                 let removed = store.remove_followers_by_inbox(&job.inbox).await?;
                 tracing::info!(inbox_host = %host, follows_removed = removed, "inbox gone; its follows removed");
-                self.dead(job, host, format!("gone: {reason}"), Some(410))
-                    .await?;
+                self.dead(
+                    job,
+                    host,
+                    format!("gone: {reason}"),
+                    Some(410),
+                    job.attempt + 1,
+                )
+                .await?;
                 count_outcome(m, "gone");
             }
             Outcome::Permanent { status, reason } => {
-                self.dead(job, host, reason, status).await?;
+                self.dead(job, host, reason, status, job.attempt + 1)
+                    .await?;
                 count_outcome(m, "failed");
             }
             Outcome::Refused { reason } => {
-                self.dead(job, host, format!("refused: {reason}"), None)
-                    .await?;
+                self.dead(
+                    job,
+                    host,
+                    format!("refused: {reason}"),
+                    None,
+                    job.attempt + 1,
+                )
+                .await?;
                 count_outcome(m, "refused");
             }
         }
@@ -492,12 +508,14 @@ impl Delivery {
         ok
     }
 
+    /// Records a dead letter; `attempts` is how many POSTs were made.
     async fn dead(
         &self,
         job: &DeliveryJob,
         host: &str,
         reason: String,
         status: Option<u16>,
+        attempts: u32,
     ) -> Result<(), DeliveryError> {
         tracing::warn!(inbox_host = %host, %reason, ?status, attempt = job.attempt, "delivery dead-lettered");
         self.p
@@ -509,7 +527,7 @@ impl Delivery {
                 host: host.to_string(),
                 reason,
                 last_status: status,
-                attempts: job.attempt + 1,
+                attempts,
                 first_attempt_unix_ms: job.first_attempt_unix_ms,
             })
             .await?;

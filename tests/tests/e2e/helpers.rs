@@ -82,6 +82,10 @@ pub struct AppOptions {
     /// External only: services not to start in the test process (a test
     /// runs them as child processes).
     pub skip: Vec<&'static str>,
+    /// Changes the configuration after it is read from `extra`: for values
+    /// the environment refuses (the demo's seconds where an operator is
+    /// held to minutes).
+    pub tune: Option<fn(&mut Config)>,
 }
 
 impl Default for AppOptions {
@@ -90,6 +94,7 @@ impl Default for AppOptions {
             allow_private_networks: true,
             extra: Vec::new(),
             skip: Vec::new(),
+            tune: None,
         }
     }
 }
@@ -162,7 +167,10 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
     for (k, v) in opts.extra {
         vars.insert(k, v);
     }
-    let cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let mut cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    if let Some(tune) = opts.tune {
+        tune(&mut cfg);
+    }
     let shutdown = CancellationToken::new();
     let mut services = Vec::new();
     let mut ingest_grpc_addr = None;
@@ -258,7 +266,10 @@ async fn spawn_all_in_one(namespace: String, opts: AppOptions) -> TestApp {
     for (k, v) in opts.extra {
         vars.insert(k, v);
     }
-    let cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let mut cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    if let Some(tune) = opts.tune {
+        tune(&mut cfg);
+    }
     let shutdown = CancellationToken::new();
     let l = Listeners {
         http: Some(http),

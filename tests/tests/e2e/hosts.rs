@@ -239,4 +239,52 @@ async fn a_dead_and_a_slow_host_do_not_slow_the_healthy_ones() {
     );
 }
 
-crate::both_backends!(circuit_opens_is_probed_closes_and_ramps_up);
+/// A host failing longer than `STAMPEDE_HOST_UNAVAILABLE_SECS` is
+/// unavailable: a delivery parked behind its circuit is dead-lettered
+/// without another try, and its dead letter counts the POSTs made.
+async fn an_unavailable_hosts_dead_letter_counts_the_attempts_made(backend: Backend) {
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![
+                ("STAMPEDE_CIRCUIT_FAILURES", "1".into()),
+                ("STAMPEDE_CIRCUIT_OPEN_SECS", "10".into()),
+                ("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,1,1,1".into()),
+            ],
+            // Kept (twice this) longer than RabbitMQ's shortest delay tier,
+            // 5 s, that holds the retry.
+            tune: Some(|c| c.host_unavailable_after = Duration::from_secs(3)),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    let alice = app.create_actor("alice").await;
+    app.seed_followers(alice, &[sink.actor(0, "bob").unwrap()])
+        .await;
+    sink.set_behavior(0, Behavior::Status(503)).unwrap();
+    publish_posts(&app, 1).await;
+    wait_for("the dead letter", Duration::from_secs(30), || async {
+        !app.store.dead_letters(10, None).await.unwrap().is_empty()
+    })
+    .await;
+    let dead = app.store.dead_letters(10, None).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.starts_with("host unavailable"), "{dead:?}");
+    assert_eq!(dead[0].attempts as usize, posts_received(&sink, 0));
+    assert_eq!(
+        app.metric(
+            "delivery",
+            "stampede_deliveries_total",
+            "outcome=\"unavailable\""
+        )
+        .await,
+        1
+    );
+    app.stop().await;
+}
+
+crate::both_backends!(
+    circuit_opens_is_probed_closes_and_ramps_up,
+    an_unavailable_hosts_dead_letter_counts_the_attempts_made
+);
