@@ -24,6 +24,7 @@ use stampede_core::signature::{sign_request, POST_HEADERS};
 use stampede_core::targets::inbox_host;
 use stampede_proto::queue::DeliveryJob;
 use stampede_runtime::hosts::{self, Gate};
+use stampede_runtime::parked::{self, Reason};
 use stampede_runtime::process::{Listeners, Process};
 use stampede_runtime::queue::{Incoming, OutMessage, QueueName};
 use stampede_runtime::store::NewDeadLetter;
@@ -119,6 +120,18 @@ pub struct Delivery {
 fn count_outcome(m: &stampede_runtime::metrics::Metrics, o: &'static str) {
     m.delivery(o);
     tracing::Span::current().record("outcome", o);
+}
+
+/// The `stampede_deliveries_total` outcome of a park (named before parks
+/// had reasons in status: kept).
+fn park_outcome(why: Reason) -> &'static str {
+    match why {
+        Reason::Paused => "parked",
+        Reason::CircuitOpen => "circuit_open",
+        Reason::Saturated => "deferred",
+        Reason::LocalExhausted => "local_exhausted",
+        Reason::Retry => "retry",
+    }
 }
 
 /// Whether a retryable outcome says the host is unwell (counts towards its
@@ -244,13 +257,13 @@ impl Delivery {
                 }
                 limit
             }
-            Gate::Paused => return self.park(job, PARK_DELAY, "parked").await,
-            Gate::Open(wait) => return self.park(job, wait, "circuit_open").await,
+            Gate::Paused => return self.park(job, PARK_DELAY, Reason::Paused).await,
+            Gate::Open(wait) => return self.park(job, wait, Reason::CircuitOpen).await,
             // Another worker is probing: look again once the probe has had
             // time, but no later than the circuit's own open time would.
             Gate::Probing => {
                 let wait = PARK_DELAY.min(cfg.circuit_open);
-                return self.park(job, wait, "circuit_open").await;
+                return self.park(job, wait, Reason::CircuitOpen).await;
             }
             Gate::Unavailable { since_ms } => {
                 let since = httpdate::fmt_http_date(
@@ -276,7 +289,7 @@ impl Delivery {
                     1
                 } else {
                     let wait = hosts::probe_failed(b, cfg, host, &health).await?;
-                    return self.park(job, wait, "circuit_open").await;
+                    return self.park(job, wait, Reason::CircuitOpen).await;
                 }
             }
         };
@@ -291,7 +304,7 @@ impl Delivery {
         }
         let slot = match self.lanes.acquire(host, limit).await {
             Ok(slot) => slot,
-            Err(wait) => return self.park(job, wait, "deferred").await,
+            Err(wait) => return self.park(job, wait, Reason::Saturated).await,
         };
         let started = Instant::now();
         let in_flight = m
@@ -327,7 +340,7 @@ impl Delivery {
                 // memory): not an attempt, and not the host's failure, or
                 // running out would open the circuits of healthy hosts.
                 tracing::warn!(inbox_host = %host, %reason, "out of local resources; delivery put back, not counted as an attempt");
-                return self.park(job, PARK_DELAY, "local_exhausted").await;
+                return self.park(job, PARK_DELAY, Reason::LocalExhausted).await;
             }
             Err(e) => return Err(e),
         };
@@ -388,6 +401,7 @@ impl Delivery {
                             )
                             .await?;
                         count_outcome(m, "retry");
+                        self.count_parked(Reason::Retry, applied).await;
                         tracing::info!(inbox_host = %host, ?status, %reason, attempt = job.attempt, delay_secs = applied.as_secs(), "delivery failed; retry scheduled");
                     }
                     None => {
@@ -472,20 +486,32 @@ impl Delivery {
         &self,
         job: &DeliveryJob,
         wait: std::time::Duration,
-        why: &'static str,
+        why: Reason,
     ) -> Result<(), DeliveryError> {
         let out = OutMessage {
             kind: DELIVERY_JOB,
             payload: job.encode_to_vec(),
         };
-        self.p
+        let applied = self
+            .p
             .backends
             .queue
             .publish_delayed(QueueName::Delivery, out, wait)
             .await?;
-        count_outcome(&self.p.metrics, why);
-        tracing::debug!(why, wait_secs = wait.as_secs(), "parked");
+        count_outcome(&self.p.metrics, park_outcome(why));
+        self.count_parked(why, applied).await;
+        tracing::debug!(why = why.as_str(), wait_secs = applied.as_secs(), "parked");
         Ok(())
+    }
+
+    /// Counts a job just put in a delay queue, for status. Best effort: the
+    /// job is parked already, and returning an error would hand it back to
+    /// the queue as well (a second copy).
+    async fn count_parked(&self, why: Reason, delay: std::time::Duration) {
+        let cache = &*self.p.backends.cache;
+        if let Err(e) = parked::record(cache, why, delay).await {
+            tracing::warn!(error = %e, why = why.as_str(), "counting a parked delivery failed");
+        }
     }
 
     /// The half-open probe: a cheap GET of the host's NodeInfo discovery

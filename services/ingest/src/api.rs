@@ -113,6 +113,16 @@ impl AdminService for AdminApi {
                     unavailable: h.unavailable,
                 })
                 .collect(),
+            parked: stampede_runtime::parked::parked(&*b.cache)
+                .await
+                .map_err(IngestError::from)?
+                .into_iter()
+                .map(|p| stampede_proto::api::ParkedDeliveries {
+                    reason: p.reason.as_str().to_string(),
+                    deliveries: p.deliveries,
+                    next_due_unix_ms: p.next_due_ms,
+                })
+                .collect(),
         }))
     }
 

@@ -19,6 +19,7 @@ pub mod keys;
 pub mod memory_cache;
 pub mod metrics;
 pub mod outbound;
+pub mod parked;
 pub mod postgres;
 pub mod process;
 pub mod queue;

@@ -59,6 +59,10 @@ pub struct Metrics {
     /// Follower inboxes fanout did not queue, by reason (`blocked`: a
     /// blocked domain; `own_host`: this server, a loop).
     pub fanout_skipped: Family<Label, Counter>,
+    /// Deliveries parked in the delay queues by reason (`paused`,
+    /// `circuit_open`, `saturated`, `local_exhausted`, `retry`), sampled
+    /// from the shared cache: the same for every process.
+    pub delivery_parked: Family<Label, Gauge>,
 }
 
 impl Metrics {
@@ -151,8 +155,15 @@ impl Metrics {
             "Target inboxes fanout did not queue, by reason (blocked, own_host)",
             fanout_skipped.clone(),
         );
+        let delivery_parked = Family::<Label, Gauge>::default();
+        registry.register(
+            "delivery_parked",
+            "Deliveries parked in the delay queues (waiting, not tried) by reason",
+            delivery_parked.clone(),
+        );
         Arc::new(Self {
             fanout_skipped,
+            delivery_parked,
             queue_messages,
             queue_oldest_age,
             delivery_in_flight,
@@ -212,7 +223,8 @@ impl Metrics {
         }
     }
 
-    /// Samples queue depths and failing hosts every `every` until `shutdown`.
+    /// Samples queue depths, failing hosts and parked deliveries every
+    /// `every` until `shutdown`.
     pub async fn sample(
         self: Arc<Self>,
         backends: Backends,
@@ -234,6 +246,17 @@ impl Metrics {
             }
             if let Ok(h) = backends.store.failing_hosts(10_000).await {
                 self.hosts_failing.set(h.len() as i64);
+            }
+            if let Ok(parked) = crate::parked::parked(&*backends.cache).await {
+                for r in crate::parked::Reason::ALL {
+                    let n = parked
+                        .iter()
+                        .find(|p| p.reason == r)
+                        .map_or(0, |p| p.deliveries);
+                    self.delivery_parked
+                        .get_or_create(&[("reason", r.as_str())])
+                        .set(n as i64);
+                }
             }
         }
     }

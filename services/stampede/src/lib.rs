@@ -68,7 +68,7 @@ enum Command {
         #[arg(long, default_value = "")]
         idempotency_key: String,
     },
-    /// Queue depths and delivery counts.
+    /// Queue depths, delivery counts, failing hosts and what parked deliveries wait for.
     Status,
     /// Prints verified inbound activities as they come, one JSON object a line.
     Tail,
@@ -335,6 +335,23 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             }
             if !s.paused_hosts.is_empty() {
                 println!("paused hosts {}", s.paused_hosts.join(", "));
+            }
+            if !s.parked.is_empty() {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                println!(
+                    "\n{:<32} {:>10} {:>14}",
+                    "PARKED (WAITING, NOT TRIED)", "DELIVERIES", "NEXT DUE IN"
+                );
+                for p in &s.parked {
+                    println!(
+                        "{:<32} {:>10} {:>13}s",
+                        p.reason,
+                        p.deliveries,
+                        ((p.next_due_unix_ms - now).max(0) as u64).div_ceil(1000)
+                    );
+                }
             }
             Ok(())
         }

@@ -239,6 +239,105 @@ async fn a_dead_and_a_slow_host_do_not_slow_the_healthy_ones() {
     );
 }
 
+/// Parked deliveries per reason, as `stampede status` shows them.
+async fn parked_counts(app: &TestApp) -> Vec<(String, u64)> {
+    app.admin()
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .parked
+        .into_iter()
+        .map(|p| (p.reason, p.deliveries))
+        .collect()
+}
+
+/// Status says what parked deliveries wait for, whichever worker parked
+/// them: a paused host's deliveries, an open circuit's, and retries.
+async fn status_counts_parked_deliveries_per_reason(backend: Backend) {
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![
+                ("STAMPEDE_CIRCUIT_FAILURES", "2".into()),
+                ("STAMPEDE_CIRCUIT_OPEN_SECS", "300".into()),
+                ("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,1".into()),
+            ],
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    // Personal inboxes only: one delivery per follower.
+    let sink = Sink::start(SinkOptions {
+        servers: 2,
+        shared_inbox: std::sync::Arc::new(|_| false),
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    let alice = app.create_actor("alice").await;
+    let followers: Vec<_> = (0..3)
+        .map(|n| sink.actor(0, &format!("p{n}")).unwrap())
+        .chain((0..4).map(|n| sink.actor(1, &format!("f{n}")).unwrap()))
+        .collect();
+    app.seed_followers(alice, &followers).await;
+    let paused = sink.actor(0, "p0").unwrap().host;
+    app.admin()
+        .pause_host(stampede_proto::api::HostRequest {
+            host: paused.clone(),
+        })
+        .await
+        .unwrap();
+    sink.set_behavior(1, Behavior::Status(503)).unwrap();
+    assert!(parked_counts(&app).await.is_empty());
+    publish_posts(&app, 1).await;
+
+    // Server 1 fails its attempts and its circuit opens: the retries come
+    // back to an open circuit and wait behind it; server 0's wait for the
+    // operator. Nothing else waits.
+    let want = [("circuit_open".to_string(), 4), ("paused".to_string(), 3)];
+    wait_for(
+        "3 paused and 4 circuit_open deliveries in status",
+        Duration::from_secs(30),
+        || async { parked_counts(&app).await == want },
+    )
+    .await;
+    assert_eq!(posts_received(&sink, 0), 0);
+    let status = app
+        .admin()
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let open = status.parked.iter().find(|p| p.reason == "circuit_open");
+    let failing = status.failing_hosts.iter().find(|h| h.host != paused);
+    // They are due back when the circuit closes (counted to a step of at
+    // most 1/32 of their wait before; a broker's delay tier may add a little).
+    let (open, failing) = (open.unwrap(), failing.unwrap());
+    let closes = failing.circuit_open_until_unix_ms;
+    assert!(open.next_due_unix_ms >= closes - 300_000 / 32, "{status:?}");
+    assert!(open.next_due_unix_ms <= closes + 5_000, "{status:?}");
+
+    // Resumed, the paused host's deliveries go out and no longer wait.
+    app.admin()
+        .resume_host(stampede_proto::api::HostRequest { host: paused })
+        .await
+        .unwrap();
+    wait_for(
+        "the paused host's posts",
+        Duration::from_secs(30),
+        || async { posts_delivered(&sink, 0) == 3 },
+    )
+    .await;
+    wait_for(
+        "only the circuit's deliveries parked",
+        Duration::from_secs(30),
+        || async { parked_counts(&app).await == [("circuit_open".to_string(), 4)] },
+    )
+    .await;
+    app.stop().await;
+}
+
 /// A host failing longer than `STAMPEDE_HOST_UNAVAILABLE_SECS` is
 /// unavailable: a delivery parked behind its circuit is dead-lettered
 /// without another try, and its dead letter counts the POSTs made.
@@ -286,5 +385,6 @@ async fn an_unavailable_hosts_dead_letter_counts_the_attempts_made(backend: Back
 
 crate::both_backends!(
     circuit_opens_is_probed_closes_and_ramps_up,
+    status_counts_parked_deliveries_per_reason,
     an_unavailable_hosts_dead_letter_counts_the_attempts_made
 );

@@ -73,6 +73,7 @@ async fn a_known_run_shows_exactly_its_counts(backend: Backend) {
         "stampede_delivery_in_flight{host_class=\"normal\"} 0",
         "# TYPE stampede_queue_messages gauge",
         "# TYPE stampede_hosts_failing gauge",
+        "# TYPE stampede_delivery_parked gauge",
     ] {
         assert!(text.contains(name), "{name} missing from\n{text}");
     }
