@@ -15,6 +15,7 @@ use stampede_core::activity::public_note;
 use stampede_proto::api::actor_service_client::ActorServiceClient;
 use stampede_proto::api::publish_service_client::PublishServiceClient;
 use stampede_proto::api::{CreateActorRequest, PublishRequest};
+use stampede_runtime::parked::{self, Parked, Reason};
 use stampede_runtime::process::{Listeners, Process, ALL_IN_ONE};
 use stampede_runtime::queue::{ready_messages, QueueName};
 use stampede_runtime::Config;
@@ -76,11 +77,35 @@ impl Class {
     }
 }
 
-/// Retry delays of the demo: short, so dead servers end as dead letters
-/// within seconds instead of two days.
-const DEMO_RETRIES: &str = "1,2,4";
-/// How long failing servers answer 503.
-const FAILING_FOR: Duration = Duration::from_secs(4);
+/// The demo's delivery settings: production's story (retries, a circuit
+/// that opens, probes that double, a host given up as unavailable) told in
+/// seconds instead of days. The timings fit together: a failing server is
+/// back before the first probe of its circuit (at 2 s), so it is found back
+/// long before it could count as unavailable (3 s); a dead server's
+/// deliveries, parked behind its circuit, come back after the second probe
+/// (at 4 s), when it is unavailable, and are dead-lettered.
+const DEMO_SETTINGS: [(&str, &str); 5] = [
+    // A server without a shared inbox gets a POST per follower: 30 at once
+    // for ten followers and three posts. 16 in flight to a host (8 by
+    // default) serves a slow one in two rounds, where 8 would park the
+    // half its lane cannot hold for 5 s and more.
+    ("STAMPEDE_HOST_CONCURRENCY", "16"),
+    // Retries after 1, 2 and 4 s (±20 %), then a dead letter.
+    ("STAMPEDE_RETRY_SCHEDULE_SECS", "1,2,4"),
+    // Five failures in a row open a host's circuit...
+    ("STAMPEDE_CIRCUIT_FAILURES", "5"),
+    // ...for 2 s, then 4, 8... after each failed probe.
+    ("STAMPEDE_CIRCUIT_OPEN_SECS", "2"),
+    // A host found back gets its whole concurrency at once.
+    ("STAMPEDE_HOST_RAMP_SECS", "0"),
+];
+/// A host failing this long is unavailable: its deliveries are dead
+/// letters. Set in code: `STAMPEDE_HOST_UNAVAILABLE_SECS` refuses less than
+/// a minute, a guard against an operator's slip of units.
+const DEMO_HOST_UNAVAILABLE: Duration = Duration::from_secs(3);
+/// How long failing servers answer 503: less than a circuit's first
+/// opening, so the first probe finds them back.
+const FAILING_FOR: Duration = Duration::from_secs(1);
 
 fn share(n: usize, of: f64) -> usize {
     ((n as f64) * of.clamp(0.0, 1.0)).round() as usize
@@ -125,10 +150,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ("STAMPEDE_METRICS_ADDR", metrics.local_addr()?.to_string()),
         ("STAMPEDE_DATA_DIR", data_dir.display().to_string()),
         ("STAMPEDE_ALLOW_PRIVATE_NETWORKS", "true".into()),
-        ("STAMPEDE_RETRY_SCHEDULE_SECS", DEMO_RETRIES.into()),
         ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "10".into()),
     ]);
-    let cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
+    let vars: HashMap<&str, String> = vars
+        .into_iter()
+        .chain(DEMO_SETTINGS.iter().map(|(k, v)| (*k, v.to_string())))
+        .collect();
+    let mut cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
+    cfg.host_unavailable_after = DEMO_HOST_UNAVAILABLE;
     let shutdown = CancellationToken::new();
     let p = Process::connect(cfg, ALL_IN_ONE, shutdown.clone()).await?;
     let grpc_url = format!("http://{}", grpc.local_addr()?);
@@ -301,19 +330,23 @@ async fn drive(
         "published {} posts: {expected} deliveries to make",
         args.posts
     );
-    let mut recovered = false;
+    // The failing servers come back after a while.
+    let recover = {
+        let sink = sink.clone();
+        let failing: Vec<usize> = (0..sink.len())
+            .filter(|&i| class_of(i) == Class::Failing)
+            .collect();
+        tokio::spawn(async move {
+            tokio::time::sleep(FAILING_FOR).await;
+            for i in failing {
+                let _ = sink.set_behavior(i, Behavior::Ok);
+            }
+        })
+    };
     // Deliveries per second over the last two seconds.
     let mut window: std::collections::VecDeque<(Instant, u64)> = Default::default();
     let mut last_print = Instant::now() - Duration::from_secs(10);
     let done = loop {
-        if !recovered && started.elapsed() >= FAILING_FOR {
-            for i in 0..sink.len() {
-                if class_of(i) == Class::Failing {
-                    sink.set_behavior(i, Behavior::Ok)?;
-                }
-            }
-            recovered = true;
-        }
         let now = Counts::read(p).await?.since(&before);
         let finished = now.delivered + now.failed;
         let secs = started.elapsed().as_secs_f64();
@@ -327,14 +360,27 @@ async fn drive(
             }
             _ => 0.0,
         };
-        let line = format!(
-            "{} {finished:>6}/{expected} done  {:>7.1} deliveries/s  retries {:>5}  dead-lettered {:>4}  queue {:>5}  {secs:>5.1} s",
-            bar(finished, expected, 24),
-            rate,
-            now.retries,
-            now.failed,
-            now.queue,
-        );
+        // Once the queue is empty, what is left is in flight or parked:
+        // say what it waits for.
+        let waiting = if now.queue == 0 && (finished as usize) < expected {
+            Waiting::read(p).await?.text(unix_ms())
+        } else {
+            None
+        };
+        let line = match waiting {
+            Some(w) => format!(
+                "{} {finished:>6}/{expected} done  {secs:>5.1} s  {w}",
+                bar(finished, expected, 24),
+            ),
+            None => format!(
+                "{} {finished:>6}/{expected} done  {:>7.1} deliveries/s  retries {:>5}  dead-lettered {:>4}  queue {:>5}  {secs:>5.1} s",
+                bar(finished, expected, 24),
+                rate,
+                now.retries,
+                now.failed,
+                now.queue,
+            ),
+        };
         if tty {
             progress_line(true, &line);
         } else if last_print.elapsed() >= Duration::from_secs(2) {
@@ -346,15 +392,31 @@ async fn drive(
         }
         if Instant::now() > deadline {
             finish_line(tty);
+            recover.abort();
             bail!("timed out: {finished} of {expected} deliveries finished");
         }
         tokio::time::sleep(Duration::from_millis(if tty { 100 } else { 250 })).await;
     };
+    recover.abort();
     let elapsed = started.elapsed().as_secs_f64();
     finish_line(tty);
 
-    // What the servers saw, by class.
-    let mut rows: HashMap<Class, [usize; 5]> = HashMap::new();
+    // What the servers saw, by class, and the dead letters stampede kept.
+    let class_of_host: HashMap<String, Class> = (0..sink.len())
+        .filter_map(|i| Some((sink.actor(i, "x")?.host, class_of(i))))
+        .collect();
+    let dead_letters: Vec<_> = store
+        .dead_letters((expected + 100) as u32, None)
+        .await?
+        .into_iter()
+        .filter(|d| ids.contains(&d.activity_id))
+        .collect();
+    let mut rows: HashMap<Class, [usize; 6]> = HashMap::new();
+    for d in &dead_letters {
+        if let Some(c) = class_of_host.get(&d.host) {
+            rows.entry(*c).or_default()[4] += 1;
+        }
+    }
     let mut received_ok = 0usize;
     let mut unverified = 0usize;
     let mut duplicates = 0usize;
@@ -376,54 +438,237 @@ async fn drive(
                 received_ok += 1;
                 *seen.entry((r.path.clone(), id.clone())).or_default() += 1;
             } else {
-                row[4] += 1;
+                row[5] += 1;
             }
         }
         duplicates += seen.values().map(|n| n - 1).sum::<usize>();
     }
     println!();
     println!(
-        "{:<20} {:>8} {:>10} {:>11} {:>10} {:>15}",
-        "servers", "count", "followers", "deliveries", "received", "refused tries"
+        "{:<20} {:>6} {:>10} {:>11} {:>9} {:>14} {:>14}",
+        "servers", "count", "followers", "deliveries", "received", "dead-lettered", "refused tries"
     );
-    let mut total = [0usize; 5];
+    let mut total = [0usize; 6];
     for c in Class::ALL {
         let r = rows.get(&c).copied().unwrap_or_default();
         for (t, v) in total.iter_mut().zip(r) {
             *t += v;
         }
         println!(
-            "{:<20} {:>8} {:>10} {:>11} {:>10} {:>15}",
+            "{:<20} {:>6} {:>10} {:>11} {:>9} {:>14} {:>14}",
             c.label(),
             r[0],
             r[1],
             r[2],
             r[3],
-            r[4]
+            r[4],
+            r[5]
         );
     }
     println!(
-        "{:<20} {:>8} {:>10} {:>11} {:>10} {:>15}",
-        "total", total[0], total[1], total[2], total[3], total[4]
+        "{:<20} {:>6} {:>10} {:>11} {:>9} {:>14} {:>14}",
+        "total", total[0], total[1], total[2], total[3], total[4], total[5]
     );
     println!();
     println!(
-        "stampede: delivered {}, retried {}, dead-lettered {} (dead servers, after {DEMO_RETRIES} s of retries), in {elapsed:.1} s ({:.0} deliveries/s overall)",
-        done.delivered, done.retries, done.failed, done.delivered as f64 / elapsed.max(0.001)
+        "stampede: delivered {}, retried {}, dead-lettered {}, in {elapsed:.1} s ({:.0} deliveries/s overall)",
+        done.delivered,
+        done.retries,
+        done.failed,
+        done.delivered as f64 / elapsed.max(0.001)
     );
+    let dead_hosts: Vec<&String> = class_of_host
+        .iter()
+        .filter(|(_, c)| **c == Class::Dead)
+        .map(|(h, _)| h)
+        .collect();
+    if !dead_hosts.is_empty() {
+        let opened = store
+            .failing_hosts(10_000)
+            .await?
+            .into_iter()
+            .filter(|h| h.open_until_unix_ms > 0 && dead_hosts.contains(&&h.host))
+            .count();
+        let dead_of_dead: Vec<_> = dead_letters
+            .iter()
+            .filter(|d| class_of_host.get(&d.host) == Some(&Class::Dead))
+            .collect();
+        println!(
+            "dead:     {}",
+            dead_story(&p.cfg, opened, dead_hosts.len(), &dead_of_dead)
+        );
+    }
     println!(
         "servers:  received {received_ok} signed copies, {unverified} failed verification, {duplicates} duplicates"
     );
-    let ok = done.delivered as usize == received_ok && unverified == 0 && duplicates == 0;
+    let settled = done.delivered + done.failed;
+    let ok = done.delivered as usize == received_ok
+        && settled as usize == expected
+        && total[4] == done.failed as usize
+        && unverified == 0
+        && duplicates == 0;
     if ok {
-        println!("check:    delivered == received: ok");
+        println!("check:    delivered == received, delivered + dead-lettered == {expected}: ok");
         Ok(())
     } else {
         bail!(
-            "check failed: stampede delivered {} but the servers received {received_ok} ({unverified} unverified, {duplicates} duplicates)",
-            done.delivered
+            "check failed: stampede delivered {} and dead-lettered {} ({} dead letters recorded) of {expected}, the servers received {received_ok} ({unverified} unverified, {duplicates} duplicates)",
+            done.delivered,
+            done.failed,
+            total[4]
         )
     }
+}
+
+/// One line on the dead servers: their circuits and their dead letters,
+/// grouped by why they stopped and after how many attempts.
+fn dead_story(
+    cfg: &Config,
+    circuits_opened: usize,
+    servers: usize,
+    dead_letters: &[&stampede_runtime::store::DeadLetter],
+) -> String {
+    let mut by: std::collections::BTreeMap<String, (usize, u32, u32)> = Default::default();
+    for d in dead_letters {
+        let why = if d.reason.starts_with("host unavailable") {
+            format!(
+                "host unavailable (failing {} s)",
+                cfg.host_unavailable_after.as_secs()
+            )
+        } else if d.reason.starts_with("gave up after") {
+            "retries exhausted".to_string()
+        } else {
+            d.reason
+                .split(':')
+                .next()
+                .unwrap_or(d.reason.as_str())
+                .to_string()
+        };
+        let e = by.entry(why).or_insert((0, d.attempts, d.attempts));
+        e.0 += 1;
+        e.1 = e.1.min(d.attempts);
+        e.2 = e.2.max(d.attempts);
+    }
+    let groups: Vec<String> = by
+        .into_iter()
+        .map(|(why, (n, lo, hi))| {
+            let attempts = if lo == hi {
+                format!("{lo} attempt{}", if lo == 1 { "" } else { "s" })
+            } else {
+                format!("{lo}-{hi} attempts")
+            };
+            format!("{n} {why} after {attempts}")
+        })
+        .collect();
+    format!(
+        "circuit opened after {} failures in a row at {circuits_opened} of {servers} servers; {} dead letters: {}",
+        cfg.circuit_failures,
+        dead_letters.len(),
+        if groups.is_empty() {
+            "none".to_string()
+        } else {
+            groups.join(", ")
+        }
+    )
+}
+
+/// What unfinished deliveries are waiting for, from the shared state that
+/// `stampede status` reads too: deliveries parked per reason and the open
+/// circuits they wait behind, and (in this process) those in flight.
+struct Waiting {
+    in_flight: i64,
+    parked: Vec<Parked>,
+    /// When each open circuit closes (unix ms).
+    open_until: Vec<i64>,
+}
+
+impl Waiting {
+    async fn read(p: &Process) -> anyhow::Result<Self> {
+        let parked = parked::parked(&*p.backends.cache)
+            .await
+            .context("parked deliveries")?;
+        let now = unix_ms();
+        let open_until = if parked.iter().any(|x| x.reason == Reason::CircuitOpen) {
+            p.backends
+                .store
+                .failing_hosts(10_000)
+                .await
+                .context("failing hosts")?
+                .into_iter()
+                .map(|h| h.open_until_unix_ms)
+                .filter(|u| *u > now)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let in_flight = ["normal", "ramping", "probe"]
+            .into_iter()
+            .map(|c| {
+                p.metrics
+                    .delivery_in_flight
+                    .get_or_create(&[("host_class", c)])
+                    .get()
+            })
+            .sum();
+        Ok(Self {
+            in_flight,
+            parked,
+            open_until,
+        })
+    }
+
+    /// "waiting: 38 deliveries parked behind 5 open circuits, next probe in
+    /// 12 s; …", or `None` when nothing waits.
+    fn text(&self, now_ms: i64) -> Option<String> {
+        let secs = |t: i64| ((t - now_ms).max(0) as u64).div_ceil(1000);
+        let mut parts = Vec::new();
+        for p in &self.parked {
+            let n = match p.deliveries {
+                1 => "1 delivery".to_string(),
+                n => format!("{n} deliveries"),
+            };
+            let due = secs(p.next_due_ms);
+            parts.push(match p.reason {
+                Reason::CircuitOpen => match self.open_until.iter().min() {
+                    Some(first) => {
+                        let circuits = match self.open_until.len() {
+                            1 => "1 open circuit".to_string(),
+                            k => format!("{k} open circuits"),
+                        };
+                        let probe = secs(*first);
+                        // Back before the probe: to be dead-lettered, their
+                        // hosts now unavailable.
+                        if due < probe {
+                            format!("{n} parked behind {circuits}, back in {due} s, next probe in {probe} s")
+                        } else {
+                            format!("{n} parked behind {circuits}, next probe in {probe} s")
+                        }
+                    }
+                    None => format!("{n} parked behind circuits being probed, back in {due} s"),
+                },
+                Reason::Retry => format!(
+                    "{} retr{}, next in {due} s",
+                    p.deliveries,
+                    if p.deliveries == 1 { "y" } else { "ies" }
+                ),
+                Reason::Saturated => format!("{n} parked behind busy hosts, back in {due} s"),
+                Reason::Paused => format!("{n} parked for paused hosts"),
+                Reason::LocalExhausted => {
+                    format!("{n} parked for want of local resources, back in {due} s")
+                }
+            });
+        }
+        if self.in_flight > 0 {
+            parts.push(format!("{} in flight", self.in_flight));
+        }
+        (!parts.is_empty()).then(|| format!("waiting: {}", parts.join("; ")))
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Delivery counters and the delivery queue's depth.
@@ -447,7 +692,11 @@ impl Counts {
         Ok(Self {
             delivered: p.metrics.delivery_count("delivered"),
             retries: p.metrics.delivery_count("retry"),
-            failed: p.metrics.delivery_count("failed") + p.metrics.delivery_count("gone"),
+            // Every outcome that ends a delivery with a dead letter.
+            failed: ["failed", "gone", "unavailable", "refused"]
+                .into_iter()
+                .map(|o| p.metrics.delivery_count(o))
+                .sum(),
             queue,
         })
     }
@@ -472,7 +721,9 @@ fn bar(done: u64, total: usize, width: usize) -> String {
 fn progress_line(tty: bool, line: &str) {
     if tty {
         let mut out = std::io::stdout().lock();
-        let _ = write!(out, "\r\x1b[2K{line}");
+        // Line wrap off while drawing: a line wider than the terminal is cut
+        // at its edge instead of wrapping (which \r could not redraw).
+        let _ = write!(out, "\r\x1b[2K\x1b[?7l{line}\x1b[?7h");
         let _ = out.flush();
     }
 }
@@ -480,5 +731,115 @@ fn progress_line(tty: bool, line: &str) {
 fn finish_line(tty: bool) {
     if tty {
         println!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_waiting_line_says_what_each_parked_delivery_waits_for() {
+        let now = 1_000_000;
+        let w = Waiting {
+            in_flight: 2,
+            parked: vec![
+                Parked {
+                    reason: Reason::CircuitOpen,
+                    deliveries: 38,
+                    next_due_ms: now + 11_500,
+                },
+                Parked {
+                    reason: Reason::Retry,
+                    deliveries: 1,
+                    next_due_ms: now + 400,
+                },
+                Parked {
+                    reason: Reason::Saturated,
+                    deliveries: 14,
+                    next_due_ms: now + 3_000,
+                },
+            ],
+            open_until: vec![now + 20_000, now + 11_200, now + 11_900],
+        };
+        assert_eq!(
+            w.text(now).as_deref(),
+            Some(
+                "waiting: 38 deliveries parked behind 3 open circuits, next probe in 12 s; \
+                 1 retry, next in 1 s; 14 deliveries parked behind busy hosts, back in 3 s; \
+                 2 in flight"
+            )
+        );
+        // Back before the next probe (their hosts turn unavailable first).
+        let soon = Waiting {
+            in_flight: 0,
+            parked: vec![Parked {
+                reason: Reason::CircuitOpen,
+                deliveries: 1,
+                next_due_ms: now + 900,
+            }],
+            open_until: vec![now + 2_500],
+        };
+        assert_eq!(
+            soon.text(now).as_deref(),
+            Some(
+                "waiting: 1 delivery parked behind 1 open circuit, back in 1 s, next probe in 3 s"
+            )
+        );
+        // Every circuit half-open: being probed.
+        let probing = Waiting {
+            in_flight: 0,
+            parked: vec![Parked {
+                reason: Reason::CircuitOpen,
+                deliveries: 3,
+                next_due_ms: now + 2_000,
+            }],
+            open_until: vec![],
+        };
+        assert_eq!(
+            probing.text(now).as_deref(),
+            Some("waiting: 3 deliveries parked behind circuits being probed, back in 2 s")
+        );
+        let idle = Waiting {
+            in_flight: 0,
+            parked: vec![],
+            open_until: vec![],
+        };
+        assert_eq!(idle.text(now), None);
+    }
+
+    #[test]
+    fn the_dead_servers_line_groups_dead_letters_by_why_and_attempts() {
+        let mut cfg = Config::from_lookup(|k| {
+            DEMO_SETTINGS
+                .iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        cfg.host_unavailable_after = DEMO_HOST_UNAVAILABLE;
+        let letter = |reason: &str, attempts: u32| stampede_runtime::store::DeadLetter {
+            id: 0,
+            activity_id: String::new(),
+            activity_key: String::new(),
+            inbox: String::new(),
+            host: String::new(),
+            reason: reason.into(),
+            last_status: None,
+            attempts,
+            first_attempt_unix_ms: 0,
+            last_attempt_unix_ms: 0,
+        };
+        let letters = [
+            letter("host unavailable: failing since Thu, 01 Jan 1970", 1),
+            letter("host unavailable: failing since Thu, 01 Jan 1970", 0),
+            letter("gave up after 4 attempts: connection refused", 4),
+        ];
+        let refs: Vec<_> = letters.iter().collect();
+        assert_eq!(
+            dead_story(&cfg, 5, 5, &refs),
+            "circuit opened after 5 failures in a row at 5 of 5 servers; 3 dead letters: \
+             2 host unavailable (failing 3 s) after 0-1 attempts, 1 retries exhausted after 4 attempts"
+        );
     }
 }

@@ -268,35 +268,46 @@ async fn kill_9_with_deliveries_pending_loses_none_and_sends_none_twice() {
     remove(&up.dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_runs_small_and_its_summary_matches_what_the_servers_received() {
+/// Runs `stampede demo` with `args`; its output and how long it took.
+async fn demo(args: &[&str]) -> (String, Duration) {
+    let started = std::time::Instant::now();
     let out = tokio::time::timeout(
-        Duration::from_secs(120),
+        Duration::from_secs(150),
         Command::new(BIN)
-            .args([
-                "demo",
-                "--servers",
-                "8",
-                "--followers",
-                "20",
-                "--posts",
-                "2",
-                "--dead",
-                "0.125",
-                "--slow",
-                "0.125",
-                "--failing",
-                "0.125",
-                "--slow-secs",
-                "0.5",
-            ])
+            .arg("demo")
+            .args(args)
             .env("RUST_LOG", "error")
             .output(),
     )
     .await
     .unwrap()
     .unwrap();
-    let text = succeeded(&out);
+    let took = started.elapsed();
+    (succeeded(&out), took)
+}
+
+/// The rows of the demo's table by their first column (the numbers after
+/// the label: count, followers, deliveries, received, dead-lettered,
+/// refused tries).
+fn demo_rows(text: &str) -> std::collections::HashMap<String, Vec<u64>> {
+    text.lines()
+        .filter_map(|l| {
+            let label = ["healthy", "slow", "failing, then back", "dead", "total"]
+                .into_iter()
+                .find(|p| l.starts_with(p))?;
+            let cols: Vec<u64> = l[label.len()..]
+                .split_whitespace()
+                .map(|c| c.parse().ok())
+                .collect::<Option<_>>()?;
+            Some((label.to_string(), cols))
+        })
+        .collect()
+}
+
+/// What every demo run must show: every delivery either received by its
+/// server or dead-lettered, dead letters only for the dead servers, whose
+/// circuits all opened, and a passing check.
+fn check_demo(text: &str, servers: u64, followers: u64, dead_servers: u64) {
     let number_after = |prefix: &str| -> u64 {
         let line = text.lines().find(|l| l.starts_with(prefix)).unwrap();
         line[prefix.len()..]
@@ -306,28 +317,92 @@ async fn the_demo_runs_small_and_its_summary_matches_what_the_servers_received()
             .parse()
             .unwrap()
     };
-    // 8 servers (every fourth without a shared inbox: 2 servers x 2-3
-    // followers), 2 posts; the dead server's deliveries are dead letters.
     let delivered = number_after("stampede: delivered ");
     let received = number_after("servers:  received ");
     assert_eq!(delivered, received, "{text}");
     assert!(delivered > 0);
     assert!(
-        text.contains("check:    delivered == received: ok"),
+        text.contains("check:    delivered == received, delivered + dead-lettered == "),
         "{text}"
     );
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("check:") && l.ends_with(": ok")));
     assert!(
         text.contains(", 0 failed verification, 0 duplicates"),
         "{text}"
     );
-    let total = text.lines().find(|l| l.starts_with("total")).unwrap();
-    let cols: Vec<u64> = total
-        .split_whitespace()
-        .skip(1)
-        .map(|c| c.parse().unwrap())
-        .collect();
-    assert_eq!(cols[..2], [8, 20], "{total}");
-    assert_eq!(cols[3], received, "{total}");
+    let rows = demo_rows(text);
+    assert_eq!(rows.len(), 5, "{text}");
+    assert_eq!(rows["total"][..2], [servers, followers], "{text}");
+    assert_eq!(rows["total"][3], received, "{text}");
+    for (label, r) in &rows {
+        // deliveries == received + dead-lettered
+        assert_eq!(r[2], r[3] + r[4], "{label}: {text}");
+        if label != "dead" && label != "total" {
+            assert_eq!(r[4], 0, "{label} has dead letters: {text}");
+        }
+    }
+    assert_eq!(rows["dead"][3], 0, "{text}");
+    assert!(
+        text.contains(&format!(
+            "dead:     circuit opened after 5 failures in a row at {dead_servers} of {dead_servers} servers; {} dead letters: ",
+            rows["dead"][2]
+        )),
+        "{text}"
+    );
     // Not a terminal: plain lines, no carriage returns.
     assert!(!text.contains('\r'));
+}
+
+/// How long the README says the demo takes: "(about N seconds".
+fn readme_demo_secs() -> u64 {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let at = readme
+        .find("(about ")
+        .expect("the README states the demo's time")
+        + "(about ".len();
+    let rest = &readme[at..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    assert!(rest[digits.len()..].starts_with(" seconds"), "{rest:.40}");
+    digits.parse().unwrap()
+}
+
+/// `stampede demo` as the README's quick start runs it: its defaults open
+/// the dead servers' circuits, and it still ends, all settled, within
+/// twice the time the README states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_with_its_defaults_settles_every_delivery_in_the_time_the_readme_says() {
+    let (text, took) = demo(&[]).await;
+    check_demo(&text, 50, 500, 5);
+    let promised = Duration::from_secs(readme_demo_secs());
+    assert!(
+        took <= promised * 2,
+        "the demo took {took:?}; the README says about {promised:?}\n{text}"
+    );
+}
+
+/// Another configuration in which circuits open (more dead and failing
+/// servers, two posts, quicker slow servers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_with_circuits_opening_matches_what_the_servers_received() {
+    let (text, _) = demo(&[
+        "--servers",
+        "24",
+        "--followers",
+        "240",
+        "--posts",
+        "2",
+        "--dead",
+        "0.25",
+        "--slow",
+        "0.125",
+        "--failing",
+        "0.25",
+        "--slow-secs",
+        "0.5",
+    ])
+    .await;
+    check_demo(&text, 24, 240, 6);
 }
