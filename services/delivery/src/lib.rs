@@ -286,7 +286,15 @@ impl Delivery {
                 if self.probe(host, &job.inbox).await {
                     hosts::record_success(b, cfg, host, &health).await?;
                     class = "probe";
-                    1
+                    // The limit of a host just found back: 1 at the start of
+                    // its ramp, all of it without one (else the prober, held
+                    // to 1, is parked behind the deliveries that follow it).
+                    let now = unix_ms();
+                    let back = hosts::HostState {
+                        ramp_since_ms: Some(now),
+                        ..hosts::HostState::default()
+                    };
+                    back.limit(cfg, now)
                 } else {
                     let wait = hosts::probe_failed(b, cfg, host, &health).await?;
                     return self.park(job, wait, Reason::CircuitOpen).await;
