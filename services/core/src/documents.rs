@@ -1,7 +1,10 @@
-//! Documents fetched from remote servers (actors, keys) and the origin rule
-//! that binds what they say: a document speaks only for the origin (scheme,
-//! host, port) of the URL it was fetched from. A server can publish anything
-//! about its own actors and nothing about another server's.
+//! Documents fetched from remote servers (actors, keys) and the rules that
+//! bind what they say: a document speaks only for the origin (scheme, host,
+//! port) of the URL it was fetched from, so a server can publish nothing
+//! about another server's actors; and a document is an actor's only when
+//! its `id` is the very URL it was fetched from, so a file elsewhere on the
+//! origin (an upload, say) cannot pass for one of its actors (Mastodon's
+//! CVE-2024-23832 was this).
 use serde_json::Value;
 use url::Url;
 
@@ -17,6 +20,18 @@ pub fn same_origin(a: &str, b: &str) -> bool {
 /// Whether `url` is of the origin of `base` (already parsed).
 pub fn same_origin_as(base: &Url, url: &str) -> bool {
     Url::parse(url).is_ok_and(|u| u.host().is_some() && u.origin() == base.origin())
+}
+
+/// Whether `a` and `b` name the same document: equal URLs once parsed
+/// (case of scheme and host, default ports), fragments aside.
+pub fn same_document(a: &str, b: &str) -> bool {
+    let doc = |s: &str| {
+        Url::parse(s).ok().map(|mut u| {
+            u.set_fragment(None);
+            u
+        })
+    };
+    matches!((doc(a), doc(b)), (Some(a), Some(b)) if a == b && a.host().is_some())
 }
 
 /// A key published in a document.
@@ -67,16 +82,16 @@ fn published_keys(doc: &Value) -> impl Iterator<Item = PublishedKey> + '_ {
 }
 
 /// Reads an actor document fetched from `fetched_from`. `None` when its `id`
-/// is of another origin than the URL fetched (a server cannot describe
-/// another server's actor), or it has no inbox (a collection, say). A key
-/// it lists is kept only when the key's id and owner are the actor's origin
-/// and the owner is the actor.
+/// is not the URL fetched (a server cannot describe another server's
+/// actor, nor a document elsewhere on its origin an actor), or it has no
+/// inbox (a collection, say). A key it lists is kept only when the key's id
+/// is of the actor's origin and its owner is the actor.
 pub fn parse_actor(fetched_from: &str, doc: &Value) -> Option<ActorDocument> {
     let id = doc.get("id")?.as_str()?;
-    let origin = Url::parse(fetched_from).ok()?;
-    if !same_origin_as(&origin, id) {
+    if !same_document(id, fetched_from) {
         return None;
     }
+    let origin = Url::parse(fetched_from).ok()?;
     let inbox = doc.get("inbox")?.as_str()?.to_string();
     let shared_inbox = doc
         .get("endpoints")
@@ -92,9 +107,11 @@ pub fn parse_actor(fetched_from: &str, doc: &Value) -> Option<ActorDocument> {
     })
 }
 
-/// Whether `doc` (an actor document) lists the key `key_id`.
-pub fn lists_key(doc: &Value, key_id: &str) -> bool {
-    published_keys(doc).any(|k| k.id == key_id)
+/// Whether `doc` (an actor document) lists `key`: its id, with the same PEM
+/// (whitespace aside).
+pub fn lists_key(doc: &Value, key: &PublishedKey) -> bool {
+    let squash = |p: &str| p.split_whitespace().collect::<String>();
+    published_keys(doc).any(|k| k.id == key.id && squash(&k.pem) == squash(&key.pem))
 }
 
 /// A key found in the document fetched for it.
@@ -103,8 +120,8 @@ pub struct FoundKey {
     /// The key, its owner bound to the origin fetched.
     pub key: PublishedKey,
     /// The document is the owner's own actor document (its `id` is the
-    /// owner), so the owner is confirmed. Otherwise it is a key document of
-    /// its own and the owner's actor document must be fetched and list it.
+    /// owner and the URL fetched), so the owner is confirmed. Otherwise the
+    /// owner's actor document must be fetched and list the key.
     pub owner_confirmed: bool,
 }
 
@@ -166,7 +183,8 @@ pub fn key_in_document(
     if !same_origin_as(&origin, &key.owner) {
         return Err(KeyDocError::ForeignOrigin(format!("owner {}", key.owner)));
     }
-    let owner_confirmed = doc_id == Some(key.owner.as_str());
+    let owner_confirmed =
+        doc_id == Some(key.owner.as_str()) && same_document(&key.owner, fetched_from);
     Ok(FoundKey {
         key,
         owner_confirmed,
@@ -221,8 +239,23 @@ mod tests {
             key_in_document("https://r.example/u/a", "https://r.example/u/a#other", &doc),
             Err(KeyDocError::NoSuchKey)
         );
-        assert!(lists_key(&doc, "https://r.example/u/a#main-key"));
-        assert!(!lists_key(&doc, "https://r.example/u/a#other"));
+        let listed = |id: &str, pem: &str| PublishedKey {
+            id: id.into(),
+            owner: "https://r.example/u/a".into(),
+            pem: pem.into(),
+        };
+        assert!(lists_key(
+            &doc,
+            &listed("https://r.example/u/a#main-key", "PEM")
+        ));
+        assert!(!lists_key(
+            &doc,
+            &listed("https://r.example/u/a#other", "PEM")
+        ));
+        assert!(
+            !lists_key(&doc, &listed("https://r.example/u/a#main-key", "OTHER")),
+            "the same id with another key"
+        );
     }
 
     #[test]
@@ -277,6 +310,38 @@ mod tests {
                 &owner_only
             ),
             Err(KeyDocError::ForeignOrigin(_))
+        ));
+    }
+
+    /// A document elsewhere on the actor's origin (an uploaded file) cannot
+    /// pass for the actor, nor confirm the actor's key.
+    #[test]
+    fn a_document_is_an_actor_only_at_its_own_url() {
+        let upload = json!({
+            "id": "https://r.example/users/alice", "inbox": "https://r.example/media/steal",
+            "publicKey": {"id": "https://r.example/media/x.json#k", "owner": "https://r.example/users/alice", "publicKeyPem": "P"}
+        });
+        let fetched = "https://r.example/media/x.json";
+        assert_eq!(parse_actor(fetched, &upload), None);
+        let k = key_in_document(fetched, "https://r.example/media/x.json#k", &upload).unwrap();
+        assert!(!k.owner_confirmed, "the owner's own document must list it");
+        // GoToSocial's key URL answers with a stub whose id is the actor.
+        let stub = json!({"id": "https://g.example/users/bob", "publicKey": {"id": "https://g.example/users/bob/main-key", "owner": "https://g.example/users/bob", "publicKeyPem": "P"}});
+        let k = key_in_document(
+            "https://g.example/users/bob/main-key",
+            "https://g.example/users/bob/main-key",
+            &stub,
+        )
+        .unwrap();
+        assert!(!k.owner_confirmed);
+        assert_eq!(k.key.owner, "https://g.example/users/bob");
+        assert!(same_document(
+            "https://R.example:443/u#x",
+            "https://r.example/u"
+        ));
+        assert!(!same_document(
+            "https://r.example/u",
+            "https://r.example/u/"
         ));
     }
 

@@ -169,8 +169,8 @@ pub fn documents(data: &[u8]) {
         if let Ok(found) = crate::documents::key_in_document(fetched, key_id, &doc) {
             assert!(crate::documents::same_origin(&found.key.owner, fetched));
             assert_eq!(found.key.id, key_id);
+            let _ = crate::documents::lists_key(&doc, &found.key);
         }
-        let _ = crate::documents::lists_key(&doc, key_id);
     }
 }
 

@@ -109,30 +109,37 @@ impl worker::Handler for Inbox {
                     }
                 }
             }
+            Err(Later::RateLimited { wait }) => match self.later(&job, wait).await {
+                // Not an attempt: the activity is verified, only early.
+                Ok(()) => {
+                    m.inbound_verify("rate_limited");
+                    msg.acker.ack().await
+                }
+                Err(_) => msg.acker.requeue().await,
+            },
             Err(later) => {
-                // What to count if no attempt is left (process() counts the
-                // last attempt's verdict itself; a failing backend can still
-                // run out here).
-                let (wait, exhausted) = match later {
+                let wait = match later {
                     Later::Failed(e, wait) => {
                         tracing::warn!(error = %e, recipient = %job.recipient_inbox, "inbound processing failed; retrying later");
-                        (wait, "failed")
+                        wait
                     }
                     // Per message, and what a flood of forged requests
                     // produces: counted, logged at debug.
                     Later::Deferred { reason, wait } => {
                         tracing::debug!(%reason, recipient = %job.recipient_inbox, attempt = job.attempt, "inbound verification deferred");
-                        (wait, "failed")
+                        wait
                     }
-                    Later::RateLimited { wait } => (Some(wait), "rate_limited"),
+                    Later::RateLimited { wait } => Some(wait),
                 };
+                // process() decides a verdict on the last attempt itself;
+                // only a failing backend runs out here.
                 match self.retry(&job, wait).await {
                     Ok(true) => {
                         m.inbound_verify("deferred");
                         msg.acker.ack().await
                     }
                     Ok(false) => {
-                        m.inbound_verify(exhausted);
+                        m.inbound_verify("failed");
                         msg.acker.ack().await
                     }
                     Err(_) => msg.acker.requeue().await,
@@ -157,7 +164,7 @@ enum Later {
         wait: Option<Duration>,
     },
     /// Its verified sender's host is over `STAMPEDE_INBOUND_RATE_LIMIT`
-    /// this minute.
+    /// this minute: it waits for the next, not counted as an attempt.
     RateLimited { wait: Duration },
 }
 
@@ -197,6 +204,16 @@ impl Inbox {
             ..job.clone()
         };
         let delay = Duration::from_secs(30u64 << job.attempt.min(4)).max(wait.unwrap_or_default());
+        self.later(&next, delay).await?;
+        Ok(true)
+    }
+
+    /// Puts `job` back on the inbound queue for `delay`.
+    async fn later(
+        &self,
+        job: &InboundJob,
+        delay: Duration,
+    ) -> Result<(), stampede_runtime::Error> {
         self.p
             .backends
             .queue
@@ -204,12 +221,12 @@ impl Inbox {
                 QueueName::Inbound,
                 OutMessage {
                     kind: INBOUND_JOB,
-                    payload: next.encode_to_vec(),
+                    payload: job.encode_to_vec(),
                 },
                 delay,
             )
             .await?;
-        Ok(true)
+        Ok(())
     }
 
     /// Verifies and applies one inbound activity; an accepted one comes back
@@ -246,7 +263,7 @@ impl Inbox {
             headers: &headers,
             body: &job.body,
         };
-        let v = self.verifier.verify(&req, Some(&info)).await;
+        let v = self.verifier.verify(&req, Some(&info), &job.client).await;
         if v.verdict != Verdict::Accepted {
             if v.transient && job.attempt + 1 < MAX_ATTEMPTS {
                 return Err(Later::Deferred {
@@ -266,12 +283,9 @@ impl Inbox {
         }
         let cache = &self.p.backends.cache;
         if let Some(wait) = self.over_rate(v.key_id.as_deref()).await {
-            if job.attempt + 1 < MAX_ATTEMPTS {
-                return Err(Later::RateLimited { wait });
-            }
-            m.inbound_verify("rate_limited");
-            tracing::info!(actor = %info.actor, activity_id = ?info.id, "inbound dropped: its host stayed over the rate limit");
-            return Ok(None);
+            // Verified and answered 202 long ago: it waits, it is not lost
+            // (the edge's limit per client bounds what can pile up).
+            return Err(Later::RateLimited { wait });
         }
         // Keyed on a hash of (inbox, actor, id): the id alone would let one
         // server mark another's ids as seen, and its size is the sender's.

@@ -13,7 +13,7 @@ use stampede_proto::api::{
     FollowDecisionResponse, InboundActivity, SubscribeRequest, VerifyRequest, VerifyResponse,
 };
 use stampede_proto::queue::VerifiedActivity;
-use stampede_runtime::inbound::activity_info;
+use stampede_runtime::inbound::{activity_info, Verdict};
 use stampede_runtime::outbound;
 use stampede_runtime::queue::{Acker, Incoming, QueueName};
 use tokio::sync::mpsc;
@@ -128,9 +128,16 @@ impl InboundService for InboundApi {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let info = parse_json(&r.body)
-            .ok()
-            .and_then(|j| activity_info(&j).ok());
+        // A body that is an activity (an object with a `type`) must be one
+        // that can be read: verifying only the key would vouch for an
+        // actor the caller might then read out of the body unchecked.
+        let (info, unreadable) = match parse_json(&r.body) {
+            Ok(j) if j.get("type").is_some() => match activity_info(&j) {
+                Ok(i) => (Some(i), None),
+                Err(reason) => (None, Some(reason)),
+            },
+            _ => (None, None),
+        };
         let http = HttpRequest {
             method: &r.method,
             scheme: self.0.cfg.public_url.scheme(),
@@ -138,7 +145,17 @@ impl InboundService for InboundApi {
             headers: &headers,
             body: &r.body,
         };
-        let v = self.0.verifier.verify(&http, info.as_ref()).await;
+        // Not through the edge: no client address, one ration for the caller.
+        let mut v = self
+            .0
+            .verifier
+            .verify(&http, info.as_ref(), "verify-rpc")
+            .await;
+        if let (Verdict::Accepted, Some(reason)) = (v.verdict, unreadable) {
+            v.verdict = Verdict::Malformed;
+            v.reason = format!("signed, but not a readable activity: {reason}");
+            v.owner = None;
+        }
         Ok(Response::new(VerifyResponse {
             verdict: v.verdict.as_str().into(),
             reason: v.reason,

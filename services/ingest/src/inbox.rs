@@ -46,6 +46,8 @@ fn answer(
 /// the address it received from, so addresses left of the first untrusted
 /// one are the client's own claims).
 pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    // An IPv4 peer of a dual-stack listener arrives as ::ffff:a.b.c.d.
+    let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer;
@@ -59,7 +61,7 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet
         .collect();
     let mut client = peer;
     for hop in hops.iter().rev() {
-        let Ok(ip) = hop.parse::<IpAddr>() else {
+        let Ok(ip) = hop.parse::<IpAddr>().map(|ip| ip.to_canonical()) else {
             // Unreadable: the hop that wrote it is as far as we can trust.
             break;
         };
@@ -73,12 +75,45 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet
 
 /// The rate-limit key of a client address: IPv6 by its /64 (one subscriber's
 /// allocation: a host with a /64 has 2^64 addresses to rotate through).
-fn rate_key(ip: IpAddr) -> String {
+pub(crate) fn rate_key(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => {
             let s = v6.segments();
             format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+/// Counts a request against its client's window (`STAMPEDE_INBOUND_RATE_LIMIT`
+/// a minute); the 429 when the client is over it. Before anything else is
+/// done for the request: every request costs, refused ones too. A failing
+/// cache lets requests through.
+async fn rate_limited(s: &Ingest, client: IpAddr) -> Option<Response> {
+    let limit = s.cfg.inbound_rate_limit;
+    if limit == 0 {
+        return None;
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let key = format!("rl:{}:{}", rate_key(client), now / 60);
+    match s.backends.cache.incr(&key, Duration::from_secs(61)).await {
+        Ok(n) if n > limit => {
+            s.metrics.inbound_edge("rate_limited");
+            Some(
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, (60 - now % 60).to_string())],
+                    format!("rate limited: over {limit} requests a minute from {client}\n"),
+                )
+                    .into_response(),
+            )
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "rate limit unavailable; letting the request through");
+            None
         }
     }
 }
@@ -91,8 +126,13 @@ pub async fn shared_inbox(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let client = client_address(peer.ip(), &headers, &s.cfg.trusted_proxies);
+    if let Some(r) = rate_limited(&s, client).await {
+        discard_rest(body);
+        return r;
+    }
     let inbox = format!("{}/inbox", s.cfg.base());
-    accept(s, peer, uri, headers, body, inbox).await
+    accept(s, client, uri, headers, body, inbox).await
 }
 
 /// `POST /users/{name}/inbox`.
@@ -104,6 +144,11 @@ pub async fn actor_inbox(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let client = client_address(peer.ip(), &headers, &s.cfg.trusted_proxies);
+    if let Some(r) = rate_limited(&s, client).await {
+        discard_rest(body);
+        return r;
+    }
     let refused = match s.backends.store.actor_by_name(&name).await {
         Ok(Some(_)) => None,
         Ok(None) => {
@@ -124,7 +169,7 @@ pub async fn actor_inbox(
         return r;
     }
     let inbox = format!("{}/inbox", s.cfg.actor_id(&name));
-    accept(s, peer, uri, headers, body, inbox).await
+    accept(s, client, uri, headers, body, inbox).await
 }
 
 /// Most of a rejected request's unread body read and thrown away, and for
@@ -155,13 +200,12 @@ fn discard_rest(body: Body) {
 
 async fn accept(
     s: Ingest,
-    peer: SocketAddr,
+    client: IpAddr,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
     inbox: String,
 ) -> Response {
-    let client = client_address(peer.ip(), &headers, &s.cfg.trusted_proxies);
     let span = tracing::info_span!("inbox.receive", path = %uri.path(), %client);
     stampede_runtime::telemetry::set_parent(
         &span,
@@ -308,36 +352,6 @@ async fn receive(
     if cfg.is_blocked(&host) {
         return answer(&s, StatusCode::FORBIDDEN, "blocked", "domain blocked");
     }
-    if cfg.inbound_rate_limit > 0 {
-        let window = now / 60;
-        match s
-            .backends
-            .cache
-            .incr(
-                &format!("rl:{}:{window}", rate_key(client)),
-                Duration::from_secs(61),
-            )
-            .await
-        {
-            Ok(n) if n > cfg.inbound_rate_limit => {
-                let retry = 60 - now % 60;
-                s.metrics.inbound_edge("rate_limited");
-                return (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    [(header::RETRY_AFTER, retry.to_string())],
-                    format!(
-                        "rate limited: over {} requests a minute from {client}\n",
-                        cfg.inbound_rate_limit
-                    ),
-                )
-                    .into_response();
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "rate limit unavailable; letting the request through")
-            }
-        }
-    }
     let job = InboundJob {
         method: "POST".into(),
         path: uri
@@ -357,6 +371,7 @@ async fn receive(
         received_unix_ms: now * 1000,
         attempt: 0,
         trace: stampede_runtime::telemetry::current_trace_context(),
+        client: rate_key(client),
     };
     let msg = OutMessage {
         kind: INBOUND_JOB,
@@ -422,6 +437,24 @@ mod tests {
         assert_eq!(
             client_address(ip("10.1.1.1"), &HeaderMap::new(), &trusted),
             ip("10.1.1.1")
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_peers_are_their_ipv4_address() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            client_address(ip("::ffff:203.0.113.9"), &HeaderMap::new(), &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_address(
+                ip("::ffff:10.1.1.1"),
+                &xff(&["::ffff:198.51.100.1"]),
+                &trusted
+            ),
+            ip("198.51.100.1")
         );
     }
 

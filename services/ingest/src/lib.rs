@@ -96,18 +96,22 @@ impl Ingest {
     }
 
     /// Serves ingest's HTTP routes on `listener` until shutdown, with the
-    /// connection deadlines of the configuration.
+    /// connection limits of the configuration.
     pub fn spawn_http(
         &self,
         listener: tokio::net::TcpListener,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> tokio::task::JoinHandle<std::io::Result<()>> {
         let app = router(self.clone());
-        let deadlines = server::Deadlines {
-            header: self.cfg.http_header_timeout,
-            idle: self.cfg.http_idle_timeout,
+        let cfg = &self.cfg;
+        let limits = server::Limits {
+            header: cfg.http_header_timeout,
+            idle: cfg.http_idle_timeout,
+            connections: cfg.http_max_connections,
+            per_client: cfg.http_max_connections_per_client,
+            trusted: cfg.trusted_proxies.clone(),
         };
-        tokio::spawn(server::serve(listener, app, deadlines, shutdown))
+        tokio::spawn(server::serve(listener, app, limits, shutdown))
     }
 }
 

@@ -5,8 +5,13 @@
 //! bounds a request head from its first byte (and a new connection's wait
 //! for it), `STAMPEDE_HTTP_IDLE_TIMEOUT_SECS` a keep-alive connection
 //! between requests; the body's deadline is the handler's
-//! (`STAMPEDE_HTTP_BODY_TIMEOUT_SECS`, answered 408). Each request carries
-//! the peer address (`ConnectInfo`) for the edge's rate limit.
+//! (`STAMPEDE_HTTP_BODY_TIMEOUT_SECS`, answered 408). Connections are
+//! counted: at `STAMPEDE_HTTP_MAX_CONNECTIONS` the server stops accepting
+//! (they wait in the kernel's backlog), and a client (an address, an IPv6
+//! /64; trusted proxies aside) past `STAMPEDE_HTTP_MAX_CONNECTIONS_PER_CLIENT`
+//! is closed at once. Each request carries the peer address (`ConnectInfo`)
+//! for the edge's rate limit.
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -27,13 +32,57 @@ use tower::ServiceExt;
 /// begins; then they are closed.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// The connection deadlines.
-#[derive(Debug, Clone, Copy)]
-pub struct Deadlines {
+/// The connection limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
     /// From a request head's first byte (or a new connection) to its end.
     pub header: Duration,
     /// Between the end of a response and the next request's first byte.
     pub idle: Duration,
+    /// Connections open at once.
+    pub connections: usize,
+    /// Connections open at once from one client.
+    pub per_client: usize,
+    /// Peers exempt from the per-client limit (an ingress carries many
+    /// clients' connections).
+    pub trusted: Vec<ipnet::IpNet>,
+}
+
+/// Open connections per client, bounded by the open connections.
+#[derive(Default)]
+struct PerClient(std::sync::Mutex<HashMap<String, usize>>);
+
+/// One client's connection, counted until dropped.
+struct ClientSlot {
+    map: Arc<PerClient>,
+    key: String,
+}
+
+impl PerClient {
+    fn take(self: &Arc<Self>, key: String, limit: usize) -> Option<ClientSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key.clone()).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            map: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
 }
 
 const IDLE: u8 = 0;
@@ -69,7 +118,7 @@ impl Phase {
 
     /// When the current phase's deadline passes (`None` while a request is
     /// being served: the handler bounds that itself).
-    fn deadline(&self, d: &Deadlines) -> Option<Instant> {
+    fn deadline(&self, d: &Limits) -> Option<Instant> {
         let limit = match self.phase.load(Ordering::Acquire) {
             IDLE => d.idle,
             HEAD => d.header,
@@ -136,29 +185,55 @@ impl AsyncWrite for Watched {
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    deadlines: Deadlines,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let limits = Arc::new(limits);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let per_client = Arc::new(PerClient::default());
     let mut conns = JoinSet::new();
     loop {
-        tokio::select! {
+        // A permit first: at the cap, connections wait in the backlog.
+        let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of descriptors, say: the connection stays in
-                        // the backlog, so retrying at once would spin.
-                        tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                conns.spawn(connection(stream, peer, app.clone(), deadlines, shutdown.clone()));
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            p = open.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors, say: the connection stays in the
+                // backlog, so retrying at once would spin.
+                tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-        }
+        };
+        let ip = peer.ip().to_canonical();
+        let slot = if limits.trusted.iter().any(|n| n.contains(&ip)) {
+            None
+        } else {
+            match per_client.take(crate::inbox::rate_key(ip), limits.per_client) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::debug!(%peer, "connection refused: too many from this client");
+                    continue;
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = connection(stream, peer, app.clone(), limits.clone(), shutdown.clone());
+        conns.spawn(async move {
+            conn.await;
+            drop((permit, slot));
+        });
     }
     drop(listener);
     let drained =
@@ -177,7 +252,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     app: Router,
-    deadlines: Deadlines,
+    deadlines: Arc<Limits>,
     shutdown: CancellationToken,
 ) {
     let phase = Arc::new(Phase::new(Instant::now()));

@@ -141,6 +141,13 @@ pub struct Config {
     /// `STAMPEDE_HTTP_IDLE_TIMEOUT_SECS` (added, default 60): the edge closes a
     /// keep-alive connection idle between requests this long.
     pub http_idle_timeout: Duration,
+    /// `STAMPEDE_HTTP_MAX_CONNECTIONS` (added, default 10000): connections
+    /// the edge holds open at once; more wait in the kernel's backlog.
+    pub http_max_connections: usize,
+    /// `STAMPEDE_HTTP_MAX_CONNECTIONS_PER_CLIENT` (added, default 256):
+    /// connections one client address (an IPv6 /64) may hold open at the
+    /// edge; trusted proxies are exempt.
+    pub http_max_connections_per_client: usize,
 }
 
 impl Config {
@@ -277,7 +284,15 @@ impl Config {
                 .collect(),
             public_host_aliases: list("STAMPEDE_PUBLIC_HOST_ALIASES")
                 .iter()
-                .map(|h| h.to_ascii_lowercase())
+                .map(|a| {
+                    // The host as a Host header carries it (IDNA, lower case).
+                    let (host, port) = split_authority(a);
+                    let host = normalize_domain(host);
+                    match port {
+                        Some(p) => format!("{host}:{p}"),
+                        None => host,
+                    }
+                })
                 .collect(),
             trusted_proxies: list("STAMPEDE_TRUSTED_PROXIES")
                 .iter()
@@ -297,6 +312,14 @@ impl Config {
             http_header_timeout: secs("STAMPEDE_HTTP_HEADER_TIMEOUT_SECS", 10, 1, 3600)?,
             http_body_timeout: secs("STAMPEDE_HTTP_BODY_TIMEOUT_SECS", 20, 1, 3600)?,
             http_idle_timeout: secs("STAMPEDE_HTTP_IDLE_TIMEOUT_SECS", 60, 1, 86400)?,
+            http_max_connections: number("STAMPEDE_HTTP_MAX_CONNECTIONS", 10_000, 1, 1_000_000)?
+                as usize,
+            http_max_connections_per_client: number(
+                "STAMPEDE_HTTP_MAX_CONNECTIONS_PER_CLIENT",
+                256,
+                1,
+                1_000_000,
+            )? as usize,
             inbound_max_age_secs: number("STAMPEDE_INBOUND_MAX_AGE_SECS", 3600, 60, 7 * 86400)?
                 as i64,
             inbound_max_future_secs: number("STAMPEDE_INBOUND_MAX_FUTURE_SECS", 300, 0, 86400)?

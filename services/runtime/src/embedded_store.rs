@@ -18,6 +18,10 @@ const SCHEMA: &[(i32, &str)] = &[
         2,
         include_str!("../migrations/embedded/0002_host_health.sql"),
     ),
+    (
+        3,
+        include_str!("../migrations/embedded/0003_forget_unbound_documents.sql"),
+    ),
 ];
 
 /// The SQLite implementation of [`Store`].

@@ -95,8 +95,28 @@ pub struct Response {
     pub status: u16,
     /// `Retry-After`, when present.
     pub retry_after: Option<String>,
+    /// `Content-Type`, when present.
+    pub content_type: Option<String>,
     /// Body, at most the cap.
     pub body: Bytes,
+    /// Whether the body was read to its end: false when it was cut at the
+    /// cap or the connection failed midway (a document read so is not the
+    /// document, and must not be judged).
+    pub complete: bool,
+}
+
+impl Response {
+    /// Whether the answer is an ActivityStreams document by its
+    /// `Content-Type` (`application/activity+json`, or
+    /// `application/ld+json` with any profile), as Mastodon requires of
+    /// fetched objects: a file a user uploaded to the origin is not one.
+    pub fn is_activity_json(&self) -> bool {
+        self.content_type.as_deref().is_some_and(|ct| {
+            let media = ct.split(';').next().unwrap_or("").trim();
+            media.eq_ignore_ascii_case("application/activity+json")
+                || media.eq_ignore_ascii_case("application/ld+json")
+        })
+    }
 }
 
 /// The guarded outbound client.
@@ -177,26 +197,35 @@ impl OutboundClient {
         self.check_url(url)?;
         let mut resp = req.send().await.map_err(classify)?;
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let header = |name: reqwest::header::HeaderName| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let retry_after = header(reqwest::header::RETRY_AFTER);
+        let content_type = header(reqwest::header::CONTENT_TYPE);
         let mut body = BytesMut::new();
+        let mut complete = false;
         while body.len() < max_body {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
                     let room = max_body - body.len();
                     body.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    complete = true;
+                    break;
+                }
                 Err(_) => break,
             }
         }
         Ok(Response {
             status,
             retry_after,
+            content_type,
             body: body.freeze(),
+            complete,
         })
     }
 

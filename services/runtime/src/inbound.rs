@@ -40,6 +40,9 @@ pub enum Verdict {
     /// The activity's id (or, for `Create`/`Update`/`Delete`, its object's)
     /// is of another origin than its actor: it speaks for another server.
     ForeignId,
+    /// The body is an activity that cannot be read (`Verify`: no type, no
+    /// actor, an id too long), so nothing about its actor can be verified.
+    Malformed,
     /// The signature was made for another server (its signed `host` /
     /// `@authority` is not our public host or an alias): a replay.
     WrongHost,
@@ -57,6 +60,7 @@ impl Verdict {
             Verdict::Blocked => "blocked",
             Verdict::DroppedDelete => "dropped_delete",
             Verdict::ForeignId => "foreign_id",
+            Verdict::Malformed => "malformed",
             Verdict::WrongHost => "wrong_host",
         }
     }
@@ -122,8 +126,13 @@ pub struct ActivityInfo {
     pub kind: String,
     /// `actor` id.
     pub actor: String,
-    /// The object's id, embedded or referenced.
+    /// The object's id, embedded or referenced (the first, for several).
     pub object_id: Option<String>,
+    /// Every object's id, when `object` is an array: all are checked.
+    pub more_object_ids: Vec<String>,
+    /// Whether any of its types is `Create`, `Update` or `Delete`: it
+    /// asserts authorship of its objects.
+    pub asserts_objects: bool,
 }
 
 /// Reads the fields verification needs; an error names what is missing.
@@ -139,27 +148,40 @@ pub fn activity_info(json: &Value) -> Result<ActivityInfo, String> {
         .ok_or("no actor")?
         .to_string();
     let id = o.get("id").and_then(Value::as_str).map(str::to_string);
-    let object_id = o.get("object").and_then(id_of).map(str::to_string);
-    for (what, v) in [
-        ("actor", Some(&actor)),
-        ("id", id.as_ref()),
-        ("object id", object_id.as_ref()),
-    ] {
+    let mut object_ids: Vec<String> = match o.get("object") {
+        Some(Value::Array(objects)) => objects
+            .iter()
+            .filter_map(id_of)
+            .map(str::to_string)
+            .collect(),
+        Some(object) => id_of(object).map(str::to_string).into_iter().collect(),
+        None => Vec::new(),
+    };
+    for (what, v) in [("actor", Some(&actor)), ("id", id.as_ref())]
+        .into_iter()
+        .chain(object_ids.iter().map(|o| ("object id", Some(o))))
+    {
         if v.is_some_and(|v| v.len() > MAX_ID_BYTES) {
             return Err(format!("{what} longer than {MAX_ID_BYTES} bytes"));
         }
     }
+    let asserts_objects = stampede_core::activity::types(o)
+        .iter()
+        .any(|t| matches!(*t, "Create" | "Update" | "Delete"));
+    let object_id = (!object_ids.is_empty()).then(|| object_ids.remove(0));
     Ok(ActivityInfo {
         id,
         kind,
         actor,
         object_id,
+        more_object_ids: object_ids,
+        asserts_objects,
     })
 }
 
 /// Whether the activity's ids are of its actor's origin (`actor` already
-/// parsed): its own id, and for `Create`, `Update` and `Delete` the
-/// object's, which such an activity asserts authorship of. Mastodon checks
+/// parsed): its own id, and for `Create`, `Update` and `Delete` (any of its
+/// types) every object's, which such an activity asserts authorship of. Mastodon checks
 /// the same (`invalid_origin?`).
 fn ids_of_actor_origin(actor: &Url, a: &ActivityInfo) -> Result<(), String> {
     use stampede_core::documents::same_origin_as;
@@ -170,8 +192,8 @@ fn ids_of_actor_origin(actor: &Url, a: &ActivityInfo) -> Result<(), String> {
             ));
         }
     }
-    if matches!(a.kind.as_str(), "Create" | "Update" | "Delete") {
-        if let Some(o) = &a.object_id {
+    if a.asserts_objects {
+        for o in a.object_id.iter().chain(&a.more_object_ids) {
             if !same_origin_as(actor, o) {
                 return Err(format!("object id {o} is of another origin than the actor"));
             }
@@ -207,13 +229,16 @@ impl Verifier {
     }
 
     /// Verifies `req`; with `activity`, also that the key is its actor's.
+    /// `client` names who sent it (the edge's rate-limit key; empty when
+    /// unknown): key fetches it causes are rationed per client.
     pub async fn verify(
         &self,
         req: &HttpRequest<'_>,
         activity: Option<&ActivityInfo>,
+        client: &str,
     ) -> Verification {
         let started = Instant::now();
-        let v = self.verify_inner(req, activity).await;
+        let v = self.verify_inner(req, activity, client).await;
         self.p
             .metrics
             .verify_seconds
@@ -225,6 +250,7 @@ impl Verifier {
         &self,
         req: &HttpRequest<'_>,
         activity: Option<&ActivityInfo>,
+        client: &str,
     ) -> Verification {
         let cfg = &self.p.cfg;
         let signed = match parse(req) {
@@ -325,7 +351,7 @@ impl Verifier {
                 }
             }
         }
-        let (mut key, fresh) = match self.keys.get(&signed.key_id).await {
+        let (mut key, fresh) = match self.keys.get(&signed.key_id, client).await {
             Ok(k) => k,
             Err(e) => return Verification::key_error(e, key_id),
         };
@@ -335,7 +361,7 @@ impl Verifier {
             // most once per refetch window. Within the window the request
             // may still be genuine (a rotation just after a forged request
             // took the refetch), so it is tried again after the window.
-            match self.keys.refetch(&signed.key_id).await {
+            match self.keys.refetch(&signed.key_id, client).await {
                 Ok(k) => {
                     key = k;
                     result = verify_signature(&signed, &key.key);

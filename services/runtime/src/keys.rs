@@ -17,6 +17,7 @@ use lru::LruCache;
 use serde_json::{json, Value};
 use stampede_core::documents::{key_in_document, lists_key, same_origin, KeyDocError};
 use stampede_core::keys::VerifyingKey;
+use stampede_core::targets::normalize_domain;
 use tokio::sync::OnceCell;
 use url::Url;
 
@@ -53,7 +54,8 @@ pub struct KeyEntry {
 pub enum Known {
     /// Cached.
     Key(Arc<KeyEntry>),
-    /// Known gone (404/410 or its actor deleted).
+    /// Known not to be had for now: gone (404/410, its actor deleted), or
+    /// its document refused (invalid, another origin's, SSRF-refused).
     Gone,
     /// Never seen.
     Unknown,
@@ -62,7 +64,8 @@ pub enum Known {
 /// Why a key could not be had.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyError {
-    /// The key's server says it does not exist (404/410), or its document is unusable.
+    /// The key's server says it does not exist (404/410), or its document
+    /// is unusable or was refused: trying again soon will not help.
     #[error("key gone: {0}")]
     Gone(String),
     /// The key's server could not be reached or failed; try later.
@@ -96,8 +99,10 @@ pub struct KeyResolver {
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
 }
 
+/// The cache key of a remote key. `2`: entries learnt before documents
+/// were bound to the URL fetched (`key:`) are not read.
 fn cache_key(key_id: &str) -> String {
-    format!("key:{key_id}")
+    format!("key2:{key_id}")
 }
 
 /// The mark of a key's last refetch: the next waits until it expires. The
@@ -111,12 +116,6 @@ fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Whether a stored or cached (key, owner) pair obeys the origin rule; rows
-/// written before the rule was enforced may not.
-fn owner_plausible(key_id: &str, owner: &str) -> bool {
-    same_origin(key_id, owner)
 }
 
 impl KeyResolver {
@@ -197,7 +196,7 @@ impl KeyResolver {
         owner: &str,
         pem: &str,
     ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
-        if !owner_plausible(key_id, owner) {
+        if !same_origin(key_id, owner) {
             return Err(KeyError::Gone(format!(
                 "owner {owner} is of another origin than key {key_id}"
             )));
@@ -214,9 +213,14 @@ impl KeyResolver {
         Ok(e)
     }
 
-    /// The key `key_id`, from a cache or fetched; the flag says whether it
+    /// The key `key_id`, from a cache or fetched for `client` (whose request
+    /// asks for it: see [`KeyResolver::ration`]); the flag says whether it
     /// was fetched just now (then a failing signature is not the cache's fault).
-    pub async fn get(&self, key_id: &str) -> std::result::Result<(Arc<KeyEntry>, bool), KeyError> {
+    pub async fn get(
+        &self,
+        key_id: &str,
+        client: &str,
+    ) -> std::result::Result<(Arc<KeyEntry>, bool), KeyError> {
         match self.known(key_id).await {
             Ok(Known::Key(k)) => {
                 self.count("hit");
@@ -232,14 +236,20 @@ impl KeyResolver {
         self.count("miss");
         // Boxed: the network path is rare, and inline it would size every
         // message's future for it.
-        Box::pin(self.fetch(key_id)).await.map(|k| (k, true))
+        Box::pin(self.fetch(key_id, client))
+            .await
+            .map(|k| (k, true))
     }
 
     /// Fetches `key_id` from its server again, replacing what the caches hold
     /// (the remote may have rotated its key), unless it was refetched within
     /// `STAMPEDE_KEY_REFETCH_SECS`: forged requests naming a real key would
     /// otherwise make us send its server a GET each.
-    pub async fn refetch(&self, key_id: &str) -> std::result::Result<Arc<KeyEntry>, KeyError> {
+    pub async fn refetch(
+        &self,
+        key_id: &str,
+        client: &str,
+    ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
         let window = self.p.cfg.key_refetch;
         let mark = fetched_mark(key_id);
         let cache = &self.p.backends.cache;
@@ -267,11 +277,15 @@ impl KeyResolver {
                 wait: window.saturating_sub(elapsed).max(Duration::from_secs(1)),
             });
         }
-        Box::pin(self.fetch(key_id)).await
+        Box::pin(self.fetch(key_id, client)).await
     }
 
     /// Fetches once per key at a time: concurrent callers share the fetch.
-    async fn fetch(&self, key_id: &str) -> std::result::Result<Arc<KeyEntry>, KeyError> {
+    async fn fetch(
+        &self,
+        key_id: &str,
+        client: &str,
+    ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
         let flight = {
             let mut m = self
                 .inflight
@@ -279,7 +293,10 @@ impl KeyResolver {
                 .map_err(|_| KeyError::Unavailable("lock poisoned".into()))?;
             m.entry(key_id.to_string()).or_default().clone()
         };
-        let result = flight.get_or_init(|| self.fetch_now(key_id)).await.clone();
+        let result = flight
+            .get_or_init(|| self.fetch_now(key_id, client))
+            .await
+            .clone();
         if let Ok(mut m) = self.inflight.lock() {
             if m.get(key_id).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
                 m.remove(key_id);
@@ -288,25 +305,34 @@ impl KeyResolver {
         result
     }
 
-    /// Takes one fetch from the ration of `url`'s host for this minute.
-    async fn ration(&self, url: &Url) -> std::result::Result<(), KeyError> {
+    /// Takes one fetch from the ration of `client` for `url`'s domain this
+    /// minute (`STAMPEDE_KEY_FETCH_RATE_LIMIT`). Per client: forged requests
+    /// from one address naming a server's actors spend that address's
+    /// ration, not the server's, whose own requests keep theirs. Per domain
+    /// (no port, normalised), so ports and spellings of one host share it.
+    async fn ration(&self, url: &Url, client: &str) -> std::result::Result<(), KeyError> {
         let limit = self.p.cfg.key_fetch_rate_limit;
         if limit == 0 {
             return Ok(());
         }
-        let host = stampede_core::targets::inbox_host(url.as_str()).unwrap_or_default();
+        let domain = normalize_domain(url.host_str().unwrap_or_default());
         let now = unix_ms() / 1000;
+        let key = format!(
+            "kf:{}:{}",
+            stampede_core::digest::tuple_hash(&[&domain, client]),
+            now / 60
+        );
         let n = self
             .p
             .backends
             .cache
-            .incr(&format!("kf:{host}:{}", now / 60), Duration::from_secs(61))
+            .incr(&key, Duration::from_secs(61))
             .await
             .map_err(|e| KeyError::Unavailable(e.to_string()))?;
         if n > limit {
             self.fetched("throttled");
             return Err(KeyError::Throttled {
-                reason: format!("over {limit} key fetches a minute to {host}"),
+                reason: format!("over {limit} key fetches a minute to {domain} for this client"),
                 wait: Duration::from_secs((60 - now % 60) as u64 + 1),
             });
         }
@@ -315,8 +341,8 @@ impl KeyResolver {
 
     /// A signed GET of `url` within its host's ration; the document and
     /// the status it came with, or why there is none.
-    async fn get_document(&self, url: &Url) -> std::result::Result<Value, Fetched> {
-        self.ration(url).await.map_err(Fetched::Key)?;
+    async fn get_document(&self, url: &Url, client: &str) -> std::result::Result<Value, Fetched> {
+        self.ration(url, client).await.map_err(Fetched::Key)?;
         let instance = self
             .p
             .instance_actor()
@@ -336,11 +362,27 @@ impl KeyResolver {
                 ))))
             }
         }
+        if !resp.complete {
+            // Cut off: not the document, so nothing to judge it by.
+            return Err(Fetched::Key(KeyError::Unavailable(format!(
+                "{url}: the document was not read whole"
+            ))));
+        }
+        if !resp.is_activity_json() {
+            return Err(Fetched::Invalid(format!(
+                "{url} answered {}, not application/activity+json",
+                resp.content_type.as_deref().unwrap_or("no content type")
+            )));
+        }
         stampede_core::activity::parse_json(&resp.body)
             .map_err(|e| Fetched::Invalid(format!("{url}: {e}")))
     }
 
-    async fn fetch_now(&self, key_id: &str) -> std::result::Result<Arc<KeyEntry>, KeyError> {
+    async fn fetch_now(
+        &self,
+        key_id: &str,
+        client: &str,
+    ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
         let url = match Url::parse(key_id) {
             Ok(mut u) if u.host().is_some() => {
                 u.set_fragment(None);
@@ -349,7 +391,7 @@ impl KeyResolver {
             _ => return Err(KeyError::Gone(format!("bad key id {key_id}"))),
         };
         let result = async {
-            let doc = self.get_document(&url).await?;
+            let doc = self.get_document(&url, client).await?;
             let found = key_in_document(url.as_str(), key_id, &doc).map_err(|e| match e {
                 KeyDocError::NoSuchKey => Fetched::Invalid(format!("{url} has no key {key_id}")),
                 e => Fetched::Invalid(e.to_string()),
@@ -363,9 +405,9 @@ impl KeyResolver {
                 // actor document (same origin, checked above) lists the key.
                 let owner_url = Url::parse(&key.owner)
                     .map_err(|_| Fetched::Invalid(format!("owner {} is not a URL", key.owner)))?;
-                let owner_doc = self.get_document(&owner_url).await?;
+                let owner_doc = self.get_document(&owner_url, client).await?;
                 let is_owner = owner_doc.get("id").and_then(Value::as_str) == Some(&key.owner);
-                if !is_owner || !lists_key(&owner_doc, key_id) {
+                if !is_owner || !lists_key(&owner_doc, &key) {
                     return Err(Fetched::Invalid(format!(
                         "the actor {} does not list key {key_id}",
                         key.owner
@@ -478,7 +520,7 @@ impl KeyResolver {
     /// must be of the actor's origin (an actor cannot adopt another
     /// server's key id).
     pub async fn update(&self, key_id: &str, owner: &str, pem: &str) -> Result<()> {
-        if !owner_plausible(key_id, owner) {
+        if !same_origin(key_id, owner) {
             return Err(Error::Invalid(format!(
                 "key {key_id} is of another origin than {owner}"
             )));

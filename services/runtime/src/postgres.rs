@@ -22,6 +22,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "host_health",
         include_str!("../migrations/0004_host_health.sql"),
     ),
+    (
+        5,
+        "forget_unbound_documents",
+        include_str!("../migrations/0005_forget_unbound_documents.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming stampede's migration advisory lock.

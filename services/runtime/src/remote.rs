@@ -19,6 +19,12 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(3600);
 const ACCEPT: &str =
     "application/activity+json, application/ld+json; profile=\"https://www.w3.org/ns/activitystreams\"";
 
+/// The cache key of a remote actor. `2`: entries learnt before documents
+/// were bound to the URL fetched (`actor:`) are not read.
+fn actor_key(id: &str) -> String {
+    format!("actor2:{id}")
+}
+
 /// The remote-actor resolver.
 #[derive(Clone)]
 pub struct Resolver {
@@ -35,7 +41,7 @@ impl Resolver {
     /// collection, say). Fetch requests are signed by the local actor `signer`.
     pub async fn resolve(&self, id: &str, signer: &LocalActor) -> Result<Option<RemoteActor>> {
         let b = &self.p.backends;
-        let key = format!("actor:{id}");
+        let key = actor_key(id);
         let count = |r: &'static str| {
             self.p
                 .metrics
@@ -86,9 +92,7 @@ impl Resolver {
     pub async fn remember(&self, a: &RemoteActor) -> Result<()> {
         let b = &self.p.backends;
         b.store.put_remote_actor(a).await?;
-        b.cache
-            .set(&format!("actor:{}", a.id), &encode(Some(a)), TTL)
-            .await
+        b.cache.set(&actor_key(&a.id), &encode(Some(a)), TTL).await
     }
 
     /// Forgets a deleted actor.
@@ -96,7 +100,7 @@ impl Resolver {
         let b = &self.p.backends;
         b.store.delete_remote_actor(id).await?;
         b.cache
-            .set(&format!("actor:{id}"), &encode(None), NEGATIVE_TTL)
+            .set(&actor_key(id), &encode(None), NEGATIVE_TTL)
             .await
     }
 
@@ -106,6 +110,13 @@ impl Resolver {
             200..=299 => {}
             404 | 410 => return Ok(None),
             s => return Err(Error::Http(format!("GET {id} answered {s}"))),
+        }
+        if !resp.complete {
+            return Err(Error::Http(format!("GET {id}: not read whole")));
+        }
+        if !resp.is_activity_json() {
+            tracing::info!(actor = %id, content_type = ?resp.content_type, "not an ActivityStreams document; ignored");
+            return Ok(None);
         }
         let doc = stampede_core::activity::parse_json(&resp.body)
             .map_err(|e| Error::Http(format!("actor document {id}: {e}")))?;

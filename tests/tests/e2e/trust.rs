@@ -159,6 +159,38 @@ async fn a_key_document_cannot_redirect_another_servers_actor(backend: Backend) 
     let stored = app.store.remote_actor(&victim.id).await.unwrap().unwrap();
     assert_eq!(stored.inbox, victim.inbox);
     assert!(app.store.remote_key(&evil_key).await.unwrap().is_none());
+
+    // Inside the victim's own origin: a file a user uploaded there claims to
+    // be bob's actor document, with the attacker's key. It is not at bob's
+    // URL, and bob's own document does not list the key: not bob's.
+    let upload = format!("http://{}/media/x.json", victim.host);
+    sink.serve_document(
+        0,
+        "/media/x.json",
+        json!({
+            "id": victim.id, "type": "Person", "inbox": format!("{evil}/users/steal/inbox"),
+            "publicKey": {"id": format!("{upload}#k"), "owner": victim.id, "publicKeyPem": sink.public_pem(1).unwrap()},
+        }),
+    )
+    .unwrap();
+    let forged = SendOptions {
+        key_id: Some(format!("{upload}#k")),
+        ..SendOptions::default()
+    };
+    // Signed with the attacker's key (server 1's), as bob.
+    let headers = sink
+        .signed_request_headers(1, "bob", "GET", &url, b"", &forged)
+        .await
+        .unwrap();
+    let v = InboundServiceClient::new(app.grpc.clone())
+        .verify(verify_request("GET", "/users/alice", &headers, b""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.verdict, "key_unavailable", "{v:?}");
+    assert_eq!(sink.gets(0, "/media/x.json"), 1);
+    let stored = app.store.remote_actor(&victim.id).await.unwrap().unwrap();
+    assert_eq!(stored.inbox, victim.inbox);
     app.stop().await;
 }
 
@@ -239,6 +271,37 @@ async fn verify_speaks_only_for_owners_that_list_the_key(backend: Backend) {
     let again = verify(format!("{evil}/k3")).await;
     assert_eq!(again.verdict, "key_unavailable");
     assert_eq!(sink.gets(1, "/k3"), before);
+    // A body that is an activity must be a readable one: no key check alone.
+    let unreadable = json!({"type": "Like", "actor": [mallory.id], "object": url})
+        .to_string()
+        .into_bytes();
+    let post = format!("{}/users/alice/inbox", app.http_base);
+    let headers = sink
+        .signed_request_headers(
+            1,
+            "mallory",
+            "POST",
+            &post,
+            &unreadable,
+            &SendOptions::default(),
+        )
+        .await
+        .unwrap();
+    let v = InboundServiceClient::new(app.grpc.clone())
+        .verify(verify_request(
+            "POST",
+            "/users/alice/inbox",
+            &headers,
+            &unreadable,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (v.verdict.as_str(), v.actor.as_str()),
+        ("malformed", ""),
+        "{v:?}"
+    );
     app.stop().await;
 }
 
@@ -318,15 +381,24 @@ async fn ids_of_another_origin_are_refused_and_shadow_nothing(backend: Backend) 
         "id": format!("{}/creates/1", mallory.id), "type": "Create", "actor": mallory.id,
         "object": {"id": format!("{}/notes/1", bob.id), "type": "Note", "content": "not bob's"},
     });
-    for a in [&shadow, &forged_create] {
+    // The same hidden behind a second type, and in an array of objects.
+    let typed_twice = json!({
+        "id": format!("{}/creates/2", mallory.id), "type": ["Note", "Create"], "actor": mallory.id,
+        "object": {"id": format!("{}/notes/2", bob.id), "type": "Note"},
+    });
+    let in_an_array = json!({
+        "id": format!("{}/updates/1", mallory.id), "type": "Update", "actor": mallory.id,
+        "object": [{"id": format!("{}/notes/3", mallory.id)}, {"id": format!("{}/notes/4", bob.id)}],
+    });
+    for a in [&shadow, &forged_create, &typed_twice, &in_an_array] {
         let r = sink
             .send(1, "mallory", &inbox, a, SendOptions::default())
             .await
             .unwrap();
         assert_eq!(r.status, 202);
     }
-    wait_for("two foreign ids", Duration::from_secs(30), || async {
-        inbox_count(&app, "foreign_id").await == 2
+    wait_for("four foreign ids", Duration::from_secs(30), || async {
+        inbox_count(&app, "foreign_id").await == 4
     })
     .await;
     // Bob's real Delete of himself.
@@ -563,15 +635,16 @@ async fn the_edge_limits_clients_not_the_actors_they_name(backend: Backend) {
     assert_eq!(spoofed, [202, 202, 202, 429]);
     assert_eq!(edge_count(&app, "rate_limited").await, 3);
     // In the inbox service, bob's verified host has 3 a minute: his one
-    // above and two more pass, the fourth waits for the next minute.
+    // above and two more pass, the fourth waits for the next minute (not
+    // an attempt: it is not lost).
     for last in 6..9 {
         assert_eq!(send(from(last, false, None)).await.status, 202);
     }
     wait_for(
-        "three accepted, one deferred",
+        "three accepted, one waiting",
         Duration::from_secs(30),
         || async {
-            inbox_count(&app, "accepted").await == 3 && inbox_count(&app, "deferred").await == 1
+            inbox_count(&app, "accepted").await == 3 && inbox_count(&app, "rate_limited").await == 1
         },
     )
     .await;
