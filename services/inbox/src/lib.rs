@@ -342,10 +342,10 @@ impl Inbox {
     /// ends when the host is over it. A failing cache lets it through.
     async fn over_rate(&self, key_id: Option<&str>) -> Option<Duration> {
         let limit = self.p.cfg.inbound_rate_limit;
-        let host = key_id.and_then(inbox_host)?;
         if limit == 0 {
             return None;
         }
+        let host = key_id.and_then(inbox_host)?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

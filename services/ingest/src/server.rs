@@ -94,8 +94,6 @@ struct Phase {
     start: Instant,
     phase: AtomicU8,
     since_ms: AtomicU64,
-    /// Wakes the connection's watchdog to take the new deadline.
-    changed: tokio::sync::Notify,
 }
 
 impl Phase {
@@ -105,7 +103,6 @@ impl Phase {
             start,
             phase: AtomicU8::new(HEAD),
             since_ms: AtomicU64::new(0),
-            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -113,7 +110,6 @@ impl Phase {
         self.since_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.phase.store(phase, Ordering::Release);
-        self.changed.notify_one();
     }
 
     /// When the current phase's deadline passes (`None` while a request is
@@ -276,21 +272,32 @@ async fn connection(
         .serve_connection(io, svc);
     tokio::pin!(conn);
     let mut draining = false;
+    // The watchdog is one timer, reset only when it fires: it sleeps to the
+    // current phase's deadline, or, while a request is served, for the
+    // shorter of the two limits, then looks again. No wake-up per request,
+    // and a deadline is never missed by more than that look's delay (0).
+    let recheck = deadlines.header.min(deadlines.idle);
+    let first = phase
+        .deadline(&deadlines)
+        .unwrap_or_else(|| Instant::now() + recheck);
+    let watchdog = tokio::time::sleep_until(first.into());
+    tokio::pin!(watchdog);
     loop {
-        let deadline = phase
-            .deadline(&deadlines)
-            .unwrap_or_else(|| Instant::now() + deadlines.header);
         tokio::select! {
             _ = conn.as_mut() => return,
-            _ = phase.changed.notified() => {}
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                if phase.deadline(&deadlines).is_some_and(|d| d <= Instant::now()) {
-                    tracing::debug!(%peer, "connection closed: request head or idle deadline passed");
-                    return;
+            _ = &mut watchdog => {
+                let now = Instant::now();
+                match phase.deadline(&deadlines) {
+                    Some(d) if d <= now => {
+                        tracing::debug!(%peer, "connection closed: request head or idle deadline passed");
+                        return;
+                    }
+                    Some(d) => watchdog.as_mut().reset(d.into()),
+                    None => watchdog.as_mut().reset((now + recheck).into()),
                 }
             }
         }
