@@ -174,9 +174,13 @@ pub fn documents(data: &[u8]) {
     }
 }
 
-/// The WebFinger `resource` parameter.
+/// The WebFinger `resource` parameter, and host names as policy compares
+/// them (a `Host` header, a URL's host).
 pub fn webfinger(data: &[u8]) {
     let resource = String::from_utf8_lossy(data);
+    let domain = crate::targets::normalize_domain(&resource);
+    let _ = crate::targets::domain_within(&domain, "bad.example");
+    let _ = crate::targets::inbox_host(&resource);
     if let Ok(name) =
         crate::webfinger::local_name(&resource, "social.example", "https://social.example/users/")
     {
