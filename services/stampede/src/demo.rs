@@ -155,6 +155,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ("STAMPEDE_DATA_DIR", data_dir.display().to_string()),
         ("STAMPEDE_ALLOW_PRIVATE_NETWORKS", "true".into()),
         ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "10".into()),
+        // Every fake server is 127.0.0.1: to the edge's rate limit and the
+        // key-fetch ration they would be one client and one domain.
+        ("STAMPEDE_INBOUND_RATE_LIMIT", "0".into()),
+        ("STAMPEDE_KEY_FETCH_RATE_LIMIT", "0".into()),
     ]);
     let vars: HashMap<&str, String> = vars
         .into_iter()
