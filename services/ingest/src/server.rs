@@ -272,15 +272,16 @@ async fn connection(
         .serve_connection(io, svc);
     tokio::pin!(conn);
     let mut draining = false;
-    // The watchdog is one timer, reset only when it fires: it sleeps to the
-    // current phase's deadline, or, while a request is served, for the
-    // shorter of the two limits, then looks again. No wake-up per request,
-    // and a deadline is never missed by more than that look's delay (0).
+    // The watchdog is one timer, reset only when it fires (no wake-up per
+    // request): to the current phase's deadline, but never further than the
+    // shorter of the two limits ahead. A phase that begins after a wake ends
+    // no sooner than that, so no deadline is missed.
     let recheck = deadlines.header.min(deadlines.idle);
-    let first = phase
-        .deadline(&deadlines)
-        .unwrap_or_else(|| Instant::now() + recheck);
-    let watchdog = tokio::time::sleep_until(first.into());
+    let next = |now: Instant| {
+        let far = now + recheck;
+        phase.deadline(&deadlines).map_or(far, |d| d.min(far))
+    };
+    let watchdog = tokio::time::sleep_until(next(Instant::now()).into());
     tokio::pin!(watchdog);
     loop {
         tokio::select! {
@@ -291,14 +292,11 @@ async fn connection(
             }
             _ = &mut watchdog => {
                 let now = Instant::now();
-                match phase.deadline(&deadlines) {
-                    Some(d) if d <= now => {
-                        tracing::debug!(%peer, "connection closed: request head or idle deadline passed");
-                        return;
-                    }
-                    Some(d) => watchdog.as_mut().reset(d.into()),
-                    None => watchdog.as_mut().reset((now + recheck).into()),
+                if phase.deadline(&deadlines).is_some_and(|d| d <= now) {
+                    tracing::debug!(%peer, "connection closed: request head or idle deadline passed");
+                    return;
                 }
+                watchdog.as_mut().reset(next(now).into());
             }
         }
     }

