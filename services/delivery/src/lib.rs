@@ -18,16 +18,17 @@ use bytes::Bytes;
 use lru::LruCache;
 use prost::Message;
 use reqwest::header::{HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE, DATE};
+use stampede_backends::queue::{Incoming, OutMessage, QueueName};
+use stampede_backends::store::NewDeadLetter;
 use stampede_core::digest::digest_header;
 use stampede_core::keys::load_private_key;
 use stampede_core::signature::{sign_request, POST_HEADERS};
 use stampede_core::targets::inbox_host;
+use stampede_federation::hosts::{self, Gate};
+use stampede_federation::parked::{self, Reason};
 use stampede_proto::queue::DeliveryJob;
-use stampede_runtime::hosts::{self, Gate};
-use stampede_runtime::parked::{self, Reason};
+use stampede_runtime::metrics::DeliveryOutcome;
 use stampede_runtime::process::{Listeners, Process};
-use stampede_runtime::queue::{Incoming, OutMessage, QueueName};
-use stampede_runtime::store::NewDeadLetter;
 use stampede_runtime::worker;
 use thiserror::Error;
 use tokio::sync::OnceCell;
@@ -36,8 +37,7 @@ use url::Url;
 pub use lanes::Lanes;
 pub use outcome::{classify, retry_delay, Outcome};
 
-/// Protobuf name of the delivery job.
-pub const DELIVERY_JOB: &str = "stampede.queue.v1.DeliveryJob";
+use stampede_proto::kinds::DELIVERY_JOB;
 /// Activities whose prepared bodies a worker keeps in memory.
 const BODY_CACHE: usize = 1024;
 /// How long a delivery is parked before it is looked at again: to a paused
@@ -51,11 +51,7 @@ fn http_date(t: std::time::SystemTime) -> HeaderValue {
     HeaderValue::try_from(httpdate::fmt_http_date(t)).unwrap_or(HeaderValue::from_static(""))
 }
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use stampede_backends::clock::now_ms as unix_ms;
 
 const ACTIVITY_JSON: HeaderValue = HeaderValue::from_static("application/activity+json");
 const DIGEST: HeaderName = HeaderName::from_static("digest");
@@ -73,6 +69,12 @@ pub enum DeliveryError {
     /// The job can never be delivered.
     #[error("{0}")]
     Permanent(String),
+}
+
+impl From<stampede_backends::Error> for DeliveryError {
+    fn from(e: stampede_backends::Error) -> Self {
+        DeliveryError::Runtime(e.into())
+    }
 }
 
 /// An activity ready to send: the body, its digest and its author's key,
@@ -117,20 +119,20 @@ pub struct Delivery {
 }
 
 /// Counts a delivery outcome and records it on the current (deliver) span.
-fn count_outcome(m: &stampede_runtime::metrics::Metrics, o: &'static str) {
+fn count_outcome(m: &stampede_runtime::metrics::Metrics, o: DeliveryOutcome) {
     m.delivery(o);
-    tracing::Span::current().record("outcome", o);
+    tracing::Span::current().record("outcome", o.as_str());
 }
 
 /// The `stampede_deliveries_total` outcome of a park (named before parks
 /// had reasons in status: kept).
-fn park_outcome(why: Reason) -> &'static str {
+fn park_outcome(why: Reason) -> DeliveryOutcome {
     match why {
-        Reason::Paused => "parked",
-        Reason::CircuitOpen => "circuit_open",
-        Reason::Saturated => "deferred",
-        Reason::LocalExhausted => "local_exhausted",
-        Reason::Retry => "retry",
+        Reason::Paused => DeliveryOutcome::Parked,
+        Reason::CircuitOpen => DeliveryOutcome::CircuitOpen,
+        Reason::Saturated => DeliveryOutcome::Deferred,
+        Reason::LocalExhausted => DeliveryOutcome::LocalExhausted,
+        Reason::Retry => DeliveryOutcome::Retry,
     }
 }
 
@@ -171,8 +173,14 @@ impl Delivery {
     /// Consumes the delivery queue until shutdown.
     pub async fn run(self) -> Result<(), DeliveryError> {
         let (p, prefetch) = (self.p.clone(), self.p.cfg.prefetch);
-        stampede_runtime::hosts::restore_paused(&p.backends).await?;
-        worker::serve(&p, QueueName::Delivery, prefetch, self).await?;
+        stampede_federation::hosts::restore_paused(&p.backends).await?;
+        tokio::spawn(parked::sample(
+            p.metrics.clone(),
+            p.backends.cache.clone(),
+            std::time::Duration::from_secs(10),
+            p.shutdown.clone(),
+        ));
+        worker::consume(&p, QueueName::Delivery, prefetch, self).await?;
         Ok(())
     }
 }
@@ -236,14 +244,14 @@ impl Delivery {
             None
         };
         if let Some(why) = refused {
-            count_outcome(m, "skipped");
+            count_outcome(m, DeliveryOutcome::Skipped);
             tracing::info!(inbox_host = %host, reason = why, "delivery skipped: the inbox is on {why}");
             return Ok(());
         }
         // A first, fresh message cannot have succeeded before; a redelivered
         // one (a worker died holding it) or one from a fanout that ran twice may.
         if may_be_delivered && store.delivered(&job.activity_key, &job.inbox).await? {
-            count_outcome(m, "skipped");
+            count_outcome(m, DeliveryOutcome::Skipped);
             tracing::debug!("already delivered");
             return Ok(());
         }
@@ -279,7 +287,7 @@ impl Delivery {
                     job.attempt,
                 )
                 .await?;
-                count_outcome(m, "unavailable");
+                count_outcome(m, DeliveryOutcome::Unavailable);
                 return Ok(());
             }
             Gate::Probe => {
@@ -304,7 +312,7 @@ impl Delivery {
         if let Ok(prep) = self.prepared(&job.activity_key).await {
             if let Some((actor, object)) = &prep.supersedable {
                 if self.superseded(&prep, *actor, object).await? {
-                    count_outcome(m, "superseded");
+                    count_outcome(m, DeliveryOutcome::Superseded);
                     tracing::info!(activity_id = %prep.ap_id, "superseded by a Delete of its object; not sent");
                     return Ok(());
                 }
@@ -364,7 +372,7 @@ impl Delivery {
                 store
                     .record_delivered(&job.activity_key, &job.inbox, host, status, job.attempt + 1)
                     .await?;
-                count_outcome(m, "delivered");
+                count_outcome(m, DeliveryOutcome::Delivered);
                 // One line per delivery would be most of a busy server's log
                 // (and CPU on every message): successes are counted in metrics
                 // and recorded on the trace span; the line is at debug.
@@ -408,7 +416,7 @@ impl Delivery {
                                 delay,
                             )
                             .await?;
-                        count_outcome(m, "retry");
+                        count_outcome(m, DeliveryOutcome::Retry);
                         self.count_parked(Reason::Retry, applied).await;
                         tracing::info!(inbox_host = %host, ?status, %reason, attempt = job.attempt, delay_secs = applied.as_secs(), "delivery failed; retry scheduled");
                     }
@@ -421,7 +429,7 @@ impl Delivery {
                             attempts,
                         )
                         .await?;
-                        count_outcome(m, "failed");
+                        count_outcome(m, DeliveryOutcome::Failed);
                     }
                 }
             }
@@ -441,12 +449,12 @@ impl Delivery {
                     job.attempt + 1,
                 )
                 .await?;
-                count_outcome(m, "gone");
+                count_outcome(m, DeliveryOutcome::Gone);
             }
             Outcome::Permanent { status, reason } => {
                 self.dead(job, host, reason, status, job.attempt + 1)
                     .await?;
-                count_outcome(m, "failed");
+                count_outcome(m, DeliveryOutcome::Failed);
             }
             Outcome::Refused { reason } => {
                 self.dead(
@@ -457,7 +465,7 @@ impl Delivery {
                     job.attempt + 1,
                 )
                 .await?;
-                count_outcome(m, "refused");
+                count_outcome(m, DeliveryOutcome::Refused);
             }
         }
         Ok(())
@@ -536,9 +544,11 @@ impl Delivery {
             Err(_) => false,
         };
         tracing::info!(inbox_host = %host, ok, "half-open probe");
-        self.p
-            .metrics
-            .delivery(if ok { "probe_ok" } else { "probe_failed" });
+        self.p.metrics.delivery(if ok {
+            DeliveryOutcome::ProbeOk
+        } else {
+            DeliveryOutcome::ProbeFailed
+        });
         ok
     }
 
@@ -622,7 +632,7 @@ impl Delivery {
             digest,
             digest_value,
             body,
-            key_id: format!("{}#main-key", self.p.cfg.actor_id(&actor.name)),
+            key_id: self.p.cfg.key_id(&actor.name),
             key: Arc::new(key_pair),
             ap_id: a.ap_id,
             kind: a.kind.clone(),
@@ -637,7 +647,7 @@ impl Delivery {
         &self,
         job: &DeliveryJob,
         host: &str,
-    ) -> Result<stampede_runtime::http::Response, DeliveryError> {
+    ) -> Result<stampede_runtime::http_client::Response, DeliveryError> {
         let url = Url::parse(&job.inbox)
             .map_err(|e| DeliveryError::Permanent(format!("bad inbox url: {e}")))?;
         self.p.http.check_url(&url)?;
@@ -688,14 +698,15 @@ impl Delivery {
 /// metrics, until shutdown.
 pub async fn serve(p: Process, l: Listeners) -> Result<(), DeliveryError> {
     let work = Delivery::new(p.clone()).run();
-    stampede_runtime::process::serve_worker(p, l, "delivery", work).await
+    stampede_runtime::process::serve_worker(p, l, stampede_runtime::ServiceKind::Delivery, work)
+        .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stampede_backends::store::{NewActivity, NewActor, PrivateKey};
     use stampede_runtime::shutdown::CancellationToken;
-    use stampede_runtime::store::{NewActivity, NewActor, PrivateKey};
 
     /// The jobs of one fanout arrive together: the first loads the activity
     /// and parses its author's key, the rest share what it loaded.
@@ -712,7 +723,7 @@ mod tests {
         .unwrap();
         let p = Process::connect(
             cfg,
-            stampede_runtime::process::ALL_IN_ONE,
+            stampede_runtime::Role::AllInOne,
             CancellationToken::new(),
         )
         .await

@@ -10,21 +10,19 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use prost::Message;
+use stampede_backends::queue::{Incoming, OutMessage, QueueName};
+use stampede_backends::store::StoredActivity;
 use stampede_core::activity::{addressing, PUBLIC};
 use stampede_core::targets::Recipient;
 use stampede_proto::queue::{DeliveryJob, FanoutJob};
 use stampede_runtime::process::{Listeners, Process};
-use stampede_runtime::queue::{Incoming, OutMessage, QueueName};
-use stampede_runtime::store::StoredActivity;
 use stampede_runtime::worker;
 use thiserror::Error;
 
-use stampede_runtime::remote::Resolver;
+use stampede_federation::remote_actors::Resolver;
 
-/// Protobuf name of the fanout job.
-pub const FANOUT_JOB: &str = "stampede.queue.v1.FanoutJob";
-/// Protobuf name of the delivery job.
-pub const DELIVERY_JOB: &str = "stampede.queue.v1.DeliveryJob";
+use stampede_proto::kinds::DELIVERY_JOB;
+use stampede_proto::kinds::FANOUT_JOB;
 /// Followers read per page.
 pub const PAGE: u32 = 1000;
 /// Fanout attempts before a job is dead-lettered.
@@ -39,6 +37,12 @@ pub enum FanoutError {
     /// The job can never succeed; it is dead-lettered.
     #[error("{0}")]
     Permanent(String),
+}
+
+impl From<stampede_backends::Error> for FanoutError {
+    fn from(e: stampede_backends::Error) -> Self {
+        FanoutError::Runtime(e.into())
+    }
 }
 
 /// The fanout worker.
@@ -58,7 +62,7 @@ impl Fanout {
     /// Consumes the fanout queue until shutdown.
     pub async fn run(self) -> Result<(), FanoutError> {
         let (p, prefetch) = (self.p.clone(), self.p.cfg.prefetch.clamp(1, 16));
-        worker::serve(&p, QueueName::Fanout, prefetch, self).await?;
+        worker::consume(&p, QueueName::Fanout, prefetch, self).await?;
         Ok(())
     }
 }
@@ -312,17 +316,13 @@ fn interleave_by_host(page: &[String]) -> impl Iterator<Item = &str> {
     out.into_iter()
 }
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use stampede_backends::clock::now_ms as unix_ms;
 
 /// Runs fanout as its own process: the worker, gRPC health and reflection,
 /// metrics, until shutdown.
 pub async fn serve(p: Process, l: Listeners) -> Result<(), FanoutError> {
     let work = Fanout::new(p.clone()).run();
-    stampede_runtime::process::serve_worker(p, l, "fanout", work).await
+    stampede_runtime::process::serve_worker(p, l, stampede_runtime::ServiceKind::Fanout, work).await
 }
 
 #[cfg(test)]

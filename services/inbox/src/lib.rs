@@ -6,26 +6,25 @@
 //! activities to the application through the verified-events exchange.
 #![deny(missing_docs)]
 
+mod effects;
+
 use std::time::Duration;
 
 use prost::Message;
-use serde_json::Value;
-use stampede_core::activity::{follow_answer, parse_json};
+use stampede_backends::queue::{Incoming, OutMessage, QueueName};
+use stampede_backends::store::LocalActor;
+use stampede_core::activity::parse_json;
 use stampede_core::targets::inbox_host;
 use stampede_core::verify::HttpRequest;
+use stampede_federation::remote_actors::Resolver;
+use stampede_federation::verify::{activity_info, ActivityInfo, Verdict, Verifier};
+use stampede_federation::cache_keys;
 use stampede_proto::queue::{InboundJob, VerifiedActivity};
-use stampede_runtime::inbound::{activity_info, ActivityInfo, Verdict, Verifier};
-use stampede_runtime::outbound;
 use stampede_runtime::process::{Listeners, Process};
-use stampede_runtime::queue::{Incoming, OutMessage, QueueName};
-use stampede_runtime::remote::{remote_actor, Resolver};
-use stampede_runtime::store::{Follower, LocalActor};
 use stampede_runtime::worker;
 
-/// Protobuf name of the inbound job.
-pub const INBOUND_JOB: &str = "stampede.queue.v1.InboundJob";
-/// Protobuf name of the verified activity event.
-pub const VERIFIED_ACTIVITY: &str = "stampede.queue.v1.VerifiedActivity";
+use stampede_proto::kinds::INBOUND_JOB;
+use stampede_proto::kinds::VERIFIED_ACTIVITY;
 /// How long an activity id is remembered per inbox to drop replays.
 const DEDUP_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Attempts for an activity whose key's server could not be reached.
@@ -39,19 +38,25 @@ pub enum InboxError {
     Runtime(#[from] stampede_runtime::Error),
 }
 
+impl From<stampede_backends::Error> for InboxError {
+    fn from(e: stampede_backends::Error) -> Self {
+        InboxError::Runtime(e.into())
+    }
+}
+
 /// The inbox worker (one reference count to clone: it is cloned per message).
 #[derive(Clone)]
-pub struct Inbox(std::sync::Arc<Parts>);
+pub struct Inbox(std::sync::Arc<InboxParts>);
 
 impl std::ops::Deref for Inbox {
-    type Target = Parts;
-    fn deref(&self) -> &Parts {
+    type Target = InboxParts;
+    fn deref(&self) -> &InboxParts {
         &self.0
     }
 }
 
 #[doc(hidden)]
-pub struct Parts {
+pub struct InboxParts {
     p: Process,
     verifier: Verifier,
     resolver: Resolver,
@@ -60,7 +65,7 @@ pub struct Parts {
 impl Inbox {
     /// Inbox over a process's backends.
     pub fn new(p: Process) -> Self {
-        Self(std::sync::Arc::new(Parts {
+        Self(std::sync::Arc::new(InboxParts {
             verifier: Verifier::new(p.clone()),
             resolver: Resolver::new(p.clone()),
             p,
@@ -70,7 +75,7 @@ impl Inbox {
     /// Consumes the inbound queue until shutdown.
     pub async fn run(self) -> Result<(), InboxError> {
         let (p, prefetch) = (self.p.clone(), self.p.cfg.prefetch);
-        worker::serve(&p, QueueName::Inbound, prefetch, self).await?;
+        worker::consume(&p, QueueName::Inbound, prefetch, self).await?;
         Ok(())
     }
 }
@@ -171,6 +176,12 @@ enum Later {
 impl From<InboxError> for Later {
     fn from(e: InboxError) -> Self {
         Later::Failed(e, None)
+    }
+}
+
+impl From<stampede_backends::Error> for Later {
+    fn from(e: stampede_backends::Error) -> Self {
+        Later::Failed(e.into(), None)
     }
 }
 
@@ -289,12 +300,10 @@ impl Inbox {
         }
         // Keyed on a hash of (inbox, actor, id): the id alone would let one
         // server mark another's ids as seen, and its size is the sender's.
-        let seen = info.id.as_ref().map(|id| {
-            format!(
-                "seen:{}",
-                stampede_core::digest::tuple_hash(&[&job.recipient_inbox, &info.actor, id])
-            )
-        });
+        let seen = info
+            .id
+            .as_ref()
+            .map(|id| cache_keys::seen(&job.recipient_inbox, &info.actor, id));
         if let Some(key) = &seen {
             if !cache.set_nx(key, b"1", DEDUP_TTL).await? {
                 m.inbound_verify("duplicate");
@@ -303,10 +312,15 @@ impl Inbox {
             }
         }
         let done = async {
-            if has_side_effects(&info.kind) {
+            if let Some(effect) = effects::Effect::of(&info.kind) {
+                let cx = effects::Context {
+                    json: &json,
+                    info: &info,
+                    key_id: v.key_id.as_deref(),
+                };
                 // Boxed: most activities have none, and inline these paths
                 // would size every message's future for them.
-                Box::pin(self.side_effects(&json, &info, v.key_id.as_deref())).await?;
+                Box::pin(self.apply(effect, &cx)).await?;
             }
             let event = VerifiedActivity {
                 activity_json: String::from_utf8_lossy(&job.body).into_owned(),
@@ -346,14 +360,12 @@ impl Inbox {
             return None;
         }
         let host = key_id.and_then(inbox_host)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = stampede_backends::clock::now_secs().max(0) as u64;
         let n = self
             .p
             .backends
             .cache
-            .incr(&format!("rlk:{host}:{}", now / 60), Duration::from_secs(61))
+            .incr(&cache_keys::inbox_activities(&host, now / 60), Duration::from_secs(61))
             .await
             .inspect_err(|e| tracing::warn!(error = %e, "rate limit unavailable; letting the activity through"))
             .ok()?;
@@ -361,133 +373,15 @@ impl Inbox {
     }
 
     async fn local_actor(&self, id: Option<&str>) -> Result<Option<LocalActor>, InboxError> {
-        let prefix = format!("{}/users/", self.p.cfg.base());
-        let Some(name) = id.and_then(|i| i.strip_prefix(&prefix)) else {
+        let Some(name) = id.and_then(|i| self.p.cfg.local_actor_name(i)) else {
             return Ok(None);
         };
         Ok(self.p.backends.store.actor_by_name(name).await?)
     }
-
-    async fn side_effects(
-        &self,
-        json: &Value,
-        info: &ActivityInfo,
-        key_id: Option<&str>,
-    ) -> Result<(), InboxError> {
-        let store = &self.p.backends.store;
-        // Only called for the kinds `has_side_effects` names: keep the two in step.
-        match info.kind.as_str() {
-            "Follow" => {
-                let Some(actor) = self.local_actor(info.object_id.as_deref()).await? else {
-                    return Ok(());
-                };
-                let instance = self.p.instance_actor().await?;
-                let Some(remote) = self.resolver.resolve(&info.actor, &instance).await? else {
-                    tracing::warn!(actor = %info.actor, "follower has no inbox; follow ignored");
-                    return Ok(());
-                };
-                let follower = Follower {
-                    host: inbox_host(&remote.inbox).unwrap_or_default(),
-                    actor: info.actor.clone(),
-                    inbox: remote.inbox,
-                    shared_inbox: remote.shared_inbox,
-                    follow_id: info.id.clone(),
-                };
-                if actor.manually_approves_followers {
-                    store.add_follow_request(actor.id, &follower, json).await?;
-                    tracing::info!(actor = %actor.name, follower = %info.actor, "follow awaits approval");
-                    return Ok(());
-                }
-                store.add_follower(actor.id, &follower).await?;
-                let accept = follow_answer(
-                    "Accept",
-                    &self.p.cfg.actor_id(&actor.name),
-                    json,
-                    &info.actor,
-                );
-                let key = info.id.as_ref().map(|id| format!("accept:{id}"));
-                outbound::publish(
-                    &self.p.cfg,
-                    &self.p.backends,
-                    &actor,
-                    accept.to_string().as_bytes(),
-                    key,
-                )
-                .await?;
-                tracing::info!(actor = %actor.name, follower = %info.actor, "follow accepted");
-            }
-            "Undo" => {
-                let object = json.get("object");
-                let inner_kind = object
-                    .and_then(Value::as_object)
-                    .map(stampede_core::activity::types)
-                    .and_then(|t| t.first().map(|s| s.to_string()));
-                match inner_kind.as_deref() {
-                    Some("Follow") => {
-                        let target = object
-                            .and_then(|o| o.get("object"))
-                            .and_then(stampede_core::activity::id_of);
-                        if let Some(actor) = self.local_actor(target).await? {
-                            store.remove_follower(actor.id, &info.actor).await?;
-                            store.take_follow_request(actor.id, &info.actor).await?;
-                        }
-                    }
-                    None => {
-                        if let Some(follow_id) = info.object_id.as_deref() {
-                            store.remove_follow_by_id(&info.actor, follow_id).await?;
-                        }
-                    }
-                    Some(_) => {}
-                }
-            }
-            "Delete" if info.object_id.as_deref().is_none_or(|o| o == info.actor) => {
-                let removed = store.remove_follower_everywhere(&info.actor).await?;
-                self.resolver.forget(&info.actor).await?;
-                let keys: Vec<String> = key_id.map(str::to_string).into_iter().collect();
-                self.verifier
-                    .keys()
-                    .forget_owner(&info.actor, &keys)
-                    .await?;
-                tracing::info!(actor = %info.actor, follows_removed = removed, "remote actor deleted");
-            }
-            "Update" => {
-                let Some(object) = json
-                    .get("object")
-                    .filter(|o| o.get("id").and_then(Value::as_str) == Some(info.actor.as_str()))
-                else {
-                    return Ok(());
-                };
-                if let Some(remote) = remote_actor(&self.p.cfg, &info.actor, object) {
-                    self.resolver.remember(&remote).await?;
-                    let host = inbox_host(&remote.inbox).unwrap_or_default();
-                    store
-                        .update_follower_inboxes(
-                            &info.actor,
-                            &remote.inbox,
-                            remote.shared_inbox.as_deref(),
-                            &host,
-                        )
-                        .await?;
-                    // `remote_actor` keeps only a key of the actor's origin
-                    // that names the actor as its owner.
-                    if let (Some(kid), Some(pem)) = (&remote.key_id, &remote.public_key_pem) {
-                        self.verifier.keys().update(kid, &info.actor, pem).await?;
-                    }
-                }
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-}
-
-/// Whether stampede itself acts on activities of this type (see `side_effects`).
-fn has_side_effects(kind: &str) -> bool {
-    matches!(kind, "Follow" | "Undo" | "Delete" | "Update")
 }
 
 /// Runs inbox as its own process until shutdown.
 pub async fn serve(p: Process, l: Listeners) -> Result<(), InboxError> {
     let work = Inbox::new(p.clone()).run();
-    stampede_runtime::process::serve_worker(p, l, "inbox", work).await
+    stampede_runtime::process::serve_worker(p, l, stampede_runtime::ServiceKind::Inbox, work).await
 }

@@ -1,5 +1,7 @@
-//! The gRPC API for the local application (design §6).
+//! The gRPC API for the local application (README, "gRPC API").
+use stampede_backends::store::{NewActor, PrivateKey};
 use stampede_core::keys::generate_rsa_2048;
+use stampede_federation::publish;
 use stampede_proto::api::{
     actor_service_server::ActorService, admin_service_server::AdminService,
     publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter, GetActorRequest,
@@ -7,8 +9,6 @@ use stampede_proto::api::{
     PublishResponse, QueueDepth, ReplayDeadLettersRequest, ReplayDeadLettersResponse,
     StatusRequest, StatusResponse,
 };
-use stampede_runtime::outbound;
-use stampede_runtime::store::{NewActor, PrivateKey};
 use tonic::{Request, Response, Status};
 
 use crate::documents::{actor_message, valid_name};
@@ -113,7 +113,7 @@ impl AdminService for AdminApi {
                     unavailable: h.unavailable,
                 })
                 .collect(),
-            parked: stampede_runtime::parked::parked(&*b.cache)
+            parked: stampede_federation::parked::parked(&*b.cache)
                 .await
                 .map_err(IngestError::from)?
                 .into_iter()
@@ -194,9 +194,9 @@ impl AdminApi {
         }
         let b = &self.0.backends;
         if paused {
-            stampede_runtime::hosts::pause(b, &host).await?;
+            stampede_federation::hosts::pause(b, &host).await?;
         } else {
-            stampede_runtime::hosts::resume(b, &host).await?;
+            stampede_federation::hosts::resume(b, &host).await?;
         }
         tracing::info!(inbox_host = %host, paused, "host paused state changed");
         Ok(HostResponse { host, paused })
@@ -221,12 +221,8 @@ impl AdminApi {
             )
         };
         let host = (!r.host.is_empty()).then_some(r.host.as_str());
-        let replayed = outbound::replay_dead_letters(&self.0.backends, id, host)
-            .await
-            .map_err(|e| match e {
-                stampede_runtime::Error::Queue(m) => IngestError::Unavailable(m),
-                e => e.into(),
-            })?;
+        let replayed =
+            stampede_federation::dead_letters::replay(&self.0.backends, id, host).await?;
         tracing::info!(replayed, ?id, ?host, "dead letters replayed");
         Ok(ReplayDeadLettersResponse { replayed })
     }
@@ -248,7 +244,9 @@ impl Ingest {
         // RSA key generation takes tens of milliseconds: keep it off the executor.
         let key = tokio::task::spawn_blocking(generate_rsa_2048)
             .await
-            .map_err(|e| IngestError::Invalid(format!("key generation failed: {e}")))??;
+            .map_err(|e| {
+                stampede_runtime::Error::Internal(format!("key generation failed: {e}"))
+            })??;
         let a = self
             .backends
             .store
@@ -260,13 +258,7 @@ impl Ingest {
                 private_key: PrivateKey(key.private_pkcs8_der),
                 public_key_pem: key.public_pem,
             })
-            .await
-            .map_err(|e| match e {
-                stampede_runtime::Error::Conflict(_) => {
-                    IngestError::AlreadyExists(format!("actor `{}` exists already", r.name))
-                }
-                e => e.into(),
-            })?;
+            .await?;
         tracing::info!(actor = %a.name, "actor created");
         Ok(actor_message(&self.cfg, &a, 0))
     }
@@ -284,20 +276,14 @@ impl Ingest {
             .await?
             .ok_or_else(|| IngestError::NotFound(format!("no local actor named `{}`", r.actor)))?;
         let key = (!r.idempotency_key.is_empty()).then_some(r.idempotency_key);
-        let published = outbound::publish(
+        let published = publish::publish(
             &self.cfg,
             &self.backends,
             &actor,
             r.activity_json.as_bytes(),
             key,
         )
-        .await
-        .map_err(|e| match e {
-            stampede_runtime::Error::Invalid(m) => IngestError::Invalid(m),
-            stampede_runtime::Error::Conflict(m) => IngestError::AlreadyExists(m),
-            stampede_runtime::Error::Queue(m) => IngestError::Unavailable(m),
-            e => e.into(),
-        })?;
+        .await?;
         let inserted = published.inserted;
         if inserted.created {
             self.metrics.published.inc();

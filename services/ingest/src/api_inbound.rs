@@ -6,16 +6,16 @@ use std::pin::Pin;
 
 use futures::Stream;
 use prost::Message;
-use stampede_core::activity::{follow_answer, parse_json};
+use stampede_backends::queue::{Acker, Incoming, QueueName};
+use stampede_core::activity::parse_json;
 use stampede_core::verify::HttpRequest;
+use stampede_federation::publish;
+use stampede_federation::verify::{activity_info, Verdict};
 use stampede_proto::api::{
     follow_service_server::FollowService, inbound_service_server::InboundService, FollowDecision,
     FollowDecisionResponse, InboundActivity, SubscribeRequest, VerifyRequest, VerifyResponse,
 };
 use stampede_proto::queue::VerifiedActivity;
-use stampede_runtime::inbound::{activity_info, Verdict};
-use stampede_runtime::outbound;
-use stampede_runtime::queue::{Acker, Incoming, QueueName};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -189,21 +189,22 @@ impl FollowApi {
         if accept {
             store.add_follower(actor.id, &follower).await?;
         }
-        let kind = if accept { "Accept" } else { "Reject" };
-        let answer = follow_answer(kind, &s.cfg.actor_id(&actor.name), &follow, &follower.actor);
-        let key = follower
-            .follow_id
-            .as_ref()
-            .map(|id| format!("{}:{id}", kind.to_ascii_lowercase()));
-        let published = outbound::publish(
+        let answer = if accept {
+            publish::FollowAnswer::Accept
+        } else {
+            publish::FollowAnswer::Reject
+        };
+        let published = publish::answer_follow(
             &s.cfg,
             &s.backends,
             &actor,
-            answer.to_string().as_bytes(),
-            key,
+            &follow,
+            &follower.actor,
+            follower.follow_id.as_deref(),
+            answer,
         )
         .await?;
-        tracing::info!(actor = %actor.name, follower = %follower.actor, kind, "follow decided");
+        tracing::info!(actor = %actor.name, follower = %follower.actor, ?answer, "follow decided");
         Ok(FollowDecisionResponse {
             activity_id: published.inserted.ap_id,
         })

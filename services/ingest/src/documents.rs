@@ -1,6 +1,7 @@
-//! The ActivityPub documents of local actors (design §5), Mastodon-compatible.
+//! The ActivityPub documents of local actors, Mastodon-compatible: what
+//! remote servers fetch to verify our signatures and address us.
 use serde_json::{json, Value};
-use stampede_runtime::store::LocalActor;
+use stampede_backends::store::LocalActor;
 use stampede_runtime::Config;
 
 /// The `Person` document of a local actor.
@@ -25,7 +26,7 @@ pub fn person(cfg: &Config, a: &LocalActor) -> Value {
         "manuallyApprovesFollowers": a.manually_approves_followers,
         "endpoints": {"sharedInbox": format!("{}/inbox", cfg.base())},
         "publicKey": {
-            "id": format!("{id}#main-key"),
+            "id": cfg.key_id(&a.name),
             "owner": id,
             "publicKeyPem": a.public_key_pem,
         }
@@ -40,7 +41,7 @@ pub fn actor_message(cfg: &Config, a: &LocalActor, followers: u64) -> stampede_p
         inbox: format!("{id}/inbox"),
         shared_inbox: format!("{}/inbox", cfg.base()),
         followers: format!("{id}/followers"),
-        key_id: format!("{id}#main-key"),
+        key_id: cfg.key_id(&a.name),
         public_key_pem: a.public_key_pem.clone(),
         manually_approves_followers: a.manually_approves_followers,
         followers_count: followers,

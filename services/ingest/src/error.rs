@@ -1,3 +1,4 @@
+use stampede_proto::ErrorCode;
 use thiserror::Error;
 use tonic::Status;
 
@@ -10,37 +11,40 @@ pub enum IngestError {
     /// A named thing does not exist.
     #[error("{0}")]
     NotFound(String),
-    /// A unique thing exists already.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The queue could not take the work; nothing was lost, the caller retries.
-    #[error("queue unavailable: {0}")]
-    Unavailable(String),
-    /// A backend failed.
+    /// A failure of the runtime, the federation logic or a backend: its
+    /// code says what kind.
     #[error(transparent)]
     Runtime(#[from] stampede_runtime::Error),
 }
 
-impl From<IngestError> for Status {
-    /// The one place ingest errors become gRPC statuses. Internal details are
-    /// logged here, not sent.
-    fn from(e: IngestError) -> Self {
-        match e {
-            IngestError::Invalid(m) => Status::invalid_argument(m),
-            IngestError::NotFound(m) => Status::not_found(m),
-            IngestError::AlreadyExists(m) => Status::already_exists(m),
-            IngestError::Unavailable(m) => {
-                tracing::warn!(error = %m, "queue unavailable");
-                Status::unavailable(
-                    "the queue cannot take the activity now; retry with the same idempotency key",
-                )
-            }
-            IngestError::Runtime(stampede_runtime::Error::Conflict(m)) => Status::already_exists(m),
-            IngestError::Runtime(e) => {
-                tracing::error!(error = %e, "internal error");
-                Status::internal("internal error")
-            }
+impl IngestError {
+    /// What kind of failure this is (docs/ARCHITECTURE.md, "Errors").
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            IngestError::Invalid(_) => ErrorCode::Invalid,
+            IngestError::NotFound(_) => ErrorCode::NotFound,
+            IngestError::Runtime(e) => e.code(),
         }
+    }
+}
+
+impl From<IngestError> for Status {
+    /// Ingest's errors as gRPC statuses, by their code. What the caller is
+    /// not told (an internal fault, which backend is down) is logged here.
+    fn from(e: IngestError) -> Self {
+        let code = e.code();
+        match code {
+            ErrorCode::Internal => tracing::error!(error = %e, "internal error"),
+            ErrorCode::Unavailable => tracing::warn!(error = %e, "backend unavailable"),
+            _ => {}
+        }
+        code.status(e)
+    }
+}
+
+impl From<stampede_backends::Error> for IngestError {
+    fn from(e: stampede_backends::Error) -> Self {
+        IngestError::Runtime(e.into())
     }
 }
 

@@ -9,8 +9,8 @@ mod api;
 mod api_inbound;
 mod documents;
 mod error;
-mod http;
-mod inbox;
+mod inbox_edge;
+mod routes;
 mod server;
 
 use std::sync::Arc;
@@ -21,26 +21,26 @@ use stampede_runtime::{Backends, Config};
 pub use api::{ActorApi, AdminApi, PublishApi};
 pub use api_inbound::{FollowApi, InboundApi};
 pub use error::IngestError;
-pub use http::router;
+pub use routes::router;
 
 /// What the ingest handlers share (one reference count to clone: the
 /// HTTP router clones it per request).
 #[derive(Clone)]
-pub struct Ingest(Arc<Shared>);
+pub struct Ingest(Arc<IngestParts>);
 
 impl std::ops::Deref for Ingest {
-    type Target = Shared;
-    fn deref(&self) -> &Shared {
+    type Target = IngestParts;
+    fn deref(&self) -> &IngestParts {
         &self.0
     }
 }
 
 #[doc(hidden)]
-pub struct Shared {
+pub struct IngestParts {
     cfg: Arc<Config>,
     backends: Backends,
     metrics: Arc<Metrics>,
-    verifier: stampede_runtime::inbound::Verifier,
+    verifier: stampede_federation::verify::Verifier,
 }
 
 impl Ingest {
@@ -57,11 +57,11 @@ impl Ingest {
 impl Ingest {
     /// Ingest over a process's backends.
     pub fn from_process(p: &stampede_runtime::process::Process) -> Self {
-        Self(Arc::new(Shared {
+        Self(Arc::new(IngestParts {
             cfg: p.cfg.clone(),
             backends: p.backends.clone(),
             metrics: p.metrics.clone(),
-            verifier: stampede_runtime::inbound::Verifier::new(p.clone()),
+            verifier: stampede_federation::verify::Verifier::new(p.clone()),
         }))
     }
 

@@ -216,7 +216,7 @@ pub async fn serve(
         let slot = if limits.trusted.iter().any(|n| n.contains(&ip)) {
             None
         } else {
-            match per_client.take(crate::inbox::rate_key(ip), limits.per_client) {
+            match per_client.take(crate::inbox_edge::rate_key(ip), limits.per_client) {
                 Some(slot) => Some(slot),
                 None => {
                     tracing::debug!(%peer, "connection refused: too many from this client");

@@ -2,17 +2,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::amqp::AmqpQueue;
-use crate::cache::Cache;
-use crate::embedded_queue::EmbeddedQueue;
-use crate::embedded_store::EmbeddedStore;
-use crate::memory_cache::MemoryCache;
-use crate::postgres::PgStore;
-use crate::queue::Queue;
-use crate::redis_cache::RedisCache;
-use crate::sqlite::DataDirLock;
-use crate::store::Store;
 use crate::{Config, Error, Result};
+use stampede_backends::cache::{memory::MemoryCache, redis::RedisCache, Cache};
+use stampede_backends::queue::{amqp::AmqpQueue, embedded::EmbeddedQueue, Queue};
+use stampede_backends::sqlite::DataDirLock;
+use stampede_backends::store::{embedded::EmbeddedStore, postgres::PgStore, Store};
 
 /// Queue, cache and store, behind the traits the services use.
 #[derive(Clone)]

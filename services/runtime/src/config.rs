@@ -1,4 +1,4 @@
-//! Configuration from the environment (design §4), read in one place and
+//! Configuration from the environment (README, "Configuration"), read in one place and
 //! validated at start: a bad value stops start-up with one line naming the
 //! variable. Reads go through a lookup function so tests never touch the
 //! process environment.
@@ -12,14 +12,11 @@ use url::Url;
 use crate::{Error, Result};
 
 /// Retry delays after each failed delivery attempt, in seconds: the first
-/// within a minute for passing blips, then growing to six hours, about 40
+/// within a minute for passing blips, then growing to six hours, about 47
 /// hours in all before the delivery is dead-lettered.
 pub const DEFAULT_RETRY_SCHEDULE_SECS: &[u64] = &[
     30, 300, 1800, 3600, 10800, 21600, 21600, 21600, 21600, 21600, 21600, 21600,
 ];
-
-/// The services `stampede up` can run.
-pub const UP_SERVICES: [&str; 4] = ["ingest", "inbox", "fanout", "delivery"];
 
 /// A secret that never shows in `Debug` output or logs.
 #[derive(Clone, PartialEq, Eq)]
@@ -111,7 +108,7 @@ pub struct Config {
     pub host_unavailable_after: Duration,
     /// `STAMPEDE_UP_SERVICES` (added, default all four): which services
     /// `stampede up` runs, comma-separated (`ingest` alone: just the edge).
-    pub up_services: Vec<String>,
+    pub up_services: Vec<crate::ServiceKind>,
     /// `STAMPEDE_RUNTIME_THREADS` (added, default 0: chosen per service): the
     /// async runtime's worker threads. See [`Config::runtime_threads_for`].
     pub runtime_threads: usize,
@@ -327,20 +324,22 @@ impl Config {
             inbound_rate_limit: number("STAMPEDE_INBOUND_RATE_LIMIT", 6000, 0, 10_000_000)?,
             runtime_threads: number("STAMPEDE_RUNTIME_THREADS", 0, 0, 1024)? as usize,
             up_services: match get("STAMPEDE_UP_SERVICES") {
-                None => UP_SERVICES.iter().map(|s| s.to_string()).collect(),
+                None => crate::ServiceKind::ALL.to_vec(),
                 Some(raw) => {
-                    let v: Vec<String> = raw
+                    let v: Option<Vec<crate::ServiceKind>> = raw
                         .split(',')
-                        .map(|s| s.trim().to_ascii_lowercase())
-                        .filter(|s| !s.is_empty())
+                        .filter(|s| !s.trim().is_empty())
+                        .map(crate::ServiceKind::from_name)
                         .collect();
-                    if v.is_empty() || v.iter().any(|s| !UP_SERVICES.contains(&s.as_str())) {
-                        return Err(cfg(
-                            "STAMPEDE_UP_SERVICES",
-                            "a comma-separated list of ingest, inbox, fanout, delivery",
-                        ));
+                    match v {
+                        Some(v) if !v.is_empty() => v,
+                        _ => {
+                            return Err(cfg(
+                                "STAMPEDE_UP_SERVICES",
+                                "a comma-separated list of ingest, inbox, fanout, delivery",
+                            ))
+                        }
                     }
-                    v
                 }
             },
             host_concurrency: number("STAMPEDE_HOST_CONCURRENCY", 8, 1, 1000)? as usize,
@@ -366,15 +365,15 @@ impl Config {
     /// wake-up and a context switch per job as the idle workers wake each
     /// other (BENCHMARKS.md). Without delivery the signing pool idles, and
     /// the edge and verification get every core.
-    pub fn runtime_threads_for(&self, service: &str) -> usize {
+    pub fn runtime_threads_for(&self, role: crate::Role) -> usize {
         if self.runtime_threads > 0 {
             return self.runtime_threads;
         }
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let signs = match service {
-            "delivery" => true,
-            "up" => self.up_services.iter().any(|s| s == "delivery"),
-            _ => false,
+        let delivery = crate::ServiceKind::Delivery;
+        let signs = match role {
+            crate::Role::Service(k) => k == delivery,
+            crate::Role::AllInOne => self.up_services.contains(&delivery),
         };
         if signs {
             (cores / 2).max(1)
@@ -440,6 +439,23 @@ impl Config {
     pub fn actor_id(&self, name: &str) -> String {
         format!("{}/users/{name}", self.base())
     }
+
+    /// The id of the local actor `name`'s key (`{actor}#main-key`).
+    pub fn key_id(&self, name: &str) -> String {
+        format!("{}/users/{name}#main-key", self.base())
+    }
+
+    /// The name of the local actor whose id is `id`, the reverse of
+    /// [`Config::actor_id`]; `None` for any other id.
+    pub fn local_actor_name<'a>(&self, id: &'a str) -> Option<&'a str> {
+        let name = id.strip_prefix(self.base())?.strip_prefix("/users/")?;
+        (!name.is_empty() && !name.contains(['/', '#', '?'])).then_some(name)
+    }
+
+    /// The prefix of every local actor id (`{base}/users/`).
+    pub fn actors_prefix(&self) -> String {
+        format!("{}/users/", self.base())
+    }
 }
 
 /// `host[:port]` split (an IPv6 literal keeps its brackets, as `Url::host_str`
@@ -467,6 +483,7 @@ fn cfg(var: &'static str, reason: impl ToString) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Role, ServiceKind};
     use std::collections::HashMap;
 
     fn with(pairs: &[(&str, &str)]) -> Result<Config> {
@@ -488,6 +505,25 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert!(!c.allow_private_networks);
         assert_eq!(c.actor_id("a"), "http://127.0.0.1:8080/users/a");
+    }
+
+    #[test]
+    fn local_actor_ids_and_key_ids_go_both_ways() {
+        let c = with(&[("STAMPEDE_PUBLIC_URL", "https://social.example")]).unwrap();
+        assert_eq!(
+            c.key_id("alice"),
+            "https://social.example/users/alice#main-key"
+        );
+        assert_eq!(c.local_actor_name(&c.actor_id("alice")), Some("alice"));
+        for other in [
+            "https://social.example/users/",
+            "https://social.example/users/alice/followers",
+            "https://social.example/users/alice#main-key",
+            "https://social.example.evil/users/alice",
+            "https://other.example/users/alice",
+        ] {
+            assert_eq!(c.local_actor_name(other), None, "{other}");
+        }
     }
 
     #[test]
@@ -525,32 +561,48 @@ mod tests {
 
     #[test]
     fn up_services_default_to_all_and_take_a_subset() {
-        assert_eq!(with(&[]).unwrap().up_services, UP_SERVICES);
+        assert_eq!(with(&[]).unwrap().up_services, ServiceKind::ALL);
         assert_eq!(
             with(&[("STAMPEDE_UP_SERVICES", " Ingest, inbox ")])
                 .unwrap()
                 .up_services,
-            ["ingest", "inbox"]
+            [ServiceKind::Ingest, ServiceKind::Inbox]
         );
+        assert!(with(&[("STAMPEDE_UP_SERVICES", "ingest,up")]).is_err());
     }
 
     #[test]
     fn runtime_threads_leave_the_signing_pool_its_cores() {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let auto = with(&[]).unwrap();
-        assert_eq!(auto.runtime_threads_for("inbox"), cores);
-        assert_eq!(auto.runtime_threads_for("ingest"), cores);
-        assert_eq!(auto.runtime_threads_for("delivery"), (cores / 2).max(1));
-        assert_eq!(auto.runtime_threads_for("up"), (cores / 2).max(1));
+        assert_eq!(
+            auto.runtime_threads_for(Role::Service(ServiceKind::Inbox)),
+            cores
+        );
+        assert_eq!(
+            auto.runtime_threads_for(Role::Service(ServiceKind::Ingest)),
+            cores
+        );
+        assert_eq!(
+            auto.runtime_threads_for(Role::Service(ServiceKind::Delivery)),
+            (cores / 2).max(1)
+        );
+        assert_eq!(auto.runtime_threads_for(Role::AllInOne), (cores / 2).max(1));
         let edge = with(&[("STAMPEDE_UP_SERVICES", "ingest,inbox")]).unwrap();
         assert_eq!(
-            edge.runtime_threads_for("up"),
+            edge.runtime_threads_for(Role::AllInOne),
             cores,
             "no delivery, no signing pool to leave cores to"
         );
         let set = with(&[("STAMPEDE_RUNTIME_THREADS", "3")]).unwrap();
-        assert_eq!(set.runtime_threads_for("delivery"), 3);
-        assert_eq!(set.runtime_threads_for("inbox"), 3);
+        assert_eq!(
+            set.runtime_threads_for(Role::Service(ServiceKind::Delivery)),
+            3
+        );
+        assert_eq!(
+            set.runtime_threads_for(Role::Service(ServiceKind::Inbox)),
+            3
+        );
         let err = with(&[("STAMPEDE_RUNTIME_THREADS", "many")]).unwrap_err();
         assert!(
             err.to_string().contains("STAMPEDE_RUNTIME_THREADS"),

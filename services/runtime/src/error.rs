@@ -1,6 +1,10 @@
+use stampede_proto::ErrorCode;
 use thiserror::Error;
 
-/// Errors of the runtime and its backends.
+/// Errors of the runtime and of the federation logic built on it. Services
+/// hand theirs down to this, and [`Error::code`] says what kind each is; gRPC
+/// and HTTP statuses derive from that code in one place
+/// ([`stampede_proto::ErrorCode`]).
 #[derive(Debug, Error)]
 pub enum Error {
     /// A configuration variable holds a bad value; start-up stops.
@@ -11,23 +15,17 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// PostgreSQL failed.
-    #[error("database: {0}")]
-    Db(String),
-    /// The broker failed or refused a message.
-    #[error("queue: {0}")]
-    Queue(String),
-    /// Redis failed.
-    #[error("cache: {0}")]
-    Cache(String),
+    /// A backend (queue, store, cache) failed.
+    #[error(transparent)]
+    Backend(#[from] stampede_backends::Error),
     /// The request is malformed; the reason says how.
     #[error("{0}")]
     Invalid(String),
     /// A named thing does not exist.
     #[error("{0}")]
     NotFound(String),
-    /// A row that must be unique already exists.
-    #[error("already exists: {0}")]
+    /// A thing that must be unique exists already.
+    #[error("{0}")]
     Conflict(String),
     /// An outbound request was refused by the SSRF guard.
     #[error("refused: {0}")]
@@ -46,37 +44,41 @@ pub enum Error {
     /// A listener or file failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A fault of ours that is none of the above (a worker thread gone, a
+    /// key generation failed, a server that could not start).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// What kind of failure this is (docs/ARCHITECTURE.md, "Errors").
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Backend(e) => e.code(),
+            Error::Invalid(_) | Error::Core(_) => ErrorCode::Invalid,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::Conflict(_) => ErrorCode::Conflict,
+            Error::Refused(_) => ErrorCode::Refused,
+            Error::Http(_) | Error::Exhausted(_) => ErrorCode::Unavailable,
+            Error::Config { .. } | Error::Io(_) | Error::Internal(_) => ErrorCode::Internal,
+        }
+    }
 }
 
 /// Result with the runtime's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl From<tokio_postgres::Error> for Error {
-    fn from(e: tokio_postgres::Error) -> Self {
-        if let Some(db) = e.as_db_error() {
-            if db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION {
-                return Error::Conflict(db.message().to_string());
-            }
-            return Error::Db(db.message().to_string());
-        }
-        Error::Db(e.to_string())
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl From<deadpool_postgres::PoolError> for Error {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        Error::Db(e.to_string())
-    }
-}
-
-impl From<lapin::Error> for Error {
-    fn from(e: lapin::Error) -> Self {
-        Error::Queue(e.to_string())
-    }
-}
-
-impl From<redis::RedisError> for Error {
-    fn from(e: redis::RedisError) -> Self {
-        Error::Cache(e.to_string())
+    #[test]
+    fn backend_failures_keep_their_kind() {
+        let conflict = Error::from(stampede_backends::Error::Conflict("name".into()));
+        assert_eq!(conflict.code(), ErrorCode::Conflict);
+        let queue = Error::from(stampede_backends::Error::Queue("nack".into()));
+        assert_eq!(queue.code(), ErrorCode::Unavailable);
+        assert_eq!(Error::Internal("keygen".into()).code(), ErrorCode::Internal);
+        assert_eq!(Error::Invalid("bad".into()).code(), ErrorCode::Invalid);
     }
 }

@@ -1,37 +1,24 @@
-//! Library: what every stampede service runs on. Configuration from the
-//! environment, telemetry, metrics and health endpoints, shutdown, the small
-//! backend traits the services are written against (queue, cache, store) with
-//! their RabbitMQ/Redis/PostgreSQL and embedded (SQLite, in-memory) implementations, the SSRF-guarded HTTP
-//! client and the RSA signing pool.
+//! Library: the process platform every stampede service runs on
+//! (docs/ARCHITECTURE.md, "Crates"): configuration from the environment,
+//! telemetry, metrics and health endpoints, gRPC plumbing, the worker loop
+//! that consumes a queue, the RSA signing pool, the SSRF-guarded outbound
+//! HTTP client, shutdown, and [`Backends`], the queue, store and cache
+//! chosen by configuration (implemented in `stampede-backends`).
 
-pub mod amqp;
 pub mod backends;
-pub mod cache;
 pub mod config;
-pub mod embedded_queue;
-pub mod embedded_store;
 mod error;
 pub mod grpc;
-pub mod hosts;
-pub mod http;
-pub mod inbound;
-pub mod keys;
-pub mod memory_cache;
+pub mod http_client;
 pub mod metrics;
-pub mod outbound;
-pub mod parked;
-pub mod postgres;
 pub mod process;
-pub mod queue;
-pub mod redis_cache;
-pub mod remote;
+pub mod role;
 pub mod shutdown;
 pub mod signer;
-pub mod sqlite;
-pub mod store;
 pub mod telemetry;
 pub mod worker;
 
 pub use backends::Backends;
 pub use config::Config;
 pub use error::{Error, Result};
+pub use role::{Role, ServiceKind};

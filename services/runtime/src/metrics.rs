@@ -22,6 +22,102 @@ use crate::Backends;
 /// One label pair with a bounded value.
 pub type Label = [(&'static str, &'static str); 1];
 
+/// What became of one delivery job when a worker handled it: the label
+/// `outcome` of `stampede_deliveries_total`. The metric's help text and the
+/// README's list derive from [`DeliveryOutcome::ALL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeliveryOutcome {
+    /// The remote answered 2xx.
+    Delivered,
+    /// 408, 429, 5xx, a timeout or a connection error: queued for a retry.
+    Retry,
+    /// Another 4xx, or retries exhausted: dead-lettered.
+    Failed,
+    /// 410 Gone: dead-lettered, the follows delivered to that inbox removed.
+    Gone,
+    /// The SSRF guard refused the target: dead-lettered.
+    Refused,
+    /// The target's domain is blocked: dropped, not a dead letter.
+    Skipped,
+    /// A `Create`/`Update` whose object its author has since deleted: not sent.
+    Superseded,
+    /// The host has failed for `STAMPEDE_HOST_UNAVAILABLE_SECS`: dead-lettered.
+    Unavailable,
+    /// The host is paused by an operator: parked.
+    Parked,
+    /// The host's circuit is open: parked until it closes.
+    CircuitOpen,
+    /// The host's lane is full: parked.
+    Deferred,
+    /// This worker ran out of descriptors, ports or memory: parked, not an
+    /// attempt, no host failure.
+    LocalExhausted,
+    /// A half-open probe found the host back.
+    ProbeOk,
+    /// A half-open probe failed: the circuit opens again, for longer.
+    ProbeFailed,
+}
+
+impl DeliveryOutcome {
+    /// Every outcome.
+    pub const ALL: [DeliveryOutcome; 14] = [
+        DeliveryOutcome::Delivered,
+        DeliveryOutcome::Retry,
+        DeliveryOutcome::Failed,
+        DeliveryOutcome::Gone,
+        DeliveryOutcome::Refused,
+        DeliveryOutcome::Skipped,
+        DeliveryOutcome::Superseded,
+        DeliveryOutcome::Unavailable,
+        DeliveryOutcome::Parked,
+        DeliveryOutcome::CircuitOpen,
+        DeliveryOutcome::Deferred,
+        DeliveryOutcome::LocalExhausted,
+        DeliveryOutcome::ProbeOk,
+        DeliveryOutcome::ProbeFailed,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryOutcome::Delivered => "delivered",
+            DeliveryOutcome::Retry => "retry",
+            DeliveryOutcome::Failed => "failed",
+            DeliveryOutcome::Gone => "gone",
+            DeliveryOutcome::Refused => "refused",
+            DeliveryOutcome::Skipped => "skipped",
+            DeliveryOutcome::Superseded => "superseded",
+            DeliveryOutcome::Unavailable => "unavailable",
+            DeliveryOutcome::Parked => "parked",
+            DeliveryOutcome::CircuitOpen => "circuit_open",
+            DeliveryOutcome::Deferred => "deferred",
+            DeliveryOutcome::LocalExhausted => "local_exhausted",
+            DeliveryOutcome::ProbeOk => "probe_ok",
+            DeliveryOutcome::ProbeFailed => "probe_failed",
+        }
+    }
+
+    /// Whether the delivery ends here with a dead letter.
+    pub fn is_dead_letter(self) -> bool {
+        matches!(
+            self,
+            DeliveryOutcome::Failed
+                | DeliveryOutcome::Gone
+                | DeliveryOutcome::Refused
+                | DeliveryOutcome::Unavailable
+        )
+    }
+
+    /// The metric's help text: every label value.
+    fn help() -> &'static str {
+        static HELP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        HELP.get_or_init(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|o| o.as_str()).collect();
+            format!("Delivery jobs handled, by outcome ({})", names.join(", "))
+        })
+    }
+}
+
 /// Every metric stampede exports.
 pub struct Metrics {
     registry: Registry,
@@ -29,7 +125,7 @@ pub struct Metrics {
     pub published: Counter,
     /// Delivery jobs queued per activity.
     pub fanout_targets: Histogram,
-    /// Deliveries by outcome (`delivered`, `retry`, `failed`, `refused`, `skipped`).
+    /// Delivery jobs handled, by [`DeliveryOutcome`].
     pub deliveries: Family<Label, Counter>,
     /// Time of one delivery attempt (sign + POST), seconds.
     pub delivery_seconds: Histogram,
@@ -61,7 +157,8 @@ pub struct Metrics {
     pub fanout_skipped: Family<Label, Counter>,
     /// Deliveries parked in the delay queues by reason (`paused`,
     /// `circuit_open`, `saturated`, `local_exhausted`, `retry`), sampled
-    /// from the shared cache: the same for every process.
+    /// from the shared cache by the delivery service
+    /// (`stampede_federation::parked::sample`).
     pub delivery_parked: Family<Label, Gauge>,
 }
 
@@ -82,7 +179,11 @@ impl Metrics {
             fanout_targets.clone(),
         );
         let deliveries = Family::<Label, Counter>::default();
-        registry.register("deliveries", "Deliveries by outcome", deliveries.clone());
+        registry.register("deliveries", DeliveryOutcome::help(), deliveries.clone());
+        for o in DeliveryOutcome::ALL {
+            // Every outcome shows from the start, at 0.
+            let _ = deliveries.get_or_create(&[("outcome", o.as_str())]);
+        }
         let delivery_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
             "delivery_duration_seconds",
@@ -183,13 +284,17 @@ impl Metrics {
     }
 
     /// Counts one delivery outcome.
-    pub fn delivery(&self, outcome: &'static str) {
-        self.deliveries.get_or_create(&[("outcome", outcome)]).inc();
+    pub fn delivery(&self, outcome: DeliveryOutcome) {
+        self.deliveries
+            .get_or_create(&[("outcome", outcome.as_str())])
+            .inc();
     }
 
     /// Deliveries counted so far with this outcome.
-    pub fn delivery_count(&self, outcome: &'static str) -> u64 {
-        self.deliveries.get_or_create(&[("outcome", outcome)]).get()
+    pub fn delivery_count(&self, outcome: DeliveryOutcome) -> u64 {
+        self.deliveries
+            .get_or_create(&[("outcome", outcome.as_str())])
+            .get()
     }
 
     /// Inbound activities counted so far at `stage` with `result`.
@@ -216,14 +321,14 @@ impl Metrics {
     /// Records the wait of a message just taken from `queue`.
     pub fn queue_age(&self, queue: &'static str, ready_unix_ms: Option<i64>) {
         if let Some(ready) = ready_unix_ms {
-            let age = (crate::sqlite::now_ms() - ready).max(0) as f64 / 1000.0;
+            let age = (stampede_backends::clock::now_ms() - ready).max(0) as f64 / 1000.0;
             self.queue_oldest_age
                 .get_or_create(&[("queue", queue)])
                 .set(age);
         }
     }
 
-    /// Samples queue depths, failing hosts and parked deliveries every
+    /// Samples queue depths and failing hosts every
     /// `every` until `shutdown`.
     pub async fn sample(
         self: Arc<Self>,
@@ -246,17 +351,6 @@ impl Metrics {
             }
             if let Ok(h) = backends.store.failing_hosts(10_000).await {
                 self.hosts_failing.set(h.len() as i64);
-            }
-            if let Ok(parked) = crate::parked::parked(&*backends.cache).await {
-                for r in crate::parked::Reason::ALL {
-                    let n = parked
-                        .iter()
-                        .find(|p| p.reason == r)
-                        .map_or(0, |p| p.deliveries);
-                    self.delivery_parked
-                        .get_or_create(&[("reason", r.as_str())])
-                        .set(n as i64);
-                }
             }
         }
     }

@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::RoutesBuilder;
 use tonic::transport::server::TcpIncoming;
 
-use crate::http::OutboundClient;
+use crate::http_client::OutboundClient;
 use crate::metrics::Metrics;
 use crate::signer::SignerPool;
-use crate::{Backends, Config, Error, Result};
+use crate::{Backends, Config, Error, Result, Role, ServiceKind};
 
 /// What a service runs with. Cloning is one reference count: handlers hold
 /// it, and they are cloned per message and per request.
@@ -44,17 +44,13 @@ pub struct ProcessParts {
     pub http: OutboundClient,
     /// Cancelled when the process must stop.
     pub shutdown: CancellationToken,
-    instance: tokio::sync::OnceCell<crate::store::LocalActor>,
+    instance: tokio::sync::OnceCell<stampede_backends::store::LocalActor>,
 }
 
 /// Name of the instance actor, which signs key fetches (servers in
 /// authorized-fetch mode require a signed GET). Names starting with `_` are
 /// reserved.
 pub const INSTANCE_ACTOR: &str = "_instance";
-
-/// Process name of the all-in-one layout (`stampede up`), the only one the
-/// embedded backends serve.
-pub const ALL_IN_ONE: &str = "up";
 
 /// The listeners a service serves on, bound by the caller.
 pub struct Listeners {
@@ -90,14 +86,13 @@ async fn bind(var: &'static str, addr: SocketAddr) -> Result<TcpListener> {
 
 impl Process {
     /// Connects the backends named by `cfg`: RabbitMQ, Redis and PostgreSQL
-    /// for a service run on its own; for [`ALL_IN_ONE`], the embedded ones
-    /// where a URL is unset.
-    pub async fn connect(cfg: Config, name: &str, shutdown: CancellationToken) -> Result<Self> {
-        let connection = format!("stampede-{name}");
-        let backends = if name == ALL_IN_ONE {
-            Backends::open(&cfg, &connection).await?
-        } else {
-            Backends::connect(&cfg, &connection).await?
+    /// for a service run on its own; for [`Role::AllInOne`], the embedded
+    /// ones where a URL is unset.
+    pub async fn connect(cfg: Config, role: Role, shutdown: CancellationToken) -> Result<Self> {
+        let connection = format!("stampede-{}", role.name());
+        let backends = match role {
+            Role::AllInOne => Backends::open(&cfg, &connection).await?,
+            Role::Service(_) => Backends::connect(&cfg, &connection).await?,
         };
         Self::with_backends(cfg, backends, shutdown)
     }
@@ -120,26 +115,26 @@ impl Process {
     }
 
     /// The instance actor, created (with its key) on first use.
-    pub async fn instance_actor(&self) -> Result<crate::store::LocalActor> {
+    pub async fn instance_actor(&self) -> Result<stampede_backends::store::LocalActor> {
         self.instance
             .get_or_try_init(|| async {
                 let store = &self.backends.store;
                 if let Some(a) = store.actor_by_name(INSTANCE_ACTOR).await? {
-                    return Ok(a);
+                    return Ok::<_, Error>(a);
                 }
                 let key = tokio::task::spawn_blocking(stampede_core::keys::generate_rsa_2048)
                     .await
-                    .map_err(|e| Error::Invalid(format!("key generation failed: {e}")))??;
-                store
-                    .ensure_actor(crate::store::NewActor {
+                    .map_err(|e| Error::Internal(format!("key generation failed: {e}")))??;
+                Ok(store
+                    .ensure_actor(stampede_backends::store::NewActor {
                         name: INSTANCE_ACTOR.into(),
                         display_name: "stampede".into(),
                         summary: String::new(),
                         manually_approves_followers: true,
-                        private_key: crate::store::PrivateKey(key.private_pkcs8_der),
+                        private_key: stampede_backends::store::PrivateKey(key.private_pkcs8_der),
                         public_key_pem: key.public_pem,
                     })
-                    .await
+                    .await?)
             })
             .await
             .cloned()
@@ -195,7 +190,7 @@ pub async fn serve_grpc(
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
         .await
-        .map_err(|e| Error::Http(format!("grpc server: {e}")))
+        .map_err(|e| Error::Internal(format!("grpc server: {e}")))
 }
 
 /// Runs a queue-driven service as its own process: metrics, gRPC health
@@ -204,13 +199,13 @@ pub async fn serve_grpc(
 pub async fn serve_worker<E: From<Error>>(
     p: Process,
     l: Listeners,
-    service: &'static str,
+    service: ServiceKind,
     work: impl Future<Output = std::result::Result<(), E>>,
 ) -> std::result::Result<(), E> {
     let metrics = p.spawn_metrics(l.metrics);
-    let routes = p.grpc_routes(&[&format!("stampede.{service}")])?;
+    let routes = p.grpc_routes(&[service.health_name()])?;
     let grpc = tokio::spawn(serve_grpc(routes, l.grpc, p.shutdown.clone()));
-    tracing::info!(service, "started");
+    tracing::info!(service = service.name(), "started");
     let result = work.await;
     p.shutdown.cancel();
     let _ = grpc.await;
@@ -221,7 +216,7 @@ pub async fn serve_worker<E: From<Error>>(
 /// `main` of a service binary: logs, configuration from the environment
 /// (a bad value exits with one line naming the variable), listeners, backends,
 /// then `run` until SIGTERM.
-pub fn run_main<F, Fut, E>(name: &'static str, with_http: bool, run: F) -> ExitCode
+pub fn run_main<F, Fut, E>(role: Role, run: F) -> ExitCode
 where
     F: FnOnce(Process, Listeners) -> Fut,
     Fut: Future<Output = std::result::Result<(), E>>,
@@ -235,7 +230,7 @@ where
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.runtime_threads_for(name))
+        .worker_threads(cfg.runtime_threads_for(role))
         .enable_all()
         .build()
     {
@@ -246,16 +241,19 @@ where
         }
     };
     let code = rt.block_on(async move {
-        crate::telemetry::init_for(&format!("stampede-{name}"), "info,tokio_postgres=warn");
+        crate::telemetry::init_for(
+            &format!("stampede-{}", role.name()),
+            "info,tokio_postgres=warn",
+        );
         let shutdown = crate::shutdown::on_signal();
-        let listeners = match Listeners::bind(&cfg, with_http).await {
+        let listeners = match Listeners::bind(&cfg, role.serves_http()).await {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
         };
-        let process = match Process::connect(cfg, name, shutdown).await {
+        let process = match Process::connect(cfg, role, shutdown).await {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -57,9 +57,9 @@ impl SignerPool {
                     let _ = tx.send(r);
                 }) as Completion
             }))
-            .map_err(|_| Error::Queue("signing pool stopped".into()))?;
+            .map_err(|_| Error::Internal("signing pool stopped".into()))?;
         rx.await
-            .map_err(|_| Error::Queue("signing job dropped".into()))
+            .map_err(|_| Error::Internal("signing job dropped".into()))
     }
 }
 

@@ -106,22 +106,7 @@ pub fn shutdown() {
     }
 }
 
-/// The W3C `traceparent` of the current span, when traces are recorded
-/// (`None`, without allocating, when they are not).
-pub fn current_traceparent() -> Option<String> {
-    use opentelemetry::trace::TraceContextExt;
-    let cx = tracing::Span::current().context();
-    let span = cx.span();
-    let sc = span.span_context();
-    sc.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
-    })
-}
+pub use stampede_backends::trace::current_traceparent;
 
 /// The current trace context as the queue messages' `TraceContext`.
 pub fn current_trace_context() -> Option<stampede_proto::queue::TraceContext> {

@@ -11,15 +11,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::queue::{Incoming, Queue, QueueName};
 use crate::Result;
+use stampede_backends::queue::{Incoming, Queue, QueueName};
 
 /// How long a stopping worker waits for in-flight messages.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
-/// Consumes `queue` until `shutdown`, calling `handle` for every message.
-/// `handle` owns the message and settles it.
-pub async fn run<H, F>(
+/// The loop of [`consume`]: `queue` until `shutdown`, calling `handle` for
+/// every message. `handle` owns the message and settles it.
+async fn consume_loop<H, F>(
     q: Arc<dyn Queue>,
     queue: QueueName,
     prefetch: u16,
@@ -80,14 +80,14 @@ pub trait Handler: Clone + Send + Sync + 'static {
 
 /// Consumes `queue` for the process until its shutdown, handing every
 /// message to `handler`.
-pub async fn serve<H: Handler>(
+pub async fn consume<H: Handler>(
     p: &crate::process::Process,
     queue: QueueName,
     prefetch: u16,
     handler: H,
 ) -> Result<()> {
     let metrics = p.metrics.clone();
-    run(
+    consume_loop(
         p.backends.queue.clone(),
         queue,
         prefetch,

@@ -1,5 +1,5 @@
 //! A test binary of its own (its own process): it lowers the open-file limit.
-use stampede_runtime::http::OutboundClient;
+use stampede_runtime::http_client::OutboundClient;
 use stampede_runtime::{Config, Error};
 use url::Url;
 

@@ -17,14 +17,15 @@ use futures::StreamExt;
 use serde_json::json;
 
 use crate::loadgen;
+use stampede_backends::queue::{ready_messages, QueueName};
+use stampede_backends::store::{Follower, NewActor, PrivateKey};
 use stampede_core::activity::public_note;
 use stampede_proto::api::actor_service_client::ActorServiceClient;
 use stampede_proto::api::publish_service_client::PublishServiceClient;
 use stampede_proto::api::{CreateActorRequest, PublishRequest};
-use stampede_runtime::process::{Listeners, Process, ALL_IN_ONE};
-use stampede_runtime::queue::{ready_messages, QueueName};
-use stampede_runtime::store::{Follower, NewActor, PrivateKey};
+use stampede_runtime::process::{Listeners, Process};
 use stampede_runtime::Config;
+use stampede_runtime::Role;
 use stampede_sink::{Sink, SinkOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -41,13 +42,14 @@ impl BenchArgs {
     /// The service whose runtime this bench's in-process services get
     /// ([`stampede_runtime::Config::runtime_threads_for`]): `delivery` where
     /// they sign, else the service it measures.
-    pub fn runs_as(&self) -> &'static str {
-        match self.which {
-            Which::Delivery(_) => "delivery",
-            Which::Fanout(_) => "fanout",
-            Which::Ingest(_) => "ingest",
-            Which::Inbound(_) => "inbox",
-        }
+    pub fn runs_as(&self) -> stampede_runtime::Role {
+        use stampede_runtime::ServiceKind as Kind;
+        stampede_runtime::Role::Service(match self.which {
+            Which::Delivery(_) => Kind::Delivery,
+            Which::Fanout(_) => Kind::Fanout,
+            Which::Ingest(_) => Kind::Ingest,
+            Which::Inbound(_) => Kind::Inbox,
+        })
     }
 }
 
@@ -455,11 +457,15 @@ impl Cleanup {
                 redis,
                 namespace,
             } => {
-                stampede_runtime::amqp::AmqpQueue::connect(&amqp, &namespace, "bench-cleanup")
-                    .await?
-                    .delete_all()
-                    .await?;
-                stampede_runtime::redis_cache::RedisCache::connect(&redis, &namespace)
+                stampede_backends::queue::amqp::AmqpQueue::connect(
+                    &amqp,
+                    &namespace,
+                    "bench-cleanup",
+                )
+                .await?
+                .delete_all()
+                .await?;
+                stampede_backends::cache::redis::RedisCache::connect(&redis, &namespace)
                     .await?
                     .delete_all()
                     .await?;
@@ -495,7 +501,7 @@ async fn deploy(
     }
     let cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
     let shutdown = CancellationToken::new();
-    let p = Process::connect(cfg, ALL_IN_ONE, shutdown.clone()).await?;
+    let p = Process::connect(cfg, Role::AllInOne, shutdown.clone()).await?;
     let task = match services {
         Services::All => tokio::spawn(crate::up::run(
             p.clone(),
@@ -963,9 +969,14 @@ async fn fanout_measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_
     let rss_before = peak_rss_mib();
     let body = public_note(&format!("{}/users/bench", d.base), "to a million").to_string();
     let started = Instant::now();
-    let published =
-        stampede_runtime::outbound::publish(&d.p.cfg, &d.p.backends, &actor, body.as_bytes(), None)
-            .await?;
+    let published = stampede_federation::publish::publish(
+        &d.p.cfg,
+        &d.p.backends,
+        &actor,
+        body.as_bytes(),
+        None,
+    )
+    .await?;
     let deadline = started + Duration::from_secs(a.common.timeout_secs);
     let depth = || async {
         ready_messages(&*d.p.backends.queue, QueueName::Delivery)
@@ -1057,7 +1068,7 @@ async fn enqueue_ceiling(kind: BackendKind, concurrency: usize, n: usize) -> any
             async move {
                 q.publish(
                     QueueName::Inbound,
-                    stampede_runtime::queue::OutMessage {
+                    stampede_backends::queue::OutMessage {
                         kind: "bench.Ceiling",
                         payload,
                     },

@@ -11,14 +11,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use futures::StreamExt;
+use stampede_backends::queue::{ready_messages, QueueName};
 use stampede_core::activity::public_note;
+use stampede_federation::parked::{self, Parked, Reason};
 use stampede_proto::api::actor_service_client::ActorServiceClient;
 use stampede_proto::api::publish_service_client::PublishServiceClient;
 use stampede_proto::api::{CreateActorRequest, PublishRequest};
-use stampede_runtime::parked::{self, Parked, Reason};
-use stampede_runtime::process::{Listeners, Process, ALL_IN_ONE};
-use stampede_runtime::queue::{ready_messages, QueueName};
+use stampede_runtime::metrics::DeliveryOutcome;
+use stampede_runtime::process::{Listeners, Process};
 use stampede_runtime::Config;
+use stampede_runtime::Role;
 use stampede_sink::{Behavior, Sink, SinkOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -167,7 +169,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
     cfg.host_unavailable_after = DEMO_HOST_UNAVAILABLE;
     let shutdown = CancellationToken::new();
-    let p = Process::connect(cfg, ALL_IN_ONE, shutdown.clone()).await?;
+    let p = Process::connect(cfg, Role::AllInOne, shutdown.clone()).await?;
     let grpc_url = format!("http://{}", grpc.local_addr()?);
     println!(
         "stampede on embedded defaults, data in {}",
@@ -283,7 +285,7 @@ async fn drive(
         // The Accepts counted too: a server has an Accept a moment before
         // stampede counts it delivered, and one counted after the counts
         // below are taken would pass for a post's delivery.
-        let counted = p.metrics.delivery_count("delivered");
+        let counted = p.metrics.delivery_count(DeliveryOutcome::Delivered);
         if n as usize == args.followers
             && accepts == args.followers
             && counted as usize >= args.followers
@@ -541,7 +543,7 @@ fn dead_story(
     cfg: &Config,
     circuits_opened: usize,
     servers: usize,
-    dead_letters: &[&stampede_runtime::store::DeadLetter],
+    dead_letters: &[&stampede_backends::store::DeadLetter],
 ) -> String {
     let mut by: std::collections::BTreeMap<String, (usize, u32, u32)> = Default::default();
     for d in dead_letters {
@@ -705,11 +707,12 @@ impl Counts {
                 .await
                 .context("queue depth")?;
         Ok(Self {
-            delivered: p.metrics.delivery_count("delivered"),
-            retries: p.metrics.delivery_count("retry"),
+            delivered: p.metrics.delivery_count(DeliveryOutcome::Delivered),
+            retries: p.metrics.delivery_count(DeliveryOutcome::Retry),
             // Every outcome that ends a delivery with a dead letter.
-            failed: ["failed", "gone", "unavailable", "refused"]
+            failed: DeliveryOutcome::ALL
                 .into_iter()
+                .filter(|o| o.is_dead_letter())
                 .map(|o| p.metrics.delivery_count(o))
                 .sum(),
             queue,
@@ -833,7 +836,7 @@ mod tests {
         })
         .unwrap();
         cfg.host_unavailable_after = DEMO_HOST_UNAVAILABLE;
-        let letter = |reason: &str, attempts: u32| stampede_runtime::store::DeadLetter {
+        let letter = |reason: &str, attempts: u32| stampede_backends::store::DeadLetter {
             id: 0,
             activity_id: String::new(),
             activity_key: String::new(),

@@ -1,5 +1,5 @@
 //! Binary crate: the `stampede` command. `serve` runs one service as its own
-//! process; the rest talk gRPC to ONE address, ingest's (design §6), taken
+//! process; the rest talk gRPC to ONE address, ingest's (README, "gRPC API"), taken
 //! from `--server` or `STAMPEDE_GRPC_ADDR`.
 #![deny(missing_docs)]
 
@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use stampede_runtime::process::run_main;
+use stampede_runtime::{Role, ServiceKind as Kind};
 
 /// The stampede command line.
 #[derive(Debug, Parser)]
@@ -84,7 +85,7 @@ enum Command {
     },
     /// Fake remote servers on 127.0.0.1 that verify every delivery they get.
     Sink(sink::SinkArgs),
-    /// Benchmarks against this machine's own ceiling: delivery, fanout.
+    /// Benchmarks against this machine's own ceiling: delivery, fanout, ingest, inbound.
     Bench(bench::BenchArgs),
     /// Shows stampede at work in a minute: embedded stampede plus fake
     /// servers that follow, fail, slow down and die, live progress, a summary.
@@ -168,12 +169,12 @@ pub fn main() -> ExitCode {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     match cli.command {
         Command::Serve { service } => match service {
-            Service::Ingest => run_main("ingest", true, stampede_ingest::serve),
-            Service::Inbox => run_main("inbox", false, stampede_inbox::serve),
-            Service::Fanout => run_main("fanout", false, stampede_fanout::serve),
-            Service::Delivery => run_main("delivery", false, stampede_delivery::serve),
+            Service::Ingest => run_main(Role::Service(Kind::Ingest), stampede_ingest::serve),
+            Service::Inbox => run_main(Role::Service(Kind::Inbox), stampede_inbox::serve),
+            Service::Fanout => run_main(Role::Service(Kind::Fanout), stampede_fanout::serve),
+            Service::Delivery => run_main(Role::Service(Kind::Delivery), stampede_delivery::serve),
         },
-        Command::Up => run_main("up", true, up::run),
+        Command::Up => run_main(Role::AllInOne, up::run),
         command => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if let Command::Bench(args) = &command {
@@ -215,8 +216,8 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             let url = cfg.database_url.context(
                 "STAMPEDE_DATABASE_URL: not set (migrate applies the PostgreSQL schema)",
             )?;
-            let store = stampede_runtime::postgres::PgStore::connect(url.expose(), 1)?;
-            stampede_runtime::store::Store::migrate(&store)
+            let store = stampede_backends::store::postgres::PgStore::connect(url.expose(), 1)?;
+            stampede_backends::store::Store::migrate(&store)
                 .await
                 .context("failed to apply migrations")?;
             println!("migrations applied");

@@ -6,38 +6,38 @@ use stampede_fanout::Fanout;
 use stampede_inbox::Inbox;
 use stampede_ingest::Ingest;
 use stampede_runtime::process::{serve_grpc, Listeners, Process};
+use stampede_runtime::ServiceKind;
 
 /// Runs the configured services until shutdown.
 pub async fn run(p: Process, l: Listeners) -> anyhow::Result<()> {
-    let on = |s: &str| p.cfg.up_services.iter().any(|x| x == s);
+    let on = |s: ServiceKind| p.cfg.up_services.contains(&s);
     let metrics = p.spawn_metrics(l.metrics);
-    let names: Vec<String> = p
-        .cfg
-        .up_services
-        .iter()
-        .map(|s| format!("stampede.{s}"))
-        .collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let names: Vec<&str> = p.cfg.up_services.iter().map(|s| s.health_name()).collect();
     let mut routes = p.grpc_routes(&names)?;
     let ingest = Ingest::from_process(&p);
     // The gRPC API and the HTTP edge are ingest's.
-    let http = if on("ingest") {
+    let http = if on(ServiceKind::Ingest) {
         ingest.add_grpc(&mut routes, p.auth());
         l.http
             .map(|listener| ingest.spawn_http(listener, p.shutdown.clone()))
     } else {
         None
     };
-    let fanout = on("fanout").then(|| tokio::spawn(Fanout::new(p.clone()).run()));
-    let delivery = on("delivery").then(|| tokio::spawn(Delivery::new(p.clone()).run()));
-    let inbox = on("inbox").then(|| tokio::spawn(Inbox::new(p.clone()).run()));
+    let fanout = on(ServiceKind::Fanout).then(|| tokio::spawn(Fanout::new(p.clone()).run()));
+    let delivery = on(ServiceKind::Delivery).then(|| tokio::spawn(Delivery::new(p.clone()).run()));
+    let inbox = on(ServiceKind::Inbox).then(|| tokio::spawn(Inbox::new(p.clone()).run()));
     println!(
         "stampede is up: http {}  grpc {}  metrics {}\n  backends: {}\n  services: {}",
         p.cfg.http_addr,
         p.cfg.grpc_addr,
         p.cfg.metrics_addr,
         p.backends.summary,
-        p.cfg.up_services.join(", ")
+        p.cfg
+            .up_services
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let grpc = serve_grpc(routes, l.grpc, p.shutdown.clone()).await;
     p.shutdown.cancel();

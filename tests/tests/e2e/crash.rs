@@ -329,12 +329,12 @@ async fn a_worker_out_of_descriptors_blames_no_host_and_loses_nothing() {
     assert!(count("local_exhausted") >= 1.0, "{text}");
     assert_eq!(count("retry"), 0.0, "{text}");
     assert_eq!(count("failed"), 0.0, "{text}");
-    let cache = stampede_runtime::redis_cache::RedisCache::connect(&redis_url(), &app.namespace)
+    let cache = stampede_backends::cache::redis::RedisCache::connect(&redis_url(), &app.namespace)
         .await
         .unwrap();
     for i in SERVERS..2 * SERVERS {
         let host = sink.addr(i).unwrap().to_string();
-        let fails = stampede_runtime::cache::Cache::get(&cache, &format!("health:fails:{host}"))
+        let fails = stampede_backends::cache::Cache::get(&cache, &format!("health:fails:{host}"))
             .await
             .unwrap();
         assert!(fails.is_none(), "{host} was counted as failing");

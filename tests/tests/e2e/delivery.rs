@@ -355,7 +355,7 @@ crate::both_backends!(
 /// checks its success record first and does not send it again.
 async fn a_job_that_may_be_delivered_is_checked_and_not_resent(backend: Backend) {
     use prost::Message;
-    use stampede_runtime::queue::{OutMessage, QueueName};
+    use stampede_backends::queue::{OutMessage, QueueName};
     let app = spawn_app(backend, AppOptions::default()).await;
     let sink = Sink::start(SinkOptions {
         servers: 2,
@@ -395,7 +395,7 @@ async fn a_job_that_may_be_delivered_is_checked_and_not_resent(backend: Backend)
         .publish(
             QueueName::Delivery,
             OutMessage {
-                kind: stampede_delivery::DELIVERY_JOB,
+                kind: stampede_proto::kinds::DELIVERY_JOB,
                 payload: job.encode_to_vec(),
             },
         )

@@ -9,17 +9,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use stampede_backends::cache::redis::RedisCache;
+use stampede_backends::queue::amqp::AmqpQueue;
+use stampede_backends::queue::Queue;
+use stampede_backends::store::{Follower, Store};
 use stampede_proto::api::{
     actor_service_client::ActorServiceClient, admin_service_client::AdminServiceClient,
     publish_service_client::PublishServiceClient, CreateActorRequest, PublishRequest,
     PublishResponse,
 };
-use stampede_runtime::amqp::AmqpQueue;
-use stampede_runtime::process::{Listeners, Process, ALL_IN_ONE};
-use stampede_runtime::queue::Queue;
-use stampede_runtime::redis_cache::RedisCache;
-use stampede_runtime::store::{Follower, Store};
+use stampede_runtime::process::{Listeners, Process};
 use stampede_runtime::Config;
+use stampede_runtime::Role;
 use stampede_sink::SinkActor;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -189,7 +190,8 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
             metrics: listener().await,
         };
         metrics.insert(name, l.metrics.local_addr().unwrap());
-        let p = Process::connect(cfg.clone(), name, shutdown.child_token())
+        let role = Role::Service(stampede_runtime::ServiceKind::from_name(name).unwrap());
+        let p = Process::connect(cfg.clone(), role, shutdown.child_token())
             .await
             .unwrap();
         let h: JoinHandle<Result<(), String>> =
@@ -226,7 +228,7 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
         .connect()
         .await
         .unwrap();
-    let store = stampede_runtime::postgres::PgStore::connect(&db_url, 4).unwrap();
+    let store = stampede_backends::store::postgres::PgStore::connect(&db_url, 4).unwrap();
     let queue = AmqpQueue::connect(&amqp_url(), &namespace, "stampede-test")
         .await
         .unwrap();
@@ -278,7 +280,7 @@ async fn spawn_all_in_one(namespace: String, opts: AppOptions) -> TestApp {
     };
     let grpc_addr = l.grpc.local_addr().unwrap();
     let metrics_addr = l.metrics.local_addr().unwrap();
-    let p = Process::connect(cfg, ALL_IN_ONE, shutdown.child_token())
+    let p = Process::connect(cfg, Role::AllInOne, shutdown.child_token())
         .await
         .unwrap();
     let (store, queue) = (p.backends.store.clone(), p.backends.queue.clone());

@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use stampede_backends::queue::{OutMessage, QueueName};
+use stampede_backends::store::Store;
 use stampede_core::activity::{public_note, PUBLIC};
 use stampede_proto::api::StatusRequest;
-use stampede_runtime::queue::{OutMessage, QueueName};
-use stampede_runtime::store::Store;
 use stampede_sink::{Sink, SinkActor, SinkOptions};
 use tonic::Code;
 
@@ -281,7 +281,7 @@ async fn undecodable_messages_are_dead_lettered_and_workers_go_on(backend: Backe
     q.publish(
         QueueName::Fanout,
         OutMessage {
-            kind: "stampede.queue.v1.FanoutJob",
+            kind: stampede_proto::kinds::FANOUT_JOB,
             payload: vec![0xff, 0xff, 0xff],
         },
     )

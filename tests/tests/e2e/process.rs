@@ -134,7 +134,7 @@ async fn serve_reports_health_and_stops_on_sigterm() {
         .unwrap();
     assert!(status.success(), "exit after SIGTERM: {status:?}");
 
-    let q = stampede_runtime::amqp::AmqpQueue::connect(&amqp_url(), &ns, "cleanup")
+    let q = stampede_backends::queue::amqp::AmqpQueue::connect(&amqp_url(), &ns, "cleanup")
         .await
         .unwrap();
     q.delete_all().await.unwrap();

@@ -809,7 +809,7 @@ async fn blocked_domains_get_nothing_anywhere(backend: Backend) {
     let body =
         json!({"id": format!("{alice_id}/activities/x"), "type": "Announce", "actor": alice_id});
     app.store
-        .insert_activity(stampede_runtime::store::NewActivity {
+        .insert_activity(stampede_backends::store::NewActivity {
             key: key.clone(),
             ap_id: format!("{alice_id}/activities/x"),
             actor_id: alice,
@@ -821,8 +821,8 @@ async fn blocked_domains_get_nothing_anywhere(backend: Backend) {
         })
         .await
         .unwrap();
-    let job = |inbox: &str| stampede_runtime::queue::OutMessage {
-        kind: stampede_delivery::DELIVERY_JOB,
+    let job = |inbox: &str| stampede_backends::queue::OutMessage {
+        kind: stampede_proto::kinds::DELIVERY_JOB,
         payload: stampede_proto::queue::DeliveryJob {
             activity_key: key.clone(),
             inbox: inbox.to_string(),
@@ -832,7 +832,7 @@ async fn blocked_domains_get_nothing_anywhere(backend: Backend) {
     };
     for inbox in [carol.inbox.clone(), format!("{}/inbox", app.http_base)] {
         app.queue
-            .publish(stampede_runtime::queue::QueueName::Delivery, job(&inbox))
+            .publish(stampede_backends::queue::QueueName::Delivery, job(&inbox))
             .await
             .unwrap();
     }

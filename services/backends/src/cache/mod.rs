@@ -1,12 +1,16 @@
 //! The hot shared state the services are written against (remote-actor
-//! cache, dedup, host health, rate limits, parked-delivery counts). Redis
-//! implements it ([`crate::redis_cache`]), and process memory
-//! ([`crate::memory_cache`]) for the embedded layout.
+//! cache, dedup, host health, rate limits, parked-delivery counts). Two
+//! implementations keep this contract, checked by one test suite
+//! (`tests/contract.rs`): Redis ([`redis`]) and process memory
+//! ([`memory`]) for the embedded layout.
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::Result;
+
+pub mod memory;
+pub mod redis;
 
 /// A key-value cache with expiry.
 #[async_trait]

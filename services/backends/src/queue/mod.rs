@@ -1,13 +1,18 @@
 //! The queue the services are written against: named durable queues,
 //! publisher-confirmed publishing, manual acknowledgement, delayed retries and
-//! a dead-letter queue for messages that cannot be processed. RabbitMQ
-//! implements it ([`crate::amqp`]).
+//! a dead-letter queue for messages that cannot be processed. Two
+//! implementations keep this contract, checked by one test suite
+//! (`tests/contract.rs`): RabbitMQ ([`amqp`]) and a SQLite file of the
+//! embedded layout ([`embedded`]).
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::Result;
+
+pub mod amqp;
+pub mod embedded;
 
 /// The queues of stampede.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -20,8 +20,9 @@ use bytes::Bytes;
 use rusqlite::params;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::clock::now_ms;
 use crate::queue::{Acker, Consumer, DeadInfo, Depth, Incoming, OutMessage, Queue, QueueName};
-use crate::sqlite::{now_ms, DataDirLock, Db};
+use crate::sqlite::{DataDirLock, Db};
 use crate::{Error, Result};
 
 const SCHEMA: &[(i32, &str)] = &[
@@ -316,13 +317,13 @@ impl EmbeddedQueue {
 #[async_trait]
 impl Queue for EmbeddedQueue {
     async fn publish(&self, queue: QueueName, msg: OutMessage) -> Result<()> {
-        let tp = crate::telemetry::current_traceparent();
+        let tp = crate::trace::current_traceparent();
         self.write(vec![Self::row(queue, msg, 0, tp)]).await
     }
 
     async fn publish_batch(&self, queue: QueueName, msgs: Vec<OutMessage>) -> Result<()> {
         // One trace context for the whole batch.
-        let tp = crate::telemetry::current_traceparent();
+        let tp = crate::trace::current_traceparent();
         self.write(
             msgs.into_iter()
                 .map(|m| Self::row(queue, m, 0, tp.clone()))
@@ -338,7 +339,7 @@ impl Queue for EmbeddedQueue {
         delay: Duration,
     ) -> Result<Duration> {
         let due = now_ms().saturating_add(delay.as_millis() as i64);
-        let tp = crate::telemetry::current_traceparent();
+        let tp = crate::trace::current_traceparent();
         self.write(vec![Self::row(queue, msg, due, tp)]).await?;
         Ok(delay)
     }
@@ -356,7 +357,7 @@ impl Queue for EmbeddedQueue {
             payload: payload.to_vec(),
             due: 0,
             ready: now_ms(),
-            traceparent: crate::telemetry::current_traceparent(),
+            traceparent: crate::trace::current_traceparent(),
             dead: Some(DeadInfo {
                 reason: reason.to_string(),
                 source: self.full_name(from),
@@ -522,7 +523,7 @@ impl Acker for EmbeddedAcker {
         let Some((msg, _permit)) = self.take() else {
             return Err(Error::Queue("message already settled".into()));
         };
-        let tp = crate::telemetry::current_traceparent();
+        let tp = crate::trace::current_traceparent();
         let row = EmbeddedQueue::row(QueueName::App, event, 0, tp);
         match self.queue.write_and_delete(vec![row], Some(msg.id)).await {
             Ok(()) => Ok(()),

@@ -2,9 +2,9 @@
 //! (reconnects on its own), every key under the namespace prefix.
 use std::time::Duration;
 
+use ::redis::aio::ConnectionManager;
+use ::redis::AsyncCommands;
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
-use redis::AsyncCommands;
 
 use crate::cache::Cache;
 use crate::Result;
@@ -19,7 +19,7 @@ pub struct RedisCache {
 impl RedisCache {
     /// Connects to `url`; keys are prefixed `{namespace}:`.
     pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
-        let client = redis::Client::open(url)?;
+        let client = ::redis::Client::open(url)?;
         let conn = ConnectionManager::new(client).await?;
         Ok(Self {
             conn,
@@ -61,7 +61,7 @@ impl Cache for RedisCache {
             return Ok(Vec::new());
         }
         let mut c = self.conn.clone();
-        let mut cmd = redis::cmd("MGET");
+        let mut cmd = ::redis::cmd("MGET");
         for k in keys {
             cmd.arg(self.key(k));
         }
@@ -76,7 +76,7 @@ impl Cache for RedisCache {
 
     async fn set_nx(&self, key: &str, value: &[u8], ttl: Duration) -> Result<bool> {
         let mut c = self.conn.clone();
-        let set: Option<String> = redis::cmd("SET")
+        let set: Option<String> = ::redis::cmd("SET")
             .arg(self.key(key))
             .arg(value)
             .arg("NX")
@@ -90,7 +90,7 @@ impl Cache for RedisCache {
     async fn incr(&self, key: &str, ttl: Duration) -> Result<u64> {
         let mut c = self.conn.clone();
         let k = self.key(key);
-        let (n,): (u64,) = redis::pipe()
+        let (n,): (u64,) = ::redis::pipe()
             .atomic()
             .incr(&k, 1u64)
             .cmd("PEXPIRE")
@@ -107,7 +107,7 @@ impl Cache for RedisCache {
         let mut c = self.conn.clone();
         let k = self.key(key);
         // NX gives a new hash its expiry, GT only ever extends it.
-        let (n,): (i64,) = redis::pipe()
+        let (n,): (i64,) = ::redis::pipe()
             .atomic()
             .hincr(&k, field, by)
             .cmd("PEXPIRE")
@@ -147,7 +147,7 @@ impl Cache for RedisCache {
 
     async fn ping(&self) -> Result<()> {
         let mut c = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        let _: String = ::redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
     }
 }

@@ -20,11 +20,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::cache::Cache;
-use crate::Result;
+use stampede_backends::cache::Cache;
+use stampede_runtime::Result;
 
 /// The hash of parked-delivery counters.
-const KEY: &str = "delivery:parked";
+const KEY: &str = crate::cache_keys::PARKED;
 /// Kept this long past the latest due time it holds.
 const SLACK: Duration = Duration::from_secs(60);
 
@@ -89,13 +89,44 @@ fn step_ms(delay: Duration) -> i64 {
 
 /// Counts one delivery parked for `reason`, due back after `delay`.
 pub async fn record(cache: &dyn Cache, reason: Reason, delay: Duration) -> Result<()> {
-    record_at(cache, reason, delay, crate::sqlite::now_ms()).await
+    record_at(cache, reason, delay, stampede_backends::clock::now_ms()).await
 }
 
 /// The deliveries parked now, per reason (only reasons with any), in
 /// [`Reason::ALL`] order.
 pub async fn parked(cache: &dyn Cache) -> Result<Vec<Parked>> {
-    parked_at(cache, crate::sqlite::now_ms()).await
+    parked_at(cache, stampede_backends::clock::now_ms()).await
+}
+
+/// Sets the gauge `stampede_delivery_parked{reason}` from the cache every
+/// `every` until `shutdown`. The delivery service runs it: the parked
+/// deliveries are its own.
+pub async fn sample(
+    metrics: std::sync::Arc<stampede_runtime::metrics::Metrics>,
+    cache: std::sync::Arc<dyn Cache>,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(now) = parked(&*cache).await else {
+            continue;
+        };
+        for r in Reason::ALL {
+            let n = now
+                .iter()
+                .find(|p| p.reason == r)
+                .map_or(0, |p| p.deliveries);
+            metrics
+                .delivery_parked
+                .get_or_create(&[("reason", r.as_str())])
+                .set(n as i64);
+        }
+    }
 }
 
 async fn record_at(cache: &dyn Cache, reason: Reason, delay: Duration, now_ms: i64) -> Result<()> {
@@ -143,7 +174,7 @@ async fn parked_at(cache: &dyn Cache, now_ms: i64) -> Result<Vec<Parked>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory_cache::MemoryCache;
+    use stampede_backends::cache::memory::MemoryCache;
 
     #[tokio::test]
     async fn parked_deliveries_count_until_due_per_reason() {

@@ -19,6 +19,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 
 use tokio::sync::{watch, RwLock};
 
+use crate::clock::now_ms;
 use crate::queue::{Acker, Consumer, DeadInfo, Depth, Incoming, OutMessage, Queue, QueueName};
 use crate::{Error, Result};
 
@@ -544,16 +545,12 @@ const READY_HEADER: &str = "x-stampede-ready-ms";
 /// W3C trace context of the publisher's span.
 const TRACEPARENT_HEADER: &str = "traceparent";
 
-fn now_ms() -> i64 {
-    crate::sqlite::now_ms()
-}
-
 /// Headers every message carries: when it is ready and, when tracing, the
 /// publisher's trace context.
 fn message_headers(extra: Option<FieldTable>, ready_ms: i64) -> FieldTable {
     let mut h = extra.unwrap_or_default();
     h.insert(READY_HEADER.into(), AMQPValue::LongLongInt(ready_ms));
-    if let Some(tp) = crate::telemetry::current_traceparent() {
+    if let Some(tp) = crate::trace::current_traceparent() {
         h.insert(TRACEPARENT_HEADER.into(), AMQPValue::LongString(tp.into()));
     }
     h

@@ -1,5 +1,5 @@
 //! The outbound HTTP client: one pooled keep-alive client per process, with
-//! the SSRF guard of design §8 on every request (refuse loopback, private,
+//! the SSRF guard (docs/ARCHITECTURE.md, "Trust boundaries") on every request (refuse loopback, private,
 //! link-local and other non-global addresses unless
 //! `STAMPEDE_ALLOW_PRIVATE_NETWORKS`, checked on the URL's literal address and
 //! again on every address DNS returns, so a name cannot rebind to an internal

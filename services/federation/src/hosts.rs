@@ -14,38 +14,19 @@
 //! so `stampede status` can list failing hosts.
 use std::time::Duration;
 
-use crate::store::HostHealth;
-use crate::{Backends, Config, Result};
+use stampede_backends::store::HostHealth;
+use stampede_runtime::{Backends, Config, Result};
 
 const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long one probe may be in progress before another worker may try.
 const PROBE_LEASE: Duration = Duration::from_secs(30);
 
-fn paused_key(host: &str) -> String {
-    format!("paused:{host}")
-}
-fn open_key(host: &str) -> String {
-    format!("health:open:{host}")
-}
-fn fails_key(host: &str) -> String {
-    format!("health:fails:{host}")
-}
-fn since_key(host: &str) -> String {
-    format!("health:since:{host}")
-}
-fn opens_key(host: &str) -> String {
-    format!("health:opens:{host}")
-}
-fn ramp_key(host: &str) -> String {
-    format!("health:ramp:{host}")
-}
-fn probe_key(host: &str) -> String {
-    format!("health:probe:{host}")
-}
+use crate::cache_keys::host::{
+    fails as fails_key, open as open_key, opens as opens_key, paused as paused_key,
+    probe as probe_key, ramp as ramp_key, since as since_key,
+};
 
-fn now_ms() -> i64 {
-    crate::sqlite::now_ms()
-}
+use stampede_backends::clock::now_ms;
 
 fn number(v: &Option<Vec<u8>>) -> Option<i64> {
     v.as_deref()
@@ -56,13 +37,13 @@ fn number(v: &Option<Vec<u8>>) -> Option<i64> {
 /// Pauses deliveries to `host`: they are parked, not tried, until resumed.
 pub async fn pause(b: &Backends, host: &str) -> Result<()> {
     b.store.set_host_paused(host, true).await?;
-    b.cache.set(&paused_key(host), b"1", FOREVER).await
+    Ok(b.cache.set(&paused_key(host), b"1", FOREVER).await?)
 }
 
 /// Resumes deliveries to `host`.
 pub async fn resume(b: &Backends, host: &str) -> Result<()> {
     b.store.set_host_paused(host, false).await?;
-    b.cache.del(&paused_key(host)).await
+    Ok(b.cache.del(&paused_key(host)).await?)
 }
 
 /// Copies the paused hosts from the store into the cache (an in-memory

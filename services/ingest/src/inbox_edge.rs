@@ -6,22 +6,21 @@
 //! on the address the connection came from (or, behind a trusted proxy, the
 //! address it forwarded for), never on the actor the body claims.
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use prost::Message;
+use stampede_backends::queue::{OutMessage, QueueName};
 use stampede_core::activity::parse_json;
+use stampede_federation::verify::activity_info;
 use stampede_proto::queue::{Header, InboundJob};
-use stampede_runtime::inbound::activity_info;
-use stampede_runtime::queue::{OutMessage, QueueName};
 
 use crate::Ingest;
 
-/// Protobuf name of the inbound job.
-pub const INBOUND_JOB: &str = "stampede.queue.v1.InboundJob";
+use stampede_proto::kinds::INBOUND_JOB;
 
 fn answer(
     s: &Ingest,
@@ -94,10 +93,8 @@ async fn rate_limited(s: &Ingest, client: IpAddr) -> Option<Response> {
     if limit == 0 {
         return None;
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let key = format!("rl:{}:{}", rate_key(client), now / 60);
+    let now = stampede_backends::clock::now_secs().max(0) as u64;
+    let key = stampede_federation::cache_keys::edge_requests(&rate_key(client), now / 60);
     match s.backends.cache.incr(&key, Duration::from_secs(61)).await {
         Ok(n) if n > limit => {
             s.metrics.inbound_edge("rate_limited");
@@ -313,9 +310,7 @@ async fn receive(
             )
         }
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = stampede_backends::clock::now_secs();
     if let Some(d) = h(&header::DATE) {
         let Ok(t) = httpdate::parse_http_date(d) else {
             return answer(

@@ -16,8 +16,8 @@ use stampede_core::verify::{
 use stampede_core::CoreError;
 use url::Url;
 
-use crate::keys::{KeyError, KeyResolver, Known};
-use crate::process::Process;
+use crate::key_resolver::{KeyError, KeyResolver, Known};
+use stampede_runtime::process::Process;
 
 /// The outcome of verification (also the `result` label of the inbound metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,9 +284,7 @@ impl Verifier {
                 )
             }
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now = stampede_backends::clock::now_secs();
         if let Err(e) = check_time(
             req,
             &signed,

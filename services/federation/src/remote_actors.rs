@@ -4,26 +4,22 @@
 //! actors are negative-cached so a flood of them costs one fetch each.
 use std::time::Duration;
 
-use crate::http::MAX_RESPONSE_BYTES;
-use crate::process::Process;
-use crate::store::{LocalActor, RemoteActor};
 use serde_json::{json, Value};
+use stampede_backends::store::{LocalActor, RemoteActor};
 use stampede_core::keys::load_private_key;
 use stampede_core::signature::{sign_request, GET_HEADERS};
+use stampede_runtime::http_client::MAX_RESPONSE_BYTES;
+use stampede_runtime::process::Process;
 use url::Url;
 
-use crate::{Config, Error, Result};
+use stampede_runtime::{Config, Error, Result};
 
 const TTL: Duration = Duration::from_secs(24 * 3600);
 const NEGATIVE_TTL: Duration = Duration::from_secs(3600);
 const ACCEPT: &str =
     "application/activity+json, application/ld+json; profile=\"https://www.w3.org/ns/activitystreams\"";
 
-/// The cache key of a remote actor. `2`: entries learnt before documents
-/// were bound to the URL fetched (`actor:`) are not read.
-fn actor_key(id: &str) -> String {
-    format!("actor2:{id}")
-}
+use crate::cache_keys::remote_actor as actor_key;
 
 /// The remote-actor resolver.
 #[derive(Clone)]
@@ -92,16 +88,18 @@ impl Resolver {
     pub async fn remember(&self, a: &RemoteActor) -> Result<()> {
         let b = &self.p.backends;
         b.store.put_remote_actor(a).await?;
-        b.cache.set(&actor_key(&a.id), &encode(Some(a)), TTL).await
+        Ok(b.cache
+            .set(&actor_key(&a.id), &encode(Some(a)), TTL)
+            .await?)
     }
 
     /// Forgets a deleted actor.
     pub async fn forget(&self, id: &str) -> Result<()> {
         let b = &self.p.backends;
         b.store.delete_remote_actor(id).await?;
-        b.cache
+        Ok(b.cache
             .set(&actor_key(id), &encode(None), NEGATIVE_TTL)
-            .await
+            .await?)
     }
 
     async fn fetch(&self, id: &str, signer: &LocalActor) -> Result<Option<RemoteActor>> {
@@ -130,10 +128,10 @@ pub async fn signed_get(
     p: &Process,
     id: &str,
     signer: &LocalActor,
-) -> Result<crate::http::Response> {
+) -> Result<stampede_runtime::http_client::Response> {
     let url = Url::parse(id).map_err(|e| Error::Invalid(format!("bad url {id}: {e}")))?;
     p.http.check_url(&url)?;
-    let key_id = format!("{}#main-key", p.cfg.actor_id(&signer.name));
+    let key_id = p.cfg.key_id(&signer.name);
     let host = stampede_core::targets::inbox_host(id).unwrap_or_default();
     let date = httpdate::fmt_http_date(std::time::SystemTime::now());
     let path = match url.query() {

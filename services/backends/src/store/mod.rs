@@ -1,10 +1,14 @@
 //! The durable store the services are written against: local actors and
 //! their keys, followers, the remote-actor cache, outbound activities,
-//! delivery records and dead letters. PostgreSQL implements it
-//! ([`crate::postgres`]).
+//! delivery records and dead letters. Two implementations keep this
+//! contract, checked by one test suite (`tests/contract.rs`): PostgreSQL
+//! ([`postgres`]) and a SQLite file of the embedded layout ([`embedded`]).
 use async_trait::async_trait;
 
 use crate::Result;
+
+pub mod embedded;
+pub mod postgres;
 
 /// Private key bytes (PKCS#8 DER) that never show in `Debug` output.
 #[derive(Clone)]
@@ -224,7 +228,8 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store answers.
     async fn ping(&self) -> Result<()>;
 
-    /// Creates a local actor; [`crate::Error::Conflict`] when the name is taken.
+    /// Creates a local actor; [`crate::Error::Conflict`] ("actor `name` exists
+    /// already") when the name is taken.
     async fn create_actor(&self, actor: NewActor) -> Result<LocalActor>;
     /// The actor named `actor.name`, created from `actor` when absent (the
     /// instance actor: several processes may race to create it).

@@ -14,18 +14,26 @@ use crate::{Error, Result};
 
 /// Versioned migrations, applied in order; never edit one that has shipped.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "initial", include_str!("../migrations/0001_initial.sql")),
-    (2, "inbound", include_str!("../migrations/0002_inbound.sql")),
-    (3, "hosts", include_str!("../migrations/0003_hosts.sql")),
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/0001_initial.sql"),
+    ),
+    (
+        2,
+        "inbound",
+        include_str!("../../migrations/0002_inbound.sql"),
+    ),
+    (3, "hosts", include_str!("../../migrations/0003_hosts.sql")),
     (
         4,
         "host_health",
-        include_str!("../migrations/0004_host_health.sql"),
+        include_str!("../../migrations/0004_host_health.sql"),
     ),
     (
         5,
         "forget_unbound_documents",
-        include_str!("../migrations/0005_forget_unbound_documents.sql"),
+        include_str!("../../migrations/0005_forget_unbound_documents.sql"),
     ),
 ];
 
@@ -158,7 +166,11 @@ impl Store for PgStore {
                     &a.public_key_pem,
                 ],
             )
-            .await?;
+            .await
+            .map_err(|e| match Error::from(e) {
+                Error::Conflict(_) => Error::Conflict(format!("actor `{}` exists already", a.name)),
+                e => e,
+            })?;
         Ok(actor_from_row(&row))
     }
 

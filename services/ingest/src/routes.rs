@@ -24,8 +24,8 @@ pub fn router(ingest: Ingest) -> Router {
         .route("/.well-known/webfinger", get(webfinger))
         .route("/.well-known/nodeinfo", get(nodeinfo_links))
         .route("/nodeinfo/2.1", get(nodeinfo))
-        .route("/inbox", post(crate::inbox::shared_inbox))
-        .route("/users/{name}/inbox", post(crate::inbox::actor_inbox))
+        .route("/inbox", post(crate::inbox_edge::shared_inbox))
+        .route("/users/{name}/inbox", post(crate::inbox_edge::actor_inbox))
         .with_state(ingest)
 }
 
@@ -42,7 +42,7 @@ fn problem(status: StatusCode, reason: impl Into<String>) -> Response {
         .into_response()
 }
 
-async fn lookup(s: &Ingest, name: &str) -> Result<stampede_runtime::store::LocalActor, Response> {
+async fn lookup(s: &Ingest, name: &str) -> Result<stampede_backends::store::LocalActor, Response> {
     match s.backends.store.actor_by_name(name).await {
         Ok(Some(a)) => Ok(a),
         Ok(None) => Err(problem(
@@ -126,7 +126,7 @@ async fn webfinger(State(s): State<Ingest>, Query(q): Query<Finger>) -> Response
         return problem(StatusCode::BAD_REQUEST, "missing resource parameter");
     };
     let host = s.cfg.public_host();
-    let users = format!("{}/users/", s.cfg.base());
+    let users = s.cfg.actors_prefix();
     let name = match stampede_core::webfinger::local_name(&resource, &host, &users) {
         Ok(name) => name.to_string(),
         Err(NotLocal::Elsewhere) => return problem(StatusCode::NOT_FOUND, "not a local account"),

@@ -5,53 +5,42 @@ use prost::Message;
 use stampede_core::activity::prepare_outbound;
 use stampede_proto::queue::FanoutJob;
 
-use crate::queue::{OutMessage, QueueName};
-use crate::store::{Inserted, LocalActor, NewActivity};
-use crate::{Backends, Config, Error, Result};
+use stampede_backends::queue::{OutMessage, QueueName};
+use stampede_backends::store::{Inserted, LocalActor, NewActivity};
+use stampede_runtime::{Backends, Config, Error, Result};
 
-/// Protobuf name of the fanout job, carried as the AMQP `type`.
-pub const FANOUT_JOB: &str = "stampede.queue.v1.FanoutJob";
-/// Protobuf name of the delivery job.
-pub const DELIVERY_JOB: &str = "stampede.queue.v1.DeliveryJob";
+use stampede_proto::kinds::FANOUT_JOB;
 
-/// Queues dead letters again (their attempts start over) and marks them
-/// replayed: one of `id`, `host`, or all when both are `None`. Returns how
-/// many. Marked only after the broker confirmed the jobs, so a failure
-/// replays nothing twice and loses nothing.
-pub async fn replay_dead_letters(b: &Backends, id: Option<i64>, host: Option<&str>) -> Result<u64> {
-    let mut total = 0;
-    loop {
-        let rows = b.store.dead_letters_to_replay(id, host, 500).await?;
-        if rows.is_empty() {
-            return Ok(total);
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let jobs = rows
-            .iter()
-            .map(|d| OutMessage {
-                kind: DELIVERY_JOB,
-                payload: stampede_proto::queue::DeliveryJob {
-                    activity_key: d.activity_key.clone(),
-                    inbox: d.inbox.clone(),
-                    attempt: 0,
-                    first_attempt_unix_ms: now,
-                    trace: crate::telemetry::current_trace_context(),
-                    // Rare and operator-driven: check the record first.
-                    may_be_delivered: true,
-                }
-                .encode_to_vec(),
-            })
-            .collect();
-        b.queue.publish_batch(QueueName::Delivery, jobs).await?;
-        let ids: Vec<i64> = rows.iter().map(|d| d.id).collect();
-        b.store.mark_replayed(&ids).await?;
-        total += ids.len() as u64;
-        if id.is_some() {
-            return Ok(total);
-        }
-    }
+/// How a local actor answers a `Follow`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FollowAnswer {
+    /// `Accept`: the follower was added.
+    Accept,
+    /// `Reject`.
+    Reject,
+}
+
+/// Publishes `actor`'s `Accept` or `Reject` of the `Follow` activity
+/// `follow` (sent by `follower`, with id `follow_id` when it had one) to the
+/// follower. The idempotency key is the answer and the `Follow`'s id, so
+/// a `Follow` delivered twice, or decided twice, is answered once.
+pub async fn answer_follow(
+    cfg: &Config,
+    b: &Backends,
+    actor: &LocalActor,
+    follow: &serde_json::Value,
+    follower: &str,
+    follow_id: Option<&str>,
+    answer: FollowAnswer,
+) -> Result<Published> {
+    let kind = match answer {
+        FollowAnswer::Accept => "Accept",
+        FollowAnswer::Reject => "Reject",
+    };
+    let body =
+        stampede_core::activity::follow_answer(kind, &cfg.actor_id(&actor.name), follow, follower);
+    let key = follow_id.map(|id| format!("{}:{id}", kind.to_ascii_lowercase()));
+    publish(cfg, b, actor, body.to_string().as_bytes(), key).await
 }
 
 /// What publishing produced.
@@ -112,11 +101,11 @@ pub async fn publish(
         })
         .await
         .map_err(|e| match e {
-            Error::Conflict(_) => Error::Conflict(format!(
+            stampede_backends::Error::Conflict(_) => Error::Conflict(format!(
                 "an activity with id {} exists already",
                 prepared.id
             )),
-            e => e,
+            e => e.into(),
         })?;
     if !inserted.enqueued {
         let job = FanoutJob {

@@ -1,7 +1,7 @@
 //! Remote public keys for verifying inbound requests: memory, then Redis,
 //! then PostgreSQL, then a GET signed by the instance actor. One fetch at a
 //! time per key (concurrent requests for the same key wait for it), and
-//! every fetch bound to the origin fetched (design §10): a key document
+//! every fetch bound to the origin fetched (docs/ARCHITECTURE.md, "Trust boundaries"): a key document
 //! names only owners of its own origin, a key document that is not its
 //! owner's actor document is believed only when that actor document lists
 //! the key. Fetches are a resource a remote request can spend, so they are
@@ -21,10 +21,10 @@ use stampede_core::targets::normalize_domain;
 use tokio::sync::OnceCell;
 use url::Url;
 
-use crate::process::Process;
-use crate::remote::{remote_actor, signed_get};
-use crate::store::RemoteKey;
-use crate::{Error, Result};
+use crate::remote_actors::{remote_actor, signed_get};
+use stampede_backends::store::RemoteKey;
+use stampede_runtime::process::Process;
+use stampede_runtime::{Error, Result};
 
 const TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a key that its server says is gone (404/410) is remembered so.
@@ -99,24 +99,9 @@ pub struct KeyResolver {
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
 }
 
-/// The cache key of a remote key. `2`: entries learnt before documents
-/// were bound to the URL fetched (`key:`) are not read.
-fn cache_key(key_id: &str) -> String {
-    format!("key2:{key_id}")
-}
+use crate::cache_keys::{key_refetched as fetched_mark, remote_key as cache_key};
 
-/// The mark of a key's last refetch: the next waits until it expires. The
-/// first fetch sets none, so a key rotated soon after we first saw it is
-/// refetched at once.
-fn fetched_mark(key_id: &str) -> String {
-    format!("keyrefetched:{key_id}")
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use stampede_backends::clock::now_ms as unix_ms;
 
 impl KeyResolver {
     /// A resolver over a process's backends and client.
@@ -317,11 +302,7 @@ impl KeyResolver {
         }
         let domain = normalize_domain(url.host_str().unwrap_or_default());
         let now = unix_ms() / 1000;
-        let key = format!(
-            "kf:{}:{}",
-            stampede_core::digest::tuple_hash(&[&domain, client]),
-            now / 60
-        );
+        let key = crate::cache_keys::key_fetches(&domain, client, (now / 60) as u64);
         let n = self
             .p
             .backends
@@ -444,7 +425,7 @@ impl KeyResolver {
                 return Err(KeyError::Gone(r));
             }
         };
-        let unavailable = |e: Error| KeyError::Unavailable(e.to_string());
+        let unavailable = |e: stampede_backends::Error| KeyError::Unavailable(e.to_string());
         let entry = self.entry(key_id, &key.owner, &key.pem)?;
         self.fetched("fetched");
         let b = &self.p.backends;
@@ -474,7 +455,7 @@ impl KeyResolver {
     /// host). Best effort: the key is what was asked for.
     async fn remember_actor(&self, fetched_from: &str, doc: &Value) {
         if let Some(actor) = remote_actor(&self.p.cfg, fetched_from, doc) {
-            if let Err(e) = crate::remote::Resolver::new(self.p.clone())
+            if let Err(e) = crate::remote_actors::Resolver::new(self.p.clone())
                 .remember(&actor)
                 .await
             {

@@ -4,7 +4,8 @@
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::sqlite::{now_ms, DataDirLock, Db};
+use crate::clock::now_ms;
+use crate::sqlite::{DataDirLock, Db};
 use crate::store::{
     DeadLetter, Follower, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
     PrivateKey, RemoteActor, RemoteKey, Store, StoredActivity, Totals,
@@ -13,14 +14,14 @@ use crate::{Error, Result};
 
 /// Versioned schema (`PRAGMA user_version`); never edit one that has shipped.
 const SCHEMA: &[(i32, &str)] = &[
-    (1, include_str!("../migrations/embedded/0001_store.sql")),
+    (1, include_str!("../../migrations/embedded/0001_store.sql")),
     (
         2,
-        include_str!("../migrations/embedded/0002_host_health.sql"),
+        include_str!("../../migrations/embedded/0002_host_health.sql"),
     ),
     (
         3,
-        include_str!("../migrations/embedded/0003_forget_unbound_documents.sql"),
+        include_str!("../../migrations/embedded/0003_forget_unbound_documents.sql"),
     ),
 ];
 
@@ -112,6 +113,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn create_actor(&self, a: NewActor) -> Result<LocalActor> {
+        let name = a.name.clone();
         self.db
             .call(move |c| {
                 c.execute(
@@ -123,6 +125,10 @@ impl Store for EmbeddedStore {
                     .ok_or_else(|| Error::Db("inserted actor vanished".into()))
             })
             .await
+            .map_err(|e| match e {
+                Error::Conflict(_) => Error::Conflict(format!("actor `{name}` exists already")),
+                e => e,
+            })
     }
 
     async fn ensure_actor(&self, a: NewActor) -> Result<LocalActor> {

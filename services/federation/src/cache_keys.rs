@@ -1,0 +1,127 @@
+//! Every key stampede keeps in the shared cache, named in one place
+//! (docs/ARCHITECTURE.md, "Cache"). Each kind has its own prefix, and a
+//! change in what a value means changes its prefix (`key2:`, `actor2:`: the
+//! entries from before documents were bound to the URL fetched are never
+//! read). The backends add the namespace.
+//!
+//! Keys built from what a remote server sends are either bounded by the
+//! caller (a host, a key id already limited in size) or hashed.
+use stampede_core::digest::tuple_hash;
+
+/// A remote public key (`{owner, pem}`), or a remembered failure to get it.
+pub fn remote_key(key_id: &str) -> String {
+    format!("key2:{key_id}")
+}
+
+/// The mark of a key's last refetch: the next refetch waits until it
+/// expires.
+pub fn key_refetched(key_id: &str) -> String {
+    format!("keyrefetched:{key_id}")
+}
+
+/// Key fetches asked for by one client for one (normalised) domain in one
+/// minute.
+pub fn key_fetches(domain: &str, client: &str, minute: u64) -> String {
+    format!("kf:{}:{minute}", tuple_hash(&[domain, client]))
+}
+
+/// A remote actor's inboxes, or a remembered "gone".
+pub fn remote_actor(id: &str) -> String {
+    format!("actor2:{id}")
+}
+
+/// Requests one client address made to the edge in one minute.
+pub fn edge_requests(client: &str, minute: u64) -> String {
+    format!("rl:{client}:{minute}")
+}
+
+/// Activities verified as signed by a key of `host` in one minute.
+pub fn inbox_activities(host: &str, minute: u64) -> String {
+    format!("rlk:{host}:{minute}")
+}
+
+/// The dedup mark of an inbound activity: a hash of (inbox, actor, id), so
+/// one server cannot mark another's ids as seen and the key's size is ours.
+pub fn seen(inbox: &str, actor: &str, id: &str) -> String {
+    format!("seen:{}", tuple_hash(&[inbox, actor, id]))
+}
+
+/// The deliveries parked in delay queues: a hash of `{reason}:{due_ms}`
+/// counters.
+pub const PARKED: &str = "delivery:parked";
+
+/// Per-host delivery state: an operator's pause, and the circuit breaker's
+/// parts.
+pub mod host {
+    /// Deliveries to the host are paused by an operator.
+    pub fn paused(host: &str) -> String {
+        format!("paused:{host}")
+    }
+    /// The circuit is open until this time (unix ms).
+    pub fn open(host: &str) -> String {
+        format!("health:open:{host}")
+    }
+    /// Consecutive failures.
+    pub fn fails(host: &str) -> String {
+        format!("health:fails:{host}")
+    }
+    /// The first failure of the run (unix ms).
+    pub fn since(host: &str) -> String {
+        format!("health:since:{host}")
+    }
+    /// How many times the circuit opened in this run.
+    pub fn opens(host: &str) -> String {
+        format!("health:opens:{host}")
+    }
+    /// The start of the ramp after a recovery (unix ms).
+    pub fn ramp(host: &str) -> String {
+        format!("health:ramp:{host}")
+    }
+    /// The lease of the worker probing an open circuit.
+    pub fn probe(host: &str) -> String {
+        format!("health:probe:{host}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No kind's key can be another kind's: the fixed part of each (what
+    /// two keys of the kind share whatever their arguments) is not a prefix
+    /// of another's.
+    #[test]
+    fn no_key_of_one_kind_is_a_key_of_another() {
+        let kinds: [fn(&str) -> String; 15] = [
+            remote_key,
+            key_refetched,
+            |a| key_fetches(a, "client", 1),
+            remote_actor,
+            |a| edge_requests(a, 1),
+            |a| inbox_activities(a, 1),
+            |a| seen(a, a, a),
+            |_| PARKED.to_string(),
+            host::paused,
+            host::open,
+            host::fails,
+            host::since,
+            host::opens,
+            host::ramp,
+            host::probe,
+        ];
+        let fixed: Vec<String> = kinds
+            .iter()
+            .map(|k| {
+                let (a, b) = (k("a.example"), k("b.example"));
+                let n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+                a[..n].to_string()
+            })
+            .collect();
+        for (i, a) in fixed.iter().enumerate() {
+            assert!(a.len() >= 3, "{a}");
+            for (j, b) in fixed.iter().enumerate() {
+                assert!(i == j || !b.starts_with(a.as_str()), "{a} / {b}");
+            }
+        }
+    }
+}
