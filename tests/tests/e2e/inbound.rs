@@ -1,6 +1,10 @@
 //! The inbound path: remote servers POST signed activities to our inboxes;
 //! the edge checks cheaply and queues, inbox verifies, dedups, applies
 //! follows and hands the rest to the application's stream.
+//!
+//! Long on purpose: one test per row of README "Inbound contract" (each
+//! status of the edge, each verification rule, each side effect), each
+//! standing alone, in the README's order.
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 

@@ -3,6 +3,10 @@
 //! request signed for another server is refused, forged requests cannot
 //! make us hammer their victim or rate-limit it off our inbox, blocked
 //! domains get nothing, and slow clients cannot hold the edge.
+//!
+//! Long on purpose: one test per boundary of README "Security", each
+//! standing alone with its own hostile server, in the order the README
+//! lists them, so a reader checks the list against the tests in one file.
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

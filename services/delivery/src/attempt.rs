@@ -1,0 +1,80 @@
+//! One attempt: the job's inbox checked by the SSRF guard, the activity
+//! signed on the signing pool (draft-cavage `rsa-sha256` over
+//! `(request-target) host date digest`), then POSTed over the pooled client.
+use super::*;
+
+fn http_date(t: std::time::SystemTime) -> HeaderValue {
+    HeaderValue::try_from(httpdate::fmt_http_date(t)).unwrap_or(HeaderValue::from_static(""))
+}
+
+const ACTIVITY_JSON: HeaderValue = HeaderValue::from_static("application/activity+json");
+const DIGEST: HeaderName = HeaderName::from_static("digest");
+const SIGNATURE: HeaderName = HeaderName::from_static("signature");
+
+impl Delivery {
+    /// The `Date` header value for now.
+    pub(crate) fn date_now(&self) -> HeaderValue {
+        let now = std::time::SystemTime::now();
+        let secs = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let Ok(mut cached) = self.date.lock() else {
+            return http_date(now);
+        };
+        if cached.0 != secs {
+            *cached = (secs, http_date(now));
+        }
+        cached.1.clone()
+    }
+
+    /// Signs and POSTs once.
+    pub(crate) async fn attempt(
+        &self,
+        job: &DeliveryJob,
+        host: &str,
+    ) -> Result<stampede_runtime::http_client::Response, DeliveryError> {
+        let url = Url::parse(&job.inbox)
+            .map_err(|e| DeliveryError::Permanent(format!("bad inbox url: {e}")))?;
+        self.p.http.check_url(&url)?;
+        let prep = self.prepared(&job.activity_key).await?;
+        let date = self.date_now();
+        let path = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_string(),
+        };
+        let signature =
+            {
+                let (prep, host, date) = (prep.clone(), host.to_string(), date.clone());
+                self.p
+                    .signer
+                    .run(move || {
+                        sign_request(&prep.key, &prep.key_id, "POST", &path, POST_HEADERS, |h| {
+                            match h {
+                                "host" => Some(host.as_str()),
+                                "date" => date.to_str().ok(),
+                                "digest" => Some(prep.digest.as_str()),
+                                _ => None,
+                            }
+                        })
+                    })
+                    .await?
+                    .map_err(stampede_runtime::Error::from)?
+            };
+        let span = tracing::Span::current();
+        span.record("activity_id", prep.ap_id.as_str());
+        span.record("activity_type", prep.kind.as_str());
+        tracing::debug!(activity_id = %prep.ap_id, "posting");
+        let req = self
+            .p
+            .http
+            .client()
+            .post(url.clone())
+            .header(CONTENT_TYPE, ACTIVITY_JSON)
+            .header(ACCEPT, ACTIVITY_JSON)
+            .header(DATE, date)
+            .header(DIGEST, prep.digest_value.clone())
+            .header(SIGNATURE, signature)
+            .body(prep.body.clone());
+        Ok(self.p.http.send(req, &url, MAX_REPLY_BYTES).await?)
+    }
+}
