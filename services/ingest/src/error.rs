@@ -42,6 +42,19 @@ impl From<IngestError> for Status {
     }
 }
 
+/// The HTTP status of a failed backend call on ingest's HTTP side, by its
+/// code (the same map as the gRPC statuses), with the failure logged: what
+/// the remote server is told is only whether to come back later.
+pub(crate) fn http_status(what: &str, e: &stampede_backends::Error) -> axum::http::StatusCode {
+    let code = e.code();
+    match code {
+        ErrorCode::Internal => tracing::error!(error = %e, what, "internal error"),
+        _ => tracing::warn!(error = %e, what, "backend failed"),
+    }
+    axum::http::StatusCode::from_u16(code.http())
+        .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 impl From<stampede_backends::Error> for IngestError {
     fn from(e: stampede_backends::Error) -> Self {
         IngestError::Runtime(e.into())

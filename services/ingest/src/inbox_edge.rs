@@ -151,15 +151,12 @@ pub async fn actor_inbox(
         Ok(None) => {
             Some((StatusCode::NOT_FOUND, format!("no actor named {name}\n")).into_response())
         }
-        Err(e) => {
-            tracing::error!(error = %e, "actor lookup failed");
-            Some(answer(
-                &s,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "store unavailable",
-            ))
-        }
+        Err(e) => Some(answer(
+            &s,
+            crate::error::http_status("actor lookup", &e),
+            "unavailable",
+            "store unavailable",
+        )),
     };
     if let Some(r) = refused {
         discard_rest(body);
@@ -377,15 +374,12 @@ async fn receive(
             tracing::debug!(activity_id = ?info.id, actor = %info.actor, "inbound queued");
             StatusCode::ACCEPTED.into_response()
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "inbound queue unavailable");
-            answer(
-                &s,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the queue cannot take the activity now; retry later",
-            )
-        }
+        Err(e) => answer(
+            &s,
+            crate::error::http_status("inbound enqueue", &e),
+            "unavailable",
+            "the queue cannot take the activity now; retry later",
+        ),
     }
 }
 

@@ -1,4 +1,5 @@
 //! ingest's HTTP side: what remote servers fetch to verify and address us.
+use crate::error::http_status;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -49,13 +50,10 @@ async fn lookup(s: &Ingest, name: &str) -> Result<stampede_backends::store::Loca
             StatusCode::NOT_FOUND,
             format!("no actor named {name}"),
         )),
-        Err(e) => {
-            tracing::error!(error = %e, "actor lookup failed");
-            Err(problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store unavailable",
-            ))
-        }
+        Err(e) => Err(problem(
+            http_status("actor lookup", &e),
+            "store unavailable",
+        )),
     }
 }
 
@@ -78,10 +76,7 @@ async fn followers(State(s): State<Ingest>, Path(name): Path<String>) -> Respons
             "type": "OrderedCollection",
             "totalItems": n,
         })),
-        Err(e) => {
-            tracing::error!(error = %e, "follower count failed");
-            problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
-        }
+        Err(e) => problem(http_status("follower count", &e), "store unavailable"),
     }
 }
 
@@ -109,10 +104,7 @@ async fn outbox(State(s): State<Ingest>, Path(name): Path<String>) -> Response {
             "type": "OrderedCollection",
             "totalItems": n,
         })),
-        Err(e) => {
-            tracing::error!(error = %e, "activity count failed");
-            problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
-        }
+        Err(e) => problem(http_status("activity count", &e), "store unavailable"),
     }
 }
 
@@ -169,10 +161,7 @@ async fn nodeinfo_links(State(s): State<Ingest>) -> Response {
 async fn nodeinfo(State(s): State<Ingest>) -> Response {
     let users = match s.backends.store.actor_count().await {
         Ok(n) => n,
-        Err(e) => {
-            tracing::error!(error = %e, "actor count failed");
-            return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
-        }
+        Err(e) => return problem(http_status("actor count", &e), "store unavailable"),
     };
     (
         [(
