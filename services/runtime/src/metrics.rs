@@ -108,7 +108,8 @@ impl DeliveryOutcome {
         )
     }
 
-    /// The metric's help text: every label value.
+    /// The metric's help text: every label value (and the README lists
+    /// them all: a test checks).
     fn help() -> &'static str {
         static HELP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         HELP.get_or_init(|| {
@@ -405,5 +406,34 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_delivery_outcome_is_exposed_and_documented() {
+        let m = Metrics::new();
+        m.delivery(DeliveryOutcome::Delivered);
+        let text = m.render();
+        let readme = include_str!("../../../README.md");
+        let documented = readme
+            .split("`stampede_deliveries_total{outcome}`:")
+            .nth(1)
+            .and_then(|s| s.split("\n\n").next())
+            .unwrap_or_default();
+        for o in DeliveryOutcome::ALL {
+            let label = format!("stampede_deliveries_total{{outcome=\"{}\"}}", o.as_str());
+            assert!(text.contains(&label), "{label} missing from /metrics");
+            assert!(
+                documented.contains(&format!("`{}`", o.as_str())),
+                "README does not list the outcome {}",
+                o.as_str()
+            );
+        }
+        assert!(text.contains("stampede_deliveries_total{outcome=\"delivered\"} 1"));
+        assert_eq!(m.delivery_count(DeliveryOutcome::Delivered), 1);
     }
 }
