@@ -9,7 +9,7 @@
 //!   ([`cache::memory`]).
 //!
 //! Both implementations of each trait pass one contract suite
-//! (`tests/contract.rs`). The embedded ones share the SQLite engine in
+//! (`tests/contract/`). The embedded ones share the SQLite engine in
 //! [`sqlite`]. Depends on the protocol core and the generated messages only.
 
 pub mod cache;

@@ -1,7 +1,7 @@
 //! The hot shared state the services are written against (remote-actor
 //! cache, dedup, host health, rate limits, parked-delivery counts). Two
 //! implementations keep this contract, checked by one test suite
-//! (`tests/contract.rs`): Redis ([`redis`]) and process memory
+//! (`tests/contract/`): Redis ([`redis`]) and process memory
 //! ([`memory`]) for the embedded layout.
 use std::time::Duration;
 

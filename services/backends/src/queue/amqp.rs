@@ -145,14 +145,17 @@ impl AmqpQueue {
     async fn send(
         &self,
         routing_key: String,
-        kind: &str,
+        kind: Option<&str>,
         payload: &[u8],
         headers: FieldTable,
     ) -> Result<lapin::PublisherConfirm> {
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_type(ShortString::from(kind))
             .with_headers(headers);
+        // No kind, no `type` property: consumed, the kind is `None` again.
+        if let Some(kind) = kind {
+            props = props.with_type(ShortString::from(kind));
+        }
         Ok(self
             .link()
             .await?
@@ -316,7 +319,7 @@ impl Queue for AmqpQueue {
         confirmed(
             self.send(
                 self.name(queue),
-                msg.kind,
+                Some(msg.kind),
                 &msg.payload,
                 message_headers(None, now_ms()),
             )
@@ -332,7 +335,7 @@ impl Queue for AmqpQueue {
         let headers = message_headers(None, now_ms());
         for m in &msgs {
             pending.push(
-                self.send(name.clone(), m.kind, &m.payload, headers.clone())
+                self.send(name.clone(), Some(m.kind), &m.payload, headers.clone())
                     .await?,
             );
         }
@@ -363,8 +366,13 @@ impl Queue for AmqpQueue {
         let target = self.delay_name(queue, tier);
         let ready = now_ms() + (tier * 1000) as i64;
         confirmed(
-            self.send(target, msg.kind, &msg.payload, message_headers(None, ready))
-                .await?,
+            self.send(
+                target,
+                Some(msg.kind),
+                &msg.payload,
+                message_headers(None, ready),
+            )
+            .await?,
         )
         .await?;
         Ok(Duration::from_secs(tier))
@@ -386,7 +394,7 @@ impl Queue for AmqpQueue {
         let c = self
             .send(
                 self.name(QueueName::Dead),
-                kind.unwrap_or(""),
+                kind,
                 payload,
                 message_headers(Some(h), now_ms()),
             )
@@ -488,13 +496,19 @@ struct AmqpConsumer {
 impl Drop for AmqpConsumer {
     /// Closing the channel hands every unacknowledged message back to the
     /// queue at once (a dropped subscriber, a stopping worker).
+    ///
+    /// The lapin consumer is dropped only once the channel is closed: dropped
+    /// first, it sends a `basic.cancel` that could reach the broker after the
+    /// `channel.close`, which the broker answers by closing the whole
+    /// connection (every other consumer and publisher on it).
     fn drop(&mut self) {
-        let Some((_, ch)) = self.current.take() else {
+        let Some((consumer, ch)) = self.current.take() else {
             return;
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = ch.close(200, "consumer closed".into()).await;
+                drop(consumer);
             });
         }
     }

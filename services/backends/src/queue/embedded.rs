@@ -386,14 +386,22 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn depths(&self) -> Result<Vec<Depth>> {
+        let now = now_ms();
         Ok(QueueName::ALL
             .into_iter()
             .map(|q| {
                 let lane = self.lane(q);
+                // A delayed message whose delay has ended is ready, whether
+                // or not a consumer has looked since (as on RabbitMQ).
+                let ready = {
+                    let mut st = lane.lock();
+                    st.promote(now);
+                    st.ready.len() as u64
+                };
                 Depth {
                     name: q,
                     queue: self.full_name(q),
-                    messages: lane.lock().ready.len() as u64,
+                    messages: ready,
                     consumers: lane.consumers.load(Ordering::Relaxed),
                 }
             })

@@ -2,7 +2,7 @@
 //! publisher-confirmed publishing, manual acknowledgement, delayed retries and
 //! a dead-letter queue for messages that cannot be processed. Two
 //! implementations keep this contract, checked by one test suite
-//! (`tests/contract.rs`): RabbitMQ ([`amqp`]) and a SQLite file of the
+//! (`tests/contract/`): RabbitMQ ([`amqp`]) and a SQLite file of the
 //! embedded layout ([`embedded`]).
 use std::time::Duration;
 

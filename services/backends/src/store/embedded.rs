@@ -1,6 +1,9 @@
 //! The embedded store: the same [`Store`] as PostgreSQL, in a SQLite file
 //! (`store.db`) in the data directory, for `stampede up` with nothing
 //! installed.
+//!
+//! Long on purpose, as `postgres.rs`: one implementation of the whole
+//! [`Store`] trait beside its row mappers.
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 

@@ -1,7 +1,7 @@
 //! The durable store the services are written against: local actors and
 //! their keys, followers, the remote-actor cache, outbound activities,
 //! delivery records and dead letters. Two implementations keep this
-//! contract, checked by one test suite (`tests/contract.rs`): PostgreSQL
+//! contract, checked by one test suite (`tests/contract/`): PostgreSQL
 //! ([`postgres`]) and a SQLite file of the embedded layout ([`embedded`]).
 use async_trait::async_trait;
 

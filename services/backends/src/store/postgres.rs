@@ -1,5 +1,9 @@
 //! The PostgreSQL store: a deadpool pool, versioned migrations applied under
 //! an advisory lock (so several replicas starting at once apply them once).
+//!
+//! Long on purpose: one implementation of the whole [`Store`] trait (about
+//! 40 methods), its queries beside the row mappers they share; split, one
+//! schema's SQL would be spread over files.
 use std::str::FromStr;
 
 use async_trait::async_trait;

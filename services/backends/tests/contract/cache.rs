@@ -1,0 +1,206 @@
+//! The `Cache` contract, run on Redis and on the in-memory cache.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stampede_backends::cache::Cache;
+
+/// Instantiates every test of the suite for one implementation:
+/// `cache_test_suite!(module, factory)`, with `factory` an
+/// `async fn() -> Fixture<Arc<dyn Cache>>`.
+macro_rules! cache_test_suite {
+    ($module:ident, $factory:path) => {
+        mod $module {
+            cache_test_suite!(@tests $factory;
+                set_get_and_expiry,
+                get_many_answers_in_order,
+                set_nx_sets_only_an_absent_key,
+                incr_counts_in_a_fixed_window,
+                hash_incr_extends_the_expiry_and_never_shortens_it,
+                hash_get_all_and_hash_del,
+                del_removes_values_counters_and_hashes,
+            );
+        }
+    };
+    (@tests $factory:path; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                $crate::support::run($factory(), super::$test).await;
+            }
+        )*
+    };
+}
+
+cache_test_suite!(redis, crate::support::redis_cache);
+cache_test_suite!(memory, crate::support::memory_cache);
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Sleeps until `at` after `start`. Checks that something is still there
+/// count from before the write; checks that it expired, from after it
+/// returned: a slow call cannot fail either.
+async fn at(start: Instant, at: Duration) {
+    tokio::time::sleep_until((start + at).into()).await;
+}
+
+async fn sorted(c: &dyn Cache, key: &str) -> Vec<(String, i64)> {
+    let mut all = c.hash_get_all(key).await.unwrap();
+    all.sort();
+    all
+}
+
+fn fields(v: &[(&str, i64)]) -> Vec<(String, i64)> {
+    v.iter().map(|(f, n)| (f.to_string(), *n)).collect()
+}
+
+async fn set_get_and_expiry(c: Arc<dyn Cache>) {
+    c.ping().await.unwrap();
+    assert_eq!(c.get("k").await.unwrap(), None);
+    c.set("k", b"v1", LONG).await.unwrap();
+    assert_eq!(c.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
+    // Set again: the new value and its expiry.
+    c.set("k", b"v2", ms(600)).await.unwrap();
+    assert_eq!(c.get("k").await.unwrap().as_deref(), Some(&b"v2"[..]));
+    // Values are bytes, zeros included.
+    c.set("bin", b"\x00\xff\x00", ms(600)).await.unwrap();
+    let written = Instant::now();
+    c.set("kept", b"kept", LONG).await.unwrap();
+    assert_eq!(
+        c.get("bin").await.unwrap().as_deref(),
+        Some(&b"\x00\xff\x00"[..])
+    );
+    at(written, ms(900)).await;
+    assert_eq!(c.get("k").await.unwrap(), None, "expired");
+    assert_eq!(c.get("bin").await.unwrap(), None, "expired");
+    assert_eq!(c.get("kept").await.unwrap().as_deref(), Some(&b"kept"[..]));
+    c.ping().await.unwrap();
+}
+
+async fn get_many_answers_in_order(c: Arc<dyn Cache>) {
+    assert!(c.get_many(&[]).await.unwrap().is_empty());
+    c.set("a", b"1", LONG).await.unwrap();
+    c.set("c", b"3", LONG).await.unwrap();
+    c.set("short", b"s", ms(300)).await.unwrap();
+    let written = Instant::now();
+    let keys: Vec<String> = ["c", "b", "a", "short", "a"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        c.get_many(&keys).await.unwrap(),
+        [
+            Some(b"3".to_vec()),
+            None,
+            Some(b"1".to_vec()),
+            Some(b"s".to_vec()),
+            Some(b"1".to_vec()),
+        ]
+    );
+    at(written, ms(500)).await;
+    assert_eq!(
+        c.get_many(&keys[2..4]).await.unwrap(),
+        [Some(b"1".to_vec()), None],
+        "expired"
+    );
+}
+
+async fn set_nx_sets_only_an_absent_key(c: Arc<dyn Cache>) {
+    assert!(c.set_nx("k", b"first", ms(500)).await.unwrap());
+    let written = Instant::now();
+    assert!(!c.set_nx("k", b"second", LONG).await.unwrap());
+    assert_eq!(c.get("k").await.unwrap().as_deref(), Some(&b"first"[..]));
+    c.set("other", b"set", LONG).await.unwrap();
+    assert!(!c.set_nx("other", b"nx", LONG).await.unwrap());
+    assert_eq!(c.get("other").await.unwrap().as_deref(), Some(&b"set"[..]));
+
+    // Expired is absent; the refused write did not extend it.
+    at(written, ms(800)).await;
+    assert_eq!(c.get("k").await.unwrap(), None);
+    assert!(c.set_nx("k", b"third", LONG).await.unwrap());
+    assert_eq!(c.get("k").await.unwrap().as_deref(), Some(&b"third"[..]));
+}
+
+async fn incr_counts_in_a_fixed_window(c: Arc<dyn Cache>) {
+    let start = Instant::now();
+    let window = ms(800);
+    assert_eq!(c.incr("n", window).await.unwrap(), 1);
+    let created = Instant::now();
+    for want in 2..=3 {
+        assert_eq!(c.incr("n", window).await.unwrap(), want);
+    }
+    assert_eq!(c.incr("m", window).await.unwrap(), 1, "another counter");
+    // Later increments do not move the window's end...
+    at(start, ms(400)).await;
+    assert_eq!(c.incr("n", window).await.unwrap(), 4);
+    // ...which comes `window` after the counter was created.
+    at(created, ms(1100)).await;
+    assert_eq!(c.incr("n", window).await.unwrap(), 1, "a new window");
+    assert_eq!(c.incr("n", window).await.unwrap(), 2);
+}
+
+async fn hash_incr_extends_the_expiry_and_never_shortens_it(c: Arc<dyn Cache>) {
+    let start = Instant::now();
+    assert_eq!(c.hash_incr("h", "a", 1, ms(1500)).await.unwrap(), 1);
+    // Shorter expiries later do not cut it short.
+    assert_eq!(c.hash_incr("h", "a", 2, ms(200)).await.unwrap(), 3);
+    assert_eq!(c.hash_incr("h", "b", -1, ms(200)).await.unwrap(), -1);
+    at(start, ms(500)).await;
+    assert_eq!(sorted(&*c, "h").await, fields(&[("a", 3), ("b", -1)]));
+    // A longer one extends it: from about 1.5 s to about 2 s.
+    assert_eq!(c.hash_incr("h", "a", 1, ms(1500)).await.unwrap(), 4);
+    let extended = Instant::now();
+    at(start, ms(1750)).await;
+    assert_eq!(sorted(&*c, "h").await, fields(&[("a", 4), ("b", -1)]));
+    at(extended, ms(1800)).await;
+    assert!(c.hash_get_all("h").await.unwrap().is_empty(), "expired");
+    // Gone means counting starts again.
+    assert_eq!(c.hash_incr("h", "a", 5, LONG).await.unwrap(), 5);
+}
+
+async fn hash_get_all_and_hash_del(c: Arc<dyn Cache>) {
+    assert!(c.hash_get_all("h").await.unwrap().is_empty());
+    for (f, by) in [("a", 1), ("b", 2), ("c", 3), ("c", 4)] {
+        c.hash_incr("h", f, by, LONG).await.unwrap();
+    }
+    c.hash_incr("other", "a", 9, LONG).await.unwrap();
+    assert_eq!(
+        sorted(&*c, "h").await,
+        fields(&[("a", 1), ("b", 2), ("c", 7)])
+    );
+
+    c.hash_del("h", &["a".into(), "missing".into()])
+        .await
+        .unwrap();
+    assert_eq!(sorted(&*c, "h").await, fields(&[("b", 2), ("c", 7)]));
+    c.hash_del("h", &[]).await.unwrap();
+    c.hash_del("absent", &["a".into()]).await.unwrap();
+    assert_eq!(sorted(&*c, "h").await, fields(&[("b", 2), ("c", 7)]));
+    c.hash_del("h", &["b".into(), "c".into()]).await.unwrap();
+    assert!(c.hash_get_all("h").await.unwrap().is_empty());
+    assert_eq!(c.hash_incr("h", "c", 1, LONG).await.unwrap(), 1);
+    assert_eq!(sorted(&*c, "other").await, fields(&[("a", 9)]));
+}
+
+async fn del_removes_values_counters_and_hashes(c: Arc<dyn Cache>) {
+    c.set("k", b"v", LONG).await.unwrap();
+    c.set("kept", b"v", LONG).await.unwrap();
+    c.del("k").await.unwrap();
+    c.del("absent").await.unwrap();
+    assert_eq!(c.get("k").await.unwrap(), None);
+    assert!(c.set_nx("k", b"again", LONG).await.unwrap());
+    assert_eq!(c.get("kept").await.unwrap().as_deref(), Some(&b"v"[..]));
+
+    assert_eq!(c.incr("n", LONG).await.unwrap(), 1);
+    assert_eq!(c.incr("n", LONG).await.unwrap(), 2);
+    c.del("n").await.unwrap();
+    assert_eq!(c.incr("n", LONG).await.unwrap(), 1);
+
+    c.hash_incr("h", "a", 3, LONG).await.unwrap();
+    c.del("h").await.unwrap();
+    assert!(c.hash_get_all("h").await.unwrap().is_empty());
+    assert_eq!(c.hash_incr("h", "a", 1, LONG).await.unwrap(), 1);
+}
