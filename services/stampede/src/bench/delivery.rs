@@ -18,7 +18,8 @@ use super::sampling::{
     latency_json, peak_rss_mib, process_cpu_secs, reset_peak_rss, signing_ceiling,
     threads_cpu_secs, BenchSink,
 };
-use super::{deploy, write_json, DeliveryArgs, Deployment, Mode, Services};
+use super::{deploy, stop, write_json, DeliveryArgs, Mode, Services};
+use crate::scratch::Deployment;
 
 /// Runs `stampede bench delivery`.
 pub(super) async fn run(a: DeliveryArgs) -> anyhow::Result<()> {
@@ -134,7 +135,7 @@ async fn one_mode(a: &DeliveryArgs, mode: Mode, ceiling: f64) -> anyhow::Result<
     .await?;
     let result = measure(a, mode, ceiling, &d, &sink.sink).await;
     sink.stop();
-    d.stop().await?;
+    stop(d).await?;
     result
 }
 
@@ -152,7 +153,7 @@ async fn measure(
             ..Default::default()
         })
         .await?;
-    let store = d.p.backends.store.clone();
+    let store = d.process.backends.store.clone();
     let actor = store
         .actor_by_name("bench")
         .await?

@@ -10,17 +10,14 @@ use stampede_backends::store::{Follower, NewActor, PrivateKey};
 use stampede_core::activity::public_note;
 
 use super::sampling::{peak_rss_mib, reset_peak_rss};
-use super::{deploy, write_json, Cleanup, Deployment, FanoutArgs, Services};
+use super::{deploy, stop, write_json, FanoutArgs, Services};
+use crate::scratch::Deployment;
 
 /// RabbitMQ's memory per message of a queue, from `rabbitmqctl` on this
 /// machine (external backend only; `None` when it cannot be asked).
 async fn broker_bytes_per_message(d: &Deployment, q: QueueName) -> Option<f64> {
-    let Cleanup::External {
-        amqp, namespace, ..
-    } = &d.cleanup
-    else {
-        return None;
-    };
+    let amqp = &d.scratch.external()?.amqp;
+    let namespace = d.scratch.namespace();
     let vhost = url::Url::parse(amqp).ok().map(|u| {
         let p = u.path().trim_start_matches('/').to_string();
         if p.is_empty() {
@@ -66,7 +63,7 @@ pub(super) async fn run(a: FanoutArgs) -> anyhow::Result<()> {
     );
     let d = deploy(a.common.backend, Services::FanoutOnly, &[]).await?;
     let result = measure(&a, &d).await;
-    d.stop().await?;
+    stop(d).await?;
     let r = result?;
     println!();
     println!(
@@ -105,7 +102,7 @@ pub(super) async fn run(a: FanoutArgs) -> anyhow::Result<()> {
 }
 
 async fn measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_json::Value> {
-    let store = d.p.backends.store.clone();
+    let store = d.process.backends.store.clone();
     let key = tokio::task::spawn_blocking(stampede_core::keys::generate_rsa_2048).await??;
     let actor = store
         .create_actor(NewActor {
@@ -167,8 +164,8 @@ async fn measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_json::V
     let body = public_note(&format!("{}/users/bench", d.base), "to a million").to_string();
     let started = Instant::now();
     let published = stampede_federation::publish::publish(
-        &d.p.cfg,
-        &d.p.backends,
+        &d.process.cfg,
+        &d.process.backends,
         &actor,
         body.as_bytes(),
         None,
@@ -176,7 +173,7 @@ async fn measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_json::V
     .await?;
     let deadline = started + Duration::from_secs(a.common.timeout_secs);
     let depth = || async {
-        ready_messages(&*d.p.backends.queue, QueueName::Delivery)
+        ready_messages(&*d.process.backends.queue, QueueName::Delivery)
             .await
             .unwrap_or(0)
     };

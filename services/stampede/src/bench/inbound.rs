@@ -13,8 +13,9 @@ use super::sampling::{
     latency_json, on_load_thread, peak_rss_mib, process_cpu_secs, reset_peak_rss, threads_cpu_secs,
     verify_ceiling, BenchSink,
 };
-use super::{deploy, socket_addr, write_json, Deployment, InboundArgs, Services};
+use super::{deploy, socket_addr, stop, write_json, InboundArgs, Services};
 use crate::loadgen;
+use crate::scratch::Deployment;
 
 /// Runs `stampede bench inbound`.
 pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
@@ -57,7 +58,7 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        d.stop().await?;
+        stop(d).await?;
         if failure.is_some() {
             break;
         }
@@ -124,7 +125,7 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
 }
 
 async fn app_depth(d: &Deployment) -> u64 {
-    ready_messages(&*d.p.backends.queue, QueueName::App)
+    ready_messages(&*d.process.backends.queue, QueueName::App)
         .await
         .unwrap_or(0)
 }
@@ -165,7 +166,7 @@ async fn one_run(
         };
         requests.push(loadgen::post(&authority, "/inbox", &headers, &body));
     }
-    let accepted_before = d.p.metrics.inbound_count("verify", "accepted");
+    let accepted_before = d.process.metrics.inbound_count("verify", "accepted");
     let depth_before = app_depth(d).await;
     reset_peak_rss();
     match offered {
@@ -189,7 +190,7 @@ async fn one_run(
     let db_cpu = threads_cpu_secs("stampede-db-") - db_before;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let delivered = app_depth(d).await - depth_before;
-    let accepted = d.p.metrics.inbound_count("verify", "accepted") - accepted_before;
+    let accepted = d.process.metrics.inbound_count("verify", "accepted") - accepted_before;
     let not_202 = results.iter().filter(|(s, _)| *s != 202).count();
     // Open loop: the worst latency of each 50 ms of the schedule, which
     // tells a stall (a few windows) from a slow steady state (all of them).

@@ -39,7 +39,7 @@ pub(super) fn inbound_body(n: usize) -> (String, Vec<u8>) {
 /// Durable enqueues per second of the queue alone, in this process, with
 /// the same concurrency and message size: the edge's ceiling.
 async fn enqueue_ceiling(kind: BackendKind, concurrency: usize, n: usize) -> anyhow::Result<f64> {
-    let (vars, cleanup) = scratch(kind).await?;
+    let (vars, scratch) = scratch(kind).await?;
     let cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
     let backends = stampede_runtime::Backends::open(&cfg, "bench-ceiling").await?;
     let q = backends.queue.clone();
@@ -71,7 +71,7 @@ async fn enqueue_ceiling(kind: BackendKind, concurrency: usize, n: usize) -> any
     drop(backends);
     // Let the embedded store's threads close before the directory goes.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    cleanup.run().await?;
+    scratch.remove().await?;
     Ok(n as f64 / secs.max(1e-9))
 }
 
@@ -88,7 +88,7 @@ pub(super) async fn run(a: IngestArgs) -> anyhow::Result<()> {
     println!("ceiling: durable enqueues of the queue alone: {ceiling:.0}/s");
 
     // stampede as a child process running only the edge, so it can be killed.
-    let (mut vars, cleanup) = scratch(a.common.backend).await?;
+    let (mut vars, scratch) = scratch(a.common.backend).await?;
     vars.insert("STAMPEDE_UP_SERVICES", "ingest".into());
     vars.insert("RUST_LOG", "warn".into());
     let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
@@ -115,7 +115,7 @@ pub(super) async fn run(a: IngestArgs) -> anyhow::Result<()> {
             r => break r,
         }
     };
-    cleanup.run().await?;
+    scratch.remove().await?;
     let r = result?;
     println!();
     println!(

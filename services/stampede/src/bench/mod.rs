@@ -11,14 +11,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 
-use stampede_runtime::process::{Listeners, Process};
-use stampede_runtime::Config;
-use stampede_runtime::Role;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use crate::scratch::{BackendSet, Deployment, ExternalUrls, Purpose, Scratch, FAKE_SERVERS};
 
 mod delivery;
 mod fanout;
@@ -175,26 +171,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 }
 
-enum Cleanup {
-    Dir(PathBuf),
-    External {
-        admin_url: String,
-        db: String,
-        amqp: String,
-        redis: String,
-        namespace: String,
-    },
-}
-
-struct Deployment {
-    p: Process,
-    base: String,
-    grpc: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    cleanup: Cleanup,
-}
-
 #[derive(PartialEq, Eq)]
 enum Services {
     /// All four (stampede up).
@@ -207,147 +183,58 @@ fn env(var: &str) -> anyhow::Result<String> {
     std::env::var(var).with_context(|| format!("{var}: needed by --backend external"))
 }
 
-/// Backends of a bench's own: a fresh namespace, and an embedded data
-/// directory or a scratch PostgreSQL database. The variables to run with,
-/// and how to clean up.
-async fn scratch(kind: BackendKind) -> anyhow::Result<(HashMap<&'static str, String>, Cleanup)> {
-    let ns = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let mut vars: HashMap<&'static str, String> = HashMap::from([
-        ("STAMPEDE_NAMESPACE", ns.clone()),
-        ("STAMPEDE_ALLOW_PRIVATE_NETWORKS", "true".into()),
-        ("STAMPEDE_INBOUND_RATE_LIMIT", "0".into()),
-        // The fake servers are a hundred servers but one address and one
-        // domain (127.0.0.1): rationed as one, a cold run's 1,000 key
-        // fetches would wait for the next minute.
-        ("STAMPEDE_KEY_FETCH_RATE_LIMIT", "0".into()),
-    ]);
-    let cleanup = match kind {
-        BackendKind::Embedded => {
-            let dir = std::env::temp_dir().join(format!("stampede-{ns}"));
-            vars.insert("STAMPEDE_DATA_DIR", dir.display().to_string());
-            Cleanup::Dir(dir)
-        }
-        BackendKind::External => {
-            let (amqp, redis, admin_url) = (
-                env("STAMPEDE_AMQP_URL")?,
-                env("STAMPEDE_REDIS_URL")?,
-                env("STAMPEDE_DATABASE_URL")?,
-            );
-            let db = format!("stampede_{ns}");
-            let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
-            client
-                .batch_execute(&format!("CREATE DATABASE {db}"))
-                .await?;
-            let db_url = match admin_url.rsplit_once('/') {
-                Some((head, _)) => format!("{head}/{db}"),
-                None => bail!("STAMPEDE_DATABASE_URL has no database name"),
-            };
-            vars.insert("STAMPEDE_AMQP_URL", amqp.clone());
-            vars.insert("STAMPEDE_REDIS_URL", redis.clone());
-            vars.insert("STAMPEDE_DATABASE_URL", db_url);
-            Cleanup::External {
-                admin_url,
-                db,
-                amqp,
-                redis,
-                namespace: ns,
-            }
-        }
+/// Backends of a bench's own ([`Scratch`]: a fresh namespace, and an
+/// embedded data directory or a scratch PostgreSQL database next to
+/// STAMPEDE_DATABASE_URL), and the variables to run on them with, for fake
+/// servers on this machine.
+async fn scratch(kind: BackendKind) -> anyhow::Result<(HashMap<&'static str, String>, Scratch)> {
+    let backends = match kind {
+        BackendKind::Embedded => BackendSet::Embedded,
+        BackendKind::External => BackendSet::External(ExternalUrls {
+            amqp: env("STAMPEDE_AMQP_URL")?,
+            redis: env("STAMPEDE_REDIS_URL")?,
+            admin_database: env("STAMPEDE_DATABASE_URL")?,
+        }),
     };
-    Ok((vars, cleanup))
+    let scratch = Scratch::create(Purpose::Bench, backends).await?;
+    let mut vars = scratch.vars();
+    vars.extend(FAKE_SERVERS.map(|(k, v)| (k, v.to_string())));
+    Ok((vars, scratch))
 }
 
-impl Cleanup {
-    async fn run(self) -> anyhow::Result<()> {
-        match self {
-            Cleanup::Dir(d) => {
-                let _ = std::fs::remove_dir_all(d);
-            }
-            Cleanup::External {
-                admin_url,
-                db,
-                amqp,
-                redis,
-                namespace,
-            } => {
-                stampede_backends::queue::amqp::AmqpQueue::connect(
-                    &amqp,
-                    &namespace,
-                    "bench-cleanup",
-                )
-                .await?
-                .delete_all()
-                .await?;
-                stampede_backends::cache::redis::RedisCache::connect(&redis, &namespace)
-                    .await?
-                    .delete_all()
-                    .await?;
-                let (client, conn) =
-                    tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await?;
-                tokio::spawn(conn);
-                client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-}
-
+/// stampede in this process on backends of the bench's own, with `extra`
+/// settings.
 async fn deploy(
     kind: BackendKind,
     services: Services,
     extra: &[(&'static str, String)],
 ) -> anyhow::Result<Deployment> {
-    let http = TcpListener::bind("127.0.0.1:0").await?;
-    let grpc = TcpListener::bind("127.0.0.1:0").await?;
-    let metrics = TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", http.local_addr()?);
-    let grpc_url = format!("http://{}", grpc.local_addr()?);
-    let (mut vars, cleanup) = scratch(kind).await?;
-    vars.insert("STAMPEDE_PUBLIC_URL", base.clone());
-    vars.insert("STAMPEDE_HTTP_ADDR", http.local_addr()?.to_string());
-    vars.insert("STAMPEDE_GRPC_ADDR", grpc.local_addr()?.to_string());
-    vars.insert("STAMPEDE_METRICS_ADDR", metrics.local_addr()?.to_string());
-    for (k, v) in extra {
-        vars.insert(k, v.clone());
-    }
-    let cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
-    let shutdown = CancellationToken::new();
-    let p = Process::connect(cfg, Role::AllInOne, shutdown.clone()).await?;
-    let task = match services {
-        Services::All => tokio::spawn(crate::up::run(
-            p.clone(),
-            Listeners {
-                http: Some(http),
-                grpc,
-                metrics,
-            },
-        )),
+    let (vars, scratch) = scratch(kind).await?;
+    let settings = vars.into_iter().chain(extra.iter().cloned());
+    match services {
+        Services::All => Deployment::start(scratch, settings, |_| {}, crate::up::run).await,
         Services::FanoutOnly => {
-            let f = stampede_fanout::Fanout::new(p.clone());
-            tokio::spawn(async move { f.run().await.map_err(anyhow::Error::from) })
+            Deployment::start(
+                scratch,
+                settings,
+                |_| {},
+                |p, _| async move {
+                    stampede_fanout::Fanout::new(p)
+                        .run()
+                        .await
+                        .map_err(anyhow::Error::from)
+                },
+            )
+            .await
         }
-    };
-    Ok(Deployment {
-        p,
-        base,
-        grpc: grpc_url,
-        shutdown,
-        task,
-        cleanup,
-    })
+    }
 }
 
-impl Deployment {
-    async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
-        drop(self.p);
-        self.cleanup.run().await?;
-        Ok(())
-    }
+/// Stops a bench's deployment, giving its services 30 s (how they end is
+/// not what a bench checks), and removes its backends.
+async fn stop(d: Deployment) -> anyhow::Result<()> {
+    let (_, scratch) = d.stop(Some(Duration::from_secs(30))).await;
+    scratch.remove().await
 }
 
 fn write_json(path: &Option<PathBuf>, v: &serde_json::Value) -> anyhow::Result<()> {
