@@ -154,15 +154,7 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
         "http://{}",
         ingest_http.as_ref().unwrap().local_addr().unwrap()
     );
-    let mut vars = scratch.vars();
-    vars.extend(base_vars(&http_base, &opts));
-    for (k, v) in opts.extra {
-        vars.insert(k, v);
-    }
-    let mut cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
-    if let Some(tune) = opts.tune {
-        tune(&mut cfg);
-    }
+    let (vars, cfg) = config(&scratch, &http_base, &opts);
     let shutdown = CancellationToken::new();
     let mut services = Vec::new();
     let mut ingest_grpc_addr = None;
@@ -237,30 +229,35 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
     }
 }
 
-fn base_vars(http_base: &str, opts: &AppOptions) -> HashMap<&'static str, String> {
-    HashMap::from([
+/// A test's configuration, as variables and as read from them: its
+/// backends, its public URL, the options' variables, then the options' tune.
+fn config(
+    scratch: &Scratch,
+    http_base: &str,
+    opts: &AppOptions,
+) -> (HashMap<&'static str, String>, Config) {
+    let mut vars = scratch.vars();
+    vars.extend([
         ("STAMPEDE_PUBLIC_URL", http_base.to_string()),
         (
             "STAMPEDE_ALLOW_PRIVATE_NETWORKS",
             opts.allow_private_networks.to_string(),
         ),
         ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "10".to_string()),
-    ])
+    ]);
+    vars.extend(opts.extra.iter().cloned());
+    let mut cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    if let Some(tune) = opts.tune {
+        tune(&mut cfg);
+    }
+    (vars, cfg)
 }
 
 /// `stampede up` on the embedded backends, in the scratch's data directory.
 async fn spawn_all_in_one(scratch: Scratch, opts: AppOptions) -> TestApp {
     let http = listener().await;
     let http_base = format!("http://{}", http.local_addr().unwrap());
-    let mut vars = scratch.vars();
-    vars.extend(base_vars(&http_base, &opts));
-    for (k, v) in opts.extra {
-        vars.insert(k, v);
-    }
-    let mut cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
-    if let Some(tune) = opts.tune {
-        tune(&mut cfg);
-    }
+    let (vars, cfg) = config(&scratch, &http_base, &opts);
     let shutdown = CancellationToken::new();
     let l = Listeners {
         http: Some(http),
