@@ -264,7 +264,6 @@ pub struct Deployment {
     pub grpc: String,
     /// The backends they run on.
     pub scratch: Scratch,
-    shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -287,54 +286,46 @@ impl Deployment {
     {
         let mut vars = scratch.vars();
         vars.extend(settings);
-        match Self::connect(vars, tune).await {
-            Ok((process, listeners, base, grpc, shutdown)) => {
-                let task = tokio::spawn(serve(process.clone(), listeners));
-                Ok(Self {
-                    process,
-                    base,
-                    grpc,
-                    scratch,
-                    shutdown,
-                    task,
-                })
+        let connected = async {
+            let http = TcpListener::bind("127.0.0.1:0").await?;
+            let grpc = TcpListener::bind("127.0.0.1:0").await?;
+            let metrics = TcpListener::bind("127.0.0.1:0").await?;
+            let base = format!("http://{}", http.local_addr()?);
+            let grpc_url = format!("http://{}", grpc.local_addr()?);
+            for (k, v) in [
+                ("STAMPEDE_PUBLIC_URL", base.clone()),
+                ("STAMPEDE_HTTP_ADDR", http.local_addr()?.to_string()),
+                ("STAMPEDE_GRPC_ADDR", grpc.local_addr()?.to_string()),
+                ("STAMPEDE_METRICS_ADDR", metrics.local_addr()?.to_string()),
+            ] {
+                vars.entry(k).or_insert(v);
             }
+            let mut cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
+            tune(&mut cfg);
+            let process = Process::connect(cfg, Role::AllInOne, CancellationToken::new()).await?;
+            let listeners = Listeners {
+                http: Some(http),
+                grpc,
+                metrics,
+            };
+            anyhow::Ok((process, listeners, base, grpc_url))
+        }
+        .await;
+        let (process, listeners, base, grpc) = match connected {
+            Ok(c) => c,
             Err(e) => {
                 let _ = scratch.remove().await;
-                Err(e)
+                return Err(e);
             }
-        }
-    }
-
-    /// The listeners and the process of [`Deployment::start`], with the
-    /// HTTP and gRPC URLs.
-    async fn connect(
-        mut vars: HashMap<&'static str, String>,
-        tune: impl FnOnce(&mut Config),
-    ) -> anyhow::Result<(Process, Listeners, String, String, CancellationToken)> {
-        let http = TcpListener::bind("127.0.0.1:0").await?;
-        let grpc = TcpListener::bind("127.0.0.1:0").await?;
-        let metrics = TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", http.local_addr()?);
-        let grpc_url = format!("http://{}", grpc.local_addr()?);
-        for (k, v) in [
-            ("STAMPEDE_PUBLIC_URL", base.clone()),
-            ("STAMPEDE_HTTP_ADDR", http.local_addr()?.to_string()),
-            ("STAMPEDE_GRPC_ADDR", grpc.local_addr()?.to_string()),
-            ("STAMPEDE_METRICS_ADDR", metrics.local_addr()?.to_string()),
-        ] {
-            vars.entry(k).or_insert(v);
-        }
-        let mut cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
-        tune(&mut cfg);
-        let shutdown = CancellationToken::new();
-        let process = Process::connect(cfg, Role::AllInOne, shutdown.clone()).await?;
-        let listeners = Listeners {
-            http: Some(http),
-            grpc,
-            metrics,
         };
-        Ok((process, listeners, base, grpc_url, shutdown))
+        let task = tokio::spawn(serve(process.clone(), listeners));
+        Ok(Self {
+            process,
+            base,
+            grpc,
+            scratch,
+            task,
+        })
     }
 
     /// Stops the services, waiting for them at most `limit` (`None`: as
@@ -342,7 +333,7 @@ impl Deployment {
     /// with how the services ended: an error when they stopped with one,
     /// panicked, or outlived `limit`.
     pub async fn stop(self, limit: Option<Duration>) -> (anyhow::Result<()>, Scratch) {
-        self.shutdown.cancel();
+        self.process.shutdown.cancel();
         let ended = match limit {
             Some(limit) => tokio::time::timeout(limit, self.task)
                 .await
