@@ -350,3 +350,73 @@ impl Deployment {
         (ended, self.scratch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `stampede_` and what follows, as scripts/test matches leftovers:
+    /// `^stampede_([tpc][0-9a-f]{12}|bench[0-9a-f]{10})$`.
+    fn dropped_by_scripts_test(db: &str) -> bool {
+        let hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        };
+        match db.strip_prefix("stampede_") {
+            Some(rest) => match rest.strip_prefix("bench") {
+                Some(digits) => hex(digits, 10),
+                None => rest.starts_with(['t', 'p', 'c']) && hex(&rest[1..], 12),
+            },
+            None => false,
+        }
+    }
+
+    #[test]
+    fn bench_and_test_databases_are_named_as_scripts_test_drops_them() {
+        for purpose in [Purpose::Bench, Purpose::Test] {
+            let (ns, dir) = purpose.names();
+            assert!(dropped_by_scripts_test(&format!("stampede_{ns}")), "{ns}");
+            let dir = dir.file_name().and_then(|d| d.to_str()).unwrap_or("");
+            assert!(dir.starts_with("stampede-") && dir.ends_with(&ns), "{dir}");
+            assert_ne!(purpose.names().0, ns, "a fresh namespace each time");
+        }
+        let (ns, dir) = Purpose::Demo.names();
+        assert_eq!(ns, "stampede");
+        let dir = dir.file_name().and_then(|d| d.to_str()).unwrap_or("");
+        let digits = dir.strip_prefix("stampede-demo-").unwrap_or("");
+        assert!(
+            digits.len() == 32 && digits.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{dir}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_embedded_scratch_is_its_namespace_and_directory_and_removes_it() {
+        let s = Scratch::create(Purpose::Bench, BackendSet::Embedded)
+            .await
+            .unwrap();
+        let dir = s.data_dir().unwrap().to_path_buf();
+        let vars = s.vars();
+        assert_eq!(vars.len(), 2);
+        assert_eq!(vars["STAMPEDE_NAMESPACE"], s.namespace());
+        assert_eq!(vars["STAMPEDE_DATA_DIR"], dir.display().to_string());
+        assert!(s.external().is_none() && s.database_url().is_none());
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        s.remove().await.unwrap();
+        assert!(!dir.exists());
+        // One that was never made is no error.
+        let s = Scratch::create(Purpose::Test, BackendSet::Embedded)
+            .await
+            .unwrap();
+        s.remove().await.unwrap();
+        let urls = ExternalUrls {
+            amqp: String::new(),
+            redis: String::new(),
+            admin_database: String::new(),
+        };
+        assert!(Scratch::create(Purpose::Demo, BackendSet::External(urls))
+            .await
+            .is_err());
+    }
+}
