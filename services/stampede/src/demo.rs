@@ -18,13 +18,12 @@ use stampede_proto::api::actor_service_client::ActorServiceClient;
 use stampede_proto::api::publish_service_client::PublishServiceClient;
 use stampede_proto::api::{CreateActorRequest, PublishRequest};
 use stampede_runtime::metrics::DeliveryOutcome;
-use stampede_runtime::process::{Listeners, Process};
+use stampede_runtime::process::Process;
 use stampede_runtime::Config;
-use stampede_runtime::Role;
 use stampede_sink::{Behavior, Sink, SinkOptions};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+use crate::scratch::{BackendSet, Deployment, Purpose, Scratch, FAKE_SERVERS};
 
 /// Flags of `stampede demo`.
 #[derive(Debug, Args)]
@@ -143,66 +142,41 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
 
     // stampede on embedded defaults, in a data directory of its own.
-    let data_dir =
-        std::env::temp_dir().join(format!("stampede-demo-{}", uuid::Uuid::new_v4().simple()));
-    let http = TcpListener::bind("127.0.0.1:0").await?;
-    let grpc = TcpListener::bind("127.0.0.1:0").await?;
-    let metrics = TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", http.local_addr()?);
-    let vars: HashMap<&str, String> = HashMap::from([
-        ("STAMPEDE_PUBLIC_URL", base.clone()),
-        ("STAMPEDE_HTTP_ADDR", http.local_addr()?.to_string()),
-        ("STAMPEDE_GRPC_ADDR", grpc.local_addr()?.to_string()),
-        ("STAMPEDE_METRICS_ADDR", metrics.local_addr()?.to_string()),
-        ("STAMPEDE_DATA_DIR", data_dir.display().to_string()),
-        ("STAMPEDE_ALLOW_PRIVATE_NETWORKS", "true".into()),
-        ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "10".into()),
-        // Every fake server is 127.0.0.1: to the edge's rate limit and the
-        // key-fetch ration they would be one client and one domain.
-        ("STAMPEDE_INBOUND_RATE_LIMIT", "0".into()),
-        ("STAMPEDE_KEY_FETCH_RATE_LIMIT", "0".into()),
-    ]);
-    let vars: HashMap<&str, String> = vars
+    let scratch = Scratch::create(Purpose::Demo, BackendSet::Embedded).await?;
+    let data_dir = scratch
+        .data_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    println!("stampede on embedded defaults, data in {data_dir}");
+    let settings = FAKE_SERVERS
         .into_iter()
-        .chain(DEMO_SETTINGS.iter().map(|(k, v)| (*k, v.to_string())))
-        .collect();
-    let mut cfg = Config::from_lookup(|k| vars.get(k).cloned())?;
-    cfg.host_unavailable_after = DEMO_HOST_UNAVAILABLE;
-    let shutdown = CancellationToken::new();
-    let p = Process::connect(cfg, Role::AllInOne, shutdown.clone()).await?;
-    let grpc_url = format!("http://{}", grpc.local_addr()?);
-    println!(
-        "stampede on embedded defaults, data in {}",
-        data_dir.display()
-    );
-    let up = tokio::spawn(crate::up::run(
-        p.clone(),
-        Listeners {
-            http: Some(http),
-            grpc,
-            metrics,
-        },
-    ));
+        .chain([("STAMPEDE_DELIVERY_TIMEOUT_SECS", "10")])
+        .chain(DEMO_SETTINGS)
+        .map(|(k, v)| (k, v.to_string()));
+    let d = Deployment::start(
+        scratch,
+        settings,
+        |cfg| cfg.host_unavailable_after = DEMO_HOST_UNAVAILABLE,
+        crate::up::run,
+    )
+    .await?;
     let result = drive(
         &args,
-        &p,
-        &base,
-        &grpc_url,
+        &d.process,
+        &d.base,
+        &d.grpc,
         class_of,
         (n_dead, n_slow, n_failing),
     )
     .await;
-    shutdown.cancel();
-    match up.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("stampede stopped with an error: {e:#}"),
-        Err(e) => eprintln!("stampede task failed: {e}"),
+    let (ended, scratch) = d.stop(None).await;
+    if let Err(e) = ended {
+        eprintln!("{e:#}");
     }
-    drop(p);
     if args.keep {
-        println!("data kept in {}", data_dir.display());
+        println!("data kept in {data_dir}");
     } else {
-        let _ = std::fs::remove_dir_all(&data_dir);
+        let _ = scratch.remove().await;
     }
     result
 }

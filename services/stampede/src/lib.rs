@@ -7,6 +7,7 @@ mod bench;
 mod client;
 mod demo;
 mod loadgen;
+pub mod scratch;
 mod sink;
 pub mod up;
 

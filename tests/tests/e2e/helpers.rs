@@ -1,5 +1,5 @@
-//! `spawn_app()`: every test gets its own backends and ports and cleans them
-//! up in `stop()`. On [`Backend::External`] the four services run as in
+//! `spawn_app()`: every test gets its own backends (a
+//! `stampede::scratch::Scratch`) and ports and cleans them up in `stop()`. On [`Backend::External`] the four services run as in
 //! production, each with its own connections, on a PostgreSQL database, a
 //! queue namespace and a Redis key prefix of the test's own; on
 //! [`Backend::Embedded`] they run all in one as `stampede up` does, on the
@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stampede_backends::cache::redis::RedisCache;
+use stampede::scratch::{BackendSet, ExternalUrls, Purpose, Scratch};
 use stampede_backends::queue::amqp::AmqpQueue;
 use stampede_backends::queue::Queue;
 use stampede_backends::store::{Follower, Store};
@@ -108,16 +108,12 @@ pub struct TestApp {
     pub queue: Arc<dyn Queue>,
     /// The configuration the services run with, as environment variables.
     pub env: HashMap<&'static str, String>,
-    /// External: the test's database. Embedded: the test's data directory.
-    cleanup: Cleanup,
+    /// The test's namespace and its database (external) or data directory
+    /// (embedded).
+    scratch: Scratch,
     shutdown: CancellationToken,
     services: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
     metrics: HashMap<&'static str, std::net::SocketAddr>,
-}
-
-enum Cleanup {
-    External { db_name: String },
-    Embedded { data_dir: std::path::PathBuf },
 }
 
 /// A port free on 127.0.0.1 right now (for child processes to bind).
@@ -135,43 +131,30 @@ async fn listener() -> TcpListener {
 
 /// Starts ingest, inbox, fanout and delivery on `backend`.
 pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
-    let namespace = format!(
-        "t{}",
-        uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap()
-    );
     if backend == Backend::Embedded {
-        return spawn_all_in_one(namespace, opts).await;
+        let scratch = Scratch::create(Purpose::Test, BackendSet::Embedded)
+            .await
+            .unwrap();
+        return spawn_all_in_one(scratch, opts).await;
     }
-    let db_name = format!("stampede_{namespace}");
-    let (admin, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL must run (scripts/test starts it)");
-    tokio::spawn(conn);
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db_name}"))
-        .await
-        .unwrap();
-    let db_url = {
-        let base = admin_db_url();
-        let (head, _) = base.rsplit_once('/').unwrap();
-        format!("{head}/{db_name}")
-    };
+    let scratch = Scratch::create(
+        Purpose::Test,
+        BackendSet::External(ExternalUrls {
+            amqp: amqp_url(),
+            redis: redis_url(),
+            admin_database: admin_db_url(),
+        }),
+    )
+    .await
+    .expect("PostgreSQL must run (scripts/test starts it)");
+    let namespace = scratch.namespace().to_string();
+    let db_url = scratch.database_url().unwrap().to_string();
     let mut ingest_http = Some(listener().await);
     let http_base = format!(
         "http://{}",
         ingest_http.as_ref().unwrap().local_addr().unwrap()
     );
-    let mut vars = base_vars(&http_base, &namespace, &opts);
-    vars.insert("STAMPEDE_AMQP_URL", amqp_url());
-    vars.insert("STAMPEDE_REDIS_URL", redis_url());
-    vars.insert("STAMPEDE_DATABASE_URL", db_url.clone());
-    for (k, v) in opts.extra {
-        vars.insert(k, v);
-    }
-    let mut cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
-    if let Some(tune) = opts.tune {
-        tune(&mut cfg);
-    }
+    let (vars, cfg) = config(&scratch, &http_base, &opts);
     let shutdown = CancellationToken::new();
     let mut services = Vec::new();
     let mut ingest_grpc_addr = None;
@@ -238,7 +221,7 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
         grpc,
         store: Arc::new(store),
         queue: Arc::new(queue),
-        cleanup: Cleanup::External { db_name },
+        scratch,
         env: vars,
         shutdown,
         services,
@@ -246,32 +229,35 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
     }
 }
 
-fn base_vars(http_base: &str, namespace: &str, opts: &AppOptions) -> HashMap<&'static str, String> {
-    HashMap::from([
+/// A test's configuration, as variables and as read from them: its
+/// backends, its public URL, the options' variables, then the options' tune.
+fn config(
+    scratch: &Scratch,
+    http_base: &str,
+    opts: &AppOptions,
+) -> (HashMap<&'static str, String>, Config) {
+    let mut vars = scratch.vars();
+    vars.extend([
         ("STAMPEDE_PUBLIC_URL", http_base.to_string()),
-        ("STAMPEDE_NAMESPACE", namespace.to_string()),
         (
             "STAMPEDE_ALLOW_PRIVATE_NETWORKS",
             opts.allow_private_networks.to_string(),
         ),
         ("STAMPEDE_DELIVERY_TIMEOUT_SECS", "10".to_string()),
-    ])
-}
-
-/// `stampede up` on the embedded backends, in a data directory of its own.
-async fn spawn_all_in_one(namespace: String, opts: AppOptions) -> TestApp {
-    let data_dir = std::env::temp_dir().join(format!("stampede-test-{namespace}"));
-    let http = listener().await;
-    let http_base = format!("http://{}", http.local_addr().unwrap());
-    let mut vars = base_vars(&http_base, &namespace, &opts);
-    vars.insert("STAMPEDE_DATA_DIR", data_dir.display().to_string());
-    for (k, v) in opts.extra {
-        vars.insert(k, v);
-    }
+    ]);
+    vars.extend(opts.extra.iter().cloned());
     let mut cfg = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
     if let Some(tune) = opts.tune {
         tune(&mut cfg);
     }
+    (vars, cfg)
+}
+
+/// `stampede up` on the embedded backends, in the scratch's data directory.
+async fn spawn_all_in_one(scratch: Scratch, opts: AppOptions) -> TestApp {
+    let http = listener().await;
+    let http_base = format!("http://{}", http.local_addr().unwrap());
+    let (vars, cfg) = config(&scratch, &http_base, &opts);
     let shutdown = CancellationToken::new();
     let l = Listeners {
         http: Some(http),
@@ -292,12 +278,12 @@ async fn spawn_all_in_one(namespace: String, opts: AppOptions) -> TestApp {
         .await
         .unwrap();
     TestApp {
-        namespace,
+        namespace: scratch.namespace().to_string(),
         http_base,
         grpc,
         store,
         queue,
-        cleanup: Cleanup::Embedded { data_dir },
+        scratch,
         env: vars,
         shutdown,
         services: vec![("up", h)],
@@ -419,7 +405,8 @@ impl TestApp {
             .await;
     }
 
-    /// Stops the services and removes the database, queues and keys.
+    /// Stops the services and removes the database, queues and keys, or the
+    /// data directory.
     pub async fn stop(self) {
         self.shutdown.cancel();
         for (name, h) in self.services {
@@ -430,31 +417,7 @@ impl TestApp {
         }
         drop(self.store);
         drop(self.queue);
-        let db_name = match self.cleanup {
-            Cleanup::Embedded { data_dir } => {
-                std::fs::remove_dir_all(&data_dir).unwrap();
-                return;
-            }
-            Cleanup::External { db_name } => db_name,
-        };
-        AmqpQueue::connect(&amqp_url(), &self.namespace, "stampede-test-cleanup")
-            .await
-            .unwrap()
-            .delete_all()
-            .await
-            .unwrap();
-        let cache = RedisCache::connect(&redis_url(), &self.namespace)
-            .await
-            .unwrap();
-        cache.delete_all().await.unwrap();
-        let (admin, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-            .await
-            .unwrap();
+        self.scratch.remove().await.unwrap();
     }
 }
 

@@ -1,0 +1,255 @@
+//! `stampede bench delivery|fanout|ingest|inbound`: end-to-end benchmarks
+//! against this machine's own ceiling, measured first in the same run, with a
+//! correctness check that fails the bench (nothing lost, nothing duplicated).
+//!
+//! Everything runs in this process: stampede (all in one, on the embedded
+//! backends or on RabbitMQ/Redis/PostgreSQL), and for delivery a sink of
+//! fake servers on its own runtime threads (`stampede-sink`) so its CPU is
+//! reported apart. This module holds the flags and what the benches share;
+//! each bench is a module of its own, and [`sampling`] measures.
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::scratch::{BackendSet, Deployment, ExternalUrls, Purpose, Scratch, FAKE_SERVERS};
+
+mod delivery;
+mod fanout;
+mod inbound;
+mod ingest;
+mod sampling;
+
+pub(crate) use sampling::process_cpu_secs;
+
+/// `stampede bench …`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    which: Which,
+}
+
+impl BenchArgs {
+    /// The service whose runtime this bench's in-process services get
+    /// ([`stampede_runtime::Config::runtime_threads_for`]): `delivery` where
+    /// they sign, else the service it measures.
+    pub fn runs_as(&self) -> stampede_runtime::Role {
+        use stampede_runtime::ServiceKind as Kind;
+        stampede_runtime::Role::Service(match self.which {
+            Which::Delivery(_) => Kind::Delivery,
+            Which::Fanout(_) => Kind::Fanout,
+            Which::Ingest(_) => Kind::Ingest,
+            Which::Inbound(_) => Kind::Inbox,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// One Create to many followers: signed POSTs/s against the signing ceiling.
+    Delivery(DeliveryArgs),
+    /// One activity to a million followers: time until every delivery job is queued.
+    Fanout(FanoutArgs),
+    /// A burst of inbox POSTs at the edge, answered 202 after a durable
+    /// enqueue; then kill -9 and count what is queued.
+    Ingest(IngestArgs),
+    /// Pre-signed inbound activities from many remote actors through the
+    /// edge, the queue and verification to the application's stream.
+    Inbound(InboundArgs),
+}
+
+#[derive(Debug, Args)]
+struct InboundArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Signed POSTs per run (four runs: cavage and RFC 9421, each with a cold then a warm key cache).
+    #[arg(long, default_value_t = 10_000)]
+    requests: usize,
+    /// Remote actors signing them (each its own key id).
+    #[arg(long, default_value_t = 1_000)]
+    actors: usize,
+    /// Fake servers the actors live on.
+    #[arg(long, default_value_t = 100)]
+    servers: usize,
+    /// Requests in flight at once (the connections of the load generator).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// After each warm run, one more at this many POSTs a second, open loop,
+    /// for the latency at that rate (0: skip it).
+    #[arg(long, default_value_t = 15_000.0)]
+    rate: f64,
+}
+
+#[derive(Debug, Args)]
+struct IngestArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Inbox POSTs in the burst.
+    #[arg(long, default_value_t = 100_000)]
+    requests: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendKind {
+    /// Embedded queue, store and cache in a temporary data directory.
+    Embedded,
+    /// RabbitMQ, Redis, PostgreSQL from STAMPEDE_AMQP_URL, STAMPEDE_REDIS_URL,
+    /// STAMPEDE_DATABASE_URL (a scratch database is created next to it).
+    External,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Every follower has only a personal inbox: one POST per follower.
+    Personal,
+    /// Every server has a shared inbox: one POST per server.
+    Shared,
+    /// Both, one after the other.
+    Both,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Backends to run on.
+    #[arg(long, value_enum, default_value = "embedded")]
+    backend: BackendKind,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Give up after this long.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+}
+
+#[derive(Debug, Args)]
+struct DeliveryArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Followers of the publishing actor.
+    #[arg(long, default_value_t = 10_000)]
+    followers: usize,
+    /// Fake servers they live on.
+    #[arg(long, default_value_t = 1_000)]
+    hosts: usize,
+    /// Personal inboxes, shared inboxes, or both.
+    #[arg(long, value_enum, default_value = "both")]
+    mode: Mode,
+    /// The fake servers verify every Nth signature (1: all). Verifying
+    /// costs them about a twentieth of what signing costs stampede, on the
+    /// same cores: a sample keeps the check without measuring the servers.
+    #[arg(long, default_value_t = 10)]
+    verify_every: usize,
+    /// Unacknowledged deliveries per worker (STAMPEDE_PREFETCH).
+    #[arg(long, default_value_t = 256)]
+    prefetch: u16,
+}
+
+#[derive(Debug, Args)]
+struct FanoutArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Followers of the publishing actor.
+    #[arg(long, default_value_t = 1_000_000)]
+    followers: usize,
+    /// Servers they live on (each with a shared inbox).
+    #[arg(long, default_value_t = 50_000)]
+    hosts: usize,
+}
+
+/// Runs a benchmark; an error when its correctness check fails.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.which {
+        Which::Delivery(a) => delivery::run(a).await,
+        Which::Fanout(a) => fanout::run(a).await,
+        Which::Ingest(a) => ingest::run(a).await,
+        Which::Inbound(a) => inbound::run(a).await,
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Services {
+    /// All four (stampede up).
+    All,
+    /// Fanout only: jobs stay queued for counting.
+    FanoutOnly,
+}
+
+fn env(var: &str) -> anyhow::Result<String> {
+    std::env::var(var).with_context(|| format!("{var}: needed by --backend external"))
+}
+
+/// Backends of a bench's own ([`Scratch`]: a fresh namespace, and an
+/// embedded data directory or a scratch PostgreSQL database next to
+/// STAMPEDE_DATABASE_URL), and the variables to run on them with, for fake
+/// servers on this machine.
+async fn scratch(kind: BackendKind) -> anyhow::Result<(HashMap<&'static str, String>, Scratch)> {
+    let backends = match kind {
+        BackendKind::Embedded => BackendSet::Embedded,
+        BackendKind::External => BackendSet::External(ExternalUrls {
+            amqp: env("STAMPEDE_AMQP_URL")?,
+            redis: env("STAMPEDE_REDIS_URL")?,
+            admin_database: env("STAMPEDE_DATABASE_URL")?,
+        }),
+    };
+    let scratch = Scratch::create(Purpose::Bench, backends).await?;
+    let mut vars = scratch.vars();
+    vars.extend(FAKE_SERVERS.map(|(k, v)| (k, v.to_string())));
+    Ok((vars, scratch))
+}
+
+/// stampede in this process on backends of the bench's own, with `extra`
+/// settings.
+async fn deploy(
+    kind: BackendKind,
+    services: Services,
+    extra: &[(&'static str, String)],
+) -> anyhow::Result<Deployment> {
+    let (vars, scratch) = scratch(kind).await?;
+    let settings = vars.into_iter().chain(extra.iter().cloned());
+    match services {
+        Services::All => Deployment::start(scratch, settings, |_| {}, crate::up::run).await,
+        Services::FanoutOnly => {
+            Deployment::start(
+                scratch,
+                settings,
+                |_| {},
+                |p, _| async move {
+                    stampede_fanout::Fanout::new(p)
+                        .run()
+                        .await
+                        .map_err(anyhow::Error::from)
+                },
+            )
+            .await
+        }
+    }
+}
+
+/// Stops a bench's deployment, giving its services 30 s (how they end is
+/// not what a bench checks), and removes its backends.
+async fn stop(d: Deployment) -> anyhow::Result<()> {
+    let (_, scratch) = d.stop(Some(Duration::from_secs(30))).await;
+    scratch.remove().await
+}
+
+fn write_json(path: &Option<PathBuf>, v: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        std::fs::write(p, serde_json::to_vec_pretty(v)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("results written to {}", p.display());
+    }
+    Ok(())
+}
+
+/// The socket address of a `http://127.0.0.1:port` base URL.
+fn socket_addr(base: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let u = url::Url::parse(base)?;
+    let host = u.host_str().context("base URL without host")?;
+    let port = u.port_or_known_default().context("base URL without port")?;
+    Ok(format!("{host}:{port}").parse()?)
+}

@@ -1,0 +1,263 @@
+//! What the benches measure with: the ceilings (signing, verification) on
+//! threads of their own, this process's peak RSS and CPU (per thread name),
+//! percentiles, and the side runtimes that stand for the remote servers.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use stampede_sink::{Sink, SinkOptions};
+
+use super::ingest::inbound_body;
+
+// ---------------------------------------------------------------- ceilings
+
+/// RSA-2048 PKCS#1 v1.5 SHA-256 signatures per second with aws-lc-rs (the
+/// library delivery signs with): on one core, and on all cores at once.
+pub(super) fn signing_ceiling(for_each: Duration) -> anyhow::Result<(f64, f64, usize)> {
+    let key = stampede_core::keys::generate_rsa_2048()?;
+    let pair = Arc::new(stampede_core::keys::load_private_key(
+        &key.private_pkcs8_der,
+    )?);
+    let msg = b"(request-target): post /inbox\nhost: remote.example\ndate: Fri, 27 Nov 2026 12:00:00 GMT\ndigest: SHA-256=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+    let sign = move || stampede_core::signature::rsa_sha256_sign(&pair, msg).is_ok();
+    let run = |threads: usize| rate_on_threads(threads, for_each, sign.clone());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok((run(1)?, run(cores)?, cores))
+}
+
+/// Successful calls of `work` per second on `threads` threads: the best of
+/// three rounds of `for_each / 3`. A shared machine's rate dips while a
+/// neighbour runs; the ceiling is what the machine can do, so a dip must not
+/// lower it (that would flatter every ratio measured against it).
+pub(super) fn rate_on_threads(
+    threads: usize,
+    for_each: Duration,
+    work: impl Fn() -> bool + Clone + Send + 'static,
+) -> anyhow::Result<f64> {
+    let mut best: f64 = 0.0;
+    for _ in 0..3 {
+        best = best.max(one_round(threads, for_each / 3, work.clone())?);
+    }
+    Ok(best)
+}
+
+fn one_round(
+    threads: usize,
+    for_each: Duration,
+    work: impl Fn() -> bool + Clone + Send + 'static,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let work = work.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while started.elapsed() < for_each {
+                    if work() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a measuring thread panicked"))?;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// RSA-2048 verifications per second (parse + digest + verify of a cavage
+/// request, as the inbox does), on one core and on all.
+pub(super) fn verify_ceiling(for_each: Duration) -> anyhow::Result<(f64, f64)> {
+    use stampede_core::verify::{self, HttpRequest};
+    let key = stampede_core::keys::generate_rsa_2048()?;
+    let pair = stampede_core::keys::load_private_key(&key.private_pkcs8_der)?;
+    let verifying = Arc::new(stampede_core::keys::VerifyingKey::from_pem(
+        &key.public_pem,
+    )?);
+    let body = Arc::new(inbound_body(0).1);
+    let digest = stampede_core::digest::digest_header(&body);
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let sig = stampede_core::signature::sign_request(
+        &pair,
+        "https://r0.bench.example/users/a0#main-key",
+        "POST",
+        "/inbox",
+        stampede_core::signature::POST_HEADERS,
+        |h| match h {
+            "host" => Some("social.example"),
+            "date" => Some(date.as_str()),
+            "digest" => Some(digest.as_str()),
+            _ => None,
+        },
+    )?;
+    let headers = Arc::new(vec![
+        ("host".to_string(), "social.example".to_string()),
+        ("date".to_string(), date.clone()),
+        ("digest".to_string(), digest.clone()),
+        ("signature".to_string(), sig),
+    ]);
+    let check = move || {
+        let h: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let req = HttpRequest {
+            method: "POST",
+            scheme: "https",
+            path_and_query: "/inbox",
+            headers: &h,
+            body: &body,
+        };
+        verify::parse(&req)
+            .and_then(|s| {
+                verify::check_coverage_and_digest(&req, &s)?;
+                verify::verify_signature(&s, &verifying)
+            })
+            .is_ok()
+    };
+    let run = |threads: usize| rate_on_threads(threads, for_each, check.clone());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok((run(1)?, run(cores)?))
+}
+
+// ---------------------------------------------------------------- process facts
+
+/// Peak resident set of this process, MiB (`VmHWM`).
+pub(super) fn peak_rss_mib() -> f64 {
+    peak_rss_mib_of("self")
+}
+
+/// Peak resident set of process `pid` (or `self`), MiB.
+pub(super) fn peak_rss_mib_of(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Starts peak-RSS accounting afresh (Linux `clear_refs` 5).
+pub(super) fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// CPU seconds of this process (user + system).
+pub fn process_cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .map_or(0.0, |s| cpu_of_stat(&s))
+}
+
+fn cpu_of_stat(stat: &str) -> f64 {
+    // Fields after the parenthesised command: state is field 3; utime 14, stime 15.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of this process's threads whose name starts with `name`.
+pub(super) fn threads_cpu_secs(name: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim().starts_with(name))
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .map(|s| cpu_of_stat(&s))
+        .sum()
+}
+
+/// Percentiles of sorted latencies, milliseconds, with what they measure.
+pub(super) fn latency_json(sorted: &[f64], what: &str) -> serde_json::Value {
+    json!({
+        "what": what,
+        "min": sorted.first().copied().unwrap_or(0.0),
+        "p50": percentile(sorted, 0.5),
+        "p90": percentile(sorted, 0.9),
+        "p99": percentile(sorted, 0.99),
+        "max": sorted.last().copied().unwrap_or(0.0),
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+// ---------------------------------------------------------------- the remote side
+
+/// Fake servers on runtime threads of their own (`stampede-sink`), so their
+/// CPU is measured apart from stampede's.
+pub(super) struct BenchSink {
+    pub(super) sink: Arc<Sink>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl BenchSink {
+    pub(super) async fn start(opts: SinkOptions) -> anyhow::Result<Self> {
+        let rt = side_runtime("stampede-sink")?;
+        let sink = Arc::new(rt.spawn(Sink::start(opts)).await??);
+        Ok(Self { sink, rt })
+    }
+
+    pub(super) fn stop(self) {
+        self.sink.shutdown();
+        drop(self.sink);
+        self.rt.shutdown_background();
+    }
+}
+
+/// A one-thread runtime named `name`, for what stands for the remote side
+/// (fake servers, load generator): apart from stampede's runtime, its CPU
+/// measured by thread name.
+fn side_runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
+/// Runs the load generator on a runtime thread of its own (`stampede-load`),
+/// as the remote servers are apart from stampede: not on the runtime of the
+/// services it drives, whose threads are sized as `stampede up`'s.
+pub(super) async fn on_load_thread<T: Send + 'static>(
+    load: impl std::future::Future<Output = T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let rt = side_runtime("stampede-load")?;
+    let out = rt.spawn(load).await;
+    rt.shutdown_background();
+    Ok(out?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_and_percentiles() {
+        let stat = "123 (stampede sink) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
+        assert!((cpu_of_stat(stat) - 3.0).abs() < 1e-9);
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 51.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert!(peak_rss_mib() > 0.0);
+    }
+}
