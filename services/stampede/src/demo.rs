@@ -3,6 +3,10 @@
 //! real signed Follow requests, some servers then die, slow down or fail for
 //! a while, the local actor posts, and the demo shows delivery live and ends
 //! with a table whose counts it checks against what the servers received.
+//!
+//! Long on purpose: the demo is one story told in order (settings, follow,
+//! misbehaving servers, publish, live progress, summary, check), read top
+//! to bottom; its deployment is `scratch.rs`'s.
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
