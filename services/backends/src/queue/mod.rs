@@ -161,7 +161,10 @@ pub trait Queue: Send + Sync + 'static {
     /// Publishes many messages, pipelined; returns once all are confirmed.
     async fn publish_batch(&self, queue: QueueName, msgs: Vec<OutMessage>) -> Result<()>;
     /// Publishes a message that reaches `queue` after about `delay` (held by
-    /// the broker, never by a sleeping worker). Returns the delay applied.
+    /// the broker, never by a sleeping worker). Returns the delay applied:
+    /// never less than `delay`'s whole seconds (RabbitMQ rounds those up to
+    /// a delay tier; a fraction of a second may come early, which costs a
+    /// parked job one more look, where rounding it up could double a wait).
     async fn publish_delayed(
         &self,
         queue: QueueName,

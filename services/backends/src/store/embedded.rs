@@ -194,11 +194,18 @@ impl Store for EmbeddedStore {
             self.db
                 .call(move |c| {
                     let mut s = c.prepare_cached(
-                        "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host)
-                         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (actor_id, follower) DO NOTHING",
+                        "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host, follow_id)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (actor_id, follower) DO NOTHING",
                     )?;
                     for f in &chunk {
-                        s.execute(params![actor_id, f.actor, f.inbox, f.shared_inbox, f.host])?;
+                        s.execute(params![
+                            actor_id,
+                            f.actor,
+                            f.inbox,
+                            f.shared_inbox,
+                            f.host,
+                            f.follow_id
+                        ])?;
                     }
                     Ok(())
                 })

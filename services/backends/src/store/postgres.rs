@@ -267,11 +267,13 @@ impl Store for PgStore {
             let shared: Vec<Option<&str>> =
                 chunk.iter().map(|f| f.shared_inbox.as_deref()).collect();
             let hosts: Vec<&str> = chunk.iter().map(|f| f.host.as_str()).collect();
+            let follow_ids: Vec<Option<&str>> =
+                chunk.iter().map(|f| f.follow_id.as_deref()).collect();
             c.execute(
-                "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host)
-                 SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[])
+                "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host, follow_id)
+                 SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
                  ON CONFLICT (actor_id, follower) DO NOTHING",
-                &[&actor_id, &actors, &inboxes, &shared, &hosts],
+                &[&actor_id, &actors, &inboxes, &shared, &hosts, &follow_ids],
             )
             .await?;
         }

@@ -27,6 +27,7 @@ macro_rules! queue_test_suite {
                 publish_batch_keeps_the_order,
                 prefetch_bounds_the_unacknowledged_messages,
                 a_delayed_message_waits_for_its_delay,
+                a_delay_is_never_shortened,
                 dead_letter_carries_the_reason_and_the_source,
                 an_accepted_event_reaches_the_app_queue_only,
                 ack_with_event_publishes_the_event_and_acknowledges,
@@ -293,6 +294,27 @@ async fn prefetch_bounds_the_unacknowledged_messages(q: Arc<dyn Queue>) {
     cm.acker.ack().await.unwrap();
     nothing(&mut c, QUIET).await;
     assert_eq!(ready_messages(&*q, QueueName::Fanout).await.unwrap(), 0);
+}
+
+/// A delay's whole seconds are applied in full or longer (rounded up to a
+/// tier), never cut short.
+async fn a_delay_is_never_shortened(q: Arc<dyn Queue>) {
+    for requested in [
+        Duration::from_millis(5_500),
+        Duration::from_secs(6),
+        Duration::from_millis(10_001),
+        Duration::from_secs(31),
+    ] {
+        let applied = q
+            .publish_delayed(QueueName::Delivery, msg(b"later"), requested)
+            .await
+            .unwrap();
+        assert!(
+            applied.as_secs() >= requested.as_secs(),
+            "applied {applied:?} for {requested:?}"
+        );
+    }
+    assert_eq!(ready_messages(&*q, QueueName::Delivery).await.unwrap(), 0);
 }
 
 async fn a_delayed_message_waits_for_its_delay(q: Arc<dyn Queue>) {

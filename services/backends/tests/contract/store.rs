@@ -305,6 +305,24 @@ async fn add_followers_adds_many_and_keeps_existing_ones(cx: StoreCx) {
     assert!(targets.contains(&x.inbox), "the existing follow is kept");
     assert!(!targets.contains(&"https://a.example/inbox".to_string()));
     assert!(!targets.contains(&"https://a.example/elsewhere".to_string()));
+
+    // A follow added in bulk keeps its Follow's id: an Undo naming only
+    // that id removes it.
+    let y = Follower {
+        follow_id: Some("https://b.example/follows/1".into()),
+        ..follower("b.example", "y", None)
+    };
+    s.add_followers(alice, std::slice::from_ref(&y))
+        .await
+        .unwrap();
+    assert_eq!(s.follower_count(alice).await.unwrap(), 10_003);
+    assert_eq!(
+        s.remove_follow_by_id(&y.actor, "https://b.example/follows/1")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(s.follower_count(alice).await.unwrap(), 10_002);
 }
 
 async fn follower_targets_are_distinct_shared_inboxes_in_pages(cx: StoreCx) {
