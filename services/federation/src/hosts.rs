@@ -12,6 +12,7 @@
 //!
 //! Transitions (open, probe failed, recovered) are also written to the store
 //! so `stampede status` can list failing hosts.
+use crate::cache_keys::host;
 use std::time::Duration;
 
 use stampede_backends::store::HostHealth;
@@ -20,11 +21,6 @@ use stampede_runtime::{Backends, Config, Result};
 const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long one probe may be in progress before another worker may try.
 const PROBE_LEASE: Duration = Duration::from_secs(30);
-
-use crate::cache_keys::host::{
-    fails as fails_key, open as open_key, opens as opens_key, paused as paused_key,
-    probe as probe_key, ramp as ramp_key, since as since_key,
-};
 
 use stampede_backends::clock::now_ms;
 
@@ -37,20 +33,20 @@ fn number(v: &Option<Vec<u8>>) -> Option<i64> {
 /// Pauses deliveries to `host`: they are parked, not tried, until resumed.
 pub async fn pause(b: &Backends, host: &str) -> Result<()> {
     b.store.set_host_paused(host, true).await?;
-    Ok(b.cache.set(&paused_key(host), b"1", FOREVER).await?)
+    Ok(b.cache.set(&host::paused(host), b"1", FOREVER).await?)
 }
 
 /// Resumes deliveries to `host`.
 pub async fn resume(b: &Backends, host: &str) -> Result<()> {
     b.store.set_host_paused(host, false).await?;
-    Ok(b.cache.del(&paused_key(host)).await?)
+    Ok(b.cache.del(&host::paused(host)).await?)
 }
 
 /// Copies the paused hosts from the store into the cache (an in-memory
 /// cache starts empty).
 pub async fn restore_paused(b: &Backends) -> Result<()> {
     for host in b.store.paused_hosts().await? {
-        b.cache.set(&paused_key(&host), b"1", FOREVER).await?;
+        b.cache.set(&host::paused(&host), b"1", FOREVER).await?;
     }
     Ok(())
 }
@@ -96,11 +92,11 @@ pub enum Gate {
 /// Reads a host's state in one round trip.
 pub async fn state(b: &Backends, host: &str) -> Result<HostState> {
     let keys = [
-        paused_key(host),
-        open_key(host),
-        fails_key(host),
-        since_key(host),
-        ramp_key(host),
+        host::paused(host),
+        host::open(host),
+        host::fails(host),
+        host::since(host),
+        host::ramp(host),
     ];
     let v = b.cache.get_many(&keys).await?;
     let get = |i: usize| v.get(i).cloned().flatten();
@@ -166,12 +162,19 @@ pub async fn gate(b: &Backends, cfg: &Config, host: &str) -> Result<(Gate, HostS
         // The circuit was open and its time is up: half-open.
         if let Some(since_ms) = s.unavailable(cfg, now) {
             // Still probed, so a host that comes back is noticed.
-            if !b.cache.set_nx(&probe_key(host), b"1", PROBE_LEASE).await? {
+            if !b
+                .cache
+                .set_nx(&host::probe(host), b"1", PROBE_LEASE)
+                .await?
+            {
                 return Ok((Gate::Unavailable { since_ms }, s));
             }
             return Ok((Gate::Probe, s));
         }
-        if b.cache.set_nx(&probe_key(host), b"1", PROBE_LEASE).await? {
+        if b.cache
+            .set_nx(&host::probe(host), b"1", PROBE_LEASE)
+            .await?
+        {
             return Ok((Gate::Probe, s));
         }
         return Ok((Gate::Probing, s));
@@ -188,18 +191,18 @@ pub async fn record_success(b: &Backends, cfg: &Config, host: &str, s: &HostStat
     }
     let was_open = s.failures >= cfg.circuit_failures;
     for k in [
-        fails_key(host),
-        since_key(host),
-        opens_key(host),
-        open_key(host),
-        probe_key(host),
+        host::fails(host),
+        host::since(host),
+        host::opens(host),
+        host::open(host),
+        host::probe(host),
     ] {
         b.cache.del(&k).await?;
     }
     if was_open && !cfg.host_ramp.is_zero() {
         b.cache
             .set(
-                &ramp_key(host),
+                &host::ramp(host),
                 now_ms().to_string().as_bytes(),
                 cfg.host_ramp,
             )
@@ -216,10 +219,10 @@ pub async fn record_success(b: &Backends, cfg: &Config, host: &str, s: &HostStat
 /// timeout, connection error). Opens the circuit at the threshold.
 pub async fn record_failure(b: &Backends, cfg: &Config, host: &str) -> Result<()> {
     let keep = cfg.host_unavailable_after * 2;
-    let n = b.cache.incr(&fails_key(host), keep).await?;
+    let n = b.cache.incr(&host::fails(host), keep).await?;
     let now = now_ms();
     b.cache
-        .set_nx(&since_key(host), now.to_string().as_bytes(), keep)
+        .set_nx(&host::since(host), now.to_string().as_bytes(), keep)
         .await?;
     if n == cfg.circuit_failures {
         open(b, cfg, host, n).await?;
@@ -237,7 +240,7 @@ pub async fn probe_failed(
     s: &HostState,
 ) -> Result<Duration> {
     let (since, until) = open(b, cfg, host, s.failures).await?;
-    b.cache.del(&probe_key(host)).await?;
+    b.cache.del(&host::probe(host)).await?;
     Ok(parked_for(cfg, Some(since), until, now_ms()))
 }
 
@@ -245,15 +248,15 @@ pub async fn probe_failed(
 /// circuit is open (unix ms).
 async fn open(b: &Backends, cfg: &Config, host: &str, failures: u64) -> Result<(i64, i64)> {
     let keep = cfg.host_unavailable_after * 2;
-    let opens = b.cache.incr(&opens_key(host), keep).await?;
+    let opens = b.cache.incr(&host::opens(host), keep).await?;
     let factor = 1u32 << (opens.saturating_sub(1).min(6) as u32);
     let open_for = cfg.circuit_open * factor;
     let now = now_ms();
     let until = now + open_for.as_millis() as i64;
     b.cache
-        .set(&open_key(host), until.to_string().as_bytes(), open_for)
+        .set(&host::open(host), until.to_string().as_bytes(), open_for)
         .await?;
-    let since = number(&b.cache.get(&since_key(host)).await?).unwrap_or(now);
+    let since = number(&b.cache.get(&host::since(host)).await?).unwrap_or(now);
     let unavailable = now - since >= cfg.host_unavailable_after.as_millis() as i64;
     // The failure state expires `keep` after the first failure unless
     // renewed: each opening (the first, and after every failed probe)
@@ -262,9 +265,9 @@ async fn open(b: &Backends, cfg: &Config, host: &str, failures: u64) -> Result<(
     // failing time started over); one no delivery has asked about for
     // `keep` is.
     for (key, value) in [
-        (since_key(host), since),
-        (fails_key(host), failures as i64),
-        (opens_key(host), opens as i64),
+        (host::since(host), since),
+        (host::fails(host), failures as i64),
+        (host::opens(host), opens as i64),
     ] {
         b.cache
             .set(&key, value.to_string().as_bytes(), keep)

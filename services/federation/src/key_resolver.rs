@@ -8,6 +8,7 @@
 //! rationed: a key that stops verifying is fetched again (rotation) at most
 //! once per `STAMPEDE_KEY_REFETCH_SECS`, gone, invalid and refused keys are
 //! remembered, and fetches per remote host per minute are capped.
+use crate::cache_keys;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -99,8 +100,6 @@ pub struct KeyResolver {
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
 }
 
-use crate::cache_keys::{key_refetched as fetched_mark, remote_key as cache_key};
-
 use stampede_backends::clock::now_ms as unix_ms;
 
 impl KeyResolver {
@@ -137,7 +136,7 @@ impl KeyResolver {
             }
         }
         let b = &self.p.backends;
-        if let Some(raw) = b.cache.get(&cache_key(key_id)).await? {
+        if let Some(raw) = b.cache.get(&cache_keys::remote_key(key_id)).await? {
             let v: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
             if v.get("gone").is_some() {
                 self.remember(key_id, Slot::Gone(Instant::now()));
@@ -153,7 +152,7 @@ impl KeyResolver {
             if let Ok(e) = self.entry(key_id, &k.owner, &k.public_key_pem) {
                 b.cache
                     .set(
-                        &cache_key(key_id),
+                        &cache_keys::remote_key(key_id),
                         &json!({"owner": k.owner, "pem": k.public_key_pem})
                             .to_string()
                             .into_bytes(),
@@ -236,7 +235,7 @@ impl KeyResolver {
         client: &str,
     ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
         let window = self.p.cfg.key_refetch;
-        let mark = fetched_mark(key_id);
+        let mark = cache_keys::key_refetched(key_id);
         let cache = &self.p.backends.cache;
         let now = unix_ms();
         let first = cache
@@ -302,7 +301,7 @@ impl KeyResolver {
         }
         let domain = normalize_domain(url.host_str().unwrap_or_default());
         let now = unix_ms() / 1000;
-        let key = crate::cache_keys::key_fetches(&domain, client, (now / 60) as u64);
+        let key = cache_keys::key_fetches(&domain, client, (now / 60) as u64);
         let n = self
             .p
             .backends
@@ -439,7 +438,7 @@ impl KeyResolver {
             .map_err(unavailable)?;
         b.cache
             .set(
-                &cache_key(key_id),
+                &cache_keys::remote_key(key_id),
                 &json!({"owner": key.owner, "pem": key.pem})
                     .to_string()
                     .into_bytes(),
@@ -479,7 +478,7 @@ impl KeyResolver {
             .p
             .backends
             .cache
-            .set(&cache_key(key_id), br#"{"gone":true}"#, ttl)
+            .set(&cache_keys::remote_key(key_id), br#"{"gone":true}"#, ttl)
             .await;
     }
 
@@ -522,7 +521,7 @@ impl KeyResolver {
             .backends
             .cache
             .set(
-                &cache_key(key_id),
+                &cache_keys::remote_key(key_id),
                 &json!({"owner": owner, "pem": pem}).to_string().into_bytes(),
                 TTL,
             )

@@ -2,6 +2,7 @@
 //! PostgreSQL remote-actor cache, then a signed GET of the actor document
 //! (servers in authorized-fetch mode require the signature). Unknown or gone
 //! actors are negative-cached so a flood of them costs one fetch each.
+use crate::cache_keys;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -19,8 +20,6 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(3600);
 const ACCEPT: &str =
     "application/activity+json, application/ld+json; profile=\"https://www.w3.org/ns/activitystreams\"";
 
-use crate::cache_keys::remote_actor as actor_key;
-
 /// The remote-actor resolver.
 #[derive(Clone)]
 pub struct Resolver {
@@ -37,7 +36,7 @@ impl Resolver {
     /// collection, say). Fetch requests are signed by the local actor `signer`.
     pub async fn resolve(&self, id: &str, signer: &LocalActor) -> Result<Option<RemoteActor>> {
         let b = &self.p.backends;
-        let key = actor_key(id);
+        let key = cache_keys::remote_actor(id);
         let count = |r: &'static str| {
             self.p
                 .metrics
@@ -89,7 +88,7 @@ impl Resolver {
         let b = &self.p.backends;
         b.store.put_remote_actor(a).await?;
         Ok(b.cache
-            .set(&actor_key(&a.id), &encode(Some(a)), TTL)
+            .set(&cache_keys::remote_actor(&a.id), &encode(Some(a)), TTL)
             .await?)
     }
 
@@ -98,7 +97,7 @@ impl Resolver {
         let b = &self.p.backends;
         b.store.delete_remote_actor(id).await?;
         Ok(b.cache
-            .set(&actor_key(id), &encode(None), NEGATIVE_TTL)
+            .set(&cache_keys::remote_actor(id), &encode(None), NEGATIVE_TTL)
             .await?)
     }
 
