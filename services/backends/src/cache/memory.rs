@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, LeaseTake, Leased};
 use crate::Result;
 
 /// How many independently locked maps the keys are spread over. A map
@@ -25,6 +25,8 @@ const SWEEP_EVERY: u64 = 4096;
 type Map = HashMap<String, (Vec<u8>, Instant)>;
 /// Hashes (few, small: parked-delivery counts) with their expiry.
 type Hashes = HashMap<String, (HashMap<String, i64>, Instant)>;
+/// Semaphores: each holder's lease expiry.
+type Leases = HashMap<String, HashMap<String, Instant>>;
 
 #[derive(Default)]
 struct Shard {
@@ -57,6 +59,9 @@ pub struct MemoryCache {
     /// Hashes, apart from the plain values: a handful of keys written by
     /// our own code, never by remote input.
     hashes: Mutex<Hashes>,
+    /// Semaphores (one per host being delivered to): our own keys, as many
+    /// as hosts with a delivery in flight.
+    leases: Mutex<Leases>,
 }
 
 impl Default for MemoryCache {
@@ -65,6 +70,7 @@ impl Default for MemoryCache {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             hasher: RandomState::new(),
             hashes: Mutex::default(),
+            leases: Mutex::default(),
         }
     }
 }
@@ -94,6 +100,17 @@ impl MemoryCache {
         h.retain(|_, (_, until)| *until > now);
         h
     }
+
+    fn leases(&self) -> MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The limit a semaphore's limit key sets: its leading integer / 1000.
+fn limit_of(v: &[u8]) -> Option<u32> {
+    let digits = v.iter().take_while(|b| b.is_ascii_digit()).count();
+    let n: u64 = std::str::from_utf8(&v[..digits]).ok()?.parse().ok()?;
+    Some((n / 1000).clamp(1, u64::from(u32::MAX)) as u32)
 }
 
 #[async_trait]
@@ -184,9 +201,99 @@ impl Cache for MemoryCache {
         Ok(())
     }
 
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool> {
+        let mut map = self.for_write(key);
+        let now = Instant::now();
+        let current = map
+            .get(key)
+            .filter(|(_, until)| *until > now)
+            .map(|(v, _)| v.as_slice());
+        if current != expected {
+            return Ok(false);
+        }
+        map.insert(key.to_string(), (value.to_vec(), now + ttl));
+        Ok(true)
+    }
+
+    async fn lease(
+        &self,
+        release: &[(String, String)],
+        read: &[String],
+        take: Option<LeaseTake<'_>>,
+    ) -> Result<Leased> {
+        let values = self.get_many(read).await?;
+        let lowered = match take.and_then(|t| t.limit_key) {
+            Some(k) => self.get(k).await?.as_deref().and_then(limit_of),
+            None => None,
+        };
+        let mut leases = self.leases();
+        for (sem, holder) in release {
+            if let Some(held) = leases.get_mut(sem) {
+                held.remove(holder);
+                if held.is_empty() {
+                    leases.remove(sem);
+                }
+            }
+        }
+        let mut out = Leased {
+            values,
+            ..Leased::default()
+        };
+        if let Some(t) = take {
+            let now = Instant::now();
+            let limit = lowered.map_or(t.limit, |l| l.min(t.limit));
+            let held = leases.entry(t.key.to_string()).or_default();
+            held.retain(|_, until| *until > now);
+            if (held.len() as u64) < u64::from(limit) {
+                held.insert(t.holder.to_string(), now + t.ttl);
+                out.taken = true;
+            }
+            out.held = held.len() as u32;
+            out.limit = limit;
+            if held.is_empty() {
+                leases.remove(t.key);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lease_renew(&self, leases: &[(String, String)], ttl: Duration) -> Result<u32> {
+        let mut all = self.leases();
+        let now = Instant::now();
+        let mut n = 0;
+        for (sem, holder) in leases {
+            if let Some(until) = all.get_mut(sem).and_then(|h| h.get_mut(holder)) {
+                if *until > now {
+                    *until = now + ttl;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    async fn lease_counts(&self, keys: &[String]) -> Result<Vec<u32>> {
+        let all = self.leases();
+        let now = Instant::now();
+        Ok(keys
+            .iter()
+            .map(|k| {
+                all.get(k)
+                    .map_or(0, |h| h.values().filter(|u| **u > now).count() as u32)
+            })
+            .collect())
+    }
+
     async fn del(&self, key: &str) -> Result<()> {
         self.lock(key).remove(key);
         self.hashes().remove(key);
+        self.leases().remove(key);
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The hot shared state the services are written against (remote-actor
-//! cache, dedup, host health, rate limits, parked-delivery counts). Two
+//! cache, dedup, host health and delivery slots, rate limits,
+//! parked-delivery counts). Two
 //! implementations keep this contract, checked by one test suite
 //! (`tests/contract/`): Redis ([`redis`]) and process memory
 //! ([`memory`]) for the embedded layout.
@@ -11,6 +12,36 @@ use crate::Result;
 
 pub mod memory;
 pub mod redis;
+
+/// One lease to take in a counted semaphore (see [`Cache::lease`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTake<'a> {
+    /// The semaphore.
+    pub key: &'a str,
+    /// Who holds the lease: unique per lease.
+    pub holder: &'a str,
+    /// At most this many unexpired leases are held at once...
+    pub limit: u32,
+    /// ...or fewer: the value under this key, when present, lowers the
+    /// limit to its leading integer divided by 1000 (at least 1), so a limit
+    /// that moves (kept in thousandths) is applied in the same round trip.
+    pub limit_key: Option<&'a str>,
+    /// The lease expires this long from now unless renewed.
+    pub ttl: Duration,
+}
+
+/// What [`Cache::lease`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leased {
+    /// Whether the lease was taken.
+    pub taken: bool,
+    /// Unexpired leases held in the semaphore after the call.
+    pub held: u32,
+    /// The limit that was applied.
+    pub limit: u32,
+    /// The values of the keys read, in order.
+    pub values: Vec<Option<Vec<u8>>>,
+}
 
 /// A key-value cache with expiry.
 #[async_trait]
@@ -35,6 +66,32 @@ pub trait Cache: Send + Sync + 'static {
     async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>>;
     /// Removes `fields` from the hash `key`.
     async fn hash_del(&self, key: &str, fields: &[String]) -> Result<()>;
+    /// Sets `key` to `value` for `ttl` only if it holds `expected` now
+    /// (`None`: only if absent); true when it was set. Compare-and-set, for
+    /// state several processes update.
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool>;
+    /// In one round trip: releases the leases `release` (semaphore,
+    /// holder), reads the values of `read`, then takes the lease `take` if
+    /// fewer than its limit are held (expired leases are dropped first).
+    /// A semaphore exists while a lease in it is unexpired.
+    async fn lease(
+        &self,
+        release: &[(String, String)],
+        read: &[String],
+        take: Option<LeaseTake<'_>>,
+    ) -> Result<Leased>;
+    /// Extends the unexpired leases among `leases` (semaphore, holder) to
+    /// `ttl` from now; an expired one is not revived (its slot may be
+    /// another's already). Returns how many were extended.
+    async fn lease_renew(&self, leases: &[(String, String)], ttl: Duration) -> Result<u32>;
+    /// Unexpired leases held in each semaphore of `keys`, in order.
+    async fn lease_counts(&self, keys: &[String]) -> Result<Vec<u32>>;
     /// Removes `key`.
     async fn del(&self, key: &str) -> Result<()>;
     /// Whether the cache answers.

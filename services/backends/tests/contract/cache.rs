@@ -2,7 +2,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stampede_backends::cache::Cache;
+use stampede_backends::cache::{Cache, LeaseTake};
 
 /// Instantiates every test of the suite for one implementation:
 /// `cache_test_suite!(module, factory)`, with `factory` an
@@ -18,6 +18,10 @@ macro_rules! cache_test_suite {
                 hash_incr_extends_the_expiry_and_never_shortens_it,
                 hash_get_all_and_hash_del,
                 del_removes_values_counters_and_hashes,
+                set_if_sets_only_over_the_expected_value,
+                a_semaphore_holds_at_most_its_limit_and_releases,
+                a_lease_expires_unless_renewed_and_is_never_revived,
+                a_limit_key_lowers_the_limit_in_the_same_call,
             );
         }
     };
@@ -203,4 +207,149 @@ async fn del_removes_values_counters_and_hashes(c: Arc<dyn Cache>) {
     c.del("h").await.unwrap();
     assert!(c.hash_get_all("h").await.unwrap().is_empty());
     assert_eq!(c.hash_incr("h", "a", 1, LONG).await.unwrap(), 1);
+}
+
+async fn set_if_sets_only_over_the_expected_value(c: Arc<dyn Cache>) {
+    assert!(c.set_if("k", None, b"1", LONG).await.unwrap(), "absent");
+    assert!(!c.set_if("k", None, b"2", LONG).await.unwrap(), "present");
+    assert!(!c.set_if("k", Some(b"0"), b"2", LONG).await.unwrap());
+    assert!(c.set_if("k", Some(b"1"), b"2", ms(300)).await.unwrap());
+    assert_eq!(c.get("k").await.unwrap().as_deref(), Some(&b"2"[..]));
+    let written = Instant::now();
+    at(written, ms(500)).await;
+    assert!(
+        !c.set_if("k", Some(b"2"), b"3", LONG).await.unwrap(),
+        "expired is absent"
+    );
+    assert!(c.set_if("k", None, b"3", LONG).await.unwrap());
+}
+
+fn take<'a>(key: &'a str, holder: &'a str, limit: u32, ttl: Duration) -> Option<LeaseTake<'a>> {
+    Some(LeaseTake {
+        key,
+        holder,
+        limit,
+        limit_key: None,
+        ttl,
+    })
+}
+
+fn pair(sem: &str, holder: &str) -> (String, String) {
+    (sem.to_string(), holder.to_string())
+}
+
+async fn a_semaphore_holds_at_most_its_limit_and_releases(c: Arc<dyn Cache>) {
+    c.set("state", b"s", LONG).await.unwrap();
+    let read = ["state".to_string(), "absent".to_string()];
+    let a = c
+        .lease(&[], &read, take("sem", "a", 2, LONG))
+        .await
+        .unwrap();
+    assert!(a.taken && a.held == 1 && a.limit == 2, "{a:?}");
+    assert_eq!(
+        a.values,
+        [Some(b"s".to_vec()), None],
+        "read in the same call"
+    );
+    assert!(
+        c.lease(&[], &[], take("sem", "b", 2, LONG))
+            .await
+            .unwrap()
+            .taken
+    );
+    let full = c.lease(&[], &[], take("sem", "c", 2, LONG)).await.unwrap();
+    assert!(!full.taken && full.held == 2, "{full:?}");
+    // Another semaphore is not affected.
+    assert!(
+        c.lease(&[], &[], take("other", "c", 1, LONG))
+            .await
+            .unwrap()
+            .taken
+    );
+    assert_eq!(
+        c.lease_counts(&["sem".into(), "other".into(), "none".into()])
+            .await
+            .unwrap(),
+        [2, 1, 0]
+    );
+    // A release in the same call frees the slot taken.
+    let c2 = c
+        .lease(&[pair("sem", "a")], &[], take("sem", "c", 2, LONG))
+        .await
+        .unwrap();
+    assert!(c2.taken && c2.held == 2, "{c2:?}");
+    // Releasing twice, or what was never held, is harmless.
+    c.lease(&[pair("sem", "a"), pair("nothing", "x")], &[], None)
+        .await
+        .unwrap();
+    c.lease(&[pair("sem", "b"), pair("sem", "c")], &[], None)
+        .await
+        .unwrap();
+    assert_eq!(c.lease_counts(&["sem".into()]).await.unwrap(), [0]);
+    // Read only.
+    let r = c.lease(&[], &read, None).await.unwrap();
+    assert!(!r.taken && r.values[0].is_some(), "{r:?}");
+    c.del("other").await.unwrap();
+    assert_eq!(c.lease_counts(&["other".into()]).await.unwrap(), [0]);
+}
+
+async fn a_lease_expires_unless_renewed_and_is_never_revived(c: Arc<dyn Cache>) {
+    let start = Instant::now();
+    assert!(
+        c.lease(&[], &[], take("sem", "a", 2, ms(400)))
+            .await
+            .unwrap()
+            .taken
+    );
+    assert!(
+        c.lease(&[], &[], take("sem", "b", 2, ms(400)))
+            .await
+            .unwrap()
+            .taken
+    );
+    at(start, ms(200)).await;
+    assert_eq!(
+        c.lease_renew(&[pair("sem", "a"), pair("sem", "x")], ms(800))
+            .await
+            .unwrap(),
+        1
+    );
+    // b expired (a killed worker's slot came back); a was renewed.
+    at(start, ms(600)).await;
+    assert_eq!(c.lease_counts(&["sem".into()]).await.unwrap(), [1]);
+    let t = c.lease(&[], &[], take("sem", "c", 2, LONG)).await.unwrap();
+    assert!(t.taken && t.held == 2, "{t:?}");
+    // An expired lease is not revived by a renewal.
+    assert_eq!(c.lease_renew(&[pair("sem", "b")], LONG).await.unwrap(), 0);
+    assert!(
+        !c.lease(&[], &[], take("sem", "d", 2, LONG))
+            .await
+            .unwrap()
+            .taken
+    );
+}
+
+async fn a_limit_key_lowers_the_limit_in_the_same_call(c: Arc<dyn Cache>) {
+    let with_key = |holder: &'static str| {
+        Some(LeaseTake {
+            key: "sem",
+            holder,
+            limit: 8,
+            limit_key: Some("limit"),
+            ttl: LONG,
+        })
+    };
+    // Absent: the given limit.
+    let a = c.lease(&[], &[], with_key("a")).await.unwrap();
+    assert_eq!((a.taken, a.limit), (true, 8));
+    // Thousandths, with what follows the number ignored: 2.5 -> 2.
+    c.set("limit", b"2500:4:123", LONG).await.unwrap();
+    let b = c.lease(&[], &[], with_key("b")).await.unwrap();
+    assert_eq!((b.taken, b.held, b.limit), (true, 2, 2));
+    assert!(!c.lease(&[], &[], with_key("c")).await.unwrap().taken);
+    // Never below one; never above the given limit.
+    c.set("limit", b"10", LONG).await.unwrap();
+    assert_eq!(c.lease(&[], &[], with_key("c")).await.unwrap().limit, 1);
+    c.set("limit", b"99000", LONG).await.unwrap();
+    assert_eq!(c.lease(&[], &[], with_key("c")).await.unwrap().limit, 8);
 }
