@@ -8,9 +8,9 @@
 #![deny(missing_docs)]
 
 mod attempt;
-mod lanes;
 mod outcome;
 mod prepared;
+mod slots;
 
 use prepared::{BodyCache, Prepared};
 
@@ -38,8 +38,8 @@ use thiserror::Error;
 use tokio::sync::OnceCell;
 use url::Url;
 
-pub use lanes::Lanes;
 pub use outcome::{classify, retry_delay, Outcome};
+pub use slots::{Acquired, Slots};
 
 use stampede_proto::kinds::DELIVERY_JOB;
 /// Activities whose prepared bodies a worker keeps in memory.
@@ -81,7 +81,7 @@ pub struct Delivery {
     /// an activity loads it while the others (a whole prefetch at the start
     /// of a fanout) wait for it instead of each loading and parsing the key.
     bodies: Arc<BodyCache>,
-    lanes: Lanes,
+    slots: Slots,
     /// The `Date` header of the current second (unix seconds, value): it
     /// changes once a second, not once a POST.
     date: Arc<Mutex<(u64, HeaderValue)>>,
@@ -113,13 +113,20 @@ fn unwell(status: Option<u16>) -> bool {
 }
 
 impl Delivery {
-    /// Delivery over a process's backends.
+    /// Delivery over a process's backends (spawns the slot keeper: call
+    /// within the runtime).
     pub fn new(p: Process) -> Self {
         let cap = NonZeroUsize::new(BODY_CACHE).unwrap_or(NonZeroUsize::MIN);
+        let slots = Slots::new(
+            p.backends.clone(),
+            usize::from(p.cfg.prefetch),
+            p.cfg.host_fast,
+            p.shutdown.clone(),
+        );
         Self {
             p,
             bodies: Arc::new(Mutex::new(LruCache::new(cap))),
-            lanes: Lanes::default(),
+            slots,
             date: Arc::new(Mutex::new((0, HeaderValue::from_static("")))),
         }
     }
@@ -210,59 +217,6 @@ impl Delivery {
             return Ok(());
         }
         let b = &self.p.backends;
-        let (gate, health) = hosts::gate(b, cfg, host).await?;
-        let mut class = "normal";
-        let limit = match gate {
-            Gate::Go { limit } => {
-                if limit < cfg.host_concurrency {
-                    class = "ramping";
-                }
-                limit
-            }
-            Gate::Paused => return self.park(job, PARK_DELAY, Reason::Paused).await,
-            Gate::Open(wait) => return self.park(job, wait, Reason::CircuitOpen).await,
-            // Another worker is probing: look again once the probe has had
-            // time, but no later than the circuit's own open time would.
-            Gate::Probing => {
-                let wait = PARK_DELAY.min(cfg.circuit_open);
-                return self.park(job, wait, Reason::CircuitOpen).await;
-            }
-            Gate::Unavailable { since_ms } => {
-                let since = httpdate::fmt_http_date(
-                    std::time::UNIX_EPOCH
-                        + std::time::Duration::from_millis(since_ms.max(0) as u64),
-                );
-                // Not tried this time: the attempts made are those before.
-                self.dead(
-                    job,
-                    host,
-                    format!("host unavailable: failing since {since}"),
-                    None,
-                    job.attempt,
-                )
-                .await?;
-                count_outcome(m, DeliveryOutcome::Unavailable);
-                return Ok(());
-            }
-            Gate::Probe => {
-                if self.probe(host, &job.inbox).await {
-                    hosts::record_success(b, cfg, host, &health).await?;
-                    class = "probe";
-                    // The limit of a host just found back: 1 at the start of
-                    // its ramp, all of it without one (else the prober, held
-                    // to 1, is parked behind the deliveries that follow it).
-                    let now = unix_ms();
-                    let back = hosts::HostState {
-                        ramp_since_ms: Some(now),
-                        ..hosts::HostState::default()
-                    };
-                    back.limit(cfg, now)
-                } else {
-                    let wait = hosts::probe_failed(b, cfg, host, &health).await?;
-                    return self.park(job, wait, Reason::CircuitOpen).await;
-                }
-            }
-        };
         if let Ok(prep) = self.prepared(&job.activity_key).await {
             if let Some((actor, object)) = &prep.supersedable {
                 if self.superseded(&prep, *actor, object).await? {
@@ -272,11 +226,27 @@ impl Delivery {
                 }
             }
         }
-        let slot = match self.lanes.acquire(host, limit).await {
-            Ok(slot) => slot,
-            Err(wait) => return self.park(job, wait, Reason::Saturated).await,
+        let (slot, health, gate) = match self.slots.acquire(cfg, host).await? {
+            Acquired::Slot(slot, health, gate) => (slot, health, gate),
+            Acquired::Park(wait) => return self.park(job, wait, Reason::Saturated).await,
+            Acquired::Gate(gate, _) => return self.not_now(job, host, gate).await,
         };
+        let mut class = "normal";
+        if slot.limit < cfg.host_concurrency {
+            class = "ramping";
+        }
+        if gate == Gate::Probe {
+            if self.probe(host, &job.inbox).await {
+                hosts::record_success(b, cfg, host, &health).await?;
+                class = "probe";
+            } else {
+                let wait = hosts::probe_failed(b, cfg, host, &health).await?;
+                drop(slot);
+                return self.park(job, wait, Reason::CircuitOpen).await;
+            }
+        }
         let started = Instant::now();
+        let sent_ms = unix_ms();
         let in_flight = m
             .delivery_in_flight
             .get_or_create(&[("host_class", class)])
@@ -284,8 +254,11 @@ impl Delivery {
         in_flight.inc();
         let attempt = self.attempt(job, host).await;
         in_flight.dec();
+        let latency = started.elapsed();
+        m.delivery_seconds.observe(latency.as_secs_f64());
+        self.adapt(host, &slot, &health, &attempt, latency, sent_ms)
+            .await;
         drop(slot);
-        m.delivery_seconds.observe(started.elapsed().as_secs_f64());
         let outcome = match attempt {
             Ok(resp) => match classify(Some(resp.status), None) {
                 Outcome::Retry { status, reason, .. } => Outcome::Retry {
@@ -423,6 +396,88 @@ impl Delivery {
             }
         }
         Ok(())
+    }
+
+    /// A job whose host takes no delivery now: parked behind a pause or an
+    /// open circuit, or dead-lettered when the host is unavailable.
+    async fn not_now(
+        &self,
+        job: &DeliveryJob,
+        host: &str,
+        gate: Gate,
+    ) -> Result<(), DeliveryError> {
+        let cfg = &self.p.cfg;
+        match gate {
+            Gate::Paused => self.park(job, PARK_DELAY, Reason::Paused).await,
+            Gate::Open(wait) => self.park(job, wait, Reason::CircuitOpen).await,
+            // Another worker is probing: look again once the probe has had
+            // time, but no later than the circuit's own open time would.
+            Gate::Probing => {
+                let wait = PARK_DELAY.min(cfg.circuit_open);
+                self.park(job, wait, Reason::CircuitOpen).await
+            }
+            Gate::Unavailable { since_ms } => {
+                let since = httpdate::fmt_http_date(
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::from_millis(since_ms.max(0) as u64),
+                );
+                // Not tried this time: the attempts made are those before.
+                self.dead(
+                    job,
+                    host,
+                    format!("host unavailable: failing since {since}"),
+                    None,
+                    job.attempt,
+                )
+                .await?;
+                count_outcome(&self.p.metrics, DeliveryOutcome::Unavailable);
+                Ok(())
+            }
+            // Acquired only with a slot.
+            Gate::Go { .. } | Gate::Probe => self.park(job, PARK_DELAY, Reason::Saturated).await,
+        }
+    }
+
+    /// Moves the host's shared limit by what one request found: halved on
+    /// 429, 5xx or a timeout (once for every request in flight then), one
+    /// more after a round of fast successes. Best effort: the delivery's
+    /// own effect does not wait on it.
+    async fn adapt(
+        &self,
+        host: &str,
+        slot: &slots::Slot,
+        health: &hosts::HostState,
+        attempt: &Result<stampede_runtime::http_client::Response, DeliveryError>,
+        latency: std::time::Duration,
+        sent_ms: i64,
+    ) {
+        let (b, cfg) = (&self.p.backends, &self.p.cfg);
+        let status = match attempt {
+            Ok(r) => Some(r.status),
+            Err(DeliveryError::Runtime(stampede_runtime::Error::Http(reason)))
+                if reason.starts_with("timed out") =>
+            {
+                None
+            }
+            Err(_) => return,
+        };
+        let ok = status.is_some_and(|s| (200..300).contains(&s));
+        let changed = if ok {
+            if !self.slots.finished(slot, latency, true) {
+                return;
+            }
+            hosts::grow_limit(b, cfg, host, health).await
+        } else {
+            self.slots.finished(slot, latency, false);
+            match status {
+                Some(429) => hosts::cut_limit(b, cfg, host, true, sent_ms).await,
+                Some(s) if s < 500 => return,
+                _ => hosts::cut_limit(b, cfg, host, false, sent_ms).await,
+            }
+        };
+        if let Err(e) = changed {
+            tracing::warn!(inbox_host = %host, error = %e, "moving the host's limit failed");
+        }
     }
 
     /// Whether a `Delete` of the object has been published since: asked of

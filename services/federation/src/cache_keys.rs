@@ -81,6 +81,23 @@ pub mod host {
     pub fn probe(host: &str) -> String {
         format!("health:probe:{host}")
     }
+    /// The adaptive concurrency limit (`hosts::Adaptive`), when it is below
+    /// the configured maximum.
+    pub fn limit(host: &str) -> String {
+        format!("health:limit:{host}")
+    }
+    /// The delivery slots in use: a semaphore of leases, one per request in
+    /// flight from any delivery worker.
+    pub fn slots(host: &str) -> String {
+        format!("slots:{host}")
+    }
+}
+
+/// Deliveries and their total latency per host in one minute: a hash of
+/// `{host}` (count) and `{host} ms` (milliseconds) counters, which
+/// `stampede status` reads for the busy hosts.
+pub fn busy_hosts(minute: u64) -> String {
+    format!("delivery:hosts:{minute}")
 }
 
 #[cfg(test)]
@@ -92,7 +109,7 @@ mod tests {
     /// of another's.
     #[test]
     fn no_key_of_one_kind_is_a_key_of_another() {
-        let kinds: [fn(&str) -> String; 15] = [
+        let kinds: [fn(&str) -> String; 18] = [
             remote_key,
             key_refetched,
             |a| key_fetches(a, "client", 1),
@@ -108,6 +125,9 @@ mod tests {
             host::opens,
             host::ramp,
             host::probe,
+            host::limit,
+            host::slots,
+            |_| busy_hosts(1),
         ];
         let fixed: Vec<String> = kinds
             .iter()

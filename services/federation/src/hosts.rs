@@ -8,19 +8,38 @@
 //!   (deliveries are parked, not tried), one half-open probe at a time when
 //!   it expires, and a ramp after recovery during which the host's
 //!   concurrency grows from 1. Only a successful delivery or probe revives
-//!   a host: requests it sends us touch none of this.
+//!   a host: requests it sends us touch none of this;
+//! - the host's delivery slots: a semaphore of leases, one per request in
+//!   flight from any worker, so the host's limit holds for the cluster
+//!   (a killed worker's leases expire within [`SLOT_LEASE`]);
+//! - its adaptive limit ([`Adaptive`]), between 1 and
+//!   `STAMPEDE_HOST_CONCURRENCY`: halved on 429, 5xx and timeouts (once per
+//!   round of requests), grown by one per round of fast successes.
 //!
+//! [`read`] takes a slot and reads all of the state in one round trip.
 //! Transitions (open, probe failed, recovered) are also written to the store
 //! so `stampede status` can list failing hosts.
 use crate::cache_keys::host;
 use std::time::Duration;
 
+use stampede_backends::cache::{LeaseTake, Leased};
 use stampede_backends::store::HostHealth;
 use stampede_runtime::{Backends, Config, Result};
 
 const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long one probe may be in progress before another worker may try.
 const PROBE_LEASE: Duration = Duration::from_secs(30);
+/// A delivery slot's lease: renewed while its request runs (every
+/// [`SLOT_RENEW`]), so a killed worker's slots come back within this.
+pub const SLOT_LEASE: Duration = Duration::from_secs(8);
+/// How often a worker renews the slots it holds.
+pub const SLOT_RENEW: Duration = Duration::from_secs(2);
+/// An adaptive limit not written for this long is forgotten: the host is
+/// back at the maximum.
+const ADAPTIVE_KEEP: Duration = Duration::from_secs(3600);
+/// After a host answered 429 at some concurrency, the limit stays below it
+/// for this long before trying it again.
+const CEILING_HOLD_MS: i64 = 60_000;
 
 use stampede_backends::clock::now_ms;
 
@@ -64,6 +83,89 @@ pub struct HostState {
     pub failing_since_ms: Option<i64>,
     /// Recovered at (unix ms), while ramping up.
     pub ramp_since_ms: Option<i64>,
+    /// The adaptive limit, when below the maximum, and its value as read
+    /// (what a compare-and-set expects).
+    pub adaptive: Option<(Adaptive, Vec<u8>)>,
+}
+
+/// A host's adaptive concurrency limit, shared by every replica:
+/// `{limit in thousandths}:{ceiling}:{cut_ms}` in the cache (the leading
+/// number is what the slot semaphore reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adaptive {
+    /// The limit, in thousandths (grows by fractions of a slot).
+    pub milli: u64,
+    /// The concurrency at which the host last answered 429: the limit stays
+    /// below it for [`CEILING_HOLD_MS`] after the cut (0: none).
+    pub ceiling: u32,
+    /// When the limit was last cut (unix ms): a failure of a request sent
+    /// before then was already answered by that cut.
+    pub cut_ms: i64,
+}
+
+impl Adaptive {
+    /// Parses the cache's value.
+    pub fn parse(v: &[u8]) -> Option<Self> {
+        let s = std::str::from_utf8(v).ok()?;
+        let mut parts = s.split(':');
+        Some(Self {
+            milli: parts.next()?.parse().ok()?,
+            ceiling: parts.next()?.parse().ok()?,
+            cut_ms: parts.next()?.parse().ok()?,
+        })
+    }
+
+    /// The cache's value.
+    pub fn render(&self) -> String {
+        format!("{}:{}:{}", self.milli, self.ceiling, self.cut_ms)
+    }
+
+    /// Whole slots.
+    pub fn limit(&self) -> usize {
+        (self.milli / 1000).max(1) as usize
+    }
+
+    /// Halved (at least 1) after a failure of a request sent at `sent_ms`,
+    /// unless a cut since then already answered it; `told` (a 429) marks
+    /// the level the host refused as a ceiling.
+    pub fn cut(
+        current: Option<Self>,
+        max: usize,
+        told: bool,
+        sent_ms: i64,
+        now: i64,
+    ) -> Option<Self> {
+        let cur = current.unwrap_or(Self {
+            milli: max as u64 * 1000,
+            ceiling: 0,
+            cut_ms: 0,
+        });
+        if cur.cut_ms >= sent_ms {
+            return None;
+        }
+        Some(Self {
+            milli: (cur.milli / 2).max(1000),
+            ceiling: if told {
+                cur.limit() as u32
+            } else {
+                cur.ceiling
+            },
+            cut_ms: now,
+        })
+    }
+
+    /// One slot more after a round of fast successes, up to `cap` (the
+    /// maximum, or the ramp's) and below a held ceiling. `None`: no change
+    /// (at the cap, or no adaptive limit: already the maximum).
+    pub fn grow(current: Option<Self>, cap: usize, now: i64) -> Option<Self> {
+        let cur = current?;
+        let mut cap = cap.max(1) as u64;
+        if cur.ceiling > 0 && now - cur.cut_ms < CEILING_HOLD_MS {
+            cap = cap.min(u64::from(cur.ceiling.saturating_sub(1)).max(1));
+        }
+        let next = (cur.milli + 1000).min(cap * 1000);
+        (next > cur.milli).then_some(Self { milli: next, ..cur })
+    }
 }
 
 /// What to do with a delivery, from the host's state.
@@ -91,28 +193,73 @@ pub enum Gate {
 
 /// Reads a host's state in one round trip.
 pub async fn state(b: &Backends, host: &str) -> Result<HostState> {
+    Ok(read(b, host, None, &[]).await?.0)
+}
+
+/// A slot to take with [`read`]: its holder's name and the limit (the
+/// configured maximum; the adaptive limit lowers it in the same call).
+#[derive(Debug, Clone, Copy)]
+pub struct Take<'a> {
+    /// Unique per lease.
+    pub holder: &'a str,
+    /// `STAMPEDE_HOST_CONCURRENCY`.
+    pub max: usize,
+}
+
+/// In one round trip: releases `release` (slot semaphore, holder), reads
+/// the host's state, and takes a slot when `take` is given and one is
+/// free. The slot semaphore's key is [`host::slots`].
+pub async fn read(
+    b: &Backends,
+    host: &str,
+    take: Option<Take<'_>>,
+    release: &[(String, String)],
+) -> Result<(HostState, Leased)> {
     let keys = [
         host::paused(host),
         host::open(host),
         host::fails(host),
         host::since(host),
         host::ramp(host),
+        host::limit(host),
     ];
-    let v = b.cache.get_many(&keys).await?;
+    let (sem, limit_key) = (host::slots(host), keys[5].clone());
+    let lease = take.map(|t| LeaseTake {
+        key: &sem,
+        holder: t.holder,
+        limit: t.max.min(u32::MAX as usize) as u32,
+        limit_key: Some(&limit_key),
+        ttl: SLOT_LEASE,
+    });
+    let mut leased = b.cache.lease(release, &keys, lease).await?;
+    let v = std::mem::take(&mut leased.values);
     let get = |i: usize| v.get(i).cloned().flatten();
-    Ok(HostState {
-        paused: get(0).is_some(),
-        open_until_ms: number(&get(1)),
-        failures: number(&get(2)).unwrap_or(0).max(0) as u64,
-        failing_since_ms: number(&get(3)),
-        ramp_since_ms: number(&get(4)),
-    })
+    let adaptive = get(5).and_then(|raw| Adaptive::parse(&raw).map(|a| (a, raw)));
+    Ok((
+        HostState {
+            paused: get(0).is_some(),
+            open_until_ms: number(&get(1)),
+            failures: number(&get(2)).unwrap_or(0).max(0) as u64,
+            failing_since_ms: number(&get(3)),
+            ramp_since_ms: number(&get(4)),
+            adaptive,
+        },
+        leased,
+    ))
 }
 
 impl HostState {
-    /// The concurrency limit now: the configured one, or during the ramp
-    /// after a recovery, 1 growing linearly to it.
+    /// The concurrency limit now: the adaptive one, capped by the ramp.
     pub fn limit(&self, cfg: &Config, now_ms: i64) -> usize {
+        let ramp = self.ramp_limit(cfg, now_ms);
+        self.adaptive
+            .as_ref()
+            .map_or(ramp, |(a, _)| a.limit().min(ramp))
+    }
+
+    /// The configured limit, or during the ramp after a recovery, 1 growing
+    /// linearly to it.
+    pub fn ramp_limit(&self, cfg: &Config, now_ms: i64) -> usize {
         let full = cfg.host_concurrency.max(1);
         let ramp = cfg.host_ramp.as_millis() as i64;
         match self.ramp_since_ms {
@@ -145,18 +292,21 @@ fn parked_for(cfg: &Config, failing_since_ms: Option<i64>, until: i64, now: i64)
 /// circuit is half-open and nobody holds it.
 pub async fn gate(b: &Backends, cfg: &Config, host: &str) -> Result<(Gate, HostState)> {
     let s = state(b, host).await?;
+    Ok((decide(b, cfg, host, &s).await?, s))
+}
+
+/// [`gate`] over a state already read. `Gate::Go`'s limit is the
+/// cluster-wide one now: the ramp's and the adaptive limit's lower.
+pub async fn decide(b: &Backends, cfg: &Config, host: &str, s: &HostState) -> Result<Gate> {
     let now = now_ms();
     if s.paused {
-        return Ok((Gate::Paused, s));
+        return Ok(Gate::Paused);
     }
     if let Some(until) = s.open_until_ms.filter(|u| *u > now) {
         if let Some(since_ms) = s.unavailable(cfg, now) {
-            return Ok((Gate::Unavailable { since_ms }, s));
+            return Ok(Gate::Unavailable { since_ms });
         }
-        return Ok((
-            Gate::Open(parked_for(cfg, s.failing_since_ms, until, now)),
-            s,
-        ));
+        return Ok(Gate::Open(parked_for(cfg, s.failing_since_ms, until, now)));
     }
     if s.failures >= cfg.circuit_failures {
         // The circuit was open and its time is up: half-open.
@@ -167,20 +317,20 @@ pub async fn gate(b: &Backends, cfg: &Config, host: &str) -> Result<(Gate, HostS
                 .set_nx(&host::probe(host), b"1", PROBE_LEASE)
                 .await?
             {
-                return Ok((Gate::Unavailable { since_ms }, s));
+                return Ok(Gate::Unavailable { since_ms });
             }
-            return Ok((Gate::Probe, s));
+            return Ok(Gate::Probe);
         }
         if b.cache
             .set_nx(&host::probe(host), b"1", PROBE_LEASE)
             .await?
         {
-            return Ok((Gate::Probe, s));
+            return Ok(Gate::Probe);
         }
-        return Ok((Gate::Probing, s));
+        return Ok(Gate::Probing);
     }
     let limit = s.limit(cfg, now);
-    Ok((Gate::Go { limit }, s))
+    Ok(Gate::Go { limit })
 }
 
 /// A delivery (or probe) to `host` succeeded: a failing host recovers, its
@@ -200,12 +350,19 @@ pub async fn record_success(b: &Backends, cfg: &Config, host: &str, s: &HostStat
         b.cache.del(&k).await?;
     }
     if was_open && !cfg.host_ramp.is_zero() {
+        let now = now_ms();
         b.cache
-            .set(
-                &host::ramp(host),
-                now_ms().to_string().as_bytes(),
-                cfg.host_ramp,
-            )
+            .set(&host::ramp(host), now.to_string().as_bytes(), cfg.host_ramp)
+            .await?;
+        // The ramp starts every replica at one slot; fast successes grow
+        // it, never faster than the ramp allows.
+        let one = Adaptive {
+            milli: 1000,
+            ceiling: 0,
+            cut_ms: now,
+        };
+        b.cache
+            .set(&host::limit(host), one.render().as_bytes(), ADAPTIVE_KEEP)
             .await?;
     }
     b.store.set_host_health(host, None).await?;
@@ -213,6 +370,70 @@ pub async fn record_success(b: &Backends, cfg: &Config, host: &str, s: &HostStat
         tracing::info!(inbox_host = %host, "host recovered; circuit closed, ramping up");
     }
     Ok(())
+}
+
+/// A request sent at `sent_ms` was answered 429 (`told`), 5xx or timed
+/// out: the host's limit is halved, once for all the requests in flight
+/// then. Returns the new limit when cut.
+pub async fn cut_limit(
+    b: &Backends,
+    cfg: &Config,
+    host: &str,
+    told: bool,
+    sent_ms: i64,
+) -> Result<Option<usize>> {
+    let key = host::limit(host);
+    for _ in 0..3 {
+        let raw = b.cache.get(&key).await?;
+        let cur = raw.as_deref().and_then(Adaptive::parse);
+        let Some(next) = Adaptive::cut(cur, cfg.host_concurrency, told, sent_ms, now_ms()) else {
+            return Ok(None);
+        };
+        if b.cache
+            .set_if(
+                &key,
+                raw.as_deref(),
+                next.render().as_bytes(),
+                ADAPTIVE_KEEP,
+            )
+            .await?
+        {
+            tracing::info!(inbox_host = %host, limit = next.limit(), told, "host limit cut");
+            return Ok(Some(next.limit()));
+        }
+    }
+    Ok(None)
+}
+
+/// A round of fast successes (as many as the limit): one slot more, unless
+/// another replica changed the limit since `s` was read (its change
+/// stands). Returns the new limit when grown.
+pub async fn grow_limit(
+    b: &Backends,
+    cfg: &Config,
+    host: &str,
+    s: &HostState,
+) -> Result<Option<usize>> {
+    let Some((cur, raw)) = &s.adaptive else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    let Some(next) = Adaptive::grow(Some(*cur), s.ramp_limit(cfg, now), now) else {
+        return Ok(None);
+    };
+    let key = host::limit(host);
+    let grown = if next.limit() >= cfg.host_concurrency && next.ceiling == 0 {
+        // Back at the maximum: no adaptive limit to keep.
+        b.cache.get(&key).await?.as_deref() == Some(raw.as_slice()) && {
+            b.cache.del(&key).await?;
+            true
+        }
+    } else {
+        b.cache
+            .set_if(&key, Some(raw), next.render().as_bytes(), ADAPTIVE_KEEP)
+            .await?
+    };
+    Ok(grown.then_some(next.limit()))
 }
 
 /// A delivery to `host` failed in a way that says the host is unwell (5xx,
@@ -362,6 +583,48 @@ mod tests {
         );
         drop(b);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Halved once per round (a failure of a request sent before the last
+    /// cut is answered already), never below 1; a 429 marks a ceiling the
+    /// limit stays under while it holds; grown one at a time to the cap.
+    #[test]
+    fn the_adaptive_limit_halves_once_per_round_and_grows_under_a_ceiling() {
+        let first = Adaptive::cut(None, 8, true, 1_000, 2_000).unwrap();
+        assert_eq!((first.limit(), first.ceiling, first.cut_ms), (4, 8, 2_000));
+        // Requests sent before the cut: no second cut.
+        assert_eq!(Adaptive::cut(Some(first), 8, true, 1_500, 2_100), None);
+        let second = Adaptive::cut(Some(first), 8, true, 2_050, 2_200).unwrap();
+        assert_eq!((second.limit(), second.ceiling), (2, 4));
+        let floor = Adaptive::cut(
+            Some(Adaptive {
+                milli: 1_500,
+                ..second
+            }),
+            8,
+            false,
+            3_000,
+            3_000,
+        );
+        assert_eq!(
+            floor.map(|a| (a.limit(), a.ceiling)),
+            Some((1, 4)),
+            "5xx keeps the ceiling"
+        );
+        // Grows to 3, not to the ceiling of 4 while it holds.
+        let mut a = second;
+        for _ in 0..5 {
+            a = Adaptive::grow(Some(a), 8, 2_300).unwrap_or(a);
+        }
+        assert_eq!(a.limit(), 3);
+        // Then on to the cap.
+        for _ in 0..10 {
+            a = Adaptive::grow(Some(a), 8, 2_200 + CEILING_HOLD_MS).unwrap_or(a);
+        }
+        assert_eq!(a.limit(), 8);
+        assert_eq!(Adaptive::grow(Some(a), 8, 999_999), None, "at the cap");
+        assert_eq!(Adaptive::grow(None, 8, 0), None, "already the maximum");
+        assert_eq!(Adaptive::parse(a.render().as_bytes()), Some(a));
     }
 
     #[test]

@@ -89,10 +89,16 @@ pub struct Config {
     /// `STAMPEDE_INBOUND_RATE_LIMIT` (added, default 6000): inbound requests
     /// per remote host per minute; 0 turns the limit off.
     pub inbound_rate_limit: u64,
-    /// `STAMPEDE_HOST_CONCURRENCY` (added, default 8): deliveries in flight
-    /// to one remote host per delivery worker; a job for a saturated host is
-    /// parked, never waited for.
+    /// `STAMPEDE_HOST_CONCURRENCY` (added, default 8): the most deliveries
+    /// in flight to one remote host from all delivery workers together (slots
+    /// leased in the cache); each host's adaptive limit moves between 1 and
+    /// this.
     pub host_concurrency: usize,
+    /// `STAMPEDE_HOST_FAST_MS` (added, default 1000): a successful delivery
+    /// answered within this is fast (grows the host's limit); a host whose
+    /// answers take longer on average is slow, and its jobs share half of a
+    /// worker's prefetch.
+    pub host_fast: Duration,
     /// `STAMPEDE_CIRCUIT_FAILURES` (added, default 10): consecutive failed
     /// deliveries (5xx, timeouts, connection errors) that open a host's circuit.
     pub circuit_failures: u64,
@@ -343,6 +349,7 @@ impl Config {
                 }
             },
             host_concurrency: number("STAMPEDE_HOST_CONCURRENCY", 8, 1, 1000)? as usize,
+            host_fast: Duration::from_millis(number("STAMPEDE_HOST_FAST_MS", 1000, 1, 600_000)?),
             circuit_failures: number("STAMPEDE_CIRCUIT_FAILURES", 10, 1, 1_000_000)?,
             circuit_open: Duration::from_secs(number("STAMPEDE_CIRCUIT_OPEN_SECS", 60, 1, 86400)?),
             host_ramp: Duration::from_secs(number("STAMPEDE_HOST_RAMP_SECS", 120, 0, 86400)?),

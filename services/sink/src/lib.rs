@@ -50,6 +50,15 @@ pub enum Behavior {
     RetryAfter(u64),
     /// Answers 202 after this long.
     Slow(Duration),
+    /// Answers 202 after `delay` while at most `concurrent` requests are in
+    /// progress, and 429 (`Retry-After: 1`) at once to any beyond: a small
+    /// server protecting itself.
+    Limited {
+        /// Requests served at once.
+        concurrent: usize,
+        /// Time to answer one.
+        delay: Duration,
+    },
 }
 
 /// One POST a server received.

@@ -79,10 +79,12 @@ pub(crate) struct ServerState {
 pub(crate) struct InFlight<'a>(&'a ServerState);
 
 impl<'a> InFlight<'a> {
-    fn enter(s: &'a ServerState) -> Self {
+    /// Counts a request in; returns the guard and how many are in progress
+    /// with it.
+    fn enter(s: &'a ServerState) -> (Self, usize) {
         let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         s.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        Self(s)
+        (Self(s), now)
     }
 }
 
@@ -232,11 +234,20 @@ async fn inbox(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Infallible> {
-    let _in_flight = InFlight::enter(&s);
+    let (_in_flight, now_in_flight) = InFlight::enter(&s);
     let behavior = s.behavior.lock().map(|b| b.clone()).unwrap_or(Behavior::Ok);
-    if let Behavior::Slow(d) = behavior {
-        tokio::time::sleep(d).await;
-    }
+    let over_limit = match behavior {
+        Behavior::Slow(d) => {
+            tokio::time::sleep(d).await;
+            false
+        }
+        Behavior::Limited { concurrent, delay } if now_in_flight <= concurrent => {
+            tokio::time::sleep(delay).await;
+            false
+        }
+        Behavior::Limited { .. } => true,
+        _ => false,
+    };
     let path = uri.path().to_string();
     let path_and_query = uri.path_and_query().map_or(path.clone(), |p| p.to_string());
     let n = s.seq.fetch_add(1, Ordering::Relaxed);
@@ -249,6 +260,7 @@ async fn inbox(
     let status = match (&behavior, &verified) {
         (Behavior::Status(code), _) => *code,
         (Behavior::RetryAfter(_), _) => 429,
+        _ if over_limit => 429,
         (_, Ok(())) => 202,
         (_, Err(_)) => 401,
     };
@@ -292,6 +304,7 @@ async fn inbox(
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     Ok(match behavior {
         Behavior::RetryAfter(secs) => (code, [("retry-after", secs.to_string())]).into_response(),
+        _ if over_limit => (code, [("retry-after", "1")]).into_response(),
         _ => code.into_response(),
     })
 }

@@ -14,7 +14,7 @@ use crate::helpers::{
 };
 
 /// Copies of each activity a server accepted.
-fn accepted(sink: &Sink, i: usize) -> HashMap<String, usize> {
+pub(crate) fn accepted(sink: &Sink, i: usize) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for r in sink.received(i) {
         if r.body["type"] == "Create" && (200..300).contains(&r.status) {
@@ -127,7 +127,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
 
 /// `stampede serve delivery` as a child process of this deployment, its
 /// `/metrics` on `metrics_port`.
-fn delivery_worker(
+pub(crate) fn delivery_worker(
     env: &HashMap<&'static str, String>,
     metrics_port: u16,
 ) -> tokio::process::Child {

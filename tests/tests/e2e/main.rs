@@ -14,4 +14,5 @@ mod inbound;
 mod metrics;
 mod outbound;
 mod process;
+mod replicas;
 mod trust;

@@ -182,6 +182,19 @@ impl Cache for MemoryCache {
         Ok(*n)
     }
 
+    async fn hash_incr_many(&self, key: &str, by: &[(String, i64)], ttl: Duration) -> Result<()> {
+        let mut h = self.hashes();
+        let until = Instant::now() + ttl;
+        let (fields, expiry) = h
+            .entry(key.to_string())
+            .or_insert_with(|| (HashMap::new(), until));
+        *expiry = (*expiry).max(until);
+        for (field, n) in by {
+            *fields.entry(field.clone()).or_insert(0) += n;
+        }
+        Ok(())
+    }
+
     async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>> {
         Ok(self.hashes().get(key).map_or_else(Vec::new, |(fields, _)| {
             fields.iter().map(|(f, n)| (f.clone(), *n)).collect()

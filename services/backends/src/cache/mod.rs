@@ -62,6 +62,8 @@ pub trait Cache: Send + Sync + 'static {
     /// never shortened, so a later write with a shorter `ttl` does not cut
     /// short what an earlier one still needs.
     async fn hash_incr(&self, key: &str, field: &str, by: i64, ttl: Duration) -> Result<i64>;
+    /// [`Cache::hash_incr`] of several fields of one hash in one round trip.
+    async fn hash_incr_many(&self, key: &str, by: &[(String, i64)], ttl: Duration) -> Result<()>;
     /// Every field of the hash `key` with its integer value (none when absent).
     async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>>;
     /// Removes `fields` from the hash `key`.

@@ -224,6 +224,31 @@ impl Cache for RedisCache {
         Ok(n)
     }
 
+    async fn hash_incr_many(&self, key: &str, by: &[(String, i64)], ttl: Duration) -> Result<()> {
+        if by.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        let k = self.key(key);
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        for (field, n) in by {
+            pipe.hincr(&k, field, *n).ignore();
+        }
+        pipe.cmd("PEXPIRE")
+            .arg(&k)
+            .arg(ttl_ms(ttl))
+            .arg("NX")
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&k)
+            .arg(ttl_ms(ttl))
+            .arg("GT")
+            .ignore();
+        let () = pipe.query_async(&mut c).await?;
+        Ok(())
+    }
+
     async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>> {
         let mut c = self.conn.clone();
         Ok(c.hgetall(self.key(key)).await?)

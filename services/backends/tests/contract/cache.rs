@@ -17,6 +17,7 @@ macro_rules! cache_test_suite {
                 incr_counts_in_a_fixed_window,
                 hash_incr_extends_the_expiry_and_never_shortens_it,
                 hash_get_all_and_hash_del,
+                hash_incr_many_adds_to_every_field,
                 del_removes_values_counters_and_hashes,
                 set_if_sets_only_over_the_expected_value,
                 a_semaphore_holds_at_most_its_limit_and_releases,
@@ -352,4 +353,21 @@ async fn a_limit_key_lowers_the_limit_in_the_same_call(c: Arc<dyn Cache>) {
     assert_eq!(c.lease(&[], &[], with_key("c")).await.unwrap().limit, 1);
     c.set("limit", b"99000", LONG).await.unwrap();
     assert_eq!(c.lease(&[], &[], with_key("c")).await.unwrap().limit, 8);
+}
+
+async fn hash_incr_many_adds_to_every_field(c: Arc<dyn Cache>) {
+    c.hash_incr_many("h", &[], LONG).await.unwrap();
+    assert!(c.hash_get_all("h").await.unwrap().is_empty());
+    c.hash_incr("h", "a", 1, LONG).await.unwrap();
+    let by = [("a".to_string(), 2), ("b".to_string(), 5)];
+    c.hash_incr_many("h", &by, ms(100)).await.unwrap();
+    assert_eq!(sorted(&*c, "h").await, fields(&[("a", 3), ("b", 5)]));
+    let written = Instant::now();
+    // The shorter expiry did not cut the hash short.
+    at(written, ms(300)).await;
+    assert_eq!(sorted(&*c, "h").await.len(), 2);
+    c.hash_incr_many("short", &by, ms(200)).await.unwrap();
+    let written = Instant::now();
+    at(written, ms(400)).await;
+    assert!(c.hash_get_all("short").await.unwrap().is_empty(), "expired");
 }
