@@ -288,6 +288,68 @@ fn parked_for(cfg: &Config, failing_since_ms: Option<i64>, until: i64, now: i64)
     Duration::from_millis((back - now).max(0) as u64).max(Duration::from_secs(1))
 }
 
+/// A host delivered to recently, as `stampede status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusyHost {
+    /// The host.
+    pub host: String,
+    /// Deliveries answered in the current and the previous minute.
+    pub deliveries: u64,
+    /// Their average latency (ms).
+    pub latency_ms: u64,
+    /// Requests in flight now, from every worker.
+    pub in_flight: u32,
+    /// The limit now.
+    pub limit: u32,
+}
+
+/// The `n` hosts with the most deliveries answered in the current and the
+/// previous minute (every worker adds its counts every few seconds), with
+/// their limit and requests in flight: four round trips.
+pub async fn busy(b: &Backends, cfg: &Config, n: usize) -> Result<Vec<BusyHost>> {
+    let minute = (now_ms() / 60_000) as u64;
+    let mut sums: std::collections::HashMap<String, (u64, u64)> = Default::default();
+    for m in [minute.saturating_sub(1), minute] {
+        for (field, v) in b
+            .cache
+            .hash_get_all(&crate::cache_keys::busy_hosts(m))
+            .await?
+        {
+            let v = v.max(0) as u64;
+            match field.strip_suffix(" ms") {
+                Some(h) => sums.entry(h.to_string()).or_default().1 += v,
+                None => sums.entry(field).or_default().0 += v,
+            }
+        }
+    }
+    let mut top: Vec<(String, (u64, u64))> =
+        sums.into_iter().filter(|(_, (c, _))| *c > 0).collect();
+    top.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(&b.0)));
+    top.truncate(n);
+    let slots: Vec<String> = top.iter().map(|(h, _)| host::slots(h)).collect();
+    let limits: Vec<String> = top.iter().map(|(h, _)| host::limit(h)).collect();
+    let in_flight = b.cache.lease_counts(&slots).await?;
+    let limits = b.cache.get_many(&limits).await?;
+    Ok(top
+        .into_iter()
+        .enumerate()
+        .map(|(i, (h, (count, ms)))| BusyHost {
+            host: h,
+            deliveries: count,
+            latency_ms: ms / count.max(1),
+            in_flight: in_flight.get(i).copied().unwrap_or(0),
+            limit: limits
+                .get(i)
+                .cloned()
+                .flatten()
+                .and_then(|v| Adaptive::parse(&v))
+                .map_or(cfg.host_concurrency, |a| {
+                    a.limit().min(cfg.host_concurrency)
+                }) as u32,
+        })
+        .collect())
+}
+
 /// Decides what a delivery to `host` does. Takes the probe lease when the
 /// circuit is half-open and nobody holds it.
 pub async fn gate(b: &Backends, cfg: &Config, host: &str) -> Result<(Gate, HostState)> {

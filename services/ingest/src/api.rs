@@ -123,6 +123,18 @@ impl AdminService for AdminApi {
                     next_due_unix_ms: p.next_due_ms,
                 })
                 .collect(),
+            busy_hosts: stampede_federation::hosts::busy(b, &self.0.cfg, 20)
+                .await
+                .map_err(IngestError::from)?
+                .into_iter()
+                .map(|h| stampede_proto::api::BusyHost {
+                    host: h.host,
+                    deliveries: h.deliveries,
+                    latency_ms: h.latency_ms,
+                    in_flight: h.in_flight,
+                    limit: h.limit,
+                })
+                .collect(),
         }))
     }
 

@@ -355,6 +355,18 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
                     );
                 }
             }
+            if !s.busy_hosts.is_empty() {
+                println!(
+                    "\n{:<32} {:>10} {:>10} {:>9} {:>6}",
+                    "BUSY HOST (LAST 1-2 MIN)", "DELIVERIES", "LATENCY", "IN FLIGHT", "LIMIT"
+                );
+                for h in &s.busy_hosts {
+                    println!(
+                        "{:<32} {:>10} {:>8}ms {:>9} {:>6}",
+                        h.host, h.deliveries, h.latency_ms, h.in_flight, h.limit
+                    );
+                }
+            }
             Ok(())
         }
         Command::Dlq { command } => {

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use stampede_core::activity::public_note;
+use stampede_proto::api::StatusRequest;
 use stampede_sink::{Behavior, Sink, SinkOptions};
 
 use crate::crash::{accepted, delivery_worker};
