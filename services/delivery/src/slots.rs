@@ -9,11 +9,12 @@
 //! A job whose host has no free slot waits here, woken when this worker
 //! frees one of the host's slots or, for slots other workers free, by
 //! polling: a burst to one host waits milliseconds, never a park. Waiting
-//! is bounded so that slow hosts never hold what the others need: jobs in
-//! flight to a host answering slowly, or expected to wait more than
-//! [`SHORT_WAIT`] for a slot, hold at most half of the worker's prefetch;
-//! beyond that a job is parked in the broker for about as long as the host
-//! takes to get through what is ahead of it.
+//! is bounded so that slow hosts never hold what the others need: jobs of
+//! a host answering slowly (or not answering its first request within
+//! [`FIRST_ANSWER`]), and jobs expected to wait more than [`SHORT_WAIT`]
+//! for a slot, hold at most half of the worker's prefetch; beyond that a
+//! job is parked in the broker for about as long as the host takes to get
+//! through what is ahead of it.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +34,9 @@ const WAIT_MAX: Duration = Duration::from_secs(30);
 /// A wait expected to be this short holds the job without counting it
 /// against the share of slow hosts.
 const SHORT_WAIT: Duration = Duration::from_secs(1);
+/// A host that has not answered its first request within this counts as
+/// slow until it does.
+const FIRST_ANSWER: Duration = Duration::from_millis(250);
 /// First and longest pause between looks for a slot another worker freed.
 const POLL_MIN: Duration = Duration::from_millis(10);
 const POLL_MAX: Duration = Duration::from_millis(200);
@@ -50,6 +54,9 @@ struct Local {
     freed: Arc<Notify>,
     /// Average latency of the host's answers (ms), 0 before the first.
     latency_ms: f64,
+    /// Since when the host has not answered while requests to it are in
+    /// flight: a host that has not answered yet is known slow only by this.
+    silent_since: Option<std::time::Instant>,
     /// Fast successes since the limit last grew.
     fast: usize,
     /// Deliveries and their latency (ms) since the last report.
@@ -71,8 +78,27 @@ struct Inner {
     /// Jobs of slow or full hosts held now, and at most.
     slow_held: AtomicUsize,
     slow_cap: usize,
+    /// Jobs waiting for a share (at most a quarter of it).
+    share_waiters: AtomicUsize,
     /// A success faster than this grows a host's limit.
     fast: Duration,
+}
+
+/// What a worker knows of a host's speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Speed {
+    /// Answers within `STAMPEDE_HOST_FAST_MS` on average, and is not silent
+    /// for longer now.
+    Fast,
+    /// Nothing sent to it yet (or nothing in flight and no answer): one job
+    /// goes to learn.
+    First,
+    /// Its first answer is due, for less than [`FIRST_ANSWER`].
+    Pending,
+    /// Slow on average, silent for longer than a fast answer takes, or no
+    /// first answer within [`FIRST_ANSWER`]: its jobs count against the
+    /// share of slow hosts.
+    Slow,
 }
 
 /// The slots of one delivery worker.
@@ -98,6 +124,18 @@ pub struct Slot {
     slow: bool,
     /// The limit when taken.
     pub limit: usize,
+}
+
+impl Local {
+    /// What the host's latency looks like now (ms): its average, or how
+    /// long it has been silent with requests in flight, if longer.
+    fn latency_now_ms(&self) -> f64 {
+        let silent = self
+            .silent_since
+            .filter(|_| self.in_flight > 0)
+            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0);
+        self.latency_ms.max(silent)
+    }
 }
 
 impl Drop for Slot {
@@ -138,6 +176,7 @@ impl Slots {
             held: Mutex::default(),
             local: Mutex::default(),
             slow_held: AtomicUsize::new(0),
+            share_waiters: AtomicUsize::new(0),
             slow_cap: (prefetch / 2).max(1),
             fast,
         }));
@@ -246,10 +285,45 @@ impl Slots {
         let mut poll = POLL_MIN;
         // Whether this job counts against the share of slow or full hosts,
         // and whether it is registered as waiting.
-        let mut slow = self.is_slow(host) && self.take_slow();
-        if !slow && self.is_slow(host) {
-            let expected = self.expected_wait(host, cfg.host_concurrency);
-            return Ok(Acquired::Park(expected.clamp(PARK_MIN, PARK_MAX)));
+        let mut slow = false;
+        let mut pause = POLL_MIN;
+        let mut queued = false;
+        let until = tokio::time::Instant::now() + SHORT_WAIT;
+        loop {
+            match self.speed(host) {
+                Speed::Fast | Speed::First => break,
+                // Its first answer is due: it shows the host fast within
+                // milliseconds, or slow within `FIRST_ANSWER`.
+                Speed::Pending => {}
+                Speed::Slow => {
+                    slow = self.take_slow();
+                    if slow {
+                        break;
+                    }
+                    // No share left: wait a moment for one, but only a few
+                    // jobs at once; the rest are parked.
+                    if !queued {
+                        queued = inner
+                            .share_waiters
+                            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                                (n < (inner.slow_cap / 4).max(1)).then_some(n + 1)
+                            })
+                            .is_ok();
+                    }
+                    if !queued || tokio::time::Instant::now() >= until {
+                        if queued {
+                            inner.share_waiters.fetch_sub(1, Ordering::AcqRel);
+                        }
+                        let expected = self.expected_wait(host, cfg.host_concurrency);
+                        return Ok(Acquired::Park(expected.clamp(PARK_MIN, PARK_MAX)));
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(POLL_MAX);
+        }
+        if queued {
+            inner.share_waiters.fetch_sub(1, Ordering::AcqRel);
         }
         let mut waiting = false;
         let give_back = |slow: bool, waiting: bool| {
@@ -292,6 +366,9 @@ impl Slots {
                 Gate::Go { .. } | Gate::Probe if leased.taken => {
                     let mut local = lock(&inner.local);
                     let l = local.entry(host.to_string()).or_default();
+                    if l.in_flight == 0 {
+                        l.silent_since = Some(std::time::Instant::now());
+                    }
                     l.in_flight += 1;
                     if waiting {
                         l.waiting = l.waiting.saturating_sub(1);
@@ -388,13 +465,25 @@ impl Slots {
             .is_ok()
     }
 
-    /// Whether the host answers slowly (its average latency is above what
-    /// counts as fast).
-    fn is_slow(&self, host: &str) -> bool {
+    /// What this worker knows of the host's speed.
+    fn speed(&self, host: &str) -> Speed {
         let fast_ms = self.0.fast.as_secs_f64() * 1000.0;
-        lock(&self.0.local)
-            .get(host)
-            .is_some_and(|l| l.latency_ms > fast_ms)
+        let local = lock(&self.0.local);
+        let Some(l) = local.get(host) else {
+            return Speed::First;
+        };
+        if l.latency_ms == 0.0 {
+            return match l.silent_since.filter(|_| l.in_flight > 0) {
+                None => Speed::First,
+                Some(t) if t.elapsed() < FIRST_ANSWER => Speed::Pending,
+                Some(_) => Speed::Slow,
+            };
+        }
+        if l.latency_now_ms() > fast_ms {
+            Speed::Slow
+        } else {
+            Speed::Fast
+        }
     }
 
     /// About how long one more job of `host` would wait here: the host
@@ -406,7 +495,7 @@ impl Slots {
             return Duration::ZERO;
         };
         let rounds = (l.waiting + 1) as f64 / limit.max(1) as f64;
-        Duration::from_secs_f64(rounds.ceil() * l.latency_ms / 1000.0)
+        Duration::from_secs_f64(rounds.ceil() * l.latency_now_ms() / 1000.0)
     }
 
     /// Records a finished request to `host`; true when it completes a round
@@ -420,6 +509,7 @@ impl Slots {
         } else {
             l.latency_ms * (1.0 - EWMA) + ms * EWMA
         };
+        l.silent_since = Some(std::time::Instant::now());
         l.done += 1;
         l.done_ms += ms as u64;
         if !(success && latency <= self.0.fast) {
@@ -508,6 +598,16 @@ mod tests {
         let first = slot(s.acquire(&c, "h").await.unwrap());
         assert!(!s.finished(&first, Duration::from_secs(2), true), "slow");
         drop(first);
+        let fast = slot(s.acquire(&c, "g").await.unwrap());
+        s.finished(&fast, Duration::from_millis(10), true);
+        drop(fast);
+        // A first request goes out to learn the host's speed; one that
+        // stays unanswered makes the host slow.
+        let unknown = slot(s.acquire(&c, "u").await.unwrap());
+        assert_eq!(s.0.slow_held.load(Ordering::Relaxed), 0);
+        assert_eq!(s.speed("u"), Speed::Pending);
+        tokio::time::sleep(FIRST_ANSWER).await;
+        assert_eq!(s.speed("u"), Speed::Slow);
         let held = slot(s.acquire(&c, "h").await.unwrap());
         let waiter = {
             let (s, c) = (s.clone(), c.clone());
@@ -519,6 +619,12 @@ mod tests {
             Acquired::Park(d) => assert!(d >= PARK_MIN, "{d:?}"),
             _ => panic!("not parked"),
         }
+        // The unanswered host's next job finds no share left.
+        assert!(matches!(
+            s.acquire(&c, "u").await.unwrap(),
+            Acquired::Park(_)
+        ));
+        drop(unknown);
         // A fast host is not affected, and a burst to it waits, not parks.
         let g = slot(s.acquire(&c, "g").await.unwrap());
         let g_waiter = {

@@ -189,6 +189,25 @@ async fn the_limit_settles_under_what_the_host_serves(backend: Backend) {
         "{refused} 429s for {ok} deliveries ({refused_early} before it settled)"
     );
     assert_eq!(refused, refused_early, "429s after the limit settled");
+    // Status shows the host's shared limit and its latency.
+    let host = sink.actor(0, "f0").unwrap().host;
+    let mut shown = None;
+    for _ in 0..50 {
+        let s = app
+            .admin()
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        shown = s.busy_hosts.into_iter().find(|h| h.host == host);
+        if shown.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let shown = shown.expect("the host in status");
+    assert!(shown.limit <= 3 && shown.limit >= 1, "{shown:?}");
+    assert!(shown.deliveries >= 100 && shown.latency_ms >= 90, "{shown:?}");
     app.stop().await;
 }
 
@@ -231,3 +250,69 @@ crate::both_backends!(
     the_limit_settles_under_what_the_host_serves,
     the_limit_grows_back_when_the_host_is_fast
 );
+
+/// Healthy hosts' arrival times, sorted, with `slow` of `hosts` servers
+/// (the last ones) answering in 2–5 s.
+async fn healthy_arrivals(hosts: usize, slow: usize) -> (Duration, Duration) {
+    const PER_HOST: usize = 8;
+    const POSTS: usize = 3;
+    let app = spawn_app(Backend::External, AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions {
+        servers: hosts,
+        shared_inbox: std::sync::Arc::new(|_| false),
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    let alice = app.create_actor("alice").await;
+    // Followers interleaved by host, so the slow hosts' jobs are spread
+    // through the queue.
+    let f: Vec<_> = (0..PER_HOST)
+        .flat_map(|n| (0..hosts).map(move |i| (i, n)))
+        .map(|(i, n)| sink.actor(i, &format!("f{n}")).unwrap())
+        .collect();
+    app.seed_followers(alice, &f).await;
+    for i in hosts - slow..hosts {
+        let ms = 2000 + 3000 * (i - (hosts - slow)) as u64 / slow.max(1) as u64;
+        sink.set_behavior(i, Behavior::Slow(Duration::from_millis(ms)))
+            .unwrap();
+    }
+    let healthy = hosts - slow;
+    let started = Instant::now();
+    publish_posts(&app, POSTS).await;
+    wait_for(
+        "every healthy inbox's posts",
+        Duration::from_secs(120),
+        || async {
+            (0..healthy).all(|i| accepted(&sink, i).values().sum::<usize>() == PER_HOST * POSTS)
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    let mut at: Vec<Instant> = (0..healthy)
+        .flat_map(|i| sink.received(i).into_iter().map(|r| r.at))
+        .collect();
+    at.sort();
+    let gap = at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    app.stop().await;
+    (took, gap)
+}
+
+/// 20 % of the hosts answer in 2–5 s: the healthy ones get their posts as
+/// fast as in a clean run, in a steady stream (the slow hosts' jobs hold at
+/// most half of the worker's prefetch, so they cannot fill it and make
+/// every host wait for them in waves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_hosts_do_not_hold_up_the_healthy_ones() {
+    let (clean, clean_gap) = healthy_arrivals(50, 0).await;
+    let (with_slow, gap) = healthy_arrivals(50, 10).await;
+    eprintln!("healthy hosts: {clean:?} clean (gap {clean_gap:?}), {with_slow:?} with 10 slow (gap {gap:?})");
+    assert!(
+        with_slow <= clean.mul_f64(1.2) + Duration::from_millis(500),
+        "healthy hosts took {with_slow:?} with slow hosts around, {clean:?} without"
+    );
+    assert!(
+        gap < Duration::from_millis(1000),
+        "healthy deliveries came in waves: a {gap:?} pause"
+    );
+}
