@@ -133,6 +133,7 @@ impl Fanout {
                 first_attempt_unix_ms: now_ms,
                 trace: job.trace.clone(),
                 may_be_delivered: ran_before,
+                ..DeliveryJob::default()
             }
             .encode_to_vec(),
         };
