@@ -550,6 +550,7 @@ impl Consumer for AmqpConsumer {
             self.current = None;
         };
         Some(Ok(Incoming {
+            queue: self.name,
             kind: d.properties.kind().as_ref().map(|k| k.as_str().to_string()),
             payload: Bytes::from(d.data),
             redelivered: d.redelivered,

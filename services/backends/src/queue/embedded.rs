@@ -445,6 +445,7 @@ impl Consumer for EmbeddedConsumer {
                 st.promote(now_ms());
                 if let Some(msg) = st.ready.pop_front() {
                     return Some(Ok(Incoming {
+                        queue: self.name,
                         kind: msg.kind.clone(),
                         payload: msg.payload.clone(),
                         redelivered: msg.redelivered,

@@ -135,6 +135,9 @@ pub trait Acker: Send + Sync {
 
 /// A message received from a queue.
 pub struct Incoming {
+    /// The queue it was taken from (a worker consuming several, as
+    /// delivery does one per class, tells them apart by it).
+    pub queue: QueueName,
     /// The `type` property, when set.
     pub kind: Option<String>,
     /// The payload.
@@ -156,6 +159,7 @@ pub struct Incoming {
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Incoming")
+            .field("queue", &self.queue)
             .field("kind", &self.kind)
             .field("len", &self.payload.len())
             .field("redelivered", &self.redelivered)

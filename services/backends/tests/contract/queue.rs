@@ -353,6 +353,7 @@ async fn each_delivery_class_has_its_own_queue_and_delays(q: Arc<dyn Queue>) {
         let m = next(&mut c).await;
         let class = name.delivery_class().map(class_name).unwrap();
         assert_eq!(text(&m), class, "consumed from {name:?}");
+        assert_eq!(m.queue, name);
         m.acker.ack().await.unwrap();
         nothing(&mut c, QUIET).await;
     }
