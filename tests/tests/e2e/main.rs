@@ -13,5 +13,6 @@ mod hosts;
 mod inbound;
 mod metrics;
 mod outbound;
+mod priority;
 mod process;
 mod trust;
