@@ -228,7 +228,7 @@ impl Fanout {
             DeliveryClass::Bulk if cfg.bulk_queue_bound > 0 => Some(cfg.bulk_queue_bound),
             _ => None,
         };
-        let page_size = bound.map_or(PAGE, |n| PAGE.min(n.min(u64::from(PAGE)) as u32));
+        let page_size = bound.map_or(PAGE, |n| n.min(u64::from(PAGE)) as u32);
         if to_followers {
             let mut after: Option<String> = resumed.filter(|a| !a.is_empty()).map(str::to_string);
             loop {
