@@ -30,7 +30,7 @@ use stampede_core::signature::{sign_request, POST_HEADERS};
 use stampede_core::targets::inbox_host;
 use stampede_federation::hosts::{self, Gate};
 use stampede_federation::parked::{self, Reason};
-use stampede_proto::queue::DeliveryJob;
+use stampede_proto::queue::{DeliveryClass, DeliveryJob};
 use stampede_runtime::metrics::DeliveryOutcome;
 use stampede_runtime::process::{Listeners, Process};
 use stampede_runtime::worker;
@@ -131,7 +131,7 @@ impl Delivery {
         }
     }
 
-    /// Consumes the delivery queue until shutdown.
+    /// Consumes the delivery queues of the three classes until shutdown.
     pub async fn run(self) -> Result<(), DeliveryError> {
         let (p, prefetch) = (self.p.clone(), self.p.cfg.prefetch);
         stampede_federation::hosts::restore_paused(&p.backends).await?;
@@ -141,7 +141,20 @@ impl Delivery {
             std::time::Duration::from_secs(10),
             p.shutdown.clone(),
         ));
-        worker::consume(&p, QueueName::Delivery, prefetch, self).await?;
+        tokio::spawn(stampede_federation::queue_heads::report(
+            p.metrics.clone(),
+            p.backends.cache.clone(),
+            std::time::Duration::from_secs(2),
+            p.shutdown.clone(),
+        ));
+        // One budget of `prefetch` over the three class queues, by weight.
+        let [interactive, normal, bulk] = p.cfg.class_weights;
+        let classes = [
+            (QueueName::DeliveryInteractive, interactive),
+            (QueueName::Delivery, normal),
+            (QueueName::DeliveryBulk, bulk),
+        ];
+        worker::consume_weighted(&p, &classes, prefetch, self).await?;
         Ok(())
     }
 }
@@ -152,7 +165,7 @@ impl worker::Handler for Delivery {
         let job: DeliveryJob = match worker::decode(&msg, DELIVERY_JOB) {
             Ok(j) => j,
             Err(reason) => {
-                return worker::poison(q, &self.p.metrics, QueueName::Delivery, msg, &reason).await
+                return worker::poison(q, &self.p.metrics, msg.queue, msg, &reason).await
             }
         };
         let host = inbox_host(&job.inbox).unwrap_or_default();
@@ -326,8 +339,10 @@ impl Delivery {
                 };
                 match delay {
                     Some(delay) => {
+                        // Retries drop to bulk: behind fresh work, never starved.
                         let next = DeliveryJob {
                             attempt: attempts,
+                            class: DeliveryClass::Bulk.into(),
                             ..job.clone()
                         };
                         let applied = self
@@ -335,7 +350,7 @@ impl Delivery {
                             .backends
                             .queue
                             .publish_delayed(
-                                QueueName::Delivery,
+                                QueueName::DeliveryBulk,
                                 OutMessage {
                                     kind: DELIVERY_JOB,
                                     payload: next.encode_to_vec(),
@@ -506,7 +521,8 @@ impl Delivery {
         Ok(deleted)
     }
 
-    /// Puts a job back in the broker for `wait` without trying it (not an attempt).
+    /// Puts a job back in the broker for `wait` without trying it (not an
+    /// attempt), in its own class's queue.
     async fn park(
         &self,
         job: &DeliveryJob,
@@ -521,7 +537,7 @@ impl Delivery {
             .p
             .backends
             .queue
-            .publish_delayed(QueueName::Delivery, out, wait)
+            .publish_delayed(QueueName::delivery(job.class()), out, wait)
             .await?;
         count_outcome(&self.p.metrics, park_outcome(why));
         self.count_parked(why, applied).await;

@@ -4,17 +4,25 @@
 //! of `to`/`cc`/`audience`/`bto`/`bcc`, grouped by shared inbox so each
 //! shared inbox gets one POST. Jobs reference the stored activity; the body
 //! is stored once.
+//!
+//! Each activity's jobs get a delivery class ([`classify`]): `interactive`,
+//! `normal` or `bulk`, the queue they go to. A bulk fanout queues its next
+//! page of followers only while the bulk queue holds fewer ready jobs than
+//! `STAMPEDE_BULK_QUEUE_BOUND`; above it, the fanout job goes back to the
+//! fanout queue for [`BACKPRESSURE_WAIT`] with its place (the last target
+//! queued) and is acknowledged: nothing waits in memory, however many
+//! followers.
 #![deny(missing_docs)]
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use prost::Message;
-use stampede_backends::queue::{Incoming, OutMessage, QueueName};
+use stampede_backends::queue::{class_name, ready_messages, Incoming, OutMessage, QueueName};
 use stampede_backends::store::StoredActivity;
 use stampede_core::activity::{addressing, PUBLIC};
 use stampede_core::targets::Recipient;
-use stampede_proto::queue::{DeliveryJob, FanoutJob};
+use stampede_proto::queue::{DeliveryClass, DeliveryJob, FanoutJob};
 use stampede_runtime::process::{Listeners, Process};
 use stampede_runtime::worker;
 use thiserror::Error;
@@ -27,6 +35,49 @@ use stampede_proto::kinds::FANOUT_JOB;
 pub const PAGE: u32 = 1000;
 /// Fanout attempts before a job is dead-lettered.
 const MAX_ATTEMPTS: u32 = 8;
+/// How long a bulk fanout waits, put back in the fanout queue, when the
+/// bulk queue is over its bound (RabbitMQ rounds it up to its 5 s tier).
+pub const BACKPRESSURE_WAIT: Duration = Duration::from_secs(2);
+
+/// Activity types a user waits on: a follow pending until its Accept, an
+/// unfollow, a refusal.
+const INTERACTIVE_TYPES: [&str; 4] = ["Accept", "Reject", "Follow", "Undo"];
+
+/// The delivery class of an activity of type `kind` with `explicit` explicit
+/// remote target inboxes, to the author's `followers` when `Some` (how many
+/// they are): `interactive` for Accept, Reject, Follow and Undo, and for a
+/// few explicit recipients with no followers audience (a DM, a mention);
+/// `bulk` for an audience larger than `STAMPEDE_BULK_AUDIENCE`; `normal`
+/// otherwise.
+pub fn classify(
+    cfg: &stampede_runtime::Config,
+    kind: &str,
+    explicit: usize,
+    followers: Option<u64>,
+) -> DeliveryClass {
+    if INTERACTIVE_TYPES.contains(&kind) {
+        return DeliveryClass::Interactive;
+    }
+    let audience = explicit as u64 + followers.unwrap_or(0);
+    if audience > cfg.bulk_audience {
+        DeliveryClass::Bulk
+    } else if followers.is_none() && explicit <= cfg.interactive_max_recipients {
+        DeliveryClass::Interactive
+    } else {
+        DeliveryClass::Normal
+    }
+}
+
+/// What one run of a fanout job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expanded {
+    /// Every target queued: this many delivery jobs in all (with those
+    /// queued before a pause).
+    Done(u64),
+    /// The bulk queue was over its bound: the job was put back with its
+    /// place after queuing this many.
+    Paused(u64),
+}
 
 /// What fanout fails at.
 #[derive(Debug, Error)]
@@ -76,12 +127,23 @@ impl worker::Handler for Fanout {
                 return worker::poison(q, &self.p.metrics, QueueName::Fanout, msg, &reason).await
             }
         };
-        match self.expand(&job, msg.redelivered || job.attempt > 0).await {
-            Ok(n) => {
+        // A job that ran before (redelivered, retried) may have queued some
+        // of its jobs already; so may a fanout resumed after a pause (its
+        // first run may be redelivered after it put this one back).
+        let ran_before = msg.redelivered || job.attempt > 0 || job.followers_after.is_some();
+        match self.expand(&job, ran_before).await {
+            Ok(done) => {
                 if let Err(e) = msg.acker.ack().await {
                     tracing::warn!(activity_key = %job.activity_key, error = %e, "ack failed");
                 }
-                tracing::info!(activity_key = %job.activity_key, targets = n, "fanned out");
+                match done {
+                    Expanded::Done(n) => {
+                        tracing::info!(activity_key = %job.activity_key, targets = n, "fanned out")
+                    }
+                    Expanded::Paused(n) => {
+                        tracing::info!(activity_key = %job.activity_key, queued = n, "fanout paused: the bulk queue is over its bound")
+                    }
+                }
             }
             Err(FanoutError::Permanent(reason)) => {
                 worker::poison(q, &self.p.metrics, QueueName::Fanout, msg, &reason).await
@@ -116,13 +178,29 @@ impl worker::Handler for Fanout {
 }
 
 impl Fanout {
-    /// Queues one delivery job per target inbox; returns how many.
-    pub async fn expand(&self, job: &FanoutJob, ran_before: bool) -> Result<u64, FanoutError> {
+    /// Queues one delivery job per target inbox (from the job's place, when
+    /// it was put back by backpressure); returns how many, or that it was
+    /// put back again.
+    pub async fn expand(&self, job: &FanoutJob, ran_before: bool) -> Result<Expanded, FanoutError> {
         let b = &self.p.backends;
+        let cfg = &self.p.cfg;
         let activity = b.store.activity(&job.activity_key).await?.ok_or_else(|| {
             FanoutError::Permanent(format!("activity {} not found", job.activity_key))
         })?;
         let (explicit, to_followers) = self.explicit_targets(&activity).await?;
+        // Only a bulk fanout is ever put back: a resumed one is bulk.
+        let resumed = job.followers_after.as_deref();
+        let class = match resumed {
+            Some(_) => DeliveryClass::Bulk,
+            None => {
+                let followers = match to_followers {
+                    true => Some(b.store.follower_count(activity.actor_id).await?),
+                    false => None,
+                };
+                classify(cfg, &activity.kind, explicit.len(), followers)
+            }
+        };
+        let queue = QueueName::delivery(class);
         let now_ms = unix_ms();
         let make = |inbox: &str| OutMessage {
             kind: DELIVERY_JOB,
@@ -133,24 +211,36 @@ impl Fanout {
                 first_attempt_unix_ms: now_ms,
                 trace: job.trace.clone(),
                 may_be_delivered: ran_before,
+                class: class.into(),
             }
             .encode_to_vec(),
         };
-        let mut total = explicit.len() as u64;
-        if !explicit.is_empty() {
+        let mut total = job.queued_before;
+        if resumed.is_none() && !explicit.is_empty() {
+            total += explicit.len() as u64;
             b.queue
-                .publish_batch(
-                    QueueName::Delivery,
-                    explicit.iter().map(|i| make(i)).collect(),
-                )
+                .publish_batch(queue, explicit.iter().map(|i| make(i)).collect())
                 .await?;
         }
+        // Backpressure holds bulk fanouts only, in pages no larger than
+        // the bound, so the bulk queue stays under twice the bound.
+        let bound = match class {
+            DeliveryClass::Bulk if cfg.bulk_queue_bound > 0 => Some(cfg.bulk_queue_bound),
+            _ => None,
+        };
+        let page_size = bound.map_or(PAGE, |n| n.min(u64::from(PAGE)) as u32);
         if to_followers {
-            let mut after: Option<String> = None;
+            let mut after: Option<String> = resumed.filter(|a| !a.is_empty()).map(str::to_string);
             loop {
+                if let Some(bound) = bound {
+                    if ready_messages(&*b.queue, QueueName::DeliveryBulk).await? >= bound {
+                        self.put_back(job, after.unwrap_or_default(), total).await?;
+                        return Ok(Expanded::Paused(total));
+                    }
+                }
                 let page = b
                     .store
-                    .follower_targets(activity.actor_id, after.as_deref(), PAGE)
+                    .follower_targets(activity.actor_id, after.as_deref(), page_size)
                     .await?;
                 let Some(last) = page.last().cloned() else {
                     break;
@@ -160,8 +250,8 @@ impl Fanout {
                     .map(make)
                     .collect();
                 total += batch.len() as u64;
-                b.queue.publish_batch(QueueName::Delivery, batch).await?;
-                if page.len() < PAGE as usize {
+                b.queue.publish_batch(queue, batch).await?;
+                if page.len() < page_size as usize {
                     break;
                 }
                 after = Some(last);
@@ -169,7 +259,40 @@ impl Fanout {
         }
         b.store.mark_fanned_out(&activity.key, total).await?;
         self.p.metrics.fanout_targets.observe(total as f64);
-        Ok(total)
+        self.p
+            .metrics
+            .fanout_classes
+            .get_or_create(&[("class", class_name(class))])
+            .inc();
+        Ok(Expanded::Done(total))
+    }
+
+    /// Puts a bulk fanout back in the fanout queue for
+    /// [`BACKPRESSURE_WAIT`], to resume after `after` (the last target it
+    /// queued), `queued` jobs queued so far. Not an attempt.
+    async fn put_back(
+        &self,
+        job: &FanoutJob,
+        after: String,
+        queued: u64,
+    ) -> Result<(), FanoutError> {
+        let next = FanoutJob {
+            attempt: 0,
+            followers_after: Some(after),
+            queued_before: queued,
+            ..job.clone()
+        };
+        let out = OutMessage {
+            kind: FANOUT_JOB,
+            payload: next.encode_to_vec(),
+        };
+        self.p
+            .backends
+            .queue
+            .publish_delayed(QueueName::Fanout, out, BACKPRESSURE_WAIT)
+            .await?;
+        self.p.metrics.fanout_paused.inc();
+        Ok(())
     }
 
     /// Whether an inbox may be queued: not on a blocked domain (a follower
@@ -328,6 +451,42 @@ pub async fn serve(p: Process, l: Listeners) -> Result<(), FanoutError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activities_are_classed_by_type_and_audience() {
+        let cfg = stampede_runtime::Config::from_lookup(|_| None).unwrap();
+        use DeliveryClass::{Bulk, Interactive, Normal};
+        for kind in ["Accept", "Reject", "Follow", "Undo"] {
+            assert_eq!(classify(&cfg, kind, 1, None), Interactive, "{kind}");
+            // Whatever its audience: an Undo of a Like to 50,000 followers
+            // is still what someone waits on.
+            assert_eq!(classify(&cfg, kind, 0, Some(50_000)), Interactive);
+        }
+        // A DM, a mention to a few: interactive.
+        assert_eq!(classify(&cfg, "Create", 1, None), Interactive);
+        assert_eq!(classify(&cfg, "Create", 5, None), Interactive);
+        // Too many recipients, or the followers addressed: normal.
+        assert_eq!(classify(&cfg, "Create", 6, None), Normal);
+        assert_eq!(classify(&cfg, "Create", 1, Some(3)), Normal);
+        assert_eq!(classify(&cfg, "Create", 0, Some(1000)), Normal);
+        // A large audience: bulk.
+        assert_eq!(classify(&cfg, "Create", 0, Some(1001)), Bulk);
+        assert_eq!(classify(&cfg, "Update", 2000, None), Bulk);
+        assert_eq!(classify(&cfg, "Announce", 1, Some(20_000)), Bulk);
+        let vars = [
+            ("STAMPEDE_INTERACTIVE_MAX_RECIPIENTS", "0"),
+            ("STAMPEDE_BULK_AUDIENCE", "10"),
+        ];
+        let cfg = stampede_runtime::Config::from_lookup(|k| {
+            vars.iter()
+                .find(|(v, _)| *v == k)
+                .map(|(_, x)| x.to_string())
+        })
+        .unwrap();
+        assert_eq!(classify(&cfg, "Create", 1, None), Normal);
+        assert_eq!(classify(&cfg, "Create", 0, Some(11)), Bulk);
+        assert_eq!(classify(&cfg, "Follow", 1, None), Interactive);
+    }
 
     #[test]
     fn a_page_is_spread_round_robin_over_its_hosts() {

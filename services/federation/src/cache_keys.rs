@@ -50,6 +50,12 @@ pub fn seen(inbox: &str, actor: &str, id: &str) -> String {
 /// counters.
 pub const PARKED: &str = "delivery:parked";
 
+/// When the message a delivery worker last started from a delivery queue
+/// (named by its suffix) became ready, unix ms: its head's age for status.
+pub fn queue_head(queue: &str) -> String {
+    format!("queuehead:{queue}")
+}
+
 /// Per-host delivery state: an operator's pause, and the circuit breaker's
 /// parts.
 pub mod host {

@@ -1,8 +1,14 @@
 //! Dead letters replayed: queued again as delivery jobs, attempts starting
 //! over (`stampede dlq replay`, `AdminService.ReplayDeadLetters`).
+//!
+//! One dead letter replayed by its id is an operator's targeted retry: the
+//! `normal` class. A replay by host or of all of them can be the thousands
+//! of deliveries a dead server gathered over two days: `bulk`, so it
+//! drains behind fresh posts instead of in front of them.
 use prost::Message;
 use stampede_backends::queue::{OutMessage, QueueName};
 use stampede_proto::kinds::DELIVERY_JOB;
+use stampede_proto::queue::DeliveryClass;
 use stampede_runtime::{Backends, Result};
 
 /// Queues dead letters again (their attempts start over) and marks them
@@ -11,6 +17,11 @@ use stampede_runtime::{Backends, Result};
 /// replays nothing twice and loses nothing.
 pub async fn replay(b: &Backends, id: Option<i64>, host: Option<&str>) -> Result<u64> {
     let mut total = 0;
+    let class = if id.is_some() {
+        DeliveryClass::Normal
+    } else {
+        DeliveryClass::Bulk
+    };
     loop {
         let rows = b.store.dead_letters_to_replay(id, host, 500).await?;
         if rows.is_empty() {
@@ -29,11 +40,14 @@ pub async fn replay(b: &Backends, id: Option<i64>, host: Option<&str>) -> Result
                     trace: stampede_runtime::telemetry::current_trace_context(),
                     // Rare and operator-driven: check the record first.
                     may_be_delivered: true,
+                    class: class.into(),
                 }
                 .encode_to_vec(),
             })
             .collect();
-        b.queue.publish_batch(QueueName::Delivery, jobs).await?;
+        b.queue
+            .publish_batch(QueueName::delivery(class), jobs)
+            .await?;
         let ids: Vec<i64> = rows.iter().map(|d| d.id).collect();
         b.store.mark_replayed(&ids).await?;
         total += ids.len() as u64;

@@ -21,5 +21,6 @@ pub mod hosts;
 pub mod key_resolver;
 pub mod parked;
 pub mod publish;
+pub mod queue_heads;
 pub mod remote_actors;
 pub mod verify;

@@ -112,6 +112,7 @@ pub async fn publish(
             activity_key: inserted.key.clone(),
             trace: None,
             attempt: 0,
+            ..FanoutJob::default()
         };
         b.queue
             .publish(

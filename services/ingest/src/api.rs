@@ -84,11 +84,21 @@ impl AdminService for AdminApi {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let b = &self.0.backends;
         let depths = b.queue.depths().await.map_err(IngestError::from)?;
+        let ages = stampede_federation::queue_heads::head_ages(&*b.cache, &depths)
+            .await
+            .map_err(IngestError::from)?;
         let t = b.store.totals().await.map_err(IngestError::from)?;
         Ok(Response::new(StatusResponse {
             queues: depths
                 .into_iter()
                 .map(|d| QueueDepth {
+                    class: d
+                        .name
+                        .delivery_class()
+                        .map(stampede_backends::queue::class_name)
+                        .unwrap_or_default()
+                        .to_string(),
+                    head_age_ms: ages.get(&d.name).copied().unwrap_or(0),
                     queue: d.queue,
                     messages: d.messages,
                     consumers: d.consumers,

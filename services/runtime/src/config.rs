@@ -151,6 +151,30 @@ pub struct Config {
     /// connections one client address (an IPv6 /64) may hold open at the
     /// edge; trusted proxies are exempt.
     pub http_max_connections_per_client: usize,
+    /// `STAMPEDE_INTERACTIVE_MAX_RECIPIENTS` (added, default 5): an activity
+    /// to at most this many explicit remote recipients and not to the
+    /// author's followers (a DM, a mention) is delivered in the
+    /// `interactive` class, as are Accept, Reject, Follow and Undo; 0 leaves
+    /// only those four types interactive.
+    pub interactive_max_recipients: usize,
+    /// `STAMPEDE_BULK_AUDIENCE` (added, default 1000): an activity to the
+    /// author's followers when they are more than this many is delivered in
+    /// the `bulk` class (a large fanout must not hold up everyone else's
+    /// posts), and its fanout is held to `STAMPEDE_BULK_QUEUE_BOUND`.
+    pub bulk_audience: u64,
+    /// `STAMPEDE_CLASS_WEIGHTS` (added, default `6,3,1`): the shares of a
+    /// delivery worker's concurrency (`STAMPEDE_PREFETCH`) that the
+    /// interactive, normal and bulk classes get while all three have work;
+    /// an idle class's share goes to the others, so none starves and none
+    /// waits for nothing.
+    pub class_weights: [u32; 3],
+    /// `STAMPEDE_BULK_QUEUE_BOUND` (added, default 50000): a bulk fanout
+    /// queues its next page of followers only while the bulk delivery queue
+    /// holds fewer ready jobs than this; above it, the fanout is put back in
+    /// the fanout queue for a few seconds with its place, so the broker's
+    /// depth (and the memory it takes) stays bounded however many followers
+    /// an actor has. 0: no bound.
+    pub bulk_queue_bound: u64,
 }
 
 impl Config {
@@ -323,6 +347,32 @@ impl Config {
                 1,
                 1_000_000,
             )? as usize,
+            interactive_max_recipients: number("STAMPEDE_INTERACTIVE_MAX_RECIPIENTS", 5, 0, 10_000)?
+                as usize,
+            bulk_audience: number("STAMPEDE_BULK_AUDIENCE", 1000, 1, 1_000_000_000)?,
+            class_weights: match get("STAMPEDE_CLASS_WEIGHTS") {
+                None => [6, 3, 1],
+                Some(raw) => {
+                    let var = "STAMPEDE_CLASS_WEIGHTS";
+                    let v: Vec<u32> = raw
+                        .split(',')
+                        .map(|x| x.trim().parse::<u32>())
+                        .collect::<std::result::Result<_, _>>()
+                        .map_err(|e| cfg(var, format!("{e} (expected e.g. 6,3,1)")))?;
+                    match v.as_slice() {
+                        [i, n, b] if [i, n, b].iter().all(|w| (1..=1000).contains(*w)) => {
+                            [*i, *n, *b]
+                        }
+                        _ => {
+                            return Err(cfg(
+                                var,
+                                "three weights, interactive,normal,bulk, each 1 to 1000",
+                            ))
+                        }
+                    }
+                }
+            },
+            bulk_queue_bound: number("STAMPEDE_BULK_QUEUE_BOUND", 50_000, 0, 1_000_000_000)?,
             inbound_max_age_secs: number("STAMPEDE_INBOUND_MAX_AGE_SECS", 3600, 60, 7 * 86400)?
                 as i64,
             inbound_max_future_secs: number("STAMPEDE_INBOUND_MAX_FUTURE_SECS", 300, 0, 86400)?
@@ -559,11 +609,47 @@ mod tests {
             ("STAMPEDE_TRUSTED_PROXIES", "10.0.0.0/33"),
             ("STAMPEDE_KEY_REFETCH_SECS", "0"),
             ("STAMPEDE_HTTP_HEADER_TIMEOUT_SECS", "x"),
+            ("STAMPEDE_CLASS_WEIGHTS", "6,3"),
+            ("STAMPEDE_CLASS_WEIGHTS", "6,0,1"),
+            ("STAMPEDE_CLASS_WEIGHTS", "a,b,c"),
+            ("STAMPEDE_BULK_AUDIENCE", "0"),
+            ("STAMPEDE_INTERACTIVE_MAX_RECIPIENTS", "-1"),
+            ("STAMPEDE_BULK_QUEUE_BOUND", "lots"),
         ] {
             let e = with(&[(var, val)]).unwrap_err().to_string();
             assert!(e.starts_with(var), "{var}={val} gave {e}");
             assert!(!e.contains('\n'));
         }
+    }
+
+    #[test]
+    fn priority_classes_have_defaults_and_take_settings() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.class_weights, [6, 3, 1]);
+        assert_eq!(
+            (
+                c.interactive_max_recipients,
+                c.bulk_audience,
+                c.bulk_queue_bound
+            ),
+            (5, 1000, 50_000)
+        );
+        let c = with(&[
+            ("STAMPEDE_CLASS_WEIGHTS", " 10, 5 ,1"),
+            ("STAMPEDE_INTERACTIVE_MAX_RECIPIENTS", "0"),
+            ("STAMPEDE_BULK_AUDIENCE", "20000"),
+            ("STAMPEDE_BULK_QUEUE_BOUND", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.class_weights, [10, 5, 1]);
+        assert_eq!(
+            (
+                c.interactive_max_recipients,
+                c.bulk_audience,
+                c.bulk_queue_bound
+            ),
+            (0, 20_000, 0)
+        );
     }
 
     #[test]

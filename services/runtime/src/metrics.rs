@@ -146,9 +146,24 @@ pub struct Metrics {
     pub verify_seconds: Histogram,
     /// Ready messages per queue (sampled).
     pub queue_messages: Family<Label, Gauge>,
-    /// Per queue: how long the message most recently taken from its head
-    /// had been ready (the consumers' lag).
+    /// Per queue consumed by this process: how long its head has waited.
+    /// Set to the wait of each message taken from it, and between takes
+    /// (sampled) grown by the time since while the queue has ready
+    /// messages: a worker whose every slot is held shows its queue ageing
+    /// though it takes nothing. 0 once the queue has none ready.
     pub queue_oldest_age: Family<Label, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Per queue: when the message last taken from it became ready (unix
+    /// ms), for the head age between takes.
+    queue_last_ready: std::sync::Mutex<std::collections::HashMap<&'static str, i64>>,
+    /// Messages taken from each queue and started, by queue (each delivery
+    /// class is a queue: the share each class gets).
+    pub queue_consumed: Family<Label, Counter>,
+    /// Activities fanned out, by delivery class (`interactive`, `normal`,
+    /// `bulk`).
+    pub fanout_classes: Family<Label, Counter>,
+    /// Bulk fanouts put back because the bulk queue was over
+    /// `STAMPEDE_BULK_QUEUE_BOUND`.
+    pub fanout_paused: Counter,
     /// Deliveries in flight by host class (`normal`, `ramping`, `probe`).
     pub delivery_in_flight: Family<Label, Gauge>,
     /// Remote hosts whose deliveries are failing (sampled from the store).
@@ -236,8 +251,26 @@ impl Metrics {
         let queue_oldest_age = Family::<Label, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register(
             "queue_oldest_message_age_seconds",
-            "How long the message last taken from the head of the queue had been ready",
+            "How long the head of the queue has waited: the wait of the message last taken from it, grown since while messages are ready",
             queue_oldest_age.clone(),
+        );
+        let queue_consumed = Family::<Label, Counter>::default();
+        registry.register(
+            "queue_consumed_messages",
+            "Messages taken from each queue and started",
+            queue_consumed.clone(),
+        );
+        let fanout_classes = Family::<Label, Counter>::default();
+        registry.register(
+            "fanout_activities",
+            "Activities fanned out, by delivery class (interactive, normal, bulk)",
+            fanout_classes.clone(),
+        );
+        let fanout_paused = Counter::default();
+        registry.register(
+            "fanout_paused",
+            "Bulk fanouts put back because the bulk delivery queue was over its bound",
+            fanout_paused.clone(),
         );
         let delivery_in_flight = Family::<Label, Gauge>::default();
         registry.register(
@@ -268,6 +301,10 @@ impl Metrics {
             delivery_parked,
             queue_messages,
             queue_oldest_age,
+            queue_last_ready: Default::default(),
+            queue_consumed,
+            fanout_classes,
+            fanout_paused,
             delivery_in_flight,
             hosts_failing,
             registry,
@@ -321,12 +358,45 @@ impl Metrics {
 
     /// Records the wait of a message just taken from `queue`.
     pub fn queue_age(&self, queue: &'static str, ready_unix_ms: Option<i64>) {
+        self.queue_consumed.get_or_create(&[("queue", queue)]).inc();
         if let Some(ready) = ready_unix_ms {
             let age = (stampede_backends::clock::now_ms() - ready).max(0) as f64 / 1000.0;
             self.queue_oldest_age
                 .get_or_create(&[("queue", queue)])
                 .set(age);
+            self.last_ready_map().insert(queue, ready);
         }
+    }
+
+    /// When the message last taken from `queue` by this process became
+    /// ready (unix ms); `None` when it has taken none.
+    pub fn last_ready(&self, queue: &str) -> Option<i64> {
+        self.last_ready_map().get(queue).copied()
+    }
+
+    fn last_ready_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<&'static str, i64>> {
+        self.queue_last_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The head age of a queue this process consumes, given its ready
+    /// messages now: the wait of the message last taken from it grown by
+    /// the time since, while it has any. Updates the gauge.
+    fn age_head(&self, queue: &'static str, ready_messages: u64) {
+        let Some(ready) = self.last_ready(queue) else {
+            return;
+        };
+        let age = if ready_messages == 0 {
+            0.0
+        } else {
+            (stampede_backends::clock::now_ms() - ready).max(0) as f64 / 1000.0
+        };
+        self.queue_oldest_age
+            .get_or_create(&[("queue", queue)])
+            .set(age);
     }
 
     /// Samples queue depths and failing hosts every
@@ -348,6 +418,7 @@ impl Metrics {
                     self.queue_messages
                         .get_or_create(&[("queue", d.name.suffix())])
                         .set(d.messages as i64);
+                    self.age_head(d.name.suffix(), d.messages);
                 }
             }
             if let Ok(h) = backends.store.failing_hosts(10_000).await {
@@ -412,6 +483,37 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_ages_while_messages_wait_and_nothing_is_taken() {
+        let m = Metrics::new();
+        let now = stampede_backends::clock::now_ms();
+        m.queue_age("delivery.interactive", Some(now - 1500));
+        let age = |m: &Metrics| {
+            m.queue_oldest_age
+                .get_or_create(&[("queue", "delivery.interactive")])
+                .get()
+        };
+        assert!((1.4..2.0).contains(&age(&m)), "{}", age(&m));
+        assert_eq!(m.last_ready("delivery.interactive"), Some(now - 1500));
+        assert_eq!(m.last_ready("delivery.bulk"), None);
+        // Messages wait and nothing is taken for a while: the head ages.
+        m.queue_last_ready
+            .lock()
+            .unwrap()
+            .insert("delivery.interactive", now - 9000);
+        m.age_head("delivery.interactive", 3);
+        assert!(age(&m) >= 9.0, "{}", age(&m));
+        // Nothing ready: no head, no age.
+        m.age_head("delivery.interactive", 0);
+        assert_eq!(age(&m), 0.0);
+        // A queue this process never took from is left alone.
+        m.age_head("delivery.bulk", 5);
+        assert!(!m.render().contains("queue=\"delivery.bulk\""));
+        assert!(m
+            .render()
+            .contains("stampede_queue_consumed_messages_total{queue=\"delivery.interactive\"} 1"));
+    }
 
     #[test]
     fn every_delivery_outcome_is_exposed_and_documented() {

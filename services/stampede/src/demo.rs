@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use futures::StreamExt;
-use stampede_backends::queue::{ready_messages, QueueName};
+use stampede_backends::queue::{ready_deliveries, ready_messages, QueueName};
 use stampede_core::activity::public_note;
 use stampede_federation::parked::{self, Parked, Reason};
 use stampede_proto::api::actor_service_client::ActorServiceClient;
@@ -678,9 +678,7 @@ struct Counts {
 impl Counts {
     async fn read(p: &Process) -> anyhow::Result<Self> {
         let q = &*p.backends.queue;
-        let queue = ready_messages(q, QueueName::Delivery)
-            .await
-            .context("queue depth")?
+        let queue = ready_deliveries(q).await.context("queue depth")?
             + ready_messages(q, QueueName::Fanout)
                 .await
                 .context("queue depth")?;

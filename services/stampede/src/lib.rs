@@ -302,9 +302,22 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
         Command::Status => {
             let c = client::Client::connect(server).await?;
             let s = c.status().await?;
-            println!("{:<40} {:>10} {:>10}", "QUEUE", "MESSAGES", "CONSUMERS");
+            println!(
+                "{:<40} {:>10} {:>10} {:>12} {:>9}",
+                "QUEUE", "MESSAGES", "CONSUMERS", "CLASS", "HEAD AGE"
+            );
             for q in &s.queues {
-                println!("{:<40} {:>10} {:>10}", q.queue, q.messages, q.consumers);
+                // Head age: delivery classes only (what a user waits for).
+                let age = if q.class.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.1}s", q.head_age_ms as f64 / 1000.0)
+                };
+                let class = if q.class.is_empty() { "-" } else { &q.class };
+                println!(
+                    "{:<40} {:>10} {:>10} {:>12} {:>9}",
+                    q.queue, q.messages, q.consumers, class, age
+                );
             }
             println!();
             println!("activities   {}", s.activities);

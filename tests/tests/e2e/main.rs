@@ -13,6 +13,7 @@ mod hosts;
 mod inbound;
 mod metrics;
 mod outbound;
+mod priority;
 mod process;
 mod replicas;
 mod trust;

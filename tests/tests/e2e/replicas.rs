@@ -207,7 +207,10 @@ async fn the_limit_settles_under_what_the_host_serves(backend: Backend) {
     }
     let shown = shown.expect("the host in status");
     assert!(shown.limit <= 3 && shown.limit >= 1, "{shown:?}");
-    assert!(shown.deliveries >= 100 && shown.latency_ms >= 90, "{shown:?}");
+    assert!(
+        shown.deliveries >= 100 && shown.latency_ms >= 90,
+        "{shown:?}"
+    );
     app.stop().await;
 }
 

@@ -27,8 +27,15 @@ use crate::{Error, Result};
 /// tier; the longest tier caps it.
 pub const DELAY_TIERS_SECS: &[u64] = &[5, 10, 30, 60, 300, 1800, 3600, 10800, 21600];
 
-/// Queues whose messages can be delayed.
-const DELAYED: [QueueName; 3] = [QueueName::Fanout, QueueName::Delivery, QueueName::Inbound];
+/// Queues whose messages can be delayed: each delivery class has delay
+/// tiers of its own, so a parked job comes back to its own class's queue.
+const DELAYED: [QueueName; 5] = [
+    QueueName::Fanout,
+    QueueName::DeliveryInteractive,
+    QueueName::Delivery,
+    QueueName::DeliveryBulk,
+    QueueName::Inbound,
+];
 
 /// Header carrying why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-stampede-reason";
@@ -543,6 +550,7 @@ impl Consumer for AmqpConsumer {
             self.current = None;
         };
         Some(Ok(Incoming {
+            queue: self.name,
             kind: d.properties.kind().as_ref().map(|k| k.as_str().to_string()),
             payload: Bytes::from(d.data),
             redelivered: d.redelivered,

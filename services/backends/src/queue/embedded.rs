@@ -134,7 +134,7 @@ impl Lane {
 struct Inner {
     db: Db,
     namespace: String,
-    lanes: [Lane; 5],
+    lanes: [Lane; QueueName::ALL.len()],
 }
 
 fn lane_index(q: QueueName) -> usize {
@@ -144,6 +144,8 @@ fn lane_index(q: QueueName) -> usize {
         QueueName::Dead => 2,
         QueueName::Inbound => 3,
         QueueName::App => 4,
+        QueueName::DeliveryInteractive => 5,
+        QueueName::DeliveryBulk => 6,
     }
 }
 
@@ -443,6 +445,7 @@ impl Consumer for EmbeddedConsumer {
                 st.promote(now_ms());
                 if let Some(msg) = st.ready.pop_front() {
                     return Some(Ok(Incoming {
+                        queue: self.name,
                         kind: msg.kind.clone(),
                         payload: msg.payload.clone(),
                         redelivered: msg.redelivered,

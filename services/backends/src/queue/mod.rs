@@ -9,6 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use stampede_proto::queue::DeliveryClass;
+
 use crate::Result;
 
 pub mod amqp;
@@ -19,8 +21,15 @@ pub mod embedded;
 pub enum QueueName {
     /// ingest -> fanout: `FanoutJob`.
     Fanout,
-    /// fanout -> delivery: `DeliveryJob`.
+    /// fanout -> delivery: `DeliveryJob` of the `normal` class (the queue
+    /// every delivery job went to before classes: its name is kept).
     Delivery,
+    /// fanout -> delivery: `DeliveryJob` of the `interactive` class
+    /// (Accept, Reject, Follow, Undo, DMs and mentions).
+    DeliveryInteractive,
+    /// fanout -> delivery: `DeliveryJob` of the `bulk` class (fanouts to a
+    /// large audience, retries).
+    DeliveryBulk,
     /// Messages that could not be processed, with the reason.
     Dead,
     /// ingest -> inbox: `InboundJob`.
@@ -32,9 +41,11 @@ pub enum QueueName {
 
 impl QueueName {
     /// Every queue, for declaring and for status.
-    pub const ALL: [QueueName; 5] = [
+    pub const ALL: [QueueName; 7] = [
         QueueName::Fanout,
+        QueueName::DeliveryInteractive,
         QueueName::Delivery,
+        QueueName::DeliveryBulk,
         QueueName::Dead,
         QueueName::Inbound,
         QueueName::App,
@@ -45,10 +56,48 @@ impl QueueName {
         match self {
             QueueName::Fanout => "fanout",
             QueueName::Delivery => "delivery",
+            QueueName::DeliveryInteractive => "delivery.interactive",
+            QueueName::DeliveryBulk => "delivery.bulk",
             QueueName::Dead => "dead",
             QueueName::Inbound => "inbound",
             QueueName::App => "app",
         }
+    }
+
+    /// The delivery queues, one per class, in priority order.
+    pub const DELIVERY: [QueueName; 3] = [
+        QueueName::DeliveryInteractive,
+        QueueName::Delivery,
+        QueueName::DeliveryBulk,
+    ];
+
+    /// The delivery queue of a class.
+    pub fn delivery(class: DeliveryClass) -> QueueName {
+        match class {
+            DeliveryClass::Interactive => QueueName::DeliveryInteractive,
+            DeliveryClass::Normal => QueueName::Delivery,
+            DeliveryClass::Bulk => QueueName::DeliveryBulk,
+        }
+    }
+
+    /// The class of a delivery queue; `None` for the other queues.
+    pub fn delivery_class(self) -> Option<DeliveryClass> {
+        match self {
+            QueueName::DeliveryInteractive => Some(DeliveryClass::Interactive),
+            QueueName::Delivery => Some(DeliveryClass::Normal),
+            QueueName::DeliveryBulk => Some(DeliveryClass::Bulk),
+            _ => None,
+        }
+    }
+}
+
+/// The name of a delivery class in configuration, metrics and status
+/// (`interactive`, `normal`, `bulk`).
+pub fn class_name(class: DeliveryClass) -> &'static str {
+    match class {
+        DeliveryClass::Interactive => "interactive",
+        DeliveryClass::Normal => "normal",
+        DeliveryClass::Bulk => "bulk",
     }
 }
 
@@ -86,6 +135,9 @@ pub trait Acker: Send + Sync {
 
 /// A message received from a queue.
 pub struct Incoming {
+    /// The queue it was taken from (a worker consuming several, as
+    /// delivery does one per class, tells them apart by it).
+    pub queue: QueueName,
     /// The `type` property, when set.
     pub kind: Option<String>,
     /// The payload.
@@ -107,6 +159,7 @@ pub struct Incoming {
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Incoming")
+            .field("queue", &self.queue)
             .field("kind", &self.kind)
             .field("len", &self.payload.len())
             .field("redelivered", &self.redelivered)
@@ -151,6 +204,16 @@ pub async fn ready_messages(q: &dyn Queue, name: QueueName) -> Result<u64> {
         .into_iter()
         .find(|d| d.name == name)
         .map_or(0, |d| d.messages))
+}
+
+/// Ready messages in the delivery queues of every class together.
+pub async fn ready_deliveries(q: &dyn Queue) -> Result<u64> {
+    Ok(q.depths()
+        .await?
+        .into_iter()
+        .filter(|d| d.name.delivery_class().is_some())
+        .map(|d| d.messages)
+        .sum())
 }
 
 /// The broker.

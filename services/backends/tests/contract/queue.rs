@@ -28,6 +28,7 @@ macro_rules! queue_test_suite {
                 prefetch_bounds_the_unacknowledged_messages,
                 a_delayed_message_waits_for_its_delay,
                 a_delay_is_never_shortened,
+                each_delivery_class_has_its_own_queue_and_delays,
                 dead_letter_carries_the_reason_and_the_source,
                 an_accepted_event_reaches_the_app_queue_only,
                 ack_with_event_publishes_the_event_and_acknowledges,
@@ -315,6 +316,47 @@ async fn a_delay_is_never_shortened(q: Arc<dyn Queue>) {
         );
     }
     assert_eq!(ready_messages(&*q, QueueName::Delivery).await.unwrap(), 0);
+}
+
+/// The three delivery classes are three queues, each with delays of its
+/// own: a job delayed (parked) in a class comes back to that class's queue
+/// and to no other.
+async fn each_delivery_class_has_its_own_queue_and_delays(q: Arc<dyn Queue>) {
+    use stampede_backends::queue::{class_name, ready_deliveries};
+    use stampede_proto::queue::DeliveryClass;
+    let names = full_names(&*q).await;
+    for (class, suffix) in [
+        (DeliveryClass::Interactive, "delivery.interactive"),
+        (DeliveryClass::Normal, "delivery"),
+        (DeliveryClass::Bulk, "delivery.bulk"),
+    ] {
+        let name = QueueName::delivery(class);
+        assert_eq!(name.suffix(), suffix);
+        assert_eq!(name.delivery_class(), Some(class));
+        assert!(names[&name].ends_with(&format!(".{suffix}")), "{names:?}");
+        q.publish_delayed(
+            name,
+            msg(class_name(class).as_bytes()),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(QueueName::Fanout.delivery_class(), None);
+    assert_eq!(ready_deliveries(&*q).await.unwrap(), 0);
+    for name in QueueName::DELIVERY {
+        ready_becomes(&*q, name, 1).await;
+    }
+    assert_eq!(ready_deliveries(&*q).await.unwrap(), 3);
+    for name in QueueName::DELIVERY {
+        let mut c = q.consume(name, 10).await.unwrap();
+        let m = next(&mut c).await;
+        let class = name.delivery_class().map(class_name).unwrap();
+        assert_eq!(text(&m), class, "consumed from {name:?}");
+        assert_eq!(m.queue, name);
+        m.acker.ack().await.unwrap();
+        nothing(&mut c, QUIET).await;
+    }
 }
 
 async fn a_delayed_message_waits_for_its_delay(q: Arc<dyn Queue>) {

@@ -61,7 +61,10 @@ pub(super) async fn run(a: FanoutArgs) -> anyhow::Result<()> {
         "stampede bench fanout: one activity to {} followers on {} hosts, backend {:?}",
         a.followers, a.hosts, a.common.backend
     );
-    let d = deploy(a.common.backend, Services::FanoutOnly, &[]).await?;
+    // Fanout alone, nothing draining its jobs: no bound on the bulk queue
+    // (the bench measures expansion, not backpressure).
+    let no_bound = [("STAMPEDE_BULK_QUEUE_BOUND", "0".to_string())];
+    let d = deploy(a.common.backend, Services::FanoutOnly, &no_bound).await?;
     let result = measure(&a, &d).await;
     stop(d).await?;
     let r = result?;
@@ -172,8 +175,12 @@ async fn measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_json::V
     )
     .await?;
     let deadline = started + Duration::from_secs(a.common.timeout_secs);
+    // The class's queue its jobs go to (bulk beyond STAMPEDE_BULK_AUDIENCE).
+    let followers = Some(a.followers as u64);
+    let class = stampede_fanout::classify(&d.process.cfg, "Create", 0, followers);
+    let queue = QueueName::delivery(class);
     let depth = || async {
-        ready_messages(&*d.process.backends.queue, QueueName::Delivery)
+        ready_messages(&*d.process.backends.queue, queue)
             .await
             .unwrap_or(0)
     };
@@ -195,7 +202,7 @@ async fn measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_json::V
         ..Default::default()
     };
     let job_bytes = prost::Message::encoded_len(&job);
-    let broker = broker_bytes_per_message(d, QueueName::Delivery).await;
+    let broker = broker_bytes_per_message(d, queue).await;
     let ok = final_depth == targets as u64;
     let rate = a.followers as f64 / seconds.max(1e-9);
     let ceiling = a.followers as f64 / scan_secs.max(1e-9);
