@@ -239,11 +239,15 @@ impl Delivery {
                 }
             }
         }
+        let asked = Instant::now();
         let (slot, health, gate) = match self.slots.acquire(cfg, host).await? {
             Acquired::Slot(slot, health, gate) => (slot, health, gate),
             Acquired::Park(wait) => return self.park(job, wait, Reason::Saturated).await,
             Acquired::Gate(gate, _) => return self.not_now(job, host, gate).await,
         };
+        if slot.waited {
+            m.slot_wait_seconds.observe(asked.elapsed().as_secs_f64());
+        }
         let mut class = "normal";
         if slot.limit < cfg.host_concurrency {
             class = "ramping";
@@ -490,8 +494,19 @@ impl Delivery {
                 _ => hosts::cut_limit(b, cfg, host, false, sent_ms).await,
             }
         };
-        if let Err(e) = changed {
-            tracing::warn!(inbox_host = %host, error = %e, "moving the host's limit failed");
+        match changed {
+            Ok(Some(_)) => {
+                let direction = if ok { "grown" } else { "cut" };
+                self.p
+                    .metrics
+                    .host_limit_changes
+                    .get_or_create(&[("direction", direction)])
+                    .inc();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(inbox_host = %host, error = %e, "moving the host's limit failed")
+            }
         }
     }
 

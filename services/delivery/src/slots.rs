@@ -124,6 +124,8 @@ pub struct Slot {
     slow: bool,
     /// The limit when taken.
     pub limit: usize,
+    /// Whether the job waited here for it.
+    pub waited: bool,
 }
 
 impl Local {
@@ -380,6 +382,7 @@ impl Slots {
                         holder: Some(holder),
                         slow,
                         limit: leased.limit.max(1) as usize,
+                        waited: waiting,
                     };
                     return Ok(Acquired::Slot(slot, state, gate));
                 }
@@ -393,6 +396,7 @@ impl Slots {
                         holder: None,
                         slow,
                         limit: 1,
+                        waited: waiting,
                     };
                     if waiting {
                         give_back(false, true);

@@ -166,6 +166,12 @@ pub struct Metrics {
     pub fanout_paused: Counter,
     /// Deliveries in flight by host class (`normal`, `ramping`, `probe`).
     pub delivery_in_flight: Family<Label, Gauge>,
+    /// Changes of hosts' adaptive limits by this worker: `cut` (429, 5xx,
+    /// timeout) and `grown` (a round of fast successes).
+    pub host_limit_changes: Family<Label, Counter>,
+    /// Jobs that waited in the worker for a host's slot, and how long
+    /// (seconds): the waits that used to be 5 s parks.
+    pub slot_wait_seconds: Histogram,
     /// Remote hosts whose deliveries are failing (sampled from the store).
     pub hosts_failing: Gauge,
     /// Follower inboxes fanout did not queue, by reason (`blocked`: a
@@ -278,6 +284,18 @@ impl Metrics {
             "Deliveries in flight by host class (normal, ramping, probe)",
             delivery_in_flight.clone(),
         );
+        let host_limit_changes = Family::<Label, Counter>::default();
+        registry.register(
+            "host_limit_changes",
+            "Changes of hosts' adaptive concurrency limits (cut, grown)",
+            host_limit_changes.clone(),
+        );
+        let slot_wait_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "delivery_slot_wait_seconds",
+            "Time a delivery waited in the worker for a slot of its host",
+            slot_wait_seconds.clone(),
+        );
         let hosts_failing = Gauge::default();
         registry.register(
             "hosts_failing",
@@ -306,6 +324,8 @@ impl Metrics {
             fanout_classes,
             fanout_paused,
             delivery_in_flight,
+            host_limit_changes,
+            slot_wait_seconds,
             hosts_failing,
             registry,
             key_cache,
