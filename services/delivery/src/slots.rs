@@ -254,8 +254,12 @@ impl Slots {
         if self.0.flush_armed.swap(true, Ordering::AcqRel) {
             return;
         }
+        // A slot dropped while the runtime shuts down: its lease expires.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let s = self.clone();
-        tokio::spawn(async move {
+        rt.spawn(async move {
             tokio::time::sleep(RELEASE_DELAY).await;
             s.0.flush_armed.store(false, Ordering::Release);
             s.flush().await;
