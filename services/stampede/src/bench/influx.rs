@@ -830,6 +830,10 @@ async fn sample_queues(
     }
 }
 
+/// What one fake server accepted: copies per (inbox path, activity id),
+/// and when the first reached it.
+type Got = HashMap<(String, String), (u32, Instant)>;
+
 /// What every live inbox should get: per host, (inbox path, activity id),
 /// and the new followers' inboxes, each owed an Accept.
 struct Expected {
@@ -900,7 +904,7 @@ impl Expected {
     }
 
     /// Copies missing in a snapshot of every host.
-    fn missing_in(&self, snapshot: &[HashMap<(String, String), (u32, Instant)>]) -> usize {
+    fn missing_in(&self, snapshot: &[Got]) -> usize {
         let empty = HashMap::new();
         self.hosts()
             .into_iter()
@@ -908,7 +912,7 @@ impl Expected {
             .sum()
     }
 
-    fn missing_at(&self, host: usize, got: &HashMap<(String, String), (u32, Instant)>) -> usize {
+    fn missing_at(&self, host: usize, got: &Got) -> usize {
         let copies = self.copies.get(&host).map_or(0, |want| {
             want.iter().filter(|k| !got.contains_key(*k)).count()
         });
@@ -927,10 +931,7 @@ impl Expected {
     }
 
     /// When the last expected copy of a post arrived.
-    fn last_post_arrival(
-        &self,
-        snapshot: &[HashMap<(String, String), (u32, Instant)>],
-    ) -> Option<Instant> {
+    fn last_post_arrival(&self, snapshot: &[Got]) -> Option<Instant> {
         self.copies
             .iter()
             .flat_map(|(h, want)| {
@@ -1086,8 +1087,8 @@ mod tests {
         let kinds = plan_hosts(&a);
         let n = |k: &str| kinds.iter().filter(|h| h.name() == k).count();
         assert_eq!((n("dead"), n("slow"), n("limited")), (100, 100, 10));
-        assert!(kinds[..1000].iter().any(|k| *k == HostKind::Dead));
-        assert!(kinds[1000..].iter().any(|k| *k == HostKind::Dead));
+        assert!(kinds[..1000].contains(&HostKind::Dead));
+        assert!(kinds[1000..].contains(&HostKind::Dead));
         for k in &kinds {
             if let HostKind::Slow(d) = k {
                 assert!((2_000..=5_000).contains(&(d.as_millis() as u64)), "{d:?}");
