@@ -294,6 +294,16 @@ impl Sink {
 
     /// Count-only mode: accepted copies at server `i` per (path, activity id).
     pub fn accepted_copies(&self, i: usize) -> HashMap<(String, String), u32> {
+        self.accepted_at(i)
+            .into_iter()
+            .map(|(k, (n, _))| (k, n))
+            .collect()
+    }
+
+    /// Count-only mode: accepted copies at server `i` per (path, activity
+    /// id), with when the first of them reached the server: its receipt,
+    /// before a slow server's answer.
+    pub fn accepted_at(&self, i: usize) -> HashMap<(String, String), (u32, std::time::Instant)> {
         self.servers
             .get(i)
             .and_then(|s| s.state.accepted.lock().ok().map(|a| a.clone()))

@@ -64,8 +64,9 @@ pub(crate) struct ServerState {
     pub(crate) seq: Arc<AtomicUsize>,
     pub(crate) total: AtomicUsize,
     pub(crate) unverified: AtomicUsize,
-    /// Count-only mode: accepted copies per (path, activity id).
-    pub(crate) accepted: Mutex<HashMap<(String, String), u32>>,
+    /// Count-only mode: accepted copies per (path, activity id), and when
+    /// the first of them reached the server (before a slow one's answer).
+    pub(crate) accepted: Mutex<HashMap<(String, String), (u32, std::time::Instant)>>,
     /// Count-only mode: when each accepted POST arrived.
     pub(crate) arrivals: Mutex<Vec<std::time::Instant>>,
     /// Documents served instead of the generated ones, by path: a hostile
@@ -234,6 +235,7 @@ async fn inbox(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Infallible> {
+    let reached = std::time::Instant::now();
     let (_in_flight, now_in_flight) = InFlight::enter(&s);
     let behavior = s.behavior.lock().map(|b| b.clone()).unwrap_or(Behavior::Ok);
     let over_limit = match behavior {
@@ -283,7 +285,7 @@ async fn inbox(
                 .unwrap_or_default()
                 .into_owned();
             if let Ok(mut a) = s.accepted.lock() {
-                *a.entry((path, id)).or_insert(0) += 1;
+                a.entry((path, id)).or_insert((0, reached)).0 += 1;
             }
             if let Ok(mut a) = s.arrivals.lock() {
                 a.push(std::time::Instant::now());

@@ -1,6 +1,8 @@
 //! The benchmarks at tiny sizes (delivery, fanout, ingest with its kill -9,
-//! inbound with both signature schemes): they run, on both backend sets, and their
-//! correctness checks pass (the numbers are not looked at here).
+//! inbound with both signature schemes, influx also with delivery in two
+//! processes): they run, on both backend sets, and their correctness checks
+//! pass (the numbers are not looked at here); influx's checks fail the
+//! bench when violated.
 use std::time::Duration;
 
 use tokio::process::Command;
@@ -10,6 +12,17 @@ use crate::helpers::{admin_db_url, amqp_url, redis_url, succeeded, Backend};
 const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
 
 async fn bench(backend: Backend, args: &[&str]) -> serde_json::Value {
+    let (out, v) = bench_output(backend, args).await;
+    succeeded(&out);
+    v.unwrap()
+}
+
+/// Runs `stampede bench ARGS --json FILE` on `backend`: how it ended, and
+/// the JSON it wrote (if it wrote any).
+async fn bench_output(
+    backend: Backend,
+    args: &[&str],
+) -> (std::process::Output, Option<serde_json::Value>) {
     let json = std::env::temp_dir().join(format!("stampede-bench-{}.json", uuid::Uuid::new_v4()));
     let mut c = Command::new(BIN);
     c.arg("bench")
@@ -29,10 +42,11 @@ async fn bench(backend: Backend, args: &[&str]) -> serde_json::Value {
         .await
         .unwrap()
         .unwrap();
-    succeeded(&out);
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    std::fs::remove_file(&json).unwrap();
-    v
+    let v = std::fs::read(&json)
+        .ok()
+        .map(|b| serde_json::from_slice(&b).unwrap());
+    let _ = std::fs::remove_file(&json);
+    (out, v)
 }
 
 async fn every_bench_runs_small_and_passes_its_check(backend: Backend) {
@@ -122,6 +136,117 @@ async fn every_bench_runs_small_and_passes_its_check(backend: Backend) {
 }
 
 crate::both_backends!(every_bench_runs_small_and_passes_its_check);
+
+/// `bench influx` at a tiny size: 2 actors x 300 followers over 40 hosts
+/// (2 dead, 1 answering 429 above 3 at once), 2 posts each, 40 Follows and
+/// 5 DMs over 3 s. Slow hosts are left out here: one answering in 2 to 5 s
+/// holds a tiny run's drain for a minute (the bench's defaults have them).
+const INFLUX: [&str; 17] = [
+    "influx",
+    "--actors",
+    "2",
+    "--followers",
+    "300",
+    "--hosts",
+    "40",
+    "--posts",
+    "2",
+    "--follows",
+    "40",
+    "--dms",
+    "5",
+    "--storm-secs",
+    "3",
+    "--slow-pct",
+    "0",
+];
+
+fn influx_passed(v: &serde_json::Value, replicas: u64) {
+    assert_eq!(v["check"]["ok"], true, "{}", v["check"]);
+    assert_eq!(v["delivery_replicas"], replicas);
+    assert_eq!(v["hosts"]["dead"], 2);
+    assert_eq!(v["hosts"]["limited"], 1);
+    // 2 posts of each actor to its live followers (5 % on dead hosts), 40
+    // Accepts and 5 DMs.
+    let expected = v["check"]["expected"].as_u64().unwrap();
+    assert!((1100..=1200).contains(&expected), "{expected}");
+    assert_eq!(v["check"]["lost"], 0);
+    assert_eq!(v["check"]["duplicated"], 0);
+    assert!(v["check"]["max_in_flight"].as_u64().unwrap() <= 8);
+    let i = &v["classes"]["interactive"];
+    assert_eq!(i["deliveries"], 45, "{i}");
+    assert!(i["latency_ms"]["p99"].as_f64().unwrap() <= 2000.0, "{i}");
+    let b = &v["classes"]["bulk"];
+    assert!(b["deliveries"].as_u64().unwrap() >= expected - 45, "{b}");
+    assert!(b["drain_secs"].as_f64().unwrap() > 0.0, "{b}");
+    let q = &v["series"]["queues"];
+    let samples = q["t"].as_array().unwrap().len();
+    assert!(samples >= 4, "{q}");
+    for class in ["interactive", "normal", "bulk"] {
+        assert_eq!(q["depth"][class].as_array().unwrap().len(), samples);
+        assert_eq!(q["head_age_ms"][class].as_array().unwrap().len(), samples);
+    }
+    let rate = &v["series"]["delivery_rate"]["per_sec"];
+    let total: f64 = ["interactive", "bulk"]
+        .iter()
+        .flat_map(|c| rate[*c].as_array().unwrap().iter())
+        .map(|r| r.as_f64().unwrap() * 0.5)
+        .sum();
+    assert!(
+        total >= expected as f64,
+        "{total} deliveries in the rate series"
+    );
+}
+
+async fn the_influx_bench_runs_small_and_passes_its_checks(backend: Backend) {
+    let svg = std::env::temp_dir().join(format!("stampede-influx-{}.svg", uuid::Uuid::new_v4()));
+    let mut args = INFLUX.to_vec();
+    args.extend(["--svg", svg.to_str().unwrap()]);
+    let v = bench(backend, &args).await;
+    influx_passed(&v, 0);
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    std::fs::remove_file(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.contains("queue head age per class"));
+    assert!(chart.contains(">interactive</text>") && chart.contains(">bulk</text>"));
+}
+
+crate::both_backends!(the_influx_bench_runs_small_and_passes_its_checks);
+
+/// Delivery as two `stampede serve delivery` processes of the bench's own
+/// against RabbitMQ, Redis and PostgreSQL: the host limit holds across them,
+/// nothing lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_influx_bench_runs_with_two_delivery_processes() {
+    let mut args = INFLUX.to_vec();
+    args.extend(["--delivery-replicas", "2"]);
+    let v = bench(Backend::External, &args).await;
+    influx_passed(&v, 2);
+}
+
+/// A check violated fails the bench, with the check in the message and in
+/// the JSON: here an interactive p99 bound of 0 ms, which no delivery meets.
+/// And delivery replicas need the external backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_influx_bench_fails_when_a_check_is_violated() {
+    let mut args = INFLUX.to_vec();
+    args.extend(["--interactive-p99-ms", "0"]);
+    let (out, v) = bench_output(Backend::Embedded, &args).await;
+    assert!(!out.status.success(), "the bench passed with a 0 ms bound");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("correctness check failed") && err.contains("interactive p99"),
+        "{err}"
+    );
+    let v = v.expect("the JSON is written when the check fails");
+    assert_eq!(v["check"]["ok"], false);
+    assert_eq!(v["check"]["lost"], 0, "only the bound was violated");
+    let mut args = INFLUX.to_vec();
+    args.extend(["--delivery-replicas", "2"]);
+    let (out, _) = bench_output(Backend::Embedded, &args).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--delivery-replicas needs --backend external"));
+}
 
 /// The hard open-file limit of this process, from /proc.
 fn hard_nofile() -> u64 {

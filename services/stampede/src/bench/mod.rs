@@ -1,4 +1,4 @@
-//! `stampede bench delivery|fanout|ingest|inbound`: end-to-end benchmarks
+//! `stampede bench delivery|fanout|ingest|inbound|influx`: end-to-end benchmarks
 //! against this machine's own ceiling, measured first in the same run, with a
 //! correctness check that fails the bench (nothing lost, nothing duplicated).
 //!
@@ -16,9 +16,11 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use crate::scratch::{BackendSet, Deployment, ExternalUrls, Purpose, Scratch, FAKE_SERVERS};
 
+mod chart;
 mod delivery;
 mod fanout;
 mod inbound;
+mod influx;
 mod ingest;
 mod sampling;
 
@@ -42,6 +44,7 @@ impl BenchArgs {
             Which::Fanout(_) => Kind::Fanout,
             Which::Ingest(_) => Kind::Ingest,
             Which::Inbound(_) => Kind::Inbox,
+            Which::Influx(_) => Kind::Delivery,
         })
     }
 }
@@ -58,6 +61,76 @@ enum Which {
     /// Pre-signed inbound activities from many remote actors through the
     /// edge, the queue and verification to the application's stream.
     Inbound(InboundArgs),
+    /// The seed's story compressed: local actors with many followers on
+    /// thousands of fake hosts (some dead, slow or 429ing) post while a
+    /// follow storm arrives and DMs are sent; per-class latency, queue head
+    /// age and delivery rate over time, host concurrency against its limit.
+    Influx(InfluxArgs),
+}
+
+#[derive(Debug, Args)]
+struct InfluxArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Local actors posting.
+    #[arg(long, default_value_t = 3)]
+    actors: usize,
+    /// Followers of each local actor (each with an inbox of its own).
+    #[arg(long, default_value_t = 10_000)]
+    followers: usize,
+    /// Fake hosts the followers are spread over.
+    #[arg(long, default_value_t = 2_000)]
+    hosts: usize,
+    /// Posts of each actor (public notes to its followers: the bulk class).
+    #[arg(long, default_value_t = 2)]
+    posts: usize,
+    /// Signed Follows from remote actors to the local ones through the
+    /// inbox edge, each answered with an Accept (the interactive class).
+    #[arg(long, default_value_t = 2_000)]
+    follows: usize,
+    /// Direct messages to one remote actor each, sent between the posts
+    /// (the interactive class).
+    #[arg(long, default_value_t = 50)]
+    dms: usize,
+    /// The posts, the Follows and the DMs are spread evenly over this many
+    /// seconds.
+    #[arg(long, default_value_t = 10.0)]
+    storm_secs: f64,
+    /// Percentage of hosts down (not listening).
+    #[arg(long, default_value_t = 5.0)]
+    dead_pct: f64,
+    /// Percentage of hosts answering in 2 to 5 s.
+    #[arg(long, default_value_t = 5.0)]
+    slow_pct: f64,
+    /// Percentage of hosts that serve `--limited-concurrency` requests at
+    /// once and answer 429 to more (at least one host when above 0).
+    #[arg(long, default_value_t = 0.5)]
+    limited_pct: f64,
+    /// Requests a limited host serves at once.
+    #[arg(long, default_value_t = 3)]
+    limited_concurrency: usize,
+    /// Cluster-wide limit of requests in flight to one host
+    /// (STAMPEDE_HOST_CONCURRENCY); the bench fails if a host saw more.
+    #[arg(long, default_value_t = 8)]
+    host_limit: usize,
+    /// The bench fails when the interactive class's p99 (Publish or Follow
+    /// to the remote server's receipt) is above this.
+    #[arg(long, default_value_t = 2_000)]
+    interactive_p99_ms: u64,
+    /// Run delivery as this many `stampede serve delivery` processes
+    /// (--backend external only); 0: delivery in this process with the rest.
+    #[arg(long, default_value_t = 0)]
+    delivery_replicas: usize,
+    /// STAMPEDE_RETRY_SCHEDULE_SECS for the run (the default schedule when
+    /// not given): a 429 or a failure comes back after its first delay.
+    #[arg(long)]
+    retry_schedule_secs: Option<String>,
+    /// The fake servers verify every Nth signature (1: all).
+    #[arg(long, default_value_t = 10)]
+    verify_every: usize,
+    /// Draw queue head age and delivery rate per class over time as SVG here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +241,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Fanout(a) => fanout::run(a).await,
         Which::Ingest(a) => ingest::run(a).await,
         Which::Inbound(a) => inbound::run(a).await,
+        Which::Influx(a) => influx::run(a).await,
     }
 }
 

@@ -217,6 +217,12 @@ impl BenchSink {
         Ok(Self { sink, rt })
     }
 
+    /// The runtime the fake servers run on: what they send (Follows) is
+    /// spawned there too, apart from stampede's runtime.
+    pub(super) fn handle(&self) -> tokio::runtime::Handle {
+        self.rt.handle().clone()
+    }
+
     pub(super) fn stop(self) {
         self.sink.shutdown();
         drop(self.sink);
