@@ -240,7 +240,8 @@ impl Delivery {
             }
         }
         let asked = Instant::now();
-        let (slot, health, gate) = match self.slots.acquire(cfg, host).await? {
+        let interactive = job.class == DeliveryClass::Interactive as i32;
+        let (slot, health, gate) = match self.slots.acquire(cfg, host, interactive).await? {
             Acquired::Slot(slot, health, gate) => (slot, health, gate),
             Acquired::Park(wait) => return self.park(job, wait, Reason::Saturated).await,
             Acquired::Gate(gate, _) => return self.not_now(job, host, gate).await,

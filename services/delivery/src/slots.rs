@@ -6,6 +6,11 @@
 //! sent with the next round trip this worker makes (or within a few
 //! milliseconds when none comes), so a delivery costs one round trip.
 //!
+//! Bulk and normal jobs leave one of a host's slots (when its limit is 2 or
+//! more) to interactive ones, which are never parked for a full or slow
+//! host: an `Accept` or a DM goes out with the next request to a host
+//! however much of a fanout is queued for it.
+//!
 //! A job whose host has no free slot waits here, woken when this worker
 //! frees one of the host's slots or, for slots other workers free, by
 //! polling: a burst to one host waits milliseconds, never a park. Waiting
@@ -280,7 +285,12 @@ impl Slots {
     /// A slot for `host` with its state, read in one round trip: now, or
     /// after waiting for one while the worker can hold the job; the gate
     /// when the host takes no delivery now; otherwise how long to park.
-    pub async fn acquire(&self, cfg: &Config, host: &str) -> stampede_runtime::Result<Acquired> {
+    pub async fn acquire(
+        &self,
+        cfg: &Config,
+        host: &str,
+        interactive: bool,
+    ) -> stampede_runtime::Result<Acquired> {
         let inner = &self.0;
         let holder = format!(
             "{}:{}",
@@ -298,6 +308,9 @@ impl Slots {
         loop {
             match self.speed(host) {
                 Speed::Fast | Speed::First => break,
+                // An interactive job (an `Accept`, a DM) is never parked for
+                // a slow host: it waits for the slot kept for it.
+                Speed::Slow | Speed::Pending if interactive => break,
                 // Its first answer is due: it shows the host fast within
                 // milliseconds, or slow within `FIRST_ANSWER`.
                 Speed::Pending => {}
@@ -347,6 +360,7 @@ impl Slots {
             let take = Take {
                 holder: &holder,
                 max: cfg.host_concurrency,
+                reserve: u32::from(!interactive),
             };
             let read = hosts::read(&inner.b, host, Some(take), &release).await;
             let (state, leased) = match read {
@@ -425,7 +439,7 @@ impl Slots {
             let limit = leased.limit.max(1) as usize;
             if !waiting {
                 let expected = self.expected_wait(host, limit);
-                if expected > SHORT_WAIT && !slow {
+                if expected > SHORT_WAIT && !slow && !interactive {
                     slow = self.take_slow();
                     if !slow {
                         return Ok(Acquired::Park(expected.clamp(PARK_MIN, PARK_MAX)));
@@ -565,30 +579,35 @@ mod tests {
     #[tokio::test]
     async fn two_workers_share_a_hosts_limit_and_a_waiter_gets_a_freed_slot() {
         let dir = std::env::temp_dir().join(format!("stampede-slots-{}", uuid::Uuid::new_v4()));
-        let c = cfg(&dir, "2");
+        // A limit of 3: 2 for these, 1 kept for interactive deliveries.
+        let c = cfg(&dir, "3");
         let b = Backends::open(&c, "test").await.unwrap();
         let stop = CancellationToken::new();
         let one = Slots::new(b.clone(), 64, Duration::from_secs(1), stop.clone());
         let two = Slots::new(b.clone(), 64, Duration::from_secs(1), stop.clone());
-        let a = slot(one.acquire(&c, "h").await.unwrap());
-        let _b = slot(two.acquire(&c, "h").await.unwrap());
+        let a = slot(one.acquire(&c, "h", false).await.unwrap());
+        let _b = slot(two.acquire(&c, "h", false).await.unwrap());
         // Full for both: a waiter on worker two gets worker one's slot.
         let waiter = {
             let (two, c) = (two.clone(), c.clone());
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
-                let s = slot(two.acquire(&c, "h").await.unwrap());
+                let s = slot(two.acquire(&c, "h", false).await.unwrap());
                 (started.elapsed(), s)
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         let counts = b.cache.lease_counts(&[hosts_slots("h")]).await.unwrap();
         assert_eq!(counts, [2]);
+        // An interactive delivery takes the slot kept for it at once.
+        let dm = slot(one.acquire(&c, "h", true).await.unwrap());
+        assert!(!dm.waited);
+        drop(dm);
         drop(a);
         let (waited, _s) = waiter.await.unwrap();
         assert!(waited < Duration::from_millis(600), "{waited:?}");
         // Other hosts are not affected.
-        let _other = slot(one.acquire(&c, "other").await.unwrap());
+        let _other = slot(one.acquire(&c, "other", false).await.unwrap());
         stop.cancel();
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -603,41 +622,45 @@ mod tests {
         let stop = CancellationToken::new();
         // A prefetch of 4: slow hosts hold at most 2.
         let s = Slots::new(b.clone(), 4, Duration::from_secs(1), stop.clone());
-        let first = slot(s.acquire(&c, "h").await.unwrap());
+        let first = slot(s.acquire(&c, "h", false).await.unwrap());
         assert!(!s.finished(&first, Duration::from_secs(2), true), "slow");
         drop(first);
-        let fast = slot(s.acquire(&c, "g").await.unwrap());
+        let fast = slot(s.acquire(&c, "g", false).await.unwrap());
         s.finished(&fast, Duration::from_millis(10), true);
         drop(fast);
         // A first request goes out to learn the host's speed; one that
         // stays unanswered makes the host slow.
-        let unknown = slot(s.acquire(&c, "u").await.unwrap());
+        let unknown = slot(s.acquire(&c, "u", false).await.unwrap());
         assert_eq!(s.0.slow_held.load(Ordering::Relaxed), 0);
         assert_eq!(s.speed("u"), Speed::Pending);
         tokio::time::sleep(FIRST_ANSWER).await;
         assert_eq!(s.speed("u"), Speed::Slow);
-        let held = slot(s.acquire(&c, "h").await.unwrap());
+        let held = slot(s.acquire(&c, "h", false).await.unwrap());
         let waiter = {
             let (s, c) = (s.clone(), c.clone());
-            tokio::spawn(async move { matches!(s.acquire(&c, "h").await, Ok(Acquired::Slot(..))) })
+            tokio::spawn(async move {
+                matches!(s.acquire(&c, "h", false).await, Ok(Acquired::Slot(..)))
+            })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(s.0.slow_held.load(Ordering::Relaxed), 2);
-        match s.acquire(&c, "h").await.unwrap() {
+        match s.acquire(&c, "h", false).await.unwrap() {
             Acquired::Park(d) => assert!(d >= PARK_MIN, "{d:?}"),
             _ => panic!("not parked"),
         }
         // The unanswered host's next job finds no share left.
         assert!(matches!(
-            s.acquire(&c, "u").await.unwrap(),
+            s.acquire(&c, "u", false).await.unwrap(),
             Acquired::Park(_)
         ));
         drop(unknown);
         // A fast host is not affected, and a burst to it waits, not parks.
-        let g = slot(s.acquire(&c, "g").await.unwrap());
+        let g = slot(s.acquire(&c, "g", false).await.unwrap());
         let g_waiter = {
             let (s, c) = (s.clone(), c.clone());
-            tokio::spawn(async move { matches!(s.acquire(&c, "g").await, Ok(Acquired::Slot(..))) })
+            tokio::spawn(async move {
+                matches!(s.acquire(&c, "g", false).await, Ok(Acquired::Slot(..)))
+            })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(g);

@@ -204,6 +204,9 @@ pub struct Take<'a> {
     pub holder: &'a str,
     /// `STAMPEDE_HOST_CONCURRENCY`.
     pub max: usize,
+    /// Slots of the host's limit this take leaves for interactive
+    /// deliveries (an `Accept`, a DM), which reserve none.
+    pub reserve: u32,
 }
 
 /// In one round trip: releases `release` (slot semaphore, holder), reads
@@ -229,6 +232,7 @@ pub async fn read(
         holder: t.holder,
         limit: t.max.min(u32::MAX as usize) as u32,
         limit_key: Some(&limit_key),
+        reserve: t.reserve,
         ttl: SLOT_LEASE,
     });
     let mut leased = b.cache.lease(release, &keys, lease).await?;

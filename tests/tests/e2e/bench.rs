@@ -141,7 +141,10 @@ crate::both_backends!(every_bench_runs_small_and_passes_its_check);
 /// (2 dead, 1 answering 429 above 3 at once), 2 posts each, 40 Follows and
 /// 5 DMs over 3 s. Slow hosts are left out here: one answering in 2 to 5 s
 /// holds a tiny run's drain for a minute (the bench's defaults have them).
-const INFLUX: [&str; 17] = [
+/// The interactive bound is the bench's target (2 s) in BENCHMARKS.md; a
+/// debug build beside other tests gets 10 s (the check itself is tested
+/// below with a bound nothing meets).
+const INFLUX: [&str; 19] = [
     "influx",
     "--actors",
     "2",
@@ -159,6 +162,8 @@ const INFLUX: [&str; 17] = [
     "3",
     "--slow-pct",
     "0",
+    "--interactive-p99-ms",
+    "10000",
 ];
 
 fn influx_passed(v: &serde_json::Value, replicas: u64) {
@@ -175,7 +180,7 @@ fn influx_passed(v: &serde_json::Value, replicas: u64) {
     assert!(v["check"]["max_in_flight"].as_u64().unwrap() <= 8);
     let i = &v["classes"]["interactive"];
     assert_eq!(i["deliveries"], 45, "{i}");
-    assert!(i["latency_ms"]["p99"].as_f64().unwrap() <= 2000.0, "{i}");
+    assert!(i["latency_ms"]["p99"].as_f64().unwrap() <= 10_000.0, "{i}");
     let b = &v["classes"]["bulk"];
     assert!(b["deliveries"].as_u64().unwrap() >= expected - 45, "{b}");
     assert!(b["drain_secs"].as_f64().unwrap() > 0.0, "{b}");
@@ -228,7 +233,8 @@ async fn the_influx_bench_runs_with_two_delivery_processes() {
 /// And delivery replicas need the external backends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_influx_bench_fails_when_a_check_is_violated() {
-    let mut args = INFLUX.to_vec();
+    // INFLUX but its bound.
+    let mut args = INFLUX[..INFLUX.len() - 2].to_vec();
     args.extend(["--interactive-p99-ms", "0"]);
     let (out, v) = bench_output(Backend::Embedded, &args).await;
     assert!(!out.status.success(), "the bench passed with a 0 ms bound");

@@ -110,7 +110,8 @@ async fn replicas_share_a_hosts_limit(replicas: usize) {
         "{} requests at once for a limit of 4",
         sink.max_in_flight(0)
     );
-    assert_eq!(sink.max_in_flight(0), 4, "the limit was used");
+    // One of the 4 is kept for interactive deliveries (none here).
+    assert_eq!(sink.max_in_flight(0), 3, "the limit was used");
     // What was left at 4 at a time, 250 ms each, plus the killed worker's
     // leases expiring (8 s) and its jobs coming back from the broker.
     let left = (total - total / 3) as f64 / 4.0 * 0.25;
@@ -206,7 +207,8 @@ async fn the_limit_settles_under_what_the_host_serves(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let shown = shown.expect("the host in status");
-    assert!(shown.limit <= 3 && shown.limit >= 1, "{shown:?}");
+    // The shared limit, one of it kept for interactive deliveries.
+    assert!(shown.limit <= 4 && shown.limit >= 1, "{shown:?}");
     assert!(
         shown.deliveries >= 100 && shown.latency_ms >= 90,
         "{shown:?}"
@@ -245,7 +247,8 @@ async fn the_limit_grows_back_when_the_host_is_fast(backend: Backend) {
         statuses(&sink).0 >= 4 * FOLLOWERS
     })
     .await;
-    assert_eq!(sink.max_in_flight(0), 6, "grew back to the maximum");
+    // The maximum but the one slot kept for interactive deliveries.
+    assert_eq!(sink.max_in_flight(0), 5, "grew back to the maximum");
     app.stop().await;
 }
 

@@ -260,7 +260,10 @@ impl Cache for MemoryCache {
         };
         if let Some(t) = take {
             let now = Instant::now();
-            let limit = lowered.map_or(t.limit, |l| l.min(t.limit));
+            let limit = lowered
+                .map_or(t.limit, |l| l.min(t.limit))
+                .saturating_sub(t.reserve)
+                .max(1);
             let held = leases.entry(t.key.to_string()).or_default();
             held.retain(|_, until| *until > now);
             if (held.len() as u64) < u64::from(limit) {

@@ -26,6 +26,9 @@ pub struct LeaseTake<'a> {
     /// limit to its leading integer divided by 1000 (at least 1), so a limit
     /// that moves (kept in thousandths) is applied in the same round trip.
     pub limit_key: Option<&'a str>,
+    /// This many of the limit are kept for takes that reserve none (while
+    /// the limit is 2 or more; at least one is always left): a priority.
+    pub reserve: u32,
     /// The lease expires this long from now unless renewed.
     pub ttl: Duration,
 }

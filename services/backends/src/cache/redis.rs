@@ -22,7 +22,7 @@ return 0";
 /// [`Cache::lease`]. KEYS: the release semaphores, the keys read, then the
 /// semaphore to take from and its limit key, when given. ARGV: how many
 /// releases, how many reads, the release holders, then holder, limit, ttl
-/// ms and whether a limit key follows. A semaphore is a sorted set of
+/// ms, whether a limit key follows, and the reserve. A semaphore is a sorted set of
 /// holders scored by expiry (the server's clock, the same for every
 /// process). Returns taken, held, limit, then the values read.
 const LEASE: &str = r"
@@ -44,6 +44,7 @@ if sem then
       if n < limit then limit = n end
     end
   end
+  limit = math.max(1, limit - tonumber(ARGV[a + 5]))
   redis.call('ZREMRANGEBYSCORE', sem, '-inf', now)
   local held = redis.call('ZCARD', sem)
   if held < limit then
@@ -307,6 +308,7 @@ impl Cache for RedisCache {
                 Some(lk) => inv.key(self.key(lk)).arg("1"),
                 None => inv.arg("0"),
             };
+            inv.arg(t.reserve);
         }
         let out: Vec<::redis::Value> = inv.invoke_async(&mut c).await?;
         let mut values = Vec::with_capacity(read.len());

@@ -23,6 +23,7 @@ macro_rules! cache_test_suite {
                 a_semaphore_holds_at_most_its_limit_and_releases,
                 a_lease_expires_unless_renewed_and_is_never_revived,
                 a_limit_key_lowers_the_limit_in_the_same_call,
+                a_reserve_keeps_slots_for_takes_without_one,
             );
         }
     };
@@ -231,6 +232,7 @@ fn take<'a>(key: &'a str, holder: &'a str, limit: u32, ttl: Duration) -> Option<
         holder,
         limit,
         limit_key: None,
+        reserve: 0,
         ttl,
     })
 }
@@ -337,6 +339,7 @@ async fn a_limit_key_lowers_the_limit_in_the_same_call(c: Arc<dyn Cache>) {
             holder,
             limit: 8,
             limit_key: Some("limit"),
+            reserve: 0,
             ttl: LONG,
         })
     };
@@ -370,4 +373,39 @@ async fn hash_incr_many_adds_to_every_field(c: Arc<dyn Cache>) {
     let written = Instant::now();
     at(written, ms(400)).await;
     assert!(c.hash_get_all("short").await.unwrap().is_empty(), "expired");
+}
+
+async fn a_reserve_keeps_slots_for_takes_without_one(c: Arc<dyn Cache>) {
+    let take = |holder: &'static str, reserve: u32| {
+        Some(LeaseTake {
+            key: "sem",
+            holder,
+            limit: 3,
+            limit_key: Some("limit"),
+            reserve,
+            ttl: LONG,
+        })
+    };
+    assert!(c.lease(&[], &[], take("a", 1)).await.unwrap().taken);
+    let b = c.lease(&[], &[], take("b", 1)).await.unwrap();
+    assert_eq!((b.taken, b.limit), (true, 2));
+    assert!(
+        !c.lease(&[], &[], take("c", 1)).await.unwrap().taken,
+        "reserved"
+    );
+    assert!(
+        c.lease(&[], &[], take("c", 0)).await.unwrap().taken,
+        "the reserve"
+    );
+    // A limit of 1 (here lowered by the limit key) keeps nothing back.
+    c.lease(
+        &[pair("sem", "a"), pair("sem", "b"), pair("sem", "c")],
+        &[],
+        None,
+    )
+    .await
+    .unwrap();
+    c.set("limit", b"1000", LONG).await.unwrap();
+    let one = c.lease(&[], &[], take("d", 1)).await.unwrap();
+    assert_eq!((one.taken, one.limit), (true, 1));
 }
