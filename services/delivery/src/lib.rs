@@ -250,7 +250,7 @@ impl Delivery {
             m.slot_wait_seconds.observe(asked.elapsed().as_secs_f64());
         }
         let mut class = "normal";
-        if slot.limit < cfg.host_concurrency {
+        if health.limit(cfg, unix_ms()) < cfg.host_concurrency {
             class = "ramping";
         }
         if gate == Gate::Probe {
@@ -342,12 +342,25 @@ impl Delivery {
                         retry_after.as_deref(),
                     )
                 };
+                // An interactive delivery the host was only too busy for
+                // (429: it may be the one slot kept for interactive ones)
+                // comes back soon in its own class; other retries drop to
+                // bulk: behind fresh work, never starved. Either way the
+                // schedule's length bounds the attempts.
+                let busy = interactive && status == Some(429);
+                let (delay, class, queue) = match delay {
+                    Some(_) if busy => (
+                        Some(outcome::busy_delay(retry_after.as_deref())),
+                        DeliveryClass::Interactive,
+                        QueueName::DeliveryInteractive,
+                    ),
+                    d => (d, DeliveryClass::Bulk, QueueName::DeliveryBulk),
+                };
                 match delay {
                     Some(delay) => {
-                        // Retries drop to bulk: behind fresh work, never starved.
                         let next = DeliveryJob {
                             attempt: attempts,
-                            class: DeliveryClass::Bulk.into(),
+                            class: class.into(),
                             ..job.clone()
                         };
                         let applied = self
@@ -355,7 +368,7 @@ impl Delivery {
                             .backends
                             .queue
                             .publish_delayed(
-                                QueueName::DeliveryBulk,
+                                queue,
                                 OutMessage {
                                     kind: DELIVERY_JOB,
                                     payload: next.encode_to_vec(),

@@ -67,6 +67,15 @@ pub fn retry_delay(schedule: &[u64], attempt: u32, retry_after: Option<&str>) ->
     Some(d)
 }
 
+/// When an interactive delivery answered 429 comes back: after the
+/// host's `Retry-After`, 5 s without one, within 1 s to 60 s.
+pub fn busy_delay(retry_after: Option<&str>) -> Duration {
+    retry_after
+        .and_then(parse_retry_after)
+        .unwrap_or(Duration::from_secs(5))
+        .clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
 /// The longest `Retry-After` honoured, in either form: a remote cannot park
 /// its deliveries for longer than the retry schedule's scale.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -85,6 +94,14 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_interactive_delivery_comes_back_soon() {
+        assert_eq!(busy_delay(None), Duration::from_secs(5));
+        assert_eq!(busy_delay(Some("1")), Duration::from_secs(1));
+        assert_eq!(busy_delay(Some("0")), Duration::from_secs(1));
+        assert_eq!(busy_delay(Some("86400")), Duration::from_secs(60));
+    }
 
     #[test]
     fn statuses_map_to_outcomes() {
