@@ -372,7 +372,10 @@ impl Slots {
                 }
             };
             if leased.taken {
-                lock(&inner.held).insert(holder.clone(), hosts_slots(host));
+                lock(&inner.held).insert(
+                    holder.clone(),
+                    stampede_federation::cache_keys::host::slots(host),
+                );
             }
             let gate = match hosts::decide(&inner.b, cfg, host, &state).await {
                 Ok(g) => g,
@@ -547,10 +550,6 @@ impl Slots {
     }
 }
 
-fn hosts_slots(host: &str) -> String {
-    stampede_federation::cache_keys::host::slots(host)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,7 +596,11 @@ mod tests {
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let counts = b.cache.lease_counts(&[hosts_slots("h")]).await.unwrap();
+        let counts = b
+            .cache
+            .lease_counts(&[stampede_federation::cache_keys::host::slots("h")])
+            .await
+            .unwrap();
         assert_eq!(counts, [2]);
         // An interactive delivery takes the slot kept for it at once.
         let dm = slot(one.acquire(&c, "h", true).await.unwrap());

@@ -106,6 +106,17 @@ impl MemoryCache {
     }
 }
 
+/// The fields of the hash `key`, made to live at least `ttl` from now
+/// (never shortened).
+fn hash_for<'a>(h: &'a mut Hashes, key: &str, ttl: Duration) -> &'a mut HashMap<String, i64> {
+    let until = Instant::now() + ttl;
+    let (fields, expiry) = h
+        .entry(key.to_string())
+        .or_insert_with(|| (HashMap::new(), until));
+    *expiry = (*expiry).max(until);
+    fields
+}
+
 /// The limit a semaphore's limit key sets: its leading integer / 1000.
 fn limit_of(v: &[u8]) -> Option<u32> {
     let digits = v.iter().take_while(|b| b.is_ascii_digit()).count();
@@ -172,23 +183,16 @@ impl Cache for MemoryCache {
 
     async fn hash_incr(&self, key: &str, field: &str, by: i64, ttl: Duration) -> Result<i64> {
         let mut h = self.hashes();
-        let until = Instant::now() + ttl;
-        let (fields, expiry) = h
-            .entry(key.to_string())
-            .or_insert_with(|| (HashMap::new(), until));
-        *expiry = (*expiry).max(until);
-        let n = fields.entry(field.to_string()).or_insert(0);
+        let n = hash_for(&mut h, key, ttl)
+            .entry(field.to_string())
+            .or_insert(0);
         *n += by;
         Ok(*n)
     }
 
     async fn hash_incr_many(&self, key: &str, by: &[(String, i64)], ttl: Duration) -> Result<()> {
         let mut h = self.hashes();
-        let until = Instant::now() + ttl;
-        let (fields, expiry) = h
-            .entry(key.to_string())
-            .or_insert_with(|| (HashMap::new(), until));
-        *expiry = (*expiry).max(until);
+        let fields = hash_for(&mut h, key, ttl);
         for (field, n) in by {
             *fields.entry(field.clone()).or_insert(0) += n;
         }

@@ -149,6 +149,25 @@ fn ttl_ms(ttl: Duration) -> u64 {
     (ttl.as_millis() as u64).max(1)
 }
 
+/// Adds to `pipe` what makes `key` live at least `ttl` from now: NX gives a
+/// new key its expiry, GT only ever extends it.
+fn at_least<'a>(
+    pipe: &'a mut ::redis::Pipeline,
+    key: &str,
+    ttl: Duration,
+) -> &'a mut ::redis::Pipeline {
+    pipe.cmd("PEXPIRE")
+        .arg(key)
+        .arg(ttl_ms(ttl))
+        .arg("NX")
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(key)
+        .arg(ttl_ms(ttl))
+        .arg("GT")
+        .ignore()
+}
+
 #[async_trait]
 impl Cache for RedisCache {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
@@ -206,22 +225,9 @@ impl Cache for RedisCache {
     async fn hash_incr(&self, key: &str, field: &str, by: i64, ttl: Duration) -> Result<i64> {
         let mut c = self.conn.clone();
         let k = self.key(key);
-        // NX gives a new hash its expiry, GT only ever extends it.
-        let (n,): (i64,) = ::redis::pipe()
-            .atomic()
-            .hincr(&k, field, by)
-            .cmd("PEXPIRE")
-            .arg(&k)
-            .arg(ttl_ms(ttl))
-            .arg("NX")
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&k)
-            .arg(ttl_ms(ttl))
-            .arg("GT")
-            .ignore()
-            .query_async(&mut c)
-            .await?;
+        let mut pipe = ::redis::pipe();
+        pipe.atomic().hincr(&k, field, by);
+        let (n,): (i64,) = at_least(&mut pipe, &k, ttl).query_async(&mut c).await?;
         Ok(n)
     }
 
@@ -236,17 +242,7 @@ impl Cache for RedisCache {
         for (field, n) in by {
             pipe.hincr(&k, field, *n).ignore();
         }
-        pipe.cmd("PEXPIRE")
-            .arg(&k)
-            .arg(ttl_ms(ttl))
-            .arg("NX")
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&k)
-            .arg(ttl_ms(ttl))
-            .arg("GT")
-            .ignore();
-        let () = pipe.query_async(&mut c).await?;
+        let () = at_least(&mut pipe, &k, ttl).query_async(&mut c).await?;
         Ok(())
     }
 
