@@ -53,6 +53,13 @@ const SUPERSESSION_RECHECK_MS: i64 = 1000;
 
 use stampede_backends::clock::now_ms as unix_ms;
 
+/// How long a job that failed before its attempt (a backend away) is held
+/// before it goes back to the queue.
+const REQUEUE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Backoff between tries of recording an answered delivery's outcome.
+const SETTLE_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(200);
+const SETTLE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Bytes read of an inbox's answer (only the status matters).
 const MAX_REPLY_BYTES: usize = 16 * 1024;
 
@@ -102,6 +109,7 @@ fn park_outcome(why: Reason) -> DeliveryOutcome {
         Reason::Saturated => DeliveryOutcome::Deferred,
         Reason::LocalExhausted => DeliveryOutcome::LocalExhausted,
         Reason::Retry => DeliveryOutcome::Retry,
+        Reason::InFlight => DeliveryOutcome::Deferred,
     }
 }
 
@@ -183,7 +191,11 @@ impl worker::Handler for Delivery {
         let ok = match settled {
             Ok(()) => msg.acker.ack().await,
             Err(e) => {
+                // Nothing was sent. A backend that is away fails every
+                // message alike: hold this one a moment rather than spin
+                // it through the broker.
                 tracing::warn!(activity_key = %job.activity_key, inbox_host = %host, error = %e, "delivery bookkeeping failed; message returned");
+                tokio::time::sleep(REQUEUE_PAUSE).await;
                 msg.acker.requeue().await
             }
         };
@@ -241,8 +253,19 @@ impl Delivery {
         }
         let asked = Instant::now();
         let interactive = job.class == DeliveryClass::Interactive as i32;
-        let (slot, health, gate) = match self.slots.acquire(cfg, host, interactive).await? {
+        let (slot, health, gate) = match self.slots.acquire(cfg, host, job, interactive).await? {
             Acquired::Slot(slot, health, gate) => (slot, health, gate),
+            // Another worker is sending this very job: a copy the broker
+            // handed out again while its first holder still runs (its
+            // connection went with a broker node). Looked at again once
+            // that one settled, then checked against the success records.
+            Acquired::InFlight => {
+                let copy = DeliveryJob {
+                    may_be_delivered: true,
+                    ..job.clone()
+                };
+                return self.park(&copy, PARK_DELAY, Reason::InFlight).await;
+            }
             Acquired::Park(wait) => return self.park(job, wait, Reason::Saturated).await,
             Acquired::Gate(gate, _) => return self.not_now(job, host, gate).await,
         };
@@ -276,7 +299,6 @@ impl Delivery {
         m.delivery_seconds.observe(latency.as_secs_f64());
         self.adapt(host, &slot, &health, &attempt, latency, sent_ms)
             .await;
-        drop(slot);
         let outcome = match attempt {
             Ok(resp) => match classify(Some(resp.status), None) {
                 Outcome::Retry { status, reason, .. } => Outcome::Retry {
@@ -305,14 +327,57 @@ impl Delivery {
             }
             Err(e) => return Err(e),
         };
-        match &outcome {
-            Outcome::Delivered { .. } => hosts::record_success(b, cfg, host, &health).await?,
+        // The host's health is shared state, not the delivery's effect: a
+        // cache that fails here costs a count, never a second POST.
+        let health_update = match &outcome {
+            Outcome::Delivered { .. } => hosts::record_success(b, cfg, host, &health).await,
             Outcome::Retry { status, .. } if unwell(*status) => {
-                hosts::record_failure(b, cfg, host).await?
+                hosts::record_failure(b, cfg, host).await
             }
-            _ => {}
+            _ => Ok(()),
+        };
+        if let Err(e) = health_update {
+            tracing::warn!(inbox_host = %host, error = %e, "recording the host's health failed");
         }
-        match outcome {
+        // The remote has answered: from here on nothing may send the job
+        // again. Its effect (a success record, a retry, a dead letter) is
+        // retried until durable while the message stays unacknowledged;
+        // only a crash can hand it to another worker. The slot is kept
+        // while the first try records (its lease marks the job in flight)
+        // and given back if that fails, so an outage holds no host's slots.
+        let mut slot = Some(slot);
+        let mut backoff = SETTLE_BACKOFF_MIN;
+        let mut tries = 0u32;
+        loop {
+            match self.settle(job, host, &outcome).await {
+                Ok(()) => break,
+                Err(e) => {
+                    drop(slot.take());
+                    tries += 1;
+                    self.p.metrics.settle_retries.inc();
+                    tracing::warn!(inbox_host = %host, activity_key = %job.activity_key, attempt = job.attempt, tries, error = %e, "recording the answered delivery failed; trying again (the message stays unacknowledged)");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(SETTLE_BACKOFF_MAX);
+                }
+            }
+        }
+        drop(slot);
+        Ok(())
+    }
+
+    /// Makes the outcome of an answered attempt durable: a success record,
+    /// a retry in the broker, or a dead letter. Repeatable: a failure
+    /// midway leaves nothing that doing it again would double.
+    async fn settle(
+        &self,
+        job: &DeliveryJob,
+        host: &str,
+        outcome: &Outcome,
+    ) -> Result<(), DeliveryError> {
+        let store = &self.p.backends.store;
+        let m = &self.p.metrics;
+        let interactive = job.class == DeliveryClass::Interactive as i32;
+        match outcome.clone() {
             Outcome::Delivered { status } => {
                 store
                     .record_delivered(&job.activity_key, &job.inbox, host, status, job.attempt + 1)
@@ -372,6 +437,7 @@ impl Delivery {
                                 OutMessage {
                                     kind: DELIVERY_JOB,
                                     payload: next.encode_to_vec(),
+                                    route: None,
                                 },
                                 delay,
                             )
@@ -561,6 +627,7 @@ impl Delivery {
         let out = OutMessage {
             kind: DELIVERY_JOB,
             payload: job.encode_to_vec(),
+            route: None,
         };
         let applied = self
             .p

@@ -21,11 +21,12 @@
 //! job is parked in the broker for about as long as the host takes to get
 //! through what is ahead of it.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use stampede_federation::hosts::{self, Gate, HostState, Take, SLOT_LEASE, SLOT_RENEW};
+use stampede_proto::queue::DeliveryJob;
 use stampede_runtime::{Backends, Config};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -71,9 +72,6 @@ struct Local {
 
 struct Inner {
     b: Backends,
-    /// Names this process's leases.
-    id: String,
-    next: AtomicU64,
     /// Releases not yet sent.
     pending: Mutex<Vec<(String, String)>>,
     flush_armed: AtomicBool,
@@ -119,6 +117,9 @@ pub enum Acquired {
     Gate(Gate, HostState),
     /// The host is full and this worker cannot hold the job: park it.
     Park(Duration),
+    /// The job itself is in flight from another worker (its lease is held
+    /// under the job's name).
+    InFlight,
 }
 
 /// A slot held; released when dropped.
@@ -176,8 +177,6 @@ impl Slots {
     pub fn new(b: Backends, prefetch: usize, fast: Duration, shutdown: CancellationToken) -> Self {
         let s = Self(Arc::new(Inner {
             b,
-            id: uuid::Uuid::new_v4().simple().to_string(),
-            next: AtomicU64::new(0),
             pending: Mutex::default(),
             flush_armed: AtomicBool::new(false),
             held: Mutex::default(),
@@ -289,14 +288,13 @@ impl Slots {
         &self,
         cfg: &Config,
         host: &str,
+        job: &DeliveryJob,
         interactive: bool,
     ) -> stampede_runtime::Result<Acquired> {
         let inner = &self.0;
-        let holder = format!(
-            "{}:{}",
-            inner.id,
-            inner.next.fetch_add(1, Ordering::Relaxed)
-        );
+        // The lease is named after the job, the same in every process: a
+        // copy of a job in flight elsewhere finds its lease held.
+        let holder = job_holder(job);
         let deadline = tokio::time::Instant::now() + WAIT_MAX;
         let mut poll = POLL_MIN;
         // Whether this job counts against the share of slow or full hosts,
@@ -371,6 +369,10 @@ impl Slots {
                     return Err(e);
                 }
             };
+            if leased.already_held {
+                give_back(slow, waiting);
+                return Ok(Acquired::InFlight);
+            }
             if leased.taken {
                 lock(&inner.held).insert(
                     holder.clone(),
@@ -550,6 +552,18 @@ impl Slots {
     }
 }
 
+/// The name of a job's lease: a hash of its activity and inbox (FNV-1a,
+/// the same in every process and version).
+fn job_holder(job: &DeliveryJob) -> String {
+    let h = [job.activity_key.as_bytes(), b"\n", job.inbox.as_bytes()]
+        .iter()
+        .flat_map(|p| p.iter())
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("j{h:016x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,7 +584,49 @@ mod tests {
             Acquired::Slot(s, _, _) => s,
             Acquired::Gate(g, _) => panic!("gate {g:?}"),
             Acquired::Park(d) => panic!("parked {d:?}"),
+            Acquired::InFlight => panic!("in flight"),
         }
+    }
+
+    /// A job of its own.
+    fn job() -> DeliveryJob {
+        DeliveryJob {
+            activity_key: uuid::Uuid::new_v4().to_string(),
+            inbox: "https://h/inbox".into(),
+            ..DeliveryJob::default()
+        }
+    }
+
+    /// A copy of a job in flight, in this worker or another, takes no slot
+    /// and is told so; once the first settles, the copy gets one.
+    #[tokio::test]
+    async fn a_copy_of_a_job_in_flight_is_told_so() {
+        let dir = std::env::temp_dir().join(format!("stampede-slots-{}", uuid::Uuid::new_v4()));
+        let c = cfg(&dir, "8");
+        let b = Backends::open(&c, "test").await.unwrap();
+        let stop = CancellationToken::new();
+        let one = Slots::new(b.clone(), 64, Duration::from_secs(1), stop.clone());
+        let two = Slots::new(b.clone(), 64, Duration::from_secs(1), stop.clone());
+        let j = job();
+        let first = slot(one.acquire(&c, "h", &j, false).await.unwrap());
+        assert!(matches!(
+            two.acquire(&c, "h", &j, false).await.unwrap(),
+            Acquired::InFlight
+        ));
+        assert!(matches!(
+            one.acquire(&c, "h", &j, false).await.unwrap(),
+            Acquired::InFlight
+        ));
+        // Another job of the same activity is not a copy.
+        let other = DeliveryJob {
+            inbox: "https://h/other".into(),
+            ..j.clone()
+        };
+        let _o = slot(two.acquire(&c, "h", &other, false).await.unwrap());
+        drop(first);
+        let _again = slot(two.acquire(&c, "h", &j, false).await.unwrap());
+        stop.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Two workers over one cache share a host's limit; a freed slot goes
@@ -584,14 +640,14 @@ mod tests {
         let stop = CancellationToken::new();
         let one = Slots::new(b.clone(), 64, Duration::from_secs(1), stop.clone());
         let two = Slots::new(b.clone(), 64, Duration::from_secs(1), stop.clone());
-        let a = slot(one.acquire(&c, "h", false).await.unwrap());
-        let _b = slot(two.acquire(&c, "h", false).await.unwrap());
+        let a = slot(one.acquire(&c, "h", &job(), false).await.unwrap());
+        let _b = slot(two.acquire(&c, "h", &job(), false).await.unwrap());
         // Full for both: a waiter on worker two gets worker one's slot.
         let waiter = {
             let (two, c) = (two.clone(), c.clone());
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
-                let s = slot(two.acquire(&c, "h", false).await.unwrap());
+                let s = slot(two.acquire(&c, "h", &job(), false).await.unwrap());
                 (started.elapsed(), s)
             })
         };
@@ -603,14 +659,14 @@ mod tests {
             .unwrap();
         assert_eq!(counts, [2]);
         // An interactive delivery takes the slot kept for it at once.
-        let dm = slot(one.acquire(&c, "h", true).await.unwrap());
+        let dm = slot(one.acquire(&c, "h", &job(), true).await.unwrap());
         assert!(!dm.waited);
         drop(dm);
         drop(a);
         let (waited, _s) = waiter.await.unwrap();
         assert!(waited < Duration::from_millis(600), "{waited:?}");
         // Other hosts are not affected.
-        let _other = slot(one.acquire(&c, "other", false).await.unwrap());
+        let _other = slot(one.acquire(&c, "other", &job(), false).await.unwrap());
         stop.cancel();
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -625,44 +681,50 @@ mod tests {
         let stop = CancellationToken::new();
         // A prefetch of 4: slow hosts hold at most 2.
         let s = Slots::new(b.clone(), 4, Duration::from_secs(1), stop.clone());
-        let first = slot(s.acquire(&c, "h", false).await.unwrap());
+        let first = slot(s.acquire(&c, "h", &job(), false).await.unwrap());
         assert!(!s.finished(&first, Duration::from_secs(2), true), "slow");
         drop(first);
-        let fast = slot(s.acquire(&c, "g", false).await.unwrap());
+        let fast = slot(s.acquire(&c, "g", &job(), false).await.unwrap());
         s.finished(&fast, Duration::from_millis(10), true);
         drop(fast);
         // A first request goes out to learn the host's speed; one that
         // stays unanswered makes the host slow.
-        let unknown = slot(s.acquire(&c, "u", false).await.unwrap());
+        let unknown = slot(s.acquire(&c, "u", &job(), false).await.unwrap());
         assert_eq!(s.0.slow_held.load(Ordering::Relaxed), 0);
         assert_eq!(s.speed("u"), Speed::Pending);
         tokio::time::sleep(FIRST_ANSWER).await;
         assert_eq!(s.speed("u"), Speed::Slow);
-        let held = slot(s.acquire(&c, "h", false).await.unwrap());
+        let held = slot(s.acquire(&c, "h", &job(), false).await.unwrap());
         let waiter = {
             let (s, c) = (s.clone(), c.clone());
             tokio::spawn(async move {
-                matches!(s.acquire(&c, "h", false).await, Ok(Acquired::Slot(..)))
+                matches!(
+                    s.acquire(&c, "h", &job(), false).await,
+                    Ok(Acquired::Slot(..))
+                )
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(s.0.slow_held.load(Ordering::Relaxed), 2);
-        match s.acquire(&c, "h", false).await.unwrap() {
+        match s.acquire(&c, "h", &job(), false).await.unwrap() {
             Acquired::Park(d) => assert!(d >= PARK_MIN, "{d:?}"),
             _ => panic!("not parked"),
         }
         // The unanswered host's next job finds no share left.
         assert!(matches!(
-            s.acquire(&c, "u", false).await.unwrap(),
+            s.acquire(&c, "u", &job(), false).await.unwrap(),
             Acquired::Park(_)
         ));
         drop(unknown);
         // A fast host is not affected, and a burst to it waits, not parks.
-        let g = slot(s.acquire(&c, "g", false).await.unwrap());
+        let g = slot(s.acquire(&c, "g", &job(), false).await.unwrap());
         let g_waiter = {
             let (s, c) = (s.clone(), c.clone());
             tokio::spawn(async move {
-                matches!(s.acquire(&c, "g", false).await, Ok(Acquired::Slot(..)))
+                matches!(
+                    s.acquire(&c, "g", &job(), false).await,
+                    Ok(Acquired::Slot(..))
+                )
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -675,3 +737,4 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+

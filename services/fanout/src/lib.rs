@@ -18,7 +18,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use prost::Message;
-use stampede_backends::queue::{class_name, ready_messages, Incoming, OutMessage, QueueName};
+use stampede_backends::queue::{
+    class_name, ready_messages, route_of, Incoming, OutMessage, QueueName,
+};
 use stampede_backends::store::StoredActivity;
 use stampede_core::activity::{addressing, PUBLIC};
 use stampede_core::targets::Recipient;
@@ -158,6 +160,7 @@ impl worker::Handler for Fanout {
                 let out = OutMessage {
                     kind: FANOUT_JOB,
                     payload: retry.encode_to_vec(),
+                    route: None,
                 };
                 match q.publish_delayed(QueueName::Fanout, out, delay).await {
                     Ok(_) => {
@@ -214,6 +217,8 @@ impl Fanout {
                 class: class.into(),
             }
             .encode_to_vec(),
+            // A host's jobs share a shard of the class's queue.
+            route: Some(route_of(target_host(inbox))),
         };
         let mut total = job.queued_before;
         if resumed.is_none() && !explicit.is_empty() {
@@ -285,6 +290,7 @@ impl Fanout {
         let out = OutMessage {
             kind: FANOUT_JOB,
             payload: next.encode_to_vec(),
+            route: None,
         };
         self.p
             .backends

@@ -43,6 +43,7 @@ pub async fn replay(b: &Backends, id: Option<i64>, host: Option<&str>) -> Result
                     class: class.into(),
                 }
                 .encode_to_vec(),
+                route: None,
             })
             .collect();
         b.queue

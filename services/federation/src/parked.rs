@@ -41,16 +41,20 @@ pub enum Reason {
     LocalExhausted,
     /// Its last attempt failed; the next is scheduled.
     Retry,
+    /// A copy of it (redelivered while its first holder still ran) was
+    /// being sent by another worker: looked at again once that settled.
+    InFlight,
 }
 
 impl Reason {
     /// Every reason, in the order status lists them.
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 6] = [
         Reason::CircuitOpen,
         Reason::Retry,
         Reason::Saturated,
         Reason::Paused,
         Reason::LocalExhausted,
+        Reason::InFlight,
     ];
 
     /// Its name in status and in the cache.
@@ -61,6 +65,7 @@ impl Reason {
             Reason::Saturated => "saturated",
             Reason::LocalExhausted => "local_exhausted",
             Reason::Retry => "retry",
+            Reason::InFlight => "in_flight",
         }
     }
 

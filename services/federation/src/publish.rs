@@ -120,6 +120,7 @@ pub async fn publish(
                 OutMessage {
                     kind: FANOUT_JOB,
                     payload: job.encode_to_vec(),
+                    route: None,
                 },
             )
             .await?;

@@ -233,6 +233,7 @@ impl Inbox {
                 OutMessage {
                     kind: INBOUND_JOB,
                     payload: job.encode_to_vec(),
+                    route: None,
                 },
                 delay,
             )
@@ -337,6 +338,7 @@ impl Inbox {
             Ok::<OutMessage, InboxError>(OutMessage {
                 kind: VERIFIED_ACTIVITY,
                 payload: event.encode_to_vec(),
+                route: None,
             })
         }
         .await;

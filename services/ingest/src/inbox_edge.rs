@@ -368,6 +368,7 @@ async fn receive(
     let msg = OutMessage {
         kind: INBOUND_JOB,
         payload: job.encode_to_vec(),
+        route: None,
     };
     match s.backends.queue.publish(QueueName::Inbound, msg).await {
         Ok(()) => {

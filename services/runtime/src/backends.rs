@@ -4,7 +4,11 @@ use std::time::Duration;
 
 use crate::{Config, Error, Result};
 use stampede_backends::cache::{memory::MemoryCache, redis::RedisCache, Cache};
-use stampede_backends::queue::{amqp::AmqpQueue, embedded::EmbeddedQueue, Queue};
+use stampede_backends::queue::{
+    amqp::{AmqpOptions, AmqpQueue},
+    embedded::EmbeddedQueue,
+    Queue,
+};
 use stampede_backends::sqlite::DataDirLock;
 use stampede_backends::store::{embedded::EmbeddedStore, postgres::PgStore, Store};
 
@@ -38,7 +42,7 @@ impl Backends {
         let dir = cfg.data_dir.display();
         let (store, store_kind): (Arc<dyn Store>, String) = match &cfg.database_url {
             Some(url) => {
-                let store = PgStore::connect(url.expose(), 16)?;
+                let store = PgStore::connect(url.expose(), cfg.database_pool_size)?;
                 store.migrate().await?;
                 (Arc::new(store), "PostgreSQL".into())
             }
@@ -49,7 +53,17 @@ impl Backends {
         };
         let (queue, queue_kind): (Arc<dyn Queue>, String) = match &cfg.amqp_url {
             Some(url) => (
-                Arc::new(AmqpQueue::connect(url.expose(), &cfg.namespace, process).await?),
+                Arc::new(
+                    AmqpQueue::connect_with(
+                        url.expose(),
+                        &cfg.namespace,
+                        process,
+                        AmqpOptions {
+                            delivery_shards: cfg.delivery_shards,
+                        },
+                    )
+                    .await?,
+                ),
                 "RabbitMQ".into(),
             ),
             None => (
@@ -59,7 +73,10 @@ impl Backends {
         };
         let (cache, cache_kind): (Arc<dyn Cache>, &str) = match &cfg.redis_url {
             Some(url) => (
-                Arc::new(RedisCache::connect(url.expose(), &cfg.namespace).await?),
+                Arc::new(
+                    RedisCache::connect_pooled(url.expose(), &cfg.namespace, cfg.redis_pool_size)
+                        .await?,
+                ),
                 "Redis",
             ),
             None => (Arc::new(MemoryCache::new()), "in-memory"),

@@ -46,8 +46,24 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// `STAMPEDE_METRICS_ADDR`: `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: SocketAddr,
-    /// `STAMPEDE_AMQP_URL`: RabbitMQ; unset means the embedded queue.
+    /// `STAMPEDE_AMQP_URL`: RabbitMQ, one URL or the nodes of a cluster
+    /// comma-separated (a process connects to the first that answers and
+    /// moves on to the next when its node goes); unset means the embedded
+    /// queue.
     pub amqp_url: Option<Secret>,
+    /// `STAMPEDE_DATABASE_POOL_SIZE` (added, default 16): the most
+    /// PostgreSQL connections one process opens. Every replica of every
+    /// service together must stay under the server's `max_connections`
+    /// (or PgBouncer's pool).
+    pub database_pool_size: usize,
+    /// `STAMPEDE_REDIS_POOL_SIZE` (added, default 1): multiplexed Redis
+    /// connections per process (requests are pipelined on each; more help
+    /// only a process that saturates one).
+    pub redis_pool_size: usize,
+    /// `STAMPEDE_DELIVERY_SHARDS` (added, default 1): quorum queues per
+    /// delivery class, jobs spread over them by inbox host, so that on a
+    /// broker cluster the classes' Raft leaders spread over the nodes.
+    pub delivery_shards: u16,
     /// `STAMPEDE_REDIS_URL`: Redis; unset means the in-memory cache.
     pub redis_url: Option<Secret>,
     /// `STAMPEDE_DATABASE_URL`: PostgreSQL; unset means the embedded store.
@@ -207,14 +223,23 @@ impl Config {
         };
         let url = |var: &'static str, schemes: &[&str]| -> Result<Option<Secret>> {
             let Some(raw) = get(var) else { return Ok(None) };
-            let u = Url::parse(&raw).map_err(|e| cfg(var, e))?;
-            if !schemes.contains(&u.scheme()) {
-                return Err(cfg(
-                    var,
-                    format!("scheme must be one of {}", schemes.join(", ")),
-                ));
+            // `STAMPEDE_AMQP_URL` may list the nodes of a cluster, comma-separated.
+            let many = var == "STAMPEDE_AMQP_URL";
+            let parts: Vec<&str> = if many {
+                raw.split(',').map(str::trim).collect()
+            } else {
+                vec![raw.as_str()]
+            };
+            for part in &parts {
+                let u = Url::parse(part).map_err(|e| cfg(var, e))?;
+                if !schemes.contains(&u.scheme()) {
+                    return Err(cfg(
+                        var,
+                        format!("scheme must be one of {}", schemes.join(", ")),
+                    ));
+                }
             }
-            Ok(Some(Secret(raw)))
+            Ok(Some(Secret(parts.join(","))))
         };
         let boolean = |var: &'static str| -> Result<bool> {
             match get(var).as_deref().map(str::to_ascii_lowercase).as_deref() {
@@ -399,6 +424,9 @@ impl Config {
                 }
             },
             host_concurrency: number("STAMPEDE_HOST_CONCURRENCY", 8, 1, 1000)? as usize,
+            database_pool_size: number("STAMPEDE_DATABASE_POOL_SIZE", 16, 1, 1000)? as usize,
+            redis_pool_size: number("STAMPEDE_REDIS_POOL_SIZE", 1, 1, 64)? as usize,
+            delivery_shards: number("STAMPEDE_DELIVERY_SHARDS", 1, 1, 64)? as u16,
             host_fast: Duration::from_millis(number("STAMPEDE_HOST_FAST_MS", 1000, 1, 600_000)?),
             circuit_failures: number("STAMPEDE_CIRCUIT_FAILURES", 10, 1, 1_000_000)?,
             circuit_open: Duration::from_secs(number("STAMPEDE_CIRCUIT_OPEN_SECS", 60, 1, 86400)?),

@@ -169,6 +169,9 @@ pub struct Metrics {
     /// Changes of hosts' adaptive limits by this worker: `cut` (429, 5xx,
     /// timeout) and `grown` (a round of fast successes).
     pub host_limit_changes: Family<Label, Counter>,
+    /// Tries of recording an answered delivery's outcome that failed (a
+    /// store or broker away) and were made again, the message held.
+    pub settle_retries: Counter,
     /// Jobs that waited in the worker for a host's slot, and how long
     /// (seconds): the waits that used to be 5 s parks.
     pub slot_wait_seconds: Histogram,
@@ -290,6 +293,12 @@ impl Metrics {
             "Changes of hosts' adaptive concurrency limits (cut, grown)",
             host_limit_changes.clone(),
         );
+        let settle_retries = Counter::default();
+        registry.register(
+            "delivery_settle_retries",
+            "Failed tries of recording an answered delivery's outcome, made again with the message held",
+            settle_retries.clone(),
+        );
         let slot_wait_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
             "delivery_slot_wait_seconds",
@@ -325,6 +334,7 @@ impl Metrics {
             fanout_paused,
             delivery_in_flight,
             host_limit_changes,
+            settle_retries,
             slot_wait_seconds,
             hosts_failing,
             registry,

@@ -498,6 +498,7 @@ mod tests {
                 .map(|_| OutMessage {
                     kind: "t",
                     payload: vec![],
+                    route: None,
                 })
                 .collect();
             q.publish_batch(name, msgs).await.unwrap();

@@ -651,6 +651,9 @@ impl Waiting {
                 Reason::LocalExhausted => {
                     format!("{n} parked for want of local resources, back in {due} s")
                 }
+                Reason::InFlight => {
+                    format!("{n} parked while a copy is in flight elsewhere, back in {due} s")
+                }
             });
         }
         if self.in_flight > 0 {

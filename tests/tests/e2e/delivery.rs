@@ -397,6 +397,7 @@ async fn a_job_that_may_be_delivered_is_checked_and_not_resent(backend: Backend)
             OutMessage {
                 kind: stampede_proto::kinds::DELIVERY_JOB,
                 payload: job.encode_to_vec(),
+                route: None,
             },
         )
         .await

@@ -283,6 +283,7 @@ async fn undecodable_messages_are_dead_lettered_and_workers_go_on(backend: Backe
         OutMessage {
             kind: stampede_proto::kinds::FANOUT_JOB,
             payload: vec![0xff, 0xff, 0xff],
+            route: None,
         },
     )
     .await
@@ -292,6 +293,7 @@ async fn undecodable_messages_are_dead_lettered_and_workers_go_on(backend: Backe
         OutMessage {
             kind: "something.Else",
             payload: b"{}".to_vec(),
+            route: None,
         },
     )
     .await

@@ -833,6 +833,7 @@ async fn blocked_domains_get_nothing_anywhere(backend: Backend) {
             ..Default::default()
         }
         .encode_to_vec(),
+        route: None,
     };
     for inbox in [carol.inbox.clone(), format!("{}/inbox", app.http_base)] {
         app.queue

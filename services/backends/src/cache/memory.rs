@@ -270,7 +270,9 @@ impl Cache for MemoryCache {
                 .max(1);
             let held = leases.entry(t.key.to_string()).or_default();
             held.retain(|_, until| *until > now);
-            if (held.len() as u64) < u64::from(limit) {
+            if held.contains_key(t.holder) {
+                out.already_held = true;
+            } else if (held.len() as u64) < u64::from(limit) {
                 held.insert(t.holder.to_string(), now + t.ttl);
                 out.taken = true;
             }

@@ -18,7 +18,10 @@ pub mod redis;
 pub struct LeaseTake<'a> {
     /// The semaphore.
     pub key: &'a str,
-    /// Who holds the lease: unique per lease.
+    /// Who holds the lease: unique per lease. A take whose holder already
+    /// holds an unexpired lease of the semaphore takes nothing and says so
+    /// ([`Leased::already_held`]): a holder named after a job marks that
+    /// job in flight for every process.
     pub holder: &'a str,
     /// At most this many unexpired leases are held at once...
     pub limit: u32,
@@ -38,6 +41,8 @@ pub struct LeaseTake<'a> {
 pub struct Leased {
     /// Whether the lease was taken.
     pub taken: bool,
+    /// Whether it was not, because its holder already holds one.
+    pub already_held: bool,
     /// Unexpired leases held in the semaphore after the call.
     pub held: u32,
     /// The limit that was applied.

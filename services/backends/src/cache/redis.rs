@@ -24,7 +24,8 @@ return 0";
 /// releases, how many reads, the release holders, then holder, limit, ttl
 /// ms, whether a limit key follows, and the reserve. A semaphore is a sorted set of
 /// holders scored by expiry (the server's clock, the same for every
-/// process). Returns taken, held, limit, then the values read.
+/// process). Returns taken (2: the holder already holds one), held, limit,
+/// then the values read.
 const LEASE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -47,7 +48,9 @@ if sem then
   limit = math.max(1, limit - tonumber(ARGV[a + 5]))
   redis.call('ZREMRANGEBYSCORE', sem, '-inf', now)
   local held = redis.call('ZCARD', sem)
-  if held < limit then
+  if redis.call('ZSCORE', sem, holder) then
+    out[1] = 2
+  elseif held < limit then
     redis.call('ZADD', sem, now + ttl, holder)
     held = held + 1
     out[1] = 1
@@ -112,19 +115,48 @@ fn int(v: Option<&::redis::Value>) -> Result<i64> {
 /// The Redis cache.
 #[derive(Clone)]
 pub struct RedisCache {
-    conn: ConnectionManager,
+    /// Multiplexed connections, taken in turn.
+    conns: std::sync::Arc<[ConnectionManager]>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     prefix: String,
 }
 
 impl RedisCache {
     /// Connects to `url`; keys are prefixed `{namespace}:`.
     pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
+        Self::connect_pooled(url, namespace, 1).await
+    }
+
+    /// [`RedisCache::connect`] with `connections` multiplexed connections,
+    /// used in turn. Each reconnects by itself (backoff up to 2 s); a
+    /// request waits at most 5 s for its answer, so a Redis that stops
+    /// answering fails requests instead of hanging them.
+    pub async fn connect_pooled(url: &str, namespace: &str, connections: usize) -> Result<Self> {
         let client = ::redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        let config = ::redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_max_delay(std::time::Duration::from_secs(2));
+        let mut conns = Vec::with_capacity(connections.max(1));
+        for _ in 0..connections.max(1) {
+            conns.push(ConnectionManager::new_with_config(client.clone(), config.clone()).await?);
+        }
         Ok(Self {
-            conn,
+            conns: conns.into(),
+            next: Default::default(),
             prefix: format!("{namespace}:"),
         })
+    }
+
+    /// The next connection in turn.
+    fn conn(&self) -> ConnectionManager {
+        let n = self.conns.len();
+        let i = if n == 1 {
+            0
+        } else {
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n
+        };
+        self.conns[i].clone()
     }
 
     fn key(&self, k: &str) -> String {
@@ -136,7 +168,7 @@ impl RedisCache {
 
     /// Deletes every key of this namespace (tests clean up with it).
     pub async fn delete_all(&self) -> Result<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let keys: Vec<String> = c.keys(format!("{}*", self.prefix)).await?;
         for chunk in keys.chunks(500) {
             let _: () = c.del(chunk).await?;
@@ -171,7 +203,7 @@ fn at_least<'a>(
 #[async_trait]
 impl Cache for RedisCache {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         Ok(c.get(self.key(key)).await?)
     }
 
@@ -179,7 +211,7 @@ impl Cache for RedisCache {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let mut cmd = ::redis::cmd("MGET");
         for k in keys {
             cmd.arg(self.key(k));
@@ -188,13 +220,13 @@ impl Cache for RedisCache {
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let _: () = c.pset_ex(self.key(key), value, ttl_ms(ttl)).await?;
         Ok(())
     }
 
     async fn set_nx(&self, key: &str, value: &[u8], ttl: Duration) -> Result<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let set: Option<String> = ::redis::cmd("SET")
             .arg(self.key(key))
             .arg(value)
@@ -207,7 +239,7 @@ impl Cache for RedisCache {
     }
 
     async fn incr(&self, key: &str, ttl: Duration) -> Result<u64> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let k = self.key(key);
         let (n,): (u64,) = ::redis::pipe()
             .atomic()
@@ -223,7 +255,7 @@ impl Cache for RedisCache {
     }
 
     async fn hash_incr(&self, key: &str, field: &str, by: i64, ttl: Duration) -> Result<i64> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let k = self.key(key);
         let mut pipe = ::redis::pipe();
         pipe.atomic().hincr(&k, field, by);
@@ -235,7 +267,7 @@ impl Cache for RedisCache {
         if by.is_empty() {
             return Ok(());
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let k = self.key(key);
         let mut pipe = ::redis::pipe();
         pipe.atomic();
@@ -247,7 +279,7 @@ impl Cache for RedisCache {
     }
 
     async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         Ok(c.hgetall(self.key(key)).await?)
     }
 
@@ -255,7 +287,7 @@ impl Cache for RedisCache {
         if fields.is_empty() {
             return Ok(());
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let _: () = c.hdel(self.key(key), fields).await?;
         Ok(())
     }
@@ -267,7 +299,7 @@ impl Cache for RedisCache {
         value: &[u8],
         ttl: Duration,
     ) -> Result<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let set: i64 = scripts()
             .set_if
             .key(self.key(key))
@@ -286,7 +318,7 @@ impl Cache for RedisCache {
         read: &[String],
         take: Option<LeaseTake<'_>>,
     ) -> Result<Leased> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let mut inv = scripts().lease.prepare_invoke();
         inv.arg(release.len()).arg(read.len());
         for (sem, holder) in release {
@@ -318,6 +350,7 @@ impl Cache for RedisCache {
         values.resize(read.len(), None);
         Ok(Leased {
             taken: int(out.first())? == 1,
+            already_held: int(out.first())? == 2,
             held: int(out.get(1))?.max(0) as u32,
             limit: int(out.get(2))?.max(0) as u32,
             values,
@@ -328,7 +361,7 @@ impl Cache for RedisCache {
         if leases.is_empty() {
             return Ok(0);
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let mut inv = scripts().renew.prepare_invoke();
         inv.arg(ttl_ms(ttl));
         for (sem, holder) in leases {
@@ -342,7 +375,7 @@ impl Cache for RedisCache {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let mut inv = scripts().count.prepare_invoke();
         for k in keys {
             inv.key(self.key(k));
@@ -352,13 +385,13 @@ impl Cache for RedisCache {
     }
 
     async fn del(&self, key: &str) -> Result<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let _: () = c.del(self.key(key)).await?;
         Ok(())
     }
 
     async fn ping(&self) -> Result<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let _: String = ::redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
     }

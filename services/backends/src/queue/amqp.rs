@@ -3,7 +3,14 @@
 //! acknowledgement, and delayed retries held by the broker in delay tiers
 //! (queues with a queue-level TTL that dead-letter back into the work queue;
 //! per-message TTLs in one queue would stall behind longer ones).
-use std::sync::atomic::{AtomicBool, Ordering};
+//!
+//! On a cluster the process is given every node's URL: it connects to the
+//! first that answers and moves on to the next when its node goes. A
+//! publish whose confirm was lost with its node is sent again on the next
+//! connection, marked so that its consumer treats it as possibly seen
+//! (`Incoming::redelivered`). The delivery classes can be sharded over K
+//! quorum queues each, so that their Raft leaders spread over the nodes.
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +49,23 @@ pub const REASON_HEADER: &str = "x-stampede-reason";
 /// Header carrying the queue a dead-lettered message came from.
 pub const SOURCE_HEADER: &str = "x-stampede-source";
 
+/// Header marking a message published again after its first publish's
+/// confirm was lost: it may be on the queue twice.
+const REPUBLISHED_HEADER: &str = "x-stampede-republished";
+
+/// How the topology is laid out.
+#[derive(Debug, Clone, Copy)]
+pub struct AmqpOptions {
+    /// Quorum queues per delivery class (1: the class's queue alone).
+    pub delivery_shards: u16,
+}
+
+impl Default for AmqpOptions {
+    fn default() -> Self {
+        Self { delivery_shards: 1 }
+    }
+}
+
 /// The RabbitMQ queue.
 #[derive(Clone)]
 pub struct AmqpQueue {
@@ -57,9 +81,15 @@ struct Link {
 }
 
 struct Inner {
-    url: String,
+    /// The nodes, in the order given.
+    urls: Vec<String>,
+    /// Index in `urls` of the node the current link is on.
+    node: AtomicUsize,
     connection_name: String,
     namespace: String,
+    shards: u16,
+    /// Spreads the messages that name no route over the shards.
+    spread: AtomicU64,
     link: RwLock<Link>,
     /// Bumped on every reconnection; consumers and publishers wait on it.
     generation: watch::Sender<u64>,
@@ -68,9 +98,41 @@ struct Inner {
 
 /// How long a publisher waits for the broker to come back before failing.
 const RECONNECT_WAIT: Duration = Duration::from_secs(10);
+/// How long one node may take to accept a connection before the next is
+/// tried (a partitioned node does not refuse: it does not answer).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a publish keeps being retried over reconnections before its
+/// caller is told it failed.
+const PUBLISH_RETRY: Duration = Duration::from_secs(30);
+/// How long the broker may take to confirm a publish. A quorum queue whose
+/// leader is lost confirms once a new one is elected (seconds).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(20);
 /// Backoff between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A link to the first node that answers, trying them in order from
+/// `start`; returns it with its node's index. Errors name the node by its
+/// place in the list, never its URL (which carries the password).
+async fn open_any(urls: &[String], start: usize, connection_name: &str) -> Result<(Link, usize)> {
+    let n = urls.len();
+    let mut last = String::new();
+    for k in 0..n {
+        let i = (start + k) % n;
+        match tokio::time::timeout(CONNECT_TIMEOUT, open_link(&urls[i], connection_name)).await {
+            Ok(Ok(link)) => return Ok((link, i)),
+            Ok(Err(e)) => last = format!("node {} of {n}: {e}", i + 1),
+            Err(_) => {
+                last = format!(
+                    "node {} of {n}: no answer within {}s",
+                    i + 1,
+                    CONNECT_TIMEOUT.as_secs()
+                )
+            }
+        }
+    }
+    Err(Error::Queue(format!("no broker node answered ({last})")))
+}
 
 async fn open_link(url: &str, connection_name: &str) -> Result<Link> {
     let props = ConnectionProperties::default()
@@ -93,14 +155,39 @@ impl AmqpQueue {
     /// is down `is_connected` is false (readiness says so), publishers wait
     /// for it up to 10 s and then fail, and consumers resume on the new
     /// connection (what they held unacknowledged the broker redelivers).
+    ///
+    /// `url` is one URL or several, comma-separated (the nodes of a
+    /// cluster).
     pub async fn connect(url: &str, namespace: &str, connection_name: &str) -> Result<Self> {
-        let link = open_link(url, connection_name).await?;
+        Self::connect_with(url, namespace, connection_name, AmqpOptions::default()).await
+    }
+
+    /// [`AmqpQueue::connect`] with the topology's options.
+    pub async fn connect_with(
+        url: &str,
+        namespace: &str,
+        connection_name: &str,
+        options: AmqpOptions,
+    ) -> Result<Self> {
+        let urls: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect();
+        if urls.is_empty() {
+            return Err(Error::Queue("no broker URL given".into()));
+        }
+        let (link, node) = open_any(&urls, 0, connection_name).await?;
         let (generation, _) = watch::channel(0);
         let q = Self {
             inner: Arc::new(Inner {
-                url: url.to_string(),
+                urls,
+                node: AtomicUsize::new(node),
                 connection_name: connection_name.to_string(),
                 namespace: namespace.to_string(),
+                shards: options.delivery_shards.max(1),
+                spread: AtomicU64::new(0),
                 link: RwLock::new(link),
                 generation,
                 connected: AtomicBool::new(true),
@@ -119,7 +206,7 @@ impl AmqpQueue {
         loop {
             if self.inner.connected.load(Ordering::Acquire) {
                 let link = self.inner.link.read().await.clone();
-                if link.conn.status().connected() {
+                if link.conn.status().connected() && link.publisher.status().connected() {
                     return Ok(link);
                 }
             }
@@ -144,14 +231,99 @@ impl AmqpQueue {
         format!("{}.{}.delay.{secs}s", self.namespace, q.suffix())
     }
 
+    /// The quorum queues of `q`: its shards for a delivery class (the
+    /// first is the class's own queue), else the queue alone.
+    pub fn queue_names(&self, q: QueueName) -> Vec<String> {
+        shard_names(&self.namespace, q, self.inner.shards)
+    }
+
+    /// The queue a message for `q` goes to: its route's shard, or the next
+    /// one in turn when it names none.
+    fn target(&self, q: QueueName, route: Option<u64>) -> String {
+        let k = u64::from(self.inner.shards);
+        if k <= 1 || q.delivery_class().is_none() {
+            return self.name(q);
+        }
+        let i = route.unwrap_or_else(|| self.inner.spread.fetch_add(1, Ordering::Relaxed)) % k;
+        shard_name(&self.namespace, q, i as u16)
+    }
+
     async fn declare(&self) -> Result<()> {
         let conn = self.inner.link.read().await.conn.clone();
-        declare(&conn, &self.namespace).await
+        declare(&conn, &self.namespace, self.inner.shards).await
+    }
+
+    /// Publishes to the default exchange and waits for the broker's
+    /// confirm, again on the next connection when the node went before it
+    /// confirmed (then marked as possibly published twice), for up to 30 s.
+    async fn publish_confirmed(
+        &self,
+        routing_key: &str,
+        kind: Option<&str>,
+        payload: &[u8],
+        headers: FieldTable,
+    ) -> Result<()> {
+        self.publish_all(routing_key, &[(kind, payload)], headers)
+            .await
+    }
+
+    /// Publishes every message of `msgs` to `routing_key` (pipelined) and
+    /// waits for all their confirms; those whose confirm failed are sent
+    /// again, marked, until [`PUBLISH_RETRY`] has passed.
+    async fn publish_all(
+        &self,
+        routing_key: &str,
+        msgs: &[(Option<&str>, &[u8])],
+        mut headers: FieldTable,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + PUBLISH_RETRY;
+        let mut left: Vec<usize> = (0..msgs.len()).collect();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let mut pending = Vec::with_capacity(left.len());
+            let mut failed = Vec::new();
+            let mut last: Option<Error> = None;
+            for &i in &left {
+                let (kind, payload) = msgs[i];
+                match self.send(routing_key, kind, payload, headers.clone()).await {
+                    Ok(c) => pending.push((i, c)),
+                    Err(e) => {
+                        failed.push(i);
+                        last = Some(e);
+                    }
+                }
+            }
+            for (i, c) in pending {
+                match confirmed(c).await {
+                    Ok(()) => {}
+                    Err(e @ Error::Queue(_)) if is_final(&e) => return Err(e),
+                    Err(e) => {
+                        failed.push(i);
+                        last = Some(e);
+                    }
+                }
+            }
+            let Some(e) = last else { return Ok(()) };
+            if tokio::time::Instant::now() + backoff > deadline {
+                return Err(e);
+            }
+            tracing::warn!(
+                connection = %self.inner.connection_name,
+                messages = failed.len(),
+                error = %e,
+                "publish not confirmed; sending again on the next connection"
+            );
+            headers.insert(REPUBLISHED_HEADER.into(), AMQPValue::Boolean(true));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            failed.sort_unstable();
+            left = failed;
+        }
     }
 
     async fn send(
         &self,
-        routing_key: String,
+        routing_key: &str,
         kind: Option<&str>,
         payload: &[u8],
         headers: FieldTable,
@@ -183,7 +355,10 @@ impl AmqpQueue {
     /// Deletes every queue of this namespace (tests clean up with it).
     pub async fn delete_all(&self) -> Result<()> {
         let ch = self.link().await?.conn.create_channel().await?;
-        let mut names: Vec<String> = QueueName::ALL.iter().map(|q| self.name(*q)).collect();
+        let mut names: Vec<String> = QueueName::ALL
+            .iter()
+            .flat_map(|q| self.queue_names(*q))
+            .collect();
         for q in DELAYED {
             for secs in DELAY_TIERS_SECS {
                 names.push(self.delay_name(q, *secs));
@@ -198,7 +373,27 @@ impl AmqpQueue {
     }
 }
 
-async fn declare(conn: &Connection, namespace: &str) -> Result<()> {
+/// The name of shard `i` of a delivery class's queue: the class's own
+/// queue for the first, `{queue}.shard{i}` for the others.
+fn shard_name(namespace: &str, q: QueueName, i: u16) -> String {
+    if i == 0 {
+        format!("{namespace}.{}", q.suffix())
+    } else {
+        format!("{namespace}.{}.shard{i}", q.suffix())
+    }
+}
+
+/// Every quorum queue of `q` with `shards` shards per delivery class.
+fn shard_names(namespace: &str, q: QueueName, shards: u16) -> Vec<String> {
+    let k = if q.delivery_class().is_some() {
+        shards.max(1)
+    } else {
+        1
+    };
+    (0..k).map(|i| shard_name(namespace, q, i)).collect()
+}
+
+async fn declare(conn: &Connection, namespace: &str, shards: u16) -> Result<()> {
     let ch = conn.create_channel().await?;
 
     let durable = QueueDeclareOptions {
@@ -206,13 +401,24 @@ async fn declare(conn: &Connection, namespace: &str) -> Result<()> {
         ..QueueDeclareOptions::default()
     };
     for q in QueueName::ALL {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        ch.queue_declare(format!("{namespace}.{}", q.suffix()).into(), durable, args)
-            .await?;
+        for (i, name) in shard_names(namespace, q, shards).into_iter().enumerate() {
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            // The added shards' leaders go to the node with the fewest, so
+            // that K shards spread over the cluster. (The first keeps the
+            // arguments it has always been declared with: a queue
+            // redeclared with others is refused.)
+            if i > 0 {
+                args.insert(
+                    "x-queue-leader-locator".into(),
+                    AMQPValue::LongString("balanced".into()),
+                );
+            }
+            ch.queue_declare(name.into(), durable, args).await?;
+        }
     }
     ch.exchange_declare(
         format!("{namespace}.verified").into(),
@@ -272,28 +478,58 @@ async fn declare(conn: &Connection, namespace: &str) -> Result<()> {
     Ok(())
 }
 
-/// Watches the connection and replaces it when it drops, with backoff.
+/// Watches the connection and replaces it when it drops, with backoff,
+/// trying the next node first; replaces the publisher channel alone when
+/// the broker closed just that.
 async fn supervise(inner: std::sync::Weak<Inner>) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let Some(i) = inner.upgrade() else { return };
-        if i.link.read().await.conn.status().connected() {
+        let (conn_up, channel_up) = {
+            let l = i.link.read().await;
+            (
+                l.conn.status().connected(),
+                l.publisher.status().connected(),
+            )
+        };
+        if conn_up && channel_up {
             continue;
         }
+        if conn_up {
+            let conn = i.link.read().await.conn.clone();
+            match conn.create_channel().await {
+                Ok(ch) => match ch.confirm_select(ConfirmSelectOptions::default()).await {
+                    Ok(()) => {
+                        i.link.write().await.publisher = ch;
+                        i.generation.send_modify(|g| *g += 1);
+                        tracing::warn!(connection = %i.connection_name, "publisher channel closed by the broker; reopened");
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reopening the publisher channel failed"),
+                },
+                Err(e) => tracing::warn!(error = %e, "reopening the publisher channel failed"),
+            }
+        }
         i.connected.store(false, Ordering::Release);
-        tracing::warn!(connection = %i.connection_name, "broker connection lost; reconnecting");
+        let lost = i.node.load(Ordering::Relaxed);
+        tracing::warn!(connection = %i.connection_name, node = lost + 1, nodes = i.urls.len(), "broker connection lost; reconnecting");
         let mut backoff = BACKOFF_MIN;
+        let mut start = (lost + 1) % i.urls.len();
         loop {
-            match open_link(&i.url, &i.connection_name).await {
-                Ok(link) => match declare(&link.conn, &i.namespace).await {
+            match open_any(&i.urls, start, &i.connection_name).await {
+                Ok((link, node)) => match declare(&link.conn, &i.namespace, i.shards).await {
                     Ok(()) => {
                         *i.link.write().await = link;
+                        i.node.store(node, Ordering::Relaxed);
                         i.connected.store(true, Ordering::Release);
                         i.generation.send_modify(|g| *g += 1);
-                        tracing::info!(connection = %i.connection_name, "broker connection restored");
+                        tracing::info!(connection = %i.connection_name, node = node + 1, nodes = i.urls.len(), "broker connection restored");
                         break;
                     }
-                    Err(e) => tracing::warn!(error = %e, "declaring after reconnect failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, node = node + 1, "declaring after reconnect failed");
+                        start = (node + 1) % i.urls.len();
+                    }
                 },
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),
             }
@@ -306,8 +542,21 @@ async fn supervise(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// Whether a publish failed for a reason sending it again cannot fix (no
+/// queue to route it to).
+fn is_final(e: &Error) -> bool {
+    matches!(e, Error::Queue(m) if m.starts_with("message returned unroutable"))
+}
+
 async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<()> {
-    let c = confirm.await?;
+    let c = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        .await
+        .map_err(|_| {
+            Error::Queue(format!(
+                "the broker did not confirm within {}s",
+                CONFIRM_TIMEOUT.as_secs()
+            ))
+        })??;
     if c.is_nack() {
         return Err(Error::Queue("the broker refused the message (nack)".into()));
     }
@@ -323,31 +572,43 @@ async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<()> {
 #[async_trait]
 impl Queue for AmqpQueue {
     async fn publish(&self, queue: QueueName, msg: OutMessage) -> Result<()> {
-        confirmed(
-            self.send(
-                self.name(queue),
-                Some(msg.kind),
-                &msg.payload,
-                message_headers(None, now_ms()),
-            )
-            .await?,
+        let target = self.target(queue, msg.route);
+        self.publish_confirmed(
+            &target,
+            Some(msg.kind),
+            &msg.payload,
+            message_headers(None, now_ms()),
         )
         .await
     }
 
     async fn publish_batch(&self, queue: QueueName, msgs: Vec<OutMessage>) -> Result<()> {
-        let name = self.name(queue);
-        let mut pending = Vec::with_capacity(msgs.len());
         // One trace context and ready time for the whole batch.
         let headers = message_headers(None, now_ms());
-        for m in &msgs {
-            pending.push(
-                self.send(name.clone(), Some(m.kind), &m.payload, headers.clone())
-                    .await?,
-            );
+        if self.inner.shards <= 1 || queue.delivery_class().is_none() {
+            let all: Vec<_> = msgs
+                .iter()
+                .map(|m| (Some(m.kind), m.payload.as_slice()))
+                .collect();
+            return self.publish_all(&self.name(queue), &all, headers).await;
         }
-        for p in pending {
-            confirmed(p).await?;
+        // Each shard's messages pipelined, the shards one after another.
+        let k = usize::from(self.inner.shards);
+        let mut by_shard: Vec<Vec<(Option<&str>, &[u8])>> = vec![Vec::new(); k];
+        for m in &msgs {
+            let i = m
+                .route
+                .unwrap_or_else(|| self.inner.spread.fetch_add(1, Ordering::Relaxed))
+                % k as u64;
+            by_shard[i as usize].push((Some(m.kind), m.payload.as_slice()));
+        }
+        let by_shard = by_shard
+            .into_iter()
+            .enumerate()
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(i, b)| (shard_name(&self.namespace, queue, i as u16), b));
+        for (target, batch) in by_shard {
+            self.publish_all(&target, &batch, headers.clone()).await?;
         }
         Ok(())
     }
@@ -370,16 +631,15 @@ impl Queue for AmqpQueue {
                 queue.suffix()
             )));
         }
+        // Delays end in the class's first shard: a delay tier dead-letters
+        // to one queue.
         let target = self.delay_name(queue, tier);
         let ready = now_ms() + (tier * 1000) as i64;
-        confirmed(
-            self.send(
-                target,
-                Some(msg.kind),
-                &msg.payload,
-                message_headers(None, ready),
-            )
-            .await?,
+        self.publish_confirmed(
+            &target,
+            Some(msg.kind),
+            &msg.payload,
+            message_headers(None, ready),
         )
         .await?;
         Ok(Duration::from_secs(tier))
@@ -398,36 +658,54 @@ impl Queue for AmqpQueue {
             SOURCE_HEADER.into(),
             AMQPValue::LongString(self.name(from).into()),
         );
-        let c = self
-            .send(
-                self.name(QueueName::Dead),
-                kind,
-                payload,
-                message_headers(Some(h), now_ms()),
-            )
-            .await?;
-        confirmed(c).await
+        self.publish_confirmed(
+            &self.name(QueueName::Dead),
+            kind,
+            payload,
+            message_headers(Some(h), now_ms()),
+        )
+        .await
     }
 
     async fn publish_event(&self, routing_key: &str, msg: OutMessage) -> Result<()> {
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_type(ShortString::from(msg.kind))
-            .with_headers(message_headers(None, now_ms()));
-        // Not mandatory: an event nobody binds to is not an error.
-        let c = self
-            .link()
-            .await?
-            .publisher
-            .basic_publish(
-                self.events_exchange().into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                &msg.payload,
-                props,
-            )
-            .await?;
-        confirmed(c).await
+        let mut headers = message_headers(None, now_ms());
+        let deadline = tokio::time::Instant::now() + PUBLISH_RETRY;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_type(ShortString::from(msg.kind))
+                .with_headers(headers.clone());
+            // Not mandatory: an event nobody binds to is not an error.
+            let sent = match self.link().await {
+                Ok(link) => link
+                    .publisher
+                    .basic_publish(
+                        self.events_exchange().into(),
+                        routing_key.into(),
+                        BasicPublishOptions::default(),
+                        &msg.payload,
+                        props,
+                    )
+                    .await
+                    .map_err(Error::from),
+                Err(e) => Err(e),
+            };
+            let e = match sent {
+                Ok(c) => match confirmed(c).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() + backoff > deadline {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "event not confirmed; sending again on the next connection");
+            headers.insert(REPUBLISHED_HEADER.into(), AMQPValue::Boolean(true));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
     }
 
     async fn consume(&self, queue: QueueName, prefetch: u16) -> Result<Box<dyn Consumer>> {
@@ -444,22 +722,26 @@ impl Queue for AmqpQueue {
         let ch = self.link().await?.conn.create_channel().await?;
         let mut out = Vec::new();
         for q in QueueName::ALL {
-            let name = self.name(q);
-            let d = ch
-                .queue_declare(
-                    name.clone().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
+            let (mut messages, mut consumers) = (0u64, 0u64);
+            for name in self.queue_names(q) {
+                let d = ch
+                    .queue_declare(
+                        name.into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                messages += u64::from(d.message_count());
+                consumers += u64::from(d.consumer_count());
+            }
             out.push(Depth {
                 name: q,
-                queue: name,
-                messages: u64::from(d.message_count()),
-                consumers: u64::from(d.consumer_count()),
+                queue: self.name(q),
+                messages,
+                consumers,
             });
         }
         let _ = ch.close(200, "status".into()).await;
@@ -471,23 +753,37 @@ impl Queue for AmqpQueue {
     }
 }
 
+/// What one consumer of a queue holds: a channel and a consumer per shard
+/// on it.
+type Consuming = (futures::stream::SelectAll<lapin::Consumer>, Channel);
+
 impl AmqpQueue {
-    async fn start_consumer(
-        &self,
-        queue: QueueName,
-        prefetch: u16,
-    ) -> Result<(lapin::Consumer, Channel)> {
+    /// Consumes every shard of `queue` on one channel. Quorum queues have
+    /// no channel-wide prefetch: each shard's consumer gets a share of
+    /// `prefetch` (twice the even share, so one busy shard does not starve
+    /// the worker), never more than it.
+    async fn start_consumer(&self, queue: QueueName, prefetch: u16) -> Result<Consuming> {
         let ch = self.link().await?.conn.create_channel().await?;
-        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let consumer = ch
-            .basic_consume(
-                self.name(queue).into(),
-                ShortString::from(format!("stampede-{}", uuid::Uuid::new_v4())),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        let names = self.queue_names(queue);
+        let k = names.len() as u32;
+        let share = (u32::from(prefetch) * 2)
+            .div_ceil(k)
+            .clamp(1, u32::from(prefetch).max(1));
+        ch.basic_qos(share as u16, BasicQosOptions::default())
             .await?;
-        Ok((consumer, ch))
+        let mut all = Vec::with_capacity(names.len());
+        for name in names {
+            all.push(
+                ch.basic_consume(
+                    name.into(),
+                    ShortString::from(format!("stampede-{}", uuid::Uuid::new_v4())),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?,
+            );
+        }
+        Ok((futures::stream::select_all(all), ch))
     }
 }
 
@@ -497,7 +793,7 @@ struct AmqpConsumer {
     queue: AmqpQueue,
     name: QueueName,
     prefetch: u16,
-    current: Option<(lapin::Consumer, Channel)>,
+    current: Option<Consuming>,
 }
 
 impl Drop for AmqpConsumer {
@@ -552,8 +848,8 @@ impl Consumer for AmqpConsumer {
         Some(Ok(Incoming {
             queue: self.name,
             kind: d.properties.kind().as_ref().map(|k| k.as_str().to_string()),
+            redelivered: d.redelivered || republished(&d.properties),
             payload: Bytes::from(d.data),
-            redelivered: d.redelivered,
             ready_unix_ms: ready_ms(&d.properties),
             traceparent: traceparent(&d.properties),
             dead: dead_info(&d.properties),
@@ -576,6 +872,15 @@ fn message_headers(extra: Option<FieldTable>, ready_ms: i64) -> FieldTable {
         h.insert(TRACEPARENT_HEADER.into(), AMQPValue::LongString(tp.into()));
     }
     h
+}
+
+/// Whether the message was published again after a lost confirm.
+fn republished(props: &BasicProperties) -> bool {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(REPUBLISHED_HEADER))
+        .is_some_and(|v| matches!(v, AMQPValue::Boolean(true)))
 }
 
 fn traceparent(props: &BasicProperties) -> Option<String> {

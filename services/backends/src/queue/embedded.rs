@@ -565,6 +565,7 @@ mod tests {
         OutMessage {
             kind: "t.Msg",
             payload: p.as_bytes().to_vec(),
+            route: None,
         }
     }
 

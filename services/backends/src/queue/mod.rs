@@ -109,6 +109,28 @@ pub struct OutMessage {
     pub kind: &'static str,
     /// Encoded protobuf.
     pub payload: Vec<u8>,
+    /// Which shard of a sharded delivery queue it goes to (a hash of the
+    /// inbox's host, [`route_of`]: a host's jobs share one); `None`: any.
+    pub route: Option<u64>,
+}
+
+impl OutMessage {
+    /// A message of `kind` with no route.
+    pub fn new(kind: &'static str, payload: Vec<u8>) -> Self {
+        Self {
+            kind,
+            payload,
+            route: None,
+        }
+    }
+}
+
+/// The route of a host's delivery jobs: FNV-1a of its name, the same in
+/// every process and version.
+pub fn route_of(host: &str) -> u64 {
+    host.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// What a consumer does with a message it received.

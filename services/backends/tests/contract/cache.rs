@@ -261,7 +261,26 @@ async fn a_semaphore_holds_at_most_its_limit_and_releases(c: Arc<dyn Cache>) {
             .taken
     );
     let full = c.lease(&[], &[], take("sem", "c", 2, LONG)).await.unwrap();
-    assert!(!full.taken && full.held == 2, "{full:?}");
+    assert!(
+        !full.taken && !full.already_held && full.held == 2,
+        "{full:?}"
+    );
+    // A holder that holds one takes no second, and is told so (a job in
+    // flight elsewhere), even where there is room.
+    let again = c
+        .lease(&[], &[], take("other2", "j", 3, LONG))
+        .await
+        .unwrap();
+    assert!(again.taken && !again.already_held, "{again:?}");
+    let twice = c
+        .lease(&[], &[], take("other2", "j", 3, LONG))
+        .await
+        .unwrap();
+    assert!(
+        !twice.taken && twice.already_held && twice.held == 1,
+        "{twice:?}"
+    );
+    c.lease(&[pair("other2", "j")], &[], None).await.unwrap();
     // Another semaphore is not affected.
     assert!(
         c.lease(&[], &[], take("other", "c", 1, LONG))

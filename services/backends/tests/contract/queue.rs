@@ -48,6 +48,7 @@ macro_rules! queue_test_suite {
 }
 
 queue_test_suite!(amqp, crate::support::amqp_queue);
+queue_test_suite!(amqp_sharded, crate::support::amqp_sharded_queue);
 queue_test_suite!(embedded, crate::support::embedded_queue);
 
 const KIND: &str = "stampede.queue.v1.DeliveryJob";
@@ -61,6 +62,7 @@ fn msg(payload: &[u8]) -> OutMessage {
     OutMessage {
         kind: KIND,
         payload: payload.to_vec(),
+        route: None,
     }
 }
 
@@ -139,6 +141,7 @@ async fn publish_consume_ack_round_trip(q: Arc<dyn Queue>) {
         OutMessage {
             kind: KIND,
             payload: payload.clone(),
+            route: None,
         },
     )
     .await
@@ -459,6 +462,7 @@ async fn an_accepted_event_reaches_the_app_queue_only(q: Arc<dyn Queue>) {
     let event = |p: &[u8]| OutMessage {
         kind: EVENT_KIND,
         payload: p.to_vec(),
+        route: None,
     };
     q.publish_event("rejected", event(b"no")).await.unwrap();
     q.publish_event("accepted", event(b"yes")).await.unwrap();
@@ -487,6 +491,7 @@ async fn ack_with_event_publishes_the_event_and_acknowledges(q: Arc<dyn Queue>) 
     let event = |p: &[u8]| OutMessage {
         kind: EVENT_KIND,
         payload: p.to_vec(),
+        route: None,
     };
     a.acker
         .ack_with_event(&*q, "accepted", event(b"verified a"))

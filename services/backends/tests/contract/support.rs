@@ -10,7 +10,7 @@ use futures::FutureExt;
 use stampede_backends::cache::memory::MemoryCache;
 use stampede_backends::cache::redis::RedisCache;
 use stampede_backends::cache::Cache;
-use stampede_backends::queue::amqp::AmqpQueue;
+use stampede_backends::queue::amqp::{AmqpOptions, AmqpQueue};
 use stampede_backends::queue::embedded::EmbeddedQueue;
 use stampede_backends::queue::Queue;
 use stampede_backends::sqlite::DataDirLock;
@@ -126,6 +126,25 @@ pub async fn amqp_queue() -> Fixture<Arc<dyn Queue>> {
     let q = AmqpQueue::connect(&amqp_url(), &namespace, "stampede-contract")
         .await
         .unwrap_or_else(|e| panic!("RabbitMQ must run (STAMPEDE_TEST_AMQP_URL): {e}"));
+    Fixture {
+        cx: Arc::new(q.clone()),
+        cleanup: Cleanup::Queues(q),
+    }
+}
+
+/// `AmqpQueue` with every delivery class sharded over three quorum queues:
+/// the contract holds whatever the shard count (messages without a route
+/// spread over the shards, consumers take from all).
+pub async fn amqp_sharded_queue() -> Fixture<Arc<dyn Queue>> {
+    let namespace = format!("c{}", unique());
+    let q = AmqpQueue::connect_with(
+        &amqp_url(),
+        &namespace,
+        "stampede-contract",
+        AmqpOptions { delivery_shards: 3 },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("RabbitMQ must run (STAMPEDE_TEST_AMQP_URL): {e}"));
     Fixture {
         cx: Arc::new(q.clone()),
         cleanup: Cleanup::Queues(q),

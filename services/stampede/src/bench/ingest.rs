@@ -55,6 +55,7 @@ async fn enqueue_ceiling(kind: BackendKind, concurrency: usize, n: usize) -> any
                     stampede_backends::queue::OutMessage {
                         kind: "bench.Ceiling",
                         payload,
+                        route: None,
                     },
                 )
                 .await
