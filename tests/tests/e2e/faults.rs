@@ -56,9 +56,20 @@ enum Fault {
     PostgresRefusing(PrivatePostgres, Option<Filler>),
 }
 
-/// Connections that hold every slot of a PostgreSQL server.
+/// Connections that hold every slot of a PostgreSQL server, and a task
+/// that keeps it so: every 200 ms it terminates whatever connection to
+/// stampede's database got a slot (one freed by a terminated backend
+/// before the test's took it) and takes the free slots again. Dropped, the
+/// task ends and the connections close.
 struct Filler {
-    clients: Vec<tokio_postgres::Client>,
+    task: tokio::task::JoinHandle<()>,
+    held: usize,
+}
+
+impl Drop for Filler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Opens connections to `pg` until it refuses one; each is driven on a task.
@@ -83,37 +94,65 @@ async fn fill(pg: &PrivatePostgres, into: &mut Vec<tokio_postgres::Client>) -> S
 
 impl Filler {
     /// Takes every slot of `pg`, terminating the connections to `database`
-    /// (stampede's) until none is left: the services then get "too many
-    /// clients" on every attempt to connect.
+    /// (stampede's) until none is left, and keeps it so: the services get
+    /// "too many clients" on every attempt to connect.
     async fn take_all(pg: &PrivatePostgres, database: &str) -> (Self, String) {
         let mut clients = Vec::new();
         let started = Instant::now();
-        loop {
+        let refused = loop {
             let refused = fill(pg, &mut clients).await;
-            let ours = clients.first().expect("no connection at all");
-            let left: i64 = ours
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
-                    &[&database],
-                )
-                .await
-                .unwrap()
-                .get(0);
+            let left = terminate(&clients, database).await;
             if left == 0 {
-                return (Self { clients }, refused);
+                break refused;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(20),
                 "stampede still holds {left} connections after 20 s of terminating them"
             );
-            ours.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                &[&database],
-            )
-            .await
-            .unwrap();
-        }
+        };
+        let held = clients.len();
+        let url = pg.url("postgres");
+        let database = database.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                terminate(&clients, &database).await;
+                for _ in 0..100 {
+                    match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                        Ok((c, conn)) => {
+                            tokio::spawn(conn);
+                            clients.push(c);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+        });
+        (Self { task, held }, refused)
     }
+}
+
+/// Terminates the connections to `database` through the first of
+/// `clients`; how many there were.
+async fn terminate(clients: &[tokio_postgres::Client], database: &str) -> i64 {
+    let ours = clients.first().expect("no connection at all");
+    let left: i64 = ours
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if left > 0 {
+        ours.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .unwrap();
+    }
+    left
 }
 
 impl Fault {
@@ -137,7 +176,7 @@ impl Fault {
             }
             Fault::PostgresRefusing(pg, filler) => {
                 let (f, refused) = Filler::take_all(pg, database).await;
-                let n = f.clients.len();
+                let n = f.held;
                 *filler = Some(f);
                 format!("{n} connections held by the test; the next one: {refused}")
             }
@@ -300,14 +339,13 @@ async fn a_backend_away_under_load(mut fault: Fault) {
     let test_started = Instant::now();
     let mut opts = AppOptions {
         processes: SERVICES.to_vec(),
-        extra: stampede::scratch::FAKE_SERVERS
-            .iter()
-            .map(|(k, v)| (*k, v.to_string()))
-            .chain([
-                ("STAMPEDE_HOST_CONCURRENCY", "4".to_string()),
-                ("STAMPEDE_RETRY_SCHEDULE_SECS", "1,2,2,4,4,4,4,4,4,4".into()),
-            ])
-            .collect(),
+        // The edge's and the inbox's rate limits as configured by default
+        // (one sender, far below them): their counts are in Redis, so an
+        // outage of it shows what they do without.
+        extra: vec![
+            ("STAMPEDE_HOST_CONCURRENCY", "4".to_string()),
+            ("STAMPEDE_RETRY_SCHEDULE_SECS", "1,2,2,4,4,4,4,4,4,4".into()),
+        ],
         ..AppOptions::default()
     };
     match &fault {
@@ -397,26 +435,31 @@ async fn a_backend_away_under_load(mut fault: Fault) {
     let mut publish_during: Option<Result<String, tonic::Status>> = None;
     let mut inbound_during: Vec<(String, &str, u16)> = Vec::new();
     let mut retry_after: HashMap<u16, Option<String>> = HashMap::new();
+    // One inbound POST every 500 ms, each on a task of its own so that a
+    // slow answer holds up neither the others nor the outage's end.
+    let mut sends = Vec::new();
     while fault_at.elapsed() < OUTAGE {
         let k = n;
         n += 1;
         let inbox = if k % 2 == 0 { &shared } else { &personal };
-        let a = like(&sink, k);
-        let sent = tokio::time::timeout(
-            Duration::from_secs(15),
-            sink.send(EXTRA, "bob", inbox, &a, SendOptions::default()),
-        )
-        .await;
-        let status = match sent {
-            Ok(Ok(r)) => {
-                retry_after.entry(r.status).or_insert(r.retry_after);
-                r.status
-            }
-            Ok(Err(_)) => 0,
-            Err(_) => 1,
-        };
         let which = if k % 2 == 0 { "shared" } else { "personal" };
-        inbound_during.push((a["id"].as_str().unwrap().to_string(), which, status));
+        let a = like(&sink, k);
+        let (sink, inbox) = (sink.clone(), inbox.clone());
+        sends.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let sent = tokio::time::timeout(
+                Duration::from_secs(15),
+                sink.send(EXTRA, "bob", &inbox, &a, SendOptions::default()),
+            )
+            .await;
+            let (status, retry_after) = match sent {
+                Ok(Ok(r)) => (r.status, r.retry_after),
+                Ok(Err(_)) => (0, None),
+                Err(_) => (1, None),
+            };
+            let id = a["id"].as_str().unwrap().to_string();
+            (id, which, status, retry_after, started.elapsed())
+        }));
         if readiness.is_empty() && fault_at.elapsed() > Duration::from_secs(10) {
             for s in SERVICES {
                 readiness.insert(s, app.readyz_text(s).await);
@@ -442,6 +485,14 @@ async fn a_backend_away_under_load(mut fault: Fault) {
     }
     let during = delivered(&sink, 0..SERVERS, &post).0;
     fault.end();
+    let mut slowest: HashMap<u16, Duration> = HashMap::new();
+    for h in sends {
+        let (id, which, status, ra, took) = h.await.unwrap();
+        retry_after.entry(status).or_insert(ra);
+        let e = slowest.entry(status).or_default();
+        *e = (*e).max(took);
+        inbound_during.push((id, which, status));
+    }
     let back = Instant::now();
     println!(
         "[{}] back after {:?}; {during} of {all} inboxes had the post",
@@ -464,7 +515,7 @@ async fn a_backend_away_under_load(mut fault: Fault) {
         *by_status.entry((which, *status)).or_insert(0) += 1;
     }
     println!(
-        "[{}] inbound POSTs during the outage (inbox, status: count; 0 = no answer, 1 = none in 15 s): {by_status:?}; Retry-After by status: {retry_after:?}",
+        "[{}] inbound POSTs during the outage (inbox, status: count; 0 = no answer, 1 = none in 15 s): {by_status:?}; Retry-After by status: {retry_after:?}; slowest answer by status: {slowest:?}",
         fault.name()
     );
     statuses.extend(inbound_during);
