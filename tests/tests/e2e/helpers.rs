@@ -87,6 +87,16 @@ pub struct AppOptions {
     /// the environment refuses (the demo's seconds where an operator is
     /// held to minutes).
     pub tune: Option<fn(&mut Config)>,
+    /// External only: the Redis to run on instead of the shared one (a
+    /// test's private server, `stampede_tests::private_backends`).
+    pub redis_url: Option<String>,
+    /// External only: the admin database of the PostgreSQL server to make
+    /// the test's database on instead of the shared one.
+    pub admin_database_url: Option<String>,
+    /// External only: services started as child processes of the stampede
+    /// binary rather than in the test process, their standard error kept
+    /// ([`TestApp::logs`]), at `RUST_LOG=info` unless `extra` says.
+    pub processes: Vec<&'static str>,
 }
 
 impl Default for AppOptions {
@@ -96,6 +106,9 @@ impl Default for AppOptions {
             extra: Vec::new(),
             skip: Vec::new(),
             tune: None,
+            redis_url: None,
+            admin_database_url: None,
+            processes: Vec::new(),
         }
     }
 }
@@ -113,7 +126,64 @@ pub struct TestApp {
     scratch: Scratch,
     shutdown: CancellationToken,
     services: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+    /// The services run as child processes ([`AppOptions::processes`]).
+    children: Vec<ChildService>,
     metrics: HashMap<&'static str, std::net::SocketAddr>,
+}
+
+/// A service run as a child process, its standard error in a file. Dropped,
+/// it is killed; its log is removed unless the test is failing (panicking,
+/// or [`TestApp::keep_logs`]), its path printed then.
+struct ChildService {
+    name: &'static str,
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
+    keep: bool,
+}
+
+impl Drop for ChildService {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if self.keep || std::thread::panicking() {
+            eprintln!("{} log kept: {}", self.name, self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+/// `stampede serve {name}` as a child process with `vars`, its gRPC and
+/// metrics (and for ingest, HTTP) on the given ports.
+fn child_service(
+    name: &'static str,
+    vars: &HashMap<&'static str, String>,
+    namespace: &str,
+    grpc: u16,
+    metrics: u16,
+    http: Option<u16>,
+) -> ChildService {
+    let log = std::env::temp_dir().join(format!("stampede-test-{namespace}-{name}.log"));
+    let file = std::fs::File::create(&log).unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_stampede-e2e"));
+    cmd.args(["serve", name])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("STAMPEDE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+        .env("STAMPEDE_METRICS_ADDR", format!("127.0.0.1:{metrics}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .kill_on_drop(true);
+    if let Some(http) = http {
+        cmd.env("STAMPEDE_HTTP_ADDR", format!("127.0.0.1:{http}"));
+    }
+    ChildService {
+        name,
+        child: cmd.spawn().unwrap(),
+        log,
+        keep: false,
+    }
 }
 
 /// A port free on 127.0.0.1 right now (for child processes to bind).
@@ -141,26 +211,51 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
         Purpose::Test,
         BackendSet::External(ExternalUrls {
             amqp: amqp_url(),
-            redis: redis_url(),
-            admin_database: admin_db_url(),
+            redis: opts.redis_url.clone().unwrap_or_else(redis_url),
+            admin_database: opts.admin_database_url.clone().unwrap_or_else(admin_db_url),
         }),
     )
     .await
     .expect("PostgreSQL must run (scripts/test starts it)");
     let namespace = scratch.namespace().to_string();
     let db_url = scratch.database_url().unwrap().to_string();
-    let mut ingest_http = Some(listener().await);
-    let http_base = format!(
-        "http://{}",
-        ingest_http.as_ref().unwrap().local_addr().unwrap()
-    );
+    let ingest_child = opts.processes.contains(&"ingest");
+    let (mut ingest_http, http_base) = if ingest_child {
+        (None, format!("http://127.0.0.1:{}", free_port()))
+    } else {
+        let l = listener().await;
+        let base = format!("http://{}", l.local_addr().unwrap());
+        (Some(l), base)
+    };
     let (vars, cfg) = config(&scratch, &http_base, &opts);
     let shutdown = CancellationToken::new();
     let mut services = Vec::new();
+    let mut children = Vec::new();
     let mut ingest_grpc_addr = None;
     let mut metrics = HashMap::new();
     for name in ["ingest", "inbox", "fanout", "delivery"] {
         if opts.skip.contains(&name) {
+            continue;
+        }
+        if opts.processes.contains(&name) {
+            let (grpc, metrics_port) = (free_port(), free_port());
+            let http =
+                (name == "ingest").then(|| url::Url::parse(&http_base).unwrap().port().unwrap());
+            if name == "ingest" {
+                ingest_grpc_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], grpc)));
+            }
+            metrics.insert(
+                name,
+                std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+            );
+            children.push(child_service(
+                name,
+                &vars,
+                &namespace,
+                grpc,
+                metrics_port,
+                http,
+            ));
             continue;
         }
         let grpc = listener().await;
@@ -206,11 +301,30 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
             };
         services.push((name, h));
     }
-    let grpc = Channel::from_shared(format!("http://{}", ingest_grpc_addr.unwrap()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let endpoint = Channel::from_shared(format!("http://{}", ingest_grpc_addr.unwrap())).unwrap();
+    // A child process listens once it has connected to its backends.
+    let started = Instant::now();
+    let grpc = loop {
+        match endpoint.connect().await {
+            Ok(c) => break c,
+            Err(_) if ingest_child && started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("ingest's gRPC: {e}"),
+        }
+    };
+    for (name, addr) in &metrics {
+        if !opts.processes.contains(name) {
+            continue;
+        }
+        let url = format!("http://{addr}/healthz");
+        wait_for(
+            &format!("{name} to serve"),
+            Duration::from_secs(30),
+            || async { reqwest::get(&url).await.is_ok() },
+        )
+        .await;
+    }
     let store = stampede_backends::store::postgres::PgStore::connect(&db_url, 4).unwrap();
     let queue = AmqpQueue::connect(&amqp_url(), &namespace, "stampede-test")
         .await
@@ -225,6 +339,7 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
         env: vars,
         shutdown,
         services,
+        children,
         metrics,
     }
 }
@@ -287,6 +402,7 @@ async fn spawn_all_in_one(scratch: Scratch, opts: AppOptions) -> TestApp {
         env: vars,
         shutdown,
         services: vec![("up", h)],
+        children: Vec::new(),
         metrics: ["ingest", "inbox", "fanout", "delivery"]
             .into_iter()
             .map(|n| (n, metrics_addr))
@@ -335,6 +451,41 @@ impl TestApp {
             .text()
             .await
             .unwrap()
+    }
+
+    /// What `service`, run as a child process, logged so far.
+    pub fn logs(&self, service: &str) -> String {
+        self.children
+            .iter()
+            .find(|c| c.name == service)
+            .map(|c| std::fs::read_to_string(&c.log).unwrap_or_default())
+            .unwrap_or_else(|| panic!("{service} is not a child process"))
+    }
+
+    /// Keeps the logs of the services run as child processes (the test is
+    /// about to fail): their paths are printed when they stop.
+    pub fn keep_logs(&mut self) {
+        for c in &mut self.children {
+            c.keep = true;
+        }
+    }
+
+    /// Whether each service run as a child process is still running (its
+    /// name and exit status when one is not).
+    pub fn exited(&mut self) -> Vec<(&'static str, std::process::ExitStatus)> {
+        self.children
+            .iter_mut()
+            .filter_map(|c| c.child.try_wait().ok().flatten().map(|s| (c.name, s)))
+            .collect()
+    }
+
+    /// The status and body `/readyz` of `service` answers (0 and the error
+    /// when it does not answer).
+    pub async fn readyz_text(&self, service: &str) -> (u16, String) {
+        match reqwest::get(format!("http://{}/readyz", self.metrics[service])).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
     }
 
     /// The status `/readyz` of `service` answers.
@@ -407,8 +558,12 @@ impl TestApp {
 
     /// Stops the services and removes the database, queues and keys, or the
     /// data directory.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
+        for c in &mut self.children {
+            c.child.start_kill().unwrap();
+            c.child.wait().await.unwrap();
+        }
         for (name, h) in self.services {
             match tokio::time::timeout(Duration::from_secs(30), h).await {
                 Ok(Ok(Ok(()))) => {}

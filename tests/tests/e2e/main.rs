@@ -8,6 +8,7 @@ mod bench;
 mod crash;
 mod delivery;
 mod embedded;
+mod faults;
 mod helpers;
 mod hosts;
 mod inbound;
