@@ -1,1 +1,4 @@
-//! Library: end-to-end test support lives in the test targets.
+//! Library: end-to-end test support lives in the test targets; what several
+//! of them share (the RabbitMQ cluster) lives here.
+
+pub mod cluster;
