@@ -1,6 +1,7 @@
 //! The benchmarks at tiny sizes (delivery, fanout, ingest with its kill -9,
 //! inbound with both signature schemes, influx also with delivery in two
-//! processes): they run, on both backend sets, and their correctness checks
+//! processes; scale with one and two delivery processes): they run, on
+//! both backend sets where they can, and their correctness checks
 //! pass (the numbers are not looked at here); influx's checks fail the
 //! bench when violated.
 use std::time::Duration;
@@ -252,6 +253,75 @@ async fn the_influx_bench_fails_when_a_check_is_violated() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("--delivery-replicas needs --backend external"));
+}
+
+/// `bench scale` at a tiny size: 120 deliveries to 30 hosts answering
+/// after 100 ms, by one delivery process and then two, 4 in flight each
+/// (at most 40/s a process): everything arrives once, and two processes
+/// deliver faster than one (1.2x here where the bench's target is 1.8x:
+/// a debug build beside other tests). A target missed fails the bench.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scale_bench_runs_small_and_two_processes_deliver_faster() {
+    const SCALE: [&str; 15] = [
+        "scale",
+        "--replicas",
+        "1,2",
+        "--followers",
+        "120",
+        "--hosts",
+        "30",
+        "--slow-ms",
+        "100",
+        "--prefetch",
+        "4",
+        "--host-limit",
+        "8",
+        "--targets",
+        "2=1.2",
+    ];
+    let v = bench(Backend::External, &SCALE).await;
+    assert_eq!(v["check"]["ok"], true, "{v}");
+    assert_eq!(v["latency_bound_rate_per_process"], 40.0);
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (r, n) in runs.iter().zip([1, 2]) {
+        assert_eq!(r["replicas"], n);
+        assert_eq!(r["deliveries"], 120, "{r}");
+        assert_eq!(r["check"]["ok"], true, "{r}");
+        // Latency-bound: never above prefetch / delay a process.
+        let rate = r["rate"].as_f64().unwrap();
+        assert!(rate > 0.0 && rate <= 40.0 * n as f64 * 1.25, "{r}");
+        assert!(r["broker"]["cpu_us_per_delivery"].is_number(), "{r}");
+        assert!(
+            r["delivery_cpu_us_per_delivery"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+    }
+    assert_eq!(runs[0]["ratio"], 1.0);
+    assert!(runs[1]["ratio"].as_f64().unwrap() >= 1.2, "{}", runs[1]);
+    // One process cannot reach twice its own rate.
+    let (out, v) = bench_output(
+        Backend::External,
+        &[&SCALE[..2], &["1"], &SCALE[3..13], &["--targets", "1=2"]].concat(),
+    )
+    .await;
+    assert!(!out.status.success(), "a 2x target for one process was met");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("correctness check failed"), "{err}");
+    let v = v.expect("the JSON is written when the check fails");
+    let r = &v["runs"][0];
+    assert_eq!(r["check"]["lost"], 0, "{r}");
+    assert!(
+        r["check"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("below its target 2"),
+        "{r}"
+    );
+    // The embedded backends have no processes to add.
+    let (out, _) = bench_output(Backend::Embedded, &SCALE).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bench scale needs --backend external"));
 }
 
 /// The hard open-file limit of this process, from /proc.

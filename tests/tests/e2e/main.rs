@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bench;
+mod cluster;
 mod crash;
 mod delivery;
 mod embedded;

@@ -266,7 +266,7 @@ pub(super) async fn run(a: InfluxArgs) -> anyhow::Result<()> {
 
 /// `stampede serve delivery` as a child of this process, on the bench's
 /// backends, signing as the deployment's public URL.
-fn spawn_replica(
+pub(super) fn spawn_replica(
     env: &HashMap<&'static str, String>,
     base: &str,
 ) -> anyhow::Result<tokio::process::Child> {

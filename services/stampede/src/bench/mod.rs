@@ -1,4 +1,4 @@
-//! `stampede bench delivery|fanout|ingest|inbound|influx`: end-to-end benchmarks
+//! `stampede bench delivery|fanout|ingest|inbound|influx|scale`: end-to-end benchmarks
 //! against this machine's own ceiling, measured first in the same run, with a
 //! correctness check that fails the bench (nothing lost, nothing duplicated).
 //!
@@ -23,6 +23,7 @@ mod inbound;
 mod influx;
 mod ingest;
 mod sampling;
+mod scale;
 
 pub(crate) use sampling::process_cpu_secs;
 
@@ -44,7 +45,7 @@ impl BenchArgs {
             Which::Fanout(_) => Kind::Fanout,
             Which::Ingest(_) => Kind::Ingest,
             Which::Inbound(_) => Kind::Inbox,
-            Which::Influx(_) => Kind::Delivery,
+            Which::Influx(_) | Which::Scale(_) => Kind::Delivery,
         })
     }
 }
@@ -66,6 +67,51 @@ enum Which {
     /// follow storm arrives and DMs are sent; per-class latency, queue head
     /// age and delivery rate over time, host concurrency against its limit.
     Influx(InfluxArgs),
+    /// Delivery as 1, 2, 4 processes (--backend external) to servers that
+    /// answer after a fixed delay: steady-state deliveries/s and the ratio
+    /// to one process against targets, the broker's CPU and memory per
+    /// delivery.
+    Scale(ScaleArgs),
+}
+
+#[derive(Debug, Args)]
+struct ScaleArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Numbers of `stampede serve delivery` processes, one run each; the
+    /// ratios are to the first.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    replicas: Vec<usize>,
+    /// Every fake server answers after this long (ms).
+    #[arg(long, default_value_t = 200)]
+    slow_ms: u64,
+    /// Followers of the publishing actor, each with an inbox of its own:
+    /// the deliveries of each run.
+    #[arg(long, default_value_t = 2_000)]
+    followers: usize,
+    /// Fake hosts the followers are spread over (many: the processes, not
+    /// the hosts' limits, bound the rate).
+    #[arg(long, default_value_t = 200)]
+    hosts: usize,
+    /// Unacknowledged deliveries per process (STAMPEDE_PREFETCH): a process
+    /// does at most prefetch / slow-ms deliveries a second.
+    #[arg(long, default_value_t = 16)]
+    prefetch: u16,
+    /// STAMPEDE_HOST_CONCURRENCY.
+    #[arg(long, default_value_t = 16)]
+    host_limit: usize,
+    /// The least ratio to the first run per number of processes
+    /// (PROCESSES=RATIO, comma-separated); the bench fails below one.
+    #[arg(long, default_value = "2=1.8,4=3.4")]
+    targets: String,
+    /// More ports whose listening processes are the broker's VMs, summed
+    /// with those of STAMPEDE_AMQP_URL's ports (the other nodes of a
+    /// cluster when the URL names one).
+    #[arg(long, value_delimiter = ',')]
+    broker_ports: Vec<u16>,
+    /// The fake servers verify every Nth signature (1: all).
+    #[arg(long, default_value_t = 10)]
+    verify_every: usize,
 }
 
 #[derive(Debug, Args)]
@@ -242,6 +288,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Ingest(a) => ingest::run(a).await,
         Which::Inbound(a) => inbound::run(a).await,
         Which::Influx(a) => influx::run(a).await,
+        Which::Scale(a) => scale::run(a).await,
     }
 }
 

@@ -167,6 +167,74 @@ fn cpu_of_stat(stat: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds of process `pid` (user + system; 0 when it is gone).
+pub(super) fn cpu_secs_of(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .map_or(0.0, |s| cpu_of_stat(&s))
+}
+
+/// Resident set of process `pid` now, MiB (`VmRSS`; 0 when it is gone).
+pub(super) fn rss_mib_of(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The processes listening on these TCP ports on this machine (a broker's
+/// VMs, from its AMQP ports), from /proc: the listening sockets' inodes,
+/// then whose descriptors they are. Those of other users need root.
+pub(super) fn listening_pids(ports: &[u16]) -> Vec<u32> {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(t) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in t.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is ADDR:PORT in hex; state 0A is LISTEN.
+            let port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if f.get(3) == Some(&"0A") && port.is_some_and(|p| ports.contains(&p)) {
+                if let Some(inode) = f.get(9) {
+                    inodes.insert(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    let mut pids = Vec::new();
+    if inodes.is_empty() {
+        return pids;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| l.to_str().is_some_and(|l| inodes.contains(l)))
+        }) {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    pids
+}
+
 /// CPU seconds of this process's threads whose name starts with `name`.
 pub(super) fn threads_cpu_secs(name: &str) -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
@@ -265,5 +333,17 @@ mod tests {
         assert_eq!(percentile(&v, 0.5), 51.0);
         assert_eq!(percentile(&v, 0.99), 99.0);
         assert!(peak_rss_mib() > 0.0);
+        assert!(rss_mib_of("self") > 0.0);
+        assert!(cpu_secs_of(&std::process::id().to_string()) >= 0.0);
+        assert_eq!(rss_mib_of("0"), 0.0);
+    }
+
+    #[test]
+    fn a_listener_is_found_by_its_port() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert_eq!(listening_pids(&[port]), vec![std::process::id()]);
+        drop(l);
+        assert!(listening_pids(&[port]).is_empty());
     }
 }
