@@ -12,6 +12,7 @@ fn message(i: u8) -> OutMessage {
     OutMessage {
         kind: "stampede.test.v1.Probe",
         payload: vec![i],
+        route: None,
     }
 }
 
