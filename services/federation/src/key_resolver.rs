@@ -72,6 +72,10 @@ pub enum KeyError {
     /// The key's server could not be reached or failed; try later.
     #[error("key unavailable: {0}")]
     Unavailable(String),
+    /// One of our own backends (store, cache) failed: try again as soon as
+    /// it is back.
+    #[error("key lookup failed: {0}")]
+    Backend(String),
     /// Fetching now would exceed a ration (a refetch within
     /// `STAMPEDE_KEY_REFETCH_SECS`, or the remote host's fetches this
     /// minute); the wait says when it may be tried again.
@@ -215,7 +219,7 @@ impl KeyResolver {
                 return Err(KeyError::Gone(format!("{key_id} is known gone")));
             }
             Ok(Known::Unknown) => {}
-            Err(e) => return Err(KeyError::Unavailable(e.to_string())),
+            Err(e) => return Err(KeyError::Backend(e.to_string())),
         }
         self.count("miss");
         // Boxed: the network path is rare, and inline it would size every
@@ -241,7 +245,7 @@ impl KeyResolver {
         let first = cache
             .set_nx(&mark, now.to_string().as_bytes(), window)
             .await
-            .map_err(|e| KeyError::Unavailable(e.to_string()))?;
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
         if !first {
             self.fetched("throttled");
             let since = cache
@@ -308,7 +312,7 @@ impl KeyResolver {
             .cache
             .incr(&key, Duration::from_secs(61))
             .await
-            .map_err(|e| KeyError::Unavailable(e.to_string()))?;
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
         if n > limit {
             self.fetched("throttled");
             return Err(KeyError::Throttled {
@@ -327,7 +331,7 @@ impl KeyResolver {
             .p
             .instance_actor()
             .await
-            .map_err(|e| Fetched::Key(KeyError::Unavailable(e.to_string())))?;
+            .map_err(|e| Fetched::Key(KeyError::Backend(e.to_string())))?;
         let resp = match signed_get(&self.p, url.as_str(), &instance).await {
             Ok(r) => r,
             Err(Error::Refused(r)) => return Err(Fetched::Refused(r)),
@@ -424,7 +428,7 @@ impl KeyResolver {
                 return Err(KeyError::Gone(r));
             }
         };
-        let unavailable = |e: stampede_backends::Error| KeyError::Unavailable(e.to_string());
+        let unavailable = |e: stampede_backends::Error| KeyError::Backend(e.to_string());
         let entry = self.entry(key_id, &key.owner, &key.pem)?;
         self.fetched("fetched");
         let b = &self.p.backends;

@@ -82,6 +82,9 @@ pub struct Verification {
     pub transient: bool,
     /// When a transient verdict is worth trying again, if known.
     pub retry_after: Option<Duration>,
+    /// Whether it is transient because one of our own backends failed
+    /// (not the key's server): worth trying again as soon as it is back.
+    pub backend: bool,
 }
 
 impl Verification {
@@ -93,6 +96,7 @@ impl Verification {
             owner: None,
             transient: false,
             retry_after: None,
+            backend: false,
         }
     }
 
@@ -108,6 +112,10 @@ impl Verification {
         match e {
             KeyError::Gone(_) => v,
             KeyError::Unavailable(_) => v.later(None),
+            KeyError::Backend(_) => Verification {
+                backend: true,
+                ..v.later(None)
+            },
             KeyError::Throttled { wait, .. } => v.later(Some(wait)),
         }
     }
@@ -394,6 +402,7 @@ impl Verifier {
             owner: Some(key.owner.clone()),
             transient: false,
             retry_after: None,
+            backend: false,
         }
     }
 }

@@ -88,7 +88,7 @@ impl worker::Handler for Inbox {
             Ok(j) => j,
             Err(reason) => return worker::poison(q, m, QueueName::Inbound, msg, &reason).await,
         };
-        let settle = match self.process(&job).await {
+        let settle = match self.process_holding(&job).await {
             Ok(None) => msg.acker.ack().await,
             Ok(Some(accepted)) => {
                 // Publishing the event is the whole effect: one step with the ack.
@@ -135,6 +135,10 @@ impl worker::Handler for Inbox {
                         wait
                     }
                     Later::RateLimited { wait } => Some(wait),
+                    Later::Backend(reason) => {
+                        tracing::warn!(%reason, recipient = %job.recipient_inbox, "a backend failed the inbound activity; retrying later");
+                        None
+                    }
                 };
                 // process() decides a verdict on the last attempt itself;
                 // only a failing backend runs out here.
@@ -171,7 +175,30 @@ enum Later {
     /// Its verified sender's host is over `STAMPEDE_INBOUND_RATE_LIMIT`
     /// this minute: it waits for the next, not counted as an attempt.
     RateLimited { wait: Duration },
+    /// Verification could not decide because one of our own backends
+    /// failed: tried again as soon as it is back.
+    Backend(String),
 }
+
+impl Later {
+    /// Why one of our own backends failed it, when that is why.
+    fn backend(&self) -> Option<String> {
+        match self {
+            Later::Failed(InboxError::Runtime(stampede_runtime::Error::Backend(e)), None) => {
+                Some(e.to_string())
+            }
+            Later::Backend(reason) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// How long an activity that one of our own backends failed is held and
+/// tried again in place before it is deferred through the broker's delays
+/// (a store or cache back within this costs seconds, not a 30 s delay).
+const BACKEND_HOLD: Duration = Duration::from_secs(60);
+const BACKEND_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKEND_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl From<InboxError> for Later {
     fn from(e: InboxError) -> Self {
@@ -241,6 +268,30 @@ impl Inbox {
         Ok(())
     }
 
+    /// [`Inbox::process`], tried again in place with backoff while one of
+    /// our own backends fails it, for up to [`BACKEND_HOLD`].
+    async fn process_holding(&self, job: &InboundJob) -> Result<Option<Accepted>, Later> {
+        let until = tokio::time::Instant::now() + BACKEND_HOLD;
+        let mut backoff = BACKEND_BACKOFF_MIN;
+        let mut tries = 0u32;
+        loop {
+            let r = self.process(job).await;
+            let Some(reason) = r.as_ref().err().and_then(Later::backend) else {
+                return r;
+            };
+            if tokio::time::Instant::now() + backoff > until || self.p.shutdown.is_cancelled() {
+                return r;
+            }
+            tries += 1;
+            // One line when it starts and one every ~30 s, not one a try.
+            if tries == 1 || tries.is_multiple_of(16) {
+                tracing::warn!(%reason, recipient = %job.recipient_inbox, tries, "a backend failed the inbound activity; holding it and trying again");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKEND_BACKOFF_MAX);
+        }
+    }
+
     /// Verifies and applies one inbound activity; an accepted one comes back
     /// with the event for the application, to be published with the ack. An
     /// error leaves nothing done that a retry would repeat.
@@ -277,6 +328,9 @@ impl Inbox {
         };
         let v = self.verifier.verify(&req, Some(&info), &job.client).await;
         if v.verdict != Verdict::Accepted {
+            if v.transient && v.backend {
+                return Err(Later::Backend(v.reason));
+            }
             if v.transient && job.attempt + 1 < MAX_ATTEMPTS {
                 return Err(Later::Deferred {
                     reason: v.reason,

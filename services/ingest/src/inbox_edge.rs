@@ -31,12 +31,18 @@ fn answer(
     s.metrics.inbound_edge(result);
     let reason = reason.into();
     tracing::debug!(result, %reason, status = status.as_u16(), "inbound refused at the edge");
-    (
+    let mut r = (
         status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         reason + "\n",
     )
-        .into_response()
+        .into_response();
+    // A backend away: the sender's retry is welcome soon.
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("10"));
+    }
+    r
 }
 
 /// The client a request came from: the peer address, or, when the peer is a

@@ -128,15 +128,20 @@ impl RedisCache {
     }
 
     /// [`RedisCache::connect`] with `connections` multiplexed connections,
-    /// used in turn. Each reconnects by itself (backoff up to 2 s); a
-    /// request waits at most 5 s for its answer, so a Redis that stops
-    /// answering fails requests instead of hanging them.
+    /// used in turn. Each reconnects by itself; a request waits at most 5 s
+    /// for its answer, so a Redis that stops answering fails requests
+    /// instead of hanging them.
     pub async fn connect_pooled(url: &str, namespace: &str, connections: usize) -> Result<Self> {
         let client = ::redis::Client::open(url)?;
+        // One reconnection try per failed request: while Redis is away a
+        // request fails within about a second (the edge then lets requests
+        // through, the workers hold their messages) instead of waiting out
+        // a series of retries.
         let config = ::redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
             .set_response_timeout(Some(std::time::Duration::from_secs(5)))
-            .set_max_delay(std::time::Duration::from_secs(2));
+            .set_number_of_retries(1)
+            .set_max_delay(std::time::Duration::from_secs(1));
         let mut conns = Vec::with_capacity(connections.max(1));
         for _ in 0..connections.max(1) {
             conns.push(ConnectionManager::new_with_config(client.clone(), config.clone()).await?);
