@@ -89,6 +89,23 @@ def chart_rules(where, docs):
             fail(f"{where}: migration Job is not a pre-install/pre-upgrade hook")
 
 
+def shard_triggers(where, values, docs):
+    """Delivery's KEDA triggers name every shard of every class."""
+    shards = (values.get("config") or {}).get("deliveryShards", 1)
+    for d in docs:
+        if d.get("kind") != "ScaledObject" or not d["metadata"]["name"].endswith("-delivery"):
+            continue
+        queues = {
+            t["metadata"]["queueName"] for t in d["spec"]["triggers"] if t["type"] == "rabbitmq"
+        }
+        want = set()
+        for c in ("delivery.interactive", "delivery", "delivery.bulk"):
+            want.add(f"stampede.{c}")
+            want.update(f"stampede.{c}.shard{i}" for i in range(1, shards))
+        if queues != want:
+            fail(f"{where}: delivery's KEDA queues {sorted(queues)} are not every shard {sorted(want)}")
+
+
 def render(chart, values, where):
     out = chart.render(values, name="stampede", namespace="federation", is_install=True)
     docs = []
@@ -120,6 +137,7 @@ def check_chart():
         docs = render(chart, values, where)
         validate_objects(where, docs)
         chart_rules(where, docs)
+        shard_triggers(where, values, docs)
     for bad in [
         {"secrets": {"apiToken": "short"}},
         {"config": {"publicUrl": "ftp://x"}},
