@@ -24,6 +24,7 @@ mod influx;
 mod ingest;
 mod sampling;
 mod scale;
+mod shards;
 
 pub(crate) use sampling::process_cpu_secs;
 
@@ -45,7 +46,7 @@ impl BenchArgs {
             Which::Fanout(_) => Kind::Fanout,
             Which::Ingest(_) => Kind::Ingest,
             Which::Inbound(_) => Kind::Inbox,
-            Which::Influx(_) | Which::Scale(_) => Kind::Delivery,
+            Which::Influx(_) | Which::Scale(_) | Which::Shards(_) => Kind::Delivery,
         })
     }
 }
@@ -72,6 +73,37 @@ enum Which {
     /// to one process against targets, the broker's CPU and memory per
     /// delivery.
     Scale(ScaleArgs),
+    /// The broker's ceiling for delivery jobs (--backend external, a
+    /// cluster's nodes in STAMPEDE_AMQP_URL): one quorum queue per class
+    /// against K shards; jobs/s and the broker's CPU per job.
+    Shards(ShardsArgs),
+}
+
+#[derive(Debug, Args)]
+struct ShardsArgs {
+    /// Shard counts (STAMPEDE_DELIVERY_SHARDS), one run each; the ratios
+    /// are to the first.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    shards: Vec<u16>,
+    /// Delivery jobs per run.
+    #[arg(long, default_value_t = 60_000)]
+    messages: usize,
+    /// Connections, each publishing and consuming (the node list rotated
+    /// for each, so they spread over a cluster's nodes).
+    #[arg(long, default_value_t = 3)]
+    connections: usize,
+    /// Unacknowledged jobs per consumer.
+    #[arg(long, default_value_t = 256)]
+    prefetch: u16,
+    /// Jobs per confirmed batch, as fanout publishes a page.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// More ports whose listening processes are the broker's VMs.
+    #[arg(long, value_delimiter = ',')]
+    broker_ports: Vec<u16>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +321,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Inbound(a) => inbound::run(a).await,
         Which::Influx(a) => influx::run(a).await,
         Which::Scale(a) => scale::run(a).await,
+        Which::Shards(a) => shards::run(a).await,
     }
 }
 
