@@ -755,7 +755,15 @@ impl Queue for AmqpQueue {
 
 /// What one consumer of a queue holds: a channel and a consumer per shard
 /// on it.
-type Consuming = (futures::stream::SelectAll<lapin::Consumer>, Channel);
+/// (The deliveries of every shard, each shard's stream ending with a `None`
+/// item so that one shard's consumer cancelled is noticed, not silently
+/// dropped from the merge.)
+type Consuming = (
+    futures::stream::SelectAll<
+        futures::stream::BoxStream<'static, Option<lapin::Result<lapin::message::Delivery>>>,
+    >,
+    Channel,
+);
 
 impl AmqpQueue {
     /// Consumes every shard of `queue` on one channel. Quorum queues have
@@ -773,14 +781,18 @@ impl AmqpQueue {
             .await?;
         let mut all = Vec::with_capacity(names.len());
         for name in names {
-            all.push(
-                ch.basic_consume(
+            let c = ch
+                .basic_consume(
                     name.into(),
                     ShortString::from(format!("stampede-{}", uuid::Uuid::new_v4())),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
-                .await?,
+                .await?;
+            all.push(
+                c.map(Some)
+                    .chain(futures::stream::once(async { None }))
+                    .boxed(),
             );
         }
         Ok((futures::stream::select_all(all), ch))
@@ -835,15 +847,25 @@ impl Consumer for AmqpConsumer {
                 continue;
             };
             match consumer.next().await {
-                Some(Ok(d)) => break d,
-                Some(Err(e)) => {
+                Some(Some(Ok(d))) => break d,
+                Some(Some(Err(e))) => {
                     tracing::warn!(queue = self.name.suffix(), error = %e, "consumer lost; resuming after reconnection");
                 }
-                None => {
+                // One shard's consumer ended (cancelled by the broker, or
+                // its channel gone): all are started again, on a new
+                // channel (what this one held goes back to the queue).
+                Some(None) | None => {
                     tracing::warn!(queue = self.name.suffix(), "consumer cancelled; resuming");
                 }
             }
-            self.current = None;
+            // The channel is closed (if it is not already), handing back
+            // what it held, before the consumers are dropped (see Drop).
+            if let Some((streams, ch)) = self.current.take() {
+                tokio::spawn(async move {
+                    let _ = ch.close(200, "resuming".into()).await;
+                    drop(streams);
+                });
+            }
         };
         Some(Ok(Incoming {
             queue: self.name,

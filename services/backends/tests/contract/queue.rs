@@ -51,6 +51,29 @@ queue_test_suite!(amqp, crate::support::amqp_queue);
 queue_test_suite!(amqp_sharded, crate::support::amqp_sharded_queue);
 queue_test_suite!(embedded, crate::support::embedded_queue);
 
+/// A node list: a node that does not answer is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_url_list_skips_a_node_that_does_not_answer() {
+    crate::support::run(
+        crate::support::amqp_queue_listed_after_a_dead_node(),
+        publish_consume_ack_round_trip,
+    )
+    .await;
+}
+
+/// No node answering: the error names each by its place, never its URL
+/// (which carries the password).
+#[tokio::test]
+async fn amqp_url_list_of_dead_nodes_fails_without_the_password() {
+    let list = "amqp://u:hunter2@127.0.0.1:1/%2f,amqp://u:hunter2@127.0.0.1:2/%2f";
+    let e = match stampede_backends::queue::amqp::AmqpQueue::connect(list, "x", "t").await {
+        Ok(_) => panic!("nothing listens on ports 1 and 2"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("node 2 of 2"), "{e}");
+    assert!(!e.contains("hunter2"), "{e}");
+}
+
 const KIND: &str = "stampede.queue.v1.DeliveryJob";
 const EVENT_KIND: &str = "stampede.queue.v1.VerifiedActivity";
 /// How long a message that must come may take.

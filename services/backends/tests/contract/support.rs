@@ -151,6 +151,20 @@ pub async fn amqp_sharded_queue() -> Fixture<Arc<dyn Queue>> {
     }
 }
 
+/// `AmqpQueue` given a node list whose first node does not answer (nothing
+/// listens on port 1): it connects to the next.
+pub async fn amqp_queue_listed_after_a_dead_node() -> Fixture<Arc<dyn Queue>> {
+    let namespace = format!("c{}", unique());
+    let list = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", amqp_url());
+    let q = AmqpQueue::connect(&list, &namespace, "stampede-contract")
+        .await
+        .unwrap_or_else(|e| panic!("the second node of the list must answer: {e}"));
+    Fixture {
+        cx: Arc::new(q.clone()),
+        cleanup: Cleanup::Queues(q),
+    }
+}
+
 /// `EmbeddedQueue` in a data directory of its own.
 pub async fn embedded_queue() -> Fixture<Arc<dyn Queue>> {
     let dir = temp_dir();

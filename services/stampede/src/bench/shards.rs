@@ -21,8 +21,9 @@ use super::{write_json, ShardsArgs};
 
 /// Runs `stampede bench shards`.
 pub(super) async fn run(a: ShardsArgs) -> anyhow::Result<()> {
-    let list = std::env::var("STAMPEDE_AMQP_URL")
-        .context("bench shards runs on RabbitMQ: set STAMPEDE_AMQP_URL (a cluster's nodes, comma-separated)")?;
+    let list = std::env::var("STAMPEDE_AMQP_URL").context(
+        "bench shards runs on RabbitMQ: set STAMPEDE_AMQP_URL (a cluster's nodes, comma-separated)",
+    )?;
     let urls: Vec<String> = list
         .split(',')
         .map(|u| u.trim().to_string())
