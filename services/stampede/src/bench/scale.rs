@@ -154,7 +154,7 @@ pub(super) async fn run(a: ScaleArgs) -> anyhow::Result<()> {
 fn print_table(runs: &[serde_json::Value]) {
     println!();
     println!(
-        "{:>9} {:>10} {:>8} {:>11} {:>6} {:>7} {:>12} {:>12} {:>10} {:>12}  check",
+        "{:>9} {:>10} {:>8} {:>11} {:>6} {:>7} {:>12} {:>12} {:>10} {:>12} {:>9}  check",
         "processes",
         "deliveries",
         "seconds",
@@ -165,11 +165,12 @@ fn print_table(runs: &[serde_json::Value]) {
         "broker MiB",
         "B/delivery",
         "delivery µs/d",
+        "pg µs/d",
     );
     for r in runs {
         let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
         println!(
-            "{:>9} {:>10} {:>8.2} {:>11.1} {:>6.2} {:>7} {:>12.0} {:>12.1} {:>10.0} {:>12.0}  {}",
+            "{:>9} {:>10} {:>8.2} {:>11.1} {:>6.2} {:>7} {:>12.0} {:>12.1} {:>10.0} {:>12.0} {:>9.0}  {}",
             r["replicas"].as_u64().unwrap_or(0),
             r["deliveries"].as_u64().unwrap_or(0),
             f(&r["seconds"]),
@@ -182,6 +183,7 @@ fn print_table(runs: &[serde_json::Value]) {
             f(&r["broker"]["rss_mib_peak"]),
             f(&r["broker"]["rss_growth_bytes_per_delivery"]),
             f(&r["delivery_cpu_us_per_delivery"]),
+            f(&r["postgres"]["cpu_us_per_delivery"]),
             r["check"]["summary"].as_str().unwrap_or("")
         );
     }
@@ -195,6 +197,22 @@ fn broker_now(pids: &[u32]) -> (f64, f64) {
             m + rss_mib_of(&p.to_string()),
         )
     })
+}
+
+/// CPU seconds of every PostgreSQL process on this machine (the server's
+/// backends live as long as the pools' connections).
+fn postgres_cpu() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|p| cpu_secs_of(&p))
+        .sum()
 }
 
 /// One run with `n` delivery processes, on backends of its own.
@@ -330,6 +348,14 @@ async fn measure(
         .collect();
     let delivery_cpu = || pids.iter().map(|p| cpu_secs_of(p)).sum::<f64>();
     let delivery_before = delivery_cpu();
+    // The broker's and PostgreSQL's idle CPU over a second, taken off what
+    // the run used (both run background work: Raft ticks, checkpoints).
+    let (idle_broker, idle_pg) = {
+        let (b0, p0) = (broker_now(brokers).0, postgres_cpu());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        (broker_now(brokers).0 - b0, postgres_cpu() - p0)
+    };
+    let pg_before = postgres_cpu();
     let (cpu_before, rss_before) = broker_now(brokers);
     let mut rss_peak = rss_before;
     println!(
@@ -363,6 +389,9 @@ async fn measure(
         }
     }
     let (cpu_after, rss_after) = broker_now(brokers);
+    let run_secs = started.elapsed().as_secs_f64();
+    let pg_cpu_secs = (postgres_cpu() - pg_before - idle_pg * run_secs).max(0.0);
+    let broker_cpu_secs = (cpu_after - cpu_before - idle_broker * run_secs).max(0.0);
     let delivery_cpu_secs = delivery_cpu() - delivery_before;
     // A duplicate would come soon after.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -411,12 +440,18 @@ async fn measure(
         "first_answer_secs": at.first().copied().unwrap_or(0.0),
         "broker": {
             "pids": brokers,
-            "cpu_secs": cpu_after - cpu_before,
-            "cpu_us_per_delivery": (cpu_after - cpu_before) * 1e6 * per,
+            "cpu_secs": broker_cpu_secs,
+            "cpu_us_per_delivery": broker_cpu_secs * 1e6 * per,
+            "idle_cpu_per_sec": idle_broker,
             "rss_mib_before": rss_before,
             "rss_mib_peak": rss_peak,
             "rss_mib_after": rss_after,
             "rss_growth_bytes_per_delivery": (rss_peak - rss_before).max(0.0) * 1048576.0 * per,
+        },
+        "postgres": {
+            "cpu_secs": pg_cpu_secs,
+            "cpu_us_per_delivery": pg_cpu_secs * 1e6 * per,
+            "idle_cpu_per_sec": idle_pg,
         },
         "delivery_cpu_secs": delivery_cpu_secs,
         "delivery_cpu_us_per_delivery": delivery_cpu_secs * 1e6 * per,
