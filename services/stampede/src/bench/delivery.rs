@@ -8,17 +8,15 @@ use anyhow::{bail, Context};
 use serde_json::json;
 use stampede_backends::store::Follower;
 use stampede_core::activity::public_note;
-use stampede_proto::api::actor_service_client::ActorServiceClient;
 use stampede_proto::api::publish_service_client::PublishServiceClient;
-use stampede_proto::api::{CreateActorRequest, PublishRequest};
+use stampede_proto::api::PublishRequest;
 use stampede_sink::{Sink, SinkOptions};
-use tonic::transport::Channel;
 
 use super::sampling::{
     latency_json, peak_rss_mib, process_cpu_secs, reset_peak_rss, signing_ceiling,
     threads_cpu_secs, BenchSink,
 };
-use super::{deploy, stop, write_json, DeliveryArgs, Mode, Services};
+use super::{bench_actor, deploy, stop, write_json, DeliveryArgs, Mode, Services};
 use crate::scratch::Deployment;
 
 /// Runs `stampede bench delivery`.
@@ -146,18 +144,8 @@ async fn measure(
     d: &Deployment,
     sink: &Sink,
 ) -> anyhow::Result<serde_json::Value> {
-    let channel = Channel::from_shared(d.grpc.clone())?.connect().await?;
-    ActorServiceClient::new(channel.clone())
-        .create_actor(CreateActorRequest {
-            name: "bench".into(),
-            ..Default::default()
-        })
-        .await?;
+    let (channel, actor) = bench_actor(d, "bench").await?;
     let store = d.process.backends.store.clone();
-    let actor = store
-        .actor_by_name("bench")
-        .await?
-        .context("the bench actor vanished")?;
     // Followers: u{j} on server j % hosts.
     let mut followers = Vec::with_capacity(a.followers);
     for j in 0..a.followers {

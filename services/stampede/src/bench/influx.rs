@@ -22,13 +22,13 @@ use stampede_core::activity::public_note;
 use stampede_proto::api::actor_service_client::ActorServiceClient;
 use stampede_proto::api::publish_service_client::PublishServiceClient;
 use stampede_proto::api::{CreateActorRequest, PublishRequest};
-use stampede_sink::{Behavior, Sink, SinkOptions};
+use stampede_sink::{Behavior, Sink};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use super::chart::{self, Line, Panel};
-use super::sampling::{latency_json, BenchSink};
-use super::{scratch, stop, write_json, BackendKind, InfluxArgs};
+use super::sampling::latency_json;
+use super::{deployment_and_sink, scratch, stop, write_json, BackendKind, InfluxArgs};
 use crate::scratch::Deployment;
 
 /// How often queue depth and head age are sampled, and the width of a
@@ -177,28 +177,13 @@ pub(super) async fn run(a: InfluxArgs) -> anyhow::Result<()> {
     if a.delivery_replicas > 0 {
         here.push(("STAMPEDE_UP_SERVICES", "ingest,inbox,fanout".into()));
     }
-    let d = Deployment::start(
+    let (d, sink) = deployment_and_sink(
         scratch,
         vars.into_iter().chain(here),
-        |_| {},
-        crate::up::run,
+        a.hosts,
+        a.verify_every,
     )
     .await?;
-    let sink = match BenchSink::start(SinkOptions {
-        servers: a.hosts,
-        shared_inbox: Arc::new(|_| false),
-        verify_every: a.verify_every,
-        count_only: true,
-        ..SinkOptions::default()
-    })
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            stop(d).await?;
-            return Err(e);
-        }
-    };
     let mut replicas = Vec::new();
     let result = async {
         for (i, kind) in kinds.iter().enumerate() {

@@ -386,6 +386,63 @@ async fn deploy(
 
 /// Stops a bench's deployment, giving its services 30 s (how they end is
 /// not what a bench checks), and removes its backends.
+/// Creates the local actor `name` through the gRPC API of `d` and reads
+/// it back from the store; the channel for more calls.
+async fn bench_actor(
+    d: &Deployment,
+    name: &str,
+) -> anyhow::Result<(
+    tonic::transport::Channel,
+    stampede_backends::store::LocalActor,
+)> {
+    use stampede_proto::api::actor_service_client::ActorServiceClient;
+    use stampede_proto::api::CreateActorRequest;
+    let channel = tonic::transport::Channel::from_shared(d.grpc.clone())?
+        .connect()
+        .await?;
+    ActorServiceClient::new(channel.clone())
+        .create_actor(CreateActorRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await?;
+    let actor = d
+        .process
+        .backends
+        .store
+        .actor_by_name(name)
+        .await?
+        .context("the bench actor vanished")?;
+    Ok((channel, actor))
+}
+
+/// `stampede up` with `vars` on `scratch`, and count-only fake servers
+/// (personal inboxes) beside it; the deployment is stopped again when the
+/// servers fail to start.
+async fn deployment_and_sink(
+    scratch: Scratch,
+    vars: impl IntoIterator<Item = (&'static str, String)>,
+    hosts: usize,
+    verify_every: usize,
+) -> anyhow::Result<(Deployment, sampling::BenchSink)> {
+    let d = Deployment::start(scratch, vars, |_| {}, crate::up::run).await?;
+    let sink = sampling::BenchSink::start(stampede_sink::SinkOptions {
+        servers: hosts,
+        shared_inbox: std::sync::Arc::new(|_| false),
+        verify_every,
+        count_only: true,
+        ..stampede_sink::SinkOptions::default()
+    })
+    .await;
+    match sink {
+        Ok(s) => Ok((d, s)),
+        Err(e) => {
+            stop(d).await?;
+            Err(e)
+        }
+    }
+}
+
 async fn stop(d: Deployment) -> anyhow::Result<()> {
     let (_, scratch) = d.stop(Some(Duration::from_secs(30))).await;
     scratch.remove().await

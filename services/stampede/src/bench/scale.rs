@@ -11,22 +11,19 @@
 //! delivery was lost or duplicated, a delivery process exited, or a target
 //! was missed.
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::json;
 use stampede_backends::store::Follower;
 use stampede_core::activity::public_note;
-use stampede_proto::api::actor_service_client::ActorServiceClient;
 use stampede_proto::api::publish_service_client::PublishServiceClient;
-use stampede_proto::api::{CreateActorRequest, PublishRequest};
-use stampede_sink::{Behavior, Sink, SinkOptions};
-use tonic::transport::Channel;
+use stampede_proto::api::PublishRequest;
+use stampede_sink::{Behavior, Sink};
 
 use super::influx::spawn_replica;
-use super::sampling::{cpu_secs_of, listening_pids, rss_mib_of, BenchSink};
-use super::{scratch, stop, write_json, BackendKind, ScaleArgs};
+use super::sampling::{cpu_secs_of, listening_pids, rss_mib_of};
+use super::{bench_actor, deployment_and_sink, scratch, stop, write_json, BackendKind, ScaleArgs};
 use crate::scratch::Deployment;
 
 /// Followers seeded per store call.
@@ -230,28 +227,13 @@ async fn one_run(a: &ScaleArgs, n: usize, brokers: &[u32]) -> anyhow::Result<ser
     let here = settings
         .into_iter()
         .chain([("STAMPEDE_UP_SERVICES", "ingest,inbox,fanout".to_string())]);
-    let d = Deployment::start(
+    let (d, sink) = deployment_and_sink(
         scratch,
         vars.into_iter().chain(here),
-        |_| {},
-        crate::up::run,
+        a.hosts,
+        a.verify_every,
     )
     .await?;
-    let sink = match BenchSink::start(SinkOptions {
-        servers: a.hosts,
-        shared_inbox: Arc::new(|_| false),
-        verify_every: a.verify_every,
-        count_only: true,
-        ..SinkOptions::default()
-    })
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            stop(d).await?;
-            return Err(e);
-        }
-    };
     let mut replicas = Vec::new();
     let result = async {
         for i in 0..a.hosts {
@@ -293,18 +275,8 @@ async fn measure(
     replicas: &[tokio::process::Child],
     brokers: &[u32],
 ) -> anyhow::Result<serde_json::Value> {
-    let channel = Channel::from_shared(d.grpc.clone())?.connect().await?;
-    ActorServiceClient::new(channel.clone())
-        .create_actor(CreateActorRequest {
-            name: "scale".into(),
-            ..Default::default()
-        })
-        .await?;
+    let (channel, actor) = bench_actor(d, "scale").await?;
     let store = d.process.backends.store.clone();
-    let actor = store
-        .actor_by_name("scale")
-        .await?
-        .context("the bench actor vanished")?;
     let mut batch = Vec::with_capacity(SEED_CHUNK);
     for j in 0..a.followers {
         let f = sink
