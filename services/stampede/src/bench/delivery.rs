@@ -7,16 +7,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::json;
 use stampede_backends::store::Follower;
-use stampede_core::activity::public_note;
-use stampede_proto::api::publish_service_client::PublishServiceClient;
-use stampede_proto::api::PublishRequest;
 use stampede_sink::{Sink, SinkOptions};
 
 use super::sampling::{
     latency_json, peak_rss_mib, process_cpu_secs, reset_peak_rss, signing_ceiling,
     threads_cpu_secs, BenchSink,
 };
-use super::{bench_actor, deploy, stop, write_json, DeliveryArgs, Mode, Services};
+use super::{bench_actor, deploy, publish_note, stop, write_json, DeliveryArgs, Mode, Services};
 use crate::scratch::Deployment;
 
 /// Runs `stampede bench delivery`.
@@ -181,17 +178,8 @@ async fn measure(
     let cpu_before = threads_cpu_secs("stampede-sink");
     let (sign_before, all_before) = (threads_cpu_secs("stampede-sign-"), process_cpu_secs());
     reset_peak_rss();
-    let note = public_note(&format!("{}/users/bench", d.base), "benchmark");
     let started = Instant::now();
-    let id = PublishServiceClient::new(channel)
-        .publish(PublishRequest {
-            actor: "bench".into(),
-            activity_json: note.to_string(),
-            idempotency_key: String::new(),
-        })
-        .await?
-        .into_inner()
-        .activity_id;
+    let id = publish_note(channel, d, "bench", "benchmark").await?;
     let deadline = started + Duration::from_secs(a.common.timeout_secs);
     let mut last = Instant::now();
     while sink.total_received() < total {

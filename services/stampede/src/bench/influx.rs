@@ -28,7 +28,9 @@ use tonic::transport::Channel;
 
 use super::chart::{self, Line, Panel};
 use super::sampling::latency_json;
-use super::{deployment_and_sink, scratch, stop, write_json, BackendKind, InfluxArgs};
+use super::{
+    deployment_and_sink, scratch, stop, stop_replicas, write_json, BackendKind, InfluxArgs,
+};
 use crate::scratch::Deployment;
 
 /// How often queue depth and head age are sampled, and the width of a
@@ -213,14 +215,7 @@ pub(super) async fn run(a: InfluxArgs) -> anyhow::Result<()> {
         run.measure().await
     }
     .await;
-    let mut exited = Vec::new();
-    for mut child in replicas {
-        if let Ok(Some(status)) = child.try_wait() {
-            exited.push(status.to_string());
-        }
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
+    let exited = stop_replicas(replicas).await;
     sink.stop();
     stop(d).await?;
     let mut report = result?;

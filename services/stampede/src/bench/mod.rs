@@ -443,6 +443,41 @@ async fn deployment_and_sink(
     }
 }
 
+/// Publishes a public note by `actor` of `d` through the gRPC API; its id.
+async fn publish_note(
+    channel: tonic::transport::Channel,
+    d: &Deployment,
+    actor: &str,
+    text: &str,
+) -> anyhow::Result<String> {
+    use stampede_proto::api::publish_service_client::PublishServiceClient;
+    use stampede_proto::api::PublishRequest;
+    let note = stampede_core::activity::public_note(&format!("{}/users/{actor}", d.base), text);
+    Ok(PublishServiceClient::new(channel)
+        .publish(PublishRequest {
+            actor: actor.into(),
+            activity_json: note.to_string(),
+            idempotency_key: String::new(),
+        })
+        .await?
+        .into_inner()
+        .activity_id)
+}
+
+/// Kills the extra delivery processes; how those that had exited by
+/// themselves ended.
+async fn stop_replicas(replicas: Vec<tokio::process::Child>) -> Vec<String> {
+    let mut exited = Vec::new();
+    for mut child in replicas {
+        if let Ok(Some(status)) = child.try_wait() {
+            exited.push(status.to_string());
+        }
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+    exited
+}
+
 async fn stop(d: Deployment) -> anyhow::Result<()> {
     let (_, scratch) = d.stop(Some(Duration::from_secs(30))).await;
     scratch.remove().await

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::json;
 use stampede_backends::store::Follower;
-use stampede_core::activity::public_note;
-use stampede_proto::api::publish_service_client::PublishServiceClient;
-use stampede_proto::api::PublishRequest;
 use stampede_sink::{Behavior, Sink};
 
 use super::influx::spawn_replica;
 use super::sampling::{cpu_secs_of, listening_pids, rss_mib_of};
-use super::{bench_actor, deployment_and_sink, scratch, stop, write_json, BackendKind, ScaleArgs};
+use super::{
+    bench_actor, deployment_and_sink, publish_note, scratch, stop, stop_replicas, write_json,
+    BackendKind, ScaleArgs,
+};
 use crate::scratch::Deployment;
 
 /// Followers seeded per store call.
@@ -246,14 +246,7 @@ async fn one_run(a: &ScaleArgs, n: usize, brokers: &[u32]) -> anyhow::Result<ser
         measure(a, n, &d, &sink.sink, &replicas, brokers).await
     }
     .await;
-    let mut exited = Vec::new();
-    for mut child in replicas {
-        if let Ok(Some(status)) = child.try_wait() {
-            exited.push(status.to_string());
-        }
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
+    let exited = stop_replicas(replicas).await;
     sink.stop();
     stop(d).await?;
     let mut r = result?;
@@ -334,17 +327,8 @@ async fn measure(
         "{n} delivery process(es): {} followers seeded; publishing",
         a.followers
     );
-    let note = public_note(&format!("{}/users/scale", d.base), "scale");
     let started = Instant::now();
-    let id = PublishServiceClient::new(channel)
-        .publish(PublishRequest {
-            actor: "scale".into(),
-            activity_json: note.to_string(),
-            idempotency_key: String::new(),
-        })
-        .await?
-        .into_inner()
-        .activity_id;
+    let id = publish_note(channel, d, "scale", "scale").await?;
     let deadline = started + Duration::from_secs(a.common.timeout_secs);
     let mut last = Instant::now();
     while sink.total_received() < a.followers && Instant::now() < deadline {
