@@ -15,6 +15,7 @@ mod hosts;
 mod inbound;
 mod metrics;
 mod outbound;
+mod pgbouncer;
 mod priority;
 mod process;
 mod replicas;
