@@ -580,3 +580,92 @@ impl Drop for PrivatePgBouncer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A small filesystem of the test's own, mounted under `/var/tmp` (tmpfs
+/// of the given size; the tests run as root), to fill up: [`SmallFs::fill`]
+/// writes a filler file until the filesystem refuses (ENOSPC),
+/// [`SmallFs::free`] removes it. Dropped, it is unmounted (lazily, should a
+/// process still hold a file in it) and its mount point removed, also when
+/// the test panicked.
+pub struct SmallFs {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl SmallFs {
+    /// Mounts a tmpfs of `megabytes` on a fresh directory.
+    pub fn mount(megabytes: u32) -> Self {
+        let dir = PathBuf::from(format!("/var/tmp/{}", unique("stampede-smallfs")));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let mut fs = Self {
+            dir,
+            mounted: false,
+        };
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(&fs.dir));
+        fs.mounted = true;
+        fs
+    }
+
+    /// Its mount point.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.dir.join("filler")
+    }
+
+    /// Appends to the filler file until a write fails with ENOSPC (1 MiB
+    /// writes, then 4 KiB ones); the bytes it added.
+    pub fn fill(&self) -> u64 {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.filler())
+            .unwrap_or_else(|e| panic!("the filler: {e}"));
+        let mut added = 0u64;
+        for chunk in [1 << 20, 4096] {
+            let buf = vec![0u8; chunk];
+            loop {
+                match f.write(&buf) {
+                    Ok(0) => break,
+                    Ok(n) => added += n as u64,
+                    Err(e) if e.raw_os_error() == Some(28) => break,
+                    Err(e) => panic!("writing the filler: {e}"),
+                }
+            }
+        }
+        added
+    }
+
+    /// Removes the filler file.
+    pub fn free(&self) {
+        let _ = std::fs::remove_file(self.filler());
+    }
+
+    /// Bytes available to a writer now (`df`).
+    pub fn available(&self) -> u64 {
+        run(Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.dir))
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

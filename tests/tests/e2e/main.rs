@@ -8,6 +8,7 @@ mod bench;
 mod cluster;
 mod crash;
 mod delivery;
+mod disk_full;
 mod embedded;
 mod faults;
 mod helpers;
