@@ -753,3 +753,25 @@ async fn private_backends_stop_and_restart_on_their_port() {
         "redis still listening after drop"
     );
 }
+
+/// A store whose server refuses connections says why: the readiness reason
+/// and the logs show PostgreSQL's own message ("sorry, too many clients
+/// already"), not only "db error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refused_a_connection_says_why() {
+    use stampede_backends::store::{postgres::PgStore, Store};
+    let pg = PrivatePostgres::start(PgOptions {
+        max_connections: 3,
+        superuser_reserved_connections: 0,
+    });
+    let mut held = Vec::new();
+    let refused = fill(&pg, &mut held).await;
+    assert!(refused.contains("too many clients"), "{refused}");
+    let store = PgStore::connect(&pg.url("postgres"), 1).unwrap();
+    let err = store.ping().await.unwrap_err().to_string();
+    println!("PgStore::ping while every slot is taken: {err}");
+    assert!(
+        err.contains("too many clients"),
+        "the store's error hides PostgreSQL's reason ({refused}): {err}"
+    );
+}
