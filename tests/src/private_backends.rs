@@ -418,3 +418,254 @@ impl Drop for PrivatePostgres {
         let _ = std::fs::remove_file(self.dir.with_extension("log"));
     }
 }
+
+/// Settings of a [`PrivatePgBouncer`].
+#[derive(Debug, Clone)]
+pub struct PgBouncerOptions {
+    /// `pool_mode`: `transaction` (a server connection is a client's for
+    /// one transaction), `session` or `statement`.
+    pub pool_mode: &'static str,
+    /// `default_pool_size`: server connections per (database, user).
+    pub default_pool_size: u32,
+    /// `max_client_conn`.
+    pub max_client_conn: u32,
+    /// `max_prepared_statements` (PgBouncer 1.21 and later; `None` leaves
+    /// it out of the configuration, which older versions refuse).
+    pub max_prepared_statements: Option<u32>,
+}
+
+impl Default for PgBouncerOptions {
+    fn default() -> Self {
+        Self {
+            pool_mode: "transaction",
+            default_pool_size: 5,
+            max_client_conn: 2000,
+            max_prepared_statements: None,
+        }
+    }
+}
+
+/// A `pgbouncer` of the test's own in front of a PostgreSQL server on
+/// 127.0.0.1 (a [`PrivatePostgres`] or the shared one): every database
+/// name is passed through (`* =`), `auth_type = trust` for the user
+/// `postgres`, who is also its admin (`SHOW POOLS` on the database
+/// `pgbouncer`). Run as the `postgres` OS user (pgbouncer refuses root),
+/// on a free port, its configuration and log in a directory under
+/// `/var/tmp`; dropping it kills it and removes the directory.
+pub struct PrivatePgBouncer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivatePgBouncer {
+    /// `pgbouncer --version`'s first line (`PgBouncer 1.18.0`).
+    pub fn version() -> String {
+        run(Command::new("pgbouncer").arg("--version"))
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Starts one in front of the server on 127.0.0.1:`upstream` and waits
+    /// until it accepts connections.
+    pub fn start(upstream: u16, opts: PgBouncerOptions) -> Self {
+        let dir = PathBuf::from(format!("/var/tmp/{}", unique("stampede-pgbouncer")));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let port = free_port();
+        let mut ini = format!(
+            "[databases]\n\
+             * = host=127.0.0.1 port={upstream}\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = trust\n\
+             auth_file = {dir}/userlist.txt\n\
+             admin_users = postgres\n\
+             pool_mode = {mode}\n\
+             default_pool_size = {pool}\n\
+             max_client_conn = {clients}\n\
+             ignore_startup_parameters = extra_float_digits,options\n\
+             logfile = {dir}/pgbouncer.log\n",
+            dir = dir.display(),
+            mode = opts.pool_mode,
+            pool = opts.default_pool_size,
+            clients = opts.max_client_conn,
+        );
+        if let Some(n) = opts.max_prepared_statements {
+            ini.push_str(&format!("max_prepared_statements = {n}\n"));
+        }
+        std::fs::write(dir.join("pgbouncer.ini"), ini).unwrap_or_else(|e| panic!("ini: {e}"));
+        std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n")
+            .unwrap_or_else(|e| panic!("userlist: {e}"));
+        run(Command::new("chown")
+            .arg("-R")
+            .arg("postgres:postgres")
+            .arg(&dir));
+        let child = as_postgres("pgbouncer")
+            .arg(dir.join("pgbouncer.ini"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting pgbouncer: {e}"));
+        let mut b = Self {
+            port,
+            dir,
+            child: Some(child),
+        };
+        let start = Instant::now();
+        while !b.answers() {
+            if let Some(c) = b.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    b.child = None;
+                    panic!("pgbouncer exited ({status}):\n{}", b.log());
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "pgbouncer on port {port} not ready after 20 s:\n{}",
+                b.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        b
+    }
+
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres://postgres@127.0.0.1:{port}/{database}`.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Whether it accepts connections (`pg_isready` through it).
+    pub fn answers(&self) -> bool {
+        Command::new(format!("{PG_BIN}/psql"))
+            .args(["-X", "-q", "-A", "-t", "-h", "127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "-U", "postgres"])
+            .args(["-d", "pgbouncer", "-c", "SHOW VERSION"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Runs `command` (`SHOW POOLS`, `SHOW STATS`…) on its admin console;
+    /// its output (unaligned, `|` between columns, with the header).
+    pub fn admin(&self, command: &str) -> String {
+        run(Command::new(format!("{PG_BIN}/psql"))
+            .args(["-X", "-q", "-A", "-h", "127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "-U", "postgres"])
+            .args(["-d", "pgbouncer", "-c", command]))
+    }
+
+    /// What it logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PrivatePgBouncer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A small filesystem of the test's own, mounted under `/var/tmp` (tmpfs
+/// of the given size; the tests run as root), to fill up: [`SmallFs::fill`]
+/// writes a filler file until the filesystem refuses (ENOSPC),
+/// [`SmallFs::free`] removes it. Dropped, it is unmounted (lazily, should a
+/// process still hold a file in it) and its mount point removed, also when
+/// the test panicked.
+pub struct SmallFs {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl SmallFs {
+    /// Mounts a tmpfs of `megabytes` on a fresh directory.
+    pub fn mount(megabytes: u32) -> Self {
+        let dir = PathBuf::from(format!("/var/tmp/{}", unique("stampede-smallfs")));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let mut fs = Self {
+            dir,
+            mounted: false,
+        };
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(&fs.dir));
+        fs.mounted = true;
+        fs
+    }
+
+    /// Its mount point.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.dir.join("filler")
+    }
+
+    /// Appends to the filler file until a write fails with ENOSPC (1 MiB
+    /// writes, then 4 KiB ones); the bytes it added.
+    pub fn fill(&self) -> u64 {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.filler())
+            .unwrap_or_else(|e| panic!("the filler: {e}"));
+        let mut added = 0u64;
+        for chunk in [1 << 20, 4096] {
+            let buf = vec![0u8; chunk];
+            loop {
+                match f.write(&buf) {
+                    Ok(0) => break,
+                    Ok(n) => added += n as u64,
+                    Err(e) if e.raw_os_error() == Some(28) => break,
+                    Err(e) => panic!("writing the filler: {e}"),
+                }
+            }
+        }
+        added
+    }
+
+    /// Removes the filler file.
+    pub fn free(&self) {
+        let _ = std::fs::remove_file(self.filler());
+    }
+
+    /// Bytes available to a writer now (`df`).
+    pub fn available(&self) -> u64 {
+        run(Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.dir))
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

@@ -23,9 +23,9 @@ use stampede_proto::api::SubscribeRequest;
 use stampede_sink::{Behavior, SendOptions, Sink, SinkOptions};
 use stampede_tests::private_backends::{PgOptions, PgStop, PrivatePostgres, PrivateRedis};
 
-use crate::helpers::{spawn_app, wait_for, AppOptions, Backend, TestApp};
+use crate::helpers::{spawn_app, wait_for, AppOptions, Backend};
 
-const SERVICES: [&str; 4] = ["ingest", "inbox", "fanout", "delivery"];
+pub(crate) const SERVICES: [&str; 4] = ["ingest", "inbox", "fanout", "delivery"];
 /// Fake servers alice's followers are on; the last `SLOW` answer in 2 s,
 /// the others in 300 ms.
 const SERVERS: usize = 10;
@@ -193,7 +193,7 @@ impl Fault {
 }
 
 /// Accepted copies of a `Create` per (inbox path, activity id) at server `i`.
-fn copies(sink: &Sink, i: usize) -> HashMap<(String, String), usize> {
+pub(crate) fn copies(sink: &Sink, i: usize) -> HashMap<(String, String), usize> {
     let mut m = HashMap::new();
     for r in sink.received(i) {
         if r.body["type"] == "Create" && (200..300).contains(&r.status) {
@@ -206,7 +206,7 @@ fn copies(sink: &Sink, i: usize) -> HashMap<(String, String), usize> {
 
 /// Inboxes among `servers` that have `id` at least once, and the copies
 /// beyond the first of it.
-fn delivered(sink: &Sink, servers: std::ops::Range<usize>, id: &str) -> (usize, usize) {
+pub(crate) fn delivered(sink: &Sink, servers: std::ops::Range<usize>, id: &str) -> (usize, usize) {
     let (mut inboxes, mut extra) = (0, 0);
     for i in servers {
         for ((_, a), n) in copies(sink, i) {
@@ -231,7 +231,7 @@ fn refused_by_sink(sink: &Sink, servers: std::ops::Range<usize>, id: &str) -> Ve
 
 /// The WARN and ERROR lines of a log grouped by their shape (timestamp
 /// dropped, digits as `#`), most frequent first: (count, shape, an example).
-fn log_summary(log: &str) -> Vec<(usize, String, String)> {
+pub(crate) fn log_summary(log: &str) -> Vec<(usize, String, String)> {
     let mut groups: HashMap<String, (usize, String)> = HashMap::new();
     for line in log.lines() {
         let line = strip_ansi(line);
@@ -287,15 +287,15 @@ fn like(sink: &Sink, n: usize) -> serde_json::Value {
 /// (each acknowledged as it comes) and `settle` passed after that with
 /// nothing new, or until `deadline`. Copies of each activity id, and when
 /// the first came.
-async fn read_stream(
-    app: &TestApp,
+pub(crate) async fn read_stream(
+    grpc: &tonic::transport::Channel,
     want: &[String],
     deadline: Instant,
     settle: Duration,
 ) -> HashMap<String, (usize, Instant)> {
     let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(64);
     tx.send(SubscribeRequest { ack: vec![] }).await.unwrap();
-    let mut stream = InboundServiceClient::new(app.grpc.clone())
+    let mut stream = InboundServiceClient::new(grpc.clone())
         .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
@@ -571,7 +571,13 @@ async fn a_backend_away_under_load(mut fault: Fault) {
         .map(|(id, _, _)| id.clone())
         .collect();
     // Waited for beyond RECOVERY, so that one late is told from one lost.
-    let stream = read_stream(&app, &accepted, back + STREAM_WAIT, Duration::from_secs(3)).await;
+    let stream = read_stream(
+        &app.grpc,
+        &accepted,
+        back + STREAM_WAIT,
+        Duration::from_secs(3),
+    )
+    .await;
     let missing: Vec<_> = accepted
         .iter()
         .filter(|id| !stream.contains_key(*id))
@@ -745,5 +751,27 @@ async fn private_backends_stop_and_restart_on_their_port() {
             .await
             .is_err(),
         "redis still listening after drop"
+    );
+}
+
+/// A store whose server refuses connections says why: the readiness reason
+/// and the logs show PostgreSQL's own message ("sorry, too many clients
+/// already"), not only "db error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refused_a_connection_says_why() {
+    use stampede_backends::store::{postgres::PgStore, Store};
+    let pg = PrivatePostgres::start(PgOptions {
+        max_connections: 3,
+        superuser_reserved_connections: 0,
+    });
+    let mut held = Vec::new();
+    let refused = fill(&pg, &mut held).await;
+    assert!(refused.contains("too many clients"), "{refused}");
+    let store = PgStore::connect(&pg.url("postgres"), 1).unwrap();
+    let err = store.ping().await.unwrap_err().to_string();
+    println!("PgStore::ping while every slot is taken: {err}");
+    assert!(
+        err.contains("too many clients"),
+        "the store's error hides PostgreSQL's reason ({refused}): {err}"
     );
 }
