@@ -52,13 +52,23 @@ impl From<tokio_postgres::Error> for Error {
             }
             return Error::Db(db.message().to_string());
         }
-        Error::Db(e.to_string())
+        // "error connecting to server" says little: the cause (refused,
+        // too many clients) is its source.
+        match std::error::Error::source(&e) {
+            Some(cause) => Error::Db(format!("{e}: {cause}")),
+            None => Error::Db(e.to_string()),
+        }
     }
 }
 
 impl From<deadpool_postgres::PoolError> for Error {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        Error::Db(e.to_string())
+        match e {
+            // The server's own words ("sorry, too many clients already"),
+            // not the pool's "db error".
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => Error::Db(other.to_string()),
+        }
     }
 }
 
