@@ -91,6 +91,9 @@ impl DataDirLock {
     }
 }
 
+/// How long a failed commit makes the database not ready.
+const FAILING_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A database file served by its own thread.
 #[derive(Clone)]
 pub(crate) struct Db {
@@ -108,6 +111,8 @@ pub(crate) struct Db {
 struct Pending {
     state: Mutex<PendingState>,
     wake: Condvar,
+    /// Why the last commit failed (a full disk) and when, until one succeeds.
+    failing: Mutex<Option<(std::time::Instant, String)>>,
 }
 
 #[derive(Default)]
@@ -225,6 +230,21 @@ impl Db {
             }),
             pending,
         })
+    }
+
+    /// Why writes fail (the last commit, within the last 10 s, failed: a
+    /// full disk), if they do: readiness says so while reads may still
+    /// answer. It lapses after 10 s without another failure, so a process
+    /// taken out of rotation, and so given nothing to write, comes back.
+    pub(crate) fn failing(&self) -> Option<String> {
+        let f = self
+            .pending
+            .failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.as_ref()
+            .filter(|(at, _)| at.elapsed() < FAILING_FOR)
+            .map(|(_, e)| e.clone())
     }
 
     /// Runs `f` on the database thread inside the current group transaction;
@@ -394,6 +414,17 @@ fn serve(conn: Connection, pending: &Pending) {
         } else {
             Ok(())
         };
+        if began {
+            let mut failing = pending.failing.lock().unwrap_or_else(|p| p.into_inner());
+            match &commit {
+                Ok(()) if failing.is_some() => {
+                    tracing::info!("embedded database commits again");
+                    *failing = None;
+                }
+                Ok(()) => {}
+                Err(e) => *failing = Some((std::time::Instant::now(), e.clone())),
+            }
+        }
         last_commit = std::time::Instant::now();
         for reply in replies.drain(..) {
             reply(commit.clone());

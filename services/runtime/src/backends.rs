@@ -110,14 +110,16 @@ impl Backends {
 
     /// Whether every backend answers; the reason when one does not.
     pub async fn ready(&self) -> std::result::Result<(), String> {
-        if !self.queue.is_connected() {
-            return Err("broker disconnected".into());
-        }
+        // The store first: its reason is the more telling where both fail
+        // alike (the embedded files on a full disk).
         let limit = Duration::from_secs(2);
         match tokio::time::timeout(limit, self.store.ping()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(format!("store: {e}")),
             Err(_) => return Err("store: timed out".into()),
+        }
+        if !self.queue.is_connected() {
+            return Err("queue: broker disconnected, or the embedded queue's writes failing".into());
         }
         match tokio::time::timeout(limit, self.cache.ping()).await {
             Ok(Ok(())) => Ok(()),

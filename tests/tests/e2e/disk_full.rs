@@ -275,6 +275,8 @@ async fn up_with_its_disk_full_loses_nothing_and_recovers_by_itself() {
     for (t, s, body) in &readiness {
         println!("[disk full] /readyz {t:?} into it: {s} {}", body.trim());
     }
+    // Writes failing: not ready (a failed commit within the last 10 s).
+    let ready_while_full: Vec<_> = readiness.iter().filter(|(_, s, _)| *s == 200).collect();
     let mut statuses = Vec::new();
     let mut by_status: HashMap<u16, (usize, Option<String>, Duration)> = HashMap::new();
     for h in sends {
@@ -318,6 +320,11 @@ async fn up_with_its_disk_full_loses_nothing_and_recovers_by_itself() {
         after.as_ref().map(|(_, t)| t)
     );
     statuses.push((a["id"].as_str().unwrap().to_string(), r.unwrap_or(0)));
+    if !ready_while_full.is_empty() {
+        problems.push(format!(
+            "ready while the disk was full: {ready_while_full:?}"
+        ));
+    }
     if ready_at.is_none() {
         problems.push(format!("not ready {RECOVERY:?} after the space came back"));
     }

@@ -410,8 +410,10 @@ impl Queue for EmbeddedQueue {
             .collect())
     }
 
+    /// False while its file's commits fail (a full disk): nothing can be
+    /// enqueued, so the process is not ready.
     fn is_connected(&self) -> bool {
-        true
+        self.inner.db.failing().is_none()
     }
 }
 

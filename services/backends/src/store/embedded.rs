@@ -110,6 +110,9 @@ impl Store for EmbeddedStore {
     }
 
     async fn ping(&self) -> Result<()> {
+        if let Some(e) = self.db.failing() {
+            return Err(Error::Db(format!("writes failing: {e}")));
+        }
         self.db
             .call(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
             .await
