@@ -119,7 +119,9 @@ impl Backends {
             Err(_) => return Err("store: timed out".into()),
         }
         if !self.queue.is_connected() {
-            return Err("queue: broker disconnected, or the embedded queue's writes failing".into());
+            return Err(
+                "queue: broker disconnected, or the embedded queue's writes failing".into(),
+            );
         }
         match tokio::time::timeout(limit, self.cache.ping()).await {
             Ok(Ok(())) => Ok(()),

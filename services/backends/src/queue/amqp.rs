@@ -592,7 +592,7 @@ impl Queue for AmqpQueue {
                 .collect();
             return self.publish_all(&self.name(queue), &all, headers).await;
         }
-        // Each shard's messages pipelined, the shards one after another.
+        // Each shard's messages pipelined.
         let k = usize::from(self.inner.shards);
         let mut by_shard: Vec<Vec<(Option<&str>, &[u8])>> = vec![Vec::new(); k];
         for m in &msgs {
@@ -607,9 +607,12 @@ impl Queue for AmqpQueue {
             .enumerate()
             .filter(|(_, b)| !b.is_empty())
             .map(|(i, b)| (shard_name(&self.namespace, queue, i as u16), b));
-        for (target, batch) in by_shard {
-            self.publish_all(&target, &batch, headers.clone()).await?;
-        }
+        // The shards' batches in flight together: one confirm wait, not K.
+        futures::future::try_join_all(by_shard.map(|(target, batch)| {
+            let headers = headers.clone();
+            async move { self.publish_all(&target, &batch, headers).await }
+        }))
+        .await?;
         Ok(())
     }
 
