@@ -42,7 +42,11 @@ impl Backends {
         let dir = cfg.data_dir.display();
         let (store, store_kind): (Arc<dyn Store>, String) = match &cfg.database_url {
             Some(url) => {
-                let store = PgStore::connect(url.expose(), cfg.database_pool_size)?;
+                let store = PgStore::connect_with(
+                    url.expose(),
+                    cfg.database_pool_size,
+                    cfg.database_statements,
+                )?;
                 store.migrate().await?;
                 (Arc::new(store), "PostgreSQL".into())
             }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use stampede_backends::store::postgres::StatementMode;
 use stampede_core::targets::{domain_within, normalize_domain};
 use url::Url;
 
@@ -56,6 +57,13 @@ pub struct Config {
     /// service together must stay under the server's `max_connections`
     /// (or PgBouncer's pool).
     pub database_pool_size: usize,
+    /// `STAMPEDE_DATABASE_STATEMENTS` (added, default `prepared`): how
+    /// statements are sent to PostgreSQL. `prepared` prepares each once per
+    /// connection (fastest); `unnamed` sends each as the unnamed statement
+    /// in one round trip, for PgBouncer in transaction mode before 1.21
+    /// (which does not carry prepared statements between its server
+    /// connections).
+    pub database_statements: StatementMode,
     /// `STAMPEDE_REDIS_POOL_SIZE` (added, default 1): multiplexed Redis
     /// connections per process (requests are pipelined on each; more help
     /// only a process that saturates one).
@@ -425,6 +433,12 @@ impl Config {
             },
             host_concurrency: number("STAMPEDE_HOST_CONCURRENCY", 8, 1, 1000)? as usize,
             database_pool_size: number("STAMPEDE_DATABASE_POOL_SIZE", 16, 1, 1000)? as usize,
+            database_statements: match get("STAMPEDE_DATABASE_STATEMENTS") {
+                None => StatementMode::default(),
+                Some(raw) => raw
+                    .parse()
+                    .map_err(|e| cfg("STAMPEDE_DATABASE_STATEMENTS", e))?,
+            },
             redis_pool_size: number("STAMPEDE_REDIS_POOL_SIZE", 1, 1, 64)? as usize,
             delivery_shards: number("STAMPEDE_DELIVERY_SHARDS", 1, 1, 64)? as u16,
             host_fast: Duration::from_millis(number("STAMPEDE_HOST_FAST_MS", 1000, 1, 600_000)?),
@@ -643,10 +657,28 @@ mod tests {
             ("STAMPEDE_BULK_AUDIENCE", "0"),
             ("STAMPEDE_INTERACTIVE_MAX_RECIPIENTS", "-1"),
             ("STAMPEDE_BULK_QUEUE_BOUND", "lots"),
+            ("STAMPEDE_DATABASE_STATEMENTS", "named"),
+            ("STAMPEDE_DATABASE_STATEMENTS", "Unnamed"),
         ] {
             let e = with(&[(var, val)]).unwrap_err().to_string();
             assert!(e.starts_with(var), "{var}={val} gave {e}");
             assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn database_statements_are_prepared_unless_unnamed() {
+        assert_eq!(
+            with(&[]).unwrap().database_statements,
+            StatementMode::Prepared
+        );
+        for (val, want) in [
+            ("prepared", StatementMode::Prepared),
+            ("unnamed", StatementMode::Unnamed),
+            (" unnamed ", StatementMode::Unnamed),
+        ] {
+            let c = with(&[("STAMPEDE_DATABASE_STATEMENTS", val)]).unwrap();
+            assert_eq!(c.database_statements, want, "{val}");
         }
     }
 

@@ -6,7 +6,9 @@
 //! as they do on a direct connection: a server connection is a client's
 //! for one transaction only, so what a client keeps on one across
 //! transactions (session advisory locks, prepared statements on
-//! PgBouncer before 1.21) is found here.
+//! PgBouncer before 1.21) is found here. The services send unnamed
+//! statements (`STAMPEDE_DATABASE_STATEMENTS=unnamed`), as they must on a
+//! PgBouncer without prepared-statement support.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,7 +49,13 @@ async fn all_services_work_behind_pgbouncer_in_transaction_mode() {
         AppOptions {
             processes: SERVICES.to_vec(),
             admin_database_url: Some(bouncer.url("postgres")),
-            extra: vec![("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,2,2,2".to_string())],
+            extra: vec![
+                ("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,2,2,2".to_string()),
+                // PgBouncer before 1.21 carries no prepared statement from
+                // one server connection to another: every statement is
+                // the unnamed one, parsed, bound and run in one go.
+                ("STAMPEDE_DATABASE_STATEMENTS", "unnamed".to_string()),
+            ],
             ..AppOptions::default()
         },
     )

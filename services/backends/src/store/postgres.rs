@@ -4,11 +4,17 @@
 //! Long on purpose: one implementation of the whole [`Store`] trait (about
 //! 40 methods), its queries beside the row mappers they share; split, one
 //! schema's SQL would be spread over files.
+//!
+//! Every parameterised statement goes through [`Conn`], which states each
+//! parameter's type once and sends it as [`StatementMode`] says: prepared
+//! and cached per connection, or as the unnamed statement (for PgBouncer in
+//! transaction mode).
 use std::str::FromStr;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::store::{
     DeadLetter, Follower, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
@@ -44,15 +50,160 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 /// Arbitrary constant naming stampede's migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x5354_414d_5045_4445;
 
+/// How statements are sent to PostgreSQL (`STAMPEDE_DATABASE_STATEMENTS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StatementMode {
+    /// `prepared` (the default): each statement prepared once per
+    /// connection (named, cached), then only bound and executed. Fastest,
+    /// but needs a session of its own: not behind PgBouncer in transaction
+    /// mode before 1.21.
+    #[default]
+    Prepared,
+    /// `unnamed`: each statement parsed, bound and executed as the unnamed
+    /// statement in one round trip, its parameter types sent along. Works
+    /// behind any PgBouncer (nothing is kept across transactions).
+    Unnamed,
+}
+
+impl StatementMode {
+    /// The setting's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementMode::Prepared => "prepared",
+            StatementMode::Unnamed => "unnamed",
+        }
+    }
+}
+
+impl FromStr for StatementMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "prepared" => Ok(StatementMode::Prepared),
+            "unnamed" => Ok(StatementMode::Unnamed),
+            other => Err(format!("`{other}`: want `prepared` or `unnamed`")),
+        }
+    }
+}
+
+/// A statement parameter and its PostgreSQL type.
+type Param<'a> = (&'a (dyn ToSql + Sync), Type);
+
+/// What a statement runs on: a pooled connection or a transaction on one.
+#[derive(Clone, Copy)]
+enum On<'a> {
+    Client(&'a deadpool_postgres::Client),
+    Tx(&'a deadpool_postgres::Transaction<'a>),
+}
+
+/// A connection (or transaction) and how to send statements on it.
+#[derive(Clone, Copy)]
+struct Conn<'a> {
+    on: On<'a>,
+    mode: StatementMode,
+}
+
+fn values<'p>(params: &'p [Param<'p>]) -> Vec<&'p (dyn ToSql + Sync)> {
+    params.iter().map(|(v, _)| *v).collect()
+}
+
+impl Conn<'_> {
+    /// `sql` prepared with `params`' types, from the connection's cache.
+    async fn prepared(&self, sql: &str, params: &[Param<'_>]) -> Result<Statement> {
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        Ok(match self.on {
+            On::Client(c) => c.prepare_typed_cached(sql, &types).await?,
+            On::Tx(t) => t.prepare_typed_cached(sql, &types).await?,
+        })
+    }
+
+    /// Runs `sql`, returning the rows it affected.
+    async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        Ok(match self.mode {
+            StatementMode::Prepared => {
+                let stmt = self.prepared(sql, params).await?;
+                match self.on {
+                    On::Client(c) => c.execute(&stmt, &values(params)).await?,
+                    On::Tx(t) => t.execute(&stmt, &values(params)).await?,
+                }
+            }
+            StatementMode::Unnamed => match self.on {
+                On::Client(c) => c.execute_typed(sql, params).await?,
+                On::Tx(t) => t.execute_typed(sql, params).await?,
+            },
+        })
+    }
+
+    /// Runs `sql`, returning its rows.
+    async fn query(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
+        Ok(match self.mode {
+            StatementMode::Prepared => {
+                let stmt = self.prepared(sql, params).await?;
+                match self.on {
+                    On::Client(c) => c.query(&stmt, &values(params)).await?,
+                    On::Tx(t) => t.query(&stmt, &values(params)).await?,
+                }
+            }
+            StatementMode::Unnamed => match self.on {
+                On::Client(c) => c.query_typed(sql, params).await?,
+                On::Tx(t) => t.query_typed(sql, params).await?,
+            },
+        })
+    }
+
+    /// Runs `sql`, returning its one row (an error if there are more or none).
+    async fn query_one(&self, sql: &str, params: &[Param<'_>]) -> Result<Row> {
+        Ok(match self.mode {
+            StatementMode::Prepared => {
+                let stmt = self.prepared(sql, params).await?;
+                match self.on {
+                    On::Client(c) => c.query_one(&stmt, &values(params)).await?,
+                    On::Tx(t) => t.query_one(&stmt, &values(params)).await?,
+                }
+            }
+            StatementMode::Unnamed => match self.on {
+                On::Client(c) => c.query_typed_one(sql, params).await?,
+                On::Tx(t) => t.query_typed_one(sql, params).await?,
+            },
+        })
+    }
+
+    /// Runs `sql`, returning its row if any (an error if there are more).
+    async fn query_opt(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<Row>> {
+        Ok(match self.mode {
+            StatementMode::Prepared => {
+                let stmt = self.prepared(sql, params).await?;
+                match self.on {
+                    On::Client(c) => c.query_opt(&stmt, &values(params)).await?,
+                    On::Tx(t) => t.query_opt(&stmt, &values(params)).await?,
+                }
+            }
+            StatementMode::Unnamed => match self.on {
+                On::Client(c) => c.query_typed_opt(sql, params).await?,
+                On::Tx(t) => t.query_typed_opt(sql, params).await?,
+            },
+        })
+    }
+}
+
 /// The PostgreSQL implementation of [`Store`].
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    statements: StatementMode,
 }
 
 impl PgStore {
-    /// Builds a pool for `url` (connections are opened lazily).
+    /// Builds a pool for `url` (connections are opened lazily), statements
+    /// prepared.
     pub fn connect(url: &str, max_size: usize) -> Result<Self> {
+        Self::connect_with(url, max_size, StatementMode::Prepared)
+    }
+
+    /// Builds a pool for `url` (connections are opened lazily), statements
+    /// sent as `statements` says.
+    pub fn connect_with(url: &str, max_size: usize, statements: StatementMode) -> Result<Self> {
         let pg = tokio_postgres::Config::from_str(url).map_err(|e| Error::Config {
             var: "STAMPEDE_DATABASE_URL",
             reason: e.to_string(),
@@ -68,11 +219,32 @@ impl PgStore {
             .max_size(max_size)
             .build()
             .map_err(|e| Error::Db(e.to_string()))?;
-        Ok(Self { pool })
+        Ok(Self { pool, statements })
+    }
+
+    /// How this store sends statements.
+    pub fn statement_mode(&self) -> StatementMode {
+        self.statements
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         Ok(self.pool.get().await?)
+    }
+
+    /// Statements on the pooled connection `c`.
+    fn on<'a>(&self, c: &'a deadpool_postgres::Client) -> Conn<'a> {
+        Conn {
+            on: On::Client(c),
+            mode: self.statements,
+        }
+    }
+
+    /// Statements in the transaction `t`.
+    fn in_tx<'a>(&self, t: &'a deadpool_postgres::Transaction<'a>) -> Conn<'a> {
+        Conn {
+            on: On::Tx(t),
+            mode: self.statements,
+        }
     }
 }
 
@@ -115,10 +287,14 @@ const ACTOR_COLUMNS: &str =
 #[async_trait]
 impl Store for PgStore {
     async fn migrate(&self) -> Result<()> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let c = self.in_tx(&tx);
+        c.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[(&MIGRATION_LOCK, Type::INT8)],
+        )
+        .await?;
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS stampede_migrations (
                 version INTEGER PRIMARY KEY,
@@ -126,7 +302,7 @@ impl Store for PgStore {
                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
         )
         .await?;
-        let applied: Vec<i32> = tx
+        let applied: Vec<i32> = c
             .query("SELECT version FROM stampede_migrations", &[])
             .await?
             .iter()
@@ -138,9 +314,9 @@ impl Store for PgStore {
             }
             tracing::info!(version, name, "applying migration");
             tx.batch_execute(sql).await?;
-            tx.execute(
+            c.execute(
                 "INSERT INTO stampede_migrations (version, name) VALUES ($1, $2)",
-                &[version, name],
+                &[(version, Type::INT4), (name, Type::TEXT)],
             )
             .await?;
         }
@@ -155,6 +331,7 @@ impl Store for PgStore {
 
     async fn create_actor(&self, a: NewActor) -> Result<LocalActor> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let row = c
             .query_one(
                 &format!(
@@ -162,16 +339,16 @@ impl Store for PgStore {
                      VALUES ($1, $2, $3, $4, $5, $6) RETURNING {ACTOR_COLUMNS}"
                 ),
                 &[
-                    &a.name,
-                    &a.display_name,
-                    &a.summary,
-                    &a.manually_approves_followers,
-                    &a.private_key.0,
-                    &a.public_key_pem,
+                    (&a.name, Type::TEXT),
+                    (&a.display_name, Type::TEXT),
+                    (&a.summary, Type::TEXT),
+                    (&a.manually_approves_followers, Type::BOOL),
+                    (&a.private_key.0, Type::BYTEA),
+                    (&a.public_key_pem, Type::TEXT),
                 ],
             )
             .await
-            .map_err(|e| match Error::from(e) {
+            .map_err(|e| match e {
                 Error::Conflict(_) => Error::Conflict(format!("actor `{}` exists already", a.name)),
                 e => e,
             })?;
@@ -180,23 +357,24 @@ impl Store for PgStore {
 
     async fn ensure_actor(&self, a: NewActor) -> Result<LocalActor> {
         let c = self.client().await?;
+        let c = self.on(&c);
         c.execute(
             "INSERT INTO actors (name, display_name, summary, manually_approves, private_key, public_key_pem)
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
             &[
-                &a.name,
-                &a.display_name,
-                &a.summary,
-                &a.manually_approves_followers,
-                &a.private_key.0,
-                &a.public_key_pem,
+                (&a.name, Type::TEXT),
+                (&a.display_name, Type::TEXT),
+                (&a.summary, Type::TEXT),
+                (&a.manually_approves_followers, Type::BOOL),
+                (&a.private_key.0, Type::BYTEA),
+                (&a.public_key_pem, Type::TEXT),
             ],
         )
         .await?;
         let row = c
             .query_one(
                 &format!("SELECT {ACTOR_COLUMNS} FROM actors WHERE name = $1"),
-                &[&a.name],
+                &[(&a.name, Type::TEXT)],
             )
             .await?;
         Ok(actor_from_row(&row))
@@ -204,6 +382,7 @@ impl Store for PgStore {
 
     async fn actor_count(&self) -> Result<u64> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let n: i64 = c
             .query_one(
                 "SELECT count(*) FROM actors WHERE name NOT LIKE '\\_%'",
@@ -216,30 +395,31 @@ impl Store for PgStore {
 
     async fn actor_by_name(&self, name: &str) -> Result<Option<LocalActor>> {
         let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(&format!(
-                "SELECT {ACTOR_COLUMNS} FROM actors WHERE name = $1"
-            ))
-            .await?;
-        Ok(c.query_opt(&stmt, &[&name])
-            .await?
-            .as_ref()
-            .map(actor_from_row))
+        let c = self.on(&c);
+        Ok(c.query_opt(
+            &format!("SELECT {ACTOR_COLUMNS} FROM actors WHERE name = $1"),
+            &[(&name, Type::TEXT)],
+        )
+        .await?
+        .as_ref()
+        .map(actor_from_row))
     }
 
     async fn actor_by_id(&self, id: i64) -> Result<Option<LocalActor>> {
         let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(&format!("SELECT {ACTOR_COLUMNS} FROM actors WHERE id = $1"))
-            .await?;
-        Ok(c.query_opt(&stmt, &[&id])
-            .await?
-            .as_ref()
-            .map(actor_from_row))
+        let c = self.on(&c);
+        Ok(c.query_opt(
+            &format!("SELECT {ACTOR_COLUMNS} FROM actors WHERE id = $1"),
+            &[(&id, Type::INT8)],
+        )
+        .await?
+        .as_ref()
+        .map(actor_from_row))
     }
 
     async fn add_follower(&self, actor_id: i64, f: &Follower) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         c.execute(
             "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host, follow_id)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -247,12 +427,12 @@ impl Store for PgStore {
              SET inbox = EXCLUDED.inbox, shared_inbox = EXCLUDED.shared_inbox, host = EXCLUDED.host,
                  follow_id = COALESCE(EXCLUDED.follow_id, followers.follow_id)",
             &[
-                &actor_id,
-                &f.actor,
-                &f.inbox,
-                &f.shared_inbox,
-                &f.host,
-                &f.follow_id,
+                (&actor_id, Type::INT8),
+                (&f.actor, Type::TEXT),
+                (&f.inbox, Type::TEXT),
+                (&f.shared_inbox, Type::TEXT),
+                (&f.host, Type::TEXT),
+                (&f.follow_id, Type::TEXT),
             ],
         )
         .await?;
@@ -261,6 +441,7 @@ impl Store for PgStore {
 
     async fn add_followers(&self, actor_id: i64, followers: &[Follower]) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         for chunk in followers.chunks(5000) {
             let actors: Vec<&str> = chunk.iter().map(|f| f.actor.as_str()).collect();
             let inboxes: Vec<&str> = chunk.iter().map(|f| f.inbox.as_str()).collect();
@@ -273,7 +454,14 @@ impl Store for PgStore {
                 "INSERT INTO followers (actor_id, follower, inbox, shared_inbox, host, follow_id)
                  SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
                  ON CONFLICT (actor_id, follower) DO NOTHING",
-                &[&actor_id, &actors, &inboxes, &shared, &hosts, &follow_ids],
+                &[
+                    (&actor_id, Type::INT8),
+                    (&actors, Type::TEXT_ARRAY),
+                    (&inboxes, Type::TEXT_ARRAY),
+                    (&shared, Type::TEXT_ARRAY),
+                    (&hosts, Type::TEXT_ARRAY),
+                    (&follow_ids, Type::TEXT_ARRAY),
+                ],
             )
             .await?;
         }
@@ -282,10 +470,11 @@ impl Store for PgStore {
 
     async fn remove_follower(&self, actor_id: i64, follower: &str) -> Result<bool> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let n = c
             .execute(
                 "DELETE FROM followers WHERE actor_id = $1 AND follower = $2",
-                &[&actor_id, &follower],
+                &[(&actor_id, Type::INT8), (&follower, Type::TEXT)],
             )
             .await?;
         Ok(n > 0)
@@ -293,34 +482,43 @@ impl Store for PgStore {
 
     async fn remove_follow_by_id(&self, follower: &str, follow_id: &str) -> Result<u64> {
         let c = self.client().await?;
-        Ok(c.execute(
+        let c = self.on(&c);
+        c.execute(
             "DELETE FROM followers WHERE follower = $1 AND follow_id = $2",
-            &[&follower, &follow_id],
+            &[(&follower, Type::TEXT), (&follow_id, Type::TEXT)],
         )
-        .await?)
+        .await
     }
 
     async fn remove_followers_by_inbox(&self, inbox: &str) -> Result<u64> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let n = c
             .execute(
                 "DELETE FROM followers WHERE inbox = $1 OR shared_inbox = $1",
-                &[&inbox],
+                &[(&inbox, Type::TEXT)],
             )
             .await?;
-        c.execute("DELETE FROM remote_actors WHERE inbox = $1", &[&inbox])
-            .await?;
+        c.execute(
+            "DELETE FROM remote_actors WHERE inbox = $1",
+            &[(&inbox, Type::TEXT)],
+        )
+        .await?;
         Ok(n)
     }
 
     async fn remove_follower_everywhere(&self, follower: &str) -> Result<u64> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let n = c
-            .execute("DELETE FROM followers WHERE follower = $1", &[&follower])
+            .execute(
+                "DELETE FROM followers WHERE follower = $1",
+                &[(&follower, Type::TEXT)],
+            )
             .await?;
         c.execute(
             "DELETE FROM follow_requests WHERE follower = $1",
-            &[&follower],
+            &[(&follower, Type::TEXT)],
         )
         .await?;
         Ok(n)
@@ -334,11 +532,17 @@ impl Store for PgStore {
         host: &str,
     ) -> Result<u64> {
         let c = self.client().await?;
-        Ok(c.execute(
+        let c = self.on(&c);
+        c.execute(
             "UPDATE followers SET inbox = $2, shared_inbox = $3, host = $4 WHERE follower = $1",
-            &[&follower, &inbox, &shared_inbox, &host],
+            &[
+                (&follower, Type::TEXT),
+                (&inbox, Type::TEXT),
+                (&shared_inbox, Type::TEXT),
+                (&host, Type::TEXT),
+            ],
         )
-        .await?)
+        .await
     }
 
     async fn add_follow_request(
@@ -348,18 +552,19 @@ impl Store for PgStore {
         follow: &serde_json::Value,
     ) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         c.execute(
             "INSERT INTO follow_requests (actor_id, follower, inbox, shared_inbox, host, follow)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (actor_id, follower) DO UPDATE SET follow = EXCLUDED.follow,
                inbox = EXCLUDED.inbox, shared_inbox = EXCLUDED.shared_inbox, host = EXCLUDED.host",
             &[
-                &actor_id,
-                &f.actor,
-                &f.inbox,
-                &f.shared_inbox,
-                &f.host,
-                follow,
+                (&actor_id, Type::INT8),
+                (&f.actor, Type::TEXT),
+                (&f.inbox, Type::TEXT),
+                (&f.shared_inbox, Type::TEXT),
+                (&f.host, Type::TEXT),
+                (follow, Type::JSONB),
             ],
         )
         .await?;
@@ -372,11 +577,12 @@ impl Store for PgStore {
         follower: &str,
     ) -> Result<Option<(Follower, serde_json::Value)>> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let row = c
             .query_opt(
                 "DELETE FROM follow_requests WHERE actor_id = $1 AND follower = $2
                  RETURNING follower, inbox, shared_inbox, host, follow",
-                &[&actor_id, &follower],
+                &[(&actor_id, Type::INT8), (&follower, Type::TEXT)],
             )
             .await?;
         Ok(row.map(|r| {
@@ -399,10 +605,11 @@ impl Store for PgStore {
 
     async fn follower_count(&self, actor_id: i64) -> Result<u64> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let n: i64 = c
             .query_one(
                 "SELECT count(*) FROM followers WHERE actor_id = $1",
-                &[&actor_id],
+                &[(&actor_id, Type::INT8)],
             )
             .await?
             .get(0);
@@ -416,38 +623,44 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<Vec<String>> {
         let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
+        let c = self.on(&c);
+        let rows = c
+            .query(
                 "SELECT DISTINCT target FROM followers
                  WHERE actor_id = $1 AND target > $2
                  ORDER BY target LIMIT $3",
+                &[
+                    (&actor_id, Type::INT8),
+                    (&after.unwrap_or(""), Type::TEXT),
+                    (&i64::from(limit), Type::INT8),
+                ],
             )
-            .await?;
-        let rows = c
-            .query(&stmt, &[&actor_id, &after.unwrap_or(""), &i64::from(limit)])
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     async fn remote_actor(&self, id: &str) -> Result<Option<RemoteActor>> {
         let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
+        let c = self.on(&c);
+        Ok(c
+            .query_opt(
                 "SELECT id, inbox, shared_inbox, key_id, public_key_pem FROM remote_actors WHERE id = $1",
+                &[(&id, Type::TEXT)],
             )
-            .await?;
-        Ok(c.query_opt(&stmt, &[&id]).await?.map(|r| RemoteActor {
-            id: r.get(0),
-            inbox: r.get(1),
-            shared_inbox: r.get(2),
-            key_id: r.get(3),
-            public_key_pem: r.get(4),
-        }))
+            .await?
+            .map(|r| RemoteActor {
+                id: r.get(0),
+                inbox: r.get(1),
+                shared_inbox: r.get(2),
+                key_id: r.get(3),
+                public_key_pem: r.get(4),
+            }))
     }
 
     async fn put_remote_actor(&self, a: &RemoteActor) -> Result<()> {
         let host = stampede_core::targets::inbox_host(&a.inbox).unwrap_or_default();
         let c = self.client().await?;
+        let c = self.on(&c);
         c.execute(
             "INSERT INTO remote_actors (id, inbox, shared_inbox, key_id, public_key_pem, host)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -455,12 +668,12 @@ impl Store for PgStore {
                shared_inbox = EXCLUDED.shared_inbox, key_id = EXCLUDED.key_id,
                public_key_pem = EXCLUDED.public_key_pem, host = EXCLUDED.host, fetched_at = now()",
             &[
-                &a.id,
-                &a.inbox,
-                &a.shared_inbox,
-                &a.key_id,
-                &a.public_key_pem,
-                &host,
+                (&a.id, Type::TEXT),
+                (&a.inbox, Type::TEXT),
+                (&a.shared_inbox, Type::TEXT),
+                (&a.key_id, Type::TEXT),
+                (&a.public_key_pem, Type::TEXT),
+                (&host, Type::TEXT),
             ],
         )
         .await?;
@@ -469,19 +682,24 @@ impl Store for PgStore {
 
     async fn delete_remote_actor(&self, id: &str) -> Result<()> {
         let c = self.client().await?;
-        c.execute("DELETE FROM remote_actors WHERE id = $1", &[&id])
-            .await?;
+        let c = self.on(&c);
+        c.execute(
+            "DELETE FROM remote_actors WHERE id = $1",
+            &[(&id, Type::TEXT)],
+        )
+        .await?;
         Ok(())
     }
 
     async fn remote_key(&self, key_id: &str) -> Result<Option<RemoteKey>> {
         let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
-                "SELECT key_id, owner, public_key_pem FROM remote_keys WHERE key_id = $1",
-            )
-            .await?;
-        Ok(c.query_opt(&stmt, &[&key_id]).await?.map(|r| RemoteKey {
+        let c = self.on(&c);
+        Ok(c.query_opt(
+            "SELECT key_id, owner, public_key_pem FROM remote_keys WHERE key_id = $1",
+            &[(&key_id, Type::TEXT)],
+        )
+        .await?
+        .map(|r| RemoteKey {
             key_id: r.get(0),
             owner: r.get(1),
             public_key_pem: r.get(2),
@@ -490,11 +708,16 @@ impl Store for PgStore {
 
     async fn put_remote_key(&self, k: &RemoteKey) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         c.execute(
             "INSERT INTO remote_keys (key_id, owner, public_key_pem) VALUES ($1, $2, $3)
              ON CONFLICT (key_id) DO UPDATE SET owner = EXCLUDED.owner,
                public_key_pem = EXCLUDED.public_key_pem, fetched_at = now()",
-            &[&k.key_id, &k.owner, &k.public_key_pem],
+            &[
+                (&k.key_id, Type::TEXT),
+                (&k.owner, Type::TEXT),
+                (&k.public_key_pem, Type::TEXT),
+            ],
         )
         .await?;
         Ok(())
@@ -502,13 +725,18 @@ impl Store for PgStore {
 
     async fn delete_remote_keys_of(&self, owner: &str) -> Result<()> {
         let c = self.client().await?;
-        c.execute("DELETE FROM remote_keys WHERE owner = $1", &[&owner])
-            .await?;
+        let c = self.on(&c);
+        c.execute(
+            "DELETE FROM remote_keys WHERE owner = $1",
+            &[(&owner, Type::TEXT)],
+        )
+        .await?;
         Ok(())
     }
 
     async fn insert_activity(&self, a: NewActivity) -> Result<Inserted> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let row = c
             .query_opt(
                 "INSERT INTO activities (key, ap_id, actor_id, kind, object_id, idempotency_key, body, delivered_body)
@@ -516,14 +744,14 @@ impl Store for PgStore {
                  ON CONFLICT (actor_id, idempotency_key) DO NOTHING
                  RETURNING key",
                 &[
-                    &a.key,
-                    &a.ap_id,
-                    &a.actor_id,
-                    &a.kind,
-                    &a.object_id,
-                    &a.idempotency_key,
-                    &a.body,
-                    &a.delivered_body,
+                    (&a.key, Type::TEXT),
+                    (&a.ap_id, Type::TEXT),
+                    (&a.actor_id, Type::INT8),
+                    (&a.kind, Type::TEXT),
+                    (&a.object_id, Type::TEXT),
+                    (&a.idempotency_key, Type::TEXT),
+                    (&a.body, Type::JSONB),
+                    (&a.delivered_body, Type::BYTEA),
                 ],
             )
             .await?;
@@ -539,7 +767,7 @@ impl Store for PgStore {
             .query_one(
                 "SELECT key, ap_id, enqueued_at IS NOT NULL FROM activities
                  WHERE actor_id = $1 AND idempotency_key = $2",
-                &[&a.actor_id, &a.idempotency_key],
+                &[(&a.actor_id, Type::INT8), (&a.idempotency_key, Type::TEXT)],
             )
             .await?;
         Ok(Inserted {
@@ -552,9 +780,10 @@ impl Store for PgStore {
 
     async fn mark_enqueued(&self, key: &str) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         c.execute(
             "UPDATE activities SET enqueued_at = now() WHERE key = $1 AND enqueued_at IS NULL",
-            &[&key],
+            &[(&key, Type::TEXT)],
         )
         .await?;
         Ok(())
@@ -562,9 +791,10 @@ impl Store for PgStore {
 
     async fn mark_fanned_out(&self, key: &str, targets: u64) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         c.execute(
             "UPDATE activities SET fanned_out_at = now(), targets = $2 WHERE key = $1",
-            &[&key, &(targets as i64)],
+            &[(&key, Type::TEXT), (&(targets as i64), Type::INT8)],
         )
         .await?;
         Ok(())
@@ -572,10 +802,11 @@ impl Store for PgStore {
 
     async fn activity_count(&self, actor_id: i64) -> Result<u64> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let n: i64 = c
             .query_one(
                 "SELECT count(*) FROM activities WHERE actor_id = $1",
-                &[&actor_id],
+                &[(&actor_id, Type::INT8)],
             )
             .await?
             .get(0);
@@ -584,13 +815,14 @@ impl Store for PgStore {
 
     async fn activity(&self, key: &str) -> Result<Option<StoredActivity>> {
         let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
-                "SELECT a.key, a.ap_id, a.kind, a.actor_id, u.name, a.body, a.delivered_body
+        let c = self.on(&c);
+        Ok(c.query_opt(
+            "SELECT a.key, a.ap_id, a.kind, a.actor_id, u.name, a.body, a.delivered_body
                  FROM activities a JOIN actors u ON u.id = a.actor_id WHERE a.key = $1",
-            )
-            .await?;
-        Ok(c.query_opt(&stmt, &[&key]).await?.map(|r| StoredActivity {
+            &[(&key, Type::TEXT)],
+        )
+        .await?
+        .map(|r| StoredActivity {
             key: r.get(0),
             ap_id: r.get(1),
             kind: r.get(2),
@@ -603,12 +835,13 @@ impl Store for PgStore {
 
     async fn delivered(&self, activity_key: &str, inbox: &str) -> Result<bool> {
         let c = self.client().await?;
-        let stmt = c
-            .prepare_cached("SELECT 1 FROM deliveries WHERE activity_key = $1 AND inbox = $2")
-            .await?;
-        Ok(c.query_opt(&stmt, &[&activity_key, &inbox])
-            .await?
-            .is_some())
+        let c = self.on(&c);
+        Ok(c.query_opt(
+            "SELECT 1 FROM deliveries WHERE activity_key = $1 AND inbox = $2",
+            &[(&activity_key, Type::TEXT), (&inbox, Type::TEXT)],
+        )
+        .await?
+        .is_some())
     }
 
     async fn record_delivered(
@@ -620,26 +853,22 @@ impl Store for PgStore {
         attempts: u32,
     ) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         // Committed without waiting for the WAL flush (synchronous_commit
         // off for this statement's transaction only), as the embedded store
         // does: a PostgreSQL crash can lose only the newest records, whose
         // messages are then handed out again and re-sent at worst; our own
         // process dying loses nothing. One round trip, no fsync wait.
-        let stmt = c
-            .prepare_cached(
-                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
-                 INSERT INTO deliveries (activity_key, inbox, host, status, attempts)
-                 SELECT $1, $2, $3, $4, $5 FROM relaxed ON CONFLICT DO NOTHING",
-            )
-            .await?;
         c.execute(
-            &stmt,
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
+             INSERT INTO deliveries (activity_key, inbox, host, status, attempts)
+             SELECT $1, $2, $3, $4, $5 FROM relaxed ON CONFLICT DO NOTHING",
             &[
-                &activity_key,
-                &inbox,
-                &host,
-                &i32::from(status),
-                &(attempts as i32),
+                (&activity_key, Type::TEXT),
+                (&inbox, Type::TEXT),
+                (&host, Type::TEXT),
+                (&i32::from(status), Type::INT4),
+                (&(attempts as i32), Type::INT4),
             ],
         )
         .await?;
@@ -648,17 +877,18 @@ impl Store for PgStore {
 
     async fn add_dead_letter(&self, d: NewDeadLetter) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         c.execute(
             "INSERT INTO dead_letters (activity_key, inbox, host, reason, last_status, attempts, first_attempt_at)
              VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::float8 / 1000))",
             &[
-                &d.activity_key,
-                &d.inbox,
-                &d.host,
-                &d.reason,
-                &d.last_status.map(i32::from),
-                &(d.attempts as i32),
-                &(d.first_attempt_unix_ms as f64),
+                (&d.activity_key, Type::TEXT),
+                (&d.inbox, Type::TEXT),
+                (&d.host, Type::TEXT),
+                (&d.reason, Type::TEXT),
+                (&d.last_status.map(i32::from), Type::INT4),
+                (&(d.attempts as i32), Type::INT4),
+                (&(d.first_attempt_unix_ms as f64), Type::FLOAT8),
             ],
         )
         .await?;
@@ -672,6 +902,7 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<Vec<DeadLetter>> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let rows = c
             .query(
                 &format!(
@@ -680,7 +911,11 @@ impl Store for PgStore {
                        AND ($2::text IS NULL OR d.host = $2)
                      ORDER BY d.id LIMIT $3"
                 ),
-                &[&id, &host, &i64::from(limit)],
+                &[
+                    (&id, Type::INT8),
+                    (&host, Type::TEXT),
+                    (&i64::from(limit), Type::INT8),
+                ],
             )
             .await?;
         Ok(rows.iter().map(dead_letter_from_row).collect())
@@ -688,9 +923,10 @@ impl Store for PgStore {
 
     async fn mark_replayed(&self, ids: &[i64]) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         c.execute(
             "UPDATE dead_letters SET replayed_at = now() WHERE id = ANY($1)",
-            &[&ids],
+            &[(&ids, Type::INT8_ARRAY)],
         )
         .await?;
         Ok(())
@@ -698,6 +934,7 @@ impl Store for PgStore {
 
     async fn dead_letters(&self, limit: u32, host: Option<&str>) -> Result<Vec<DeadLetter>> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let rows = c
             .query(
                 &format!(
@@ -705,7 +942,7 @@ impl Store for PgStore {
                      WHERE d.replayed_at IS NULL AND ($2::text IS NULL OR d.host = $2)
                      ORDER BY d.id DESC LIMIT $1"
                 ),
-                &[&i64::from(limit), &host],
+                &[(&i64::from(limit), Type::INT8), (&host, Type::TEXT)],
             )
             .await?;
         Ok(rows.iter().map(dead_letter_from_row).collect())
@@ -713,10 +950,11 @@ impl Store for PgStore {
 
     async fn set_host_paused(&self, host: &str, paused: bool) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         c.execute(
             "INSERT INTO hosts (host, paused) VALUES ($1, $2)
              ON CONFLICT (host) DO UPDATE SET paused = EXCLUDED.paused, updated_at = now()",
-            &[&host, &paused],
+            &[(&host, Type::TEXT), (&paused, Type::BOOL)],
         )
         .await?;
         Ok(())
@@ -724,6 +962,7 @@ impl Store for PgStore {
 
     async fn paused_hosts(&self) -> Result<Vec<String>> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let rows = c
             .query("SELECT host FROM hosts WHERE paused ORDER BY host", &[])
             .await?;
@@ -732,6 +971,7 @@ impl Store for PgStore {
 
     async fn set_host_health(&self, host: &str, h: Option<&HostHealth>) -> Result<()> {
         let c = self.client().await?;
+        let c = self.on(&c);
         match h {
             Some(h) => {
                 c.execute(
@@ -741,11 +981,11 @@ impl Store for PgStore {
                        failures = EXCLUDED.failures, open_until_ms = EXCLUDED.open_until_ms,
                        unavailable = EXCLUDED.unavailable, updated_at = now()",
                     &[
-                        &host,
-                        &h.failing_since_unix_ms,
-                        &(h.failures as i64),
-                        &h.open_until_unix_ms,
-                        &h.unavailable,
+                        (&host, Type::TEXT),
+                        (&h.failing_since_unix_ms, Type::INT8),
+                        (&(h.failures as i64), Type::INT8),
+                        (&h.open_until_unix_ms, Type::INT8),
+                        (&h.unavailable, Type::BOOL),
                     ],
                 )
                 .await?;
@@ -755,7 +995,7 @@ impl Store for PgStore {
                     "UPDATE hosts SET failing_since_ms = NULL, failures = 0, open_until_ms = NULL,
                        unavailable = FALSE, updated_at = now()
                      WHERE host = $1 AND failing_since_ms IS NOT NULL",
-                    &[&host],
+                    &[(&host, Type::TEXT)],
                 )
                 .await?;
             }
@@ -765,12 +1005,13 @@ impl Store for PgStore {
 
     async fn failing_hosts(&self, limit: u32) -> Result<Vec<HostHealth>> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let rows = c
             .query(
                 "SELECT host, failing_since_ms, failures, COALESCE(open_until_ms, 0), unavailable
                  FROM hosts WHERE failing_since_ms IS NOT NULL
                  ORDER BY failing_since_ms LIMIT $1",
-                &[&i64::from(limit)],
+                &[(&i64::from(limit), Type::INT8)],
             )
             .await?;
         Ok(rows
@@ -787,18 +1028,19 @@ impl Store for PgStore {
 
     async fn object_deleted(&self, actor_id: i64, object_id: &str) -> Result<bool> {
         let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
+        let c = self.on(&c);
+        Ok(c
+            .query_opt(
                 "SELECT 1 FROM activities WHERE actor_id = $1 AND object_id = $2 AND kind = 'Delete' LIMIT 1",
+                &[(&actor_id, Type::INT8), (&object_id, Type::TEXT)],
             )
-            .await?;
-        Ok(c.query_opt(&stmt, &[&actor_id, &object_id])
             .await?
             .is_some())
     }
 
     async fn totals(&self) -> Result<Totals> {
         let c = self.client().await?;
+        let c = self.on(&c);
         let r = c
             .query_one(
                 "SELECT (SELECT count(*) FROM activities),

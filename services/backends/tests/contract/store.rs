@@ -1,4 +1,5 @@
-//! The `Store` contract, run on PostgreSQL and on the embedded store.
+//! The `Store` contract, run on PostgreSQL (statements prepared, and
+//! unnamed) and on the embedded store.
 //!
 //! Long on purpose: one test per method of the trait (about 40), each
 //! standing alone, in the trait's order.
@@ -55,6 +56,7 @@ macro_rules! store_test_suite {
 }
 
 store_test_suite!(postgres, crate::support::pg_store);
+store_test_suite!(postgres_unnamed, crate::support::pg_store_unnamed);
 store_test_suite!(embedded, crate::support::embedded_store);
 
 fn new_actor(name: &str) -> NewActor {

@@ -15,7 +15,7 @@ use stampede_backends::queue::embedded::EmbeddedQueue;
 use stampede_backends::queue::Queue;
 use stampede_backends::sqlite::DataDirLock;
 use stampede_backends::store::embedded::EmbeddedStore;
-use stampede_backends::store::postgres::PgStore;
+use stampede_backends::store::postgres::{PgStore, StatementMode};
 use stampede_backends::store::Store;
 
 /// Longest a test may run before it fails (and is cleaned up).
@@ -248,8 +248,19 @@ async fn drop_database(name: &str) -> Result<(), String> {
 }
 
 /// `PgStore` on a database of its own (`stampede_c` and 12 hex digits),
-/// migrated.
+/// migrated, its statements prepared (the default).
 pub async fn pg_store() -> Fixture<StoreCx> {
+    pg_store_with(StatementMode::Prepared).await
+}
+
+/// `PgStore` as [`pg_store`], every statement sent as the unnamed one with
+/// its parameter types (`STAMPEDE_DATABASE_STATEMENTS=unnamed`, for
+/// PgBouncer in transaction mode).
+pub async fn pg_store_unnamed() -> Fixture<StoreCx> {
+    pg_store_with(StatementMode::Unnamed).await
+}
+
+async fn pg_store_with(statements: StatementMode) -> Fixture<StoreCx> {
     let name = format!("stampede_c{}", unique());
     admin()
         .await
@@ -262,7 +273,7 @@ pub async fn pg_store() -> Fixture<StoreCx> {
         format!("{head}/{name}")
     };
     let opened = async {
-        let store = PgStore::connect(&url, 4)?;
+        let store = PgStore::connect_with(&url, 4, statements)?;
         store.migrate().await?;
         Ok::<_, stampede_backends::Error>(store)
     }
