@@ -217,7 +217,11 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             let url = cfg.database_url.context(
                 "STAMPEDE_DATABASE_URL: not set (migrate applies the PostgreSQL schema)",
             )?;
-            let store = stampede_backends::store::postgres::PgStore::connect(url.expose(), 1)?;
+            let store = stampede_backends::store::postgres::PgStore::connect_with(
+                url.expose(),
+                1,
+                cfg.database_statements,
+            )?;
             stampede_backends::store::Store::migrate(&store)
                 .await
                 .context("failed to apply migrations")?;
