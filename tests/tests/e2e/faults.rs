@@ -193,7 +193,7 @@ impl Fault {
 }
 
 /// Accepted copies of a `Create` per (inbox path, activity id) at server `i`.
-fn copies(sink: &Sink, i: usize) -> HashMap<(String, String), usize> {
+pub(crate) fn copies(sink: &Sink, i: usize) -> HashMap<(String, String), usize> {
     let mut m = HashMap::new();
     for r in sink.received(i) {
         if r.body["type"] == "Create" && (200..300).contains(&r.status) {
@@ -206,7 +206,7 @@ fn copies(sink: &Sink, i: usize) -> HashMap<(String, String), usize> {
 
 /// Inboxes among `servers` that have `id` at least once, and the copies
 /// beyond the first of it.
-fn delivered(sink: &Sink, servers: std::ops::Range<usize>, id: &str) -> (usize, usize) {
+pub(crate) fn delivered(sink: &Sink, servers: std::ops::Range<usize>, id: &str) -> (usize, usize) {
     let (mut inboxes, mut extra) = (0, 0);
     for i in servers {
         for ((_, a), n) in copies(sink, i) {
@@ -231,7 +231,7 @@ fn refused_by_sink(sink: &Sink, servers: std::ops::Range<usize>, id: &str) -> Ve
 
 /// The WARN and ERROR lines of a log grouped by their shape (timestamp
 /// dropped, digits as `#`), most frequent first: (count, shape, an example).
-fn log_summary(log: &str) -> Vec<(usize, String, String)> {
+pub(crate) fn log_summary(log: &str) -> Vec<(usize, String, String)> {
     let mut groups: HashMap<String, (usize, String)> = HashMap::new();
     for line in log.lines() {
         let line = strip_ansi(line);
@@ -287,7 +287,7 @@ fn like(sink: &Sink, n: usize) -> serde_json::Value {
 /// (each acknowledged as it comes) and `settle` passed after that with
 /// nothing new, or until `deadline`. Copies of each activity id, and when
 /// the first came.
-async fn read_stream(
+pub(crate) async fn read_stream(
     app: &TestApp,
     want: &[String],
     deadline: Instant,
