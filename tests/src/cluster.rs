@@ -9,6 +9,10 @@
 //! cluster with every other cluster test running at the same time, so such
 //! a test should use queues of its own and expect the others to see the
 //! node go.
+//!
+//! Tests in one test binary run side by side: a test that kills nodes
+//! holds [`exclusive`] for its whole run, and a [`Restore`] that starts
+//! whatever it killed again when dropped (also when the test fails).
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,6 +29,15 @@ static KNOWN: Mutex<Known> = Mutex::new(Known {
     urls: None,
     killed: BTreeSet::new(),
 });
+
+/// What [`ensure_up`] healed, for a test to report ([`take_healed`]).
+static HEALED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The nodes whose dead-letter supervisor [`ensure_up`] restarted since
+/// the last call.
+pub fn take_healed() -> Vec<String> {
+    std::mem::take(&mut *HEALED.lock().unwrap_or_else(|e| e.into_inner()))
+}
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/cluster")
@@ -65,14 +78,88 @@ pub fn url(node: &str) -> String {
     )
 }
 
+/// `rabbitmqctl -n rcN@localhost ARGS` with the cluster's cookie and
+/// environment file (as `scripts/cluster` runs it): its standard output.
+pub fn rabbitmqctl(node: &str, args: &[&str]) -> Result<String, String> {
+    let n = number(node);
+    let dir = std::env::var("STAMPEDE_CLUSTER_DIR")
+        .unwrap_or_else(|_| "/var/tmp/stampede-cluster".to_string());
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let mut cmd = if root {
+        Command::new("env")
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("env");
+        c
+    };
+    let out = cmd
+        .arg(format!("HOME={dir}"))
+        .arg(format!(
+            "RABBITMQ_CONF_ENV_FILE={dir}/rc{n}/rabbitmq-env.conf"
+        ))
+        .arg("/usr/lib/rabbitmq/bin/rabbitmqctl")
+        .args(["-q", "-n", &format!("rc{n}@localhost")])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// Nodes whose quorum queues' dead-letter supervisor
+/// (`rabbit_fifo_dlx_sup`) is gone, each restarted here. RabbitMQ 3.10.8
+/// loses it on a node booted while its queues' leaders move (the whole
+/// cluster killed and started again): the supervisor reaches its restart
+/// intensity and stops, and from then on every quorum queue with
+/// at-least-once dead-lettering (stampede's delay tiers) whose leader is on
+/// that node crashes on election ("noproc"), so declaring one through the
+/// node fails with INTERNAL_ERROR.
+pub fn heal_dead_letter_supervisors() -> Vec<String> {
+    let mut healed = Vec::new();
+    for n in ["rc1", "rc2", "rc3"] {
+        let Ok(out) = rabbitmqctl(n, &["eval", "whereis(rabbit_fifo_dlx_sup)."]) else {
+            continue;
+        };
+        if out.trim() == "undefined" {
+            let r = rabbitmqctl(
+                n,
+                &[
+                    "eval",
+                    "supervisor:restart_child(rabbit_sup, rabbit_fifo_dlx_sup).",
+                ],
+            );
+            healed.push(format!("{n}: {}", r.unwrap_or_else(|e| e).trim()));
+        }
+    }
+    healed
+}
+
 /// Starts the cluster unless this process already saw it up (and killed no
-/// node since); the three nodes' AMQP URLs, rc1 first.
+/// node since); the three nodes' AMQP URLs, rc1 first. After a restart of
+/// killed nodes, a dead-letter supervisor RabbitMQ lost is restarted
+/// ([`heal_dead_letter_supervisors`]; what was healed is printed).
 pub fn ensure_up() -> Vec<String> {
     let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
     if let (Some(urls), true) = (&known.urls, known.killed.is_empty()) {
         return urls.clone();
     }
     let out = run(&["up"]);
+    let healed = heal_dead_letter_supervisors();
+    if !healed.is_empty() {
+        eprintln!("cluster: rabbit_fifo_dlx_sup was gone and was restarted on {healed:?}");
+        HEALED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(healed);
+    }
     let urls: Vec<String> = out
         .lines()
         .last()
@@ -101,6 +188,59 @@ pub fn start(node: &str) {
     let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
     run(&["start", &n.to_string()]);
     known.killed.remove(&n);
+}
+
+/// Every node's AMQP URL, comma-separated, rc1 first: what
+/// `STAMPEDE_AMQP_URL` takes for a process on the cluster.
+pub fn url_list() -> String {
+    ensure_up().join(",")
+}
+
+/// Kills every node's VM with SIGKILL (rc1, rc2, then rc3): the whole
+/// broker crashed. [`ensure_up`] (or a [`Restore`]) starts them again,
+/// all at once.
+pub fn kill_all() {
+    for n in ["1", "2", "3"] {
+        kill(n);
+    }
+}
+
+/// The one permit of this test process to change the cluster: a test that
+/// kills nodes holds it for its whole run, so that no other test's nodes
+/// go under it (tests in one binary run side by side).
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// Starts the nodes this process killed again when dropped (at the end of
+/// a test, or as it unwinds from a failure), so that every test leaves the
+/// three nodes running. Blocks while they boot.
+#[derive(Debug, Default)]
+pub struct Restore;
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let killed = !KNOWN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .killed
+            .is_empty();
+        if !killed {
+            return;
+        }
+        let up = || {
+            if let Err(e) = std::panic::catch_unwind(ensure_up) {
+                eprintln!("restoring the cluster failed: {e:?}");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(up)
+            }
+            _ => up(),
+        }
+    }
 }
 
 /// `scripts/cluster status`: each node up or down, the members and the

@@ -97,6 +97,15 @@ pub struct AppOptions {
     /// binary rather than in the test process, their standard error kept
     /// ([`TestApp::logs`]), at `RUST_LOG=info` unless `extra` says.
     pub processes: Vec<&'static str>,
+    /// External only: how many child processes of a service in
+    /// `processes` to run (1 unless named here); the first ingest serves
+    /// the public URL and the gRPC API, the others HTTP on ports of their
+    /// own ([`TestApp::ingest_bases`]).
+    pub copies: Vec<(&'static str, usize)>,
+    /// External only: the broker to run on instead of the shared one, as
+    /// `STAMPEDE_AMQP_URL` takes it (the nodes of a cluster,
+    /// comma-separated); the namespace is the test's own.
+    pub amqp_url: Option<String>,
 }
 
 impl Default for AppOptions {
@@ -109,6 +118,8 @@ impl Default for AppOptions {
             redis_url: None,
             admin_database_url: None,
             processes: Vec::new(),
+            copies: Vec::new(),
+            amqp_url: None,
         }
     }
 }
@@ -139,6 +150,8 @@ struct ChildService {
     child: tokio::process::Child,
     log: std::path::PathBuf,
     keep: bool,
+    metrics: std::net::SocketAddr,
+    http: Option<u16>,
 }
 
 impl Drop for ChildService {
@@ -156,13 +169,19 @@ impl Drop for ChildService {
 /// metrics (and for ingest, HTTP) on the given ports.
 fn child_service(
     name: &'static str,
+    copy: usize,
     vars: &HashMap<&'static str, String>,
     namespace: &str,
     grpc: u16,
     metrics: u16,
     http: Option<u16>,
 ) -> ChildService {
-    let log = std::env::temp_dir().join(format!("stampede-test-{namespace}-{name}.log"));
+    let file_name = if copy == 0 {
+        format!("stampede-test-{namespace}-{name}.log")
+    } else {
+        format!("stampede-test-{namespace}-{name}{copy}.log")
+    };
+    let log = std::env::temp_dir().join(file_name);
     let file = std::fs::File::create(&log).unwrap();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_stampede-e2e"));
     cmd.args(["serve", name])
@@ -183,6 +202,8 @@ fn child_service(
         child: cmd.spawn().unwrap(),
         log,
         keep: false,
+        metrics: std::net::SocketAddr::from(([127, 0, 0, 1], metrics)),
+        http,
     }
 }
 
@@ -210,7 +231,7 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
     let scratch = Scratch::create(
         Purpose::Test,
         BackendSet::External(ExternalUrls {
-            amqp: amqp_url(),
+            amqp: opts.amqp_url.clone().unwrap_or_else(amqp_url),
             redis: opts.redis_url.clone().unwrap_or_else(redis_url),
             admin_database: opts.admin_database_url.clone().unwrap_or_else(admin_db_url),
         }),
@@ -238,24 +259,39 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
             continue;
         }
         if opts.processes.contains(&name) {
-            let (grpc, metrics_port) = (free_port(), free_port());
-            let http =
-                (name == "ingest").then(|| url::Url::parse(&http_base).unwrap().port().unwrap());
-            if name == "ingest" {
-                ingest_grpc_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], grpc)));
+            let copies = opts
+                .copies
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(1, |(_, k)| *k);
+            for copy in 0..copies {
+                let (grpc, metrics_port) = (free_port(), free_port());
+                let http = (name == "ingest").then(|| {
+                    if copy == 0 {
+                        url::Url::parse(&http_base).unwrap().port().unwrap()
+                    } else {
+                        free_port()
+                    }
+                });
+                if name == "ingest" && copy == 0 {
+                    ingest_grpc_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], grpc)));
+                }
+                if copy == 0 {
+                    metrics.insert(
+                        name,
+                        std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+                    );
+                }
+                children.push(child_service(
+                    name,
+                    copy,
+                    &vars,
+                    &namespace,
+                    grpc,
+                    metrics_port,
+                    http,
+                ));
             }
-            metrics.insert(
-                name,
-                std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)),
-            );
-            children.push(child_service(
-                name,
-                &vars,
-                &namespace,
-                grpc,
-                metrics_port,
-                http,
-            ));
             continue;
         }
         let grpc = listener().await;
@@ -313,10 +349,8 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
             Err(e) => panic!("ingest's gRPC: {e}"),
         }
     };
-    for (name, addr) in &metrics {
-        if !opts.processes.contains(name) {
-            continue;
-        }
+    for c in &children {
+        let (name, addr) = (c.name, c.metrics);
         let url = format!("http://{addr}/healthz");
         wait_for(
             &format!("{name} to serve"),
@@ -326,9 +360,13 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
         .await;
     }
     let store = stampede_backends::store::postgres::PgStore::connect(&db_url, 4).unwrap();
-    let queue = AmqpQueue::connect(&amqp_url(), &namespace, "stampede-test")
-        .await
-        .unwrap();
+    let queue = AmqpQueue::connect(
+        &opts.amqp_url.clone().unwrap_or_else(amqp_url),
+        &namespace,
+        "stampede-test",
+    )
+    .await
+    .unwrap();
     TestApp {
         namespace,
         http_base,
@@ -462,6 +500,69 @@ impl TestApp {
             .unwrap_or_else(|| panic!("{service} is not a child process"))
     }
 
+    /// The services run as child processes, in the order started: each
+    /// one's name and copy number (0 for the first of its service).
+    pub fn children(&self) -> Vec<(&'static str, usize)> {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        self.children
+            .iter()
+            .map(|c| {
+                let k = seen.entry(c.name).or_insert(0);
+                *k += 1;
+                (c.name, *k - 1)
+            })
+            .collect()
+    }
+
+    fn child(&self, service: &str, copy: usize) -> &ChildService {
+        self.children
+            .iter()
+            .filter(|c| c.name == service)
+            .nth(copy)
+            .unwrap_or_else(|| panic!("no copy {copy} of {service} as a child process"))
+    }
+
+    /// What copy `copy` of `service`, run as child processes, logged so far.
+    pub fn logs_of(&self, service: &str, copy: usize) -> String {
+        std::fs::read_to_string(&self.child(service, copy).log).unwrap_or_default()
+    }
+
+    /// The status `/readyz` of copy `copy` of `service` answers (0 when it
+    /// does not answer).
+    pub async fn readyz_of(&self, service: &str, copy: usize) -> u16 {
+        let addr = self.child(service, copy).metrics;
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .map_or(0, |r| r.status().as_u16())
+    }
+
+    /// The base URL of each ingest process's HTTP (the first is
+    /// `http_base`, the public one).
+    pub fn ingest_bases(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .children
+            .iter()
+            .filter_map(|c| c.http.map(|p| format!("http://127.0.0.1:{p}")))
+            .collect();
+        if v.is_empty() {
+            v.push(self.http_base.clone());
+        }
+        v
+    }
+
+    /// Kills copy `copy` of `service` with SIGKILL (a crash) and waits for
+    /// it to exit; its log stays readable.
+    pub async fn kill_child(&mut self, service: &str, copy: usize) {
+        let c = self
+            .children
+            .iter_mut()
+            .filter(|c| c.name == service)
+            .nth(copy)
+            .unwrap_or_else(|| panic!("no copy {copy} of {service} as a child process"));
+        c.child.start_kill().unwrap();
+        c.child.wait().await.unwrap();
+    }
+
     /// Keeps the logs of the services run as child processes (the test is
     /// about to fail): their paths are printed when they stop.
     pub fn keep_logs(&mut self) {
@@ -561,7 +662,8 @@ impl TestApp {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         for c in &mut self.children {
-            c.child.start_kill().unwrap();
+            // One killed by the test has exited already.
+            let _ = c.child.start_kill();
             c.child.wait().await.unwrap();
         }
         for (name, h) in self.services {
@@ -572,6 +674,53 @@ impl TestApp {
         }
         drop(self.store);
         drop(self.queue);
+        // The scratch deletes the queues of one shard per delivery class:
+        // the others go here.
+        let shards: u16 = self
+            .env
+            .get("STAMPEDE_DELIVERY_SHARDS")
+            .map_or(1, |k| k.parse().unwrap());
+        if shards > 1 {
+            let q = AmqpQueue::connect_with(
+                &self.env["STAMPEDE_AMQP_URL"],
+                &self.namespace,
+                "stampede-test-cleanup",
+                stampede_backends::queue::amqp::AmqpOptions {
+                    delivery_shards: shards,
+                },
+            )
+            .await
+            .unwrap();
+            q.delete_all().await.unwrap();
+        }
+        // On a cluster just restarted, quorum queues may refuse to go for
+        // a moment (INTERNAL_ERROR while their leaders are elected).
+        if let Some(urls) = self
+            .scratch
+            .external()
+            .map(|u| u.amqp.clone())
+            .filter(|u| u.contains(','))
+        {
+            let ns = self.namespace.clone();
+            let started = Instant::now();
+            loop {
+                let r = async {
+                    AmqpQueue::connect(&urls, &ns, "stampede-test-cleanup")
+                        .await?
+                        .delete_all()
+                        .await
+                }
+                .await;
+                match r {
+                    Ok(()) => break,
+                    Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                        eprintln!("deleting the queues of {ns}: {e}; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => panic!("deleting the queues of {ns}: {e}"),
+                }
+            }
+        }
         self.scratch.remove().await.unwrap();
     }
 }
