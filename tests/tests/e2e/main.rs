@@ -18,4 +18,5 @@ mod outbound;
 mod priority;
 mod process;
 mod replicas;
+mod replicated;
 mod trust;
