@@ -104,7 +104,11 @@ const PER_SERVER: usize = 20;
 const EXTRA: usize = SERVERS;
 const SHARDS: &str = "3";
 /// How long the whole broker stays down.
-const OUTAGE: Duration = Duration::from_secs(20);
+const OUTAGE: Duration = Duration::from_secs(40);
+/// When (seconds into the outage) a Publish and a signed inbound POST are
+/// sent and waited for: the first is answered before the broker's return,
+/// the second after it.
+const PROBES: [u64; 2] = [5, 30];
 /// Every inbox has the post within this of the failover or the return.
 const RECOVERY: Duration = Duration::from_secs(60);
 
@@ -198,7 +202,9 @@ async fn broker_fault_under_load(fault: BrokerFault) {
     let fault_at = Instant::now();
     let mut problems: Vec<String> = Vec::new();
     let mut n = 1;
-    let mut during_post: Option<String> = None;
+    let mut during_posts: Vec<String> = Vec::new();
+    // The texts of the posts whose Publish failed.
+    let mut refused_posts: Vec<String> = Vec::new();
     let back = match fault {
         BrokerFault::FirstNodeKilled => {
             tokio::task::spawn_blocking(|| cluster::kill("rc1"))
@@ -250,8 +256,7 @@ async fn broker_fault_under_load(fault: BrokerFault) {
             let personal = format!("{alice_id}/inbox");
             let mut sends = Vec::new();
             let mut readiness: Vec<(&str, (u16, String))> = Vec::new();
-            let mut publish_task = None;
-            let mut raw_task = None;
+            let mut probes = Vec::new();
             while fault_at.elapsed() < OUTAGE {
                 let inbox = if n % 2 == 0 { &shared } else { &personal }.clone();
                 let a = like(&sink, n);
@@ -276,17 +281,22 @@ async fn broker_fault_under_load(fault: BrokerFault) {
                         started.elapsed(),
                     )
                 }));
-                if readiness.is_empty() && fault_at.elapsed() > Duration::from_secs(5) {
-                    for s in SERVICES {
-                        readiness.push((s, app.readyz_text(s).await));
+                if probes.len() < PROBES.len()
+                    && fault_at.elapsed() > Duration::from_secs(PROBES[probes.len()])
+                {
+                    if readiness.is_empty() {
+                        for s in SERVICES {
+                            readiness.push((s, app.readyz_text(s).await));
+                        }
                     }
-                    // A Publish, and an unsigned POST to the edge (which
-                    // queues before anything is verified), each waited
-                    // for up to 60 s: how long they are held, and what
-                    // they answer.
+                    let probe = 10_000 + probes.len();
+                    // A Publish, and a signed POST to the edge (the sink's
+                    // own client gives up after 10 s), each waited for up
+                    // to 60 s: how long they are held, and what they
+                    // answer.
                     let mut publisher = app.publisher();
-                    let note = public_note(&alice_id, "during");
-                    publish_task = Some(tokio::spawn(async move {
+                    let note = public_note(&alice_id, &format!("during {probe}"));
+                    let publish_task = tokio::spawn(async move {
                         let started = Instant::now();
                         let r = tokio::time::timeout(
                             Duration::from_secs(60),
@@ -304,17 +314,21 @@ async fn broker_fault_under_load(fault: BrokerFault) {
                             Err(_) => Err("no answer in 60 s".to_string()),
                         };
                         (started.elapsed(), r)
-                    }));
-                    let (url, body) = (shared.clone(), like(&sink, 10_000));
-                    raw_task = Some(tokio::spawn(async move {
+                    });
+                    let (url, body) = (shared.clone(), like(&sink, probe).to_string());
+                    let headers = sink
+                        .signed_headers(EXTRA, "bob", &url, body.as_bytes())
+                        .await
+                        .unwrap();
+                    let raw_task = tokio::spawn(async move {
                         let started = Instant::now();
-                        let r = reqwest::Client::new()
-                            .post(url)
-                            .header("content-type", "application/activity+json")
-                            .body(body.to_string())
-                            .timeout(Duration::from_secs(60))
-                            .send()
-                            .await;
+                        let mut req = reqwest::Client::new().post(url);
+                        for (k, v) in headers {
+                            if k != "host" {
+                                req = req.header(k, v);
+                            }
+                        }
+                        let r = req.body(body).timeout(Duration::from_secs(60)).send().await;
                         let r = match r {
                             Ok(r) => Ok((
                                 r.status().as_u16(),
@@ -326,7 +340,8 @@ async fn broker_fault_under_load(fault: BrokerFault) {
                             Err(e) => Err(e.to_string()),
                         };
                         (started.elapsed(), r)
-                    }));
+                    });
+                    probes.push((PROBES[probes.len()], probe, publish_task, raw_task));
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -385,21 +400,24 @@ async fn broker_fault_under_load(fault: BrokerFault) {
                 "[{}] ready again after the nodes were up: {ready_at:?}",
                 fault.name()
             );
-            if let Some(t) = raw_task {
-                let (took, r) = t.await.unwrap();
+            for (at, probe, publish_task, raw_task) in probes {
+                let (took, r) = raw_task.await.unwrap();
                 println!(
-                    "[{}] an unsigned POST to the shared inbox sent 5 s into the outage answered after {took:?} (status, Retry-After, body): {r:?}",
+                    "[{}] a signed POST to the shared inbox sent {at} s into the outage answered after {took:?} (status, Retry-After, body): {r:?}",
                     fault.name()
                 );
-            }
-            if let Some(t) = publish_task {
-                let (took, r) = t.await.unwrap();
+                if let Ok((status, _, _)) = &r {
+                    let id = like(&sink, probe)["id"].as_str().unwrap().to_string();
+                    statuses.push((id, *status));
+                }
+                let (took, r) = publish_task.await.unwrap();
                 println!(
-                    "[{}] a Publish sent 5 s into the outage answered after {took:?}: {r:?}",
+                    "[{}] a Publish sent {at} s into the outage answered after {took:?}: {r:?}",
                     fault.name()
                 );
-                if let Ok(id) = r {
-                    during_post = Some(id);
+                match r {
+                    Ok(id) => during_posts.push(id),
+                    Err(_) => refused_posts.push(format!("during {probe}")),
                 }
             }
             if ready_at.len() < SERVICES.len() {
@@ -412,16 +430,26 @@ async fn broker_fault_under_load(fault: BrokerFault) {
     };
     // An inbound activity after the fault, through the node(s) left.
     let after = like(&sink, n);
-    let r = sink
+    let sent_at = Instant::now();
+    let status = match sink
         .send(EXTRA, "bob", &shared, &after, SendOptions::default())
         .await
-        .unwrap();
+    {
+        Ok(r) => r.status,
+        Err(e) => {
+            problems.push(format!(
+                "an inbound POST after the fault had no answer in {:?}: {e}",
+                sent_at.elapsed()
+            ));
+            0
+        }
+    };
     println!(
-        "[{}] an inbound POST after recovery answered {}",
+        "[{}] an inbound POST after recovery answered {status} in {:?}",
         fault.name(),
-        r.status
+        sent_at.elapsed()
     );
-    statuses.push((after["id"].as_str().unwrap().to_string(), r.status));
+    statuses.push((after["id"].as_str().unwrap().to_string(), status));
     let mut all_at = None;
     while back.elapsed() < RECOVERY {
         if delivered(&sink, 0..SERVERS, &post).0 == all {
@@ -536,7 +564,22 @@ async fn broker_fault_under_load(fault: BrokerFault) {
         ));
     }
     // A Publish answered OK during the outage is delivered, once.
-    if let Some(id) = &during_post {
+    for text in &refused_posts {
+        let got = (0..SERVERS)
+            .flat_map(|i| sink.received(i))
+            .filter(|r| {
+                r.body["type"] == "Create"
+                    && r.body["object"]["content"]
+                        .to_string()
+                        .contains(text.as_str())
+            })
+            .count();
+        println!(
+            "[{}] the post \"{text}\", whose Publish failed, reached {got} inboxes",
+            fault.name()
+        );
+    }
+    for id in &during_posts {
         let deadline = Instant::now() + RECOVERY;
         while Instant::now() < deadline && delivered(&sink, 0..SERVERS, id).0 < all {
             tokio::time::sleep(Duration::from_millis(100)).await;

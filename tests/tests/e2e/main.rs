@@ -20,4 +20,5 @@ mod pgbouncer;
 mod priority;
 mod process;
 mod replicas;
+mod replicated;
 mod trust;
