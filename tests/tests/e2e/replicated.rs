@@ -312,7 +312,7 @@ async fn every_service_replicated_with_one_of_each_and_a_broker_node_killed() {
         storm.iter().filter(|(_, _, _, s)| *s == 202).collect();
     let ids: Vec<String> = accepted.iter().map(|(_, _, id, _)| id.clone()).collect();
     let stream = read_stream(
-        &app,
+        &app.grpc,
         &ids,
         Instant::now() + Duration::from_secs(60),
         Duration::from_secs(3),
