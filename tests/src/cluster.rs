@@ -205,12 +205,41 @@ pub fn kill_all() {
     }
 }
 
-/// The one permit of this test process to change the cluster: a test that
-/// kills nodes holds it for its whole run, so that no other test's nodes
-/// go under it (tests in one binary run side by side).
-pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+/// The permit to change the cluster: a test that kills nodes holds it for
+/// its whole run, so that no other test's nodes go under it. Tests in one
+/// binary run side by side (an async mutex), and test processes too (an
+/// exclusive lock on `/var/tmp/stampede-cluster-tests.lock`, or
+/// `$STAMPEDE_CLUSTER_DIR-tests.lock`, released when the guard drops or the
+/// process dies).
+pub async fn exclusive() -> Exclusive {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
+    let guard = LOCK.lock().await;
+    let dir = std::env::var("STAMPEDE_CLUSTER_DIR")
+        .unwrap_or_else(|_| "/var/tmp/stampede-cluster".to_string());
+    let path = format!("{dir}-tests.lock");
+    let file = tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        f.lock().unwrap_or_else(|e| panic!("locking {path}: {e}"));
+        f
+    })
+    .await
+    .expect("taking the cluster's lock");
+    Exclusive {
+        _file: file,
+        _guard: guard,
+    }
+}
+
+/// What [`exclusive`] hands out: the cluster is this test's until dropped.
+#[derive(Debug)]
+pub struct Exclusive {
+    _file: std::fs::File,
+    _guard: tokio::sync::MutexGuard<'static, ()>,
 }
 
 /// Starts the nodes this process killed again when dropped (at the end of
