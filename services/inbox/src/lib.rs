@@ -88,7 +88,7 @@ impl worker::Handler for Inbox {
             Ok(j) => j,
             Err(reason) => return worker::poison(q, m, QueueName::Inbound, msg, &reason).await,
         };
-        let settle = match self.process_holding(&job).await {
+        let settle = match self.process_holding(&job, msg.redelivered).await {
             Ok(None) => msg.acker.ack().await,
             Ok(Some(accepted)) => {
                 // Publishing the event is the whole effect: one step with the ack.
@@ -270,12 +270,16 @@ impl Inbox {
 
     /// [`Inbox::process`], tried again in place with backoff while one of
     /// our own backends fails it, for up to [`BACKEND_HOLD`].
-    async fn process_holding(&self, job: &InboundJob) -> Result<Option<Accepted>, Later> {
+    async fn process_holding(
+        &self,
+        job: &InboundJob,
+        redelivered: bool,
+    ) -> Result<Option<Accepted>, Later> {
         let until = tokio::time::Instant::now() + BACKEND_HOLD;
         let mut backoff = BACKEND_BACKOFF_MIN;
         let mut tries = 0u32;
         loop {
-            let r = self.process(job).await;
+            let r = self.process(job, redelivered).await;
             let Some(reason) = r.as_ref().err().and_then(Later::backend) else {
                 return r;
             };
@@ -295,7 +299,11 @@ impl Inbox {
     /// Verifies and applies one inbound activity; an accepted one comes back
     /// with the event for the application, to be published with the ack. An
     /// error leaves nothing done that a retry would repeat.
-    async fn process(&self, job: &InboundJob) -> Result<Option<Accepted>, Later> {
+    async fn process(
+        &self,
+        job: &InboundJob,
+        redelivered: bool,
+    ) -> Result<Option<Accepted>, Later> {
         let m = &self.p.metrics;
         let json = match parse_json(&job.body) {
             Ok(j) => j,
@@ -359,8 +367,16 @@ impl Inbox {
             .id
             .as_ref()
             .map(|id| cache_keys::seen(&job.recipient_inbox, &info.actor, id));
+        // The mark names the POST that set it (when and from whom the edge
+        // took it): a message handed out again after its worker died midway
+        // finds its own mark and goes on (at least once), where a second
+        // POST of the same activity finds another's and is a copy.
+        let token = format!("{}|{}", job.received_unix_ms, job.client);
         if let Some(key) = &seen {
-            if !cache.set_nx(key, b"1", DEDUP_TTL).await? {
+            let first = cache.set_nx(key, token.as_bytes(), DEDUP_TTL).await?;
+            let ours =
+                !first && redelivered && cache.get(key).await?.as_deref() == Some(token.as_bytes());
+            if !first && !ours {
                 m.inbound_verify("duplicate");
                 tracing::info!(activity_id = ?info.id, recipient = %job.recipient_inbox, "inbound duplicate dropped");
                 return Ok(None);
