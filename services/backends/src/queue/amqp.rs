@@ -102,8 +102,9 @@ const RECONNECT_WAIT: Duration = Duration::from_secs(10);
 /// tried (a partitioned node does not refuse: it does not answer).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a publish keeps being retried over reconnections before its
-/// caller is told it failed.
-const PUBLISH_RETRY: Duration = Duration::from_secs(30);
+/// caller is told it failed (the edge answers 503 then: a remote server's
+/// request should not wait much longer).
+const PUBLISH_RETRY: Duration = Duration::from_secs(10);
 /// How long the broker may take to confirm a publish. A quorum queue whose
 /// leader is lost confirms once a new one is elected (seconds).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(20);
@@ -178,7 +179,23 @@ impl AmqpQueue {
         if urls.is_empty() {
             return Err(Error::Queue("no broker URL given".into()));
         }
-        let (link, node) = open_any(&urls, 0, connection_name).await?;
+        // A node that takes the connection but cannot declare (say, a
+        // quorum queue's leader it cannot reach) is passed over too.
+        let shards = options.delivery_shards.max(1);
+        let mut start = 0;
+        let mut tries = 0;
+        let (link, node) = loop {
+            let (link, node) = open_any(&urls, start, connection_name).await?;
+            match declare(&link.conn, namespace, shards).await {
+                Ok(()) => break (link, node),
+                Err(e) if tries + 1 < urls.len() => {
+                    tracing::warn!(error = %e, node = node + 1, nodes = urls.len(), "declaring failed; trying the next node");
+                    tries += 1;
+                    start = (node + 1) % urls.len();
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let (generation, _) = watch::channel(0);
         let q = Self {
             inner: Arc::new(Inner {
@@ -186,7 +203,7 @@ impl AmqpQueue {
                 node: AtomicUsize::new(node),
                 connection_name: connection_name.to_string(),
                 namespace: namespace.to_string(),
-                shards: options.delivery_shards.max(1),
+                shards,
                 spread: AtomicU64::new(0),
                 link: RwLock::new(link),
                 generation,
@@ -194,7 +211,6 @@ impl AmqpQueue {
             }),
             namespace: namespace.to_string(),
         };
-        q.declare().await?;
         tokio::spawn(supervise(Arc::downgrade(&q.inner)));
         Ok(q)
     }
@@ -248,9 +264,29 @@ impl AmqpQueue {
         shard_name(&self.namespace, q, i as u16)
     }
 
-    async fn declare(&self) -> Result<()> {
+    /// Replaces the publisher channel with a new one on the same
+    /// connection: a channel whose publishes a quorum queue kept refusing
+    /// after its leader moved is not used again.
+    async fn reopen_publisher(&self) {
         let conn = self.inner.link.read().await.conn.clone();
-        declare(&conn, &self.namespace, self.inner.shards).await
+        if !conn.status().connected() {
+            return;
+        }
+        let ch = match conn.create_channel().await {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::warn!(error = %e, "reopening the publisher channel failed");
+                return;
+            }
+        };
+        if let Err(e) = ch.confirm_select(ConfirmSelectOptions::default()).await {
+            tracing::warn!(error = %e, "reopening the publisher channel failed");
+            return;
+        }
+        let old = std::mem::replace(&mut self.inner.link.write().await.publisher, ch);
+        self.inner.generation.send_modify(|g| *g += 1);
+        tracing::info!(connection = %self.inner.connection_name, "publisher channel replaced after the broker refused publishes");
+        let _ = old.close(200, "replaced".into()).await;
     }
 
     /// Publishes to the default exchange and waits for the broker's
@@ -314,6 +350,9 @@ impl AmqpQueue {
                 "publish not confirmed; sending again on the next connection"
             );
             headers.insert(REPUBLISHED_HEADER.into(), AMQPValue::Boolean(true));
+            if is_nack(&e) {
+                self.reopen_publisher().await;
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
             failed.sort_unstable();
@@ -542,6 +581,11 @@ async fn supervise(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// Whether the broker refused a publish (a quorum queue between leaders).
+fn is_nack(e: &Error) -> bool {
+    matches!(e, Error::Queue(m) if m.contains("(nack)"))
+}
+
 /// Whether a publish failed for a reason sending it again cannot fix (no
 /// queue to route it to).
 fn is_final(e: &Error) -> bool {
@@ -706,6 +750,9 @@ impl Queue for AmqpQueue {
             }
             tracing::warn!(error = %e, "event not confirmed; sending again on the next connection");
             headers.insert(REPUBLISHED_HEADER.into(), AMQPValue::Boolean(true));
+            if is_nack(&e) {
+                self.reopen_publisher().await;
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
