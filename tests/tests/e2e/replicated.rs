@@ -341,8 +341,15 @@ async fn every_service_replicated_with_one_of_each_and_a_broker_node_killed() {
             missing.iter().take(10).collect::<Vec<_>>()
         ));
     }
-    if !twice.is_empty() {
-        problems.push(format!("on the stream more than once: {twice:?}"));
+    // The application's stream is at least once: an activity in progress
+    // in an inbox process killed, or whose process lost its broker node,
+    // is processed again (never dropped). At most what the two inbox
+    // processes held in progress (their prefetch, 16 each).
+    if twice.len() > 32 {
+        problems.push(format!(
+            "{} activities on the stream more than once, more than the inbox processes held in progress: {twice:?}",
+            twice.len()
+        ));
     }
     let remote_followers: HashSet<String> = accepted.iter().map(|(_, a, _, _)| a.clone()).collect();
     let count = app.store.follower_count(alice).await.unwrap() as usize;
