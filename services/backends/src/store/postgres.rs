@@ -154,36 +154,23 @@ impl Conn<'_> {
 
     /// Runs `sql`, returning its one row (an error if there are more or none).
     async fn query_one(&self, sql: &str, params: &[Param<'_>]) -> Result<Row> {
-        Ok(match self.mode {
-            StatementMode::Prepared => {
-                let stmt = self.prepared(sql, params).await?;
-                match self.on {
-                    On::Client(c) => c.query_one(&stmt, &values(params)).await?,
-                    On::Tx(t) => t.query_one(&stmt, &values(params)).await?,
-                }
-            }
-            StatementMode::Unnamed => match self.on {
-                On::Client(c) => c.query_typed_one(sql, params).await?,
-                On::Tx(t) => t.query_typed_one(sql, params).await?,
-            },
-        })
+        let mut rows = self.query(sql, params).await?;
+        match (rows.len(), rows.pop()) {
+            (1, Some(row)) => Ok(row),
+            (n, _) => Err(Error::Db(format!("expected one row, got {n} ({sql})"))),
+        }
     }
 
     /// Runs `sql`, returning its row if any (an error if there are more).
     async fn query_opt(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<Row>> {
-        Ok(match self.mode {
-            StatementMode::Prepared => {
-                let stmt = self.prepared(sql, params).await?;
-                match self.on {
-                    On::Client(c) => c.query_opt(&stmt, &values(params)).await?,
-                    On::Tx(t) => t.query_opt(&stmt, &values(params)).await?,
-                }
-            }
-            StatementMode::Unnamed => match self.on {
-                On::Client(c) => c.query_typed_opt(sql, params).await?,
-                On::Tx(t) => t.query_typed_opt(sql, params).await?,
-            },
-        })
+        let mut rows = self.query(sql, params).await?;
+        if rows.len() > 1 {
+            return Err(Error::Db(format!(
+                "expected at most one row, got {} ({sql})",
+                rows.len()
+            )));
+        }
+        Ok(rows.pop())
     }
 }
 
