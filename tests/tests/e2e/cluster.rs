@@ -14,7 +14,7 @@ use stampede_proto::api::{PublishRequest, StatusRequest};
 use stampede_sink::{Behavior, SendOptions, Sink, SinkOptions};
 use stampede_tests::cluster;
 
-use crate::faults::{copies, delivered, log_summary, read_stream};
+use crate::faults::{copies, delivered, read_stream, services_report, SERVICES};
 use crate::helpers::{spawn_app, wait_for, AppOptions, Backend};
 
 fn message(i: u8) -> OutMessage {
@@ -97,7 +97,6 @@ impl BrokerFault {
     }
 }
 
-const SERVICES: [&str; 4] = ["ingest", "inbox", "fanout", "delivery"];
 const SERVERS: usize = 10;
 const PER_SERVER: usize = 20;
 /// Server `EXTRA` holds bob, who sends to our inboxes.
@@ -596,23 +595,7 @@ async fn broker_fault_under_load(fault: BrokerFault) {
             ));
         }
     }
-    let exited = app.exited();
-    if !exited.is_empty() {
-        problems.push(format!("services exited: {exited:?}"));
-    }
-    for s in SERVICES {
-        let summary = log_summary(&app.logs(s));
-        println!(
-            "[{}] {s}: {} kinds of WARN/ERROR lines",
-            fault.name(),
-            summary.len()
-        );
-        for (count, _, example) in summary.iter().take(6) {
-            let mut example = example.clone();
-            example.truncate(300);
-            println!("    {count} x {example}");
-        }
-    }
+    services_report(&mut app, fault.name(), &SERVICES, &mut problems);
     if !problems.is_empty() {
         app.keep_logs();
     }

@@ -229,6 +229,32 @@ fn refused_by_sink(sink: &Sink, servers: std::ops::Range<usize>, id: &str) -> Ve
         .collect()
 }
 
+/// A problem for every service process that exited by itself, and the
+/// most frequent WARN/ERROR lines each logged.
+pub(crate) fn services_report(
+    app: &mut crate::helpers::TestApp,
+    name: &str,
+    services: &[&str],
+    problems: &mut Vec<String>,
+) {
+    let exited = app.exited();
+    if !exited.is_empty() {
+        problems.push(format!("services exited: {exited:?}"));
+    }
+    for s in services {
+        let summary = log_summary(&app.logs(s));
+        println!(
+            "[{name}] {s} logged {} kinds of WARN/ERROR lines",
+            summary.len()
+        );
+        for (count, _, example) in summary.iter().take(8) {
+            let mut example = example.clone();
+            example.truncate(400);
+            println!("    {count} x {example}");
+        }
+    }
+}
+
 /// The WARN and ERROR lines of a log grouped by their shape (timestamp
 /// dropped, digits as `#`), most frequent first: (count, shape, an example).
 pub(crate) fn log_summary(log: &str) -> Vec<(usize, String, String)> {
@@ -660,23 +686,7 @@ async fn a_backend_away_under_load(mut fault: Fault) {
             ));
         }
     }
-    let exited = app.exited();
-    if !exited.is_empty() {
-        problems.push(format!("services exited: {exited:?}"));
-    }
-    for s in SERVICES {
-        let summary = log_summary(&app.logs(s));
-        println!(
-            "[{}] {s} logged {} kinds of WARN/ERROR lines",
-            fault.name(),
-            summary.len()
-        );
-        for (count, _, example) in summary.iter().take(8) {
-            let mut example = example.clone();
-            example.truncate(400);
-            println!("    {count} x {example}");
-        }
-    }
+    services_report(&mut app, fault.name(), &SERVICES, &mut problems);
     println!(
         "[{}] the test took {:?}",
         fault.name(),
