@@ -327,6 +327,7 @@ async fn every_service_replicated_with_one_of_each_and_a_broker_node_killed() {
     .await;
     let missing: Vec<_> = ids.iter().filter(|id| !stream.contains_key(*id)).collect();
     let twice: Vec<_> = stream.iter().filter(|(_, (n, _))| *n > 1).collect();
+    let twice_on_stream: HashSet<String> = twice.iter().map(|(id, _)| (*id).clone()).collect();
     println!(
         "the storm on the stream: {} answered 202, {} of them there, {} more than once; {} activities on it in all",
         ids.len(),
@@ -425,8 +426,13 @@ async fn every_service_replicated_with_one_of_each_and_a_broker_node_killed() {
             })
             .filter_map(|r| r.activity_id)
             .collect();
-        // One Accept sent twice by a killed delivery worker is the crash
-        // window; anything else is not.
+        // A Follow processed twice (the stream is at least once: it was in
+        // progress where a process or its broker node died) is answered
+        // twice; one Accept sent twice by a killed delivery worker is the
+        // crash window; anything else is not.
+        if twice_on_stream.contains(follow) {
+            continue;
+        }
         let windowed = ids.len() == 1
             && ids.iter().all(|a| {
                 arrivals(&sink, SERVERS + 1, a, delivery_killed_at)
