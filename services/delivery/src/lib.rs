@@ -186,7 +186,12 @@ impl worker::Handler for Delivery {
             activity_type = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        let check = msg.redelivered || job.may_be_delivered;
+        // Every job is checked against the success records, fresh ones too:
+        // a fanout that ran again (its worker or broker node died) makes a
+        // second copy of each job, marked, and the unmarked first copy may
+        // be taken after the marked one was delivered (seen: a whole post
+        // sent twice to 953 inboxes). One primary-key lookup a delivery.
+        let check = true;
         let settled = tracing::Instrument::instrument(self.process(&job, &host, check), span).await;
         let ok = match settled {
             Ok(()) => msg.acker.ack().await,
@@ -234,8 +239,8 @@ impl Delivery {
             tracing::info!(inbox_host = %host, reason = why, "delivery skipped: the inbox is on {why}");
             return Ok(());
         }
-        // A first, fresh message cannot have succeeded before; a redelivered
-        // one (a worker died holding it) or one from a fanout that ran twice may.
+        // A redelivered job (a worker died holding it), one from a fanout
+        // that ran twice, or the first copy of such a one may have succeeded.
         if may_be_delivered && store.delivered(&job.activity_key, &job.inbox).await? {
             count_outcome(m, DeliveryOutcome::Skipped);
             tracing::debug!("already delivered");
