@@ -14,7 +14,7 @@ use stampede_proto::api::{PublishRequest, StatusRequest};
 use stampede_sink::{Behavior, SendOptions, Sink, SinkOptions};
 use stampede_tests::cluster;
 
-use crate::faults::{copies, delivered, read_stream, services_report, SERVICES};
+use crate::faults::{copies, delivered, read_stream, services_report, timed_send, SERVICES};
 use crate::helpers::{spawn_app, wait_for, AppOptions, Backend};
 
 fn message(i: u8) -> OutMessage {
@@ -262,23 +262,7 @@ async fn broker_fault_under_load(fault: BrokerFault) {
                 n += 1;
                 let sink2 = sink.clone();
                 sends.push(tokio::spawn(async move {
-                    let started = Instant::now();
-                    let r = tokio::time::timeout(
-                        Duration::from_secs(15),
-                        sink2.send(EXTRA, "bob", &inbox, &a, SendOptions::default()),
-                    )
-                    .await;
-                    let (status, ra) = match r {
-                        Ok(Ok(r)) => (r.status, r.retry_after),
-                        Ok(Err(_)) => (0, None),
-                        Err(_) => (1, None),
-                    };
-                    (
-                        a["id"].as_str().unwrap().to_string(),
-                        status,
-                        ra,
-                        started.elapsed(),
-                    )
+                    timed_send(&sink2, EXTRA, &inbox, &a).await
                 }));
                 if probes.len() < PROBES.len()
                     && fault_at.elapsed() > Duration::from_secs(PROBES[probes.len()])

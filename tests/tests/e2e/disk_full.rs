@@ -20,7 +20,7 @@ use stampede_sink::{Behavior, SendOptions, Sink, SinkOptions};
 use stampede_tests::private_backends::SmallFs;
 use tonic::transport::Channel;
 
-use crate::faults::{delivered, log_summary, read_stream};
+use crate::faults::{delivered, log_summary, read_stream, timed_send};
 use crate::helpers::{free_port, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stampede-e2e");
@@ -83,25 +83,7 @@ fn send_like(
     };
     let a = like(sink, k);
     let s = sink.clone();
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let r = tokio::time::timeout(
-            Duration::from_secs(15),
-            s.send(SERVERS, "bob", &inbox, &a, SendOptions::default()),
-        )
-        .await;
-        let (status, ra) = match r {
-            Ok(Ok(r)) => (r.status, r.retry_after),
-            Ok(Err(_)) => (0, None),
-            Err(_) => (1, None),
-        };
-        (
-            a["id"].as_str().unwrap().to_string(),
-            status,
-            ra,
-            started.elapsed(),
-        )
-    })
+    tokio::spawn(async move { timed_send(&s, SERVERS, &inbox, &a).await })
 }
 
 async fn readyz(http: &reqwest::Client, metrics: u16) -> (u16, String) {

@@ -229,6 +229,30 @@ fn refused_by_sink(sink: &Sink, servers: std::ops::Range<usize>, id: &str) -> Ve
         .collect()
 }
 
+/// A signed POST of `a` by bob of fake server `from` to `inbox`: the
+/// activity's id, the status (0: no answer, 1: none within 15 s), its
+/// Retry-After, and how long it took.
+pub(crate) async fn timed_send(
+    sink: &Sink,
+    from: usize,
+    inbox: &str,
+    a: &serde_json::Value,
+) -> (String, u16, Option<String>, Duration) {
+    let started = Instant::now();
+    let sent = tokio::time::timeout(
+        Duration::from_secs(15),
+        sink.send(from, "bob", inbox, a, SendOptions::default()),
+    )
+    .await;
+    let (status, retry_after) = match sent {
+        Ok(Ok(r)) => (r.status, r.retry_after),
+        Ok(Err(_)) => (0, None),
+        Err(_) => (1, None),
+    };
+    let id = a["id"].as_str().unwrap_or_default().to_string();
+    (id, status, retry_after, started.elapsed())
+}
+
 /// A problem for every service process that exited by itself, and the
 /// most frequent WARN/ERROR lines each logged.
 pub(crate) fn services_report(
@@ -472,19 +496,8 @@ async fn a_backend_away_under_load(mut fault: Fault) {
         let a = like(&sink, k);
         let (sink, inbox) = (sink.clone(), inbox.clone());
         sends.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let sent = tokio::time::timeout(
-                Duration::from_secs(15),
-                sink.send(EXTRA, "bob", &inbox, &a, SendOptions::default()),
-            )
-            .await;
-            let (status, retry_after) = match sent {
-                Ok(Ok(r)) => (r.status, r.retry_after),
-                Ok(Err(_)) => (0, None),
-                Err(_) => (1, None),
-            };
-            let id = a["id"].as_str().unwrap().to_string();
-            (id, which, status, retry_after, started.elapsed())
+            let (id, status, retry_after, took) = timed_send(&sink, EXTRA, &inbox, &a).await;
+            (id, which, status, retry_after, took)
         }));
         if readiness.is_empty() && fault_at.elapsed() > Duration::from_secs(10) {
             for s in SERVICES {
