@@ -29,6 +29,8 @@ use stampede_runtime::{Backends, Config, Result};
 const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long one probe may be in progress before another worker may try.
 const PROBE_LEASE: Duration = Duration::from_secs(30);
+/// How long the probe lease outlives a recovery (see [`record_success`]).
+const RECOVERED_LEASE: Duration = Duration::from_secs(5);
 /// A delivery slot's lease: renewed while its request runs (every
 /// [`SLOT_RENEW`]), so a killed worker's slots come back within this.
 pub const SLOT_LEASE: Duration = Duration::from_secs(8);
@@ -411,10 +413,15 @@ pub async fn record_success(b: &Backends, cfg: &Config, host: &str, s: &HostStat
         host::since(host),
         host::opens(host),
         host::open(host),
-        host::probe(host),
     ] {
         b.cache.del(&k).await?;
     }
+    // The probe lease is kept a few seconds, not deleted: a worker that read
+    // the open state just before would otherwise take it again and probe a
+    // host that has just recovered.
+    b.cache
+        .set(&host::probe(host), b"recovered", RECOVERED_LEASE)
+        .await?;
     if was_open && !cfg.host_ramp.is_zero() {
         let now = now_ms();
         b.cache
