@@ -227,16 +227,14 @@ impl Delivery {
         // remote actor naming our inbox as its own would make a loop).
         // Not a dead letter: there is nothing to replay.
         let cfg = &self.p.cfg;
-        let refused = if cfg.is_own_authority(host) {
-            Some("our own host")
-        } else if cfg.is_blocked(host) {
-            Some("a blocked domain")
-        } else {
-            None
-        };
-        if let Some(why) = refused {
+        if cfg.is_own_authority(host) {
             count_outcome(m, DeliveryOutcome::Skipped);
-            tracing::info!(inbox_host = %host, reason = why, "delivery skipped: the inbox is on {why}");
+            tracing::info!(inbox_host = %host, "delivery skipped: the inbox is on our own host");
+            return Ok(());
+        }
+        if self.p.policy.is_blocked(host) {
+            count_outcome(m, DeliveryOutcome::Suspended);
+            tracing::info!(inbox_host = %host, "delivery dropped: the inbox's domain is suspended or not allowed");
             return Ok(());
         }
         // A redelivered job (a worker died holding it), one from a fanout

@@ -309,7 +309,7 @@ impl Fanout {
         let host = target_host(inbox);
         let why = if cfg.is_own_authority(host) {
             "own_host"
-        } else if cfg.is_blocked(host) {
+        } else if self.p.policy.is_blocked(host) {
             "blocked"
         } else {
             return true;
@@ -368,7 +368,7 @@ impl Fanout {
                 )));
             };
             // A recipient on a blocked domain is not even looked up.
-            if self.p.cfg.is_blocked_url(id) {
+            if self.p.policy.is_blocked_url(id) {
                 self.skipped("blocked", id);
                 continue;
             }

@@ -457,7 +457,8 @@ impl KeyResolver {
     /// describes, when it may (its id of that origin, an inbox, no blocked
     /// host). Best effort: the key is what was asked for.
     async fn remember_actor(&self, fetched_from: &str, doc: &Value) {
-        if let Some(actor) = remote_actor(&self.p.cfg, fetched_from, doc) {
+        if let Some(actor) = remote_actor(&self.p.cfg, &self.p.policy.snapshot(), fetched_from, doc)
+        {
             if let Err(e) = crate::remote_actors::Resolver::new(self.p.clone())
                 .remember(&actor)
                 .await

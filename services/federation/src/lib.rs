@@ -10,6 +10,7 @@
 //! - [`publish`]: an outbound activity validated, stored once and queued for
 //!   fanout;
 //! - [`dead_letters`]: dead letters replayed;
+//! - [`domains`]: domain policies set and removed at runtime;
 //! - [`hosts`]: per-host state shared by the delivery workers: pause, the
 //!   circuit breaker, the ramp after a recovery;
 //! - [`parked`]: deliveries parked in the delay queues, counted per reason;
@@ -17,6 +18,7 @@
 
 pub mod cache_keys;
 pub mod dead_letters;
+pub mod domains;
 pub mod hosts;
 pub mod key_resolver;
 pub mod parked;

@@ -10,6 +10,7 @@ use stampede_backends::store::{LocalActor, RemoteActor};
 use stampede_core::keys::load_private_key;
 use stampede_core::signature::{sign_request, GET_HEADERS};
 use stampede_runtime::http_client::MAX_RESPONSE_BYTES;
+use stampede_runtime::policy::{Decision, PolicySet};
 use stampede_runtime::process::Process;
 use url::Url;
 
@@ -47,7 +48,7 @@ impl Resolver {
         if let Some(raw) = b.cache.get(&key).await? {
             match decode(id, &raw) {
                 Some(a) if !plausible(&a) => {}
-                Some(a) if self.p.cfg.is_blocked_url(&a.inbox) => {
+                Some(a) if self.p.policy.is_blocked_url(&a.inbox) => {
                     count("cache");
                     return Ok(None);
                 }
@@ -60,7 +61,7 @@ impl Resolver {
         if let Some(a) = b.store.remote_actor(id).await?.filter(plausible) {
             count("store");
             b.cache.set(&key, &encode(Some(&a)), TTL).await?;
-            if self.p.cfg.is_blocked_url(&a.inbox) {
+            if self.p.policy.is_blocked_url(&a.inbox) {
                 return Ok(None);
             }
             return Ok(Some(a));
@@ -117,7 +118,12 @@ impl Resolver {
         }
         let doc = stampede_core::activity::parse_json(&resp.body)
             .map_err(|e| Error::Http(format!("actor document {id}: {e}")))?;
-        Ok(remote_actor(&self.p.cfg, id, &doc))
+        Ok(remote_actor(
+            &self.p.cfg,
+            &self.p.policy.snapshot(),
+            id,
+            &doc,
+        ))
     }
 }
 
@@ -164,12 +170,18 @@ pub async fn signed_get(
 /// [`stampede_core::documents::parse_actor`]: its id must be of the origin
 /// fetched); `None` also when its inbox or shared inbox is on a blocked
 /// domain or on this server (a loop), or is not an http(s) URL.
-pub fn remote_actor(cfg: &Config, fetched_from: &str, doc: &Value) -> Option<RemoteActor> {
+pub fn remote_actor(
+    cfg: &Config,
+    policy: &PolicySet,
+    fetched_from: &str,
+    doc: &Value,
+) -> Option<RemoteActor> {
     let a = stampede_core::documents::parse_actor(fetched_from, doc)?;
     let usable = |inbox: &str| {
         Url::parse(inbox).is_ok_and(|u| {
             matches!(u.scheme(), "http" | "https")
-                && u.host_str().is_some_and(|h| !cfg.is_blocked(h))
+                && u.host_str()
+                    .is_some_and(|h| policy.decide(h) != Decision::Blocked)
                 && stampede_core::targets::inbox_host(inbox)
                     .is_some_and(|a| !cfg.is_own_authority(&a))
         })
@@ -230,6 +242,10 @@ fn decode(id: &str, raw: &[u8]) -> Option<RemoteActor> {
 mod tests {
     use super::*;
 
+    fn policy(cfg: &Config) -> std::sync::Arc<PolicySet> {
+        stampede_runtime::policy::DomainPolicies::new(cfg).snapshot()
+    }
+
     #[test]
     fn actor_document_and_cache_round_trip() {
         let doc = json!({
@@ -239,7 +255,7 @@ mod tests {
             "publicKey": {"id": "https://r.example/u/a#main-key", "publicKeyPem": "PEM"}
         });
         let cfg = Config::from_lookup(|_| None).unwrap();
-        let a = remote_actor(&cfg, "https://r.example/u/a", &doc).unwrap();
+        let a = remote_actor(&cfg, &policy(&cfg), "https://r.example/u/a", &doc).unwrap();
         assert_eq!(a.shared_inbox.as_deref(), Some("https://r.example/inbox"));
         assert_eq!(decode(&a.id, &encode(Some(&a))), Some(a));
         assert_eq!(decode("x", &encode(None)), None);
@@ -249,7 +265,10 @@ mod tests {
     fn refuses_a_document_of_another_origin() {
         let cfg = Config::from_lookup(|_| None).unwrap();
         let doc = json!({"id": "https://evil.example/u/a", "inbox": "https://evil.example/inbox"});
-        assert_eq!(remote_actor(&cfg, "https://r.example/u/a", &doc), None);
+        assert_eq!(
+            remote_actor(&cfg, &policy(&cfg), "https://r.example/u/a", &doc),
+            None
+        );
     }
 
     #[test]
@@ -260,7 +279,7 @@ mod tests {
         .unwrap();
         let doc = |inbox: &str, shared: &str| json!({"id": "https://r.example/u/a", "inbox": inbox, "endpoints": {"sharedInbox": shared}});
         let ok = doc("https://r.example/u/a/inbox", "https://r.example/inbox");
-        assert!(remote_actor(&cfg, "https://r.example/u/a", &ok).is_some());
+        assert!(remote_actor(&cfg, &policy(&cfg), "https://r.example/u/a", &ok).is_some());
         for bad in [
             doc(
                 "https://x.Blocked.example./inbox",
@@ -277,7 +296,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                remote_actor(&cfg, "https://r.example/u/a", &bad),
+                remote_actor(&cfg, &policy(&cfg), "https://r.example/u/a", &bad),
                 None,
                 "{bad}"
             );

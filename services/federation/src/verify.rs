@@ -317,12 +317,15 @@ impl Verifier {
         let Some((key_url, key_host)) = url_and_host(&signed.key_id) else {
             return Verification::no(Verdict::BadSignature, "keyId is not a URL", key_id);
         };
-        if cfg.is_blocked(&key_host) {
+        if self.p.policy.is_blocked(&key_host) {
             return Verification::no(Verdict::Blocked, format!("{key_host} is blocked"), key_id);
         }
         if let Some(a) = activity {
             let actor = url_and_host(&a.actor);
-            if actor.as_ref().is_some_and(|(_, h)| cfg.is_blocked(h)) {
+            if actor
+                .as_ref()
+                .is_some_and(|(_, h)| self.p.policy.is_blocked(h))
+            {
                 return Verification::no(Verdict::Blocked, "the actor's domain is blocked", key_id);
             }
             let Some((actor_url, _)) = actor.filter(|(u, _)| u.origin() == key_url.origin()) else {

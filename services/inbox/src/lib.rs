@@ -393,7 +393,15 @@ impl Inbox {
                 // would size every message's future for them.
                 Box::pin(self.apply(effect, &cx)).await?;
             }
+            let silenced = stampede_core::targets::inbox_host(&info.actor).is_some_and(|h| {
+                self.p.policy.decide(&h) == stampede_runtime::policy::Decision::Silenced
+            });
             let event = VerifiedActivity {
+                policy: if silenced {
+                    "silenced".into()
+                } else {
+                    String::new()
+                },
                 activity_json: String::from_utf8_lossy(&job.body).into_owned(),
                 verdict: "accepted".into(),
                 recipient_inbox: job.recipient_inbox.clone(),

@@ -1,13 +1,14 @@
 //! The gRPC API for the local application (README, "gRPC API").
-use stampede_backends::store::{NewActor, PrivateKey};
+use stampede_backends::store::{NewActor, PolicyKind, PrivateKey};
 use stampede_core::keys::generate_rsa_2048;
 use stampede_federation::publish;
 use stampede_proto::api::{
     actor_service_server::ActorService, admin_service_server::AdminService,
-    publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter, GetActorRequest,
-    HostRequest, HostResponse, ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest,
-    PublishResponse, QueueDepth, ReplayDeadLettersRequest, ReplayDeadLettersResponse,
-    StatusRequest, StatusResponse,
+    publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter, DomainPolicy,
+    GetActorRequest, HostRequest, HostResponse, ListDeadLettersRequest, ListDeadLettersResponse,
+    ListDomainPoliciesRequest, ListDomainPoliciesResponse, PublishRequest, PublishResponse,
+    QueueDepth, RemoveDomainPolicyRequest, RemoveDomainPolicyResponse, ReplayDeadLettersRequest,
+    ReplayDeadLettersResponse, SetDomainPolicyRequest, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -166,6 +167,76 @@ impl AdminService for AdminApi {
         ))
     }
 
+    async fn set_domain_policy(
+        &self,
+        req: Request<SetDomainPolicyRequest>,
+    ) -> Result<Response<DomainPolicy>, Status> {
+        let r = req.into_inner();
+        let ingest = &self.0;
+        let domain = stampede_federation::domains::parse_domain(&ingest.cfg, &r.domain)
+            .map_err(IngestError::Invalid)?;
+        let kind = PolicyKind::parse(r.policy.trim()).ok_or_else(|| {
+            IngestError::Invalid(format!(
+                "policy `{}`: expected allow, silence or suspend",
+                r.policy
+            ))
+        })?;
+        if r.reason.len() > 1000 {
+            return Err(IngestError::Invalid("reason: at most 1000 bytes".into()).into());
+        }
+        let applied = stampede_federation::domains::set(
+            &ingest.backends,
+            &ingest.policy,
+            domain,
+            kind,
+            r.reason,
+        )
+        .await
+        .map_err(IngestError::from)?;
+        Ok(Response::new(DomainPolicy {
+            follows_removed: applied.follows_removed,
+            keys_forgotten: applied.keys_forgotten,
+            ..policy_message(applied.policy)
+        }))
+    }
+
+    async fn list_domain_policies(
+        &self,
+        _req: Request<ListDomainPoliciesRequest>,
+    ) -> Result<Response<ListDomainPoliciesResponse>, Status> {
+        let ingest = &self.0;
+        let rules = ingest
+            .backends
+            .store
+            .domain_policies()
+            .await
+            .map_err(IngestError::from)?;
+        Ok(Response::new(ListDomainPoliciesResponse {
+            policies: rules.into_iter().map(policy_message).collect(),
+            mode: if ingest.cfg.allowlist {
+                "allowlist"
+            } else {
+                "blocklist"
+            }
+            .into(),
+        }))
+    }
+
+    async fn remove_domain_policy(
+        &self,
+        req: Request<RemoveDomainPolicyRequest>,
+    ) -> Result<Response<RemoveDomainPolicyResponse>, Status> {
+        let ingest = &self.0;
+        let domain =
+            stampede_federation::domains::parse_domain(&ingest.cfg, &req.into_inner().domain)
+                .map_err(IngestError::Invalid)?;
+        let removed =
+            stampede_federation::domains::remove(&ingest.backends, &ingest.policy, &domain)
+                .await
+                .map_err(IngestError::from)?;
+        Ok(Response::new(RemoveDomainPolicyResponse { removed }))
+    }
+
     async fn replay_dead_letters(
         &self,
         req: Request<ReplayDeadLettersRequest>,
@@ -321,5 +392,17 @@ impl Ingest {
             activity_id: inserted.ap_id,
             created: inserted.created,
         })
+    }
+}
+
+/// A stored rule as the API shows it.
+fn policy_message(p: stampede_backends::store::DomainPolicy) -> DomainPolicy {
+    DomainPolicy {
+        domain: p.domain,
+        policy: p.kind.as_str().into(),
+        reason: p.reason,
+        updated_unix_ms: p.updated_unix_ms,
+        follows_removed: 0,
+        keys_forgotten: 0,
     }
 }

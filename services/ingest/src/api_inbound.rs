@@ -92,6 +92,7 @@ impl InboundService for InboundApi {
                                 activity_id: ev.activity_id,
                                 activity_type: ev.activity_type,
                                 received_unix_ms: ev.received_unix_ms,
+                                policy: ev.policy,
                             };
                             if tracing::Instrument::instrument(tx.send(Ok(out)), span)
                                 .await

@@ -347,7 +347,7 @@ async fn receive(
             "actor is not a URL",
         );
     }
-    if cfg.is_blocked(&host) {
+    if s.policy.is_blocked(&host) {
         return answer(&s, StatusCode::FORBIDDEN, "blocked", "domain blocked");
     }
     let job = InboundJob {

@@ -41,6 +41,7 @@ pub struct IngestParts {
     backends: Backends,
     metrics: Arc<Metrics>,
     verifier: stampede_federation::verify::Verifier,
+    policy: Arc<stampede_runtime::policy::DomainPolicies>,
 }
 
 impl Ingest {
@@ -62,6 +63,7 @@ impl Ingest {
             backends: p.backends.clone(),
             metrics: p.metrics.clone(),
             verifier: stampede_federation::verify::Verifier::new(p.clone()),
+            policy: p.policy.clone(),
         }))
     }
 

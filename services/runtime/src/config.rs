@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use stampede_backends::store::postgres::StatementMode;
-use stampede_core::targets::{domain_within, normalize_domain};
+use stampede_core::targets::normalize_domain;
 use url::Url;
 
 use crate::{Error, Result};
@@ -101,9 +101,14 @@ pub struct Config {
     /// failed delivery, comma-separated seconds; after the last one the
     /// delivery is dead-lettered. Default [`DEFAULT_RETRY_SCHEDULE_SECS`].
     pub retry_schedule: Vec<u64>,
-    /// `STAMPEDE_BLOCKED_DOMAINS` (added): comma-separated domains whose
-    /// requests are refused, subdomains included.
+    /// `STAMPEDE_BLOCKED_DOMAINS` (added): comma-separated domains, each
+    /// seeded once as a `suspend` domain policy (subdomains included); the
+    /// policies then live in the store (`stampede domain`).
     pub blocked_domains: Vec<String>,
+    /// `STAMPEDE_FEDERATION_MODE` (added, default `blocklist`): with
+    /// `allowlist`, only domains with an `allow` (or `silence`) policy
+    /// federate, both ways.
+    pub allowlist: bool,
     /// `STAMPEDE_INBOUND_MAX_AGE_SECS` (added, default 3600): how old an
     /// inbound request's `Date` may be.
     pub inbound_max_age_secs: i64,
@@ -342,6 +347,16 @@ impl Config {
                 .map(|d| normalize_domain(d.trim_start_matches('.')))
                 .filter(|d| !d.is_empty())
                 .collect(),
+            allowlist: match get("STAMPEDE_FEDERATION_MODE").as_deref() {
+                None | Some("blocklist") => false,
+                Some("allowlist") => true,
+                Some(other) => {
+                    return Err(cfg(
+                        "STAMPEDE_FEDERATION_MODE",
+                        format!("`{other}`: expected `blocklist` or `allowlist`"),
+                    ))
+                }
+            },
             public_host_aliases: list("STAMPEDE_PUBLIC_HOST_ALIASES")
                 .iter()
                 .map(|a| {
@@ -493,26 +508,6 @@ impl Config {
             Some(p) => format!("{host}:{p}"),
             None => host.to_string(),
         }
-    }
-
-    /// Whether `host` (a domain, maybe with a port, in any case, with a
-    /// trailing dot or in Unicode) is a blocked domain or one of its
-    /// subdomains.
-    pub fn is_blocked(&self, host: &str) -> bool {
-        if self.blocked_domains.is_empty() {
-            return false;
-        }
-        let host = normalize_domain(host);
-        self.blocked_domains.iter().any(|d| domain_within(&host, d))
-    }
-
-    /// Whether the host of `url` is blocked (a URL without a host is not).
-    pub fn is_blocked_url(&self, url: &str) -> bool {
-        !self.blocked_domains.is_empty()
-            && Url::parse(url)
-                .ok()
-                .and_then(|u| u.host_str().map(|h| self.is_blocked(h)))
-                .unwrap_or(false)
     }
 
     /// Whether `authority` (`host[:port]`, as a request's `Host` header
@@ -765,7 +760,9 @@ mod tests {
 
     #[test]
     fn blocked_domains_cover_subdomains() {
-        let c = with(&[("STAMPEDE_BLOCKED_DOMAINS", "Bad.example, .worse.example")]).unwrap();
+        let c = crate::policy::DomainPolicies::new(
+            &with(&[("STAMPEDE_BLOCKED_DOMAINS", "Bad.example, .worse.example")]).unwrap(),
+        );
         assert!(c.is_blocked("bad.example"));
         assert!(c.is_blocked("a.bad.example:8443"));
         assert!(c.is_blocked("x.worse.example"));
@@ -774,7 +771,9 @@ mod tests {
         assert!(c.is_blocked("BAD.example."), "case and a trailing dot");
         assert!(c.is_blocked_url("https://x.Bad.Example./users/a"));
         assert!(!c.is_blocked_url("https://good.example/inbox"));
-        let idn = with(&[("STAMPEDE_BLOCKED_DOMAINS", "bücher.example")]).unwrap();
+        let idn = crate::policy::DomainPolicies::new(
+            &with(&[("STAMPEDE_BLOCKED_DOMAINS", "bücher.example")]).unwrap(),
+        );
         assert!(idn.is_blocked("xn--bcher-kva.example"));
         assert!(idn.is_blocked("BÜCHER.example"));
     }

@@ -11,6 +11,7 @@ mod error;
 pub mod grpc;
 pub mod http_client;
 pub mod metrics;
+pub mod policy;
 pub mod process;
 pub mod role;
 pub mod shutdown;

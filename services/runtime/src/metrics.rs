@@ -37,8 +37,11 @@ pub enum DeliveryOutcome {
     Gone,
     /// The SSRF guard refused the target: dead-lettered.
     Refused,
-    /// The target's domain is blocked: dropped, not a dead letter.
+    /// Already delivered, or the target is this server: dropped.
     Skipped,
+    /// The target's domain is suspended (or not allowed): dropped at send
+    /// time, not a dead letter.
+    Suspended,
     /// A `Create`/`Update` whose object its author has since deleted: not sent.
     Superseded,
     /// The host has failed for `STAMPEDE_HOST_UNAVAILABLE_SECS`: dead-lettered.
@@ -60,8 +63,9 @@ pub enum DeliveryOutcome {
 
 impl DeliveryOutcome {
     /// Every outcome.
-    pub const ALL: [DeliveryOutcome; 14] = [
+    pub const ALL: [DeliveryOutcome; 15] = [
         DeliveryOutcome::Delivered,
+        DeliveryOutcome::Suspended,
         DeliveryOutcome::Retry,
         DeliveryOutcome::Failed,
         DeliveryOutcome::Gone,
@@ -86,6 +90,7 @@ impl DeliveryOutcome {
             DeliveryOutcome::Gone => "gone",
             DeliveryOutcome::Refused => "refused",
             DeliveryOutcome::Skipped => "skipped",
+            DeliveryOutcome::Suspended => "suspended",
             DeliveryOutcome::Superseded => "superseded",
             DeliveryOutcome::Unavailable => "unavailable",
             DeliveryOutcome::Parked => "parked",

@@ -44,6 +44,8 @@ pub struct ProcessParts {
     pub http: OutboundClient,
     /// Cancelled when the process must stop.
     pub shutdown: CancellationToken,
+    /// Domain policies, kept current from the store.
+    pub policy: Arc<crate::policy::DomainPolicies>,
     instance: tokio::sync::OnceCell<stampede_backends::store::LocalActor>,
 }
 
@@ -94,7 +96,14 @@ impl Process {
             Role::AllInOne => Backends::open(&cfg, &connection).await?,
             Role::Service(_) => Backends::connect(&cfg, &connection).await?,
         };
-        Self::with_backends(cfg, backends, shutdown)
+        let p = Self::with_backends(cfg, backends, shutdown)?;
+        p.policy.start(&p.cfg, &p.backends).await?;
+        tokio::spawn(
+            p.policy
+                .clone()
+                .follow(p.backends.clone(), p.shutdown.clone()),
+        );
+        Ok(p)
     }
 
     /// A process over backends built elsewhere.
@@ -105,6 +114,7 @@ impl Process {
     ) -> Result<Self> {
         Ok(Self(Arc::new(ProcessParts {
             http: OutboundClient::new(&cfg)?,
+            policy: Arc::new(crate::policy::DomainPolicies::new(&cfg)),
             cfg: Arc::new(cfg),
             backends,
             metrics: Metrics::new(),

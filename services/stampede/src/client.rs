@@ -174,6 +174,51 @@ impl Client {
         Ok(())
     }
 
+    /// Sets a domain's policy.
+    pub async fn set_domain_policy(
+        &self,
+        domain: String,
+        policy: &str,
+        reason: String,
+    ) -> anyhow::Result<stampede_proto::api::DomainPolicy> {
+        Ok(self
+            .admin
+            .clone()
+            .set_domain_policy(stampede_proto::api::SetDomainPolicyRequest {
+                domain,
+                policy: policy.into(),
+                reason,
+            })
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    /// Removes a domain's policy; true when there was one.
+    pub async fn remove_domain_policy(&self, domain: String) -> anyhow::Result<bool> {
+        Ok(self
+            .admin
+            .clone()
+            .remove_domain_policy(stampede_proto::api::RemoveDomainPolicyRequest { domain })
+            .await
+            .map_err(status)?
+            .into_inner()
+            .removed)
+    }
+
+    /// Every domain policy, and the federation mode.
+    pub async fn domain_policies(
+        &self,
+    ) -> anyhow::Result<stampede_proto::api::ListDomainPoliciesResponse> {
+        Ok(self
+            .admin
+            .clone()
+            .list_domain_policies(stampede_proto::api::ListDomainPoliciesRequest {})
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
     /// Replays dead letters; returns how many.
     pub async fn replay(&self, id: String, host: String, all: bool) -> anyhow::Result<u64> {
         Ok(self

@@ -84,6 +84,11 @@ enum Command {
         #[command(subcommand)]
         command: HostCommand,
     },
+    /// Remote domain policies, applied by every process within 5 s.
+    Domain {
+        #[command(subcommand)]
+        command: DomainCommand,
+    },
     /// Fake remote servers on 127.0.0.1 that verify every delivery they get.
     Sink(sink::SinkArgs),
     /// Benchmarks against this machine's own ceiling: delivery, fanout, ingest, inbound.
@@ -133,6 +138,42 @@ enum HostCommand {
         /// The host.
         host: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DomainCommand {
+    /// Nothing in or out: inbound refused (403), no deliveries, its follows
+    /// of local actors removed and its keys forgotten.
+    Suspend {
+        /// The domain (its subdomains are covered unless they have a rule).
+        domain: String,
+        /// Why, for the other operators.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Federates, but its activities reach the application marked `silenced`.
+    Silence {
+        /// The domain.
+        domain: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Federates (in allow-list mode, only allowed domains do).
+    Allow {
+        /// The domain.
+        domain: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Removes the domain's rule.
+    Remove {
+        /// The domain.
+        domain: String,
+    },
+    /// Lists the rules and the federation mode.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -426,10 +467,57 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             println!("{host} {}", if paused { "paused" } else { "resumed" });
             Ok(())
         }
+        Command::Domain { command } => {
+            let c = client::Client::connect(server).await?;
+            let (domain, policy, reason) = match command {
+                DomainCommand::List => {
+                    let r = c.domain_policies().await?;
+                    println!("federation mode: {}", r.mode);
+                    println!("{:<40} {:<8} {:<29} REASON", "DOMAIN", "POLICY", "CHANGED");
+                    for p in r.policies {
+                        println!(
+                            "{:<40} {:<8} {:<29} {}",
+                            p.domain,
+                            p.policy,
+                            unix_ms_utc(p.updated_unix_ms),
+                            p.reason
+                        );
+                    }
+                    return Ok(());
+                }
+                DomainCommand::Remove { domain } => {
+                    if c.remove_domain_policy(domain.clone()).await? {
+                        println!("{domain}: rule removed");
+                    } else {
+                        println!("{domain}: had no rule");
+                    }
+                    return Ok(());
+                }
+                DomainCommand::Suspend { domain, reason } => (domain, "suspend", reason),
+                DomainCommand::Silence { domain, reason } => (domain, "silence", reason),
+                DomainCommand::Allow { domain, reason } => (domain, "allow", reason),
+            };
+            let p = c.set_domain_policy(domain, policy, reason).await?;
+            if policy == "suspend" {
+                println!(
+                    "{} suspended: {} follows removed, {} keys forgotten",
+                    p.domain, p.follows_removed, p.keys_forgotten
+                );
+            } else {
+                println!("{}: {}", p.domain, p.policy);
+            }
+            Ok(())
+        }
         Command::Sink(args) => sink::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
     }
+}
+
+/// An HTTP date (`Sun, 06 Dec 2026 15:26:16 GMT`) for unix milliseconds.
+fn unix_ms_utc(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    httpdate::fmt_http_date(t)
 }
 
 fn unreachable_serve() -> anyhow::Result<()> {

@@ -10,8 +10,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::clock::now_ms;
 use crate::sqlite::{DataDirLock, Db};
 use crate::store::{
-    DeadLetter, Follower, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
-    PrivateKey, RemoteActor, RemoteKey, Store, StoredActivity, Totals,
+    like_containing, DeadLetter, DomainFootprint, DomainPolicy, Follower, HostHealth, Inserted,
+    LocalActor, NewActivity, NewActor, NewDeadLetter, PolicyKind, PrivateKey, RemoteActor,
+    RemoteKey, Store, StoredActivity, Totals, FOOTPRINT_KEYS,
 };
 use crate::{Error, Result};
 
@@ -25,6 +26,10 @@ const SCHEMA: &[(i32, &str)] = &[
     (
         3,
         include_str!("../../migrations/embedded/0003_forget_unbound_documents.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/embedded/0004_domain_policies.sql"),
     ),
 ];
 
@@ -801,6 +806,125 @@ impl Store for EmbeddedStore {
                         })
                     },
                 )?)
+            })
+            .await
+    }
+    async fn domain_policies(&self) -> Result<Vec<DomainPolicy>> {
+        self.db
+            .call(|c| {
+                let mut s = c.prepare_cached(
+                    "SELECT domain, policy, reason, updated_ms FROM domain_policies ORDER BY domain",
+                )?;
+                let rows = s
+                    .query_map([], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<(String, String, String, i64)>>>()?;
+                rows.into_iter()
+                    .map(|(domain, policy, reason, updated_unix_ms)| {
+                        Ok(DomainPolicy {
+                            domain,
+                            kind: PolicyKind::parse(&policy).ok_or_else(|| {
+                                Error::Db(format!("unknown domain policy `{policy}` stored"))
+                            })?,
+                            reason,
+                            updated_unix_ms,
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    async fn set_domain_policy(&self, p: &DomainPolicy) -> Result<()> {
+        let p = p.clone();
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO domain_policies (domain, policy, reason, updated_ms) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (domain) DO UPDATE SET policy = excluded.policy,
+                         reason = excluded.reason, updated_ms = excluded.updated_ms",
+                    params![p.domain, p.kind.as_str(), p.reason, p.updated_unix_ms],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn remove_domain_policy(&self, domain: &str) -> Result<bool> {
+        let domain = domain.to_string();
+        self.db
+            .call(move |c| {
+                Ok(c.execute(
+                    "DELETE FROM domain_policies WHERE domain = ?1",
+                    params![domain],
+                )? > 0)
+            })
+            .await
+    }
+
+    async fn seed_domain_policies(&self, seeds: &[DomainPolicy]) -> Result<u64> {
+        let seeds = seeds.to_vec();
+        self.db
+            .call(move |c| {
+                let mut added = 0;
+                for p in &seeds {
+                    let new = c.execute(
+                        "INSERT INTO domain_policy_seeds (domain) VALUES (?1) ON CONFLICT DO NOTHING",
+                        params![p.domain],
+                    )?;
+                    if new == 0 {
+                        continue;
+                    }
+                    added += c.execute(
+                        "INSERT INTO domain_policies (domain, policy, reason, updated_ms)
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (domain) DO NOTHING",
+                        params![p.domain, p.kind.as_str(), p.reason, p.updated_unix_ms],
+                    )? as u64;
+                }
+                Ok(added)
+            })
+            .await
+    }
+
+    async fn domain_footprint(&self, domain: &str) -> Result<DomainFootprint> {
+        let like = like_containing(domain);
+        self.db
+            .call(move |c| {
+                let mut s = c.prepare_cached(
+                    "SELECT host FROM followers WHERE host LIKE ?1 ESCAPE '\\'
+                     UNION SELECT host FROM follow_requests WHERE host LIKE ?1 ESCAPE '\\'
+                     UNION SELECT host FROM remote_actors WHERE host LIKE ?1 ESCAPE '\\'",
+                )?;
+                let hosts = s
+                    .query_map(params![like], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
+                let mut s = c.prepare_cached(
+                    "SELECT key_id FROM remote_keys WHERE key_id LIKE ?1 ESCAPE '\\' LIMIT ?2",
+                )?;
+                let key_ids = s
+                    .query_map(params![like, FOOTPRINT_KEYS], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
+                Ok(DomainFootprint { hosts, key_ids })
+            })
+            .await
+    }
+
+    async fn forget_hosts(&self, hosts: &[String], key_ids: &[String]) -> Result<u64> {
+        let (hosts, key_ids) = (hosts.to_vec(), key_ids.to_vec());
+        self.db
+            .call(move |c| {
+                let mut removed = 0;
+                for h in &hosts {
+                    removed +=
+                        c.execute("DELETE FROM followers WHERE host = ?1", params![h])? as u64;
+                    c.execute("DELETE FROM follow_requests WHERE host = ?1", params![h])?;
+                    c.execute("DELETE FROM remote_actors WHERE host = ?1", params![h])?;
+                }
+                for k in &key_ids {
+                    c.execute("DELETE FROM remote_keys WHERE key_id = ?1", params![k])?;
+                }
+                Ok(removed)
             })
             .await
     }

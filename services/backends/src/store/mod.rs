@@ -220,6 +220,81 @@ pub struct HostHealth {
     pub unavailable: bool,
 }
 
+/// What an operator decided about a remote domain (`stampede domain`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    /// Federates (needed for allow-list mode).
+    Allow,
+    /// Federates, but its activities reach the application marked
+    /// `silenced`, for it to keep them off public timelines.
+    Silence,
+    /// Nothing in or out: refused at the edge, not delivered to.
+    Suspend,
+}
+
+impl PolicyKind {
+    /// The name stored and shown: `allow`, `silence`, `suspend`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Allow => "allow",
+            PolicyKind::Silence => "silence",
+            PolicyKind::Suspend => "suspend",
+        }
+    }
+
+    /// The kind named `s` (as [`PolicyKind::as_str`] writes it).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "allow" => Some(PolicyKind::Allow),
+            "silence" => Some(PolicyKind::Silence),
+            "suspend" => Some(PolicyKind::Suspend),
+            _ => None,
+        }
+    }
+}
+
+/// One domain's policy, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainPolicy {
+    /// The domain (normalised: lower case, ASCII, no trailing dot, no port);
+    /// the rule covers its subdomains too.
+    pub domain: String,
+    /// What is done with it.
+    pub kind: PolicyKind,
+    /// Why, for the operators.
+    pub reason: String,
+    /// Last change, unix milliseconds.
+    pub updated_unix_ms: i64,
+}
+
+/// What the store knows on hosts whose name contains a domain: candidates
+/// for [`Store::forget_hosts`], which the caller filters by the policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainFootprint {
+    /// Hosts (`name[:port]`) of followers, follow requests and cached
+    /// remote actors.
+    pub hosts: Vec<String>,
+    /// Stored remote key ids (at most [`FOOTPRINT_KEYS`]).
+    pub key_ids: Vec<String>,
+}
+
+/// The most key ids one [`Store::domain_footprint`] returns.
+pub const FOOTPRINT_KEYS: u32 = 100_000;
+
+/// `%text%` for LIKE, with LIKE's wildcards in `text` escaped (`\`).
+pub(crate) fn like_containing(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
 /// The durable store.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -348,4 +423,21 @@ pub trait Store: Send + Sync + 'static {
     async fn object_deleted(&self, actor_id: i64, object_id: &str) -> Result<bool>;
     /// Totals for status.
     async fn totals(&self) -> Result<Totals>;
+
+    /// Every domain policy, by domain.
+    async fn domain_policies(&self) -> Result<Vec<DomainPolicy>>;
+    /// Sets (or replaces) a domain's policy.
+    async fn set_domain_policy(&self, policy: &DomainPolicy) -> Result<()>;
+    /// Removes a domain's policy; true when there was one.
+    async fn remove_domain_policy(&self, domain: &str) -> Result<bool>;
+    /// Adds the policies of domains never seeded before
+    /// (`STAMPEDE_BLOCKED_DOMAINS` seeds the table once: a rule an operator
+    /// removed stays removed). Returns how many were added.
+    async fn seed_domain_policies(&self, seeds: &[DomainPolicy]) -> Result<u64>;
+    /// Hosts and key ids whose text contains `domain`.
+    async fn domain_footprint(&self, domain: &str) -> Result<DomainFootprint>;
+    /// Forgets `hosts` (a suspended domain's): the follows of local actors
+    /// by actors there, their pending follow requests, the cached remote
+    /// actors there; and the keys `key_ids`. Returns the follows removed.
+    async fn forget_hosts(&self, hosts: &[String], key_ids: &[String]) -> Result<u64>;
 }

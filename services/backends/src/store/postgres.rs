@@ -17,8 +17,9 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::store::{
-    DeadLetter, Follower, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
-    PrivateKey, RemoteActor, RemoteKey, Store, StoredActivity, Totals,
+    like_containing, DeadLetter, DomainFootprint, DomainPolicy, Follower, HostHealth, Inserted,
+    LocalActor, NewActivity, NewActor, NewDeadLetter, PolicyKind, PrivateKey, RemoteActor,
+    RemoteKey, Store, StoredActivity, Totals, FOOTPRINT_KEYS,
 };
 use crate::{Error, Result};
 
@@ -44,6 +45,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         5,
         "forget_unbound_documents",
         include_str!("../../migrations/0005_forget_unbound_documents.sql"),
+    ),
+    (
+        6,
+        "domain_policies",
+        include_str!("../../migrations/0006_domain_policies.sql"),
     ),
 ];
 
@@ -1041,5 +1047,146 @@ impl Store for PgStore {
             delivered: r.get::<_, i64>(1) as u64,
             dead_letters: r.get::<_, i64>(2) as u64,
         })
+    }
+
+    async fn domain_policies(&self) -> Result<Vec<DomainPolicy>> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        let rows = c
+            .query(
+                "SELECT domain, policy, reason, updated_ms FROM domain_policies ORDER BY domain",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let policy: String = r.get(1);
+                Ok(DomainPolicy {
+                    domain: r.get(0),
+                    kind: PolicyKind::parse(&policy).ok_or_else(|| {
+                        Error::Db(format!("unknown domain policy `{policy}` stored"))
+                    })?,
+                    reason: r.get(2),
+                    updated_unix_ms: r.get(3),
+                })
+            })
+            .collect()
+    }
+
+    async fn set_domain_policy(&self, p: &DomainPolicy) -> Result<()> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        c.execute(
+            "INSERT INTO domain_policies (domain, policy, reason, updated_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (domain) DO UPDATE SET policy = EXCLUDED.policy,
+                 reason = EXCLUDED.reason, updated_ms = EXCLUDED.updated_ms",
+            &[
+                (&p.domain, Type::TEXT),
+                (&p.kind.as_str(), Type::TEXT),
+                (&p.reason, Type::TEXT),
+                (&p.updated_unix_ms, Type::INT8),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_domain_policy(&self, domain: &str) -> Result<bool> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        let n = c
+            .execute(
+                "DELETE FROM domain_policies WHERE domain = $1",
+                &[(&domain, Type::TEXT)],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn seed_domain_policies(&self, seeds: &[DomainPolicy]) -> Result<u64> {
+        if seeds.is_empty() {
+            return Ok(0);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let c = self.in_tx(&tx);
+        let mut added = 0;
+        for p in seeds {
+            let new = c
+                .execute(
+                    "INSERT INTO domain_policy_seeds (domain) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[(&p.domain, Type::TEXT)],
+                )
+                .await?;
+            if new == 0 {
+                continue;
+            }
+            added += c
+                .execute(
+                    "INSERT INTO domain_policies (domain, policy, reason, updated_ms)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (domain) DO NOTHING",
+                    &[
+                        (&p.domain, Type::TEXT),
+                        (&p.kind.as_str(), Type::TEXT),
+                        (&p.reason, Type::TEXT),
+                        (&p.updated_unix_ms, Type::INT8),
+                    ],
+                )
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(added)
+    }
+
+    async fn domain_footprint(&self, domain: &str) -> Result<DomainFootprint> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        let like = like_containing(domain);
+        let hosts = c
+            .query(
+                "SELECT host FROM followers WHERE host LIKE $1 ESCAPE '\\'
+                 UNION SELECT host FROM follow_requests WHERE host LIKE $1 ESCAPE '\\'
+                 UNION SELECT host FROM remote_actors WHERE host LIKE $1 ESCAPE '\\'",
+                &[(&like, Type::TEXT)],
+            )
+            .await?;
+        let limit = i64::from(FOOTPRINT_KEYS);
+        let keys = c
+            .query(
+                "SELECT key_id FROM remote_keys WHERE key_id LIKE $1 ESCAPE '\\' LIMIT $2",
+                &[(&like, Type::TEXT), (&limit, Type::INT8)],
+            )
+            .await?;
+        Ok(DomainFootprint {
+            hosts: hosts.iter().map(|r| r.get(0)).collect(),
+            key_ids: keys.iter().map(|r| r.get(0)).collect(),
+        })
+    }
+
+    async fn forget_hosts(&self, hosts: &[String], key_ids: &[String]) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let c = self.in_tx(&tx);
+        let hosts = hosts.to_vec();
+        let key_ids = key_ids.to_vec();
+        let removed = c
+            .execute(
+                "DELETE FROM followers WHERE host = ANY($1)",
+                &[(&hosts, Type::TEXT_ARRAY)],
+            )
+            .await?;
+        for sql in [
+            "DELETE FROM follow_requests WHERE host = ANY($1)",
+            "DELETE FROM remote_actors WHERE host = ANY($1)",
+        ] {
+            c.execute(sql, &[(&hosts, Type::TEXT_ARRAY)]).await?;
+        }
+        c.execute(
+            "DELETE FROM remote_keys WHERE key_id = ANY($1)",
+            &[(&key_ids, Type::TEXT_ARRAY)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(removed)
     }
 }

@@ -5,8 +5,8 @@
 //! standing alone, in the trait's order.
 use stampede_backends::clock::now_ms;
 use stampede_backends::store::{
-    Follower, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter, PrivateKey,
-    RemoteActor, RemoteKey, Store, Totals,
+    DomainPolicy, Follower, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
+    PolicyKind, PrivateKey, RemoteActor, RemoteKey, Store, Totals,
 };
 use stampede_backends::Error;
 
@@ -42,6 +42,8 @@ macro_rules! store_test_suite {
                 host_health_is_recorded_and_cleared,
                 object_deleted_only_by_a_delete_of_that_actor,
                 totals_count_activities_deliveries_and_open_dead_letters,
+                domain_policies_are_set_replaced_removed_and_seeded_once,
+                a_domains_footprint_is_found_and_forgotten,
             );
         }
     };
@@ -1082,4 +1084,164 @@ async fn totals_count_activities_deliveries_and_open_dead_letters(cx: StoreCx) {
             dead_letters: 1,
         }
     );
+}
+
+fn rule(domain: &str, kind: PolicyKind, reason: &str, at: i64) -> DomainPolicy {
+    DomainPolicy {
+        domain: domain.into(),
+        kind,
+        reason: reason.into(),
+        updated_unix_ms: at,
+    }
+}
+
+async fn domain_policies_are_set_replaced_removed_and_seeded_once(cx: StoreCx) {
+    let s = &*cx.store;
+    assert!(s.domain_policies().await.unwrap().is_empty());
+    let bad = rule("bad.example", PolicyKind::Suspend, "spam", 1);
+    let loud = rule("loud.example", PolicyKind::Silence, "", 2);
+    s.set_domain_policy(&bad).await.unwrap();
+    s.set_domain_policy(&loud).await.unwrap();
+    assert_eq!(
+        s.domain_policies().await.unwrap(),
+        [bad.clone(), loud.clone()]
+    );
+    let allowed = rule("bad.example", PolicyKind::Allow, "appealed", 3);
+    s.set_domain_policy(&allowed).await.unwrap();
+    assert_eq!(s.domain_policies().await.unwrap(), [allowed, loud.clone()]);
+    assert!(s.remove_domain_policy("bad.example").await.unwrap());
+    assert!(!s.remove_domain_policy("bad.example").await.unwrap());
+    assert_eq!(s.domain_policies().await.unwrap(), [loud.clone()]);
+
+    // Seeds: each domain once. One removed by an operator is not put back,
+    // and a seed never overrides a rule set by hand.
+    let seeds = [
+        rule(
+            "env.example",
+            PolicyKind::Suspend,
+            "STAMPEDE_BLOCKED_DOMAINS",
+            4,
+        ),
+        rule(
+            "loud.example",
+            PolicyKind::Suspend,
+            "STAMPEDE_BLOCKED_DOMAINS",
+            4,
+        ),
+    ];
+    assert_eq!(s.seed_domain_policies(&seeds).await.unwrap(), 1);
+    assert_eq!(s.seed_domain_policies(&seeds).await.unwrap(), 0);
+    assert_eq!(s.domain_policies().await.unwrap(), [seeds[0].clone(), loud]);
+    assert!(s.remove_domain_policy("env.example").await.unwrap());
+    assert_eq!(s.seed_domain_policies(&seeds).await.unwrap(), 0);
+    assert_eq!(s.domain_policies().await.unwrap().len(), 1);
+}
+
+async fn a_domains_footprint_is_found_and_forgotten(cx: StoreCx) {
+    let s = &*cx.store;
+    let alice = s.create_actor(new_actor("alice")).await.unwrap().id;
+    let bob = s.create_actor(new_actor("bob")).await.unwrap().id;
+    let on = |host: &str, user: &str| follower(host, user, None);
+    for (actor, f) in [
+        (alice, on("a.bad.example", "x")),
+        (bob, on("a.bad.example", "x")),
+        (alice, on("bad.example:8443", "y")),
+        (alice, on("good.example", "z")),
+        (alice, on("notbad_example.org", "w")),
+    ] {
+        s.add_follower(actor, &f).await.unwrap();
+    }
+    s.add_follow_request(
+        bob,
+        &on("c.bad.example", "q"),
+        &serde_json::json!({"type": "Follow"}),
+    )
+    .await
+    .unwrap();
+    let remote = |id: &str| RemoteActor {
+        id: id.into(),
+        inbox: format!("{id}/inbox"),
+        shared_inbox: None,
+        key_id: Some(format!("{id}#main-key")),
+        public_key_pem: None,
+    };
+    s.put_remote_actor(&remote("https://d.bad.example/users/r"))
+        .await
+        .unwrap();
+    s.put_remote_actor(&remote("https://good.example/users/g"))
+        .await
+        .unwrap();
+    for (key_id, owner) in [
+        (
+            "https://a.bad.example/users/x#main-key",
+            "https://a.bad.example/users/x",
+        ),
+        (
+            "https://good.example/users/z#main-key",
+            "https://good.example/users/z",
+        ),
+    ] {
+        s.put_remote_key(&RemoteKey {
+            key_id: key_id.into(),
+            owner: owner.into(),
+            public_key_pem: "pem".into(),
+        })
+        .await
+        .unwrap();
+    }
+
+    let mut f = s.domain_footprint("bad.example").await.unwrap();
+    f.hosts.sort();
+    assert_eq!(
+        f.hosts,
+        [
+            "a.bad.example",
+            "bad.example:8443",
+            "c.bad.example",
+            "d.bad.example"
+        ],
+        "every table's hosts, once each"
+    );
+    assert_eq!(f.key_ids, ["https://a.bad.example/users/x#main-key"]);
+    assert_eq!(
+        s.domain_footprint("bad_example").await.unwrap().hosts,
+        ["notbad_example.org"],
+        "LIKE's `_` is not a wildcard"
+    );
+
+    let removed = s.forget_hosts(&f.hosts, &f.key_ids).await.unwrap();
+    assert_eq!(removed, 3, "alice's two and bob's one");
+    assert_eq!(s.follower_count(alice).await.unwrap(), 2);
+    assert_eq!(s.follower_count(bob).await.unwrap(), 0);
+    assert!(s
+        .take_follow_request(bob, "https://c.bad.example/users/q")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .remote_actor("https://d.bad.example/users/r")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .remote_actor("https://good.example/users/g")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(s
+        .remote_key("https://a.bad.example/users/x#main-key")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .remote_key("https://good.example/users/z#main-key")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(s
+        .domain_footprint("bad.example")
+        .await
+        .unwrap()
+        .hosts
+        .is_empty());
 }

@@ -16,7 +16,12 @@ pub(super) async fn apply(inbox: &Inbox, cx: &Context<'_>) -> Result<(), InboxEr
     else {
         return Ok(());
     };
-    if let Some(remote) = remote_actor(&inbox.p.cfg, &info.actor, object) {
+    if let Some(remote) = remote_actor(
+        &inbox.p.cfg,
+        &inbox.p.policy.snapshot(),
+        &info.actor,
+        object,
+    ) {
         inbox.resolver.remember(&remote).await?;
         let host = inbox_host(&remote.inbox).unwrap_or_default();
         store
