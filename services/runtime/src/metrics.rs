@@ -182,6 +182,9 @@ pub struct Metrics {
     pub slot_wait_seconds: Histogram,
     /// Remote hosts whose deliveries are failing (sampled from the store).
     pub hosts_failing: Gauge,
+    /// Domain policy rules this process holds (reloaded within 5 s of a
+    /// change).
+    pub domain_policies: Gauge,
     /// Follower inboxes fanout did not queue, by reason (`blocked`: a
     /// blocked domain; `own_host`: this server, a loop).
     pub fanout_skipped: Family<Label, Counter>,
@@ -316,6 +319,12 @@ impl Metrics {
             "Remote hosts whose deliveries are failing",
             hosts_failing.clone(),
         );
+        let domain_policies = Gauge::default();
+        registry.register(
+            "domain_policies",
+            "Domain policy rules this process holds",
+            domain_policies.clone(),
+        );
         let fanout_skipped = Family::<Label, Counter>::default();
         registry.register(
             "fanout_skipped_targets",
@@ -342,6 +351,7 @@ impl Metrics {
             settle_retries,
             slot_wait_seconds,
             hosts_failing,
+            domain_policies,
             registry,
             key_cache,
             key_fetches,

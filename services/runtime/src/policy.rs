@@ -108,6 +108,7 @@ pub struct DomainPolicies {
     current: RwLock<Arc<PolicySet>>,
     seen: std::sync::Mutex<Option<Vec<u8>>>,
     allowlist: bool,
+    rules: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl DomainPolicies {
@@ -122,7 +123,14 @@ impl DomainPolicies {
             current: RwLock::new(Arc::new(PolicySet::new(seeds, cfg.allowlist))),
             seen: std::sync::Mutex::new(None),
             allowlist: cfg.allowlist,
+            rules: Default::default(),
         }
+    }
+
+    /// Reports the number of rules held in `gauge`.
+    pub fn counted(mut self, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        self.rules = gauge;
+        self
     }
 
     /// The rules now.
@@ -184,6 +192,7 @@ impl DomainPolicies {
             rules.into_iter().map(|r| (r.domain, r.kind)),
             self.allowlist,
         );
+        self.rules.set(set.len() as i64);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = version;
         Ok(())

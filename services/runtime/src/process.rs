@@ -112,12 +112,15 @@ impl Process {
         backends: Backends,
         shutdown: CancellationToken,
     ) -> Result<Self> {
+        let metrics = Metrics::new();
         Ok(Self(Arc::new(ProcessParts {
             http: OutboundClient::new(&cfg)?,
-            policy: Arc::new(crate::policy::DomainPolicies::new(&cfg)),
+            policy: Arc::new(
+                crate::policy::DomainPolicies::new(&cfg).counted(metrics.domain_policies.clone()),
+            ),
             cfg: Arc::new(cfg),
             backends,
-            metrics: Metrics::new(),
+            metrics,
             signer: SignerPool::per_core()?,
             shutdown,
             instance: tokio::sync::OnceCell::new(),

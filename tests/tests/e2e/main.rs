@@ -9,6 +9,7 @@ mod cluster;
 mod crash;
 mod delivery;
 mod disk_full;
+mod domains;
 mod embedded;
 mod faults;
 mod helpers;
