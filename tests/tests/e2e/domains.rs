@@ -303,7 +303,7 @@ async fn a_silenced_domain_is_marked_on_the_stream_and_still_delivered_to(backen
     let alice = app.create_actor("alice").await;
     let alice_id = format!("{}/users/alice", app.http_base);
     let (bob, eve) = (sink.actor(0, "bob").unwrap(), sink.actor(1, "eve").unwrap());
-    app.seed_followers(alice, &[bob.clone()]).await;
+    app.seed_followers(alice, std::slice::from_ref(&bob)).await;
     let set = set_policy(&app, "127.0.0.64", "silence").await;
     assert_eq!(set.follows_removed, 0);
     every_service_holds(&app, 1).await;
