@@ -149,6 +149,7 @@ impl Delivery {
             std::time::Duration::from_secs(10),
             p.shutdown.clone(),
         ));
+        tokio::spawn(self.clone().probe_unavailable());
         tokio::spawn(stampede_federation::queue_heads::report(
             p.metrics.clone(),
             p.backends.cache.clone(),
@@ -270,7 +271,12 @@ impl Delivery {
                 return self.park(&copy, PARK_DELAY, Reason::InFlight).await;
             }
             Acquired::Park(wait) => return self.park(job, wait, Reason::Saturated).await,
-            Acquired::Gate(gate, _) => return self.not_now(job, host, gate).await,
+            Acquired::Gate(gate, state) => {
+                if matches!(gate, Gate::Unavailable { .. }) {
+                    hosts::mark_unavailable(&self.p.backends, host, &state).await?;
+                }
+                return self.not_now(job, host, gate).await;
+            }
         };
         if slot.waited {
             m.slot_wait_seconds.observe(asked.elapsed().as_secs_f64());
@@ -674,6 +680,73 @@ impl Delivery {
             DeliveryOutcome::ProbeFailed
         });
         ok
+    }
+
+    /// Probes the hosts marked unavailable every
+    /// `STAMPEDE_UNAVAILABLE_PROBE_SECS`: fanout makes no delivery for them,
+    /// so nothing else would notice one that came back.
+    async fn probe_unavailable(self) {
+        let every = self.p.cfg.unavailable_probe_every;
+        loop {
+            tokio::select! {
+                _ = self.p.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.probe_round(every).await {
+                tracing::warn!(error = %e, "probing the unavailable hosts failed");
+            }
+        }
+    }
+
+    /// One round of probes, unless another delivery process holds this
+    /// round's lease. A host that answers is available again: its failing
+    /// state goes and its circuit closes.
+    async fn probe_round(&self, every: std::time::Duration) -> Result<(), DeliveryError> {
+        use futures::StreamExt;
+        let b = &self.p.backends;
+        let lease = every.mul_f32(0.9);
+        if !b
+            .cache
+            .set_nx(
+                stampede_federation::cache_keys::UNAVAILABLE_PROBE,
+                b"1",
+                lease,
+            )
+            .await?
+        {
+            return Ok(());
+        }
+        let hosts = b
+            .store
+            .unavailable_hosts(stampede_federation::hosts::UNAVAILABLE_MAX)
+            .await?;
+        if hosts.is_empty() {
+            return Ok(());
+        }
+        // Deliveries are https only, unless private networks are allowed
+        // (tests, a lab): then a host may speak plain http.
+        let schemes: &[&str] = if self.p.cfg.allow_private_networks {
+            &["https", "http"]
+        } else {
+            &["https"]
+        };
+        let back = futures::stream::iter(hosts)
+            .map(|host| async move {
+                for scheme in schemes {
+                    if self.probe(&host, &format!("{scheme}://{host}/")).await {
+                        return Some(host);
+                    }
+                }
+                None
+            })
+            .buffer_unordered(8)
+            .filter_map(|h| async move { h })
+            .collect::<Vec<String>>()
+            .await;
+        for host in back {
+            stampede_federation::hosts::probed_back(b, &self.p.cfg, &host).await?;
+        }
+        Ok(())
     }
 
     /// Records a dead letter; `attempts` is how many POSTs were made.

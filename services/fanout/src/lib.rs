@@ -103,18 +103,28 @@ impl From<stampede_backends::Error> for FanoutError {
 pub struct Fanout {
     p: Process,
     resolver: Resolver,
+    unavailable: std::sync::Arc<stampede_federation::hosts::UnavailableHosts>,
 }
 
 impl Fanout {
     /// Fanout over a process's backends.
     pub fn new(p: Process) -> Self {
         let resolver = Resolver::new(p.clone());
-        Self { p, resolver }
+        Self {
+            p,
+            resolver,
+            unavailable: std::sync::Arc::default(),
+        }
     }
 
     /// Consumes the fanout queue until shutdown.
     pub async fn run(self) -> Result<(), FanoutError> {
         let (p, prefetch) = (self.p.clone(), self.p.cfg.prefetch.clamp(1, 16));
+        tokio::spawn(
+            self.unavailable
+                .clone()
+                .follow(p.backends.clone(), p.shutdown.clone()),
+        );
         worker::consume(&p, QueueName::Fanout, prefetch, self).await?;
         Ok(())
     }
@@ -302,8 +312,9 @@ impl Fanout {
     }
 
     /// Whether an inbox may be queued: not on a blocked domain (a follower
-    /// on a domain blocked since it followed), not on this server (a loop).
-    /// Counted when not.
+    /// on a domain blocked since it followed), not on this server (a loop),
+    /// not on a host marked unavailable (its jobs would only be
+    /// dead-lettered). Counted when not.
     fn allowed(&self, inbox: &str) -> bool {
         let cfg = &self.p.cfg;
         let host = target_host(inbox);
@@ -311,6 +322,8 @@ impl Fanout {
             "own_host"
         } else if self.p.policy.is_blocked(host) {
             "blocked"
+        } else if self.unavailable.contains(host) {
+            "unavailable"
         } else {
             return true;
         };

@@ -58,10 +58,18 @@ pub fn queue_head(queue: &str) -> String {
 
 /// Per-host delivery state: an operator's pause, and the circuit breaker's
 /// parts.
+/// The lease of one round of probes of the unavailable hosts: one delivery
+/// process probes at a time.
+pub const UNAVAILABLE_PROBE: &str = "unavailable-probe";
+
 pub mod host {
     /// Deliveries to the host are paused by an operator.
     pub fn paused(host: &str) -> String {
         format!("paused:{host}")
+    }
+    /// The store was told the host is unavailable (in the last minute).
+    pub fn marked_unavailable(host: &str) -> String {
+        format!("health:unavailable:{host}")
     }
     /// The circuit is open until this time (unix ms).
     pub fn open(host: &str) -> String {

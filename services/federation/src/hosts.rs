@@ -413,6 +413,7 @@ pub async fn record_success(b: &Backends, cfg: &Config, host: &str, s: &HostStat
         host::since(host),
         host::opens(host),
         host::open(host),
+        host::marked_unavailable(host),
     ] {
         b.cache.del(&k).await?;
     }
@@ -581,6 +582,116 @@ async fn open(b: &Backends, cfg: &Config, host: &str, failures: u64) -> Result<(
         .await?;
     tracing::warn!(inbox_host = %host, failures, open_secs = open_for.as_secs(), unavailable, "circuit opened");
     Ok((since, until))
+}
+
+/// How often a process rereads the unavailable hosts.
+pub const UNAVAILABLE_REFRESH: Duration = Duration::from_secs(5);
+
+/// The most unavailable hosts a process holds (and a probe round probes).
+pub const UNAVAILABLE_MAX: u32 = 100_000;
+
+/// The hosts marked unavailable in the store, as fanout and inbox see them:
+/// reread every [`UNAVAILABLE_REFRESH`].
+#[derive(Default)]
+pub struct UnavailableHosts(std::sync::RwLock<std::sync::Arc<std::collections::HashSet<String>>>);
+
+impl UnavailableHosts {
+    /// Whether `host` (`name[:port]`, as in inbox URLs) is unavailable.
+    pub fn contains(&self, host: &str) -> bool {
+        let set = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        !set.is_empty() && set.contains(host)
+    }
+
+    /// Rereads the set.
+    pub async fn load(&self, b: &Backends) -> Result<()> {
+        let hosts = b.store.unavailable_hosts(UNAVAILABLE_MAX).await?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) =
+            std::sync::Arc::new(hosts.into_iter().collect());
+        Ok(())
+    }
+
+    /// Drops `host` from the set held (it was just marked available).
+    pub fn forget(&self, host: &str) {
+        let mut w = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if w.contains(host) {
+            let mut next = (**w).clone();
+            next.remove(host);
+            *w = std::sync::Arc::new(next);
+        }
+    }
+
+    /// Rereads the set every [`UNAVAILABLE_REFRESH`] until `shutdown`; a
+    /// failure keeps the set held.
+    pub async fn follow(
+        self: std::sync::Arc<Self>,
+        b: Backends,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            if let Err(e) = self.load(&b).await {
+                tracing::warn!(error = %e, "reading the unavailable hosts failed; the ones held stay");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(UNAVAILABLE_REFRESH) => {}
+            }
+        }
+    }
+}
+
+/// A delivery found `host` unavailable: the store says so too (fanout skips
+/// it from then on), written at most once a minute per host.
+pub async fn mark_unavailable(b: &Backends, host: &str, s: &HostState) -> Result<()> {
+    if !b
+        .cache
+        .set_nx(
+            &host::marked_unavailable(host),
+            b"1",
+            Duration::from_secs(60),
+        )
+        .await?
+    {
+        return Ok(());
+    }
+    let now = now_ms();
+    b.store
+        .set_host_health(
+            host,
+            Some(&HostHealth {
+                host: host.to_string(),
+                failing_since_unix_ms: s.failing_since_ms.unwrap_or(now),
+                failures: s.failures,
+                open_until_unix_ms: s.open_until_ms.unwrap_or(0),
+                unavailable: true,
+            }),
+        )
+        .await?;
+    tracing::warn!(inbox_host = %host, "host unavailable: fanout skips it until it is found back");
+    Ok(())
+}
+
+/// A request verified as signed by a key of `host` proves the server is
+/// up: fanout makes its deliveries again, and its circuit goes half-open,
+/// so the next delivery probes it before anything is sent. True when the
+/// host was marked unavailable.
+pub async fn revived_by_inbound(b: &Backends, host: &str) -> Result<bool> {
+    if !b.store.mark_host_available(host).await? {
+        return Ok(false);
+    }
+    b.cache.del(&host::open(host)).await?;
+    tracing::info!(inbox_host = %host, "unavailable host sent a verified request: fanout resumes, deliveries probe it first");
+    Ok(true)
+}
+
+/// A periodic probe found an unavailable `host` back: its failing state goes
+/// (in the cache and the store), its circuit closes and it ramps up.
+pub async fn probed_back(b: &Backends, cfg: &Config, host: &str) -> Result<()> {
+    let s = state(b, host).await?;
+    record_success(b, cfg, host, &s).await?;
+    // The cache's failing state may have expired long before.
+    b.store.set_host_health(host, None).await?;
+    tracing::info!(inbox_host = %host, "unavailable host answered its probe; available again");
+    Ok(())
 }
 
 #[cfg(test)]

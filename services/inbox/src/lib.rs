@@ -60,6 +60,7 @@ pub struct InboxParts {
     p: Process,
     verifier: Verifier,
     resolver: Resolver,
+    unavailable: std::sync::Arc<stampede_federation::hosts::UnavailableHosts>,
 }
 
 impl Inbox {
@@ -68,13 +69,37 @@ impl Inbox {
         Self(std::sync::Arc::new(InboxParts {
             verifier: Verifier::new(p.clone()),
             resolver: Resolver::new(p.clone()),
+            unavailable: std::sync::Arc::default(),
             p,
         }))
+    }
+
+    /// A host marked unavailable that just sent a request verified as its
+    /// own is up: fanout delivers to it again (best effort: a failure only
+    /// leaves it to the periodic probe).
+    async fn revive_signer_host(&self, key_id: Option<&str>) {
+        let Some(host) = key_id.and_then(stampede_core::targets::inbox_host) else {
+            return;
+        };
+        if !self.unavailable.contains(&host) {
+            return;
+        }
+        match stampede_federation::hosts::revived_by_inbound(&self.p.backends, &host).await {
+            Ok(_) => self.unavailable.forget(&host),
+            Err(e) => {
+                tracing::warn!(inbox_host = %host, error = %e, "marking a host available failed")
+            }
+        }
     }
 
     /// Consumes the inbound queue until shutdown.
     pub async fn run(self) -> Result<(), InboxError> {
         let (p, prefetch) = (self.p.clone(), self.p.cfg.prefetch);
+        tokio::spawn(
+            self.unavailable
+                .clone()
+                .follow(p.backends.clone(), p.shutdown.clone()),
+        );
         worker::consume(&p, QueueName::Inbound, prefetch, self).await?;
         Ok(())
     }
@@ -355,6 +380,7 @@ impl Inbox {
             );
             return Ok(None);
         }
+        self.revive_signer_host(v.key_id.as_deref()).await;
         let cache = &self.p.backends.cache;
         if let Some(wait) = self.over_rate(v.key_id.as_deref()).await {
             // Verified and answered 202 long ago: it waits, it is not lost

@@ -116,13 +116,7 @@ impl AdminService for AdminApi {
                 .await
                 .map_err(IngestError::from)?
                 .into_iter()
-                .map(|h| stampede_proto::api::FailingHost {
-                    host: h.host,
-                    failing_since_unix_ms: h.failing_since_unix_ms,
-                    failures: h.failures,
-                    circuit_open_until_unix_ms: h.open_until_unix_ms,
-                    unavailable: h.unavailable,
-                })
+                .map(failing_host)
                 .collect(),
             parked: stampede_federation::parked::parked(&*b.cache)
                 .await
@@ -235,6 +229,40 @@ impl AdminService for AdminApi {
                 .await
                 .map_err(IngestError::from)?;
         Ok(Response::new(RemoveDomainPolicyResponse { removed }))
+    }
+
+    async fn list_failing_hosts(
+        &self,
+        req: Request<stampede_proto::api::ListFailingHostsRequest>,
+    ) -> Result<Response<stampede_proto::api::ListFailingHostsResponse>, Status> {
+        let r = req.into_inner();
+        let limit = if r.limit == 0 {
+            100
+        } else {
+            r.limit.min(10_000)
+        };
+        let store = &self.0.backends.store;
+        let hosts = if r.unavailable_only {
+            // Unavailable hosts are a subset of the failing ones: read as
+            // many failing ones as it takes to find `limit` of them.
+            let mut all = store
+                .failing_hosts(crate::api::FAILING_SCAN)
+                .await
+                .map_err(IngestError::from)?;
+            all.retain(|h| h.unavailable);
+            all.truncate(limit as usize);
+            all
+        } else {
+            store
+                .failing_hosts(limit)
+                .await
+                .map_err(IngestError::from)?
+        };
+        Ok(Response::new(
+            stampede_proto::api::ListFailingHostsResponse {
+                hosts: hosts.into_iter().map(failing_host).collect(),
+            },
+        ))
     }
 
     async fn replay_dead_letters(
@@ -404,5 +432,19 @@ fn policy_message(p: stampede_backends::store::DomainPolicy) -> DomainPolicy {
         updated_unix_ms: p.updated_unix_ms,
         follows_removed: 0,
         keys_forgotten: 0,
+    }
+}
+
+/// How many failing hosts `ListFailingHosts` reads to find the unavailable ones.
+const FAILING_SCAN: u32 = 100_000;
+
+/// A failing host as the API shows it.
+fn failing_host(h: stampede_backends::store::HostHealth) -> stampede_proto::api::FailingHost {
+    stampede_proto::api::FailingHost {
+        host: h.host,
+        failing_since_unix_ms: h.failing_since_unix_ms,
+        failures: h.failures,
+        circuit_open_until_unix_ms: h.open_until_unix_ms,
+        unavailable: h.unavailable,
     }
 }

@@ -138,9 +138,15 @@ pub struct Config {
     /// its concurrency grows from 1 to `STAMPEDE_HOST_CONCURRENCY` over this long.
     pub host_ramp: Duration,
     /// `STAMPEDE_HOST_UNAVAILABLE_SECS` (added, default 172800, two days): a
-    /// host failing this long is unavailable; its deliveries are dead-lettered
-    /// until a probe finds it back.
+    /// host failing this long is unavailable: fanout makes no delivery for
+    /// it, and deliveries already queued are dead-lettered, until a probe
+    /// finds it back (or a request verified as its own marks it up for
+    /// fanout; deliveries then probe it first).
     pub host_unavailable_after: Duration,
+    /// `STAMPEDE_UNAVAILABLE_PROBE_SECS` (added, default 300): how often
+    /// the unavailable hosts are probed (their NodeInfo), one delivery
+    /// process at a time.
+    pub unavailable_probe_every: Duration,
     /// `STAMPEDE_UP_SERVICES` (added, default all four): which services
     /// `stampede up` runs, comma-separated (`ingest` alone: just the edge).
     pub up_services: Vec<crate::ServiceKind>,
@@ -465,6 +471,12 @@ impl Config {
                 172_800,
                 60,
                 365 * 86400,
+            )?),
+            unavailable_probe_every: Duration::from_secs(number(
+                "STAMPEDE_UNAVAILABLE_PROBE_SECS",
+                300,
+                10,
+                86400,
             )?),
         })
     }

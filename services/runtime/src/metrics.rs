@@ -186,7 +186,8 @@ pub struct Metrics {
     /// change).
     pub domain_policies: Gauge,
     /// Follower inboxes fanout did not queue, by reason (`blocked`: a
-    /// blocked domain; `own_host`: this server, a loop).
+    /// blocked domain; `own_host`: this server, a loop; `unavailable`: a
+    /// host failing for STAMPEDE_HOST_UNAVAILABLE_SECS).
     pub fanout_skipped: Family<Label, Counter>,
     /// Deliveries parked in the delay queues by reason (`paused`,
     /// `circuit_open`, `saturated`, `local_exhausted`, `retry`), sampled
@@ -328,7 +329,7 @@ impl Metrics {
         let fanout_skipped = Family::<Label, Counter>::default();
         registry.register(
             "fanout_skipped_targets",
-            "Target inboxes fanout did not queue, by reason (blocked, own_host)",
+            "Target inboxes fanout did not queue, by reason (blocked, own_host, unavailable)",
             fanout_skipped.clone(),
         );
         let delivery_parked = Family::<Label, Gauge>::default();

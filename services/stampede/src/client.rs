@@ -174,6 +174,25 @@ impl Client {
         Ok(())
     }
 
+    /// Failing hosts (only the unavailable ones with `unavailable_only`).
+    pub async fn failing_hosts(
+        &self,
+        unavailable_only: bool,
+        limit: u32,
+    ) -> anyhow::Result<Vec<stampede_proto::api::FailingHost>> {
+        Ok(self
+            .admin
+            .clone()
+            .list_failing_hosts(stampede_proto::api::ListFailingHostsRequest {
+                unavailable_only,
+                limit,
+            })
+            .await
+            .map_err(status)?
+            .into_inner()
+            .hosts)
+    }
+
     /// Sets a domain's policy.
     pub async fn set_domain_policy(
         &self,

@@ -138,6 +138,16 @@ enum HostCommand {
         /// The host.
         host: String,
     },
+    /// Hosts whose deliveries are failing, longest failing first.
+    List {
+        /// Only those failing for STAMPEDE_HOST_UNAVAILABLE_SECS (fanout
+        /// skips them until they are found back).
+        #[arg(long)]
+        unavailable: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -369,29 +379,8 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             println!("delivered    {}", s.delivered);
             println!("failed       {}", s.failed);
             if !s.failing_hosts.is_empty() {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as i64);
-                println!(
-                    "\n{:<32} {:>9} {:>14} {:>14}",
-                    "FAILING HOST", "FAILURES", "FAILING FOR", "CIRCUIT"
-                );
-                for h in &s.failing_hosts {
-                    let circuit = if h.unavailable {
-                        "unavailable".to_string()
-                    } else if h.circuit_open_until_unix_ms > now {
-                        format!("open {}s", (h.circuit_open_until_unix_ms - now) / 1000)
-                    } else {
-                        "half-open".to_string()
-                    };
-                    println!(
-                        "{:<32} {:>9} {:>13}s {:>14}",
-                        h.host,
-                        h.failures,
-                        (now - h.failing_since_unix_ms).max(0) / 1000,
-                        circuit
-                    );
-                }
+                println!();
+                print_failing_hosts(&s.failing_hosts);
             }
             if !s.paused_hosts.is_empty() {
                 println!("paused hosts {}", s.paused_hosts.join(", "));
@@ -462,6 +451,11 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             let (host, paused) = match command {
                 HostCommand::Pause { host } => (host, true),
                 HostCommand::Resume { host } => (host, false),
+                HostCommand::List { unavailable, limit } => {
+                    let hosts = c.failing_hosts(unavailable, limit).await?;
+                    print_failing_hosts(&hosts);
+                    return Ok(());
+                }
             };
             c.set_host_paused(host.clone(), paused).await?;
             println!("{host} {}", if paused { "paused" } else { "resumed" });
@@ -511,6 +505,33 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
         Command::Sink(args) => sink::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+/// The failing hosts table (`status`, `host list`).
+fn print_failing_hosts(hosts: &[stampede_proto::api::FailingHost]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    println!(
+        "{:<32} {:>9} {:>14} {:>14}",
+        "FAILING HOST", "FAILURES", "FAILING FOR", "CIRCUIT"
+    );
+    for h in hosts {
+        let circuit = if h.unavailable {
+            "unavailable".to_string()
+        } else if h.circuit_open_until_unix_ms > now {
+            format!("open {}s", (h.circuit_open_until_unix_ms - now) / 1000)
+        } else {
+            "half-open".to_string()
+        };
+        println!(
+            "{:<32} {:>9} {:>13}s {:>14}",
+            h.host,
+            h.failures,
+            (now - h.failing_since_unix_ms).max(0) / 1000,
+            circuit
+        );
     }
 }
 

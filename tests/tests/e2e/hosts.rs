@@ -385,8 +385,160 @@ async fn an_unavailable_hosts_dead_letter_counts_the_attempts_made(backend: Back
     app.stop().await;
 }
 
+/// Hosts marked unavailable, as `stampede host list --unavailable` shows them.
+async fn unavailable_hosts(app: &TestApp) -> Vec<String> {
+    app.admin()
+        .list_failing_hosts(stampede_proto::api::ListFailingHostsRequest {
+            unavailable_only: true,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts
+        .into_iter()
+        .map(|h| h.host)
+        .collect()
+}
+
+fn got_activity(sink: &Sink, i: usize, id: &str) -> bool {
+    sink.received(i)
+        .iter()
+        .any(|r| r.activity_id.as_deref() == Some(id) && (200..300).contains(&r.status))
+}
+
+/// A host failing for STAMPEDE_HOST_UNAVAILABLE_SECS gets no job from
+/// fanout (counted), until the periodic probe finds it back; one that sends
+/// a verified request is back for fanout at once.
+async fn an_unavailable_host_is_not_fanned_out_to_until_it_is_back(backend: Backend) {
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![
+                ("STAMPEDE_CIRCUIT_FAILURES", "1".into()),
+                ("STAMPEDE_CIRCUIT_OPEN_SECS", "1".into()),
+                ("STAMPEDE_RETRY_SCHEDULE_SECS", "1,1,1,1,1,1,1,1".into()),
+            ],
+            // Kept (twice this) longer than RabbitMQ's shortest delay tier,
+            // 5 s, that holds the retry.
+            tune: Some(|c| {
+                c.host_unavailable_after = Duration::from_secs(3);
+                c.unavailable_probe_every = Duration::from_secs(1);
+            }),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let sink = Sink::start(SinkOptions {
+        servers: 3,
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    let alice = app.create_actor("alice").await;
+    let alice_id = format!("{}/users/alice", app.http_base);
+    let (bob, carol, dave) = (
+        sink.actor(0, "bob").unwrap(),
+        sink.actor(1, "carol").unwrap(),
+        sink.actor(2, "dave").unwrap(),
+    );
+    app.seed_followers(alice, &[bob.clone(), carol.clone(), dave.clone()])
+        .await;
+    sink.set_behavior(1, Behavior::Status(503)).unwrap();
+    sink.set_behavior(2, Behavior::Status(503)).unwrap();
+    publish_posts(&app, 1).await;
+    wait_for(
+        "carol's and dave's hosts unavailable",
+        Duration::from_secs(60),
+        || async {
+            let u = unavailable_hosts(&app).await;
+            u.contains(&carol.host) && u.contains(&dave.host)
+        },
+    )
+    .await;
+    // Fanout rereads the unavailable hosts every 5 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let posts_to_carol = sink.received(1).len();
+    let note = app
+        .publish("alice", &public_note(&alice_id, "while away"), "")
+        .await
+        .unwrap();
+    wait_for("bob's copy", Duration::from_secs(30), || async {
+        got_activity(&sink, 0, &note.activity_id)
+    })
+    .await;
+    wait_for(
+        "two inboxes skipped by fanout",
+        Duration::from_secs(10),
+        || async {
+            app.metric(
+                "fanout",
+                "stampede_fanout_skipped_targets_total",
+                "reason=\"unavailable\"",
+            )
+            .await
+                == 2
+        },
+    )
+    .await;
+
+    // Dave's server sends a verified request: up for fanout again at once.
+    let inbox = format!("{}/users/alice/inbox", app.http_base);
+    let like = serde_json::json!({
+        "@context": "https://www.w3.org/ns/activitystreams",
+        "id": format!("{}/likes/1", dave.id),
+        "type": "Like",
+        "actor": dave.id,
+        "object": note.activity_id,
+    });
+    let sent = sink
+        .send(
+            2,
+            "dave",
+            &inbox,
+            &like,
+            stampede_sink::SendOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.status, 202);
+    wait_for("dave's host available", Duration::from_secs(20), || async {
+        !unavailable_hosts(&app).await.contains(&dave.host)
+    })
+    .await;
+    assert!(unavailable_hosts(&app).await.contains(&carol.host));
+
+    // Carol's server comes back: the periodic probe finds it.
+    sink.set_behavior(1, Behavior::Ok).unwrap();
+    sink.set_behavior(2, Behavior::Ok).unwrap();
+    wait_for(
+        "carol's host probed back",
+        Duration::from_secs(30),
+        || async { unavailable_hosts(&app).await.is_empty() },
+    )
+    .await;
+    assert_eq!(
+        posts_received(&sink, 1),
+        posts_to_carol,
+        "carol's server got a post while unavailable"
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let back = app
+        .publish("alice", &public_note(&alice_id, "back"), "")
+        .await
+        .unwrap();
+    wait_for(
+        "every copy after the return",
+        Duration::from_secs(60),
+        || async { (0..3).all(|i| got_activity(&sink, i, &back.activity_id)) },
+    )
+    .await;
+    app.stop().await;
+}
+
 crate::both_backends!(
     circuit_opens_is_probed_closes_and_ramps_up,
     status_counts_parked_deliveries_per_reason,
-    an_unavailable_hosts_dead_letter_counts_the_attempts_made
+    an_unavailable_hosts_dead_letter_counts_the_attempts_made,
+    an_unavailable_host_is_not_fanned_out_to_until_it_is_back
 );

@@ -910,6 +910,32 @@ impl Store for EmbeddedStore {
             .await
     }
 
+    async fn unavailable_hosts(&self, limit: u32) -> Result<Vec<String>> {
+        self.db
+            .call(move |c| {
+                let mut s = c.prepare_cached(
+                    "SELECT host FROM hosts WHERE unavailable ORDER BY failing_since_ms, host LIMIT ?1",
+                )?;
+                let rows = s
+                    .query_map(params![limit], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn mark_host_available(&self, host: &str) -> Result<bool> {
+        let host = host.to_string();
+        self.db
+            .call(move |c| {
+                Ok(c.execute(
+                    "UPDATE hosts SET unavailable = 0, updated_at = ?2 WHERE host = ?1 AND unavailable",
+                    params![host, now_ms()],
+                )? > 0)
+            })
+            .await
+    }
+
     async fn forget_hosts(&self, hosts: &[String], key_ids: &[String]) -> Result<u64> {
         let (hosts, key_ids) = (hosts.to_vec(), key_ids.to_vec());
         self.db

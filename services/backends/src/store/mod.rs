@@ -434,6 +434,12 @@ pub trait Store: Send + Sync + 'static {
     /// (`STAMPEDE_BLOCKED_DOMAINS` seeds the table once: a rule an operator
     /// removed stays removed). Returns how many were added.
     async fn seed_domain_policies(&self, seeds: &[DomainPolicy]) -> Result<u64>;
+    /// Hosts marked unavailable (failing for `STAMPEDE_HOST_UNAVAILABLE_SECS`),
+    /// longest failing first, at most `limit`.
+    async fn unavailable_hosts(&self, limit: u32) -> Result<Vec<String>>;
+    /// Clears a host's unavailable mark (it proved it is up), keeping the
+    /// rest of its failing state; true when it was marked.
+    async fn mark_host_available(&self, host: &str) -> Result<bool>;
     /// Hosts and key ids whose text contains `domain`.
     async fn domain_footprint(&self, domain: &str) -> Result<DomainFootprint>;
     /// Forgets `hosts` (a suspended domain's): the follows of local actors

@@ -1163,6 +1163,31 @@ impl Store for PgStore {
         })
     }
 
+    async fn unavailable_hosts(&self, limit: u32) -> Result<Vec<String>> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        let limit = i64::from(limit);
+        let rows = c
+            .query(
+                "SELECT host FROM hosts WHERE unavailable ORDER BY failing_since_ms, host LIMIT $1",
+                &[(&limit, Type::INT8)],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn mark_host_available(&self, host: &str) -> Result<bool> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        let n = c
+            .execute(
+                "UPDATE hosts SET unavailable = FALSE, updated_at = now() WHERE host = $1 AND unavailable",
+                &[(&host, Type::TEXT)],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
     async fn forget_hosts(&self, hosts: &[String], key_ids: &[String]) -> Result<u64> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;

@@ -44,6 +44,7 @@ macro_rules! store_test_suite {
                 totals_count_activities_deliveries_and_open_dead_letters,
                 domain_policies_are_set_replaced_removed_and_seeded_once,
                 a_domains_footprint_is_found_and_forgotten,
+                unavailable_hosts_are_listed_and_marked_available,
             );
         }
     };
@@ -1111,7 +1112,10 @@ async fn domain_policies_are_set_replaced_removed_and_seeded_once(cx: StoreCx) {
     assert_eq!(s.domain_policies().await.unwrap(), [allowed, loud.clone()]);
     assert!(s.remove_domain_policy("bad.example").await.unwrap());
     assert!(!s.remove_domain_policy("bad.example").await.unwrap());
-    assert_eq!(s.domain_policies().await.unwrap(), std::slice::from_ref(&loud));
+    assert_eq!(
+        s.domain_policies().await.unwrap(),
+        std::slice::from_ref(&loud)
+    );
 
     // Seeds: each domain once. One removed by an operator is not put back,
     // and a seed never overrides a rule set by hand.
@@ -1244,4 +1248,46 @@ async fn a_domains_footprint_is_found_and_forgotten(cx: StoreCx) {
         .unwrap()
         .hosts
         .is_empty());
+}
+
+async fn unavailable_hosts_are_listed_and_marked_available(cx: StoreCx) {
+    let s = &*cx.store;
+    assert!(s.unavailable_hosts(10).await.unwrap().is_empty());
+    let now = now_ms();
+    let health = |host: &str, since: i64, unavailable: bool| HostHealth {
+        host: host.into(),
+        failing_since_unix_ms: since,
+        failures: 30,
+        open_until_unix_ms: now + 60_000,
+        unavailable,
+    };
+    let old = health("old.example", now - 90_000, true);
+    let newer = health("newer.example:8443", now - 50_000, true);
+    let failing = health("failing.example", now - 100_000, false);
+    for h in [&old, &newer, &failing] {
+        s.set_host_health(&h.host, Some(h)).await.unwrap();
+    }
+    assert_eq!(
+        s.unavailable_hosts(10).await.unwrap(),
+        [old.host.clone(), newer.host.clone()],
+        "longest failing first; a failing host not yet unavailable is not listed"
+    );
+    assert_eq!(s.unavailable_hosts(1).await.unwrap(), [old.host.clone()]);
+
+    assert!(s.mark_host_available(&old.host).await.unwrap());
+    assert!(!s.mark_host_available(&old.host).await.unwrap());
+    assert!(!s.mark_host_available("never.example").await.unwrap());
+    assert_eq!(s.unavailable_hosts(10).await.unwrap(), [newer.host.clone()]);
+    // Still failing: only the mark went.
+    let listed = s.failing_hosts(10).await.unwrap();
+    let o = listed.iter().find(|h| h.host == old.host).unwrap();
+    assert_eq!(
+        o,
+        &HostHealth {
+            unavailable: false,
+            ..old
+        }
+    );
+    s.set_host_health(&newer.host, None).await.unwrap();
+    assert!(s.unavailable_hosts(10).await.unwrap().is_empty());
 }
