@@ -11,3 +11,35 @@ CREATE TABLE domain_policies (
 CREATE TABLE domain_policy_seeds (
     domain TEXT PRIMARY KEY
 );
+
+-- What each activity's fanout queued, per page and host (a page run again
+-- rewrites its own rows), and the targets not sent for a reason: skipped by
+-- fanout (policy, unavailable) or dropped at send time (suspended,
+-- superseded). With the success records and dead letters, the delivery
+-- status of an activity is exact after any crash.
+CREATE TABLE activity_targets (
+    activity_key TEXT NOT NULL REFERENCES activities(key) ON DELETE CASCADE,
+    page         TEXT NOT NULL,
+    host         TEXT NOT NULL,
+    targets      BIGINT NOT NULL,
+    PRIMARY KEY (activity_key, page, host)
+);
+CREATE TABLE delivery_skips (
+    activity_key TEXT NOT NULL REFERENCES activities(key) ON DELETE CASCADE,
+    inbox        TEXT NOT NULL,
+    host         TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    at_ms        BIGINT NOT NULL,
+    PRIMARY KEY (activity_key, inbox)
+);
+-- Deliveries waiting for a retry (a failed attempt behind them); removed
+-- when they succeed or stop.
+CREATE TABLE delivery_retries (
+    activity_key TEXT NOT NULL REFERENCES activities(key) ON DELETE CASCADE,
+    inbox        TEXT NOT NULL,
+    host         TEXT NOT NULL,
+    attempts     INTEGER NOT NULL,
+    last_status  INTEGER,
+    next_ms      BIGINT NOT NULL,
+    PRIMARY KEY (activity_key, inbox)
+);

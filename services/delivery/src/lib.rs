@@ -234,6 +234,7 @@ impl Delivery {
             return Ok(());
         }
         if self.p.policy.is_blocked(host) {
+            self.record_skip(job, host, "suspended").await?;
             count_outcome(m, DeliveryOutcome::Suspended);
             tracing::info!(inbox_host = %host, "delivery dropped: the inbox's domain is suspended or not allowed");
             return Ok(());
@@ -249,6 +250,7 @@ impl Delivery {
         if let Ok(prep) = self.prepared(&job.activity_key).await {
             if let Some((actor, object)) = &prep.supersedable {
                 if self.superseded(&prep, *actor, object).await? {
+                    self.record_skip(job, host, "superseded").await?;
                     count_outcome(m, DeliveryOutcome::Superseded);
                     tracing::info!(activity_id = %prep.ap_id, "superseded by a Delete of its object; not sent");
                     return Ok(());
@@ -432,6 +434,18 @@ impl Delivery {
                 };
                 match delay {
                     Some(delay) => {
+                        // For the activity's delivery status; before the
+                        // retry exists, repeatable.
+                        store
+                            .record_retry(
+                                &job.activity_key,
+                                &job.inbox,
+                                host,
+                                attempts,
+                                status,
+                                stampede_backends::clock::now_ms() + delay.as_millis() as i64,
+                            )
+                            .await?;
                         let next = DeliveryJob {
                             attempt: attempts,
                             class: class.into(),
@@ -680,6 +694,26 @@ impl Delivery {
             DeliveryOutcome::ProbeFailed
         });
         ok
+    }
+
+    /// Records a job not sent, for the activity's delivery status.
+    async fn record_skip(
+        &self,
+        job: &DeliveryJob,
+        host: &str,
+        reason: &'static str,
+    ) -> Result<(), DeliveryError> {
+        let skip = stampede_backends::store::Skip {
+            inbox: job.inbox.clone(),
+            host: host.to_string(),
+            reason,
+        };
+        self.p
+            .backends
+            .store
+            .record_skip(&job.activity_key, &skip)
+            .await?;
+        Ok(())
     }
 
     /// Probes the hosts marked unavailable every

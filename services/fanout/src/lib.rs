@@ -21,7 +21,7 @@ use prost::Message;
 use stampede_backends::queue::{
     class_name, ready_messages, route_of, Incoming, OutMessage, QueueName,
 };
-use stampede_backends::store::StoredActivity;
+use stampede_backends::store::{Skip, StoredActivity};
 use stampede_core::activity::{addressing, PUBLIC};
 use stampede_core::targets::Recipient;
 use stampede_proto::queue::{DeliveryClass, DeliveryJob, FanoutJob};
@@ -233,6 +233,14 @@ impl Fanout {
         let mut total = job.queued_before;
         if resumed.is_none() && !explicit.is_empty() {
             total += explicit.len() as u64;
+            b.store
+                .record_fanout_page(
+                    &activity.key,
+                    "explicit",
+                    &per_host(explicit.iter().map(String::as_str)),
+                    &[],
+                )
+                .await?;
             b.queue
                 .publish_batch(queue, explicit.iter().map(|i| make(i)).collect())
                 .await?;
@@ -260,10 +268,32 @@ impl Fanout {
                 let Some(last) = page.last().cloned() else {
                     break;
                 };
-                let batch: Vec<OutMessage> = interleave_by_host(&page)
-                    .filter(|t| !explicit.contains(*t) && self.allowed(t))
-                    .map(make)
+                let mut skips = Vec::new();
+                let targets: Vec<&str> = interleave_by_host(&page)
+                    .filter(|t| !explicit.contains(*t))
+                    .filter(|t| match self.skip_reason(t) {
+                        None => true,
+                        Some(reason) => {
+                            skips.push(Skip {
+                                inbox: t.to_string(),
+                                host: target_host(t).to_string(),
+                                reason,
+                            });
+                            false
+                        }
+                    })
                     .collect();
+                // Recorded before the jobs exist, under the page's place: a
+                // page run again rewrites its own counts.
+                b.store
+                    .record_fanout_page(
+                        &activity.key,
+                        after.as_deref().unwrap_or(""),
+                        &per_host(targets.iter().copied()),
+                        &skips,
+                    )
+                    .await?;
+                let batch: Vec<OutMessage> = targets.into_iter().map(|t| make(t)).collect();
                 total += batch.len() as u64;
                 b.queue.publish_batch(queue, batch).await?;
                 if page.len() < page_size as usize {
@@ -311,11 +341,11 @@ impl Fanout {
         Ok(())
     }
 
-    /// Whether an inbox may be queued: not on a blocked domain (a follower
+    /// Why an inbox is not to be queued, if it is not: on a blocked domain (a follower
     /// on a domain blocked since it followed), not on this server (a loop),
     /// not on a host marked unavailable (its jobs would only be
     /// dead-lettered). Counted when not.
-    fn allowed(&self, inbox: &str) -> bool {
+    fn skip_reason(&self, inbox: &str) -> Option<&'static str> {
         let cfg = &self.p.cfg;
         let host = target_host(inbox);
         let why = if cfg.is_own_authority(host) {
@@ -325,10 +355,10 @@ impl Fanout {
         } else if self.unavailable.contains(host) {
             "unavailable"
         } else {
-            return true;
+            return None;
         };
         self.skipped(why, inbox);
-        false
+        Some(why)
     }
 
     fn skipped(&self, why: &'static str, target: &str) {
@@ -397,7 +427,7 @@ impl Fanout {
                         .target()
                         .to_string()
                     };
-                    if self.allowed(&target) {
+                    if self.skip_reason(&target).is_none() {
                         targets.insert(target);
                     }
                 }
@@ -532,4 +562,13 @@ mod tests {
             ]
         );
     }
+}
+
+/// Targets counted by host.
+fn per_host<'a>(targets: impl Iterator<Item = &'a str>) -> Vec<(String, u64)> {
+    let mut m: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for t in targets {
+        *m.entry(target_host(t)).or_default() += 1;
+    }
+    m.into_iter().map(|(h, n)| (h.to_string(), n)).collect()
 }

@@ -231,6 +231,44 @@ impl AdminService for AdminApi {
         Ok(Response::new(RemoveDomainPolicyResponse { removed }))
     }
 
+    async fn get_activity_delivery(
+        &self,
+        req: Request<stampede_proto::api::GetActivityDeliveryRequest>,
+    ) -> Result<Response<stampede_proto::api::ActivityDelivery>, Status> {
+        let r = req.into_inner();
+        if r.activity_id.is_empty() || r.activity_id.len() > 2048 {
+            return Err(IngestError::Invalid("activity_id: the activity's id".into()).into());
+        }
+        let d = self
+            .0
+            .backends
+            .store
+            .activity_delivery(&r.activity_id)
+            .await
+            .map_err(IngestError::from)?
+            .ok_or_else(|| {
+                IngestError::NotFound(format!("no activity {} published here", r.activity_id))
+            })?;
+        let mut sum = stampede_proto::api::DeliveryCounts::default();
+        let mut hosts = Vec::new();
+        for h in &d.hosts {
+            let c = delivery_counts(h);
+            add_counts(&mut sum, &c);
+            if r.per_host {
+                hosts.push(stampede_proto::api::HostDelivery {
+                    host: h.host.clone(),
+                    counts: Some(c),
+                });
+            }
+        }
+        Ok(Response::new(stampede_proto::api::ActivityDelivery {
+            activity_id: d.ap_id,
+            fanned_out: d.fanned_out,
+            counts: Some(sum),
+            hosts,
+        }))
+    }
+
     async fn list_failing_hosts(
         &self,
         req: Request<stampede_proto::api::ListFailingHostsRequest>,
@@ -447,4 +485,47 @@ fn failing_host(h: stampede_backends::store::HostHealth) -> stampede_proto::api:
         circuit_open_until_unix_ms: h.open_until_unix_ms,
         unavailable: h.unavailable,
     }
+}
+
+/// One host's targets by state, from its records.
+fn delivery_counts(
+    h: &stampede_backends::store::HostDelivery,
+) -> stampede_proto::api::DeliveryCounts {
+    let by = |reason: &str| -> u64 {
+        h.skipped
+            .iter()
+            .filter(|(r, _)| r == reason)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let (blocked, unavailable, own) = (by("blocked"), by("unavailable"), by("own_host"));
+    let (suspended, superseded) = (by("suspended"), by("superseded"));
+    // Fanout's skips made no job; the send-time drops are among its jobs.
+    let settled = h.delivered + h.dead_lettered + h.retrying + suspended + superseded;
+    stampede_proto::api::DeliveryCounts {
+        total: h.targets + blocked + unavailable + own,
+        pending: h.targets.saturating_sub(settled),
+        delivered: h.delivered,
+        retrying: h.retrying,
+        dead_lettered: h.dead_lettered,
+        skipped_policy: blocked + suspended,
+        skipped_unavailable: unavailable,
+        skipped_other: own,
+        superseded,
+    }
+}
+
+fn add_counts(
+    sum: &mut stampede_proto::api::DeliveryCounts,
+    c: &stampede_proto::api::DeliveryCounts,
+) {
+    sum.total += c.total;
+    sum.pending += c.pending;
+    sum.delivered += c.delivered;
+    sum.retrying += c.retrying;
+    sum.dead_lettered += c.dead_lettered;
+    sum.skipped_policy += c.skipped_policy;
+    sum.skipped_unavailable += c.skipped_unavailable;
+    sum.skipped_other += c.skipped_other;
+    sum.superseded += c.superseded;
 }

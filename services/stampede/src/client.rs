@@ -174,6 +174,24 @@ impl Client {
         Ok(())
     }
 
+    /// Where an activity's deliveries are.
+    pub async fn activity_delivery(
+        &self,
+        activity_id: String,
+        per_host: bool,
+    ) -> anyhow::Result<stampede_proto::api::ActivityDelivery> {
+        Ok(self
+            .admin
+            .clone()
+            .get_activity_delivery(stampede_proto::api::GetActivityDeliveryRequest {
+                activity_id,
+                per_host,
+            })
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
     /// Failing hosts (only the unavailable ones with `unavailable_only`).
     pub async fn failing_hosts(
         &self,

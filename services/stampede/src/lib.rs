@@ -84,6 +84,11 @@ enum Command {
         #[command(subcommand)]
         command: HostCommand,
     },
+    /// Published activities.
+    Activity {
+        #[command(subcommand)]
+        command: ActivityCommand,
+    },
     /// Remote domain policies, applied by every process within 5 s.
     Domain {
         #[command(subcommand)]
@@ -147,6 +152,19 @@ enum HostCommand {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ActivityCommand {
+    /// Where an activity's deliveries are: targets by state, from the
+    /// durable records.
+    Status {
+        /// The activity's id (as `publish` printed it).
+        id: String,
+        /// With a line per host.
+        #[arg(long)]
+        hosts: bool,
     },
 }
 
@@ -459,6 +477,55 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             };
             c.set_host_paused(host.clone(), paused).await?;
             println!("{host} {}", if paused { "paused" } else { "resumed" });
+            Ok(())
+        }
+        Command::Activity {
+            command: ActivityCommand::Status { id, hosts },
+        } => {
+            let c = client::Client::connect(server).await?;
+            let d = c.activity_delivery(id, hosts).await?;
+            println!(
+                "{} ({})",
+                d.activity_id,
+                if d.fanned_out {
+                    "fanned out"
+                } else {
+                    "fanout in progress"
+                }
+            );
+            let header = || {
+                println!(
+                    "{:<32} {:>7} {:>7} {:>9} {:>8} {:>6} {:>7} {:>11} {:>10}",
+                    "HOST",
+                    "TOTAL",
+                    "PENDING",
+                    "DELIVERED",
+                    "RETRYING",
+                    "DEAD",
+                    "POLICY",
+                    "UNAVAILABLE",
+                    "SUPERSEDED"
+                )
+            };
+            let line = |name: &str, k: &stampede_proto::api::DeliveryCounts| {
+                println!(
+                    "{:<32} {:>7} {:>7} {:>9} {:>8} {:>6} {:>7} {:>11} {:>10}",
+                    name,
+                    k.total,
+                    k.pending,
+                    k.delivered,
+                    k.retrying,
+                    k.dead_lettered,
+                    k.skipped_policy,
+                    k.skipped_unavailable,
+                    k.superseded
+                )
+            };
+            header();
+            for h in &d.hosts {
+                line(&h.host, &h.counts.unwrap_or_default());
+            }
+            line("(all)", &d.counts.unwrap_or_default());
             Ok(())
         }
         Command::Domain { command } => {

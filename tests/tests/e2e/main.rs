@@ -4,6 +4,7 @@
 //! fake remote servers on 127.0.0.1 that verify what they receive.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod activity_status;
 mod bench;
 mod cluster;
 mod crash;

@@ -8,3 +8,29 @@ CREATE TABLE domain_policies (
 CREATE TABLE domain_policy_seeds (
     domain TEXT PRIMARY KEY
 );
+
+-- See migrations/0006_domain_policies.sql.
+CREATE TABLE activity_targets (
+    activity_key TEXT NOT NULL REFERENCES activities(key) ON DELETE CASCADE,
+    page         TEXT NOT NULL,
+    host         TEXT NOT NULL,
+    targets      INTEGER NOT NULL,
+    PRIMARY KEY (activity_key, page, host)
+) WITHOUT ROWID;
+CREATE TABLE delivery_skips (
+    activity_key TEXT NOT NULL REFERENCES activities(key) ON DELETE CASCADE,
+    inbox        TEXT NOT NULL,
+    host         TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    at_ms        INTEGER NOT NULL,
+    PRIMARY KEY (activity_key, inbox)
+) WITHOUT ROWID;
+CREATE TABLE delivery_retries (
+    activity_key TEXT NOT NULL REFERENCES activities(key) ON DELETE CASCADE,
+    inbox        TEXT NOT NULL,
+    host         TEXT NOT NULL,
+    attempts     INTEGER NOT NULL,
+    last_status  INTEGER,
+    next_ms      INTEGER NOT NULL,
+    PRIMARY KEY (activity_key, inbox)
+) WITHOUT ROWID;

@@ -10,9 +10,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::clock::now_ms;
 use crate::sqlite::{DataDirLock, Db};
 use crate::store::{
-    like_containing, DeadLetter, DomainFootprint, DomainPolicy, Follower, HostHealth, Inserted,
-    LocalActor, NewActivity, NewActor, NewDeadLetter, PolicyKind, PrivateKey, RemoteActor,
-    RemoteKey, Store, StoredActivity, Totals, FOOTPRINT_KEYS,
+    like_containing, ActivityDelivery, DeadLetter, DomainFootprint, DomainPolicy, Follower,
+    HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter, PolicyKind,
+    PrivateKey, RemoteActor, RemoteKey, Skip, Store, StoredActivity, Totals, FOOTPRINT_KEYS,
 };
 use crate::{Error, Result};
 
@@ -629,6 +629,12 @@ impl Store for EmbeddedStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
                 )?
                 .execute(params![key, inbox, host, status, attempts, now_ms()])?;
+                if attempts > 1 {
+                    c.prepare_cached(
+                        "DELETE FROM delivery_retries WHERE activity_key = ?1 AND inbox = ?2",
+                    )?
+                    .execute(params![key, inbox])?;
+                }
                 Ok(())
             })
             .await
@@ -641,6 +647,10 @@ impl Store for EmbeddedStore {
                     "INSERT INTO dead_letters (activity_key, inbox, host, reason, last_status, attempts, first_attempt_at, last_attempt_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![d.activity_key, d.inbox, d.host, d.reason, d.last_status, d.attempts, d.first_attempt_unix_ms, now_ms()],
+                )?;
+                c.execute(
+                    "DELETE FROM delivery_retries WHERE activity_key = ?1 AND inbox = ?2",
+                    params![d.activity_key, d.inbox],
                 )?;
                 Ok(())
             })
@@ -883,6 +893,159 @@ impl Store for EmbeddedStore {
                     )? as u64;
                 }
                 Ok(added)
+            })
+            .await
+    }
+
+    async fn record_fanout_page(
+        &self,
+        activity_key: &str,
+        page: &str,
+        per_host: &[(String, u64)],
+        skips: &[Skip],
+    ) -> Result<()> {
+        let (key, page, per_host, skips) = (
+            activity_key.to_string(),
+            page.to_string(),
+            per_host.to_vec(),
+            skips.to_vec(),
+        );
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "DELETE FROM activity_targets WHERE activity_key = ?1 AND page = ?2",
+                    params![key, page],
+                )?;
+                let mut s = c.prepare_cached(
+                    "INSERT INTO activity_targets (activity_key, page, host, targets) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for (host, n) in &per_host {
+                    s.execute(params![key, page, host, *n as i64])?;
+                }
+                let mut s = c.prepare_cached(
+                    "INSERT INTO delivery_skips (activity_key, inbox, host, reason, at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                )?;
+                let now = now_ms();
+                for k in &skips {
+                    s.execute(params![key, k.inbox, k.host, k.reason, now])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn record_skip(&self, activity_key: &str, skip: &Skip) -> Result<()> {
+        let (key, skip) = (activity_key.to_string(), skip.clone());
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO delivery_skips (activity_key, inbox, host, reason, at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                    params![key, skip.inbox, skip.host, skip.reason, now_ms()],
+                )?;
+                c.execute(
+                    "DELETE FROM delivery_retries WHERE activity_key = ?1 AND inbox = ?2",
+                    params![key, skip.inbox],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn record_retry(
+        &self,
+        activity_key: &str,
+        inbox: &str,
+        host: &str,
+        attempts: u32,
+        last_status: Option<u16>,
+        next_unix_ms: i64,
+    ) -> Result<()> {
+        let (key, inbox, host) = (
+            activity_key.to_string(),
+            inbox.to_string(),
+            host.to_string(),
+        );
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO delivery_retries (activity_key, inbox, host, attempts, last_status, next_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (activity_key, inbox) DO UPDATE SET attempts = excluded.attempts,
+                         last_status = excluded.last_status, next_ms = excluded.next_ms",
+                    params![key, inbox, host, attempts, last_status, next_unix_ms],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn activity_delivery(&self, id: &str) -> Result<Option<ActivityDelivery>> {
+        let id = id.to_string();
+        self.db
+            .call(move |c| {
+                let Some((key, ap_id, fanned_out)) = c
+                    .query_row(
+                        "SELECT key, ap_id, fanned_out_at IS NOT NULL FROM activities
+                         WHERE ap_id = ?1 OR key = ?1 LIMIT 1",
+                        params![id],
+                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?)),
+                    )
+                    .optional()?
+                else {
+                    return Ok(None);
+                };
+                let mut hosts = HostCounts::default();
+                let counts = |sql: &str| -> Result<Vec<(String, i64)>> {
+                    let mut s = c.prepare_cached(sql)?;
+                    let rows = s
+                        .query_map(params![key], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<Vec<(String, i64)>>>()?;
+                    Ok(rows)
+                };
+                for (h, n) in counts(
+                    "SELECT host, SUM(targets) FROM activity_targets WHERE activity_key = ?1 GROUP BY host",
+                )? {
+                    hosts.get(h).targets = n as u64;
+                }
+                for (h, n) in counts(
+                    "SELECT host, count(*) FROM deliveries WHERE activity_key = ?1 GROUP BY host",
+                )? {
+                    hosts.get(h).delivered = n as u64;
+                }
+                for (h, n) in counts(
+                    "SELECT host, count(DISTINCT inbox) FROM dead_letters d
+                     WHERE activity_key = ?1 AND replayed_at IS NULL
+                       AND NOT EXISTS (SELECT 1 FROM deliveries x WHERE x.activity_key = ?1 AND x.inbox = d.inbox)
+                     GROUP BY host",
+                )? {
+                    hosts.get(h).dead_lettered = n as u64;
+                }
+                for (h, n) in counts(
+                    "SELECT host, count(*) FROM delivery_retries r
+                     WHERE activity_key = ?1
+                       AND NOT EXISTS (SELECT 1 FROM deliveries x WHERE x.activity_key = ?1 AND x.inbox = r.inbox)
+                       AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.activity_key = ?1 AND d.inbox = r.inbox AND d.replayed_at IS NULL)
+                     GROUP BY host",
+                )? {
+                    hosts.get(h).retrying = n as u64;
+                }
+                let mut s = c.prepare_cached(
+                    "SELECT host, reason, count(*) FROM delivery_skips WHERE activity_key = ?1 GROUP BY host, reason",
+                )?;
+                let skips = s
+                    .query_map(params![key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<rusqlite::Result<Vec<(String, String, i64)>>>()?;
+                for (h, reason, n) in skips {
+                    hosts.get(h).skipped.push((reason, n as u64));
+                }
+                Ok(Some(ActivityDelivery {
+                    key,
+                    ap_id,
+                    fanned_out,
+                    hosts: hosts.done(),
+                }))
             })
             .await
     }

@@ -295,6 +295,67 @@ pub(crate) fn like_containing(text: &str) -> String {
     out
 }
 
+/// A target an activity's delivery skipped, and why: by fanout (`blocked`,
+/// `unavailable`, `own_host`) or at send time (`suspended`, `superseded`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    /// The target inbox.
+    pub inbox: String,
+    /// Its host.
+    pub host: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// One host's share of an activity's delivery, from the durable records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostDelivery {
+    /// The inbox host.
+    pub host: String,
+    /// Delivery jobs fanout queued.
+    pub targets: u64,
+    /// Delivered (2xx).
+    pub delivered: u64,
+    /// Failed at least once, waiting for a retry.
+    pub retrying: u64,
+    /// Stopped for good, not replayed.
+    pub dead_lettered: u64,
+    /// Not sent, by reason ([`Skip::reason`]).
+    pub skipped: Vec<(String, u64)>,
+}
+
+/// An activity's delivery, host by host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActivityDelivery {
+    /// Store key.
+    pub key: String,
+    /// ActivityPub id.
+    pub ap_id: String,
+    /// Whether fanout has queued every job.
+    pub fanned_out: bool,
+    /// Per host, by host.
+    pub hosts: Vec<HostDelivery>,
+}
+
+/// Per-host counts gathered from several queries.
+#[derive(Default)]
+pub(crate) struct HostCounts(std::collections::BTreeMap<String, HostDelivery>);
+
+impl HostCounts {
+    /// The entry of `host`, made when new.
+    pub(crate) fn get(&mut self, host: String) -> &mut HostDelivery {
+        self.0.entry(host.clone()).or_insert_with(|| HostDelivery {
+            host,
+            ..HostDelivery::default()
+        })
+    }
+
+    /// By host.
+    pub(crate) fn done(self) -> Vec<HostDelivery> {
+        self.0.into_values().collect()
+    }
+}
+
 /// The durable store.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -440,6 +501,29 @@ pub trait Store: Send + Sync + 'static {
     /// Clears a host's unavailable mark (it proved it is up), keeping the
     /// rest of its failing state; true when it was marked.
     async fn mark_host_available(&self, host: &str) -> Result<bool>;
+    /// Records what one page of an activity's fanout queued per host, and
+    /// what it skipped; a page run again replaces its own counts.
+    async fn record_fanout_page(
+        &self,
+        activity_key: &str,
+        page: &str,
+        per_host: &[(String, u64)],
+        skips: &[Skip],
+    ) -> Result<()>;
+    /// Records a target dropped at send time (`suspended`, `superseded`).
+    async fn record_skip(&self, activity_key: &str, skip: &Skip) -> Result<()>;
+    /// Records a delivery waiting for its retry (until it succeeds or stops).
+    async fn record_retry(
+        &self,
+        activity_key: &str,
+        inbox: &str,
+        host: &str,
+        attempts: u32,
+        last_status: Option<u16>,
+        next_unix_ms: i64,
+    ) -> Result<()>;
+    /// The delivery of the activity with this ActivityPub id or store key.
+    async fn activity_delivery(&self, id: &str) -> Result<Option<ActivityDelivery>>;
     /// Hosts and key ids whose text contains `domain`.
     async fn domain_footprint(&self, domain: &str) -> Result<DomainFootprint>;
     /// Forgets `hosts` (a suspended domain's): the follows of local actors

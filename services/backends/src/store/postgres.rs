@@ -17,9 +17,9 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::store::{
-    like_containing, DeadLetter, DomainFootprint, DomainPolicy, Follower, HostHealth, Inserted,
-    LocalActor, NewActivity, NewActor, NewDeadLetter, PolicyKind, PrivateKey, RemoteActor,
-    RemoteKey, Store, StoredActivity, Totals, FOOTPRINT_KEYS,
+    like_containing, ActivityDelivery, DeadLetter, DomainFootprint, DomainPolicy, Follower,
+    HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter, PolicyKind,
+    PrivateKey, RemoteActor, RemoteKey, Skip, Store, StoredActivity, Totals, FOOTPRINT_KEYS,
 };
 use crate::{Error, Result};
 
@@ -865,12 +865,24 @@ impl Store for PgStore {
             ],
         )
         .await?;
+        if attempts > 1 {
+            c.execute(
+                "DELETE FROM delivery_retries WHERE activity_key = $1 AND inbox = $2",
+                &[(&activity_key, Type::TEXT), (&inbox, Type::TEXT)],
+            )
+            .await?;
+        }
         Ok(())
     }
 
     async fn add_dead_letter(&self, d: NewDeadLetter) -> Result<()> {
         let c = self.client().await?;
         let c = self.on(&c);
+        c.execute(
+            "DELETE FROM delivery_retries WHERE activity_key = $1 AND inbox = $2",
+            &[(&d.activity_key, Type::TEXT), (&d.inbox, Type::TEXT)],
+        )
+        .await?;
         c.execute(
             "INSERT INTO dead_letters (activity_key, inbox, host, reason, last_status, attempts, first_attempt_at)
              VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::float8 / 1000))",
@@ -1136,6 +1148,189 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(added)
+    }
+
+    async fn record_fanout_page(
+        &self,
+        activity_key: &str,
+        page: &str,
+        per_host: &[(String, u64)],
+        skips: &[Skip],
+    ) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let c = self.in_tx(&tx);
+        c.execute(
+            "DELETE FROM activity_targets WHERE activity_key = $1 AND page = $2",
+            &[(&activity_key, Type::TEXT), (&page, Type::TEXT)],
+        )
+        .await?;
+        let hosts: Vec<&str> = per_host.iter().map(|(h, _)| h.as_str()).collect();
+        let counts: Vec<i64> = per_host.iter().map(|(_, n)| *n as i64).collect();
+        c.execute(
+            "INSERT INTO activity_targets (activity_key, page, host, targets)
+             SELECT $1, $2, h, n FROM unnest($3::text[], $4::int8[]) AS t(h, n)",
+            &[
+                (&activity_key, Type::TEXT),
+                (&page, Type::TEXT),
+                (&hosts, Type::TEXT_ARRAY),
+                (&counts, Type::INT8_ARRAY),
+            ],
+        )
+        .await?;
+        if !skips.is_empty() {
+            let inboxes: Vec<&str> = skips.iter().map(|k| k.inbox.as_str()).collect();
+            let hosts: Vec<&str> = skips.iter().map(|k| k.host.as_str()).collect();
+            let reasons: Vec<&str> = skips.iter().map(|k| k.reason).collect();
+            let now = crate::clock::now_ms();
+            c.execute(
+                "INSERT INTO delivery_skips (activity_key, inbox, host, reason, at_ms)
+                 SELECT $1, i, h, r, $5 FROM unnest($2::text[], $3::text[], $4::text[]) AS t(i, h, r)
+                 ON CONFLICT DO NOTHING",
+                &[
+                    (&activity_key, Type::TEXT),
+                    (&inboxes, Type::TEXT_ARRAY),
+                    (&hosts, Type::TEXT_ARRAY),
+                    (&reasons, Type::TEXT_ARRAY),
+                    (&now, Type::INT8),
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record_skip(&self, activity_key: &str, skip: &Skip) -> Result<()> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        let now = crate::clock::now_ms();
+        c.execute(
+            "INSERT INTO delivery_skips (activity_key, inbox, host, reason, at_ms)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[
+                (&activity_key, Type::TEXT),
+                (&skip.inbox, Type::TEXT),
+                (&skip.host, Type::TEXT),
+                (&skip.reason, Type::TEXT),
+                (&now, Type::INT8),
+            ],
+        )
+        .await?;
+        c.execute(
+            "DELETE FROM delivery_retries WHERE activity_key = $1 AND inbox = $2",
+            &[(&activity_key, Type::TEXT), (&skip.inbox, Type::TEXT)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn record_retry(
+        &self,
+        activity_key: &str,
+        inbox: &str,
+        host: &str,
+        attempts: u32,
+        last_status: Option<u16>,
+        next_unix_ms: i64,
+    ) -> Result<()> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        c.execute(
+            "INSERT INTO delivery_retries (activity_key, inbox, host, attempts, last_status, next_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (activity_key, inbox) DO UPDATE SET attempts = EXCLUDED.attempts,
+                 last_status = EXCLUDED.last_status, next_ms = EXCLUDED.next_ms",
+            &[
+                (&activity_key, Type::TEXT),
+                (&inbox, Type::TEXT),
+                (&host, Type::TEXT),
+                (&(attempts as i32), Type::INT4),
+                (&last_status.map(i32::from), Type::INT4),
+                (&next_unix_ms, Type::INT8),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn activity_delivery(&self, id: &str) -> Result<Option<ActivityDelivery>> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        let Some(row) = c
+            .query_opt(
+                "SELECT key, ap_id, fanned_out_at IS NOT NULL FROM activities
+                 WHERE ap_id = $1 OR key = $1 LIMIT 1",
+                &[(&id, Type::TEXT)],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let key: String = row.get(0);
+        let k = [(&key as &(dyn ToSql + Sync), Type::TEXT)];
+        let mut hosts = HostCounts::default();
+        for r in c
+            .query(
+                "SELECT host, SUM(targets)::int8 FROM activity_targets WHERE activity_key = $1 GROUP BY host",
+                &k,
+            )
+            .await?
+        {
+            hosts.get(r.get(0)).targets = r.get::<_, i64>(1) as u64;
+        }
+        for r in c
+            .query(
+                "SELECT host, count(*) FROM deliveries WHERE activity_key = $1 GROUP BY host",
+                &k,
+            )
+            .await?
+        {
+            hosts.get(r.get(0)).delivered = r.get::<_, i64>(1) as u64;
+        }
+        for r in c
+            .query(
+                "SELECT host, count(DISTINCT inbox) FROM dead_letters d
+                 WHERE activity_key = $1 AND replayed_at IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM deliveries x WHERE x.activity_key = $1 AND x.inbox = d.inbox)
+                 GROUP BY host",
+                &k,
+            )
+            .await?
+        {
+            hosts.get(r.get(0)).dead_lettered = r.get::<_, i64>(1) as u64;
+        }
+        for r in c
+            .query(
+                "SELECT host, count(*) FROM delivery_retries r
+                 WHERE activity_key = $1
+                   AND NOT EXISTS (SELECT 1 FROM deliveries x WHERE x.activity_key = $1 AND x.inbox = r.inbox)
+                   AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.activity_key = $1 AND d.inbox = r.inbox AND d.replayed_at IS NULL)
+                 GROUP BY host",
+                &k,
+            )
+            .await?
+        {
+            hosts.get(r.get(0)).retrying = r.get::<_, i64>(1) as u64;
+        }
+        for r in c
+            .query(
+                "SELECT host, reason, count(*) FROM delivery_skips WHERE activity_key = $1 GROUP BY host, reason",
+                &k,
+            )
+            .await?
+        {
+            hosts
+                .get(r.get(0))
+                .skipped
+                .push((r.get(1), r.get::<_, i64>(2) as u64));
+        }
+        Ok(Some(ActivityDelivery {
+            key,
+            ap_id: row.get(1),
+            fanned_out: row.get(2),
+            hosts: hosts.done(),
+        }))
     }
 
     async fn domain_footprint(&self, domain: &str) -> Result<DomainFootprint> {

@@ -5,8 +5,8 @@
 //! standing alone, in the trait's order.
 use stampede_backends::clock::now_ms;
 use stampede_backends::store::{
-    DomainPolicy, Follower, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
-    PolicyKind, PrivateKey, RemoteActor, RemoteKey, Store, Totals,
+    DomainPolicy, Follower, HostDelivery, HostHealth, Inserted, LocalActor, NewActivity, NewActor,
+    NewDeadLetter, PolicyKind, PrivateKey, RemoteActor, RemoteKey, Skip, Store, Totals,
 };
 use stampede_backends::Error;
 
@@ -45,6 +45,7 @@ macro_rules! store_test_suite {
                 domain_policies_are_set_replaced_removed_and_seeded_once,
                 a_domains_footprint_is_found_and_forgotten,
                 unavailable_hosts_are_listed_and_marked_available,
+                an_activitys_delivery_is_counted_from_its_records,
             );
         }
     };
@@ -1296,4 +1297,135 @@ async fn unavailable_hosts_are_listed_and_marked_available(cx: StoreCx) {
     );
     s.set_host_health(&newer.host, None).await.unwrap();
     assert!(s.unavailable_hosts(10).await.unwrap().is_empty());
+}
+
+async fn an_activitys_delivery_is_counted_from_its_records(cx: StoreCx) {
+    let s = &*cx.store;
+    let alice = s.create_actor(new_actor("alice")).await.unwrap().id;
+    s.insert_activity(activity("k1", alice, "Create", None))
+        .await
+        .unwrap();
+    let ap_id = "https://local.example/activities/k1";
+    let d = s.activity_delivery(ap_id).await.unwrap().unwrap();
+    assert_eq!(
+        (d.key.as_str(), d.fanned_out, d.hosts.len()),
+        ("k1", false, 0)
+    );
+    assert!(s
+        .activity_delivery("https://nope.example/x")
+        .await
+        .unwrap()
+        .is_none());
+
+    let inbox = |h: &str, n: u32| format!("https://{h}/users/u{n}/inbox");
+    let skip = |h: &str, n: u32, reason: &'static str| Skip {
+        inbox: inbox(h, n),
+        host: h.into(),
+        reason,
+    };
+    // A page run twice counts once; the second page adds.
+    for _ in 0..2 {
+        s.record_fanout_page(
+            "k1",
+            "",
+            &[("a.example".into(), 3), ("b.example".into(), 2)],
+            &[skip("bad.example", 1, "blocked")],
+        )
+        .await
+        .unwrap();
+    }
+    s.record_fanout_page(
+        "k1",
+        "https://b.example/u9",
+        &[("b.example".into(), 1)],
+        &[skip("gone.example", 1, "unavailable")],
+    )
+    .await
+    .unwrap();
+    s.mark_fanned_out("k1", 6).await.unwrap();
+    // a: two delivered (one after a retry), one dead; b: one retrying, one
+    // delivered twice (a redelivered copy), one dropped at send time.
+    s.record_retry(
+        "k1",
+        &inbox("a.example", 1),
+        "a.example",
+        1,
+        Some(503),
+        now_ms() + 60_000,
+    )
+    .await
+    .unwrap();
+    s.record_delivered("k1", &inbox("a.example", 1), "a.example", 202, 2)
+        .await
+        .unwrap();
+    s.record_delivered("k1", &inbox("a.example", 2), "a.example", 202, 1)
+        .await
+        .unwrap();
+    s.record_retry("k1", &inbox("a.example", 3), "a.example", 1, None, now_ms())
+        .await
+        .unwrap();
+    s.add_dead_letter(NewDeadLetter {
+        activity_key: "k1".into(),
+        inbox: inbox("a.example", 3),
+        host: "a.example".into(),
+        reason: "410".into(),
+        last_status: Some(410),
+        attempts: 2,
+        first_attempt_unix_ms: now_ms(),
+    })
+    .await
+    .unwrap();
+    for attempts in [1, 2] {
+        s.record_retry(
+            "k1",
+            &inbox("b.example", 1),
+            "b.example",
+            attempts,
+            Some(500),
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    }
+    for _ in 0..2 {
+        s.record_delivered("k1", &inbox("b.example", 2), "b.example", 200, 1)
+            .await
+            .unwrap();
+    }
+    s.record_skip("k1", &skip("b.example", 3, "superseded"))
+        .await
+        .unwrap();
+
+    let d = s.activity_delivery("k1").await.unwrap().unwrap();
+    assert_eq!((d.ap_id.as_str(), d.fanned_out), (ap_id, true));
+    let host = |h: &str, targets, delivered, retrying, dead_lettered, skipped: &[(&str, u64)]| {
+        HostDelivery {
+            host: h.into(),
+            targets,
+            delivered,
+            retrying,
+            dead_lettered,
+            skipped: skipped.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
+        }
+    };
+    assert_eq!(
+        d.hosts,
+        [
+            host("a.example", 3, 2, 0, 1, &[]),
+            host("b.example", 3, 1, 1, 0, &[("superseded", 1)]),
+            host("bad.example", 0, 0, 0, 0, &[("blocked", 1)]),
+            host("gone.example", 0, 0, 0, 0, &[("unavailable", 1)]),
+        ]
+    );
+    // A dead letter replayed is pending again.
+    let ids: Vec<i64> = s
+        .dead_letters(10, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    s.mark_replayed(&ids).await.unwrap();
+    let d = s.activity_delivery(ap_id).await.unwrap().unwrap();
+    assert_eq!(d.hosts[0], host("a.example", 3, 2, 0, 0, &[]));
 }
