@@ -293,7 +293,7 @@ impl Fanout {
                         &skips,
                     )
                     .await?;
-                let batch: Vec<OutMessage> = targets.into_iter().map(|t| make(t)).collect();
+                let batch: Vec<OutMessage> = targets.into_iter().map(&make).collect();
                 total += batch.len() as u64;
                 b.queue.publish_batch(queue, batch).await?;
                 if page.len() < page_size as usize {
