@@ -26,6 +26,10 @@ const SCHEMA: &[(i32, &str)] = &[
         3,
         include_str!("../../migrations/embedded/0003_forget_unbound_documents.sql"),
     ),
+    (
+        4,
+        include_str!("../../migrations/embedded/0004_retention.sql"),
+    ),
 ];
 
 /// The SQLite implementation of [`Store`].
@@ -801,6 +805,64 @@ impl Store for EmbeddedStore {
                         })
                     },
                 )?)
+            })
+            .await
+    }
+
+    async fn prune_delivery_records(&self, before_unix_ms: i64, limit: u32) -> Result<u64> {
+        // Not fsynced: a pruned record that comes back after a power cut is
+        // pruned again.
+        self.db
+            .call_relaxed(move |c| {
+                let n = c
+                    .prepare_cached(
+                        "DELETE FROM deliveries WHERE (activity_key, inbox) IN
+                           (SELECT activity_key, inbox FROM deliveries
+                            WHERE delivered_at < ?1 LIMIT ?2)",
+                    )?
+                    .execute(params![before_unix_ms, i64::from(limit)])?;
+                Ok(n as u64)
+            })
+            .await
+    }
+
+    async fn prune_dead_letters(
+        &self,
+        replayed_before_unix_ms: i64,
+        attempted_before_unix_ms: i64,
+        limit: u32,
+    ) -> Result<u64> {
+        self.db
+            .call_relaxed(move |c| {
+                let n = c
+                    .prepare_cached(
+                        "DELETE FROM dead_letters WHERE id IN
+                           (SELECT id FROM dead_letters WHERE replayed_at < ?1
+                            UNION SELECT id FROM dead_letters WHERE last_attempt_at < ?2
+                            LIMIT ?3)",
+                    )?
+                    .execute(params![
+                        replayed_before_unix_ms,
+                        attempted_before_unix_ms,
+                        i64::from(limit)
+                    ])?;
+                Ok(n as u64)
+            })
+            .await
+    }
+
+    async fn purge_dead_letters(&self, host: Option<&str>, limit: u32) -> Result<u64> {
+        let host = host.map(str::to_string);
+        self.db
+            .call(move |c| {
+                let n = c
+                    .prepare_cached(
+                        "DELETE FROM dead_letters WHERE id IN
+                           (SELECT id FROM dead_letters WHERE ?1 IS NULL OR host = ?1
+                            ORDER BY id LIMIT ?2)",
+                    )?
+                    .execute(params![host, i64::from(limit)])?;
+                Ok(n as u64)
             })
             .await
     }
