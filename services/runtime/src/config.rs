@@ -515,11 +515,7 @@ impl Config {
             .iter()
             .map(|d| {
                 let d = (d * 6).div_ceil(5);
-                TIERS
-                    .iter()
-                    .copied()
-                    .find(|t| *t >= d)
-                    .unwrap_or(21600)
+                TIERS.iter().copied().find(|t| *t >= d).unwrap_or(21600)
             })
             .sum();
         Duration::from_secs(secs)
@@ -666,7 +662,11 @@ fn parse_retention(raw: &str) -> std::result::Result<Option<Duration>, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
-        _ => return Err(format!("`{raw}`: want e.g. 7d, 36h, 90m, 600s, seconds, or off")),
+        _ => {
+            return Err(format!(
+                "`{raw}`: want e.g. 7d, 36h, 90m, 600s, seconds, or off"
+            ))
+        }
     };
     let n: u64 = digits
         .parse()
@@ -939,7 +939,10 @@ mod tests {
             c.delivery_record_retention,
             Some(Duration::from_secs(7 * 86400))
         );
-        assert_eq!(c.dead_letter_retention, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(
+            c.dead_letter_retention,
+            Some(Duration::from_secs(30 * 86400))
+        );
         for (val, want) in [
             ("8d", Some(8 * 86400)),
             ("96h", Some(96 * 3600)),
