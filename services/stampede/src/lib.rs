@@ -158,6 +158,15 @@ enum DlqCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Deletes dead letters for good, replayed or not.
+    Purge {
+        /// Every dead letter of this inbox host.
+        #[arg(long, conflicts_with = "all")]
+        host: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// Entry point of the `stampede` binary.
@@ -387,6 +396,16 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => {
+            // Refused before anything is asked of the server: a purge is
+            // for good, so everything is never the default.
+            if let DlqCommand::Purge { host, all: false } = &command {
+                if host.as_deref().is_none_or(|h| h.trim().is_empty()) {
+                    anyhow::bail!(
+                        "dlq purge deletes dead letters for good: name the host with \
+                         --host H, or purge every one with --all"
+                    );
+                }
+            }
             let c = client::Client::connect(server).await?;
             match command {
                 DlqCommand::Replay { id, host, all } => {
@@ -394,6 +413,11 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
                         .replay(id.unwrap_or_default(), host.unwrap_or_default(), all)
                         .await?;
                     println!("replayed {n} dead letters");
+                }
+                DlqCommand::Purge { host, .. } => {
+                    // `--all` when no host (refused above otherwise).
+                    let n = c.purge(host.unwrap_or_default()).await?;
+                    println!("purged {n} dead letters");
                 }
                 DlqCommand::List { host, limit } => {
                     let rows = c.dead_letters(host.unwrap_or_default(), limit).await?;
