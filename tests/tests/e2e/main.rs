@@ -21,4 +21,5 @@ mod priority;
 mod process;
 mod replicas;
 mod replicated;
+mod retention;
 mod trust;
