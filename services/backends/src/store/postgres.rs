@@ -1153,13 +1153,13 @@ impl Store for PgStore {
         let c = self.client().await?;
         let c = self.on(&c);
         // A batch found by the `delivered_at` index, rows another pruner
-        // holds skipped; one short statement, no lock held past it.
+        // holds skipped, deleted by their tuple ids: one short statement,
+        // no lock held past it.
         c.execute(
-            "DELETE FROM deliveries d USING (
-                 SELECT activity_key, inbox FROM deliveries
+            "DELETE FROM deliveries WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM deliveries
                  WHERE delivered_at < 'epoch'::timestamptz + $1 * interval '1 millisecond'
-                 LIMIT $2 FOR UPDATE SKIP LOCKED) old
-             WHERE d.activity_key = old.activity_key AND d.inbox = old.inbox",
+                 LIMIT $2 FOR UPDATE SKIP LOCKED))",
             &[
                 (&before_unix_ms, Type::INT8),
                 (&i64::from(limit), Type::INT8),
@@ -1177,11 +1177,11 @@ impl Store for PgStore {
         let c = self.client().await?;
         let c = self.on(&c);
         c.execute(
-            "DELETE FROM dead_letters WHERE id IN (
+            "DELETE FROM dead_letters WHERE id = ANY(ARRAY(
                  SELECT id FROM dead_letters
                  WHERE replayed_at < 'epoch'::timestamptz + $1 * interval '1 millisecond'
                     OR last_attempt_at < 'epoch'::timestamptz + $2 * interval '1 millisecond'
-                 LIMIT $3 FOR UPDATE SKIP LOCKED)",
+                 LIMIT $3 FOR UPDATE SKIP LOCKED))",
             &[
                 (&replayed_before_unix_ms, Type::INT8),
                 (&attempted_before_unix_ms, Type::INT8),
@@ -1194,12 +1194,28 @@ impl Store for PgStore {
     async fn purge_dead_letters(&self, host: Option<&str>, limit: u32) -> Result<u64> {
         let c = self.client().await?;
         let c = self.on(&c);
-        c.execute(
-            "DELETE FROM dead_letters WHERE id IN (
-                 SELECT id FROM dead_letters WHERE $1::text IS NULL OR host = $1
-                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            &[(&host, Type::TEXT), (&i64::from(limit), Type::INT8)],
-        )
-        .await
+        let limit = i64::from(limit);
+        // Two statements, not `$1 IS NULL OR host = $1`: a generic plan of
+        // that could not use the host's index.
+        match host {
+            Some(host) => {
+                c.execute(
+                    "DELETE FROM dead_letters WHERE id = ANY(ARRAY(
+                         SELECT id FROM dead_letters WHERE host = $1
+                         ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED))",
+                    &[(&host, Type::TEXT), (&limit, Type::INT8)],
+                )
+                .await
+            }
+            None => {
+                c.execute(
+                    "DELETE FROM dead_letters WHERE id = ANY(ARRAY(
+                         SELECT id FROM dead_letters
+                         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))",
+                    &[(&limit, Type::INT8)],
+                )
+                .await
+            }
+        }
     }
 }
