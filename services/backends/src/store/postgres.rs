@@ -203,6 +203,9 @@ impl Conn<'_> {
 pub struct PgStore {
     pool: Pool,
     statements: StatementMode,
+    /// Where the pool connects: migrations run outside a transaction open
+    /// a connection of their own, beside the pooled one holding the lock.
+    pg: tokio_postgres::Config,
 }
 
 impl PgStore {
@@ -220,7 +223,7 @@ impl PgStore {
             reason: e.to_string(),
         })?;
         let mgr = Manager::from_config(
-            pg,
+            pg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -230,7 +233,11 @@ impl PgStore {
             .max_size(max_size)
             .build()
             .map_err(|e| Error::Db(e.to_string()))?;
-        Ok(Self { pool, statements })
+        Ok(Self {
+            pool,
+            statements,
+            pg,
+        })
     }
 
     /// How this store sends statements.
@@ -258,28 +265,28 @@ impl PgStore {
         }
     }
 
-    /// Runs a [`CONCURRENT`] migration's statements one by one on a
-    /// connection of their own, each in its own implicit transaction.
+    /// Runs a [`CONCURRENT`] migration's statements one by one, each in
+    /// its own implicit transaction, on a connection of their own (not the
+    /// pool's: a pool of one holds the lock's).
     async fn run_outside_transaction(&self, sql: &str) -> Result<()> {
-        let client = self.client().await?;
+        let (client, conn) = self.pg.connect(NoTls).await?;
+        let conn = tokio::spawn(conn);
         // Behind PgBouncer in transaction mode (`unnamed`) a session setting
         // would stay on a server connection another client gets next.
-        let own_session = self.statements == StatementMode::Prepared;
-        if own_session {
-            client
-                .batch_execute(&format!("SET lock_timeout = '{CONCURRENT_LOCK_TIMEOUT}'"))
-                .await?;
-        }
-        let mut result = Ok(());
-        for statement in statements(sql) {
-            if let Err(e) = client.batch_execute(statement).await {
-                result = Err(e.into());
-                break;
+        let result = async {
+            if self.statements == StatementMode::Prepared {
+                client
+                    .batch_execute(&format!("SET lock_timeout = '{CONCURRENT_LOCK_TIMEOUT}'"))
+                    .await?;
             }
+            for statement in statements(sql) {
+                client.batch_execute(statement).await?;
+            }
+            Ok(())
         }
-        if own_session {
-            client.batch_execute("RESET lock_timeout").await?;
-        }
+        .await;
+        drop(client);
+        let _ = conn.await;
         result
     }
 }

@@ -1264,7 +1264,10 @@ async fn migrations_racing_one_another_build_the_retention_indexes(cx: StoreCx) 
                 )
                 .await
                 .unwrap();
-            Some(client)
+            // A process whose pool has one connection (the lock's
+            // transaction holds it).
+            let single = stampede_backends::store::postgres::PgStore::connect(url, 1).unwrap();
+            Some((client, single))
         }
         None => None,
     };
@@ -1282,15 +1285,21 @@ async fn migrations_racing_one_another_build_the_retention_indexes(cx: StoreCx) 
                 .unwrap();
         }
     };
-    let all = futures::future::join4(s.migrate(), s.migrate(), s.migrate(), writes);
-    let (a, b, c, ()) = tokio::time::timeout(std::time::Duration::from_secs(60), all)
+    let single = async {
+        match &pg {
+            Some((_, single)) => single.migrate().await,
+            None => Ok(()),
+        }
+    };
+    let all = futures::future::join5(s.migrate(), s.migrate(), single, s.migrate(), writes);
+    let (a, b, c, d, ()) = tokio::time::timeout(std::time::Duration::from_secs(60), all)
         .await
         .expect("migrations racing one another finish");
-    a.unwrap();
-    b.unwrap();
-    c.unwrap();
+    for r in [a, b, c, d] {
+        r.unwrap();
+    }
     assert_eq!(s.totals().await.unwrap().delivered, 20);
-    if let Some(client) = pg {
+    if let Some((client, _)) = pg {
         let row = client
             .query_one(
                 &format!(
