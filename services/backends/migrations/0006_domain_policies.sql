@@ -22,6 +22,7 @@ CREATE TABLE activity_targets (
     page         TEXT NOT NULL,
     host         TEXT NOT NULL,
     targets      BIGINT NOT NULL,
+    at_ms        BIGINT NOT NULL,
     PRIMARY KEY (activity_key, page, host)
 );
 CREATE TABLE delivery_skips (
@@ -43,3 +44,7 @@ CREATE TABLE delivery_retries (
     next_ms      BIGINT NOT NULL,
     PRIMARY KEY (activity_key, inbox)
 );
+-- Pruned with the success records (STAMPEDE_DELIVERY_RECORD_RETENTION).
+CREATE INDEX activity_targets_at ON activity_targets (at_ms);
+CREATE INDEX delivery_skips_at ON delivery_skips (at_ms);
+CREATE INDEX delivery_retries_next ON delivery_retries (next_ms);

@@ -10,6 +10,7 @@
 mod attempt;
 mod outcome;
 mod prepared;
+mod retention;
 mod slots;
 
 use prepared::{BodyCache, Prepared};
@@ -156,6 +157,7 @@ impl Delivery {
             std::time::Duration::from_secs(2),
             p.shutdown.clone(),
         ));
+        tokio::spawn(retention::run(p.clone()));
         // One budget of `prefetch` over the three class queues, by weight.
         let [interactive, normal, bulk] = p.cfg.class_weights;
         let classes = [
@@ -245,6 +247,22 @@ impl Delivery {
             count_outcome(m, DeliveryOutcome::Skipped);
             tracing::debug!("already delivered");
             return Ok(());
+        }
+        // Past the success records' guard (`Config::job_expiry`): a copy of
+        // it delivered long ago may have lost its record to the pruner. Not
+        // sent: a dead letter, which a replay sends as a new job.
+        if let Some(expiry) = cfg.job_expiry() {
+            let age_ms = unix_ms().saturating_sub(job.first_attempt_unix_ms);
+            if job.first_attempt_unix_ms > 0 && age_ms > expiry.as_millis() as i64 {
+                let reason = format!(
+                    "expired: first queued {}s ago, past three quarters of \
+                     STAMPEDE_DELIVERY_RECORD_RETENTION (a success record may be pruned)",
+                    age_ms / 1000
+                );
+                self.dead(job, host, reason, None, job.attempt).await?;
+                count_outcome(m, DeliveryOutcome::Failed);
+                return Ok(());
+            }
         }
         let b = &self.p.backends;
         if let Ok(prep) = self.prepared(&job.activity_key).await {

@@ -497,6 +497,15 @@ pub async fn serve(p: Process, l: Listeners) -> Result<(), FanoutError> {
     stampede_runtime::process::serve_worker(p, l, stampede_runtime::ServiceKind::Fanout, work).await
 }
 
+/// Targets counted by host.
+fn per_host<'a>(targets: impl Iterator<Item = &'a str>) -> Vec<(String, u64)> {
+    let mut m: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for t in targets {
+        *m.entry(target_host(t)).or_default() += 1;
+    }
+    m.into_iter().map(|(h, n)| (h.to_string(), n)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,13 +571,4 @@ mod tests {
             ]
         );
     }
-}
-
-/// Targets counted by host.
-fn per_host<'a>(targets: impl Iterator<Item = &'a str>) -> Vec<(String, u64)> {
-    let mut m: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
-    for t in targets {
-        *m.entry(target_host(t)).or_default() += 1;
-    }
-    m.into_iter().map(|(h, n)| (h.to_string(), n)).collect()
 }

@@ -114,6 +114,12 @@ pub fn busy_hosts(minute: u64) -> String {
     format!("delivery:hosts:{minute}")
 }
 
+/// The retention pruner's lease: the process holding it prunes, one in the
+/// cluster at a time.
+pub fn retention_lease() -> String {
+    "retention:lease".to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

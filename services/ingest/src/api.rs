@@ -7,8 +7,9 @@ use stampede_proto::api::{
     publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter, DomainPolicy,
     GetActorRequest, HostRequest, HostResponse, ListDeadLettersRequest, ListDeadLettersResponse,
     ListDomainPoliciesRequest, ListDomainPoliciesResponse, PublishRequest, PublishResponse,
-    QueueDepth, RemoveDomainPolicyRequest, RemoveDomainPolicyResponse, ReplayDeadLettersRequest,
-    ReplayDeadLettersResponse, SetDomainPolicyRequest, StatusRequest, StatusResponse,
+    PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueDepth, RemoveDomainPolicyRequest,
+    RemoveDomainPolicyResponse, ReplayDeadLettersRequest, ReplayDeadLettersResponse,
+    SetDomainPolicyRequest, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -341,6 +342,13 @@ impl AdminService for AdminApi {
                 .collect(),
         }))
     }
+
+    async fn purge_dead_letters(
+        &self,
+        req: Request<PurgeDeadLettersRequest>,
+    ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
+        Ok(Response::new(self.purge(req.into_inner().host).await?))
+    }
 }
 
 impl AdminApi {
@@ -384,6 +392,31 @@ impl AdminApi {
             stampede_federation::dead_letters::replay(&self.0.backends, id, host).await?;
         tracing::info!(replayed, ?id, ?host, "dead letters replayed");
         Ok(ReplayDeadLettersResponse { replayed })
+    }
+
+    /// Deletes the dead letters of `host` (every one when empty), a batch
+    /// at a time: no statement holds its locks for long.
+    async fn purge(&self, host: String) -> Result<PurgeDeadLettersResponse, IngestError> {
+        let host = host.trim().to_ascii_lowercase();
+        if host.contains('/') || host.len() > 255 {
+            return Err(IngestError::Invalid(
+                "host must be a host name, with a port if not the default".into(),
+            ));
+        }
+        let only = (!host.is_empty()).then_some(host.as_str());
+        let batch = stampede_backends::store::postgres::PRUNE_BATCH;
+        let store = &self.0.backends.store;
+        let mut purged = 0;
+        loop {
+            let n = store.purge_dead_letters(only, batch).await?;
+            purged += n;
+            if n < u64::from(batch) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        tracing::info!(purged, inbox_host = ?only, "dead letters purged");
+        Ok(PurgeDeadLettersResponse { purged })
     }
 }
 

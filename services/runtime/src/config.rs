@@ -210,6 +210,15 @@ pub struct Config {
     /// depth (and the memory it takes) stays bounded however many followers
     /// an actor has. 0: no bound.
     pub bulk_queue_bound: u64,
+    /// `STAMPEDE_DELIVERY_RECORD_RETENTION` (added, default `7d`; `0` or
+    /// `off`: kept forever): how long a delivery's success record is kept.
+    /// `None` when off. See [`Config::job_expiry`] for what keeps the rule
+    /// "nothing that guards a pending redelivery is pruned".
+    pub delivery_record_retention: Option<Duration>,
+    /// `STAMPEDE_DEAD_LETTER_RETENTION` (added, default `30d`; `0` or `off`:
+    /// kept forever): a dead letter replayed this long ago, or whose last
+    /// attempt is this old, is deleted. `None` when off.
+    pub dead_letter_retention: Option<Duration>,
 }
 
 impl Config {
@@ -302,7 +311,7 @@ impl Config {
         let secs = |var: &'static str, default: u64, min: u64, max: u64| -> Result<Duration> {
             number(var, default, min, max).map(Duration::from_secs)
         };
-        Ok(Config {
+        Config {
             public_url,
             http_addr: addr("STAMPEDE_HTTP_ADDR", "127.0.0.1:8080")?,
             grpc_addr: addr("STAMPEDE_GRPC_ADDR", "127.0.0.1:50051")?,
@@ -478,7 +487,87 @@ impl Config {
                 10,
                 86400,
             )?),
-        })
+            delivery_record_retention: None,
+            dead_letter_retention: None,
+        }
+        .with_retention(&get)
+    }
+
+    /// Reads the retention settings and refuses a success-record retention
+    /// that could prune a record while a job it guards is still queued.
+    fn with_retention(mut self, get: &impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let duration = |var: &'static str, default: Duration| -> Result<Option<Duration>> {
+            match get(var) {
+                None => Ok(Some(default)),
+                Some(raw) => parse_retention(&raw).map_err(|reason| cfg(var, reason)),
+            }
+        };
+        self.delivery_record_retention = duration(
+            "STAMPEDE_DELIVERY_RECORD_RETENTION",
+            Duration::from_secs(7 * 86400),
+        )?;
+        self.dead_letter_retention = duration(
+            "STAMPEDE_DEAD_LETTER_RETENTION",
+            Duration::from_secs(30 * 86400),
+        )?;
+        if let Some(kept) = self.delivery_record_retention {
+            let queued = self.longest_retry_wait();
+            let usable = kept - kept / 4;
+            if usable < queued {
+                let need = (queued.as_secs() * 4).div_ceil(3);
+                return Err(cfg(
+                    "STAMPEDE_DELIVERY_RECORD_RETENTION",
+                    format!(
+                        "{}s is too short: a job retried on STAMPEDE_RETRY_SCHEDULE_SECS can wait \
+                         {}s in the queue, which must fit in three quarters of the retention \
+                         (at least {}s); a record pruned while a copy of its job is queued would \
+                         let that copy be sent twice",
+                        kept.as_secs(),
+                        queued.as_secs(),
+                        need
+                    ),
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    /// The longest a delivery job retried on `STAMPEDE_RETRY_SCHEDULE_SECS`
+    /// can spend waiting in the broker: each delay at its +20 % jitter,
+    /// rounded up to the delay tier that holds it (at most the 6 h tier).
+    pub fn longest_retry_wait(&self) -> Duration {
+        const TIERS: &[u64] = &[5, 10, 30, 60, 300, 1800, 3600, 10800, 21600];
+        let secs: u64 = self
+            .retry_schedule
+            .iter()
+            .map(|d| {
+                let d = (d * 6).div_ceil(5);
+                TIERS.iter().copied().find(|t| *t >= d).unwrap_or(21600)
+            })
+            .sum();
+        Duration::from_secs(secs)
+    }
+
+    /// The age (from its `first_attempt_unix_ms`) past which a delivery job
+    /// is not sent but dead-lettered as expired; `None` when success records
+    /// are kept forever.
+    ///
+    /// The rule: nothing that guards a pending redelivery is pruned. A
+    /// success record is the guard of every copy of its job (a redelivered
+    /// or republished message, a second fanout's copy, a job parked behind
+    /// a paused host or an open circuit, a retry, a copy parked `in_flight`
+    /// while the first is being sent). A record is pruned once it is older
+    /// than the retention `R`, and it is written after its job's first
+    /// attempt was scheduled; so a job is sent only while it is younger
+    /// than `3R/4`, and a copy made later than its original (a fanout that
+    /// ran again) or clocks that disagree have the last quarter. Jobs past
+    /// that (parked for weeks, or held by a `Retry-After` of days) are
+    /// dead-lettered with the reason and can be replayed: a replay is a new
+    /// job, checked against the records that remain. At start, a retention
+    /// whose three quarters are shorter than [`Config::longest_retry_wait`]
+    /// is refused, so a job retried on schedule never expires.
+    pub fn job_expiry(&self) -> Option<Duration> {
+        self.delivery_record_retention.map(|r| r - r / 4)
     }
 
     /// Worker threads of the async runtime of `service` (`up`, `ingest`,
@@ -561,6 +650,38 @@ impl Config {
     /// The prefix of every local actor id (`{base}/users/`).
     pub fn actors_prefix(&self) -> String {
         format!("{}/users/", self.base())
+    }
+}
+
+/// A retention: `7d`, `36h`, `90m`, `600s` or plain seconds; `0` or `off`
+/// (`None`) keeps everything.
+fn parse_retention(raw: &str) -> std::result::Result<Option<Duration>, String> {
+    let v = raw.trim().to_ascii_lowercase();
+    if v == "off" {
+        return Ok(None);
+    }
+    let (digits, unit) = match v.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => v.split_at(i),
+        None => (v.as_str(), "s"),
+    };
+    let scale = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => {
+            return Err(format!(
+                "`{raw}`: want e.g. 7d, 36h, 90m, 600s, seconds, or off"
+            ))
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{raw}`: want e.g. 7d, 36h, 90m, 600s, seconds, or off"))?;
+    match n.checked_mul(scale) {
+        Some(0) => Ok(None),
+        Some(secs) if secs <= 10 * 365 * 86400 => Ok(Some(Duration::from_secs(secs))),
+        _ => Err(format!("`{raw}`: at most ten years")),
     }
 }
 
@@ -820,6 +941,79 @@ mod tests {
         .unwrap();
         assert_eq!(c.trusted_proxies.len(), 3);
         assert!(c.trusted_proxies[1].contains(&"192.168.1.7".parse::<std::net::IpAddr>().unwrap()));
+    }
+
+    #[test]
+    fn retentions_take_units_and_off() {
+        let c = with(&[]).unwrap();
+        assert_eq!(
+            c.delivery_record_retention,
+            Some(Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(
+            c.dead_letter_retention,
+            Some(Duration::from_secs(30 * 86400))
+        );
+        for (val, want) in [
+            ("8d", Some(8 * 86400)),
+            ("96h", Some(96 * 3600)),
+            ("6000m", Some(360_000)),
+            ("400000s", Some(400_000)),
+            ("400000", Some(400_000)),
+            (" 5D ", Some(5 * 86400)),
+            ("0", None),
+            ("off", None),
+            ("OFF", None),
+        ] {
+            let c = with(&[
+                ("STAMPEDE_DELIVERY_RECORD_RETENTION", val),
+                ("STAMPEDE_DEAD_LETTER_RETENTION", val),
+            ])
+            .unwrap();
+            let want = want.map(Duration::from_secs);
+            assert_eq!(c.delivery_record_retention, want, "{val}");
+            assert_eq!(c.dead_letter_retention, want, "{val}");
+        }
+        for bad in ["7w", "d", "-1", "1.5d", "99999999999999999d"] {
+            for var in [
+                "STAMPEDE_DELIVERY_RECORD_RETENTION",
+                "STAMPEDE_DEAD_LETTER_RETENTION",
+            ] {
+                let e = with(&[(var, bad)]).unwrap_err().to_string();
+                assert!(e.starts_with(var), "{var}={bad} gave {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_retention_shorter_than_the_retry_schedule_is_refused() {
+        // The default schedule waits at most 52.5 h (each delay +20 %, in
+        // its tier): three quarters of 70 h is less.
+        let c = with(&[]).unwrap();
+        assert_eq!(c.longest_retry_wait(), Duration::from_secs(189_060));
+        let e = with(&[("STAMPEDE_DELIVERY_RECORD_RETENTION", "70h")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("STAMPEDE_DELIVERY_RECORD_RETENTION: 252000s is too short")
+                && e.contains("at least 252080s")
+                && e.contains("sent twice"),
+            "{e}"
+        );
+        assert!(with(&[("STAMPEDE_DELIVERY_RECORD_RETENTION", "252080")]).is_ok());
+        // A compressed schedule (tests, benches) allows a short retention:
+        // 1 s and 2 s wait in the 5 s tier.
+        let short = [("STAMPEDE_RETRY_SCHEDULE_SECS", "1,2")];
+        assert_eq!(
+            with(&short).unwrap().longest_retry_wait(),
+            Duration::from_secs(10)
+        );
+        let ok = with(&[short[0], ("STAMPEDE_DELIVERY_RECORD_RETENTION", "14s")]).unwrap();
+        assert_eq!(ok.job_expiry(), Some(Duration::from_millis(10_500)));
+        assert!(with(&[short[0], ("STAMPEDE_DELIVERY_RECORD_RETENTION", "13s")]).is_err());
+        // Off keeps every record: nothing to refuse, nothing expires.
+        let off = with(&[("STAMPEDE_DELIVERY_RECORD_RETENTION", "off")]).unwrap();
+        assert_eq!(off.job_expiry(), None);
     }
 
     #[test]

@@ -194,6 +194,9 @@ pub struct Metrics {
     /// from the shared cache by the delivery service
     /// (`stampede_federation::parked::sample`).
     pub delivery_parked: Family<Label, Gauge>,
+    /// Rows deleted by the retention pruner, by table (`deliveries`: success
+    /// records; `dead_letters`).
+    pub retention_pruned: Family<Label, Counter>,
 }
 
 impl Metrics {
@@ -338,7 +341,17 @@ impl Metrics {
             "Deliveries parked in the delay queues (waiting, not tried) by reason",
             delivery_parked.clone(),
         );
+        let retention_pruned = Family::<Label, Counter>::default();
+        registry.register(
+            "retention_pruned",
+            "Rows deleted by the retention pruner, by table (deliveries, dead_letters)",
+            retention_pruned.clone(),
+        );
+        for table in ["deliveries", "dead_letters"] {
+            drop(retention_pruned.get_or_create(&[("table", table)]));
+        }
         Arc::new(Self {
+            retention_pruned,
             fanout_skipped,
             delivery_parked,
             queue_messages,

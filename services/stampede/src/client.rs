@@ -5,8 +5,8 @@ use stampede_proto::api::{
     actor_service_client::ActorServiceClient, admin_service_client::AdminServiceClient,
     inbound_service_client::InboundServiceClient, publish_service_client::PublishServiceClient,
     Actor, CreateActorRequest, DeadLetter, GetActorRequest, HostRequest, InboundActivity,
-    ListDeadLettersRequest, PublishRequest, PublishResponse, ReplayDeadLettersRequest,
-    StatusRequest, StatusResponse, SubscribeRequest,
+    ListDeadLettersRequest, PublishRequest, PublishResponse, PurgeDeadLettersRequest,
+    ReplayDeadLettersRequest, StatusRequest, StatusResponse, SubscribeRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -278,6 +278,19 @@ impl Client {
             .map_err(status)?
             .into_inner()
             .dead_letters)
+    }
+
+    /// Deletes the dead letters of `host` (every one when empty); returns
+    /// how many.
+    pub async fn purge(&self, host: String) -> anyhow::Result<u64> {
+        Ok(self
+            .admin
+            .clone()
+            .purge_dead_letters(PurgeDeadLettersRequest { host })
+            .await
+            .map_err(status)?
+            .into_inner()
+            .purged)
     }
 }
 

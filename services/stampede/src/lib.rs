@@ -227,6 +227,15 @@ enum DlqCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Deletes dead letters for good, replayed or not.
+    Purge {
+        /// Every dead letter of this inbox host.
+        #[arg(long, conflicts_with = "all")]
+        host: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// Entry point of the `stampede` binary.
@@ -435,6 +444,16 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => {
+            // Refused before anything is asked of the server: a purge is
+            // for good, so everything is never the default.
+            if let DlqCommand::Purge { host, all: false } = &command {
+                if host.as_deref().is_none_or(|h| h.trim().is_empty()) {
+                    anyhow::bail!(
+                        "dlq purge deletes dead letters for good: name the host with \
+                         --host H, or purge every one with --all"
+                    );
+                }
+            }
             let c = client::Client::connect(server).await?;
             match command {
                 DlqCommand::Replay { id, host, all } => {
@@ -442,6 +461,11 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
                         .replay(id.unwrap_or_default(), host.unwrap_or_default(), all)
                         .await?;
                     println!("replayed {n} dead letters");
+                }
+                DlqCommand::Purge { host, .. } => {
+                    // `--all` when no host (refused above otherwise).
+                    let n = c.purge(host.unwrap_or_default()).await?;
+                    println!("purged {n} dead letters");
                 }
                 DlqCommand::List { host, limit } => {
                     let rows = c.dead_letters(host.unwrap_or_default(), limit).await?;

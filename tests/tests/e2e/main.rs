@@ -23,4 +23,5 @@ mod priority;
 mod process;
 mod replicas;
 mod replicated;
+mod retention;
 mod trust;

@@ -31,6 +31,10 @@ const SCHEMA: &[(i32, &str)] = &[
         4,
         include_str!("../../migrations/embedded/0004_domain_policies.sql"),
     ),
+    (
+        5,
+        include_str!("../../migrations/embedded/0005_retention.sql"),
+    ),
 ];
 
 /// The SQLite implementation of [`Store`].
@@ -917,16 +921,17 @@ impl Store for EmbeddedStore {
                     params![key, page],
                 )?;
                 let mut s = c.prepare_cached(
-                    "INSERT INTO activity_targets (activity_key, page, host, targets) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO activity_targets (activity_key, page, host, targets, at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
+                let now = now_ms();
                 for (host, n) in &per_host {
-                    s.execute(params![key, page, host, *n as i64])?;
+                    s.execute(params![key, page, host, *n as i64, now])?;
                 }
                 let mut s = c.prepare_cached(
                     "INSERT INTO delivery_skips (activity_key, inbox, host, reason, at_ms)
                      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
                 )?;
-                let now = now_ms();
                 for k in &skips {
                     s.execute(params![key, k.inbox, k.host, k.reason, now])?;
                 }
@@ -1114,6 +1119,86 @@ impl Store for EmbeddedStore {
                     c.execute("DELETE FROM remote_keys WHERE key_id = ?1", params![k])?;
                 }
                 Ok(removed)
+            })
+            .await
+    }
+
+    async fn prune_status_records(&self, before_unix_ms: i64, limit: u32) -> Result<u64> {
+        self.db
+            .call_relaxed(move |c| {
+                let mut n = 0;
+                for sql in [
+                    "DELETE FROM activity_targets WHERE (activity_key, page, host) IN
+                       (SELECT activity_key, page, host FROM activity_targets WHERE at_ms < ?1 LIMIT ?2)",
+                    "DELETE FROM delivery_skips WHERE (activity_key, inbox) IN
+                       (SELECT activity_key, inbox FROM delivery_skips WHERE at_ms < ?1 LIMIT ?2)",
+                    "DELETE FROM delivery_retries WHERE (activity_key, inbox) IN
+                       (SELECT activity_key, inbox FROM delivery_retries WHERE next_ms < ?1 LIMIT ?2)",
+                ] {
+                    n += c
+                        .prepare_cached(sql)?
+                        .execute(params![before_unix_ms, i64::from(limit)])?
+                        as u64;
+                }
+                Ok(n)
+            })
+            .await
+    }
+
+    async fn prune_delivery_records(&self, before_unix_ms: i64, limit: u32) -> Result<u64> {
+        // Not fsynced: a pruned record that comes back after a power cut is
+        // pruned again.
+        self.db
+            .call_relaxed(move |c| {
+                let n = c
+                    .prepare_cached(
+                        "DELETE FROM deliveries WHERE (activity_key, inbox) IN
+                           (SELECT activity_key, inbox FROM deliveries
+                            WHERE delivered_at < ?1 LIMIT ?2)",
+                    )?
+                    .execute(params![before_unix_ms, i64::from(limit)])?;
+                Ok(n as u64)
+            })
+            .await
+    }
+
+    async fn prune_dead_letters(
+        &self,
+        replayed_before_unix_ms: i64,
+        attempted_before_unix_ms: i64,
+        limit: u32,
+    ) -> Result<u64> {
+        self.db
+            .call_relaxed(move |c| {
+                let n = c
+                    .prepare_cached(
+                        "DELETE FROM dead_letters WHERE id IN
+                           (SELECT id FROM dead_letters WHERE replayed_at < ?1
+                            UNION SELECT id FROM dead_letters WHERE last_attempt_at < ?2
+                            LIMIT ?3)",
+                    )?
+                    .execute(params![
+                        replayed_before_unix_ms,
+                        attempted_before_unix_ms,
+                        i64::from(limit)
+                    ])?;
+                Ok(n as u64)
+            })
+            .await
+    }
+
+    async fn purge_dead_letters(&self, host: Option<&str>, limit: u32) -> Result<u64> {
+        let host = host.map(str::to_string);
+        self.db
+            .call(move |c| {
+                let n = c
+                    .prepare_cached(
+                        "DELETE FROM dead_letters WHERE id IN
+                           (SELECT id FROM dead_letters WHERE ?1 IS NULL OR host = ?1
+                            ORDER BY id LIMIT ?2)",
+                    )?
+                    .execute(params![host, i64::from(limit)])?;
+                Ok(n as u64)
             })
             .await
     }

@@ -484,6 +484,11 @@ pub trait Store: Send + Sync + 'static {
     async fn object_deleted(&self, actor_id: i64, object_id: &str) -> Result<bool>;
     /// Totals for status.
     async fn totals(&self) -> Result<Totals>;
+    /// Deletes up to `limit` rows of each table behind an activity's
+    /// delivery status (fanout's counts and skips recorded before
+    /// `before_unix_ms`, retries due before it); returns how many. Pruned
+    /// with the success records, which the status counts too.
+    async fn prune_status_records(&self, before_unix_ms: i64, limit: u32) -> Result<u64>;
 
     /// Every domain policy, by domain.
     async fn domain_policies(&self) -> Result<Vec<DomainPolicy>>;
@@ -530,4 +535,25 @@ pub trait Store: Send + Sync + 'static {
     /// by actors there, their pending follow requests, the cached remote
     /// actors there; and the keys `key_ids`. Returns the follows removed.
     async fn forget_hosts(&self, hosts: &[String], key_ids: &[String]) -> Result<u64>;
+    /// Deletes at most `limit` success records written before
+    /// `before_unix_ms` (a record of that very millisecond stays), in one
+    /// short transaction; returns how many. Called until it returns less
+    /// than `limit`. Only the retention pruner calls it, with a cutoff that
+    /// keeps every record a queued job may still need
+    /// (`stampede_runtime::Config::job_expiry`).
+    async fn prune_delivery_records(&self, before_unix_ms: i64, limit: u32) -> Result<u64>;
+    /// Deletes at most `limit` dead letters replayed before
+    /// `replayed_before_unix_ms`, or whose last attempt was before
+    /// `attempted_before_unix_ms`, in one short transaction; returns how
+    /// many.
+    async fn prune_dead_letters(
+        &self,
+        replayed_before_unix_ms: i64,
+        attempted_before_unix_ms: i64,
+        limit: u32,
+    ) -> Result<u64>;
+    /// Deletes at most `limit` dead letters, replayed or not, of `host`
+    /// (every host when `None`), in one short transaction; returns how
+    /// many. An operator's purge calls it until it returns 0.
+    async fn purge_dead_letters(&self, host: Option<&str>, limit: u32) -> Result<u64>;
 }

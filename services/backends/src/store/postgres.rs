@@ -51,7 +51,31 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "domain_policies",
         include_str!("../../migrations/0006_domain_policies.sql"),
     ),
+    (
+        7,
+        "retention_indexes",
+        include_str!("../../migrations/0007_retention_indexes.sql"),
+    ),
 ];
+
+/// Migrations run outside a transaction, each statement on its own
+/// (`CREATE INDEX CONCURRENTLY` cannot run in one): while a transaction on
+/// another connection holds the migration lock, so that still only one
+/// process migrates. The rule for a new migration (README, "Upgrades"):
+/// additive first, and never a long lock on a big table.
+const CONCURRENT: &[i32] = &[7];
+
+/// How long a concurrent build may wait for a lock (for the transactions
+/// older than it to end) before it fails, leaving the lock for another try:
+/// a process of an older version waiting for the migration lock in a
+/// statement would otherwise never let the build finish.
+const CONCURRENT_LOCK_TIMEOUT: &str = "60s";
+
+/// How often a process waiting for another's migrations asks for the lock.
+const MIGRATION_LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Rows a prune or purge deletes in one statement (one short transaction).
+pub const PRUNE_BATCH: u32 = 1000;
 
 /// Arbitrary constant naming stampede's migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x5354_414d_5045_4445;
@@ -185,6 +209,9 @@ impl Conn<'_> {
 pub struct PgStore {
     pool: Pool,
     statements: StatementMode,
+    /// Where the pool connects: migrations run outside a transaction open
+    /// a connection of their own, beside the pooled one holding the lock.
+    pg: tokio_postgres::Config,
 }
 
 impl PgStore {
@@ -202,7 +229,7 @@ impl PgStore {
             reason: e.to_string(),
         })?;
         let mgr = Manager::from_config(
-            pg,
+            pg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -212,7 +239,11 @@ impl PgStore {
             .max_size(max_size)
             .build()
             .map_err(|e| Error::Db(e.to_string()))?;
-        Ok(Self { pool, statements })
+        Ok(Self {
+            pool,
+            statements,
+            pg,
+        })
     }
 
     /// How this store sends statements.
@@ -239,6 +270,51 @@ impl PgStore {
             mode: self.statements,
         }
     }
+
+    /// Runs a [`CONCURRENT`] migration's statements one by one, each in
+    /// its own implicit transaction, on a connection of their own (not the
+    /// pool's: a pool of one holds the lock's).
+    async fn run_outside_transaction(&self, sql: &str) -> Result<()> {
+        let (client, conn) = self.pg.connect(NoTls).await?;
+        let conn = tokio::spawn(conn);
+        // Behind PgBouncer in transaction mode (`unnamed`) a session setting
+        // would stay on a server connection another client gets next.
+        let result = async {
+            if self.statements == StatementMode::Prepared {
+                client
+                    .batch_execute(&format!("SET lock_timeout = '{CONCURRENT_LOCK_TIMEOUT}'"))
+                    .await?;
+            }
+            for statement in statements(sql) {
+                client.batch_execute(statement).await?;
+            }
+            Ok(())
+        }
+        .await;
+        drop(client);
+        let _ = conn.await;
+        result
+    }
+}
+
+/// The first column of each row of a simple query's answer, as text.
+fn first_column(messages: &[tokio_postgres::SimpleQueryMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The statements of a migration file: split at each `;` that ends a line,
+/// comment lines dropped.
+fn statements(sql: &str) -> impl Iterator<Item = &str> {
+    sql.split(";\n").map(str::trim).filter(|s| {
+        s.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+    })
 }
 
 fn actor_from_row(r: &tokio_postgres::Row) -> LocalActor {
@@ -280,41 +356,78 @@ const ACTOR_COLUMNS: &str =
 #[async_trait]
 impl Store for PgStore {
     async fn migrate(&self) -> Result<()> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let c = self.in_tx(&tx);
-        c.execute(
-            "SELECT pg_advisory_xact_lock($1)",
-            &[(&MIGRATION_LOCK, Type::INT8)],
-        )
-        .await?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS stampede_migrations (
-                version INTEGER PRIMARY KEY,
-                name TEXT NOT NULL,
-                applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-        )
-        .await?;
-        let applied: Vec<i32> = c
-            .query("SELECT version FROM stampede_migrations", &[])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for (version, name, sql) in MIGRATIONS {
-            if applied.contains(version) {
+        // The lock is polled for, a short transaction each time, never
+        // waited for in a statement: a `CREATE INDEX CONCURRENTLY` run by
+        // the holder waits for every transaction with an older snapshot to
+        // end, a waiting statement's included, which would wait for ever.
+        //
+        // The lock holder's own transaction must hold no snapshot either:
+        // it reads through the simple query protocol only (an extended
+        // query's portal stays open until the next one, its snapshot with
+        // it).
+        loop {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            let c = self.in_tx(&tx);
+            let held = first_column(
+                &tx.simple_query(&format!(
+                    "SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK})"
+                ))
+                .await?,
+            );
+            if held.first().map(String::as_str) != Some("t") {
+                tx.rollback().await?;
+                tokio::time::sleep(MIGRATION_LOCK_POLL).await;
                 continue;
             }
-            tracing::info!(version, name, "applying migration");
-            tx.batch_execute(sql).await?;
-            c.execute(
-                "INSERT INTO stampede_migrations (version, name) VALUES ($1, $2)",
-                &[(version, Type::INT4), (name, Type::TEXT)],
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS stampede_migrations (
+                    version INTEGER PRIMARY KEY,
+                    name TEXT NOT NULL,
+                    applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
             )
             .await?;
+            let applied: Vec<i32> = first_column(
+                &tx.simple_query("SELECT version FROM stampede_migrations")
+                    .await?,
+            )
+            .iter()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+            let pending: Vec<&(i32, &str, &str)> = MIGRATIONS
+                .iter()
+                .filter(|m| !applied.contains(&m.0))
+                .collect();
+            let Some(&&(version, name, sql)) = pending.first() else {
+                tx.commit().await?;
+                return Ok(());
+            };
+            if CONCURRENT.contains(&version) {
+                tracing::info!(version, name, "applying migration outside a transaction");
+                self.run_outside_transaction(sql).await?;
+                c.execute(
+                    "INSERT INTO stampede_migrations (version, name) VALUES ($1, $2)",
+                    &[(&version, Type::INT4), (&name, Type::TEXT)],
+                )
+                .await?;
+            } else {
+                // Every transactional migration up to the next concurrent
+                // one, in this transaction; committed before a concurrent
+                // one starts (it could not see their tables otherwise).
+                for &&(version, name, sql) in
+                    pending.iter().take_while(|m| !CONCURRENT.contains(&m.0))
+                {
+                    tracing::info!(version, name, "applying migration");
+                    tx.batch_execute(sql).await?;
+                    c.execute(
+                        "INSERT INTO stampede_migrations (version, name) VALUES ($1, $2)",
+                        &[(&version, Type::INT4), (&name, Type::TEXT)],
+                    )
+                    .await?;
+                }
+            }
+            tx.commit().await?;
         }
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn ping(&self) -> Result<()> {
@@ -1168,13 +1281,14 @@ impl Store for PgStore {
         let hosts: Vec<&str> = per_host.iter().map(|(h, _)| h.as_str()).collect();
         let counts: Vec<i64> = per_host.iter().map(|(_, n)| *n as i64).collect();
         c.execute(
-            "INSERT INTO activity_targets (activity_key, page, host, targets)
-             SELECT $1, $2, h, n FROM unnest($3::text[], $4::int8[]) AS t(h, n)",
+            "INSERT INTO activity_targets (activity_key, page, host, targets, at_ms)
+             SELECT $1, $2, h, n, $5 FROM unnest($3::text[], $4::int8[]) AS t(h, n)",
             &[
                 (&activity_key, Type::TEXT),
                 (&page, Type::TEXT),
                 (&hosts, Type::TEXT_ARRAY),
                 (&counts, Type::INT8_ARRAY),
+                (&crate::clock::now_ms(), Type::INT8),
             ],
         )
         .await?;
@@ -1408,5 +1522,95 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         Ok(removed)
+    }
+
+    async fn prune_status_records(&self, before_unix_ms: i64, limit: u32) -> Result<u64> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        let limit = i64::from(limit);
+        let mut n = 0;
+        for sql in [
+            "DELETE FROM activity_targets WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM activity_targets WHERE at_ms < $1 LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            "DELETE FROM delivery_skips WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM delivery_skips WHERE at_ms < $1 LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            "DELETE FROM delivery_retries WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM delivery_retries WHERE next_ms < $1 LIMIT $2 FOR UPDATE SKIP LOCKED))",
+        ] {
+            n += c
+                .execute(sql, &[(&before_unix_ms, Type::INT8), (&limit, Type::INT8)])
+                .await?;
+        }
+        Ok(n)
+    }
+
+    async fn prune_delivery_records(&self, before_unix_ms: i64, limit: u32) -> Result<u64> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        // A batch found by the `delivered_at` index, rows another pruner
+        // holds skipped, deleted by their tuple ids: one short statement,
+        // no lock held past it.
+        c.execute(
+            "DELETE FROM deliveries WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM deliveries
+                 WHERE delivered_at < 'epoch'::timestamptz + $1 * interval '1 millisecond'
+                 LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            &[
+                (&before_unix_ms, Type::INT8),
+                (&i64::from(limit), Type::INT8),
+            ],
+        )
+        .await
+    }
+
+    async fn prune_dead_letters(
+        &self,
+        replayed_before_unix_ms: i64,
+        attempted_before_unix_ms: i64,
+        limit: u32,
+    ) -> Result<u64> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        c.execute(
+            "DELETE FROM dead_letters WHERE id = ANY(ARRAY(
+                 SELECT id FROM dead_letters
+                 WHERE replayed_at < 'epoch'::timestamptz + $1 * interval '1 millisecond'
+                    OR last_attempt_at < 'epoch'::timestamptz + $2 * interval '1 millisecond'
+                 LIMIT $3 FOR UPDATE SKIP LOCKED))",
+            &[
+                (&replayed_before_unix_ms, Type::INT8),
+                (&attempted_before_unix_ms, Type::INT8),
+                (&i64::from(limit), Type::INT8),
+            ],
+        )
+        .await
+    }
+
+    async fn purge_dead_letters(&self, host: Option<&str>, limit: u32) -> Result<u64> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        let limit = i64::from(limit);
+        // Two statements, not `$1 IS NULL OR host = $1`: a generic plan of
+        // that could not use the host's index.
+        match host {
+            Some(host) => {
+                c.execute(
+                    "DELETE FROM dead_letters WHERE id = ANY(ARRAY(
+                         SELECT id FROM dead_letters WHERE host = $1
+                         ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED))",
+                    &[(&host, Type::TEXT), (&limit, Type::INT8)],
+                )
+                .await
+            }
+            None => {
+                c.execute(
+                    "DELETE FROM dead_letters WHERE id = ANY(ARRAY(
+                         SELECT id FROM dead_letters
+                         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))",
+                    &[(&limit, Type::INT8)],
+                )
+                .await
+            }
+        }
     }
 }

@@ -46,6 +46,10 @@ macro_rules! store_test_suite {
                 a_domains_footprint_is_found_and_forgotten,
                 unavailable_hosts_are_listed_and_marked_available,
                 an_activitys_delivery_is_counted_from_its_records,
+                prune_delivery_records_keeps_records_newer_than_the_cutoff,
+                prune_dead_letters_by_replay_or_last_attempt,
+                purge_dead_letters_of_a_host_or_all_in_batches,
+                migrations_racing_one_another_build_the_retention_indexes,
             );
         }
     };
@@ -1428,4 +1432,246 @@ async fn an_activitys_delivery_is_counted_from_its_records(cx: StoreCx) {
     s.mark_replayed(&ids).await.unwrap();
     let d = s.activity_delivery(ap_id).await.unwrap().unwrap();
     assert_eq!(d.hosts[0], host("a.example", 3, 2, 0, 0, &[]));
+
+    // Pruned with the success records: the counts, skips and retries.
+    assert_eq!(s.prune_status_records(0, 100).await.unwrap(), 0);
+    let later = now_ms() + 3_600_000;
+    assert_eq!(
+        s.prune_status_records(later, 2).await.unwrap(),
+        5,
+        "2 + 2 + 1"
+    );
+    assert_eq!(s.prune_status_records(later, 100).await.unwrap(), 2);
+    let d = s.activity_delivery(ap_id).await.unwrap().unwrap();
+    assert!(d
+        .hosts
+        .iter()
+        .all(|h| h.targets == 0 && h.retrying == 0 && h.skipped.is_empty()));
+}
+
+/// Lets the clock (ours, PostgreSQL's: one machine) move past what was
+/// just written.
+async fn tick() {
+    tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+}
+
+async fn prune_delivery_records_keeps_records_newer_than_the_cutoff(cx: StoreCx) {
+    let s = &*cx.store;
+    let alice = s.create_actor(new_actor("alice")).await.unwrap().id;
+    s.insert_activity(activity("k1", alice, "Create", None))
+        .await
+        .unwrap();
+    let inbox = |i: u32| format!("https://r{i}.example/inbox");
+    for i in 0..5 {
+        s.record_delivered("k1", &inbox(i), "r.example", 202, 1)
+            .await
+            .unwrap();
+    }
+    tick().await;
+    let cutoff = now_ms();
+    // Written just after the cutoff: it stays.
+    s.record_delivered("k1", &inbox(9), "r.example", 202, 1)
+        .await
+        .unwrap();
+    // In batches of at most the limit, until none is older.
+    let mut batches = Vec::new();
+    loop {
+        let n = s.prune_delivery_records(cutoff, 2).await.unwrap();
+        batches.push(n);
+        if n < 2 {
+            break;
+        }
+    }
+    assert_eq!(batches, [2, 2, 1]);
+    assert_eq!(s.prune_delivery_records(cutoff, 2).await.unwrap(), 0);
+    for i in 0..5 {
+        assert!(!s.delivered("k1", &inbox(i)).await.unwrap(), "{i}");
+    }
+    assert!(s.delivered("k1", &inbox(9)).await.unwrap());
+    assert_eq!(s.totals().await.unwrap().delivered, 1);
+    tick().await;
+    assert_eq!(s.prune_delivery_records(now_ms(), 1000).await.unwrap(), 1);
+    assert!(!s.delivered("k1", &inbox(9)).await.unwrap());
+}
+
+async fn prune_dead_letters_by_replay_or_last_attempt(cx: StoreCx) {
+    let s = &*cx.store;
+    let alice = s.create_actor(new_actor("alice")).await.unwrap().id;
+    s.insert_activity(activity("k1", alice, "Create", None))
+        .await
+        .unwrap();
+    let dead = |host: &str| NewDeadLetter {
+        activity_key: "k1".to_string(),
+        inbox: format!("https://{host}/inbox"),
+        host: host.to_string(),
+        reason: "HTTP 500".to_string(),
+        last_status: Some(500),
+        attempts: 3,
+        first_attempt_unix_ms: now_ms() - 60_000,
+    };
+    for h in ["old.example", "replayed.example"] {
+        s.add_dead_letter(dead(h)).await.unwrap();
+    }
+    tick().await;
+    let attempted_cutoff = now_ms();
+    // Last attempt just after the cutoff: it stays.
+    s.add_dead_letter(dead("new.example")).await.unwrap();
+    let open = |v: Vec<stampede_backends::store::DeadLetter>| {
+        let mut h: Vec<String> = v.into_iter().map(|d| d.host).collect();
+        h.sort();
+        h
+    };
+    let replayed = s
+        .dead_letters(10, Some("replayed.example"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect::<Vec<_>>();
+    tick().await;
+    let before_replay = now_ms();
+    tick().await;
+    s.mark_replayed(&replayed).await.unwrap();
+    tick().await;
+    let after_replay = now_ms();
+
+    // Replayed after the cutoff: kept; before it: gone. Last attempts
+    // (all older than both) not looked at.
+    assert_eq!(s.prune_dead_letters(before_replay, 0, 10).await.unwrap(), 0);
+    assert_eq!(s.prune_dead_letters(after_replay, 0, 10).await.unwrap(), 1);
+    assert_eq!(
+        open(s.dead_letters(10, None).await.unwrap()),
+        ["new.example", "old.example"]
+    );
+    // By last attempt: the one just newer than the cutoff stays.
+    assert_eq!(
+        s.prune_dead_letters(0, attempted_cutoff, 10).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        open(s.dead_letters(10, None).await.unwrap()),
+        ["new.example"]
+    );
+    // In batches.
+    for _ in 0..3 {
+        s.add_dead_letter(dead("more.example")).await.unwrap();
+    }
+    tick().await;
+    let now = now_ms();
+    assert_eq!(s.prune_dead_letters(0, now, 3).await.unwrap(), 3);
+    assert_eq!(s.prune_dead_letters(0, now, 3).await.unwrap(), 1);
+    assert_eq!(s.prune_dead_letters(0, now, 3).await.unwrap(), 0);
+    assert_eq!(s.totals().await.unwrap().dead_letters, 0);
+}
+
+async fn purge_dead_letters_of_a_host_or_all_in_batches(cx: StoreCx) {
+    let s = &*cx.store;
+    let alice = s.create_actor(new_actor("alice")).await.unwrap().id;
+    s.insert_activity(activity("k1", alice, "Create", None))
+        .await
+        .unwrap();
+    let dead = |host: &str, n: u32| NewDeadLetter {
+        activity_key: "k1".to_string(),
+        inbox: format!("https://{host}/users/{n}/inbox"),
+        host: host.to_string(),
+        reason: "gone".to_string(),
+        last_status: Some(410),
+        attempts: 1,
+        first_attempt_unix_ms: now_ms(),
+    };
+    for n in 0..3 {
+        s.add_dead_letter(dead("a.example", n)).await.unwrap();
+    }
+    for n in 0..2 {
+        s.add_dead_letter(dead("b.example", n)).await.unwrap();
+    }
+    // A replayed one is purged too.
+    let first = s.dead_letters(10, Some("a.example")).await.unwrap();
+    s.mark_replayed(&[first[0].id]).await.unwrap();
+
+    assert_eq!(s.purge_dead_letters(Some("a.example"), 2).await.unwrap(), 2);
+    assert_eq!(s.purge_dead_letters(Some("a.example"), 2).await.unwrap(), 1);
+    assert_eq!(s.purge_dead_letters(Some("a.example"), 2).await.unwrap(), 0);
+    assert_eq!(
+        s.dead_letters(10, Some("b.example")).await.unwrap().len(),
+        2
+    );
+    assert_eq!(
+        s.purge_dead_letters(Some("nobody.example"), 2)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(s.purge_dead_letters(None, 10).await.unwrap(), 2);
+    assert_eq!(s.totals().await.unwrap().dead_letters, 0);
+}
+
+async fn migrations_racing_one_another_build_the_retention_indexes(cx: StoreCx) {
+    const INDEXES: &str = "'deliveries_delivered_at', 'dead_letters_last_attempt',
+                           'dead_letters_replayed', 'dead_letters_host'";
+    let pg = match cx.postgres_url() {
+        Some(url) => {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            // As before the upgrade: the index migration (run outside a
+            // transaction) not applied, an index of it left behind as an
+            // interrupted build leaves it.
+            client
+                .batch_execute(
+                    "DELETE FROM stampede_migrations WHERE version = 7;
+                     DROP INDEX deliveries_delivered_at, dead_letters_host;",
+                )
+                .await
+                .unwrap();
+            // A process whose pool has one connection (the lock's
+            // transaction holds it).
+            let single = stampede_backends::store::postgres::PgStore::connect(url, 1).unwrap();
+            Some((client, single))
+        }
+        None => None,
+    };
+    // Three processes starting at once, one of them the application
+    // writing meanwhile: each waits for the one migrating, none for ever.
+    let s = &*cx.store;
+    let alice = s.create_actor(new_actor("alice")).await.unwrap().id;
+    s.insert_activity(activity("k1", alice, "Create", None))
+        .await
+        .unwrap();
+    let writes = async {
+        for i in 0..20 {
+            s.record_delivered("k1", &format!("https://r{i}.example/inbox"), "r", 202, 1)
+                .await
+                .unwrap();
+        }
+    };
+    let single = async {
+        match &pg {
+            Some((_, single)) => single.migrate().await,
+            None => Ok(()),
+        }
+    };
+    let all = futures::future::join5(s.migrate(), s.migrate(), single, s.migrate(), writes);
+    let (a, b, c, d, ()) = tokio::time::timeout(std::time::Duration::from_secs(60), all)
+        .await
+        .expect("migrations racing one another finish");
+    for r in [a, b, c, d] {
+        r.unwrap();
+    }
+    assert_eq!(s.totals().await.unwrap().delivered, 20);
+    if let Some((client, _)) = pg {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                             WHERE c.relname IN ({INDEXES}) AND i.indisvalid),
+                            (SELECT count(*) FROM stampede_migrations WHERE version = 7)"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (4, 1));
+    }
 }

@@ -197,6 +197,14 @@ enum StoreFiles {
 }
 
 impl StoreCx {
+    /// The PostgreSQL database under test, if it is one.
+    pub fn postgres_url(&self) -> Option<&str> {
+        match &self.files {
+            StoreFiles::Postgres { url } => Some(url),
+            StoreFiles::Sqlite { .. } => None,
+        }
+    }
+
     /// Closes the store and reads one row of integers with `sql` (a query
     /// both SQL dialects accept) straight from its database: for what the
     /// trait records but never reads back.
