@@ -596,6 +596,11 @@ pub const UNAVAILABLE_MAX: u32 = 100_000;
 pub struct UnavailableHosts(std::sync::RwLock<std::sync::Arc<std::collections::HashSet<String>>>);
 
 impl UnavailableHosts {
+    /// Whether no host is unavailable (nothing to look up).
+    pub fn is_empty(&self) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
     /// Whether `host` (`name[:port]`, as in inbox URLs) is unavailable.
     pub fn contains(&self, host: &str) -> bool {
         let set = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();

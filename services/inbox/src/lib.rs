@@ -78,6 +78,10 @@ impl Inbox {
     /// own is up: fanout delivers to it again (best effort: a failure only
     /// leaves it to the periodic probe).
     async fn revive_signer_host(&self, key_id: Option<&str>) {
+        // Nothing parsed per message while no host is unavailable.
+        if self.unavailable.is_empty() {
+            return;
+        }
         let Some(host) = key_id.and_then(stampede_core::targets::inbox_host) else {
             return;
         };
@@ -419,9 +423,12 @@ impl Inbox {
                 // would size every message's future for them.
                 Box::pin(self.apply(effect, &cx)).await?;
             }
-            let silenced = stampede_core::targets::inbox_host(&info.actor).is_some_and(|h| {
-                self.p.policy.decide(&h) == stampede_runtime::policy::Decision::Silenced
-            });
+            // Nothing parsed per message while there is no rule.
+            let rules = self.p.policy.snapshot();
+            let silenced = !rules.is_empty()
+                && stampede_core::targets::inbox_host(&info.actor).is_some_and(|h| {
+                    rules.decide(&h) == stampede_runtime::policy::Decision::Silenced
+                });
             let event = VerifiedActivity {
                 policy: if silenced {
                     "silenced".into()
