@@ -142,6 +142,7 @@ async fn a_domain_suspended_at_runtime_gets_nothing_either_way(backend: Backend)
     );
     assert_eq!(set.follows_removed, 1, "carol's follow of alice");
     let took = every_service_holds(&app, 1).await;
+    println!("[{backend:?}] the suspension reached every service in {took:?}");
     assert!(
         took < Duration::from_secs(5),
         "the suspension took {took:?} to reach every service"
