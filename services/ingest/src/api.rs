@@ -347,7 +347,14 @@ impl AdminService for AdminApi {
         &self,
         req: Request<PurgeDeadLettersRequest>,
     ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
-        Ok(Response::new(self.purge(req.into_inner().host).await?))
+        let r = req.into_inner();
+        if r.host.trim().is_empty() == !r.all {
+            return Err(IngestError::Invalid(
+                "give exactly one of host, all: a purge deletes dead letters for good".into(),
+            )
+            .into());
+        }
+        Ok(Response::new(self.purge(r.host).await?))
     }
 }
 
@@ -394,7 +401,8 @@ impl AdminApi {
         Ok(ReplayDeadLettersResponse { replayed })
     }
 
-    /// Deletes the dead letters of `host` (every one when empty), a batch
+    /// Deletes the dead letters of `host` (every one when empty: `all` was
+    /// asked for), a batch
     /// at a time: no statement holds its locks for long.
     async fn purge(&self, host: String) -> Result<PurgeDeadLettersResponse, IngestError> {
         let host = host.trim().to_ascii_lowercase();

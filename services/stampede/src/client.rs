@@ -280,13 +280,13 @@ impl Client {
             .dead_letters)
     }
 
-    /// Deletes the dead letters of `host` (every one when empty); returns
+    /// Deletes the dead letters of `host`, or every one with `all`; returns
     /// how many.
-    pub async fn purge(&self, host: String) -> anyhow::Result<u64> {
+    pub async fn purge(&self, host: String, all: bool) -> anyhow::Result<u64> {
         Ok(self
             .admin
             .clone()
-            .purge_dead_letters(PurgeDeadLettersRequest { host })
+            .purge_dead_letters(PurgeDeadLettersRequest { host, all })
             .await
             .map_err(status)?
             .into_inner()

@@ -462,9 +462,8 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
                         .await?;
                     println!("replayed {n} dead letters");
                 }
-                DlqCommand::Purge { host, .. } => {
-                    // `--all` when no host (refused above otherwise).
-                    let n = c.purge(host.unwrap_or_default()).await?;
+                DlqCommand::Purge { host, all } => {
+                    let n = c.purge(host.unwrap_or_default(), all).await?;
                     println!("purged {n} dead letters");
                 }
                 DlqCommand::List { host, limit } => {

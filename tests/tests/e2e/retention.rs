@@ -132,12 +132,20 @@ async fn records_and_dead_letters_are_pruned_but_never_a_pending_jobs_guard(back
         .admin()
         .purge_dead_letters(PurgeDeadLettersRequest {
             host: followers[2].host.clone(),
+            all: false,
         })
         .await
         .unwrap()
         .into_inner()
         .purged;
     assert_eq!(purged, 1);
+    // Neither a host nor `all`: refused, nothing deleted.
+    let refused = app
+        .admin()
+        .purge_dead_letters(PurgeDeadLettersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     let left = app.store.dead_letters(100, None).await.unwrap();
     assert!(left.iter().all(|d| d.host == followers[3].host), "{left:?}");
 
