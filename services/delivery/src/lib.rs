@@ -237,6 +237,7 @@ impl Delivery {
         }
         if self.p.policy.is_blocked(host) {
             self.record_skip(job, host, "suspended").await?;
+            self.slots.ended(host, job.first_attempt_unix_ms);
             count_outcome(m, DeliveryOutcome::Suspended);
             tracing::info!(inbox_host = %host, "delivery dropped: the inbox's domain is suspended or not allowed");
             return Ok(());
@@ -244,6 +245,7 @@ impl Delivery {
         // A redelivered job (a worker died holding it), one from a fanout
         // that ran twice, or the first copy of such a one may have succeeded.
         if may_be_delivered && store.delivered(&job.activity_key, &job.inbox).await? {
+            self.slots.ended(host, job.first_attempt_unix_ms);
             count_outcome(m, DeliveryOutcome::Skipped);
             tracing::debug!("already delivered");
             return Ok(());
@@ -269,6 +271,7 @@ impl Delivery {
             if let Some((actor, object)) = &prep.supersedable {
                 if self.superseded(&prep, *actor, object).await? {
                     self.record_skip(job, host, "superseded").await?;
+                    self.slots.ended(host, job.first_attempt_unix_ms);
                     count_outcome(m, DeliveryOutcome::Superseded);
                     tracing::info!(activity_id = %prep.ap_id, "superseded by a Delete of its object; not sent");
                     return Ok(());
@@ -324,6 +327,13 @@ impl Delivery {
         in_flight.inc();
         let attempt = self.attempt(job, host).await;
         in_flight.dec();
+        match &attempt {
+            Ok(r) => self.slots.answered(host, Some(r.status)),
+            Err(DeliveryError::Runtime(stampede_runtime::Error::Http(_))) => {
+                self.slots.answered(host, None)
+            }
+            Err(_) => {}
+        }
         let latency = started.elapsed();
         m.delivery_seconds.observe(latency.as_secs_f64());
         self.adapt(host, &slot, &health, &attempt, latency, sent_ms)
@@ -379,7 +389,12 @@ impl Delivery {
         let mut tries = 0u32;
         loop {
             match self.settle(job, host, &outcome).await {
-                Ok(()) => break,
+                Ok(ended) => {
+                    if ended {
+                        self.slots.ended(host, job.first_attempt_unix_ms);
+                    }
+                    break;
+                }
                 Err(e) => {
                     drop(slot.take());
                     tries += 1;
@@ -402,10 +417,11 @@ impl Delivery {
         job: &DeliveryJob,
         host: &str,
         outcome: &Outcome,
-    ) -> Result<(), DeliveryError> {
+    ) -> Result<bool, DeliveryError> {
         let store = &self.p.backends.store;
         let m = &self.p.metrics;
         let interactive = job.class == DeliveryClass::Interactive as i32;
+        let mut ended = true;
         match outcome.clone() {
             Outcome::Delivered { status } => {
                 store
@@ -483,6 +499,7 @@ impl Delivery {
                                 delay,
                             )
                             .await?;
+                        ended = false;
                         count_outcome(m, DeliveryOutcome::Retry);
                         self.count_parked(Reason::Retry, applied).await;
                         tracing::info!(inbox_host = %host, ?status, %reason, attempt = job.attempt, delay_secs = applied.as_secs(), "delivery failed; retry scheduled");
@@ -535,7 +552,7 @@ impl Delivery {
                 count_outcome(m, DeliveryOutcome::Refused);
             }
         }
-        Ok(())
+        Ok(ended)
     }
 
     /// A job whose host takes no delivery now: parked behind a pause or an
@@ -571,6 +588,7 @@ impl Delivery {
                 )
                 .await?;
                 count_outcome(&self.p.metrics, DeliveryOutcome::Unavailable);
+                self.slots.ended(host, job.first_attempt_unix_ms);
                 Ok(())
             }
             // Acquired only with a slot.

@@ -68,6 +68,16 @@ struct Local {
     /// Deliveries and their latency (ms) since the last report.
     done: u64,
     done_ms: u64,
+    /// Jobs that ended since the last report, and the sum of their
+    /// queueing times (unix seconds): the host's backlog shrinks by them.
+    ended: u64,
+    ended_t: i64,
+    /// The host's last answer, when it is news for the report.
+    answer: Option<stampede_federation::backlog::LastAnswer>,
+    /// The last 2xx seen (unix ms).
+    ok_ms: i64,
+    /// The last answer put in a report, and when (unix ms).
+    last_reported: Option<(u16, i64)>,
 }
 
 struct Inner {
@@ -85,6 +95,8 @@ struct Inner {
     share_waiters: AtomicUsize,
     /// A success faster than this grows a host's limit.
     fast: Duration,
+    /// The minute the backlogs were last tidied.
+    tidied: std::sync::atomic::AtomicI64,
 }
 
 /// What a worker knows of a host's speed.
@@ -182,6 +194,7 @@ impl Slots {
             held: Mutex::default(),
             local: Mutex::default(),
             slow_held: AtomicUsize::new(0),
+            tidied: std::sync::atomic::AtomicI64::new(0),
             share_waiters: AtomicUsize::new(0),
             slow_cap: (prefetch / 2).max(1),
             fast,
@@ -217,6 +230,8 @@ impl Slots {
     /// Adds this worker's deliveries and latency per host since the last
     /// report to the minute's busy-hosts counters (what status shows).
     async fn report(&self) {
+        let mut ended = Vec::new();
+        let mut answers = Vec::new();
         let counts: Vec<(String, i64)> = {
             let mut local = lock(&self.0.local);
             let mut out = Vec::new();
@@ -226,12 +241,20 @@ impl Slots {
                     out.push((format!("{host} ms"), l.done_ms as i64));
                     (l.done, l.done_ms) = (0, 0);
                 }
+                if l.ended > 0 {
+                    ended.push((host.clone(), l.ended, l.ended_t));
+                    (l.ended, l.ended_t) = (0, 0);
+                }
+                if let Some(a) = l.answer.take() {
+                    answers.push((host.clone(), a));
+                }
             }
             if local.len() > HOSTS_KEPT {
                 local.retain(|_, l| l.in_flight > 0 || l.waiting > 0);
             }
             out
         };
+        self.report_backlog(&ended, &answers).await;
         if counts.is_empty() {
             return;
         }
@@ -245,6 +268,68 @@ impl Slots {
             .await
         {
             tracing::debug!(error = %e, "reporting busy hosts failed");
+        }
+    }
+
+    /// The hosts view's share of the report: backlogs shrunk by the jobs
+    /// that ended, last answers; and, once a minute, the ended backlogs
+    /// dropped.
+    async fn report_backlog(
+        &self,
+        ended: &[(String, u64, i64)],
+        answers: &[(String, stampede_federation::backlog::LastAnswer)],
+    ) {
+        use stampede_federation::backlog;
+        let b = &self.0.b;
+        if !ended.is_empty() {
+            if let Err(e) = backlog::ended(b, ended).await {
+                tracing::debug!(error = %e, "reporting ended deliveries failed");
+            }
+        }
+        if !answers.is_empty() {
+            if let Err(e) = backlog::answered(b, answers).await {
+                tracing::debug!(error = %e, "reporting hosts' answers failed");
+            }
+        }
+        let minute = stampede_backends::clock::now_secs() / 60;
+        if self.0.tidied.swap(minute, Ordering::Relaxed) != minute {
+            if let Err(e) = backlog::tidy(b).await {
+                tracing::debug!(error = %e, "tidying the backlogs failed");
+            }
+        }
+    }
+
+    /// A job for `host`, queued by fanout at `queued_ms`, ended (delivered,
+    /// dead-lettered, dropped): the host's backlog is one shorter.
+    pub fn ended(&self, host: &str, queued_ms: i64) {
+        let mut local = lock(&self.0.local);
+        let l = local.entry(host.to_string()).or_default();
+        l.ended += 1;
+        l.ended_t += queued_ms / 1000;
+    }
+
+    /// `host` answered `status` (None: no answer): news for the hosts view
+    /// when it differs from the last reported, or every 10 s.
+    pub fn answered(&self, host: &str, status: Option<u16>) {
+        let now = stampede_backends::clock::now_ms();
+        let status = status.unwrap_or(0);
+        let mut local = lock(&self.0.local);
+        let l = local.entry(host.to_string()).or_default();
+        if (200..300).contains(&status) {
+            l.ok_ms = now;
+        }
+        let news = match (&l.answer, l.last_reported) {
+            (Some(_), _) => true,
+            (None, Some((s, at))) => s != status || now - at >= 10_000,
+            (None, None) => true,
+        };
+        if news {
+            l.answer = Some(stampede_federation::backlog::LastAnswer {
+                status,
+                at_ms: now,
+                ok_ms: l.ok_ms,
+            });
+            l.last_reported = Some((status, now));
         }
     }
 

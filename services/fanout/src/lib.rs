@@ -143,7 +143,10 @@ impl worker::Handler for Fanout {
         // of its jobs already; so may a fanout resumed after a pause (its
         // first run may be redelivered after it put this one back).
         let ran_before = msg.redelivered || job.attempt > 0 || job.followers_after.is_some();
-        match self.expand(&job, ran_before).await {
+        // A run that may have queued some of its jobs before adds nothing
+        // to the hosts' backlogs (what it queued again is not counted twice).
+        let first_run = !msg.redelivered && job.attempt == 0;
+        match self.expand(&job, ran_before, first_run).await {
             Ok(done) => {
                 if let Err(e) = msg.acker.ack().await {
                     tracing::warn!(activity_key = %job.activity_key, error = %e, "ack failed");
@@ -194,7 +197,12 @@ impl Fanout {
     /// Queues one delivery job per target inbox (from the job's place, when
     /// it was put back by backpressure); returns how many, or that it was
     /// put back again.
-    pub async fn expand(&self, job: &FanoutJob, ran_before: bool) -> Result<Expanded, FanoutError> {
+    pub async fn expand(
+        &self,
+        job: &FanoutJob,
+        ran_before: bool,
+        first_run: bool,
+    ) -> Result<Expanded, FanoutError> {
         let b = &self.p.backends;
         let cfg = &self.p.cfg;
         let activity = b.store.activity(&job.activity_key).await?.ok_or_else(|| {
@@ -233,17 +241,14 @@ impl Fanout {
         let mut total = job.queued_before;
         if resumed.is_none() && !explicit.is_empty() {
             total += explicit.len() as u64;
+            let hosts = per_host(explicit.iter().map(String::as_str));
             b.store
-                .record_fanout_page(
-                    &activity.key,
-                    "explicit",
-                    &per_host(explicit.iter().map(String::as_str)),
-                    &[],
-                )
+                .record_fanout_page(&activity.key, "explicit", &hosts, &[])
                 .await?;
             b.queue
                 .publish_batch(queue, explicit.iter().map(|i| make(i)).collect())
                 .await?;
+            self.queued(&hosts, first_run, now_ms).await;
         }
         // Backpressure holds bulk fanouts only, in pages no larger than
         // the bound, so the bulk queue stays under twice the bound.
@@ -285,17 +290,19 @@ impl Fanout {
                     .collect();
                 // Recorded before the jobs exist, under the page's place: a
                 // page run again rewrites its own counts.
+                let hosts = per_host(targets.iter().copied());
                 b.store
                     .record_fanout_page(
                         &activity.key,
                         after.as_deref().unwrap_or(""),
-                        &per_host(targets.iter().copied()),
+                        &hosts,
                         &skips,
                     )
                     .await?;
                 let batch: Vec<OutMessage> = targets.into_iter().map(&make).collect();
                 total += batch.len() as u64;
                 b.queue.publish_batch(queue, batch).await?;
+                self.queued(&hosts, first_run, now_ms).await;
                 if page.len() < page_size as usize {
                     break;
                 }
@@ -359,6 +366,18 @@ impl Fanout {
         };
         self.skipped(why, inbox);
         Some(why)
+    }
+
+    /// Adds a page's jobs to their hosts' backlogs (the hosts view), on a
+    /// first run only; best effort: the count is a gauge.
+    async fn queued(&self, per_host: &[(String, u64)], first_run: bool, now_ms: i64) {
+        if !first_run || per_host.is_empty() {
+            return;
+        }
+        let b = &self.p.backends;
+        if let Err(e) = stampede_federation::backlog::queued(b, per_host, now_ms / 1000).await {
+            tracing::debug!(error = %e, "counting the hosts' backlogs failed");
+        }
     }
 
     fn skipped(&self, why: &'static str, target: &str) {

@@ -62,6 +62,13 @@ pub fn queue_head(queue: &str) -> String {
 /// process probes at a time.
 pub const UNAVAILABLE_PROBE: &str = "unavailable-probe";
 
+/// Deliveries pending per host (field `{host}`) and the sum of their
+/// queueing times (field `{host} t`): the hosts view (`backlog`).
+pub const PENDING_BY_HOST: &str = "pending:hosts";
+
+/// Each host's last answer: fields `{host} status`, `{host} at`, `{host} ok`.
+pub const HOSTS_LAST: &str = "hosts:last";
+
 pub mod host {
     /// Deliveries to the host are paused by an operator.
     pub fn paused(host: &str) -> String {

@@ -14,8 +14,11 @@
 //! - [`hosts`]: per-host state shared by the delivery workers: pause, the
 //!   circuit breaker, the ramp after a recovery;
 //! - [`parked`]: deliveries parked in the delay queues, counted per reason;
+//! - [`backlog`]: deliveries pending per host and hosts' last answers, for
+//!   the hosts view;
 //! - [`cache_keys`]: every key kept in the shared cache.
 
+pub mod backlog;
 pub mod cache_keys;
 pub mod dead_letters;
 pub mod domains;

@@ -270,6 +270,48 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn list_hosts(
+        &self,
+        req: Request<stampede_proto::api::ListHostsRequest>,
+    ) -> Result<Response<stampede_proto::api::ListHostsResponse>, Status> {
+        use stampede_federation::backlog::{hosts_view, SortBy};
+        let r = req.into_inner();
+        let sort = match r.sort.as_str() {
+            "" | "pending" => SortBy::Pending,
+            "oldest" => SortBy::Oldest,
+            "failures" => SortBy::Failures,
+            other => {
+                return Err(IngestError::Invalid(format!(
+                    "sort `{other}`: expected pending, oldest or failures"
+                ))
+                .into())
+            }
+        };
+        let limit = if r.limit == 0 { 20 } else { r.limit.min(500) } as usize;
+        let ingest = &self.0;
+        let rows = hosts_view(&ingest.backends, &ingest.cfg, &ingest.policy, sort, limit)
+            .await
+            .map_err(IngestError::from)?;
+        Ok(Response::new(stampede_proto::api::ListHostsResponse {
+            hosts: rows
+                .into_iter()
+                .map(|h| stampede_proto::api::HostView {
+                    host: h.host,
+                    pending: h.pending.count,
+                    pending_age_secs: h.pending.mean_age_secs,
+                    in_flight: h.in_flight,
+                    limit: h.limit,
+                    circuit: h.circuit.into(),
+                    failures: h.failures,
+                    last_status: u32::from(h.last.status),
+                    last_answer_unix_ms: h.last.at_ms,
+                    last_success_unix_ms: h.last.ok_ms,
+                    policy: h.policy.into(),
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_failing_hosts(
         &self,
         req: Request<stampede_proto::api::ListFailingHostsRequest>,
@@ -348,7 +390,7 @@ impl AdminService for AdminApi {
         req: Request<PurgeDeadLettersRequest>,
     ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
         let r = req.into_inner();
-        if r.host.trim().is_empty() == !r.all {
+        if r.host.trim().is_empty() != r.all {
             return Err(IngestError::Invalid(
                 "give exactly one of host, all: a purge deletes dead letters for good".into(),
             )

@@ -174,6 +174,22 @@ impl Client {
         Ok(())
     }
 
+    /// The hosts view.
+    pub async fn hosts(
+        &self,
+        sort: String,
+        limit: u32,
+    ) -> anyhow::Result<Vec<stampede_proto::api::HostView>> {
+        Ok(self
+            .admin
+            .clone()
+            .list_hosts(stampede_proto::api::ListHostsRequest { sort, limit })
+            .await
+            .map_err(status)?
+            .into_inner()
+            .hosts)
+    }
+
     /// Where an activity's deliveries are.
     pub async fn activity_delivery(
         &self,

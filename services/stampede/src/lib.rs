@@ -84,6 +84,16 @@ enum Command {
         #[command(subcommand)]
         command: HostCommand,
     },
+    /// Which servers we are behind on: per host, deliveries pending and
+    /// their mean age, in flight, limit, circuit, last answer, policy.
+    Hosts {
+        /// At most this many hosts.
+        #[arg(long, default_value_t = 20)]
+        top: u32,
+        /// Order: most pending first, oldest backlog first, or most failures first.
+        #[arg(long, value_enum, default_value_t = HostSort::Pending)]
+        sort: HostSort,
+    },
     /// Published activities.
     Activity {
         #[command(subcommand)]
@@ -153,6 +163,13 @@ enum HostCommand {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum HostSort {
+    Pending,
+    Oldest,
+    Failures,
 }
 
 #[derive(Debug, Subcommand)]
@@ -500,6 +517,62 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             };
             c.set_host_paused(host.clone(), paused).await?;
             println!("{host} {}", if paused { "paused" } else { "resumed" });
+            Ok(())
+        }
+        Command::Hosts { top, sort } => {
+            let c = client::Client::connect(server).await?;
+            let sort = match sort {
+                HostSort::Pending => "pending",
+                HostSort::Oldest => "oldest",
+                HostSort::Failures => "failures",
+            };
+            let hosts = c.hosts(sort.into(), top).await?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let ago = |ms: i64| {
+                if ms <= 0 {
+                    "-".to_string()
+                } else {
+                    format!("{}s ago", (now - ms).max(0) / 1000)
+                }
+            };
+            println!(
+                "{:<32} {:>8} {:>8} {:>9} {:>5} {:<11} {:>8} {:>6} {:>12} {:>12} POLICY",
+                "HOST",
+                "PENDING",
+                "AGE",
+                "IN FLIGHT",
+                "LIMIT",
+                "CIRCUIT",
+                "FAILURES",
+                "LAST",
+                "ANSWERED",
+                "LAST 2XX"
+            );
+            for h in hosts {
+                let last = if h.last_answer_unix_ms == 0 {
+                    "-".to_string()
+                } else if h.last_status == 0 {
+                    "none".to_string()
+                } else {
+                    h.last_status.to_string()
+                };
+                println!(
+                    "{:<32} {:>8} {:>7}s {:>9} {:>5} {:<11} {:>8} {:>6} {:>12} {:>12} {}",
+                    h.host,
+                    h.pending,
+                    h.pending_age_secs,
+                    h.in_flight,
+                    h.limit,
+                    h.circuit,
+                    h.failures,
+                    last,
+                    ago(h.last_answer_unix_ms),
+                    ago(h.last_success_unix_ms),
+                    h.policy
+                );
+            }
             Ok(())
         }
         Command::Activity {

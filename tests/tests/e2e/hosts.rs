@@ -536,7 +536,92 @@ async fn an_unavailable_host_is_not_fanned_out_to_until_it_is_back(backend: Back
     app.stop().await;
 }
 
+/// The hosts view (`stampede hosts`): which servers we are behind on.
+async fn the_hosts_view_shows_backlogs_failures_and_last_answers(backend: Backend) {
+    use stampede_proto::api::{HostRequest, ListHostsRequest};
+    const PER_SERVER: usize = 5;
+    let app = spawn_app(backend, AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions {
+        servers: 3,
+        shared_inbox: std::sync::Arc::new(|_| false),
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    let alice = app.create_actor("alice").await;
+    let followers: Vec<_> = (0..3)
+        .flat_map(|i| (0..PER_SERVER).map(move |n| (i, n)))
+        .map(|(i, n)| sink.actor(i, &format!("f{n}")).unwrap())
+        .collect();
+    app.seed_followers(alice, &followers).await;
+    let host = |i: usize| sink.actor(i, "f0").unwrap().host;
+    // Server 0 paused (its backlog waits), server 1 failing, server 2 fine.
+    app.admin()
+        .pause_host(HostRequest { host: host(0) })
+        .await
+        .unwrap();
+    sink.set_behavior(1, Behavior::Status(503)).unwrap();
+    publish_posts(&app, 2).await;
+    let view = |sort: &'static str| {
+        let app = &app;
+        async move {
+            app.admin()
+                .list_hosts(ListHostsRequest {
+                    sort: sort.into(),
+                    limit: 10,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .hosts
+        }
+    };
+    let backlog = (2 * PER_SERVER) as u64;
+    wait_for("the view to settle", Duration::from_secs(60), || async {
+        let v = view("pending").await;
+        let of = |i: usize| v.iter().find(|h| h.host == host(i)).cloned();
+        of(0).is_some_and(|h| h.pending == backlog)
+            && of(1).is_some_and(|h| h.pending == backlog && h.last_status == 503)
+            && of(2).is_some_and(|h| h.pending == 0 && h.last_status == 202)
+    })
+    .await;
+    let v = view("pending").await;
+    assert_eq!(v.len(), 3, "{v:?}");
+    assert_eq!(v[2].host, host(2), "the host with no backlog last: {v:?}");
+    let of = |i: usize| v.iter().find(|h| h.host == host(i)).unwrap().clone();
+    assert_eq!(of(0).circuit, "paused");
+    assert_eq!(of(0).last_answer_unix_ms, 0, "never asked");
+    assert!(
+        of(1).failures >= 1 && of(1).last_success_unix_ms == 0,
+        "{:?}",
+        of(1)
+    );
+    assert!(of(2).last_success_unix_ms > 0 && of(2).circuit == "closed");
+    assert!(of(2).limit >= 1);
+    assert_eq!(view("failures").await[0].host, host(1));
+    // Resumed: its backlog drains.
+    app.admin()
+        .resume_host(HostRequest { host: host(0) })
+        .await
+        .unwrap();
+    wait_for(
+        "server 0's backlog drained",
+        Duration::from_secs(60),
+        || async {
+            view("pending")
+                .await
+                .iter()
+                .find(|h| h.host == host(0))
+                .is_some_and(|h| h.pending == 0 && h.last_status == 202)
+        },
+    )
+    .await;
+    assert_eq!(posts_delivered(&sink, 0), 2 * PER_SERVER);
+    app.stop().await;
+}
+
 crate::both_backends!(
+    the_hosts_view_shows_backlogs_failures_and_last_answers,
     circuit_opens_is_probed_closes_and_ramps_up,
     status_counts_parked_deliveries_per_reason,
     an_unavailable_hosts_dead_letter_counts_the_attempts_made,

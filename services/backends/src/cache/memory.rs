@@ -199,6 +199,20 @@ impl Cache for MemoryCache {
         Ok(())
     }
 
+    async fn hash_set_many(
+        &self,
+        key: &str,
+        values: &[(String, i64)],
+        ttl: Duration,
+    ) -> Result<()> {
+        let mut h = self.hashes();
+        let fields = hash_for(&mut h, key, ttl);
+        for (field, v) in values {
+            fields.insert(field.clone(), *v);
+        }
+        Ok(())
+    }
+
     async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>> {
         Ok(self.hashes().get(key).map_or_else(Vec::new, |(fields, _)| {
             fields.iter().map(|(f, n)| (f.clone(), *n)).collect()

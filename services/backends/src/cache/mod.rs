@@ -74,6 +74,9 @@ pub trait Cache: Send + Sync + 'static {
     async fn hash_incr_many(&self, key: &str, by: &[(String, i64)], ttl: Duration) -> Result<()>;
     /// Every field of the hash `key` with its integer value (none when absent).
     async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>>;
+    /// Sets fields of the hash `key` to these values, in one round trip.
+    async fn hash_set_many(&self, key: &str, values: &[(String, i64)], ttl: Duration)
+        -> Result<()>;
     /// Removes `fields` from the hash `key`.
     async fn hash_del(&self, key: &str, fields: &[String]) -> Result<()>;
     /// Sets `key` to `value` for `ttl` only if it holds `expected` now

@@ -283,6 +283,24 @@ impl Cache for RedisCache {
         Ok(())
     }
 
+    async fn hash_set_many(
+        &self,
+        key: &str,
+        values: &[(String, i64)],
+        ttl: Duration,
+    ) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn();
+        let k = self.key(key);
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        pipe.hset_multiple(&k, values).ignore();
+        let () = at_least(&mut pipe, &k, ttl).query_async(&mut c).await?;
+        Ok(())
+    }
+
     async fn hash_get_all(&self, key: &str) -> Result<Vec<(String, i64)>> {
         let mut c = self.conn();
         Ok(c.hgetall(self.key(key)).await?)

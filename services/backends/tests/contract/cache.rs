@@ -18,6 +18,7 @@ macro_rules! cache_test_suite {
                 hash_incr_extends_the_expiry_and_never_shortens_it,
                 hash_get_all_and_hash_del,
                 hash_incr_many_adds_to_every_field,
+                hash_set_many_replaces_fields_and_keeps_the_rest,
                 del_removes_values_counters_and_hashes,
                 set_if_sets_only_over_the_expected_value,
                 a_semaphore_holds_at_most_its_limit_and_releases,
@@ -389,6 +390,23 @@ async fn hash_incr_many_adds_to_every_field(c: Arc<dyn Cache>) {
     at(written, ms(300)).await;
     assert_eq!(sorted(&*c, "h").await.len(), 2);
     c.hash_incr_many("short", &by, ms(200)).await.unwrap();
+    let written = Instant::now();
+    at(written, ms(400)).await;
+    assert!(c.hash_get_all("short").await.unwrap().is_empty(), "expired");
+}
+
+async fn hash_set_many_replaces_fields_and_keeps_the_rest(c: Arc<dyn Cache>) {
+    c.hash_set_many("s", &[], LONG).await.unwrap();
+    assert!(c.hash_get_all("s").await.unwrap().is_empty());
+    c.hash_incr("s", "a", 7, LONG).await.unwrap();
+    c.hash_incr("s", "keep", 1, LONG).await.unwrap();
+    let values = [("a".to_string(), -2), ("b".to_string(), 1_796_574_642_278)];
+    c.hash_set_many("s", &values, LONG).await.unwrap();
+    assert_eq!(
+        sorted(&*c, "s").await,
+        fields(&[("a", -2), ("b", 1_796_574_642_278), ("keep", 1)])
+    );
+    c.hash_set_many("short", &values, ms(200)).await.unwrap();
     let written = Instant::now();
     at(written, ms(400)).await;
     assert!(c.hash_get_all("short").await.unwrap().is_empty(), "expired");
