@@ -27,8 +27,8 @@ pub fn parse_domain(cfg: &Config, raw: &str) -> std::result::Result<String, Stri
     if domain.is_empty() || domain.contains(':') && !domain.starts_with('[') {
         return Err(bad());
     }
+    // A rule for our own domain, or a parent of it, would cut us off.
     if cfg.is_own_authority(&domain)
-        || normalize_domain(&cfg.public_host()) == domain
         || stampede_core::targets::domain_within(&normalize_domain(&cfg.public_host()), &domain)
     {
         return Err(format!("`{domain}` covers this server's own host"));

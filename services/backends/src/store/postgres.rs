@@ -1384,53 +1384,55 @@ impl Store for PgStore {
         let key: String = row.get(0);
         let k = [(&key as &(dyn ToSql + Sync), Type::TEXT)];
         let mut hosts = HostCounts::default();
-        for r in c
-            .query(
-                "SELECT host, SUM(targets)::int8 FROM activity_targets WHERE activity_key = $1 GROUP BY host",
-                &k,
+        // (host, count) rows of one of the activity's tables.
+        let k = &k;
+        let counts = |sql: &'static str| async move {
+            Ok::<_, crate::Error>(
+                c.query(sql, k)
+                    .await?
+                    .iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+                    .collect::<Vec<_>>(),
             )
-            .await?
+        };
+        for (h, n) in counts(
+            "SELECT host, SUM(targets)::int8 FROM activity_targets WHERE activity_key = $1 GROUP BY host",
+        )
+        .await?
         {
-            hosts.get(r.get(0)).targets = r.get::<_, i64>(1) as u64;
+            hosts.get(h).targets = n;
         }
-        for r in c
-            .query(
-                "SELECT host, count(*) FROM deliveries WHERE activity_key = $1 GROUP BY host",
-                &k,
-            )
-            .await?
+        for (h, n) in
+            counts("SELECT host, count(*) FROM deliveries WHERE activity_key = $1 GROUP BY host")
+                .await?
         {
-            hosts.get(r.get(0)).delivered = r.get::<_, i64>(1) as u64;
+            hosts.get(h).delivered = n;
         }
-        for r in c
-            .query(
-                "SELECT host, count(DISTINCT inbox) FROM dead_letters d
-                 WHERE activity_key = $1 AND replayed_at IS NULL
-                   AND NOT EXISTS (SELECT 1 FROM deliveries x WHERE x.activity_key = $1 AND x.inbox = d.inbox)
-                 GROUP BY host",
-                &k,
-            )
-            .await?
+        for (h, n) in counts(
+            "SELECT host, count(DISTINCT inbox) FROM dead_letters d
+             WHERE activity_key = $1 AND replayed_at IS NULL
+               AND NOT EXISTS (SELECT 1 FROM deliveries x WHERE x.activity_key = $1 AND x.inbox = d.inbox)
+             GROUP BY host",
+        )
+        .await?
         {
-            hosts.get(r.get(0)).dead_lettered = r.get::<_, i64>(1) as u64;
+            hosts.get(h).dead_lettered = n;
         }
-        for r in c
-            .query(
-                "SELECT host, count(*) FROM delivery_retries r
-                 WHERE activity_key = $1
-                   AND NOT EXISTS (SELECT 1 FROM deliveries x WHERE x.activity_key = $1 AND x.inbox = r.inbox)
-                   AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.activity_key = $1 AND d.inbox = r.inbox AND d.replayed_at IS NULL)
-                 GROUP BY host",
-                &k,
-            )
-            .await?
+        for (h, n) in counts(
+            "SELECT host, count(*) FROM delivery_retries r
+             WHERE activity_key = $1
+               AND NOT EXISTS (SELECT 1 FROM deliveries x WHERE x.activity_key = $1 AND x.inbox = r.inbox)
+               AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.activity_key = $1 AND d.inbox = r.inbox AND d.replayed_at IS NULL)
+             GROUP BY host",
+        )
+        .await?
         {
-            hosts.get(r.get(0)).retrying = r.get::<_, i64>(1) as u64;
+            hosts.get(h).retrying = n;
         }
         for r in c
             .query(
                 "SELECT host, reason, count(*) FROM delivery_skips WHERE activity_key = $1 GROUP BY host, reason",
-                &k,
+                k,
             )
             .await?
         {
