@@ -62,6 +62,11 @@ pub fn queue_head(queue: &str) -> String {
 /// process probes at a time.
 pub const UNAVAILABLE_PROBE: &str = "unavailable-probe";
 
+/// Moved by every creation and deletion of a local actor: each ingest
+/// process forgets the actors it holds in memory when it sees it move
+/// (`ingest/src/local_actors.rs`).
+pub const LOCAL_ACTORS_VERSION: &str = "actors:version";
+
 /// Deliveries pending per host (field `{host}`) and the sum of their
 /// queueing times (field `{host} t`): the hosts view (`backlog`).
 pub const PENDING_BY_HOST: &str = "pending:hosts";

@@ -6,7 +6,7 @@ use stampede_core::activity::prepare_outbound;
 use stampede_proto::queue::FanoutJob;
 
 use stampede_backends::queue::{OutMessage, QueueName};
-use stampede_backends::store::{Inserted, LocalActor, NewActivity};
+use stampede_backends::store::{ActorRef, Inserted, NewActivity};
 use stampede_runtime::{Backends, Config, Error, Result};
 
 use stampede_proto::kinds::FANOUT_JOB;
@@ -27,7 +27,7 @@ pub enum FollowAnswer {
 pub async fn answer_follow(
     cfg: &Config,
     b: &Backends,
-    actor: &LocalActor,
+    actor: &ActorRef,
     follow: &serde_json::Value,
     follower: &str,
     follow_id: Option<&str>,
@@ -53,13 +53,14 @@ pub struct Published {
 }
 
 /// Validates `body` as an activity of `actor`, stores it (idempotent on
-/// `idempotency_key`) and queues it for fanout. [`Error::Invalid`] for a body
+/// `idempotency_key`) and queues it for fanout. Only the actor's id and
+/// name are used: its key is read by delivery, which signs. [`Error::Invalid`] for a body
 /// that is not a valid activity of this actor; [`Error::Queue`] when the
 /// queue cannot take it (the caller retries with the same key).
 pub async fn publish(
     cfg: &Config,
     b: &Backends,
-    actor: &LocalActor,
+    actor: &ActorRef,
     body: &[u8],
     idempotency_key: Option<String>,
 ) -> Result<Published> {

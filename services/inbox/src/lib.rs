@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use prost::Message;
 use stampede_backends::queue::{Incoming, OutMessage, QueueName};
-use stampede_backends::store::LocalActor;
+use stampede_backends::store::ActorRef;
 use stampede_core::activity::parse_json;
 use stampede_core::targets::inbox_host;
 use stampede_core::verify::HttpRequest;
@@ -485,11 +485,13 @@ impl Inbox {
         (n > limit).then(|| Duration::from_secs(60 - now % 60 + 1))
     }
 
-    async fn local_actor(&self, id: Option<&str>) -> Result<Option<LocalActor>, InboxError> {
+    /// The local actor `id` names, without its keys: nothing inbound
+    /// reads a private key (an `Accept` is signed by delivery).
+    async fn local_actor(&self, id: Option<&str>) -> Result<Option<ActorRef>, InboxError> {
         let Some(name) = id.and_then(|i| self.p.cfg.local_actor_name(i)) else {
             return Ok(None);
         };
-        Ok(self.p.backends.store.actor_by_name(name).await?)
+        Ok(self.p.backends.store.actor_ref_by_name(name).await?)
     }
 }
 

@@ -4,12 +4,13 @@ use stampede_core::keys::generate_rsa_2048;
 use stampede_federation::publish;
 use stampede_proto::api::{
     actor_service_server::ActorService, admin_service_server::AdminService,
-    publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter, DomainPolicy,
-    GetActorRequest, HostRequest, HostResponse, ListDeadLettersRequest, ListDeadLettersResponse,
-    ListDomainPoliciesRequest, ListDomainPoliciesResponse, PublishRequest, PublishResponse,
-    PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueDepth, RemoveDomainPolicyRequest,
-    RemoveDomainPolicyResponse, ReplayDeadLettersRequest, ReplayDeadLettersResponse,
-    SetDomainPolicyRequest, StatusRequest, StatusResponse,
+    publish_service_server::PublishService, Actor, CreateActorRequest, DeadLetter,
+    DeleteActorRequest, DeleteActorResponse, DomainPolicy, GetActorRequest, HostRequest,
+    HostResponse, ListDeadLettersRequest, ListDeadLettersResponse, ListDomainPoliciesRequest,
+    ListDomainPoliciesResponse, PublishRequest, PublishResponse, PurgeDeadLettersRequest,
+    PurgeDeadLettersResponse, QueueDepth, RemoveDomainPolicyRequest, RemoveDomainPolicyResponse,
+    ReplayDeadLettersRequest, ReplayDeadLettersResponse, SetDomainPolicyRequest, StatusRequest,
+    StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -53,6 +54,28 @@ impl ActorService for ActorApi {
             .await
             .map_err(IngestError::from)?;
         Ok(Response::new(actor_message(&s.cfg, &a, n)))
+    }
+
+    async fn delete_actor(
+        &self,
+        req: Request<DeleteActorRequest>,
+    ) -> Result<Response<DeleteActorResponse>, Status> {
+        let name = req.into_inner().name;
+        let s = &self.0;
+        // The instance actor (`_instance`) is not the application's to delete.
+        if !valid_name(&name)
+            || !s
+                .backends
+                .store
+                .delete_actor(&name)
+                .await
+                .map_err(IngestError::from)?
+        {
+            return Err(IngestError::NotFound(format!("no local actor named `{name}`")).into());
+        }
+        s.actors.changed(&s.backends).await;
+        tracing::info!(actor = %name, "actor deleted");
+        Ok(Response::new(DeleteActorResponse {}))
     }
 }
 
@@ -501,6 +524,7 @@ impl Ingest {
                 public_key_pem: key.public_pem,
             })
             .await?;
+        self.actors.changed(&self.backends).await;
         tracing::info!(actor = %a.name, "actor created");
         Ok(actor_message(&self.cfg, &a, 0))
     }
@@ -514,7 +538,7 @@ impl Ingest {
         let actor = self
             .backends
             .store
-            .actor_by_name(&r.actor)
+            .actor_ref_by_name(&r.actor)
             .await?
             .ok_or_else(|| IngestError::NotFound(format!("no local actor named `{}`", r.actor)))?;
         let key = (!r.idempotency_key.is_empty()).then_some(r.idempotency_key);

@@ -175,7 +175,7 @@ impl FollowApi {
         let s = &self.0;
         let store = &s.backends.store;
         let actor = store
-            .actor_by_name(&d.actor)
+            .actor_ref_by_name(&d.actor)
             .await?
             .ok_or_else(|| IngestError::NotFound(format!("no local actor named `{}`", d.actor)))?;
         let (follower, follow) = store

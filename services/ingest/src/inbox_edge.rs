@@ -138,7 +138,8 @@ pub async fn shared_inbox(
     accept(s, client, uri, headers, body, inbox).await
 }
 
-/// `POST /users/{name}/inbox`.
+/// `POST /users/{name}/inbox`. Whether the actor exists comes from memory
+/// (`local_actors`): the store is read on a miss, without the actor's keys.
 pub async fn actor_inbox(
     State(s): State<Ingest>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -152,7 +153,7 @@ pub async fn actor_inbox(
         discard_rest(body);
         return r;
     }
-    let refused = match s.backends.store.actor_by_name(&name).await {
+    let refused = match s.actors.id_of(&*s.backends.store, &name).await {
         Ok(Some(_)) => None,
         Ok(None) => {
             Some((StatusCode::NOT_FOUND, format!("no actor named {name}\n")).into_response())

@@ -10,6 +10,7 @@ mod api_inbound;
 mod documents;
 mod error;
 mod inbox_edge;
+pub mod local_actors;
 mod routes;
 mod server;
 
@@ -42,6 +43,7 @@ pub struct IngestParts {
     metrics: Arc<Metrics>,
     verifier: stampede_federation::verify::Verifier,
     policy: Arc<stampede_runtime::policy::DomainPolicies>,
+    actors: Arc<local_actors::LocalActors>,
 }
 
 impl Ingest {
@@ -57,8 +59,17 @@ impl Ingest {
 
 impl Ingest {
     /// Ingest over a process's backends.
+    /// Must run on a Tokio runtime: it starts following the local actors'
+    /// version in the cache (until the process's shutdown).
     pub fn from_process(p: &stampede_runtime::process::Process) -> Self {
+        let actors = Arc::new(local_actors::LocalActors::new(&p.metrics));
+        tokio::spawn(
+            actors
+                .clone()
+                .follow(p.backends.clone(), p.shutdown.clone()),
+        );
         Self(Arc::new(IngestParts {
+            actors,
             cfg: p.cfg.clone(),
             backends: p.backends.clone(),
             metrics: p.metrics.clone(),

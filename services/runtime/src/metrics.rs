@@ -141,6 +141,9 @@ pub struct Metrics {
     pub remote_actor_lookups: Family<Label, Counter>,
     /// Key cache lookups (`hit`, `miss`): the hit ratio.
     pub key_cache: Family<Label, Counter>,
+    /// Local actor lookups at the inbox edge by where the answer came from
+    /// (`memory`, `store`).
+    pub local_actor_lookups: Family<Label, Counter>,
     /// Key fetches by result (`fetched`, `gone`, `failed`, `invalid`, `refused`).
     pub key_fetches: Family<Label, Counter>,
     /// Inbound activities by result (`accepted`, `bad_signature`, `stale_date`,
@@ -245,6 +248,15 @@ impl Metrics {
             "Remote key lookups by cache result",
             key_cache.clone(),
         );
+        let local_actor_lookups = Family::<Label, Counter>::default();
+        registry.register(
+            "local_actor_lookups",
+            "Local actor lookups at the inbox edge by where the answer came from (memory, store)",
+            local_actor_lookups.clone(),
+        );
+        for source in ["memory", "store"] {
+            drop(local_actor_lookups.get_or_create(&[("source", source)]));
+        }
         let key_fetches = Family::<Label, Counter>::default();
         registry.register(
             "key_fetches",
@@ -368,6 +380,7 @@ impl Metrics {
             domain_policies,
             registry,
             key_cache,
+            local_actor_lookups,
             key_fetches,
             inbound,
             verify_seconds,

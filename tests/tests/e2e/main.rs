@@ -16,6 +16,7 @@ mod faults;
 mod helpers;
 mod hosts;
 mod inbound;
+mod local_actors;
 mod metrics;
 mod outbound;
 mod pgbouncer;

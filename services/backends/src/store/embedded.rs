@@ -10,9 +10,10 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::clock::now_ms;
 use crate::sqlite::{DataDirLock, Db};
 use crate::store::{
-    like_containing, ActivityDelivery, DeadLetter, DomainFootprint, DomainPolicy, Follower,
-    HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter, PolicyKind,
-    PrivateKey, RemoteActor, RemoteKey, Skip, Store, StoredActivity, Totals, FOOTPRINT_KEYS,
+    like_containing, ActivityDelivery, ActorRef, DeadLetter, DomainFootprint, DomainPolicy,
+    Follower, HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
+    PolicyKind, PrivateKey, RemoteActor, RemoteKey, Skip, Store, StoredActivity, Totals,
+    FOOTPRINT_KEYS,
 };
 use crate::{Error, Result};
 
@@ -181,6 +182,38 @@ impl Store for EmbeddedStore {
 
     async fn actor_by_id(&self, id: i64) -> Result<Option<LocalActor>> {
         self.db.call(move |c| actor_where(c, "id = ?1", [id])).await
+    }
+
+    async fn actor_ref_by_name(&self, name: &str) -> Result<Option<ActorRef>> {
+        let name = name.to_string();
+        self.db
+            .call(move |c| {
+                let mut s =
+                    c.prepare_cached("SELECT id, manually_approves FROM actors WHERE name = ?1")?;
+                Ok(s.query_row([&name], |r| {
+                    Ok(ActorRef {
+                        id: r.get(0)?,
+                        name: name.clone(),
+                        manually_approves_followers: r.get(1)?,
+                    })
+                })
+                .optional()?)
+            })
+            .await
+    }
+
+    async fn delete_actor(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.db
+            .call(move |c| {
+                // Followers, follow requests, activities and their records
+                // go with it (ON DELETE CASCADE, foreign keys on).
+                let n = c
+                    .prepare_cached("DELETE FROM actors WHERE name = ?1")?
+                    .execute([name])?;
+                Ok(n > 0)
+            })
+            .await
     }
 
     async fn add_follower(&self, actor_id: i64, f: &Follower) -> Result<()> {

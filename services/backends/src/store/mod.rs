@@ -39,6 +39,30 @@ pub struct LocalActor {
     pub public_key_pem: String,
 }
 
+/// A local actor without its keys or profile: what the inbound paths (the
+/// inbox edge, the inbox's Follow and Undo) and publishing need. Read by
+/// [`Store::actor_ref_by_name`], which never loads a private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorRef {
+    /// Store id.
+    pub id: i64,
+    /// Preferred username.
+    pub name: String,
+    /// Follow requests need the application's decision.
+    pub manually_approves_followers: bool,
+}
+
+impl LocalActor {
+    /// The actor without its keys.
+    pub fn to_ref(&self) -> ActorRef {
+        ActorRef {
+            id: self.id,
+            name: self.name.clone(),
+            manually_approves_followers: self.manually_approves_followers,
+        }
+    }
+}
+
 /// What creating an actor needs.
 #[derive(Debug, Clone)]
 pub struct NewActor {
@@ -376,6 +400,13 @@ pub trait Store: Send + Sync + 'static {
     async fn actor_by_name(&self, name: &str) -> Result<Option<LocalActor>>;
     /// A local actor by store id.
     async fn actor_by_id(&self, id: i64) -> Result<Option<LocalActor>>;
+    /// A local actor by name, without its keys (id, name, whether it
+    /// approves followers): the read of every inbound path.
+    async fn actor_ref_by_name(&self, name: &str) -> Result<Option<ActorRef>>;
+    /// Deletes the local actor `name` with everything that is its own
+    /// (followers, follow requests, activities and their delivery records);
+    /// true when it was there.
+    async fn delete_actor(&self, name: &str) -> Result<bool>;
 
     /// Adds (or refreshes) a follower of a local actor.
     async fn add_follower(&self, actor_id: i64, follower: &Follower) -> Result<()>;

@@ -17,9 +17,10 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::store::{
-    like_containing, ActivityDelivery, DeadLetter, DomainFootprint, DomainPolicy, Follower,
-    HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter, PolicyKind,
-    PrivateKey, RemoteActor, RemoteKey, Skip, Store, StoredActivity, Totals, FOOTPRINT_KEYS,
+    like_containing, ActivityDelivery, ActorRef, DeadLetter, DomainFootprint, DomainPolicy,
+    Follower, HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
+    PolicyKind, PrivateKey, RemoteActor, RemoteKey, Skip, Store, StoredActivity, Totals,
+    FOOTPRINT_KEYS,
 };
 use crate::{Error, Result};
 
@@ -521,6 +522,32 @@ impl Store for PgStore {
         .await?
         .as_ref()
         .map(actor_from_row))
+    }
+
+    async fn actor_ref_by_name(&self, name: &str) -> Result<Option<ActorRef>> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        Ok(c.query_opt(
+            "SELECT id, manually_approves FROM actors WHERE name = $1",
+            &[(&name, Type::TEXT)],
+        )
+        .await?
+        .map(|r| ActorRef {
+            id: r.get(0),
+            name: name.to_string(),
+            manually_approves_followers: r.get(1),
+        }))
+    }
+
+    async fn delete_actor(&self, name: &str) -> Result<bool> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        // Followers, follow requests, activities and their records go with
+        // it (ON DELETE CASCADE).
+        let n = c
+            .execute("DELETE FROM actors WHERE name = $1", &[(&name, Type::TEXT)])
+            .await?;
+        Ok(n > 0)
     }
 
     async fn add_follower(&self, actor_id: i64, f: &Follower) -> Result<()> {

@@ -5,8 +5,8 @@
 //! standing alone, in the trait's order.
 use stampede_backends::clock::now_ms;
 use stampede_backends::store::{
-    DomainPolicy, Follower, HostDelivery, HostHealth, Inserted, LocalActor, NewActivity, NewActor,
-    NewDeadLetter, PolicyKind, PrivateKey, RemoteActor, RemoteKey, Skip, Store, Totals,
+    ActorRef, DomainPolicy, Follower, HostDelivery, HostHealth, Inserted, LocalActor, NewActivity,
+    NewActor, NewDeadLetter, PolicyKind, PrivateKey, RemoteActor, RemoteKey, Skip, Store, Totals,
 };
 use stampede_backends::Error;
 
@@ -23,6 +23,8 @@ macro_rules! store_test_suite {
                 create_actor_round_trips_and_refuses_a_taken_name,
                 ensure_actor_creates_once_even_when_racing,
                 actors_are_found_by_name_and_id_and_counted,
+                actor_ref_by_name_reads_the_actor_without_its_keys,
+                delete_actor_removes_it_with_what_is_its_own,
                 add_follower_adds_refreshes_and_remove_follower_removes,
                 add_followers_adds_many_and_keeps_existing_ones,
                 follower_targets_are_distinct_shared_inboxes_in_pages,
@@ -237,6 +239,93 @@ async fn actors_are_found_by_name_and_id_and_counted(cx: StoreCx) {
     assert!(s.actor_by_name("carol").await.unwrap().is_none());
     let unused = alice.id.max(bob.id) + 1000;
     assert!(s.actor_by_id(unused).await.unwrap().is_none());
+}
+
+async fn actor_ref_by_name_reads_the_actor_without_its_keys(cx: StoreCx) {
+    let s = &*cx.store;
+    assert!(s.actor_ref_by_name("alice").await.unwrap().is_none());
+    let alice = s
+        .create_actor(NewActor {
+            manually_approves_followers: true,
+            ..new_actor("alice")
+        })
+        .await
+        .unwrap();
+    let bob = s.create_actor(new_actor("bob")).await.unwrap();
+    assert_eq!(
+        s.actor_ref_by_name("alice").await.unwrap(),
+        Some(ActorRef {
+            id: alice.id,
+            name: "alice".into(),
+            manually_approves_followers: true,
+        })
+    );
+    assert_eq!(
+        s.actor_ref_by_name("bob").await.unwrap(),
+        Some(bob.to_ref())
+    );
+    assert!(s.actor_ref_by_name("carol").await.unwrap().is_none());
+    // Exact names only.
+    assert!(s.actor_ref_by_name("Alice").await.unwrap().is_none());
+    assert!(s.actor_ref_by_name("ali%").await.unwrap().is_none());
+}
+
+async fn delete_actor_removes_it_with_what_is_its_own(cx: StoreCx) {
+    let s = &*cx.store;
+    assert!(!s.delete_actor("alice").await.unwrap());
+    let alice = s.create_actor(new_actor("alice")).await.unwrap().id;
+    let bob = s.create_actor(new_actor("bob")).await.unwrap().id;
+    let x = follower("r1.example", "x", Some("https://r1.example/inbox"));
+    let y = follower("r2.example", "y", None);
+    for actor in [alice, bob] {
+        s.add_follower(actor, &x).await.unwrap();
+        s.add_follow_request(actor, &y, &serde_json::json!({"type": "Follow"}))
+            .await
+            .unwrap();
+    }
+    s.insert_activity(activity("a1", alice, "Create", None))
+        .await
+        .unwrap();
+    s.insert_activity(activity("b1", bob, "Create", None))
+        .await
+        .unwrap();
+    s.record_delivered("a1", &x.inbox, "r1.example", 202, 3)
+        .await
+        .unwrap();
+    s.record_delivered("b1", &x.inbox, "r1.example", 202, 3)
+        .await
+        .unwrap();
+
+    assert!(s.delete_actor("alice").await.unwrap());
+    assert!(s.actor_by_name("alice").await.unwrap().is_none());
+    assert!(s.actor_ref_by_name("alice").await.unwrap().is_none());
+    assert!(s.actor_by_id(alice).await.unwrap().is_none());
+    assert_eq!(s.follower_count(alice).await.unwrap(), 0);
+    assert!(s
+        .take_follow_request(alice, &y.actor)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.activity("a1").await.unwrap().is_none());
+    assert!(!s.delivered("a1", &x.inbox).await.unwrap());
+    assert_eq!(s.actor_count().await.unwrap(), 1);
+    // Gone once.
+    assert!(!s.delete_actor("alice").await.unwrap());
+
+    // Bob's are untouched.
+    assert_eq!(s.follower_count(bob).await.unwrap(), 1);
+    assert!(s
+        .take_follow_request(bob, &y.actor)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(s.activity("b1").await.unwrap().is_some());
+    assert!(s.delivered("b1", &x.inbox).await.unwrap());
+
+    // The name can be taken again, by a new actor.
+    let again = s.create_actor(new_actor("alice")).await.unwrap();
+    assert_ne!(again.id, alice);
+    assert_eq!(s.follower_count(again.id).await.unwrap(), 0);
 }
 
 async fn add_follower_adds_refreshes_and_remove_follower_removes(cx: StoreCx) {

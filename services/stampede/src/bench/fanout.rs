@@ -169,7 +169,7 @@ async fn measure(a: &FanoutArgs, d: &Deployment) -> anyhow::Result<serde_json::V
     let published = stampede_federation::publish::publish(
         &d.process.cfg,
         &d.process.backends,
-        &actor,
+        &actor.to_ref(),
         body.as_bytes(),
         None,
     )

@@ -1,0 +1,165 @@
+//! Local actors at the inbox edge (README, "Local actors at the edge"):
+//! a POST to a personal inbox learns whether its actor exists from memory,
+//! not from the store each time; a deletion or creation through the API is
+//! seen by every ingest process within 2 s.
+use std::time::{Duration, Instant};
+
+use stampede_proto::api::{CreateActorRequest, DeleteActorRequest};
+use stampede_sink::{SendOptions, Sink, SinkOptions};
+
+use crate::helpers::{spawn_app, AppOptions, Backend, TestApp};
+use crate::inbound::like;
+
+/// How soon every ingest process answers for a created or deleted actor
+/// (README, "Local actors at the edge").
+const SEEN_WITHIN: Duration = Duration::from_secs(2);
+
+async fn lookups(app: &TestApp, source: &str) -> u64 {
+    app.metric(
+        "ingest",
+        "stampede_local_actor_lookups_total",
+        &format!("source=\"{source}\""),
+    )
+    .await
+}
+
+async fn create(app: &TestApp, name: &str) {
+    app.actors()
+        .create_actor(CreateActorRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn delete(app: &TestApp, name: &str) -> Result<(), tonic::Status> {
+    app.actors()
+        .delete_actor(DeleteActorRequest { name: name.into() })
+        .await
+        .map(|_| ())
+}
+
+/// A signed Like from the sink's bob to `name`'s inbox at `base`: the
+/// edge's status.
+async fn post(sink: &Sink, base: &str, name: &str, n: usize) -> u16 {
+    let bob = sink.actor(0, "bob").unwrap();
+    let inbox = format!("{base}/users/{name}/inbox");
+    sink.send(0, "bob", &inbox, &like(&bob.id, n), SendOptions::default())
+        .await
+        .unwrap()
+        .status
+}
+
+/// Polls `base` until `name`'s inbox answers `want`: how long after
+/// `since` it did.
+async fn until_status(sink: &Sink, base: &str, name: &str, want: u16, since: Instant) -> Duration {
+    let started = Instant::now();
+    let mut n = 100_000;
+    loop {
+        n += 1;
+        let got = post(sink, base, name, n).await;
+        if got == want {
+            return since.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{base}: {name}'s inbox still answers {got}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn a_personal_inbox_is_found_in_memory(backend: Backend) {
+    const POSTS: usize = 50;
+    let app = spawn_app(backend, AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    create(&app, "alice").await;
+    let store_before = lookups(&app, "store").await;
+    for n in 0..POSTS {
+        assert_eq!(post(&sink, &app.http_base, "alice", n).await, 202);
+    }
+    let store_reads = lookups(&app, "store").await - store_before;
+    // The first POST reads the store; the version the creation moved may
+    // be seen after it, which forgets alice once more.
+    assert!(
+        (1..=2).contains(&store_reads),
+        "{store_reads} store reads for {POSTS} POSTs"
+    );
+    assert!(lookups(&app, "memory").await >= (POSTS as u64) - 2);
+
+    // A name that is not an actor: 404, remembered too.
+    for n in 0..10 {
+        assert_eq!(post(&sink, &app.http_base, "carol", n).await, 404);
+    }
+    assert!(lookups(&app, "store").await - store_before <= 3);
+    // Names no actor can have never reach the store.
+    assert_eq!(post(&sink, &app.http_base, "Not.An.Actor", 0).await, 404);
+
+    // Deleted through the API: 404 at once from the process that deleted
+    // it, and so is a second deletion.
+    delete(&app, "alice").await.unwrap();
+    assert_eq!(post(&sink, &app.http_base, "alice", 1000).await, 404);
+    let again = delete(&app, "alice").await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::NotFound);
+    assert!(app.store.actor_by_name("alice").await.unwrap().is_none());
+    // Created: found at once, though "carol" was remembered absent.
+    create(&app, "carol").await;
+    assert_eq!(post(&sink, &app.http_base, "carol", 1000).await, 202);
+    app.stop().await;
+}
+
+/// Two ingest processes: what one's API creates or deletes, the other's
+/// edge sees within [`SEEN_WITHIN`], though it held the opposite answer in
+/// memory.
+async fn every_ingest_sees_a_deletion_and_a_creation() {
+    let app = spawn_app(
+        Backend::External,
+        AppOptions {
+            processes: vec!["ingest"],
+            copies: vec![("ingest", 2)],
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    let bases = app.ingest_bases();
+    assert_eq!(bases.len(), 2);
+    create(&app, "alice").await;
+    // Each process holds alice as present and carol as absent.
+    for base in &bases {
+        until_status(&sink, base, "alice", 202, Instant::now()).await;
+        for n in 0..3 {
+            assert_eq!(post(&sink, base, "alice", n).await, 202);
+            assert_eq!(post(&sink, base, "carol", n).await, 404);
+        }
+    }
+
+    delete(&app, "alice").await.unwrap();
+    let deleted = Instant::now();
+    for base in &bases {
+        let took = until_status(&sink, base, "alice", 404, deleted).await;
+        println!("{base}: alice's inbox answers 404 after {took:?}");
+        assert!(took <= SEEN_WITHIN, "{base}: deletion seen after {took:?}");
+    }
+    // Each holds carol as absent again (the deletion's version made them
+    // forget her), for longer than SEEN_WITHIN unless told.
+    for base in &bases {
+        assert_eq!(post(&sink, base, "carol", 10).await, 404);
+    }
+    create(&app, "carol").await;
+    let created = Instant::now();
+    for base in &bases {
+        let took = until_status(&sink, base, "carol", 202, created).await;
+        println!("{base}: carol's inbox answers 202 after {took:?}");
+        assert!(took <= SEEN_WITHIN, "{base}: creation seen after {took:?}");
+    }
+    app.stop().await;
+}
+
+crate::both_backends!(a_personal_inbox_is_found_in_memory);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ingest_sees_a_deletion_and_a_creation_external() {
+    every_ingest_sees_a_deletion_and_a_creation().await;
+}
