@@ -1,7 +1,7 @@
 //! The inbound side of the gRPC API: the verified stream (`Subscribe`), the
 //! verifier for other services (`Verify`), and decisions on Follows that wait
 //! for approval.
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use futures::Stream;
@@ -33,6 +33,43 @@ const SUBSCRIBE_WINDOW: u16 = 256;
 
 type ActivityStream = Pin<Box<dyn Stream<Item = Result<InboundActivity, Status>> + Send>>;
 
+/// Settles what one request of a subscriber acknowledges. The oldest
+/// pending ids it covers in a row (`ack_through`, or listed in `ack`) are
+/// acknowledged to the broker at once (`multiple`: every earlier message of
+/// the consumer is among them, since ids are handed out in the broker's
+/// order and all pending are in `pending`); ids acknowledged out of order
+/// one by one. Unknown ids (settled already, or never sent) are ignored.
+async fn acknowledge(
+    pending: &mut BTreeMap<u64, Box<dyn Acker>>,
+    r: SubscribeRequest,
+) -> stampede_backends::Result<()> {
+    let mut listed = r.ack;
+    listed.sort_unstable();
+    let covered = |id: u64| id <= r.ack_through || listed.binary_search(&id).is_ok();
+    let run = pending
+        .keys()
+        .take_while(|&&id| covered(id))
+        .last()
+        .copied();
+    if let Some(last) = run {
+        let later = pending.split_off(&(last + 1));
+        let mut run = std::mem::replace(pending, later);
+        if let Some((_, acker)) = run.pop_last() {
+            if run.is_empty() {
+                acker.ack().await?;
+            } else {
+                acker.ack_multiple().await?;
+            }
+        }
+    }
+    for id in listed {
+        if let Some(a) = pending.remove(&id) {
+            a.ack().await?;
+        }
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl InboundService for InboundApi {
     type SubscribeStream = ActivityStream;
@@ -52,19 +89,16 @@ impl InboundService for InboundApi {
         let (tx, rx) =
             mpsc::channel::<Result<InboundActivity, Status>>(usize::from(SUBSCRIBE_WINDOW));
         tokio::spawn(async move {
-            let mut pending: HashMap<u64, Box<dyn Acker>> = HashMap::new();
+            // Bounded by the consumer's prefetch (SUBSCRIBE_WINDOW).
+            let mut pending: BTreeMap<u64, Box<dyn Acker>> = BTreeMap::new();
             let mut next_id = 0u64;
             loop {
                 tokio::select! {
                     _ = tx.closed() => break,
                     m = acks.message() => match m {
                         Ok(Some(r)) => {
-                            for id in r.ack {
-                                if let Some(a) = pending.remove(&id) {
-                                    if let Err(e) = a.ack().await {
-                                        tracing::warn!(error = %e, "subscriber ack failed");
-                                    }
-                                }
+                            if let Err(e) = acknowledge(&mut pending, r).await {
+                                tracing::warn!(error = %e, "subscriber ack failed");
                             }
                         }
                         _ => break,

@@ -45,6 +45,11 @@ pub fn endpoint_url(server: &str) -> String {
     }
 }
 
+/// `stampede tail` acknowledges once this many activities are handled…
+pub const TAIL_ACK_BATCH: u32 = 64;
+/// …or this long after the first one it has not acknowledged.
+pub const TAIL_ACK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl Client {
     /// Connects to `server`.
     pub async fn connect(server: &str) -> anyhow::Result<Self> {
@@ -136,14 +141,18 @@ impl Client {
             .into_inner())
     }
 
-    /// Streams verified inbound activities to `each`, acknowledging each one
-    /// after `each` returns, until the stream ends.
+    /// Streams verified inbound activities to `each`, until the stream
+    /// ends. Acknowledged in batches once `each` returned: every
+    /// [`TAIL_ACK_BATCH`] activities, or [`TAIL_ACK_EVERY`] after the first
+    /// one not acknowledged, with one `ack_through` (activities are handled
+    /// in order). An activity handled but not yet acknowledged when the
+    /// process dies comes back to the next subscriber: at least once.
     pub async fn tail(
         &self,
         mut each: impl FnMut(&InboundActivity) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(64);
-        tx.send(SubscribeRequest { ack: vec![] }).await.ok();
+        tx.send(SubscribeRequest::default()).await.ok();
         let mut stream = self
             .inbound
             .clone()
@@ -151,10 +160,30 @@ impl Client {
             .await
             .map_err(status)?
             .into_inner();
-        while let Some(a) = stream.message().await.map_err(status)? {
-            each(&a)?;
+        // The last id handled and how many are not acknowledged yet.
+        let (mut handled, mut unacked) = (0u64, 0u32);
+        let flush = tokio::time::sleep(TAIL_ACK_EVERY);
+        tokio::pin!(flush);
+        loop {
+            tokio::select! {
+                m = stream.message() => {
+                    let Some(a) = m.map_err(status)? else { break };
+                    each(&a)?;
+                    handled = a.delivery_id;
+                    unacked += 1;
+                    if unacked == 1 {
+                        flush.as_mut().reset(tokio::time::Instant::now() + TAIL_ACK_EVERY);
+                    }
+                    if unacked < TAIL_ACK_BATCH {
+                        continue;
+                    }
+                }
+                _ = &mut flush, if unacked > 0 => {}
+            }
+            unacked = 0;
             tx.send(SubscribeRequest {
-                ack: vec![a.delivery_id],
+                ack_through: handled,
+                ..SubscribeRequest::default()
             })
             .await
             .context("the stream closed")?;

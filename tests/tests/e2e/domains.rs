@@ -280,7 +280,7 @@ async fn a_domain_suspended_at_runtime_gets_nothing_either_way(backend: Backend)
 /// Reads `n` activities from the application stream, acknowledging them.
 async fn read_stream(app: &TestApp, n: usize) -> Vec<InboundActivity> {
     let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(8);
-    tx.send(SubscribeRequest { ack: vec![] }).await.unwrap();
+    tx.send(SubscribeRequest::default()).await.unwrap();
     let mut stream = InboundServiceClient::new(app.grpc.clone())
         .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -295,6 +295,7 @@ async fn read_stream(app: &TestApp, n: usize) -> Vec<InboundActivity> {
             .unwrap();
         tx.send(SubscribeRequest {
             ack: vec![m.delivery_id],
+            ..Default::default()
         })
         .await
         .unwrap();

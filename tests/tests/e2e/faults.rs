@@ -344,7 +344,7 @@ pub(crate) async fn read_stream(
     settle: Duration,
 ) -> HashMap<String, (usize, Instant)> {
     let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(64);
-    tx.send(SubscribeRequest { ack: vec![] }).await.unwrap();
+    tx.send(SubscribeRequest::default()).await.unwrap();
     let mut stream = InboundServiceClient::new(grpc.clone())
         .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -370,6 +370,7 @@ pub(crate) async fn read_stream(
                     .0 += 1;
                 tx.send(SubscribeRequest {
                     ack: vec![m.delivery_id],
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

@@ -440,7 +440,7 @@ async fn the_stream_loses_nothing_across_a_disconnect(backend: Backend) {
 
     let subscribe = || async {
         let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(8);
-        tx.send(SubscribeRequest { ack: vec![] }).await.unwrap();
+        tx.send(SubscribeRequest::default()).await.unwrap();
         let stream = InboundServiceClient::new(app.grpc.clone())
             .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
@@ -455,6 +455,7 @@ async fn the_stream_loses_nothing_across_a_disconnect(backend: Backend) {
     }
     tx.send(SubscribeRequest {
         ack: vec![first[0].delivery_id],
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -477,6 +478,7 @@ async fn the_stream_loses_nothing_across_a_disconnect(backend: Backend) {
         again.push(m.activity_id.clone());
         tx.send(SubscribeRequest {
             ack: vec![m.delivery_id],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -488,6 +490,101 @@ async fn the_stream_loses_nothing_across_a_disconnect(backend: Backend) {
     assert_eq!(first[0].verdict, "accepted");
     let activity: Value = serde_json::from_str(&first[0].activity_json).unwrap();
     assert_eq!(activity["type"], "Like");
+    drop(tx);
+    drop(stream);
+    app.stop().await;
+}
+
+/// Acknowledgements in batches: `ack_through` and runs of listed ids are
+/// one broker acknowledgement each (`multiple`), ids out of order one by
+/// one; what no batch covered (a gap, and the batch's unacknowledged tail)
+/// comes back to the next subscriber, and nothing else does.
+async fn batched_acks_settle_what_they_cover_and_the_rest_comes_back(backend: Backend) {
+    const N: usize = 10;
+    let app = spawn_app(backend, AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    app.create_actor("alice").await;
+    let inbox = format!("{}/users/alice/inbox", app.http_base);
+    let bob = sink.actor(0, "bob").unwrap();
+    for n in 0..N {
+        sink.send(0, "bob", &inbox, &like(&bob.id, n), SendOptions::default())
+            .await
+            .unwrap();
+    }
+    wait_for("ten on the stream", Duration::from_secs(30), || async {
+        app.app_queue_depth().await == N as u64
+    })
+    .await;
+    let subscribe = || async {
+        let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(8);
+        tx.send(SubscribeRequest::default()).await.unwrap();
+        let stream = InboundServiceClient::new(app.grpc.clone())
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        (tx, stream)
+    };
+    let (tx, mut stream) = subscribe().await;
+    let mut first = Vec::new();
+    for _ in 0..N {
+        first.push(stream.message().await.unwrap().unwrap());
+    }
+    let id = |i: usize| first[i].delivery_id;
+    // 1-4 through one cumulative ack; 5-6 a run of the list, 8 alone;
+    // 7, 9 and 10 not acknowledged.
+    tx.send(SubscribeRequest {
+        ack_through: id(3),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tx.send(SubscribeRequest {
+        ack: vec![id(7), id(4), id(5)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap();
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    drop(stream);
+
+    let (tx, mut stream) = subscribe().await;
+    let mut again = Vec::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        again.push(m);
+    }
+    let mut got: Vec<&str> = again.iter().map(|m| m.activity_id.as_str()).collect();
+    let mut want: Vec<&str> = [6, 8, 9]
+        .iter()
+        .map(|&i| first[i].activity_id.as_str())
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "what no batch covered came back, and only that");
+    let through = again.iter().map(|m| m.delivery_id).max().unwrap();
+    tx.send(SubscribeRequest {
+        ack_through: through,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let more = tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
+    assert!(more.is_err(), "nothing else comes: {more:?}");
+    drop(tx);
+    drop(stream);
+    // Nothing is left for a third subscriber.
+    let (tx, mut stream) = subscribe().await;
+    let more = tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
+    assert!(more.is_err(), "all acknowledged: {more:?}");
     drop(tx);
     drop(stream);
     app.stop().await;
@@ -754,6 +851,7 @@ crate::both_backends!(
     a_replay_to_the_same_inbox_is_forwarded_once,
     a_thousand_deletes_of_unknown_actors_fetch_nothing,
     the_stream_loses_nothing_across_a_disconnect,
+    batched_acks_settle_what_they_cover_and_the_rest_comes_back,
     undo_delete_and_update_change_the_followers,
     a_manually_approving_actor_decides_through_grpc,
     verify_answers_for_any_signed_request_and_nodeinfo_describes_us,

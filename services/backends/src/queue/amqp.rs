@@ -991,6 +991,14 @@ impl Acker for AmqpAcker {
         Ok(())
     }
 
+    /// Delivery tags are per channel: this acknowledges the messages this
+    /// consumer's channel received up to this one (a consumer that resumed
+    /// on a new channel lost the earlier ones back to the queue anyway).
+    async fn ack_multiple(&self) -> Result<()> {
+        self.0.ack(BasicAckOptions { multiple: true }).await?;
+        Ok(())
+    }
+
     async fn requeue(&self) -> Result<()> {
         self.0
             .nack(BasicNackOptions {

@@ -10,7 +10,7 @@
 //! may have interrupted its handling), which is what makes kill -9 lose
 //! nothing: whatever was not acknowledged is handed out again.
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -384,6 +384,8 @@ impl Queue for EmbeddedQueue {
             queue: self.clone(),
             name: queue,
             permits: Arc::new(Semaphore::new(usize::from(prefetch.max(1)))),
+            outstanding: Arc::default(),
+            handed_out: 0,
         }))
     }
 
@@ -417,10 +419,17 @@ impl Queue for EmbeddedQueue {
     }
 }
 
+/// The messages a consumer handed out and has not settled, by the order
+/// it handed them out (what `ack_multiple` settles up to), each with its
+/// prefetch permit.
+type Outstanding = Arc<Mutex<BTreeMap<u64, (Msg, OwnedSemaphorePermit)>>>;
+
 struct EmbeddedConsumer {
     queue: EmbeddedQueue,
     name: QueueName,
     permits: Arc<Semaphore>,
+    outstanding: Outstanding,
+    handed_out: u64,
 }
 
 impl Drop for EmbeddedConsumer {
@@ -446,7 +455,9 @@ impl Consumer for EmbeddedConsumer {
                 let mut st = lane.lock();
                 st.promote(now_ms());
                 if let Some(msg) = st.ready.pop_front() {
-                    return Some(Ok(Incoming {
+                    self.handed_out += 1;
+                    let seq = self.handed_out;
+                    let incoming = Incoming {
                         queue: self.name,
                         kind: msg.kind.clone(),
                         payload: msg.payload.clone(),
@@ -457,9 +468,12 @@ impl Consumer for EmbeddedConsumer {
                         acker: Box::new(EmbeddedAcker {
                             queue: self.queue.clone(),
                             name: self.name,
-                            held: Mutex::new(Some((msg, permit))),
+                            seq,
+                            outstanding: self.outstanding.clone(),
                         }),
-                    }));
+                    };
+                    lock(&self.outstanding).insert(seq, (msg, permit));
+                    return Some(Ok(incoming));
                 }
                 st.delayed.peek().map(|d| d.0.due)
             };
@@ -487,12 +501,19 @@ fn delete_message(c: &rusqlite::Connection, id: i64) -> Result<()> {
 struct EmbeddedAcker {
     queue: EmbeddedQueue,
     name: QueueName,
-    held: Mutex<Option<(Msg, OwnedSemaphorePermit)>>,
+    /// Its place in its consumer's [`Outstanding`].
+    seq: u64,
+    outstanding: Outstanding,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl EmbeddedAcker {
     fn take(&self) -> Option<(Msg, OwnedSemaphorePermit)> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).take()
+        lock(&self.outstanding).remove(&self.seq)
     }
 }
 
@@ -510,6 +531,28 @@ impl Acker for EmbeddedAcker {
             .inner
             .db
             .call_detached("queue acknowledgement", move |c| delete_message(c, id));
+        Ok(())
+    }
+
+    /// Every message of the consumer up to this one, deleted by one
+    /// statement each in one transaction, not awaited (as `ack`).
+    async fn ack_multiple(&self) -> Result<()> {
+        let settled = {
+            let mut held = lock(&self.outstanding);
+            if !held.contains_key(&self.seq) {
+                return Err(Error::Queue("message already settled".into()));
+            }
+            let later = held.split_off(&(self.seq + 1));
+            std::mem::replace(&mut *held, later)
+        };
+        let ids: Vec<i64> = settled.values().map(|(m, _)| m.id).collect();
+        drop(settled);
+        self.queue
+            .inner
+            .db
+            .call_detached("queue acknowledgement", move |c| {
+                ids.iter().try_for_each(|&id| delete_message(c, id))
+            });
         Ok(())
     }
 

@@ -138,6 +138,13 @@ pub fn route_of(host: &str) -> u64 {
 pub trait Acker: Send + Sync {
     /// The effect is durable: remove the message.
     async fn ack(&self) -> Result<()>;
+    /// The effects of this message and of every message its consumer
+    /// received before it and has not settled are durable: removes them
+    /// all in one acknowledgement (AMQP `basic.ack` with `multiple`). The
+    /// ackers of the earlier ones are then spent: drop them unused. Only
+    /// for a consumer that settles nothing out of order behind the caller's
+    /// back (the application's stream: ids handed out in order).
+    async fn ack_multiple(&self) -> Result<()>;
     /// Give the message back to the queue (shutdown, transient failure before any effect).
     async fn requeue(&self) -> Result<()>;
     /// Publishes an event (see [`Queue::publish_event`]) whose publication is

@@ -26,6 +26,7 @@ macro_rules! queue_test_suite {
                 consumers_come_and_go_without_disturbing_the_others,
                 publish_batch_keeps_the_order,
                 prefetch_bounds_the_unacknowledged_messages,
+                ack_multiple_settles_the_consumers_earlier_messages_only,
                 a_delayed_message_waits_for_its_delay,
                 a_delay_is_never_shortened,
                 each_delivery_class_has_its_own_queue_and_delays,
@@ -321,6 +322,49 @@ async fn prefetch_bounds_the_unacknowledged_messages(q: Arc<dyn Queue>) {
     cm.acker.ack().await.unwrap();
     nothing(&mut c, QUIET).await;
     assert_eq!(ready_messages(&*q, QueueName::Fanout).await.unwrap(), 0);
+}
+
+/// `ack_multiple` settles this message and the earlier ones its consumer
+/// holds (one already acknowledged on its own included), never a later one
+/// nor another consumer's.
+async fn ack_multiple_settles_the_consumers_earlier_messages_only(q: Arc<dyn Queue>) {
+    q.publish(QueueName::Fanout, msg(b"other")).await.unwrap();
+    let mut other = q.consume(QueueName::Fanout, 1).await.unwrap();
+    let held = next(&mut other).await;
+    assert_eq!(text(&held), "other");
+
+    let batch: Vec<OutMessage> = [b"a", b"b", b"c", b"d", b"e"]
+        .into_iter()
+        .map(|p| msg(p))
+        .collect();
+    q.publish_batch(QueueName::Fanout, batch).await.unwrap();
+    let mut c = q.consume(QueueName::Fanout, 10).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(next(&mut c).await);
+    }
+    let texts: Vec<&str> = got.iter().map(text).collect();
+    assert_eq!(texts, ["a", "b", "c", "d", "e"]);
+    got[1].acker.ack().await.unwrap();
+    got[2].acker.ack_multiple().await.unwrap();
+    // a, b and c are settled; d and e are held, unsettled.
+    drop(got);
+    drop(c);
+    drop(held);
+    drop(other);
+
+    let mut c = q.consume(QueueName::Fanout, 10).await.unwrap();
+    let mut back = Vec::new();
+    for _ in 0..3 {
+        let m = next(&mut c).await;
+        assert!(m.redelivered);
+        back.push(text(&m).to_string());
+        m.acker.ack().await.unwrap();
+    }
+    back.sort();
+    assert_eq!(back, ["d", "e", "other"]);
+    nothing(&mut c, QUIET).await;
+    ready_becomes(&*q, QueueName::Fanout, 0).await;
 }
 
 /// A delay's whole seconds are applied in full or longer (rounded up to a
