@@ -43,7 +43,7 @@ impl ActorService for ActorApi {
         let a = s
             .backends
             .store
-            .actor_by_name(&name)
+            .actor_profile_by_name(&name)
             .await
             .map_err(IngestError::from)?
             .ok_or_else(|| IngestError::NotFound(format!("no local actor named `{name}`")))?;
@@ -526,7 +526,7 @@ impl Ingest {
             .await?;
         self.actors.changed(&self.backends).await;
         tracing::info!(actor = %a.name, "actor created");
-        Ok(actor_message(&self.cfg, &a, 0))
+        Ok(actor_message(&self.cfg, &a.profile(), 0))
     }
 
     async fn publish(&self, r: PublishRequest) -> Result<PublishResponse, IngestError> {

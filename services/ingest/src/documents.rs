@@ -1,11 +1,11 @@
 //! The ActivityPub documents of local actors, Mastodon-compatible: what
 //! remote servers fetch to verify our signatures and address us.
 use serde_json::{json, Value};
-use stampede_backends::store::LocalActor;
+use stampede_backends::store::ActorProfile;
 use stampede_runtime::Config;
 
 /// The `Person` document of a local actor.
-pub fn person(cfg: &Config, a: &LocalActor) -> Value {
+pub fn person(cfg: &Config, a: &ActorProfile) -> Value {
     let id = cfg.actor_id(&a.name);
     json!({
         "@context": [
@@ -34,7 +34,7 @@ pub fn person(cfg: &Config, a: &LocalActor) -> Value {
 }
 
 /// The gRPC view of a local actor.
-pub fn actor_message(cfg: &Config, a: &LocalActor, followers: u64) -> stampede_proto::api::Actor {
+pub fn actor_message(cfg: &Config, a: &ActorProfile, followers: u64) -> stampede_proto::api::Actor {
     let id = cfg.actor_id(&a.name);
     stampede_proto::api::Actor {
         name: a.name.clone(),

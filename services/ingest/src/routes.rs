@@ -43,8 +43,12 @@ fn problem(status: StatusCode, reason: impl Into<String>) -> Response {
         .into_response()
 }
 
-async fn lookup(s: &Ingest, name: &str) -> Result<stampede_backends::store::LocalActor, Response> {
-    match s.backends.store.actor_by_name(name).await {
+/// The actor `name` without its private key (nothing served here needs it).
+async fn lookup(
+    s: &Ingest,
+    name: &str,
+) -> Result<stampede_backends::store::ActorProfile, Response> {
+    match s.backends.store.actor_profile_by_name(name).await {
         Ok(Some(a)) => Ok(a),
         Ok(None) => Err(problem(
             StatusCode::NOT_FOUND,

@@ -96,10 +96,26 @@ async fn a_personal_inbox_is_found_in_memory(backend: Backend) {
     // Names no actor can have never reach the store.
     assert_eq!(post(&sink, &app.http_base, "Not.An.Actor", 0).await, 404);
 
+    // Its document, read without its private key, shows its public one.
+    let doc_url = format!("{}/users/alice", app.http_base);
+    let doc = reqwest::get(&doc_url).await.unwrap().text().await.unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let pem = doc["publicKey"]["publicKeyPem"].as_str().unwrap();
+    assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"), "{pem}");
+
     // Deleted through the API: 404 at once from the process that deleted
-    // it, and so is a second deletion.
+    // it, and so is a second deletion; its document and GetActor are gone.
     delete(&app, "alice").await.unwrap();
     assert_eq!(post(&sink, &app.http_base, "alice", 1000).await, 404);
+    assert_eq!(reqwest::get(&doc_url).await.unwrap().status(), 404);
+    let gone = app
+        .actors()
+        .get_actor(stampede_proto::api::GetActorRequest {
+            name: "alice".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
     let again = delete(&app, "alice").await.unwrap_err();
     assert_eq!(again.code(), tonic::Code::NotFound);
     assert!(app.store.actor_by_name("alice").await.unwrap().is_none());

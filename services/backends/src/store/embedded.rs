@@ -10,10 +10,10 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::clock::now_ms;
 use crate::sqlite::{DataDirLock, Db};
 use crate::store::{
-    like_containing, ActivityDelivery, ActorRef, DeadLetter, DomainFootprint, DomainPolicy,
-    Follower, HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
-    PolicyKind, PrivateKey, RemoteActor, RemoteKey, Skip, Store, StoredActivity, Totals,
-    FOOTPRINT_KEYS,
+    like_containing, ActivityDelivery, ActorProfile, ActorRef, DeadLetter, DomainFootprint,
+    DomainPolicy, Follower, HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor,
+    NewDeadLetter, PolicyKind, PrivateKey, RemoteActor, RemoteKey, Skip, Store, StoredActivity,
+    Totals, FOOTPRINT_KEYS,
 };
 use crate::{Error, Result};
 
@@ -195,6 +195,29 @@ impl Store for EmbeddedStore {
                         id: r.get(0)?,
                         name: name.clone(),
                         manually_approves_followers: r.get(1)?,
+                    })
+                })
+                .optional()?)
+            })
+            .await
+    }
+
+    async fn actor_profile_by_name(&self, name: &str) -> Result<Option<ActorProfile>> {
+        let name = name.to_string();
+        self.db
+            .call(move |c| {
+                let mut s = c.prepare_cached(
+                    "SELECT id, display_name, summary, manually_approves, public_key_pem
+                     FROM actors WHERE name = ?1",
+                )?;
+                Ok(s.query_row([&name], |r| {
+                    Ok(ActorProfile {
+                        id: r.get(0)?,
+                        name: name.clone(),
+                        display_name: r.get(1)?,
+                        summary: r.get(2)?,
+                        manually_approves_followers: r.get(3)?,
+                        public_key_pem: r.get(4)?,
                     })
                 })
                 .optional()?)

@@ -52,7 +52,38 @@ pub struct ActorRef {
     pub manually_approves_followers: bool,
 }
 
+/// A local actor as the world sees it: everything but its private key.
+/// Read by [`Store::actor_profile_by_name`] for the actor documents remote
+/// servers fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorProfile {
+    /// Store id.
+    pub id: i64,
+    /// Preferred username.
+    pub name: String,
+    /// Display name.
+    pub display_name: String,
+    /// Bio.
+    pub summary: String,
+    /// Follow requests need the application's decision.
+    pub manually_approves_followers: bool,
+    /// SubjectPublicKeyInfo PEM.
+    pub public_key_pem: String,
+}
+
 impl LocalActor {
+    /// The actor without its private key.
+    pub fn profile(&self) -> ActorProfile {
+        ActorProfile {
+            id: self.id,
+            name: self.name.clone(),
+            display_name: self.display_name.clone(),
+            summary: self.summary.clone(),
+            manually_approves_followers: self.manually_approves_followers,
+            public_key_pem: self.public_key_pem.clone(),
+        }
+    }
+
     /// The actor without its keys.
     pub fn to_ref(&self) -> ActorRef {
         ActorRef {
@@ -403,6 +434,9 @@ pub trait Store: Send + Sync + 'static {
     /// A local actor by name, without its keys (id, name, whether it
     /// approves followers): the read of every inbound path.
     async fn actor_ref_by_name(&self, name: &str) -> Result<Option<ActorRef>>;
+    /// A local actor by name, without its private key: what its documents
+    /// show.
+    async fn actor_profile_by_name(&self, name: &str) -> Result<Option<ActorProfile>>;
     /// Deletes the local actor `name` with everything that is its own
     /// (followers, follow requests, activities and their delivery records);
     /// true when it was there.

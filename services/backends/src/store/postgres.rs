@@ -17,10 +17,10 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::store::{
-    like_containing, ActivityDelivery, ActorRef, DeadLetter, DomainFootprint, DomainPolicy,
-    Follower, HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor, NewDeadLetter,
-    PolicyKind, PrivateKey, RemoteActor, RemoteKey, Skip, Store, StoredActivity, Totals,
-    FOOTPRINT_KEYS,
+    like_containing, ActivityDelivery, ActorProfile, ActorRef, DeadLetter, DomainFootprint,
+    DomainPolicy, Follower, HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor,
+    NewDeadLetter, PolicyKind, PrivateKey, RemoteActor, RemoteKey, Skip, Store, StoredActivity,
+    Totals, FOOTPRINT_KEYS,
 };
 use crate::{Error, Result};
 
@@ -536,6 +536,25 @@ impl Store for PgStore {
             id: r.get(0),
             name: name.to_string(),
             manually_approves_followers: r.get(1),
+        }))
+    }
+
+    async fn actor_profile_by_name(&self, name: &str) -> Result<Option<ActorProfile>> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        Ok(c.query_opt(
+            "SELECT id, display_name, summary, manually_approves, public_key_pem
+             FROM actors WHERE name = $1",
+            &[(&name, Type::TEXT)],
+        )
+        .await?
+        .map(|r| ActorProfile {
+            id: r.get(0),
+            name: name.to_string(),
+            display_name: r.get(1),
+            summary: r.get(2),
+            manually_approves_followers: r.get(3),
+            public_key_pem: r.get(4),
         }))
     }
 

@@ -23,7 +23,7 @@ macro_rules! store_test_suite {
                 create_actor_round_trips_and_refuses_a_taken_name,
                 ensure_actor_creates_once_even_when_racing,
                 actors_are_found_by_name_and_id_and_counted,
-                actor_ref_by_name_reads_the_actor_without_its_keys,
+                actor_ref_and_profile_read_the_actor_without_its_keys,
                 delete_actor_removes_it_with_what_is_its_own,
                 add_follower_adds_refreshes_and_remove_follower_removes,
                 add_followers_adds_many_and_keeps_existing_ones,
@@ -241,7 +241,7 @@ async fn actors_are_found_by_name_and_id_and_counted(cx: StoreCx) {
     assert!(s.actor_by_id(unused).await.unwrap().is_none());
 }
 
-async fn actor_ref_by_name_reads_the_actor_without_its_keys(cx: StoreCx) {
+async fn actor_ref_and_profile_read_the_actor_without_its_keys(cx: StoreCx) {
     let s = &*cx.store;
     assert!(s.actor_ref_by_name("alice").await.unwrap().is_none());
     let alice = s
