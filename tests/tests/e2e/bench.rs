@@ -115,6 +115,38 @@ async fn every_bench_runs_small_and_passes_its_check(backend: Backend) {
         assert_eq!(r["check"]["ok"], true, "{r}");
         assert_eq!(r["check"]["on_application_stream"], 120);
     }
+    // What production runs: 2.4 KB Creates to a personal inbox, the
+    // stream consumed through Subscribe, a warm run per connection count.
+    let p = bench(
+        backend,
+        &[
+            "inbound",
+            "--requests",
+            "120",
+            "--actors",
+            "20",
+            "--servers",
+            "4",
+            "--inbox",
+            "personal",
+            "--activity",
+            "create",
+            "--subscribe",
+            "--connections",
+            "1,4",
+            "--rate",
+            "0",
+        ],
+    )
+    .await;
+    let personal = p["runs"].as_array().unwrap();
+    assert_eq!(personal.len(), 6, "per scheme: cold, warm at 1 and at 4");
+    for r in personal {
+        assert_eq!(r["check"]["ok"], true, "{r}");
+        assert_eq!(r["check"]["on_application_stream"], 120);
+        assert_eq!(r["body_bytes"], 2400);
+        assert_eq!(r["inbox"], "personal");
+    }
     let paced: Vec<_> = runs
         .iter()
         .filter(|r| r["offered_rate"].is_number())

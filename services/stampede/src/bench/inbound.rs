@@ -10,24 +10,35 @@ use stampede_backends::queue::{ready_messages, QueueName};
 use stampede_sink::{Sink, SinkOptions};
 
 use super::sampling::{
-    latency_json, on_load_thread, peak_rss_mib, process_cpu_secs, reset_peak_rss, threads_cpu_secs,
-    verify_ceiling, BenchSink,
+    comm_cpu_secs, cpu_spent, latency_json, on_load_thread, peak_rss_mib, process_cpu_secs,
+    reset_peak_rss, threads_cpu_secs, verify_ceiling, BenchSink,
 };
-use super::{deploy, socket_addr, stop, write_json, InboundArgs, Services};
+use super::{
+    deploy, socket_addr, stop, write_json, ActivityKind, InboundArgs, InboxKind, Services,
+};
 use crate::loadgen;
 use crate::scratch::Deployment;
 
 /// Runs `stampede bench inbound`.
 pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
-    if a.requests == 0 || a.actors == 0 || a.servers == 0 || a.concurrency == 0 {
-        bail!("--requests, --actors, --servers and --concurrency must be at least 1");
+    if a.requests == 0 || a.actors == 0 || a.servers == 0 || a.connections.contains(&0) {
+        bail!("--requests, --actors, --servers and --connections must be at least 1");
     }
+    let Some(&first) = a.connections.first() else {
+        bail!("--connections needs at least one value");
+    };
     if !(a.rate >= 0.0 && a.rate.is_finite()) {
         bail!("--rate must be a number of POSTs a second, or 0");
     }
     println!(
-        "stampede bench inbound: {} signed POSTs per run from {} actors on {} servers, backend {:?}",
-        a.requests, a.actors, a.servers, a.common.backend
+        "stampede bench inbound: {} signed POSTs per run from {} actors on {} servers, backend {:?}, {:?} inbox, {:?}, stream {}",
+        a.requests,
+        a.actors,
+        a.servers,
+        a.common.backend,
+        a.inbox,
+        a.activity,
+        if a.subscribe { "consumed through Subscribe" } else { "counted in the queue" }
     );
     let (one, all) =
         tokio::task::spawn_blocking(|| verify_ceiling(Duration::from_secs(3))).await??;
@@ -48,9 +59,23 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
             &[("STAMPEDE_UP_SERVICES", "ingest,inbox".into())],
         )
         .await?;
-        let paced = (a.rate > 0.0).then_some(("warm", Some(a.rate)));
-        for (cache, rate) in [("cold", None), ("warm", None)].into_iter().chain(paced) {
-            match one_run(&a, &d, &sink.sink, scheme, cache, rate, one).await {
+        if a.inbox == InboxKind::Personal {
+            super::bench_actor(&d, BENCH_ACTOR).await?;
+        }
+        // Cold at the first connection count, then warm at each, then paced.
+        let last = a.connections.last().copied().unwrap_or(first);
+        let paced = (a.rate > 0.0).then_some(("warm", last, Some(a.rate)));
+        let plan = std::iter::once(("cold", first, None))
+            .chain(a.connections.iter().map(|&c| ("warm", c, None)))
+            .chain(paced);
+        for (cache, connections, rate) in plan {
+            let run = Run {
+                scheme,
+                cache,
+                connections,
+                offered: rate,
+            };
+            match one_run(&a, &d, &sink.sink, run, one).await {
                 Ok(r) => runs.push(r),
                 Err(e) => {
                     failure = Some(e);
@@ -69,9 +94,10 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<8} {:<5} {:>8} {:>7} {:>8} {:>10} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:>7}  check",
+        "{:<8} {:<5} {:>5} {:>8} {:>7} {:>8} {:>10} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}  check",
         "scheme",
         "keys",
+        "conns",
         "offered",
         "POSTs",
         "seconds",
@@ -82,14 +108,18 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
         "p99 ms",
         "RSS MiB",
         "CPU µs",
-        "DB µs"
+        "DB µs",
+        "AMQP µs",
+        "PG µs",
+        "Redis µs"
     );
     for r in &runs {
         let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
         println!(
-            "{:<8} {:<5} {:>8} {:>7} {:>8.2} {:>10.0} {:>9.0} {:>6.2} {:>7.1} {:>7.1} {:>8.0} {:>7.0} {:>7.0}  {}",
+            "{:<8} {:<5} {:>5} {:>8} {:>7} {:>8.2} {:>10.0} {:>9.0} {:>6.2} {:>7.1} {:>7.1} {:>8.0} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>7.0}  {}",
             r["scheme"].as_str().unwrap_or(""),
             r["key_cache"].as_str().unwrap_or(""),
+            n("connections"),
             r["offered_rate"]
                 .as_f64()
                 .map_or_else(|| "max".to_string(), |o| format!("{o:.0}/s")),
@@ -103,6 +133,9 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
             n("peak_rss_mib"),
             n("cpu_us_per_activity"),
             n("db_cpu_us_per_activity"),
+            r["backend_cpu_us_per_activity"]["rabbitmq"].as_f64().unwrap_or(0.0),
+            r["backend_cpu_us_per_activity"]["postgresql"].as_f64().unwrap_or(0.0),
+            r["backend_cpu_us_per_activity"]["redis"].as_f64().unwrap_or(0.0),
             r["check"]["summary"].as_str().unwrap_or("")
         );
     }
@@ -114,6 +147,9 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
         &json!({
             "bench": "inbound",
             "backend": format!("{:?}", a.common.backend).to_lowercase(),
+            "inbox": format!("{:?}", a.inbox).to_lowercase(),
+            "activity": format!("{:?}", a.activity).to_lowercase(),
+            "stream": if a.subscribe { "subscribe" } else { "queue depth" },
             "ceiling": {"what": "RSA-2048 cavage parse + digest + verify per second", "one_core": one, "all_cores": all},
             "runs": runs,
         }),
@@ -124,47 +160,177 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The local actor whose inbox `--inbox personal` POSTs to.
+const BENCH_ACTOR: &str = "bench";
+
+/// The backend servers whose CPU is read from /proc (external backends
+/// only): by name in the results, by command.
+const BACKEND_PROCESSES: [(&str, &str); 3] = [
+    ("rabbitmq", "beam.smp"),
+    ("postgresql", "postgres"),
+    ("redis", "redis-server"),
+];
+
+/// A `Create` of a public note by `actor`, about 2.4 KB as Mastodon sends
+/// one (a paragraph or two of text, its addressing, a few fields).
+fn create_note(actor: &str, n: &str, base: &str) -> Vec<u8> {
+    const SIZE: usize = 2400;
+    const PUBLIC: &str = "https://www.w3.org/ns/activitystreams#Public";
+    let note = format!("{actor}/statuses/{n}");
+    let build = |content: &str| {
+        json!({
+            "@context": ["https://www.w3.org/ns/activitystreams", {"sensitive": "as:sensitive", "Hashtag": "as:Hashtag"}],
+            "id": format!("{note}/activity"),
+            "type": "Create",
+            "actor": actor,
+            "published": "2026-12-06T12:00:00Z",
+            "to": [PUBLIC],
+            "cc": [format!("{actor}/followers"), format!("{base}/users/{BENCH_ACTOR}")],
+            "object": {
+                "id": note,
+                "type": "Note",
+                "summary": null,
+                "inReplyTo": null,
+                "published": "2026-12-06T12:00:00Z",
+                "url": note,
+                "attributedTo": actor,
+                "to": [PUBLIC],
+                "cc": [format!("{actor}/followers")],
+                "sensitive": false,
+                "content": content,
+                "tag": [{"type": "Hashtag", "href": format!("{base}/tags/bench"), "name": "#bench"}],
+                "attachment": [],
+            }
+        })
+        .to_string()
+    };
+    let bare = build("").len();
+    let words = "federation carries every post to every follower's server as one signed request; ";
+    let text: String = words
+        .chars()
+        .cycle()
+        .take(SIZE.saturating_sub(bare + 7))
+        .collect();
+    build(&format!("<p>{text}</p>")).into_bytes()
+}
+
+/// Consumes the application's stream through `Subscribe` until `want`
+/// activities came (or `timeout`), acknowledging as `stampede tail` does
+/// (every 64, or 20 ms after the first not acknowledged); how many came.
+async fn subscribe_until(grpc: String, want: u64, timeout: Duration) -> anyhow::Result<u64> {
+    use stampede_proto::api::inbound_service_client::InboundServiceClient;
+    use stampede_proto::api::SubscribeRequest;
+    let channel = tonic::transport::Channel::from_shared(grpc)?
+        .connect()
+        .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(64);
+    tx.send(SubscribeRequest::default()).await.ok();
+    let mut stream = InboundServiceClient::new(channel)
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let every = Duration::from_millis(20);
+    let flush = tokio::time::sleep(every);
+    tokio::pin!(flush);
+    let (mut got, mut handled, mut unacked) = (0u64, 0u64, 0u32);
+    while got < want {
+        tokio::select! {
+            m = stream.message() => {
+                let Some(m) = m? else { break };
+                got += 1;
+                handled = m.delivery_id;
+                unacked += 1;
+                if unacked == 1 {
+                    flush.as_mut().reset(tokio::time::Instant::now() + every);
+                }
+                if unacked < 64 && got < want {
+                    continue;
+                }
+            }
+            _ = &mut flush, if unacked > 0 => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+        unacked = 0;
+        tx.send(SubscribeRequest {
+            ack_through: handled,
+            ..SubscribeRequest::default()
+        })
+        .await
+        .context("the stream closed")?;
+    }
+    // Half-closed: the server reads the last acknowledgement, then ends.
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = stream.message().await {}
+    })
+    .await;
+    Ok(got)
+}
+
 async fn app_depth(d: &Deployment) -> u64 {
     ready_messages(&*d.process.backends.queue, QueueName::App)
         .await
         .unwrap_or(0)
 }
 
+/// One run of the plan: the signature scheme, the key cache (`cold`,
+/// `warm`), the connections and the offered rate (`None`: closed loop).
+struct Run<'a> {
+    scheme: &'a str,
+    cache: &'a str,
+    connections: usize,
+    offered: Option<f64>,
+}
+
 async fn one_run(
     a: &InboundArgs,
     d: &Deployment,
     sink: &Sink,
-    scheme: &str,
-    cache: &str,
-    offered: Option<f64>,
+    run: Run<'_>,
     ceiling_one: f64,
 ) -> anyhow::Result<serde_json::Value> {
-    let url = format!("{}/inbox", d.base);
+    let Run {
+        scheme,
+        cache,
+        connections,
+        offered,
+    } = run;
+    let path = match a.inbox {
+        InboxKind::Personal => format!("/users/{BENCH_ACTOR}/inbox"),
+        InboxKind::Shared => "/inbox".to_string(),
+    };
+    let url = format!("{}{path}", d.base);
     let addr = socket_addr(&d.base)?;
     let authority = addr.to_string();
     // Pre-signed: signing is the remote servers' work, not measured.
     let mut requests = Vec::with_capacity(a.requests);
+    let mut body_bytes = 0;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     for n in 0..a.requests {
         let actor = n % a.actors;
         let server = actor % a.servers;
         let name = format!("a{actor}");
         let me = sink.actor(server, &name).context("sink server")?;
-        let body = json!({
-            "@context": "https://www.w3.org/ns/activitystreams",
-            "id": format!("{}/likes/{tag}-{n}", me.id),
-            "type": "Like",
-            "actor": me.id,
-            "object": format!("{}/notes/1", d.base),
-        })
-        .to_string()
-        .into_bytes();
+        let body = match a.activity {
+            ActivityKind::Like => json!({
+                "@context": "https://www.w3.org/ns/activitystreams",
+                "id": format!("{}/likes/{tag}-{n}", me.id),
+                "type": "Like",
+                "actor": me.id,
+                "object": format!("{}/notes/1", d.base),
+            })
+            .to_string()
+            .into_bytes(),
+            ActivityKind::Create => create_note(&me.id, &format!("{tag}-{n}"), &d.base),
+        };
         let headers = if scheme == "cavage" {
             sink.signed_headers(server, &name, &url, &body).await?
         } else {
             sink.signed_headers_rfc9421(server, &name, &url, &body)?
         };
-        requests.push(loadgen::post(&authority, "/inbox", &headers, &body));
+        body_bytes = body.len();
+        requests.push(loadgen::post(&authority, &path, &headers, &body));
     }
     let accepted_before = d.process.metrics.inbound_count("verify", "accepted");
     let depth_before = app_depth(d).await;
@@ -173,23 +339,54 @@ async fn one_run(
         Some(r) => println!("  {scheme} {cache}: {} POSTs at {r:.0}/s", a.requests),
         None => println!("  {scheme} {cache}: {} POSTs", a.requests),
     }
+    let timeout = Duration::from_secs(a.common.timeout_secs);
+    let consumer = a.subscribe.then(|| {
+        tokio::spawn(subscribe_until(
+            d.grpc.clone(),
+            depth_before + a.requests as u64,
+            timeout,
+        ))
+    });
+    let external = a.common.backend == super::BackendKind::External;
+    let backends_before = BACKEND_PROCESSES.map(|(_, comm)| comm_cpu_secs(comm));
     let cpu_before = process_cpu_secs();
     let db_before = threads_cpu_secs("stampede-db-");
     let started = Instant::now();
     let load_before = threads_cpu_secs("stampede-load");
-    let results = on_load_thread(loadgen::run(addr, requests, a.concurrency, offered)).await?;
+    let results = on_load_thread(loadgen::run(addr, requests, connections, offered)).await?;
     let load_cpu = threads_cpu_secs("stampede-load") - load_before;
     let edge_secs = started.elapsed().as_secs_f64();
     let want = depth_before + a.requests as u64;
-    let deadline = started + Duration::from_secs(a.common.timeout_secs);
-    while app_depth(d).await < want && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let deadline = started + timeout;
+    let consumed = match consumer {
+        Some(c) => Some(c.await??),
+        None => {
+            while app_depth(d).await < want && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        }
+    };
     let seconds = started.elapsed().as_secs_f64();
     let cpu = process_cpu_secs() - cpu_before;
     let db_cpu = threads_cpu_secs("stampede-db-") - db_before;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let delivered = app_depth(d).await - depth_before;
+    let mut backend_cpu = serde_json::Map::new();
+    for (i, (name, comm)) in BACKEND_PROCESSES.iter().enumerate() {
+        let secs = if external {
+            cpu_spent(&backends_before[i], &comm_cpu_secs(comm))
+        } else {
+            0.0
+        };
+        backend_cpu.insert((*name).into(), json!(secs * 1e6 / a.requests as f64));
+    }
+    let delivered = match consumed {
+        // What the subscriber took, less what was queued before the run.
+        Some(n) => n.saturating_sub(depth_before),
+        None => {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            app_depth(d).await - depth_before
+        }
+    };
     let accepted = d.process.metrics.inbound_count("verify", "accepted") - accepted_before;
     let not_202 = results.iter().filter(|(s, _)| *s != 202).count();
     // Open loop: the worst latency of each 50 ms of the schedule, which
@@ -212,10 +409,14 @@ async fn one_run(
     Ok(json!({
         "scheme": scheme,
         "key_cache": cache,
+        "connections": connections,
+        "inbox": format!("{:?}", a.inbox).to_lowercase(),
+        "activity": format!("{:?}", a.activity).to_lowercase(),
+        "body_bytes": body_bytes,
         "offered_rate": offered,
         "load": match offered {
-            Some(r) => format!("open loop: {r:.0} POSTs a second over {} connections; latency from when each was due", a.concurrency),
-            None => format!("closed loop: {} in flight", a.concurrency),
+            Some(r) => format!("open loop: {r:.0} POSTs a second over {connections} connections; latency from when each was due"),
+            None => format!("closed loop: {connections} in flight"),
         },
         "posts": a.requests,
         "seconds": seconds,
@@ -225,6 +426,8 @@ async fn one_run(
         "ratio": rate / ceiling_one.max(1e-9),
         "cpu_us_per_activity": cpu * 1e6 / a.requests as f64,
         "db_cpu_us_per_activity": db_cpu * 1e6 / a.requests as f64,
+        "backend_cpu_us_per_activity": backend_cpu,
+        "machine_load_average": std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok())),
         "load_cpu_us_per_activity": load_cpu * 1e6 / a.requests as f64,
         "latency_ms": latency_json(&lat, "edge answer (202) per request"),
         "latency_max_ms_per_50ms": worst_by_50ms,

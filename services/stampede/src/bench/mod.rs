@@ -224,13 +224,47 @@ struct InboundArgs {
     /// Fake servers the actors live on.
     #[arg(long, default_value_t = 100)]
     servers: usize,
-    /// Requests in flight at once (the connections of the load generator).
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
+    /// Requests in flight at once (the connections of the load generator);
+    /// a list runs the warm run once per value (`1,16,64,256`).
+    #[arg(
+        long,
+        alias = "concurrency",
+        value_delimiter = ',',
+        default_value = "64"
+    )]
+    connections: Vec<usize>,
     /// After each warm run, one more at this many POSTs a second, open loop,
     /// for the latency at that rate (0: skip it).
     #[arg(long, default_value_t = 15_000.0)]
     rate: f64,
+    /// Which inbox the activities are POSTed to.
+    #[arg(long, value_enum, default_value = "shared")]
+    inbox: InboxKind,
+    /// What is POSTed: a small `Like`, or a `Create` of a note of about
+    /// 2.4 KB (what most of the fediverse's traffic is).
+    #[arg(long, value_enum, default_value = "like")]
+    activity: ActivityKind,
+    /// Consume the application's stream through `InboundService.Subscribe`
+    /// (acknowledged as `stampede tail` does), as a real application, rather
+    /// than count it in the queue.
+    #[arg(long)]
+    subscribe: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum InboxKind {
+    /// `POST /users/bench/inbox` (a local actor's own).
+    Personal,
+    /// `POST /inbox`.
+    Shared,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ActivityKind {
+    /// A `Like` (about 250 bytes).
+    Like,
+    /// A `Create` of a note, about 2.4 KB.
+    Create,
 }
 
 #[derive(Debug, Args)]

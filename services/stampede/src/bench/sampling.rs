@@ -1,6 +1,7 @@
 //! What the benches measure with: the ceilings (signing, verification) on
 //! threads of their own, this process's peak RSS and CPU (per thread name),
 //! percentiles, and the side runtimes that stand for the remote servers.
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -172,6 +173,41 @@ pub(super) fn cpu_secs_of(pid: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .map_or(0.0, |s| cpu_of_stat(&s))
+}
+
+/// CPU seconds so far of every process on this machine whose command is
+/// `comm` (`beam.smp`, `postgres`, `redis-server`), by pid, from /proc.
+pub(super) fn comm_cpu_secs(comm: &str) -> HashMap<u32, f64> {
+    let mut by_pid = HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return by_pid;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+            continue;
+        };
+        let name = stat
+            .find('(')
+            .zip(stat.rfind(')'))
+            .map(|(a, b)| &stat[a + 1..b]);
+        if name == Some(comm) {
+            by_pid.insert(pid, cpu_of_stat(&stat));
+        }
+    }
+    by_pid
+}
+
+/// CPU seconds the processes of `after` spent since `before` (a process
+/// started since counts whole; one that exited meanwhile is lost).
+pub(super) fn cpu_spent(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, secs)| secs - before.get(pid).copied().unwrap_or(0.0))
+        .filter(|d| *d > 0.0)
+        .fold(0.0, |sum, d| sum + d)
 }
 
 /// Resident set of process `pid` now, MiB (`VmRSS`; 0 when it is gone).
