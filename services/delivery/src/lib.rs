@@ -267,7 +267,16 @@ impl Delivery {
             }
         }
         let b = &self.p.backends;
-        if let Ok(prep) = self.prepared(&job.activity_key).await {
+        let prepared = self.prepared(&job.activity_key).await;
+        if prepared.is_err() && store.activity(&job.activity_key).await?.is_none() {
+            // Deleted with its author (DeleteActor): nothing to send, and
+            // nothing to record (its records went with it).
+            self.slots.ended(host, job.first_attempt_unix_ms);
+            count_outcome(m, DeliveryOutcome::Skipped);
+            tracing::info!(activity_key = %job.activity_key, "delivery dropped: the activity was deleted with its author");
+            return Ok(());
+        }
+        if let Ok(prep) = prepared {
             if let Some((actor, object)) = &prep.supersedable {
                 if self.superseded(&prep, *actor, object).await? {
                     self.record_skip(job, host, "superseded").await?;
@@ -397,6 +406,14 @@ impl Delivery {
                 }
                 Err(e) => {
                     drop(slot.take());
+                    // Deleted with its author meanwhile: its records went
+                    // with it, and there is nothing left to record.
+                    if let Ok(None) = self.p.backends.store.activity(&job.activity_key).await {
+                        tracing::info!(activity_key = %job.activity_key, error = %e, "the activity was deleted with its author; its delivery is not recorded");
+                        self.slots.ended(host, job.first_attempt_unix_ms);
+                        count_outcome(&self.p.metrics, DeliveryOutcome::Skipped);
+                        break;
+                    }
                     tries += 1;
                     self.p.metrics.settle_retries.inc();
                     tracing::warn!(inbox_host = %host, activity_key = %job.activity_key, attempt = job.attempt, tries, error = %e, "recording the answered delivery failed; trying again (the message stays unacknowledged)");

@@ -173,7 +173,84 @@ async fn every_ingest_sees_a_deletion_and_a_creation() {
     app.stop().await;
 }
 
-crate::both_backends!(a_personal_inbox_is_found_in_memory);
+/// Deliveries still queued when their author is deleted are dropped, not
+/// retried for ever: their activity and its records went with the actor.
+async fn a_deleted_actors_queued_deliveries_are_dropped(backend: Backend) {
+    use stampede_proto::api::HostRequest;
+    let app = spawn_app(backend, AppOptions::default()).await;
+    let sink = Sink::start(SinkOptions::default()).await.unwrap();
+    let alice = app.create_actor("alice").await;
+    // Three followers on one server: one delivery, to its shared inbox.
+    let followers: Vec<_> = (0..3)
+        .map(|i| sink.actor(0, &format!("f{i}")).unwrap())
+        .collect();
+    app.seed_followers(alice, &followers).await;
+    let host = followers[0].host.clone();
+    let mut admin = app.admin();
+    admin
+        .pause_host(HostRequest { host: host.clone() })
+        .await
+        .unwrap();
+    let alice_id = format!("{}/users/alice", app.http_base);
+    app.publish(
+        "alice",
+        &stampede_core::activity::public_note(&alice_id, "before the end"),
+        "",
+    )
+    .await
+    .unwrap();
+    crate::helpers::wait_for("the deliveries parked", Duration::from_secs(30), || async {
+        app.metric(
+            "delivery",
+            "stampede_deliveries_total",
+            "outcome=\"parked\"",
+        )
+        .await
+            >= 1
+    })
+    .await;
+    delete(&app, "alice").await.unwrap();
+    admin.resume_host(HostRequest { host }).await.unwrap();
+    // Back from the park (5 s), it is dropped (sent or not: its body may
+    // be in the worker's memory; the server cannot verify it any more) and
+    // nothing keeps retrying to record it.
+    crate::helpers::wait_for(
+        "the deliveries dropped",
+        Duration::from_secs(60),
+        || async {
+            let settled = app
+                .metric(
+                    "delivery",
+                    "stampede_deliveries_total",
+                    "outcome=\"skipped\"",
+                )
+                .await;
+            let retries = app
+                .metric("delivery", "stampede_delivery_settle_retries_total", "")
+                .await;
+            assert!(
+                retries < 3,
+                "{retries} tries to record a deleted activity's delivery"
+            );
+            settled >= 1
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let retries = app
+        .metric("delivery", "stampede_delivery_settle_retries_total", "")
+        .await;
+    assert!(
+        retries < 3,
+        "{retries} tries to record a deleted activity's delivery"
+    );
+    app.stop().await;
+}
+
+crate::both_backends!(
+    a_personal_inbox_is_found_in_memory,
+    a_deleted_actors_queued_deliveries_are_dropped
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_ingest_sees_a_deletion_and_a_creation_external() {
