@@ -222,29 +222,47 @@ async fn listener() -> TcpListener {
 
 /// Starts ingest, inbox, fanout and delivery on `backend`.
 pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
-    if backend == Backend::Embedded {
-        let scratch = Scratch::create(Purpose::Test, BackendSet::Embedded)
-            .await
-            .unwrap();
-        return spawn_all_in_one(scratch, opts).await;
-    }
-    let scratch = Scratch::create(
-        Purpose::Test,
-        BackendSet::External(ExternalUrls {
+    let scratch = scratch(backend, &opts).await;
+    spawn_app_on(scratch, None, opts).await
+}
+
+/// A test's own backends on `backend` (the servers `opts` names), empty:
+/// for a test that fills them before [`spawn_app_on`].
+pub async fn scratch(backend: Backend, opts: &AppOptions) -> Scratch {
+    let set = match backend {
+        Backend::Embedded => BackendSet::Embedded,
+        Backend::External => BackendSet::External(ExternalUrls {
             amqp: opts.amqp_url.clone().unwrap_or_else(amqp_url),
             redis: opts.redis_url.clone().unwrap_or_else(redis_url),
             admin_database: opts.admin_database_url.clone().unwrap_or_else(admin_db_url),
         }),
-    )
-    .await
-    .expect("PostgreSQL must run (scripts/test starts it)");
+    };
+    Scratch::create(Purpose::Test, set)
+        .await
+        .expect("PostgreSQL must run (scripts/test starts it)")
+}
+
+/// Starts ingest, inbox, fanout and delivery on `scratch` (made by
+/// [`scratch`]), ingest's HTTP on `http` when given (a test that had to
+/// know the public URL before).
+pub async fn spawn_app_on(
+    scratch: Scratch,
+    http: Option<TcpListener>,
+    opts: AppOptions,
+) -> TestApp {
+    if scratch.data_dir().is_some() {
+        return spawn_all_in_one(scratch, http, opts).await;
+    }
     let namespace = scratch.namespace().to_string();
     let db_url = scratch.database_url().unwrap().to_string();
     let ingest_child = opts.processes.contains(&"ingest");
     let (mut ingest_http, http_base) = if ingest_child {
         (None, format!("http://127.0.0.1:{}", free_port()))
     } else {
-        let l = listener().await;
+        let l = match http {
+            Some(l) => l,
+            None => listener().await,
+        };
         let base = format!("http://{}", l.local_addr().unwrap());
         (Some(l), base)
     };
@@ -407,8 +425,15 @@ fn config(
 }
 
 /// `stampede up` on the embedded backends, in the scratch's data directory.
-async fn spawn_all_in_one(scratch: Scratch, opts: AppOptions) -> TestApp {
-    let http = listener().await;
+async fn spawn_all_in_one(
+    scratch: Scratch,
+    http: Option<TcpListener>,
+    opts: AppOptions,
+) -> TestApp {
+    let http = match http {
+        Some(l) => l,
+        None => listener().await,
+    };
     let http_base = format!("http://{}", http.local_addr().unwrap());
     let (vars, cfg) = config(&scratch, &http_base, &opts);
     let shutdown = CancellationToken::new();

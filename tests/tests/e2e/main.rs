@@ -25,3 +25,4 @@ mod replicas;
 mod replicated;
 mod retention;
 mod trust;
+mod upgrade;
