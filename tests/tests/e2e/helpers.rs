@@ -128,6 +128,8 @@ pub struct TestApp {
     pub namespace: String,
     pub http_base: String,
     pub grpc: Channel,
+    /// ingest's gRPC address (`host:port`), as the CLI's `--server` takes it.
+    pub grpc_addr: std::net::SocketAddr,
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
     /// The configuration the services run with, as environment variables.
@@ -389,6 +391,7 @@ pub async fn spawn_app_on(
         namespace,
         http_base,
         grpc,
+        grpc_addr: ingest_grpc_addr.unwrap(),
         store: Arc::new(store),
         queue: Arc::new(queue),
         scratch,
@@ -459,6 +462,7 @@ async fn spawn_all_in_one(
         namespace: scratch.namespace().to_string(),
         http_base,
         grpc,
+        grpc_addr,
         store,
         queue,
         scratch,

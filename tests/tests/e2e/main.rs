@@ -6,6 +6,7 @@
 
 mod activity_status;
 mod bench;
+mod cli;
 mod cluster;
 mod crash;
 mod delivery;
