@@ -322,6 +322,13 @@ def check(text, build):
     ep = entrypoint(runtime_cmds)
     env = image_env(runtime_cmds)
     built = run_build(cargo) if build else False
+    if built:
+        # Every file the build stage copies out was made by its cargo line.
+        target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+        for origin in sorted({o for d in produced.values() for o in d.values()}):
+            local = target / pathlib.PurePosixPath(origin).relative_to("target")
+            if not local.is_file():
+                fail(f"the build stage copies {origin}, which its cargo line does not make")
     check_commands("chart", chart, files, ep, built, env)
     check_commands("kustomize base", base, files, ep, built, env)
     check_secrets(cmds)
