@@ -3,10 +3,12 @@
 //! made by that state's migrations, run as the code of the time ran them,
 //! and filled with the rows that version wrote (actors, follows,
 //! activities, success records, dead letters, host health, domain
-//! policies). Then this version's services start on it, migrating at start
-//! as the Helm hook's `stampede migrate` does, and must leave the schema of
-//! a fresh install and work on the old rows: a post reaches the old
-//! followers, an old dead letter is replayed, status reads the old counts.
+//! policies; for the embedded store, a `queue.db` of its time holding a
+//! fanout job queued just before the upgrade). Then this version's services
+//! start on it, migrating at start as the Helm hook's `stampede migrate`
+//! does, and must leave the schema of a fresh install and work on the old
+//! rows: a post reaches the old followers, an old dead letter is replayed,
+//! the queued post is delivered, status reads the old counts.
 //!
 //! The migrations that shipped are the files in
 //! `services/backends/migrations/`, but for the forms migration 6 (and the
@@ -126,47 +128,80 @@ struct Shipped {
     commit: &'static str,
     steps: &'static [Step],
     level: Level,
+    /// The embedded queue's schema (`queue.db`) it shipped with; 0 for
+    /// PostgreSQL (RabbitMQ has none).
+    queue: i32,
 }
+
+/// The embedded queue's schema, as `queue/embedded.rs` has it (version 2
+/// since 4836ec9).
+const QUEUE_SCHEMA: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE messages (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue   TEXT NOT NULL,
+        kind    TEXT,
+        payload BLOB NOT NULL,
+        due_at  INTEGER NOT NULL,
+        reason  TEXT,
+        source  TEXT
+    )",
+    ),
+    (
+        2,
+        "ALTER TABLE messages ADD COLUMN ready_at INTEGER;
+     ALTER TABLE messages ADD COLUMN traceparent TEXT",
+    ),
+];
 
 const PG_SHIPPED: &[Shipped] = &[
     Shipped {
         commit: "ffd1006",
         steps: &[PG1],
+        queue: 0,
         level: Level::Outbound,
     },
     Shipped {
         commit: "b5e8209",
         steps: &[PG1, PG2],
+        queue: 0,
         level: Level::Inbound,
     },
     Shipped {
         commit: "ca74dfa",
         steps: &[PG1, PG2, PG3],
+        queue: 0,
         level: Level::Hosts,
     },
     Shipped {
         commit: "15072cc",
         steps: &[PG1, PG2, PG3, PG4],
+        queue: 0,
         level: Level::HostHealth,
     },
     Shipped {
         commit: "4ad1765",
         steps: &[PG1, PG2, PG3, PG4, PG5],
+        queue: 0,
         level: Level::HostHealth,
     },
     Shipped {
         commit: "a1cfd9e",
         steps: &[PG1, PG2, PG3, PG4, PG5, PG6_A1CFD9E],
+        queue: 0,
         level: Level::Policies,
     },
     Shipped {
         commit: "51d4f05",
         steps: &[PG1, PG2, PG3, PG4, PG5, PG6_51D4F05],
+        queue: 0,
         level: Level::TargetsWithoutTime,
     },
     Shipped {
         commit: "8a42625",
         steps: &[PG1, PG2, PG3, PG4, PG5, PG6, PG7],
+        queue: 0,
         level: Level::Targets,
     },
 ];
@@ -175,31 +210,37 @@ const EMBEDDED_SHIPPED: &[Shipped] = &[
     Shipped {
         commit: "2851a05",
         steps: &[E1],
+        queue: 1,
         level: Level::Hosts,
     },
     Shipped {
         commit: "15072cc",
         steps: &[E1, E2],
+        queue: 1,
         level: Level::HostHealth,
     },
     Shipped {
         commit: "4ad1765",
         steps: &[E1, E2, E3],
+        queue: 2,
         level: Level::HostHealth,
     },
     Shipped {
         commit: "a1cfd9e",
         steps: &[E1, E2, E3, E4_A1CFD9E],
+        queue: 2,
         level: Level::Policies,
     },
     Shipped {
         commit: "51d4f05",
         steps: &[E1, E2, E3, E4_51D4F05],
+        queue: 2,
         level: Level::TargetsWithoutTime,
     },
     Shipped {
         commit: "8a42625",
         steps: &[E1, E2, E3, E4, E5],
+        queue: 2,
         level: Level::Targets,
     },
 ];
@@ -271,6 +312,9 @@ struct Fixture {
     /// A post dead-lettered at `dead_inbox`.
     dead: String,
     dead_inbox: String,
+    /// A post published just before the upgrade, its fanout job still in
+    /// the embedded queue.
+    queued: Option<String>,
 }
 
 /// The followers of alice on the fake servers: two on each, servers 0 and
@@ -561,6 +605,7 @@ async fn postgres_fixture(url: &str, shipped: &Shipped, base: &str, sink: &Sink)
         delivered: ids[0].clone(),
         dead: ids[1].clone(),
         dead_inbox,
+        queued: None,
     }
 }
 
@@ -756,12 +801,60 @@ fn embedded_fixture(dir: &Path, shipped: &Shipped, base: &str, sink: &Sink) -> F
             }
         }
     }
+    // A post queued for fanout just before the upgrade: the activity
+    // stored and its job in the queue of the time.
+    let a = note(base, "queued before the upgrade");
+    let key = uuid::Uuid::new_v4().to_string();
+    c.execute(
+        "INSERT INTO activities (key, ap_id, actor_id, kind, object_id, body, delivered_body,
+                                 created_at, enqueued_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+        params![
+            key,
+            a.id,
+            alice,
+            a.kind,
+            a.object_id,
+            a.json.to_string(),
+            a.delivered_body,
+            now - 60_000
+        ],
+    )
+    .unwrap();
+    drop(c);
+    let q = rusqlite::Connection::open(dir.join("queue.db")).unwrap();
+    q.pragma_update(None, "journal_mode", "WAL").unwrap();
+    for &(version, sql) in QUEUE_SCHEMA.iter().take(shipped.queue as usize) {
+        q.execute_batch(&format!(
+            "BEGIN; {sql}; PRAGMA user_version = {version}; COMMIT;"
+        ))
+        .unwrap();
+    }
+    let job = prost::Message::encode_to_vec(&stampede_proto::queue::FanoutJob {
+        activity_key: key,
+        ..Default::default()
+    });
+    let kind = stampede_proto::kinds::FANOUT_JOB;
+    if shipped.queue >= 2 {
+        q.execute(
+            "INSERT INTO messages (queue, kind, payload, due_at, ready_at) VALUES ('fanout', ?1, ?2, ?3, ?3)",
+            params![kind, job, now - 60_000],
+        )
+        .unwrap();
+    } else {
+        q.execute(
+            "INSERT INTO messages (queue, kind, payload, due_at) VALUES ('fanout', ?1, ?2, ?3)",
+            params![kind, job, now - 60_000],
+        )
+        .unwrap();
+    }
     Fixture {
         followers,
         targets,
         delivered: ids[0].clone(),
         dead: ids[1].clone(),
         dead_inbox,
+        queued: Some(a.id),
     }
 }
 
@@ -967,11 +1060,42 @@ async fn upgrade(backend: Backend, shipped: &Shipped) {
         assert_schema_eq(&upgraded, &fresh, shipped);
     }
 
+    let received_post = |path_of: &str| {
+        (0..3)
+            .flat_map(|i| {
+                sink.received(i)
+                    .into_iter()
+                    .map(move |rec| (i, rec))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|(_, rec)| rec.activity_id.as_deref() == Some(path_of))
+            .map(|(i, rec)| {
+                assert_eq!(rec.verified, Ok(()), "server {i}: {:?}", rec.verified);
+                format!("{}{}", sink_base(&sink, i), rec.path)
+            })
+            .collect::<BTreeSet<String>>()
+    };
+    // The post whose fanout job waited in the old queue is delivered.
+    if let Some(queued) = &fixture.queued {
+        let all = 2 * fixture.targets.len() as u64;
+        wait_for(
+            "the post queued before the upgrade",
+            Duration::from_secs(60),
+            || async {
+                received_post(queued) == fixture.targets
+                    && app.store.totals().await.unwrap().delivered == all
+            },
+        )
+        .await;
+    }
+
     // Status reads the old rows.
     let mut admin = app.admin();
     let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(status.activities, 2, "{status:?}");
-    assert_eq!(status.delivered, fixture.targets.len() as u64, "{status:?}");
+    let activities = 2 + u64::from(fixture.queued.is_some());
+    assert_eq!(status.activities, activities, "{status:?}");
+    let delivered = fixture.targets.len() * if fixture.queued.is_some() { 2 } else { 1 };
+    assert_eq!(status.delivered, delivered as u64, "{status:?}");
     assert_eq!(status.dead_letters, 1, "{status:?}");
     if shipped.level >= Level::Hosts {
         assert_eq!(status.paused_hosts, vec!["paused.example".to_string()]);
@@ -1037,21 +1161,6 @@ async fn upgrade(backend: Backend, shipped: &Shipped) {
         .publish("alice", &public_note(&actor_id, "after the upgrade"), "")
         .await
         .unwrap();
-    let received_post = |path_of: &str| {
-        (0..3)
-            .flat_map(|i| {
-                sink.received(i)
-                    .into_iter()
-                    .map(move |rec| (i, rec))
-                    .collect::<Vec<_>>()
-            })
-            .filter(|(_, rec)| rec.activity_id.as_deref() == Some(path_of))
-            .map(|(i, rec)| {
-                assert_eq!(rec.verified, Ok(()), "server {i}: {:?}", rec.verified);
-                format!("{}{}", sink_base(&sink, i), rec.path)
-            })
-            .collect::<BTreeSet<String>>()
-    };
     wait_for(
         "the post at every target",
         Duration::from_secs(60),
