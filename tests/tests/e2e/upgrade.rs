@@ -260,6 +260,8 @@ const SHIPPED_FILES: &[(&str, u64)] = &[
     ("0005_forget_unbound_documents.sql", 0xb9e1_f2a4_0b9d_ea14),
     ("0006_domain_policies.sql", 0x3bb8_21f3_f0e0_e1c0),
     ("0007_retention_indexes.sql", 0x9b21_a9db_ed85_dc0d),
+    ("0008_repair_activity_status.sql", 0x60e7_3e72_f951_fd7a),
+    ("0009_activity_status_indexes.sql", 0x6316_0add_620a_a822),
     ("embedded/0001_store.sql", 0x7f69_2ec1_4319_86c9),
     ("embedded/0002_host_health.sql", 0xea41_5252_7ad4_e006),
     (
@@ -268,6 +270,10 @@ const SHIPPED_FILES: &[(&str, u64)] = &[
     ),
     ("embedded/0004_domain_policies.sql", 0xbc03_04aa_5e50_d2da),
     ("embedded/0005_retention.sql", 0xf78c_765a_c02a_3d59),
+    (
+        "embedded/0006_repair_activity_status.sql",
+        0x7635_ccc5_d30d_a79f,
+    ),
 ];
 
 fn fnv1a(bytes: &[u8]) -> u64 {
