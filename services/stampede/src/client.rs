@@ -160,39 +160,40 @@ impl Client {
     }
 
     /// Streams verified inbound activities to `each`, acknowledging each one
-    /// after `each` returns, until the stream ends or fails: `Ok(true)` when
-    /// the server ended it, `Err(Lost)` when the connection was lost (the
-    /// caller reconnects), another error when `each` failed or the server
-    /// refused the call.
+    /// after `each` returns, until the stream ends or fails; returns why:
+    /// [`TailError::Lost`] when the connection was lost or the server ended
+    /// the stream (the caller reconnects), another variant when `each`
+    /// failed or the server refused the call.
     pub async fn tail(
         &self,
         each: &mut impl FnMut(&InboundActivity) -> anyhow::Result<()>,
-    ) -> Result<(), TailError> {
+    ) -> TailError {
         let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(64);
         tx.send(SubscribeRequest { ack: vec![] }).await.ok();
-        let mut stream = self
+        let mut stream = match self
             .inbound
             .clone()
             .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
-            .map_err(|s| self.tail_error(s))?
-            .into_inner();
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return self.tail_error(s),
+        };
         loop {
             match stream.message().await {
                 Ok(Some(a)) => {
-                    each(&a).map_err(TailError::Output)?;
-                    if tx
-                        .send(SubscribeRequest {
-                            ack: vec![a.delivery_id],
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return Err(TailError::Lost("the stream closed".into()));
+                    if let Err(e) = each(&a) {
+                        return TailError::Output(e);
+                    }
+                    let ack = SubscribeRequest {
+                        ack: vec![a.delivery_id],
+                    };
+                    if tx.send(ack).await.is_err() {
+                        return TailError::Lost("the stream closed".into());
                     }
                 }
-                Ok(None) => return Err(TailError::Lost("the server ended the stream".into())),
-                Err(s) => return Err(self.tail_error(s)),
+                Ok(None) => return TailError::Lost("the server ended the stream".into()),
+                Err(s) => return self.tail_error(s),
             }
         }
     }

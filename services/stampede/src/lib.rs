@@ -748,9 +748,8 @@ async fn tail(
     let mut c = client::Client::connect(server).await?;
     loop {
         let why = match c.tail(&mut print).await {
-            Ok(()) => return Ok(()),
-            Err(TailError::Refused(e) | TailError::Output(e)) => return Err(e),
-            Err(TailError::Lost(why)) => why,
+            TailError::Refused(e) | TailError::Output(e) => return Err(e),
+            TailError::Lost(why) => why,
         };
         let url = c.url().to_string();
         eprintln!(
