@@ -735,3 +735,34 @@ async fn tail_reconnects_when_the_server_restarts_and_names_it_when_it_is_gone()
     println!("tail across a restart: {:?}", started.elapsed());
     std::fs::remove_dir_all(&up.dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_applies_the_schema_and_again_changes_nothing() {
+    let scratch = crate::helpers::scratch(Backend::External, &AppOptions::default()).await;
+    let url = scratch.database_url().unwrap().to_string();
+    let vars = [("STAMPEDE_DATABASE_URL", url.as_str())];
+    let versions = || async {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c.query("SELECT version FROM stampede_migrations ORDER BY 1", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..2 {
+        let out = stampede("127.0.0.1:1", &["migrate"], &vars, "").await;
+        assert_eq!(succeeded(&out), "migrations applied\n");
+        assert_eq!(versions().await, (1..=9).collect::<Vec<_>>());
+    }
+    let bad = [(
+        "STAMPEDE_DATABASE_URL",
+        "postgres://nobody@127.0.0.1:1/none",
+    )];
+    let out = stampede("127.0.0.1:1", &["migrate"], &bad, "").await;
+    assert!(one_line_error(&out, 1).starts_with("error: failed to apply migrations: "));
+    scratch.remove().await.unwrap();
+}
