@@ -6,6 +6,7 @@
 
 mod activity_status;
 mod bench;
+mod cli;
 mod cluster;
 mod crash;
 mod delivery;
@@ -25,3 +26,4 @@ mod replicas;
 mod replicated;
 mod retention;
 mod trust;
+mod upgrade;
