@@ -24,6 +24,11 @@ pub const DEFAULT_RETRY_SCHEDULE_SECS: &[u64] = &[
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
     /// The secret value; only for comparing or sending, never for logging.
     pub fn expose(&self) -> &str {
         &self.0
@@ -47,6 +52,14 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// `STAMPEDE_METRICS_ADDR`: `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: SocketAddr,
+    /// `STAMPEDE_ADMIN_ADDR` (added, default `127.0.0.1:8081`, `off` for
+    /// none): ingest's admin console, on a listener of its own so that it
+    /// is never exposed with the public one.
+    pub admin_addr: Option<SocketAddr>,
+    /// Whether `STAMPEDE_ADMIN_ADDR` was given: a console asked for must
+    /// start; the default's port being taken (a second stampede on one
+    /// machine) only turns the console off, with a warning.
+    pub admin_addr_given: bool,
     /// `STAMPEDE_AMQP_URL`: RabbitMQ, one URL or the nodes of a cluster
     /// comma-separated (a process connects to the first that answers and
     /// moves on to the next when its node goes); unset means the embedded
@@ -316,6 +329,11 @@ impl Config {
             http_addr: addr("STAMPEDE_HTTP_ADDR", "127.0.0.1:8080")?,
             grpc_addr: addr("STAMPEDE_GRPC_ADDR", "127.0.0.1:50051")?,
             metrics_addr: addr("STAMPEDE_METRICS_ADDR", "127.0.0.1:9464")?,
+            admin_addr: match get("STAMPEDE_ADMIN_ADDR").as_deref().map(str::trim) {
+                Some("off") => None,
+                _ => Some(addr("STAMPEDE_ADMIN_ADDR", "127.0.0.1:8081")?),
+            },
+            admin_addr_given: get("STAMPEDE_ADMIN_ADDR").is_some(),
             amqp_url: url("STAMPEDE_AMQP_URL", &["amqp", "amqps"])?,
             redis_url: url(
                 "STAMPEDE_REDIS_URL",
@@ -726,6 +744,10 @@ mod tests {
         let c = with(&[]).unwrap();
         assert_eq!(c.base(), "http://127.0.0.1:8080");
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(
+            c.admin_addr.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:8081")
+        );
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
         assert!(c.amqp_url.is_none() && c.redis_url.is_none() && c.database_url.is_none());

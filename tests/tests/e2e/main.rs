@@ -7,6 +7,7 @@
 mod activity_status;
 mod bench;
 mod cluster;
+mod console;
 mod crash;
 mod delivery;
 mod disk_full;
@@ -25,3 +26,4 @@ mod replicas;
 mod replicated;
 mod retention;
 mod trust;
+mod webdriver;
