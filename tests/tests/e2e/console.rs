@@ -220,6 +220,7 @@ async fn login_overview_charts_and_a_walk_without_errors() {
 
     // A wrong token: the form again, with the reason; no session.
     b.goto(&format!("{base}/")).await;
+    screenshot(&b, "login").await;
     b.find("#token")
         .await
         .send_keys("not-the-token-at-all")
@@ -234,7 +235,6 @@ async fn login_overview_charts_and_a_walk_without_errors() {
         "{refused:?}"
     );
     login(&b, &base).await;
-    screenshot(&b, "login-done").await;
     let cookie_visible = b.eval("return document.cookie;", json!([])).await;
     assert_eq!(cookie_visible, json!(""), "the session cookie is HttpOnly");
 
@@ -328,7 +328,6 @@ async fn login_overview_charts_and_a_walk_without_errors() {
     // The other pages, each loaded.
     for page in ["hosts", "dead-letters", "domains"] {
         open(&b, &base, page).await;
-        screenshot(&b, page).await;
     }
     // A rule added and removed from the Domains page.
     b.find("#domain-name").await.send_keys("spam.example").await;
@@ -337,6 +336,7 @@ async fn login_overview_charts_and_a_walk_without_errors() {
         .click()
         .await;
     b.find("#domains tr[data-domain='spam.example']").await;
+    screenshot(&b, "domains").await;
     b.find("button[data-id='remove-spam.example']")
         .await
         .click()

@@ -121,7 +121,8 @@ function niceMax(v) {
 function fmtNum(v, opts) {
   if (opts && opts.percent) return Math.round(v * 100) + " %";
   if (v >= 1000) return (v / 1000).toFixed(v >= 10000 ? 0 : 1) + "k";
-  return v >= 10 || v === 0 ? String(Math.round(v)) : v.toFixed(1);
+  if (v >= 10 || v === 0) return String(Math.round(v));
+  return v >= 1 ? v.toFixed(1) : String(Number(v.toFixed(2)));
 }
 
 function seriesBy(pick) {
