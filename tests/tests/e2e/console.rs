@@ -269,6 +269,23 @@ async fn login_overview_charts_and_a_walk_without_errors() {
         },
     )
     .await;
+    // An inbound Follow accepted at the edge shows on the inbound chart.
+    let alice_id = format!("{}/users/alice", app.http_base);
+    assert_eq!(sink.follow(0, "dave", &alice_id).await.unwrap().status, 202);
+    wait_for(
+        "the inbound chart to show the Follow",
+        Duration::from_secs(30),
+        || async {
+            b.eval(
+                "return state.points.some(p => p.inbound.accepted > 0)
+                 && state.points.some(p => p.inbound.verified > 0);",
+                json!([]),
+            )
+            .await
+                == json!(true)
+        },
+    )
+    .await;
     let later = chart_last(&b, "chart-deliveries").await;
     assert!(
         later > first,
@@ -625,5 +642,51 @@ async fn requests_without_a_session_or_with_a_wrong_csrf_token_are_refused() {
     assert_eq!(status, 403);
     assert_eq!(paused().await, vec!["victim.example".to_string()]);
     b.quit().await;
+    app.stop().await;
+}
+
+/// Without a token the console answers loopback only, as the gRPC API
+/// does: a session comes with the page, actions still need its CSRF token,
+/// and a page reached under another name (DNS rebinding) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_console_answers_loopback_names_only() {
+    let app = spawn_app(Backend::Embedded, AppOptions::default()).await;
+    let base = app.console.clone().unwrap();
+    let http = reqwest::Client::new();
+    let r = http.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_string();
+    assert!(r.text().await.unwrap().contains("/assets/app.js"));
+    let r = http
+        .get(format!("{base}/api/hosts"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(format!("{base}/api/hosts/pause"))
+        .header("cookie", &cookie)
+        .body(json!({ "host": "victim.example" }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "an action without the CSRF token");
+    for host in ["evil.example", "evil.example:8081", "10.1.2.3:8081"] {
+        let r = http
+            .get(format!("{base}/api/hosts"))
+            .header("host", host)
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "Host: {host}");
+        assert!(r.text().await.unwrap().contains("loopback"));
+    }
     app.stop().await;
 }
