@@ -99,7 +99,7 @@ fn received(sink: &Sink, i: usize, text: &str) -> usize {
 async fn login(b: &Browser, base: &str) {
     b.goto(&format!("{base}/")).await;
     b.find("#token").await.send_keys(TOKEN).await;
-    b.find("#login-submit").await.click().await;
+    b.click("#login-submit").await;
     loaded(b, "overview").await;
 }
 
@@ -225,7 +225,7 @@ async fn login_overview_charts_and_a_walk_without_errors() {
         .await
         .send_keys("not-the-token-at-all")
         .await;
-    b.find("#login-submit").await.click().await;
+    b.click("#login-submit").await;
     assert_eq!(b.find("#login-error").await.text().await, "wrong token");
     // The refused login is the one error expected (its 401): the walk
     // starts after it.
@@ -326,7 +326,7 @@ async fn login_overview_charts_and_a_walk_without_errors() {
     let row = b.find("#activities tbody a.activity-link").await;
     assert_eq!(row.text().await, id);
     b.find("#activities .progress .ok").await;
-    row.click().await;
+    b.click("#activities tbody a.activity-link").await;
     wait_for(
         "the per-host breakdown",
         Duration::from_secs(10),
@@ -348,16 +348,10 @@ async fn login_overview_charts_and_a_walk_without_errors() {
     }
     // A rule added and removed from the Domains page.
     b.find("#domain-name").await.send_keys("spam.example").await;
-    b.find("#domain-form button[type=submit]")
-        .await
-        .click()
-        .await;
+    b.click("#domain-form button[type=submit]").await;
     b.find("#domains tr[data-domain='spam.example']").await;
     screenshot(&b, "domains").await;
-    b.find("button[data-id='remove-spam.example']")
-        .await
-        .click()
-        .await;
+    b.click("button[data-id='remove-spam.example']").await;
     wait_for("the rule removed", Duration::from_secs(10), || async {
         b.try_find("#domains tr[data-domain='spam.example']")
             .await
@@ -405,10 +399,7 @@ async fn pause_from_the_hosts_page_and_replay_from_the_dead_letters_page(backend
     let b = Browser::start().await;
     login(&b, &base).await;
     open(&b, &base, "hosts").await;
-    b.find(&format!("button[data-id='pause-{h0}']"))
-        .await
-        .click()
-        .await;
+    b.click(&format!("button[data-id='pause-{h0}']")).await;
     b.find(&format!("#hosts tr[data-host='{h0}'] .tag.paused"))
         .await;
     screenshot(&b, "hosts").await;
@@ -444,10 +435,7 @@ async fn pause_from_the_hosts_page_and_replay_from_the_dead_letters_page(backend
     );
 
     // Resume from the page: the held delivery goes (within its 5 s park).
-    b.find(&format!("button[data-id='resume-{h0}']"))
-        .await
-        .click()
-        .await;
+    b.click(&format!("button[data-id='resume-{h0}']")).await;
     wait_for(
         "post two at the resumed host",
         Duration::from_secs(30),
@@ -481,16 +469,11 @@ async fn pause_from_the_hosts_page_and_replay_from_the_dead_letters_page(backend
     sink.set_behavior(1, Behavior::Ok).unwrap();
     open(&b, &base, "dead-letters").await;
     b.find("#dlq-host").await.send_keys(&h1).await;
-    b.find("#dlq-filter button[type=submit]")
-        .await
-        .click()
-        .await;
+    b.click("#dlq-filter button[type=submit]").await;
     b.find(&format!("#dead-letters tr[data-id='{}']", dead.id))
         .await;
     screenshot(&b, "dead-letters").await;
-    b.find(&format!("button[data-id='replay-{}']", dead.id))
-        .await
-        .click()
+    b.click(&format!("button[data-id='replay-{}']", dead.id))
         .await;
     wait_for(
         "post three delivered after the replay",
@@ -498,6 +481,27 @@ async fn pause_from_the_hosts_page_and_replay_from_the_dead_letters_page(backend
         || async { delivered(&sink, 1, "post three") == 1 },
     )
     .await;
+
+    // Another one, purged from the page with the host's button.
+    sink.set_behavior(1, Behavior::Status(422)).unwrap();
+    publish(&app, "post four").await;
+    wait_for(
+        "post four dead-lettered",
+        Duration::from_secs(30),
+        || async { other_dead_letters(&app, &h1, &dead.id).await == 1 },
+    )
+    .await;
+    b.click("#dlq-filter button[type=submit]").await;
+    b.eval("document.body.dataset.confirm = 'yes';", json!([]))
+        .await;
+    b.click("#dlq-purge-host").await;
+    wait_for(
+        "the host's dead letters purged",
+        Duration::from_secs(15),
+        || async { other_dead_letters(&app, &h1, &dead.id).await == 0 },
+    )
+    .await;
+    b.find("#dead-letters tbody td.muted").await;
     let errors = console_errors(&b).await;
     assert!(errors.is_empty(), "console errors: {errors:?}");
     b.quit().await;
@@ -689,4 +693,20 @@ async fn without_a_token_the_console_answers_loopback_names_only() {
         assert!(r.text().await.unwrap().contains("loopback"));
     }
     app.stop().await;
+}
+
+/// Dead letters of `host` but `except`, through the gRPC API.
+async fn other_dead_letters(app: &TestApp, host: &str, except: &str) -> usize {
+    AdminServiceClient::new(app.grpc.clone())
+        .list_dead_letters(authed(ListDeadLettersRequest {
+            limit: 10,
+            host: host.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters
+        .into_iter()
+        .filter(|d| d.id != except)
+        .count()
 }

@@ -116,6 +116,34 @@ impl Browser {
         }
     }
 
+    /// Clicks the element matching `css`, found again when the page
+    /// replaced it between finding and clicking (a table re-rendered by
+    /// its refresh).
+    pub async fn click(&self, css: &str) {
+        let start = std::time::Instant::now();
+        loop {
+            let e = self.find(css).await;
+            let r = self
+                .http
+                .post(format!("{}/element/{}/click", self.base, e.id))
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+            if status.is_success() {
+                return;
+            }
+            assert!(
+                v["value"]["error"] == "stale element reference"
+                    && start.elapsed() < Duration::from_secs(10),
+                "click {css}: {status} {v}"
+            );
+        }
+    }
+
     /// The element matching `css` now, if any.
     pub async fn try_find(&self, css: &str) -> Option<Element<'_>> {
         let url = format!("{}/element", self.base);
@@ -199,13 +227,6 @@ impl Browser {
 }
 
 impl Element<'_> {
-    /// Clicks it.
-    pub async fn click(&self) {
-        self.browser
-            .call("POST", &format!("/element/{}/click", self.id), None)
-            .await;
-    }
-
     /// Types `text` into it.
     pub async fn send_keys(&self, text: &str) {
         self.browser

@@ -145,7 +145,10 @@ function drawOverview() {
 
 const pages = {
   async overview() {
-    const [o, s] = await Promise.all([api("/overview?since=" + state.lastT), api("/status")]);
+    // Status counts the stored records: read every 15 s, not every 3.
+    const fresh = state.status && Date.now() - state.statusAt < 15000;
+    const [o, s] = await Promise.all([api("/overview?since=" + state.lastT), fresh ? state.status : api("/status")]);
+    if (!fresh) { state.status = s; state.statusAt = Date.now(); }
     if (o.points.length) {
       state.points = state.points.concat(o.points).filter((p) => p.t > o.points[o.points.length - 1].t - WINDOW_MS);
       state.lastT = state.points[state.points.length - 1].t;
@@ -157,6 +160,9 @@ const pages = {
       ["queued", s.queues.reduce((a, q) => a + q.messages, 0)],
     ];
     $("#totals").replaceChildren(...cards.map(([k, v]) => el("div", { class: "card" }, el("b", {}, v), el("span", {}, k))));
+    $("#queues tbody").replaceChildren(...s.queues.map((q) => el("tr", {}, el("td", {}, q.queue), el("td", {}, q.class), el("td", { class: "num" }, q.messages), el("td", { class: "num" }, q.consumers), el("td", { class: "num" }, q.class ? fmtAge(q.head_age_ms / 1000) : ""))));
+    $("#failing tbody").replaceChildren(...(s.failing_hosts.length ? s.failing_hosts.map((h) => el("tr", {}, el("td", {}, h.host), el("td", { class: "num" }, h.failures), el("td", {}, fmtTime(h.failing_since_unix_ms)),
+      el("td", {}, el("span", { class: "tag " + (h.unavailable ? "unavailable" : h.circuit_open_until_unix_ms > Date.now() ? "open" : "closed") }, h.unavailable ? "unavailable" : h.circuit_open_until_unix_ms > Date.now() ? "open until " + fmtTime(h.circuit_open_until_unix_ms) : "closed")))) : [el("tr", {}, el("td", { colSpan: 4, class: "muted" }, "none"))]));
     $("#parked tbody").replaceChildren(...(s.parked.length ? s.parked.map((p) => el("tr", {}, el("td", {}, p.reason), el("td", { class: "num" }, p.deliveries), el("td", {}, fmtTime(p.next_due_unix_ms)))) : [el("tr", {}, el("td", { colSpan: 3, class: "muted" }, "nothing parked"))]));
   },
 
