@@ -757,6 +757,17 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_console_address_is_an_address_or_off() {
+        let c = with(&[("STAMPEDE_ADMIN_ADDR", "off")]).unwrap();
+        assert!(c.admin_addr.is_none() && c.admin_addr_given);
+        let c = with(&[("STAMPEDE_ADMIN_ADDR", "0.0.0.0:9000")]).unwrap();
+        assert_eq!(c.admin_addr.map(|a| a.port()), Some(9000));
+        assert!(!with(&[]).unwrap().admin_addr_given);
+        let e = with(&[("STAMPEDE_ADMIN_ADDR", "nowhere")]).unwrap_err();
+        assert!(e.to_string().contains("STAMPEDE_ADMIN_ADDR"), "{e}");
+    }
+
+    #[test]
     fn local_actor_ids_and_key_ids_go_both_ways() {
         let c = with(&[("STAMPEDE_PUBLIC_URL", "https://social.example")]).unwrap();
         assert_eq!(
