@@ -197,9 +197,8 @@ async fn page_post(b: &Browser, path: &str, csrf: &str, body: Value) -> u64 {
 /// Log in (a wrong token first), the overview's charts drawn and moving as
 /// deliveries happen, the Activities page's progress and per-host
 /// breakdown, and a walk over every page with no console error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn login_overview_charts_and_a_walk_without_errors() {
-    let (app, base) = spawn(Backend::Embedded).await;
+async fn login_overview_charts_and_a_walk_without_errors(backend: Backend) {
+    let (app, base) = spawn(backend).await;
     let sink = Sink::start(SinkOptions {
         servers: 2,
         ..SinkOptions::default()
@@ -508,7 +507,10 @@ async fn pause_from_the_hosts_page_and_replay_from_the_dead_letters_page(backend
     app.stop().await;
 }
 
-crate::both_backends!(pause_from_the_hosts_page_and_replay_from_the_dead_letters_page);
+crate::both_backends!(
+    login_overview_charts_and_a_walk_without_errors,
+    pause_from_the_hosts_page_and_replay_from_the_dead_letters_page
+);
 
 /// What the console refuses: the API without a session, an action without
 /// the session's CSRF token (from a script and from a plain client), a
