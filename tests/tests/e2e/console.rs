@@ -11,7 +11,7 @@ use stampede_core::activity::public_note;
 use stampede_proto::api::{
     actor_service_client::ActorServiceClient, admin_service_client::AdminServiceClient,
     publish_service_client::PublishServiceClient, CreateActorRequest, ListDeadLettersRequest,
-    PublishRequest, StatusRequest,
+    ListDomainPoliciesRequest, PublishRequest, StatusRequest,
 };
 use stampede_sink::{Behavior, Sink, SinkOptions};
 
@@ -370,8 +370,10 @@ async fn login_overview_charts_and_a_walk_without_errors(backend: Backend) {
 /// Dead letters page is delivered.
 async fn pause_from_the_hosts_page_and_replay_from_the_dead_letters_page(backend: Backend) {
     let (app, base) = spawn(backend).await;
+    // Servers on addresses of their own, so a domain rule may name them.
     let sink = Sink::start(SinkOptions {
         servers: 2,
+        bind: std::sync::Arc::new(|i| std::net::IpAddr::from([127, 0, 0, 71 + i as u8])),
         ..SinkOptions::default()
     })
     .await
@@ -501,6 +503,24 @@ async fn pause_from_the_hosts_page_and_replay_from_the_dead_letters_page(backend
     )
     .await;
     b.find("#dead-letters tbody td.muted").await;
+
+    // Silence the first server's domain from the Hosts page.
+    open(&b, &base, "hosts").await;
+    b.click(&format!("button[data-id='silence-{h0}']")).await;
+    b.find(&format!("#hosts tr[data-host='{h0}'] .tag.silence"))
+        .await;
+    let rules = AdminServiceClient::new(app.grpc.clone())
+        .list_domain_policies(authed(ListDomainPoliciesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .policies;
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.domain == "127.0.0.71" && r.policy == "silence"),
+        "{rules:?}"
+    );
     let errors = console_errors(&b).await;
     assert!(errors.is_empty(), "console errors: {errors:?}");
     b.quit().await;
