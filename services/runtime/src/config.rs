@@ -324,15 +324,23 @@ impl Config {
         let secs = |var: &'static str, default: u64, min: u64, max: u64| -> Result<Duration> {
             number(var, default, min, max).map(Duration::from_secs)
         };
+        let admin_addr = match get("STAMPEDE_ADMIN_ADDR").as_deref().map(str::trim) {
+            Some("off") => None,
+            _ => Some(addr("STAMPEDE_ADMIN_ADDR", "127.0.0.1:8081")?),
+        };
+        if admin_addr.is_some() && admin_addr == Some(addr("STAMPEDE_HTTP_ADDR", "127.0.0.1:8080")?)
+        {
+            return Err(cfg(
+                "STAMPEDE_ADMIN_ADDR",
+                "must differ from STAMPEDE_HTTP_ADDR: the console is never served on the public listener",
+            ));
+        }
         Config {
             public_url,
             http_addr: addr("STAMPEDE_HTTP_ADDR", "127.0.0.1:8080")?,
             grpc_addr: addr("STAMPEDE_GRPC_ADDR", "127.0.0.1:50051")?,
             metrics_addr: addr("STAMPEDE_METRICS_ADDR", "127.0.0.1:9464")?,
-            admin_addr: match get("STAMPEDE_ADMIN_ADDR").as_deref().map(str::trim) {
-                Some("off") => None,
-                _ => Some(addr("STAMPEDE_ADMIN_ADDR", "127.0.0.1:8081")?),
-            },
+            admin_addr,
             admin_addr_given: get("STAMPEDE_ADMIN_ADDR").is_some(),
             amqp_url: url("STAMPEDE_AMQP_URL", &["amqp", "amqps"])?,
             redis_url: url(
@@ -765,6 +773,12 @@ mod tests {
         assert!(!with(&[]).unwrap().admin_addr_given);
         let e = with(&[("STAMPEDE_ADMIN_ADDR", "nowhere")]).unwrap_err();
         assert!(e.to_string().contains("STAMPEDE_ADMIN_ADDR"), "{e}");
+        let e = with(&[
+            ("STAMPEDE_ADMIN_ADDR", "0.0.0.0:8080"),
+            ("STAMPEDE_HTTP_ADDR", "0.0.0.0:8080"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("public listener"), "{e}");
     }
 
     #[test]
