@@ -18,6 +18,8 @@ pub struct Browser {
     driver: tokio::process::Child,
     base: String,
     http: reqwest::Client,
+    /// The session was ended by [`Browser::quit`].
+    ended: bool,
 }
 
 /// An element of the page.
@@ -66,6 +68,7 @@ impl Browser {
             driver,
             base: root.clone(),
             http,
+            ended: false,
         };
         let v = b.call("POST", "/session", Some(caps)).await;
         let id = v["sessionId"]
@@ -214,7 +217,7 @@ impl Browser {
             .unwrap_or_default()
     }
 
-    /// Ends the session and the driver.
+    /// Ends the session (the browser with it) and the driver.
     pub async fn quit(mut self) {
         let _ = self
             .http
@@ -222,7 +225,34 @@ impl Browser {
             .timeout(Duration::from_secs(10))
             .send()
             .await;
+        self.ended = true;
         let _ = self.driver.kill().await;
+    }
+}
+
+impl Drop for Browser {
+    /// A test that failed before `quit`: the session is ended with a plain
+    /// blocking request, so no Chromium outlives the test (killing the
+    /// driver alone would leave its browser running).
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        use std::io::{Read, Write};
+        let Some(rest) = self.base.strip_prefix("http://") else {
+            return;
+        };
+        let Some((authority, path)) = rest.split_once('/') else {
+            return;
+        };
+        if let Ok(mut s) = std::net::TcpStream::connect(authority) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                s,
+                "DELETE /{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = s.read_to_end(&mut Vec::new());
+        }
     }
 }
 
