@@ -142,6 +142,8 @@ pub struct TestApp {
     /// The services run as child processes ([`AppOptions::processes`]).
     children: Vec<ChildService>,
     metrics: HashMap<&'static str, std::net::SocketAddr>,
+    /// The admin console's base URL, when ingest runs in the test process.
+    pub console: Option<String>,
 }
 
 /// A service run as a child process, its standard error in a file. Dropped,
@@ -189,6 +191,7 @@ fn child_service(
     cmd.args(["serve", name])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        .env("STAMPEDE_ADMIN_ADDR", "off")
         .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
         .env("STAMPEDE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
         .env("STAMPEDE_METRICS_ADDR", format!("127.0.0.1:{metrics}"))
@@ -273,6 +276,7 @@ pub async fn spawn_app_on(
     let mut services = Vec::new();
     let mut children = Vec::new();
     let mut ingest_grpc_addr = None;
+    let mut console = None;
     let mut metrics = HashMap::new();
     for name in ["ingest", "inbox", "fanout", "delivery"] {
         if opts.skip.contains(&name) {
@@ -322,6 +326,7 @@ pub async fn spawn_app_on(
             http: None,
             grpc,
             metrics: listener().await,
+            admin: None,
         };
         metrics.insert(name, l.metrics.local_addr().unwrap());
         let role = Role::Service(stampede_runtime::ServiceKind::from_name(name).unwrap());
@@ -331,8 +336,11 @@ pub async fn spawn_app_on(
         let h: JoinHandle<Result<(), String>> =
             match name {
                 "ingest" => {
+                    let admin = listener().await;
+                    console = Some(format!("http://{}", admin.local_addr().unwrap()));
                     let l = Listeners {
                         http: ingest_http.take(),
+                        admin: Some(admin),
                         ..l
                     };
                     tokio::spawn(async move {
@@ -400,6 +408,7 @@ pub async fn spawn_app_on(
         services,
         children,
         metrics,
+        console,
     }
 }
 
@@ -440,10 +449,13 @@ async fn spawn_all_in_one(
     let http_base = format!("http://{}", http.local_addr().unwrap());
     let (vars, cfg) = config(&scratch, &http_base, &opts);
     let shutdown = CancellationToken::new();
+    let admin = listener().await;
+    let console = Some(format!("http://{}", admin.local_addr().unwrap()));
     let l = Listeners {
         http: Some(http),
         grpc: listener().await,
         metrics: listener().await,
+        admin: Some(admin),
     };
     let grpc_addr = l.grpc.local_addr().unwrap();
     let metrics_addr = l.metrics.local_addr().unwrap();
@@ -474,6 +486,7 @@ async fn spawn_all_in_one(
             .into_iter()
             .map(|n| (n, metrics_addr))
             .collect(),
+        console,
     }
 }
 
