@@ -16,7 +16,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let descriptor = out.join("stampede_descriptor.bin");
     std::fs::write(&descriptor, prost::Message::encode_to_vec(&fds))?;
+    // The API's messages also as JSON: the admin console's endpoints answer
+    // with the very messages the gRPC API does (docs/ARCHITECTURE.md,
+    // "Admin console"). Queue messages stay protobuf only.
     tonic_prost_build::configure()
+        .type_attribute(
+            ".stampede.v1",
+            "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]",
+        )
         .file_descriptor_set_path(&descriptor)
         .skip_protoc_run()
         .compile_fds(fds)?;

@@ -192,10 +192,25 @@ impl Drop for Closer {
     }
 }
 
+/// Code that brings a file's schema to a version where SQL alone cannot
+/// (see [`Db::open_repairing`]).
+pub(crate) type Repair = fn(&Connection) -> rusqlite::Result<()>;
+
 impl Db {
     /// Opens (creating) `file` in the locked directory and applies `schema`
     /// when the file's `user_version` is below `version`.
     pub(crate) fn open(lock: &DataDirLock, file: &str, schema: &[(i32, &str)]) -> Result<Self> {
+        Self::open_repairing(lock, file, schema, &[])
+    }
+
+    /// [`Db::open`], running each of `repairs` in the transaction of its
+    /// version, before that version's SQL.
+    pub(crate) fn open_repairing(
+        lock: &DataDirLock,
+        file: &str,
+        schema: &[(i32, &str)],
+        repairs: &[(i32, Repair)],
+    ) -> Result<Self> {
         let path = lock.dir().join(file);
         let conn = Connection::open(&path)?;
         // This connection is the file's only user (the data directory is
@@ -210,9 +225,13 @@ impl Db {
         for (version, sql) in schema {
             if *version > current {
                 tracing::info!(file, version, "applying embedded schema");
-                conn.execute_batch(&format!(
-                    "BEGIN; {sql}; PRAGMA user_version = {version}; COMMIT;"
-                ))?;
+                // Dropped on an error, the connection rolls the
+                // transaction back.
+                conn.execute_batch("BEGIN")?;
+                for (_, repair) in repairs.iter().filter(|(v, _)| v == version) {
+                    repair(&conn)?;
+                }
+                conn.execute_batch(&format!("{sql}; PRAGMA user_version = {version}; COMMIT;"))?;
             }
         }
         let pending = Arc::new(Pending::default());

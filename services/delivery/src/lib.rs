@@ -189,13 +189,11 @@ impl worker::Handler for Delivery {
             activity_type = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        // Every job is checked against the success records, fresh ones too:
-        // a fanout that ran again (its worker or broker node died) makes a
-        // second copy of each job, marked, and the unmarked first copy may
-        // be taken after the marked one was delivered (seen: a whole post
-        // sent twice to 953 inboxes). One primary-key lookup a delivery.
-        let check = true;
-        let settled = tracing::Instrument::instrument(self.process(&job, &host, check), span).await;
+        // A copy that is likely delivered already (the broker handed it out
+        // before, or a fanout that ran again marked it) is checked before
+        // it waits for a slot; every job is checked once its lease is held.
+        let copy = msg.redelivered || job.may_be_delivered;
+        let settled = tracing::Instrument::instrument(self.process(&job, &host, copy), span).await;
         let ok = match settled {
             Ok(()) => msg.acker.ack().await,
             Err(e) => {
@@ -216,12 +214,13 @@ impl worker::Handler for Delivery {
 impl Delivery {
     /// Attempts one delivery and makes its effect durable (a delivery record,
     /// a scheduled retry, or a dead letter). An error means nothing durable
-    /// happened and the message must go back to the queue.
+    /// happened and the message must go back to the queue. `copy`: the job
+    /// is likely delivered already, worth a look before waiting for a slot.
     async fn process(
         &self,
         job: &DeliveryJob,
         host: &str,
-        may_be_delivered: bool,
+        copy: bool,
     ) -> Result<(), DeliveryError> {
         let store = &self.p.backends.store;
         let m = &self.p.metrics;
@@ -242,9 +241,13 @@ impl Delivery {
             tracing::info!(inbox_host = %host, "delivery dropped: the inbox's domain is suspended or not allowed");
             return Ok(());
         }
-        // A redelivered job (a worker died holding it), one from a fanout
-        // that ran twice, or the first copy of such a one may have succeeded.
-        if may_be_delivered && store.delivered(&job.activity_key, &job.inbox).await? {
+        // A redelivered job (a worker died holding it) or a marked copy from
+        // a fanout that ran twice: looked up before it waits for a slot.
+        let expired = cfg.job_expiry().and_then(|expiry| {
+            let age_ms = unix_ms().saturating_sub(job.first_attempt_unix_ms);
+            (job.first_attempt_unix_ms > 0 && age_ms > expiry.as_millis() as i64).then_some(age_ms)
+        });
+        if (copy || expired.is_some()) && store.delivered(&job.activity_key, &job.inbox).await? {
             self.slots.ended(host, job.first_attempt_unix_ms);
             count_outcome(m, DeliveryOutcome::Skipped);
             tracing::debug!("already delivered");
@@ -253,18 +256,15 @@ impl Delivery {
         // Past the success records' guard (`Config::job_expiry`): a copy of
         // it delivered long ago may have lost its record to the pruner. Not
         // sent: a dead letter, which a replay sends as a new job.
-        if let Some(expiry) = cfg.job_expiry() {
-            let age_ms = unix_ms().saturating_sub(job.first_attempt_unix_ms);
-            if job.first_attempt_unix_ms > 0 && age_ms > expiry.as_millis() as i64 {
-                let reason = format!(
-                    "expired: first queued {}s ago, past three quarters of \
-                     STAMPEDE_DELIVERY_RECORD_RETENTION (a success record may be pruned)",
-                    age_ms / 1000
-                );
-                self.dead(job, host, reason, None, job.attempt).await?;
-                count_outcome(m, DeliveryOutcome::Failed);
-                return Ok(());
-            }
+        if let Some(age_ms) = expired {
+            let reason = format!(
+                "expired: first queued {}s ago, past three quarters of \
+                 STAMPEDE_DELIVERY_RECORD_RETENTION (a success record may be pruned)",
+                age_ms / 1000
+            );
+            self.dead(job, host, reason, None, job.attempt).await?;
+            count_outcome(m, DeliveryOutcome::Failed);
+            return Ok(());
         }
         let b = &self.p.backends;
         let prepared = self.prepared(&job.activity_key).await;
@@ -312,6 +312,19 @@ impl Delivery {
         };
         if slot.waited {
             m.slot_wait_seconds.observe(asked.elapsed().as_secs_f64());
+        }
+        // Checked with the job's lease held (it is named after the job; a
+        // probe holds none, nothing else goes to its host): no other copy is
+        // in flight now, and one that was recorded its success before it let
+        // go. Checked only before the lease, a copy that then waited for a
+        // slot while another copy was sent would send it again (seen under
+        // a broker node's death: one post twice to one inbox).
+        if store.delivered(&job.activity_key, &job.inbox).await? {
+            drop(slot);
+            self.slots.ended(host, job.first_attempt_unix_ms);
+            count_outcome(m, DeliveryOutcome::Skipped);
+            tracing::debug!("already delivered");
+            return Ok(());
         }
         let mut class = "normal";
         if health.limit(cfg, unix_ms()) < cfg.host_concurrency {

@@ -553,6 +553,16 @@ impl Ingest {
         let inserted = published.inserted;
         if inserted.created {
             self.metrics.published.inc();
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() >= crate::RECENT_PUBLISHES {
+                recent.pop_front();
+            }
+            recent.push_back(crate::RecentPublish {
+                activity_id: inserted.ap_id.clone(),
+                actor: actor.name.clone(),
+                kind: published.kind.to_string(),
+                published_unix_ms: stampede_backends::clock::now_ms(),
+            });
         }
         tracing::info!(
             activity_id = %inserted.ap_id,

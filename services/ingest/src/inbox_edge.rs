@@ -379,6 +379,7 @@ async fn receive(
     };
     match s.backends.queue.publish(QueueName::Inbound, msg).await {
         Ok(()) => {
+            s.metrics.inbound_edge("accepted");
             tracing::debug!(activity_id = ?info.id, actor = %info.actor, "inbound queued");
             StatusCode::ACCEPTED.into_response()
         }

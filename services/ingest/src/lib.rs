@@ -7,6 +7,7 @@
 
 mod api;
 mod api_inbound;
+mod console;
 mod documents;
 mod error;
 mod inbox_edge;
@@ -44,7 +45,22 @@ pub struct IngestParts {
     verifier: stampede_federation::verify::Verifier,
     policy: Arc<stampede_runtime::policy::DomainPolicies>,
     actors: Arc<local_actors::LocalActors>,
+    /// The last activities published through this process, newest last,
+    /// for the console's Activities page.
+    recent: std::sync::Mutex<std::collections::VecDeque<RecentPublish>>,
 }
+
+/// One activity `Publish` accepted, as the console lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct RecentPublish {
+    pub activity_id: String,
+    pub actor: String,
+    pub kind: String,
+    pub published_unix_ms: i64,
+}
+
+/// How many publishes the console lists.
+pub(crate) const RECENT_PUBLISHES: usize = 20;
 
 impl Ingest {
     /// The gRPC services ingest serves.
@@ -75,6 +91,7 @@ impl Ingest {
             metrics: p.metrics.clone(),
             verifier: stampede_federation::verify::Verifier::new(p.clone()),
             policy: p.policy.clone(),
+            recent: Default::default(),
         }))
     }
 
@@ -128,6 +145,18 @@ impl Ingest {
     }
 }
 
+impl Ingest {
+    /// Serves the admin console (README, "Admin console") on `listener`
+    /// until shutdown.
+    pub fn spawn_console(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(), IngestError>> {
+        tokio::spawn(console::serve(self.clone(), listener, shutdown))
+    }
+}
+
 /// Runs ingest as its own process: HTTP, gRPC (the API, health, reflection)
 /// and metrics, until the process's shutdown token is cancelled.
 pub async fn serve(
@@ -141,9 +170,15 @@ pub async fn serve(
     let http = l
         .http
         .map(|listener| ingest.spawn_http(listener, p.shutdown.clone()));
+    let console = l
+        .admin
+        .map(|listener| ingest.spawn_console(listener, p.shutdown.clone()));
     tracing::info!(service = "ingest", "started");
     stampede_runtime::process::serve_grpc(routes, l.grpc, p.shutdown.clone()).await?;
     if let Some(h) = http {
+        let _ = h.await;
+    }
+    if let Some(h) = console {
         let _ = h.await;
     }
     let _ = metrics.await;

@@ -24,6 +24,11 @@ pub const DEFAULT_RETRY_SCHEDULE_SECS: &[u64] = &[
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
     /// The secret value; only for comparing or sending, never for logging.
     pub fn expose(&self) -> &str {
         &self.0
@@ -47,6 +52,14 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// `STAMPEDE_METRICS_ADDR`: `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: SocketAddr,
+    /// `STAMPEDE_ADMIN_ADDR` (added, default `127.0.0.1:8081`, `off` for
+    /// none): ingest's admin console, on a listener of its own so that it
+    /// is never exposed with the public one.
+    pub admin_addr: Option<SocketAddr>,
+    /// Whether `STAMPEDE_ADMIN_ADDR` was given: a console asked for must
+    /// start; the default's port being taken (a second stampede on one
+    /// machine) only turns the console off, with a warning.
+    pub admin_addr_given: bool,
     /// `STAMPEDE_AMQP_URL`: RabbitMQ, one URL or the nodes of a cluster
     /// comma-separated (a process connects to the first that answers and
     /// moves on to the next when its node goes); unset means the embedded
@@ -311,11 +324,24 @@ impl Config {
         let secs = |var: &'static str, default: u64, min: u64, max: u64| -> Result<Duration> {
             number(var, default, min, max).map(Duration::from_secs)
         };
+        let admin_addr = match get("STAMPEDE_ADMIN_ADDR").as_deref().map(str::trim) {
+            Some("off") => None,
+            _ => Some(addr("STAMPEDE_ADMIN_ADDR", "127.0.0.1:8081")?),
+        };
+        if admin_addr.is_some() && admin_addr == Some(addr("STAMPEDE_HTTP_ADDR", "127.0.0.1:8080")?)
+        {
+            return Err(cfg(
+                "STAMPEDE_ADMIN_ADDR",
+                "must differ from STAMPEDE_HTTP_ADDR: the console is never served on the public listener",
+            ));
+        }
         Config {
             public_url,
             http_addr: addr("STAMPEDE_HTTP_ADDR", "127.0.0.1:8080")?,
             grpc_addr: addr("STAMPEDE_GRPC_ADDR", "127.0.0.1:50051")?,
             metrics_addr: addr("STAMPEDE_METRICS_ADDR", "127.0.0.1:9464")?,
+            admin_addr,
+            admin_addr_given: get("STAMPEDE_ADMIN_ADDR").is_some(),
             amqp_url: url("STAMPEDE_AMQP_URL", &["amqp", "amqps"])?,
             redis_url: url(
                 "STAMPEDE_REDIS_URL",
@@ -726,12 +752,33 @@ mod tests {
         let c = with(&[]).unwrap();
         assert_eq!(c.base(), "http://127.0.0.1:8080");
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(
+            c.admin_addr.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:8081")
+        );
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
         assert!(c.amqp_url.is_none() && c.redis_url.is_none() && c.database_url.is_none());
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert!(!c.allow_private_networks);
         assert_eq!(c.actor_id("a"), "http://127.0.0.1:8080/users/a");
+    }
+
+    #[test]
+    fn the_admin_console_address_is_an_address_or_off() {
+        let c = with(&[("STAMPEDE_ADMIN_ADDR", "off")]).unwrap();
+        assert!(c.admin_addr.is_none() && c.admin_addr_given);
+        let c = with(&[("STAMPEDE_ADMIN_ADDR", "0.0.0.0:9000")]).unwrap();
+        assert_eq!(c.admin_addr.map(|a| a.port()), Some(9000));
+        assert!(!with(&[]).unwrap().admin_addr_given);
+        let e = with(&[("STAMPEDE_ADMIN_ADDR", "nowhere")]).unwrap_err();
+        assert!(e.to_string().contains("STAMPEDE_ADMIN_ADDR"), "{e}");
+        let e = with(&[
+            ("STAMPEDE_ADMIN_ADDR", "0.0.0.0:8080"),
+            ("STAMPEDE_HTTP_ADDR", "0.0.0.0:8080"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("public listener"), "{e}");
     }
 
     #[test]

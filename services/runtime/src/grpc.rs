@@ -74,32 +74,50 @@ impl Auth {
     pub fn new(token: Option<Secret>) -> Self {
         Self { token }
     }
+
+    /// Whether a token is required (`STAMPEDE_API_TOKEN` set); without
+    /// one only loopback peers are answered.
+    pub fn requires_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Whether `given` is the token, compared in constant time; false when
+    /// none is set.
+    pub fn token_matches(&self, given: &str) -> bool {
+        self.token
+            .as_ref()
+            .is_some_and(|t| constant_time_eq(given.as_bytes(), t.expose().as_bytes()))
+    }
+
+    /// Whether a caller at `peer` is answered without a token.
+    pub fn is_loopback(peer: Option<SocketAddr>) -> bool {
+        match peer {
+            Some(a) => a.ip().is_loopback(),
+            None => true,
+        }
+    }
 }
 
 impl Interceptor for Auth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         match &self.token {
-            Some(token) => {
+            Some(_) => {
                 let given = req
                     .metadata()
                     .get("authorization")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .unwrap_or("");
-                if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
+                if self.token_matches(given) {
                     Ok(req)
                 } else {
                     Err(Status::unauthenticated("missing or wrong bearer token"))
                 }
             }
-            None => match req.remote_addr() {
-                Some(SocketAddr::V4(a)) if a.ip().is_loopback() => Ok(req),
-                Some(SocketAddr::V6(a)) if a.ip().is_loopback() => Ok(req),
-                None => Ok(req),
-                Some(_) => Err(Status::permission_denied(
-                    "the API answers loopback only; set STAMPEDE_API_TOKEN to open it",
-                )),
-            },
+            None if Self::is_loopback(req.remote_addr()) => Ok(req),
+            None => Err(Status::permission_denied(
+                "the API answers loopback only; set STAMPEDE_API_TOKEN to open it",
+            )),
         }
     }
 }

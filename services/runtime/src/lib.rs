@@ -13,6 +13,7 @@ pub mod http_client;
 pub mod metrics;
 pub mod policy;
 pub mod process;
+pub mod rates;
 pub mod role;
 pub mod shutdown;
 pub mod signer;

@@ -62,6 +62,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub metrics: TcpListener,
+    /// ingest's admin console (`STAMPEDE_ADMIN_ADDR`); `None`: no console.
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -75,6 +77,17 @@ impl Listeners {
             },
             grpc: bind("STAMPEDE_GRPC_ADDR", cfg.grpc_addr).await?,
             metrics: bind("STAMPEDE_METRICS_ADDR", cfg.metrics_addr).await?,
+            admin: match cfg.admin_addr {
+                Some(addr) if with_http => match bind("STAMPEDE_ADMIN_ADDR", addr).await {
+                    Ok(l) => Some(l),
+                    Err(e) if !cfg.admin_addr_given => {
+                        tracing::warn!(error = %e, "admin console off: its default address is taken");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                },
+                _ => None,
+            },
         })
     }
 }
@@ -161,6 +174,11 @@ impl Process {
         tokio::spawn(self.metrics.clone().sample(
             self.backends.clone(),
             std::time::Duration::from_secs(10),
+            self.shutdown.clone(),
+        ));
+        tokio::spawn(crate::rates::publish(
+            self.metrics.clone(),
+            self.backends.clone(),
             self.shutdown.clone(),
         ));
         tokio::spawn(crate::metrics::serve(

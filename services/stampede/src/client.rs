@@ -1,5 +1,8 @@
 //! The gRPC client of the CLI: one channel to ingest, the API token sent as a
-//! bearer token when `STAMPEDE_API_TOKEN` is set.
+//! bearer token when `STAMPEDE_API_TOKEN` is set. Every error it returns is
+//! one line naming the server's address where the server is the matter.
+use std::time::Duration;
+
 use anyhow::Context;
 use stampede_proto::api::{
     actor_service_client::ActorServiceClient, admin_service_client::AdminServiceClient,
@@ -28,8 +31,14 @@ impl tonic::service::Interceptor for Token {
 
 type Svc = InterceptedService<Channel, Token>;
 
+/// How long connecting to the server may take before the CLI says it cannot
+/// reach it (an address that drops packets would otherwise hang).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A connection to stampede's front door.
 pub struct Client {
+    /// The server's URL, for messages.
+    url: String,
     actors: ActorServiceClient<Svc>,
     publish: PublishServiceClient<Svc>,
     admin: AdminServiceClient<Svc>,
@@ -54,13 +63,6 @@ impl Client {
     /// Connects to `server`.
     pub async fn connect(server: &str) -> anyhow::Result<Self> {
         let url = endpoint_url(server);
-        let channel = Endpoint::from_shared(url.clone())
-            .with_context(|| format!("bad server address {server}"))?
-            .connect()
-            .await
-            .with_context(|| {
-                format!("cannot reach stampede at {url} (set --server or STAMPEDE_GRPC_ADDR)")
-            })?;
         let token = match std::env::var("STAMPEDE_API_TOKEN") {
             Ok(t) if !t.is_empty() => Some(
                 format!("Bearer {t}")
@@ -69,13 +71,34 @@ impl Client {
             ),
             _ => None,
         };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| anyhow::anyhow!("server address {server}: not an address ({e}; set --server or STAMPEDE_GRPC_ADDR)"))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint.connect().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach stampede at {url}: {} (set --server or STAMPEDE_GRPC_ADDR)",
+                transport_reason(&e)
+            )
+        })?;
         let t = Token(token);
         Ok(Self {
+            url,
             actors: ActorServiceClient::with_interceptor(channel.clone(), t.clone()),
             publish: PublishServiceClient::with_interceptor(channel.clone(), t.clone()),
             admin: AdminServiceClient::with_interceptor(channel.clone(), t.clone()),
             inbound: InboundServiceClient::with_interceptor(channel, t),
         })
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// One line for a failed call: what the server said, or that it could
+    /// not be reached, naming its address.
+    fn err(&self) -> impl Fn(Status) -> anyhow::Error + '_ {
+        move |s| call_error(&self.url, &s)
     }
 
     /// Creates a local actor.
@@ -95,7 +118,7 @@ impl Client {
                 manually_approves_followers: manual,
             })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner())
     }
 
@@ -106,7 +129,7 @@ impl Client {
             .clone()
             .get_actor(GetActorRequest { name })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner())
     }
 
@@ -126,7 +149,7 @@ impl Client {
                 idempotency_key,
             })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner())
     }
 
@@ -137,58 +160,78 @@ impl Client {
             .clone()
             .status(StatusRequest {})
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner())
     }
 
     /// Streams verified inbound activities to `each`, until the stream
-    /// ends. Acknowledged in batches once `each` returned: every
+    /// ends or fails; returns why: [`TailError::Lost`] when the connection
+    /// was lost or the server ended the stream (the caller reconnects),
+    /// another variant when `each` failed or the server refused the call.
+    /// Acknowledged in batches once `each` returned: every
     /// [`TAIL_ACK_BATCH`] activities, or [`TAIL_ACK_EVERY`] after the first
     /// one not acknowledged, with one `ack_through` (activities are handled
     /// in order). An activity handled but not yet acknowledged when the
-    /// process dies comes back to the next subscriber: at least once.
+    /// stream ends comes back to the next subscriber: at least once.
     pub async fn tail(
         &self,
-        mut each: impl FnMut(&InboundActivity) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
+        each: &mut impl FnMut(&InboundActivity) -> anyhow::Result<()>,
+    ) -> TailError {
         let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(64);
         tx.send(SubscribeRequest::default()).await.ok();
-        let mut stream = self
+        let mut stream = match self
             .inbound
             .clone()
             .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
-            .map_err(status)?
-            .into_inner();
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return self.tail_error(s),
+        };
         // The last id handled and how many are not acknowledged yet.
         let (mut handled, mut unacked) = (0u64, 0u32);
         let flush = tokio::time::sleep(TAIL_ACK_EVERY);
         tokio::pin!(flush);
         loop {
             tokio::select! {
-                m = stream.message() => {
-                    let Some(a) = m.map_err(status)? else { break };
-                    each(&a)?;
-                    handled = a.delivery_id;
-                    unacked += 1;
-                    if unacked == 1 {
-                        flush.as_mut().reset(tokio::time::Instant::now() + TAIL_ACK_EVERY);
+                m = stream.message() => match m {
+                    Ok(Some(a)) => {
+                        if let Err(e) = each(&a) {
+                            return TailError::Output(e);
+                        }
+                        handled = a.delivery_id;
+                        unacked += 1;
+                        if unacked == 1 {
+                            flush.as_mut().reset(tokio::time::Instant::now() + TAIL_ACK_EVERY);
+                        }
+                        if unacked < TAIL_ACK_BATCH {
+                            continue;
+                        }
                     }
-                    if unacked < TAIL_ACK_BATCH {
-                        continue;
-                    }
-                }
+                    Ok(None) => return TailError::Lost("the server ended the stream".into()),
+                    Err(s) => return self.tail_error(s),
+                },
                 _ = &mut flush, if unacked > 0 => {}
             }
             unacked = 0;
-            tx.send(SubscribeRequest {
+            let ack = SubscribeRequest {
                 ack_through: handled,
                 ..SubscribeRequest::default()
-            })
-            .await
-            .context("the stream closed")?;
+            };
+            if tx.send(ack).await.is_err() {
+                return TailError::Lost("the stream closed".into());
+            }
         }
-        Ok(())
+    }
+
+    fn tail_error(&self, s: Status) -> TailError {
+        // A server that answers but is not ready yet (restarting) is
+        // waited for as one that does not answer.
+        if lost(&s) || s.code() == tonic::Code::Unavailable {
+            TailError::Lost(reason(&s))
+        } else {
+            TailError::Refused(call_error(&self.url, &s))
+        }
     }
 
     /// Pauses (or resumes) deliveries to `host`.
@@ -196,9 +239,9 @@ impl Client {
         let mut a = self.admin.clone();
         let req = HostRequest { host };
         if paused {
-            a.pause_host(req).await.map_err(status)?;
+            a.pause_host(req).await.map_err(self.err())?;
         } else {
-            a.resume_host(req).await.map_err(status)?;
+            a.resume_host(req).await.map_err(self.err())?;
         }
         Ok(())
     }
@@ -214,7 +257,7 @@ impl Client {
             .clone()
             .list_hosts(stampede_proto::api::ListHostsRequest { sort, limit })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner()
             .hosts)
     }
@@ -233,7 +276,7 @@ impl Client {
                 per_host,
             })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner())
     }
 
@@ -251,7 +294,7 @@ impl Client {
                 limit,
             })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner()
             .hosts)
     }
@@ -272,7 +315,7 @@ impl Client {
                 reason,
             })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner())
     }
 
@@ -283,7 +326,7 @@ impl Client {
             .clone()
             .remove_domain_policy(stampede_proto::api::RemoveDomainPolicyRequest { domain })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner()
             .removed)
     }
@@ -297,7 +340,7 @@ impl Client {
             .clone()
             .list_domain_policies(stampede_proto::api::ListDomainPoliciesRequest {})
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner())
     }
 
@@ -308,7 +351,7 @@ impl Client {
             .clone()
             .replay_dead_letters(ReplayDeadLettersRequest { id, host, all })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner()
             .replayed)
     }
@@ -320,7 +363,7 @@ impl Client {
             .clone()
             .list_dead_letters(ListDeadLettersRequest { limit, host })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner()
             .dead_letters)
     }
@@ -333,12 +376,76 @@ impl Client {
             .clone()
             .purge_dead_letters(PurgeDeadLettersRequest { host, all })
             .await
-            .map_err(status)?
+            .map_err(self.err())?
             .into_inner()
             .purged)
     }
 }
 
-fn status(s: Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+/// Why `tail` stopped.
+#[derive(Debug)]
+pub enum TailError {
+    /// The connection to the server was lost (it stopped, restarted, or the
+    /// network failed): worth reconnecting.
+    Lost(String),
+    /// The server refused the call (a wrong token, say): not worth retrying.
+    Refused(anyhow::Error),
+    /// Writing an activity out failed (a closed pipe).
+    Output(anyhow::Error),
+}
+
+/// Whether `s` says the connection went away rather than the server
+/// answering: a transport failure comes as `Unknown` (an h2 protocol
+/// error: "error reading a body from connection"), `Unavailable` or
+/// `Cancelled`, with the transport's error as its source; an answer of the
+/// server has none.
+fn lost(s: &Status) -> bool {
+    use std::error::Error as _;
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    ) && s.source().is_some()
+}
+
+/// The deepest cause of a transport failure, in a few words
+/// ("Connection refused (os error 111)", "connection reset").
+fn reason(s: &Status) -> String {
+    use std::error::Error as _;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = s.source();
+    let mut last = None;
+    while let Some(c) = cause {
+        last = Some(c.to_string());
+        cause = c.source();
+    }
+    last.unwrap_or_else(|| s.message().to_string())
+}
+
+fn transport_reason(e: &tonic::transport::Error) -> String {
+    use std::error::Error as _;
+    let mut last = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        last = c.to_string();
+        cause = c.source();
+    }
+    last
+}
+
+/// One line for a failed call to the server at `url`.
+fn call_error(url: &str, s: &Status) -> anyhow::Error {
+    use tonic::Code;
+    let msg = s.message();
+    match s.code() {
+        Code::Unauthenticated => anyhow::anyhow!(
+            "stampede at {url} refused the API token: {msg} (set STAMPEDE_API_TOKEN to the server's)"
+        ),
+        Code::PermissionDenied => anyhow::anyhow!("stampede at {url} refused the call: {msg}"),
+        _ if lost(s) => anyhow::anyhow!("lost the connection to stampede at {url}: {}", reason(s)),
+        Code::Unavailable => anyhow::anyhow!("stampede at {url} is unavailable: {msg}"),
+        Code::InvalidArgument => anyhow::anyhow!("invalid: {msg}"),
+        Code::NotFound => anyhow::anyhow!("not found: {msg}"),
+        Code::AlreadyExists => anyhow::anyhow!("already exists: {msg}"),
+        Code::DeadlineExceeded => anyhow::anyhow!("stampede at {url} did not answer in time: {msg}"),
+        code => anyhow::anyhow!("stampede at {url}: {code:?}: {msg}"),
+    }
 }

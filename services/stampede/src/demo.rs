@@ -56,9 +56,14 @@ pub struct DemoArgs {
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
-    /// Keep the demo's data directory (printed at the start).
+    /// Keep the admin console open after the summary, until Ctrl-C, and
+    /// the demo's data directory (printed at the start) after it.
     #[arg(long)]
     keep: bool,
+    /// Without --keep, on a terminal: how long the console stays up after
+    /// the summary.
+    #[arg(long, default_value_t = 60)]
+    console_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -164,6 +169,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         crate::up::run,
     )
     .await?;
+    println!(
+        "console:  {} (the admin console: watch the run there)",
+        d.console
+    );
     let result = drive(
         &args,
         &d.process,
@@ -173,6 +182,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         (n_dead, n_slow, n_failing),
     )
     .await;
+    keep_console(&args, &d.console).await;
     let (ended, scratch) = d.stop(None).await;
     if let Err(e) = ended {
         eprintln!("{e:#}");
@@ -183,6 +193,34 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let _ = scratch.remove().await;
     }
     result
+}
+
+/// Keeps the console up after the summary: until Ctrl-C with `--keep`,
+/// else for `--console-secs` when a person is watching (a terminal).
+async fn keep_console(args: &DemoArgs, console: &str) {
+    let wait = if args.keep {
+        println!("console:  {console} stays open; Ctrl-C to stop");
+        None
+    } else if std::io::stdout().is_terminal() && args.console_secs > 0 {
+        println!(
+            "console:  {console} stays up for {} s (--keep to keep it open; Ctrl-C to stop now)",
+            args.console_secs
+        );
+        Some(Duration::from_secs(args.console_secs))
+    } else {
+        return;
+    };
+    match wait {
+        None => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        Some(d) => {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+    }
 }
 
 async fn drive(

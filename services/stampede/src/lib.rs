@@ -6,6 +6,7 @@
 mod bench;
 mod client;
 mod demo;
+mod json;
 mod loadgen;
 pub mod scratch;
 mod sink;
@@ -71,9 +72,21 @@ enum Command {
         idempotency_key: String,
     },
     /// Queue depths, delivery counts, failing hosts and what parked deliveries wait for.
-    Status,
+    Status {
+        /// One JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Prints verified inbound activities as they come, one JSON object a line.
-    Tail,
+    ///
+    /// When the connection to the server is lost, says so on standard error
+    /// and reconnects with backoff; activities not yet acknowledged come
+    /// again (at least once).
+    Tail {
+        /// How long to keep trying to reconnect before giving up (exit 1).
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        reconnect_for: u64,
+    },
     /// Dead letters.
     Dlq {
         #[command(subcommand)]
@@ -138,6 +151,9 @@ enum ActorCommand {
     Get {
         /// The name.
         name: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -231,6 +247,9 @@ enum DlqCommand {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// One JSON array.
+        #[arg(long)]
+        json: bool,
     },
     /// Queues dead letters for delivery again.
     Replay {
@@ -257,7 +276,10 @@ enum DlqCommand {
 
 /// Entry point of the `stampede` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     // Every remote host delivered to keeps a pooled connection, and every
     // remote server posting keeps one open at the edge: raise the soft
     // open-file limit to the hard one (often 1,024 against 500,000 or more),
@@ -339,8 +361,12 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
                     println!("  shared inbox {}", a.shared_inbox);
                     println!("  key          {}", a.key_id);
                 }
-                ActorCommand::Get { name } => {
+                ActorCommand::Get { name, json } => {
                     let a = c.get_actor(name).await?;
+                    if json {
+                        println!("{}", json::actor(&a));
+                        return Ok(());
+                    }
                     println!("{}", a.id);
                     println!("  followers    {}", a.followers_count);
                     println!("  inbox        {}", a.inbox);
@@ -378,11 +404,10 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Tail => {
-            let c = client::Client::connect(server).await?;
+        Command::Tail { reconnect_for } => {
             use std::io::Write;
             let stdout = std::io::stdout();
-            c.tail(|a| {
+            let print = |a: &stampede_proto::api::InboundActivity| {
                 let activity: serde_json::Value = serde_json::from_str(&a.activity_json)
                     .unwrap_or_else(|_| serde_json::Value::String(a.activity_json.clone()));
                 let line = serde_json::json!({
@@ -395,12 +420,16 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
                 writeln!(out, "{line}")?;
                 out.flush()?;
                 Ok(())
-            })
-            .await
+            };
+            tail(server, reconnect_for, print).await
         }
-        Command::Status => {
+        Command::Status { json } => {
             let c = client::Client::connect(server).await?;
             let s = c.status().await?;
+            if json {
+                println!("{}", json::status(&s));
+                return Ok(());
+            }
             println!(
                 "{:<40} {:>10} {:>10} {:>12} {:>9}",
                 "QUEUE", "MESSAGES", "CONSUMERS", "CLASS", "HEAD AGE"
@@ -483,8 +512,12 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
                     let n = c.purge(host.unwrap_or_default(), all).await?;
                     println!("purged {n} dead letters");
                 }
-                DlqCommand::List { host, limit } => {
+                DlqCommand::List { host, limit, json } => {
                     let rows = c.dead_letters(host.unwrap_or_default(), limit).await?;
+                    if json {
+                        println!("{}", json::dead_letters(&rows));
+                        return Ok(());
+                    }
                     println!(
                         "{:<8} {:<28} {:>6} {:>8}  {:<40} REASON",
                         "ID", "HOST", "STATUS", "ATTEMPTS", "ACTIVITY"
@@ -668,6 +701,82 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
         Command::Sink(args) => sink::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+/// A bad command line as one line (clap's error up to its first blank
+/// line, and the usage), exit status 2; help and version as clap prints
+/// them.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let text = e.render().to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let usage = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Usage: "))
+        .map(|u| format!(" (usage: {u})"))
+        .unwrap_or_default();
+    eprintln!("{}{usage}", message.join(" "));
+    ExitCode::from(2)
+}
+
+/// `stampede tail`: prints each activity with `print`; when the connection
+/// is lost, says so on standard error and reconnects with backoff (250 ms
+/// doubling to 5 s) for up to `reconnect_for` seconds, then gives up naming
+/// the address.
+async fn tail(
+    server: &str,
+    reconnect_for: u64,
+    mut print: impl FnMut(&stampede_proto::api::InboundActivity) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use client::TailError;
+    use std::time::{Duration, Instant};
+    let limit = Duration::from_secs(reconnect_for);
+    let mut c = client::Client::connect(server).await?;
+    loop {
+        let why = match c.tail(&mut print).await {
+            TailError::Refused(e) | TailError::Output(e) => return Err(e),
+            TailError::Lost(why) => why,
+        };
+        let url = c.url().to_string();
+        eprintln!(
+            "tail: lost stampede at {url}: {why}; reconnecting for up to {reconnect_for} s \
+             (activities not yet acknowledged come again)"
+        );
+        let since = Instant::now();
+        let mut delay = Duration::from_millis(250);
+        c = loop {
+            let left = limit.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                anyhow::bail!(
+                    "lost stampede at {url} ({why}) and could not reconnect within {reconnect_for} s"
+                );
+            }
+            tokio::time::sleep(delay.min(left)).await;
+            match client::Client::connect(server).await {
+                Ok(c) => {
+                    eprintln!("tail: reconnected to {url}");
+                    break c;
+                }
+                Err(e) => {
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    eprintln!("tail: {e:#}; trying again in {:.1} s", delay.as_secs_f64());
+                }
+            }
+        };
     }
 }
 

@@ -262,6 +262,8 @@ pub struct Deployment {
     pub base: String,
     /// `http://127.0.0.1:{port}`: the gRPC listener.
     pub grpc: String,
+    /// `http://127.0.0.1:{port}/`: the admin console (8081 when free).
+    pub console: String,
     /// The backends they run on.
     pub scratch: Scratch,
     task: JoinHandle<anyhow::Result<()>>,
@@ -290,6 +292,13 @@ impl Deployment {
             let http = TcpListener::bind("127.0.0.1:0").await?;
             let grpc = TcpListener::bind("127.0.0.1:0").await?;
             let metrics = TcpListener::bind("127.0.0.1:0").await?;
+            // The console where a person expects it, else anywhere free.
+            let admin = match TcpListener::bind("127.0.0.1:8081").await {
+                Ok(l) => l,
+                Err(_) => TcpListener::bind("127.0.0.1:0").await?,
+            };
+            let console = format!("http://{}/", admin.local_addr()?);
+            let admin = Some(admin);
             let base = format!("http://{}", http.local_addr()?);
             let grpc_url = format!("http://{}", grpc.local_addr()?);
             for (k, v) in [
@@ -307,11 +316,12 @@ impl Deployment {
                 http: Some(http),
                 grpc,
                 metrics,
+                admin,
             };
-            anyhow::Ok((process, listeners, base, grpc_url))
+            anyhow::Ok((process, listeners, base, grpc_url, console))
         }
         .await;
-        let (process, listeners, base, grpc) = match connected {
+        let (process, listeners, base, grpc, console) = match connected {
             Ok(c) => c,
             Err(e) => {
                 let _ = scratch.remove().await;
@@ -323,6 +333,7 @@ impl Deployment {
             process,
             base,
             grpc,
+            console,
             scratch,
             task,
         })

@@ -16,21 +16,31 @@ pub async fn run(p: Process, l: Listeners) -> anyhow::Result<()> {
     let mut routes = p.grpc_routes(&names)?;
     let ingest = Ingest::from_process(&p);
     // The gRPC API and the HTTP edge are ingest's.
-    let http = if on(ServiceKind::Ingest) {
+    let console_addr = l
+        .admin
+        .as_ref()
+        .filter(|_| on(ServiceKind::Ingest))
+        .and_then(|a| a.local_addr().ok());
+    let (http, console) = if on(ServiceKind::Ingest) {
         ingest.add_grpc(&mut routes, p.auth());
-        l.http
-            .map(|listener| ingest.spawn_http(listener, p.shutdown.clone()))
+        (
+            l.http
+                .map(|listener| ingest.spawn_http(listener, p.shutdown.clone())),
+            l.admin
+                .map(|listener| ingest.spawn_console(listener, p.shutdown.clone())),
+        )
     } else {
-        None
+        (None, None)
     };
     let fanout = on(ServiceKind::Fanout).then(|| tokio::spawn(Fanout::new(p.clone()).run()));
     let delivery = on(ServiceKind::Delivery).then(|| tokio::spawn(Delivery::new(p.clone()).run()));
     let inbox = on(ServiceKind::Inbox).then(|| tokio::spawn(Inbox::new(p.clone()).run()));
     println!(
-        "stampede is up: http {}  grpc {}  metrics {}\n  backends: {}\n  services: {}",
+        "stampede is up: http {}  grpc {}  metrics {}  console {}\n  backends: {}\n  services: {}",
         p.cfg.http_addr,
         p.cfg.grpc_addr,
         p.cfg.metrics_addr,
+        console_addr.map_or("off".to_string(), |a| format!("http://{a}/")),
         p.backends.summary,
         p.cfg
             .up_services
@@ -42,6 +52,9 @@ pub async fn run(p: Process, l: Listeners) -> anyhow::Result<()> {
     let grpc = serve_grpc(routes, l.grpc, p.shutdown.clone()).await;
     p.shutdown.cancel();
     if let Some(h) = http {
+        let _ = h.await;
+    }
+    if let Some(h) = console {
         let _ = h.await;
     }
     if let Some(f) = fanout {

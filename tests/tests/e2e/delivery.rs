@@ -417,3 +417,113 @@ async fn a_job_that_may_be_delivered_is_checked_and_not_resent(backend: Backend)
 }
 
 crate::both_backends!(a_job_that_may_be_delivered_is_checked_and_not_resent);
+
+/// Copies of one job (a fanout that ran again, a broker node's death)
+/// waiting for the slot of a busy host while one of them is sent: the
+/// others find its success record once they hold the job's lease, and are
+/// not sent again. Checked only before the wait, they were (one post twice
+/// to one inbox under a node kill).
+async fn copies_of_a_job_waiting_for_a_slot_are_sent_once(backend: Backend) {
+    use prost::Message;
+    use stampede_backends::queue::{OutMessage, QueueName};
+    const COPIES: usize = 8;
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![("STAMPEDE_HOST_CONCURRENCY", "1".into())],
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let sink = Sink::start(SinkOptions {
+        servers: 1,
+        shared_inbox: Arc::new(|_| false),
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    // alice's post holds the host's one slot for 800 ms while bob's job and
+    // its copies queue behind it.
+    sink.set_behavior(0, Behavior::Slow(Duration::from_millis(800)))
+        .unwrap();
+    let (alice, bob) = (
+        app.create_actor("alice").await,
+        app.create_actor("bob").await,
+    );
+    let (g, f) = (sink.actor(0, "g").unwrap(), sink.actor(0, "f").unwrap());
+    app.seed_followers(alice, std::slice::from_ref(&g)).await;
+    app.seed_followers(bob, std::slice::from_ref(&f)).await;
+    let base = &app.http_base;
+    app.publish(
+        "alice",
+        &public_note(&format!("{base}/users/alice"), "first"),
+        "",
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "alice's post in flight",
+        Duration::from_secs(15),
+        || async { sink.max_in_flight(0) >= 1 },
+    )
+    .await;
+    let id = app
+        .publish(
+            "bob",
+            &public_note(&format!("{base}/users/bob"), "once"),
+            "",
+        )
+        .await
+        .unwrap()
+        .activity_id;
+    let key = app
+        .store
+        .activity_delivery(&id)
+        .await
+        .unwrap()
+        .expect("bob's post stored")
+        .key;
+    let job = stampede_proto::queue::DeliveryJob {
+        activity_key: key,
+        inbox: f.inbox.clone(),
+        ..Default::default()
+    };
+    for _ in 0..COPIES {
+        app.queue
+            .publish(
+                QueueName::Delivery,
+                OutMessage {
+                    kind: stampede_proto::kinds::DELIVERY_JOB,
+                    payload: job.encode_to_vec(),
+                    route: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    // Quick answers from here on: each copy holds the slot for moments,
+    // between the looks of the others waiting for it.
+    sink.set_behavior(0, Behavior::Slow(Duration::from_millis(20)))
+        .unwrap();
+    let copies_of = || {
+        sink.received(0)
+            .iter()
+            .filter(|r| r.activity_id.as_deref() == Some(id.as_str()))
+            .count()
+    };
+    wait_for("every copy settled", Duration::from_secs(60), || async {
+        let skipped = app
+            .metric(
+                "delivery",
+                "stampede_deliveries_total",
+                "outcome=\"skipped\"",
+            )
+            .await as usize;
+        copies_of() >= 1 && copies_of() - 1 + skipped >= COPIES
+    })
+    .await;
+    assert_eq!(copies_of(), 1, "bob's post sent more than once");
+    app.stop().await;
+}
+
+crate::both_backends!(copies_of_a_job_waiting_for_a_slot_are_sent_once);

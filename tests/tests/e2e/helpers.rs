@@ -128,6 +128,8 @@ pub struct TestApp {
     pub namespace: String,
     pub http_base: String,
     pub grpc: Channel,
+    /// ingest's gRPC address (`host:port`), as the CLI's `--server` takes it.
+    pub grpc_addr: std::net::SocketAddr,
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
     /// The configuration the services run with, as environment variables.
@@ -140,6 +142,8 @@ pub struct TestApp {
     /// The services run as child processes ([`AppOptions::processes`]).
     children: Vec<ChildService>,
     metrics: HashMap<&'static str, std::net::SocketAddr>,
+    /// The admin console's base URL, when ingest runs in the test process.
+    pub console: Option<String>,
 }
 
 /// A service run as a child process, its standard error in a file. Dropped,
@@ -187,6 +191,7 @@ fn child_service(
     cmd.args(["serve", name])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        .env("STAMPEDE_ADMIN_ADDR", "off")
         .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
         .env("STAMPEDE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
         .env("STAMPEDE_METRICS_ADDR", format!("127.0.0.1:{metrics}"))
@@ -222,29 +227,47 @@ async fn listener() -> TcpListener {
 
 /// Starts ingest, inbox, fanout and delivery on `backend`.
 pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
-    if backend == Backend::Embedded {
-        let scratch = Scratch::create(Purpose::Test, BackendSet::Embedded)
-            .await
-            .unwrap();
-        return spawn_all_in_one(scratch, opts).await;
-    }
-    let scratch = Scratch::create(
-        Purpose::Test,
-        BackendSet::External(ExternalUrls {
+    let scratch = scratch(backend, &opts).await;
+    spawn_app_on(scratch, None, opts).await
+}
+
+/// A test's own backends on `backend` (the servers `opts` names), empty:
+/// for a test that fills them before [`spawn_app_on`].
+pub async fn scratch(backend: Backend, opts: &AppOptions) -> Scratch {
+    let set = match backend {
+        Backend::Embedded => BackendSet::Embedded,
+        Backend::External => BackendSet::External(ExternalUrls {
             amqp: opts.amqp_url.clone().unwrap_or_else(amqp_url),
             redis: opts.redis_url.clone().unwrap_or_else(redis_url),
             admin_database: opts.admin_database_url.clone().unwrap_or_else(admin_db_url),
         }),
-    )
-    .await
-    .expect("PostgreSQL must run (scripts/test starts it)");
+    };
+    Scratch::create(Purpose::Test, set)
+        .await
+        .expect("PostgreSQL must run (scripts/test starts it)")
+}
+
+/// Starts ingest, inbox, fanout and delivery on `scratch` (made by
+/// [`scratch`]), ingest's HTTP on `http` when given (a test that had to
+/// know the public URL before).
+pub async fn spawn_app_on(
+    scratch: Scratch,
+    http: Option<TcpListener>,
+    opts: AppOptions,
+) -> TestApp {
+    if scratch.data_dir().is_some() {
+        return spawn_all_in_one(scratch, http, opts).await;
+    }
     let namespace = scratch.namespace().to_string();
     let db_url = scratch.database_url().unwrap().to_string();
     let ingest_child = opts.processes.contains(&"ingest");
     let (mut ingest_http, http_base) = if ingest_child {
         (None, format!("http://127.0.0.1:{}", free_port()))
     } else {
-        let l = listener().await;
+        let l = match http {
+            Some(l) => l,
+            None => listener().await,
+        };
         let base = format!("http://{}", l.local_addr().unwrap());
         (Some(l), base)
     };
@@ -253,6 +276,7 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
     let mut services = Vec::new();
     let mut children = Vec::new();
     let mut ingest_grpc_addr = None;
+    let mut console = None;
     let mut metrics = HashMap::new();
     for name in ["ingest", "inbox", "fanout", "delivery"] {
         if opts.skip.contains(&name) {
@@ -302,6 +326,7 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
             http: None,
             grpc,
             metrics: listener().await,
+            admin: None,
         };
         metrics.insert(name, l.metrics.local_addr().unwrap());
         let role = Role::Service(stampede_runtime::ServiceKind::from_name(name).unwrap());
@@ -311,8 +336,11 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
         let h: JoinHandle<Result<(), String>> =
             match name {
                 "ingest" => {
+                    let admin = listener().await;
+                    console = Some(format!("http://{}", admin.local_addr().unwrap()));
                     let l = Listeners {
                         http: ingest_http.take(),
+                        admin: Some(admin),
                         ..l
                     };
                     tokio::spawn(async move {
@@ -371,6 +399,7 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
         namespace,
         http_base,
         grpc,
+        grpc_addr: ingest_grpc_addr.unwrap(),
         store: Arc::new(store),
         queue: Arc::new(queue),
         scratch,
@@ -379,6 +408,7 @@ pub async fn spawn_app(backend: Backend, opts: AppOptions) -> TestApp {
         services,
         children,
         metrics,
+        console,
     }
 }
 
@@ -407,15 +437,25 @@ fn config(
 }
 
 /// `stampede up` on the embedded backends, in the scratch's data directory.
-async fn spawn_all_in_one(scratch: Scratch, opts: AppOptions) -> TestApp {
-    let http = listener().await;
+async fn spawn_all_in_one(
+    scratch: Scratch,
+    http: Option<TcpListener>,
+    opts: AppOptions,
+) -> TestApp {
+    let http = match http {
+        Some(l) => l,
+        None => listener().await,
+    };
     let http_base = format!("http://{}", http.local_addr().unwrap());
     let (vars, cfg) = config(&scratch, &http_base, &opts);
     let shutdown = CancellationToken::new();
+    let admin = listener().await;
+    let console = Some(format!("http://{}", admin.local_addr().unwrap()));
     let l = Listeners {
         http: Some(http),
         grpc: listener().await,
         metrics: listener().await,
+        admin: Some(admin),
     };
     let grpc_addr = l.grpc.local_addr().unwrap();
     let metrics_addr = l.metrics.local_addr().unwrap();
@@ -434,6 +474,7 @@ async fn spawn_all_in_one(scratch: Scratch, opts: AppOptions) -> TestApp {
         namespace: scratch.namespace().to_string(),
         http_base,
         grpc,
+        grpc_addr,
         store,
         queue,
         scratch,
@@ -445,6 +486,7 @@ async fn spawn_all_in_one(scratch: Scratch, opts: AppOptions) -> TestApp {
             .into_iter()
             .map(|n| (n, metrics_addr))
             .collect(),
+        console,
     }
 }
 

@@ -6,7 +6,9 @@
 
 mod activity_status;
 mod bench;
+mod cli;
 mod cluster;
+mod console;
 mod crash;
 mod delivery;
 mod disk_full;
@@ -26,3 +28,5 @@ mod replicas;
 mod replicated;
 mod retention;
 mod trust;
+mod upgrade;
+mod webdriver;

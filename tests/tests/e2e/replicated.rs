@@ -3,7 +3,8 @@
 //! processes, delivery sharded over 3 quorum queues per class. A post to
 //! 2,000 followers on 20 fake servers and an inbound storm of signed
 //! Follows POSTed to both ingest processes, while one process of each kind
-//! is killed with -9 and so is the broker node every process is on (rc1):
+//! is killed with -9 and so is the broker node every process is on (rc1,
+//! started again 20 s later as its supervisor would):
 //! every follower gets each post exactly once, every Follow answered 202
 //! reaches the application's stream exactly once and its follower is in
 //! the store, and its Accept is sent once.
@@ -101,14 +102,25 @@ fn in_crash_window(first_ms: i128) -> bool {
     (-1000..=100).contains(&first_ms)
 }
 
-// Out of the default suite until its two open problems are fixed (issue
-// 23 stays open for them): in 2 of 4 runs on this 2-core machine, (1) a
-// killed process's messages checked out through the killed broker node
-// came back only when the cluster noticed the node down, past the waits
-// (now 150 s); (2) one post reached one inbox twice, 685 ms and 1,061 ms
-// after delivery0's kill, outside the crash window. Run it with
-// `cargo test -p stampede-tests --test e2e replicated -- --ignored`.
-#[ignore = "issue 23: late checked-out messages and a rare duplicate under a node kill"]
+/// How long the killed broker node stays down before it is started again,
+/// as its supervisor (a StatefulSet, systemd) would: the one case that
+/// needs it back is a consumer whose channel was cancelled on that node
+/// (its process had just been killed) but not yet removed when the node
+/// died. RabbitMQ keeps such a consumer's checked-out messages until its
+/// node is back (seen: up to a prefetch of Follows or Accepts stuck for
+/// minutes); every other message comes back within seconds.
+const NODE_DOWN: Duration = Duration::from_secs(20);
+
+// Out of the default suite while issue 23 stays open: in 3 of 7 runs on
+// 2026-12-06 (after the fix of the duplicate below), messages stayed checked
+// out and never came back, rc1 back or not: 14-19 Follows never reached the
+// stream, or 8-13 Accepts were never sent. In one such run the broker held
+// 16 fanout messages unacknowledged (a whole prefetch) for a consumer on a
+// live node, beside the surviving fanout process's own. (The duplicate
+// outside the crash window is fixed: a copy waiting for a slot now checks
+// the success record once it holds the job's lease, `delivery.rs`.) Run it
+// with `cargo test -p stampede-tests --test e2e replicated -- --ignored`.
+#[ignore = "issue 23: messages stuck checked out after a process and its broker node die together"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_replicated_with_one_of_each_and_a_broker_node_killed() {
     let test_started = Instant::now();
@@ -288,6 +300,13 @@ async fn every_service_replicated_with_one_of_each_and_a_broker_node_killed() {
     tokio::task::spawn_blocking(|| cluster::kill("rc1"))
         .await
         .unwrap();
+    let node_back = tokio::spawn(async {
+        tokio::time::sleep(NODE_DOWN).await;
+        tokio::task::spawn_blocking(|| cluster::start("rc1"))
+            .await
+            .unwrap();
+        Instant::now()
+    });
     println!(
         "killed {KILLED:?} and rc1 {:?} after the start, the first post at {had} of {all} inboxes",
         test_started.elapsed()
@@ -332,17 +351,20 @@ async fn every_service_replicated_with_one_of_each_and_a_broker_node_killed() {
     let accepted: Vec<&(usize, String, String, u16)> =
         storm.iter().filter(|(_, _, _, s)| *s == 202).collect();
     let ids: Vec<String> = accepted.iter().map(|(_, _, id, _)| id.clone()).collect();
-    // Messages a killed process held through a connection to the killed
-    // node stay checked out to it until the cluster notices the node down
-    // (net_ticktime: 60 s by default, 45-75 s to detect): up to a prefetch
-    // of them comes back that late.
+    // Up to a prefetch of them comes back only once rc1 is back
+    // (`NODE_DOWN`).
     let stream = read_stream(
         &app.grpc,
         &ids,
-        Instant::now() + Duration::from_secs(150),
+        Instant::now() + Duration::from_secs(90),
         Duration::from_secs(3),
     )
     .await;
+    let node_back = node_back.await.unwrap();
+    println!(
+        "rc1 back {:?} after the kills",
+        node_back.duration_since(killed_at)
+    );
     let missing: Vec<_> = ids.iter().filter(|id| !stream.contains_key(*id)).collect();
     let twice: Vec<_> = stream.iter().filter(|(_, (n, _))| *n > 1).collect();
     let twice_on_stream: HashSet<String> = twice.iter().map(|(id, _)| (*id).clone()).collect();
@@ -385,14 +407,14 @@ async fn every_service_replicated_with_one_of_each_and_a_broker_node_killed() {
     }
     // Every Follow answered 202 gets its Accept (late, like the stream, when
     // its delivery was checked out through the killed node: how late is
-    // printed),
-    // then past the delivery's in-flight parking (5 s): no copy twice.
+    // printed), then past the delivery's in-flight parking (5 s): no copy
+    // twice.
     let waited = Instant::now();
     let all_accepted = || {
         let got = accepts(&sink, REMOTE);
         ids.iter().all(|id| got.keys().any(|(_, f)| f == id))
     };
-    while !all_accepted() && waited.elapsed() < Duration::from_secs(150) {
+    while !all_accepted() && waited.elapsed() < Duration::from_secs(90) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     println!(
@@ -535,6 +557,37 @@ async fn every_service_replicated_with_one_of_each_and_a_broker_node_killed() {
     }
     if !problems.is_empty() {
         app.keep_logs();
+        // Where what is missing waits: ready, or checked out to a consumer
+        // (and whose channel: a node's pid prefix).
+        for args in [
+            &[
+                "list_queues",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+                "leader",
+            ][..],
+            &[
+                "list_consumers",
+                "queue_name",
+                "channel_pid",
+                "prefetch_count",
+                "active",
+            ][..],
+        ] {
+            match tokio::task::spawn_blocking(move || cluster::rabbitmqctl("rc2", args))
+                .await
+                .unwrap()
+            {
+                Ok(out) => {
+                    for l in out.lines().filter(|l| !l.contains("delay.")) {
+                        println!("    rc2 {}: {l}", args[0]);
+                    }
+                }
+                Err(e) => println!("    rc2 {}: {e}", args[0]),
+            }
+        }
     }
     drop(restore);
     app.stop().await;

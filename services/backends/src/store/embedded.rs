@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::clock::now_ms;
-use crate::sqlite::{DataDirLock, Db};
+use crate::sqlite::{DataDirLock, Db, Repair};
 use crate::store::{
     like_containing, ActivityDelivery, ActorProfile, ActorRef, DeadLetter, DomainFootprint,
     DomainPolicy, Follower, HostCounts, HostHealth, Inserted, LocalActor, NewActivity, NewActor,
@@ -36,7 +36,49 @@ const SCHEMA: &[(i32, &str)] = &[
         5,
         include_str!("../../migrations/embedded/0005_retention.sql"),
     ),
+    (
+        6,
+        include_str!("../../migrations/embedded/0006_repair_activity_status.sql"),
+    ),
 ];
+
+/// Code run before a version's SQL, in its transaction, for what SQL
+/// cannot say.
+const REPAIRS: &[(i32, Repair)] = &[(6, repair_activity_targets)];
+
+/// Migration 4 changed after it had shipped (see
+/// `migrations/embedded/0006_repair_activity_status.sql`): an
+/// `activity_targets` made by its second form has no `at_ms`. SQLite has no
+/// `ADD COLUMN IF NOT EXISTS` (and a NOT NULL column added must keep a
+/// default): the table is rebuilt as the last form makes it, its rows
+/// stamped now, so they are pruned one retention from the upgrade. It
+/// only ever held what that form's build wrote.
+fn repair_activity_targets(c: &Connection) -> rusqlite::Result<()> {
+    let columns: Vec<String> = c
+        .prepare("SELECT name FROM pragma_table_info('activity_targets')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if columns.is_empty() || columns.iter().any(|n| n == "at_ms") {
+        return Ok(());
+    }
+    c.execute_batch(
+        "ALTER TABLE activity_targets RENAME TO activity_targets_before_at_ms;
+         CREATE TABLE activity_targets (
+             activity_key TEXT NOT NULL REFERENCES activities(key) ON DELETE CASCADE,
+             page         TEXT NOT NULL,
+             host         TEXT NOT NULL,
+             targets      INTEGER NOT NULL,
+             at_ms        INTEGER NOT NULL,
+             PRIMARY KEY (activity_key, page, host)
+         ) WITHOUT ROWID;",
+    )?;
+    c.execute(
+        "INSERT INTO activity_targets (activity_key, page, host, targets, at_ms)
+         SELECT activity_key, page, host, targets, ?1 FROM activity_targets_before_at_ms",
+        [now_ms()],
+    )?;
+    c.execute_batch("DROP TABLE activity_targets_before_at_ms")
+}
 
 /// The SQLite implementation of [`Store`].
 #[derive(Clone)]
@@ -48,7 +90,7 @@ impl EmbeddedStore {
     /// Opens (creating) the store in the locked data directory.
     pub fn open(lock: &DataDirLock) -> Result<Self> {
         Ok(Self {
-            db: Db::open(lock, "store.db", SCHEMA)?,
+            db: Db::open_repairing(lock, "store.db", SCHEMA, REPAIRS)?,
         })
     }
 }

@@ -57,6 +57,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "retention_indexes",
         include_str!("../../migrations/0007_retention_indexes.sql"),
     ),
+    (
+        8,
+        "repair_activity_status",
+        include_str!("../../migrations/0008_repair_activity_status.sql"),
+    ),
+    (
+        9,
+        "activity_status_indexes",
+        include_str!("../../migrations/0009_activity_status_indexes.sql"),
+    ),
 ];
 
 /// Migrations run outside a transaction, each statement on its own
@@ -64,7 +74,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 /// another connection holds the migration lock, so that still only one
 /// process migrates. The rule for a new migration (README, "Upgrades"):
 /// additive first, and never a long lock on a big table.
-const CONCURRENT: &[i32] = &[7];
+const CONCURRENT: &[i32] = &[7, 9];
 
 /// How long a concurrent build may wait for a lock (for the transactions
 /// older than it to end) before it fails, leaving the lock for another try:
