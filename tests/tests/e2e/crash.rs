@@ -342,3 +342,87 @@ async fn a_worker_out_of_descriptors_blames_no_host_and_loses_nothing() {
     worker.kill().await.unwrap();
     app.stop().await;
 }
+
+/// A consumer started again after its broker connection went, while its
+/// caller keeps giving up on `next()` for other work (as a worker's
+/// `select!` does whenever a handler finishes): no start dropped midway is
+/// left behind as a second consumer nobody reads (it would hold its
+/// prefetch of messages until the connection closes; seen after a broker
+/// node's death: a whole prefetch of Follows never processed). Every
+/// message comes through the one consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_started_again_while_its_caller_gives_up_leaves_no_orphan() {
+    use stampede_backends::queue::amqp::AmqpQueue;
+    use stampede_backends::queue::{OutMessage, Queue, QueueName};
+    const MESSAGES: usize = 40;
+    let upstream = {
+        let u = url::Url::parse(&amqp_url()).unwrap();
+        let addr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5672));
+        tokio::net::lookup_host(addr).await.unwrap().next().unwrap()
+    };
+    let proxy = Proxy::start(upstream).await;
+    let via_proxy = {
+        let mut u = url::Url::parse(&amqp_url()).unwrap();
+        u.set_host(Some("127.0.0.1")).unwrap();
+        u.set_port(Some(proxy.port)).unwrap();
+        u.to_string()
+    };
+    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let q = AmqpQueue::connect(&via_proxy, &ns, "orphan-test")
+        .await
+        .unwrap();
+    let mut consumer = q.consume(QueueName::Fanout, 4).await.unwrap();
+    proxy.cut_and_block();
+    wait_for("the connection lost", Duration::from_secs(10), || async {
+        !q.is_connected()
+    })
+    .await;
+    proxy.unblock();
+    // Gives up on `next()` after 0.1 to 2 ms, a thousand times, through
+    // the reconnection and the consumer's new start (nothing is published
+    // yet: each call ends by its timeout).
+    for i in 0..1000u64 {
+        let wait = Duration::from_micros(100 + (i * 97) % 1900);
+        let got = tokio::time::timeout(wait, consumer.next()).await;
+        assert!(got.is_err(), "a message before any was published");
+    }
+    wait_for("connected again", Duration::from_secs(20), || async {
+        q.is_connected()
+    })
+    .await;
+    for k in 0..MESSAGES {
+        q.publish(
+            QueueName::Fanout,
+            OutMessage {
+                kind: stampede_proto::kinds::DELIVERY_JOB,
+                payload: format!("m{k}").into_bytes(),
+                route: None,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let mut got = 0;
+    while got < MESSAGES {
+        let msg = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{got} of {MESSAGES} came through the consumer; the rest are held elsewhere")
+            })
+            .expect("the consumer ended")
+            .unwrap();
+        msg.acker.ack().await.unwrap();
+        got += 1;
+    }
+    let consumers = q
+        .depths()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == QueueName::Fanout)
+        .unwrap()
+        .consumers;
+    assert_eq!(consumers, 1, "consumers of the queue, orphans included");
+    drop(consumer);
+    q.delete_all().await.unwrap();
+}

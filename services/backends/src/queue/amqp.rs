@@ -765,6 +765,7 @@ impl Queue for AmqpQueue {
             name: queue,
             prefetch,
             current: Some(current),
+            starting: None,
         }))
     }
 
@@ -822,6 +823,28 @@ impl AmqpQueue {
     /// the worker), never more than it.
     async fn start_consumer(&self, queue: QueueName, prefetch: u16) -> Result<Consuming> {
         let ch = self.link().await?.conn.create_channel().await?;
+        match self.consume_on(&ch, queue, prefetch).await {
+            Ok(streams) => Ok((streams, ch)),
+            Err(e) => {
+                // A shard's consumer started before the failure would hold
+                // its prefetch on a channel nobody reads: closing it hands
+                // that back.
+                let _ = ch.close(200, "consume failed".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn consume_on(
+        &self,
+        ch: &Channel,
+        queue: QueueName,
+        prefetch: u16,
+    ) -> Result<
+        futures::stream::SelectAll<
+            futures::stream::BoxStream<'static, Option<lapin::Result<lapin::message::Delivery>>>,
+        >,
+    > {
         let names = self.queue_names(queue);
         let k = names.len() as u32;
         let share = (u32::from(prefetch) * 2)
@@ -845,7 +868,7 @@ impl AmqpQueue {
                     .boxed(),
             );
         }
-        Ok((futures::stream::select_all(all), ch))
+        Ok(futures::stream::select_all(all))
     }
 }
 
@@ -856,6 +879,14 @@ struct AmqpConsumer {
     name: QueueName,
     prefetch: u16,
     current: Option<Consuming>,
+    /// A consumer being started again, in a task of its own: `next` is
+    /// raced against other work (`tokio::select!`), and a start dropped
+    /// midway would leave a channel with a consumer registered that nobody
+    /// reads, its prefetch of messages stuck until the connection closes
+    /// (seen after a broker node's death: a whole prefetch of Follows
+    /// never processed). A `next` dropped midway now leaves the task
+    /// running; the next call takes up its result.
+    starting: Option<tokio::task::JoinHandle<Result<Consuming>>>,
 }
 
 impl Drop for AmqpConsumer {
@@ -867,13 +898,23 @@ impl Drop for AmqpConsumer {
     /// `channel.close`, which the broker answers by closing the whole
     /// connection (every other consumer and publisher on it).
     fn drop(&mut self) {
-        let Some((consumer, ch)) = self.current.take() else {
+        let (current, starting) = (self.current.take(), self.starting.take());
+        if current.is_none() && starting.is_none() {
             return;
-        };
+        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = ch.close(200, "consumer closed".into()).await;
-                drop(consumer);
+                if let Some((consumer, ch)) = current {
+                    let _ = ch.close(200, "consumer closed".into()).await;
+                    drop(consumer);
+                }
+                if let Some(Ok(Ok((consumer, ch)))) = match starting {
+                    Some(h) => Some(h.await),
+                    None => None,
+                } {
+                    let _ = ch.close(200, "consumer closed".into()).await;
+                    drop(consumer);
+                }
             });
         }
     }
@@ -884,13 +925,23 @@ impl Consumer for AmqpConsumer {
     async fn next(&mut self) -> Option<Result<Incoming>> {
         let d = loop {
             let Some((consumer, _)) = self.current.as_mut() else {
-                match self.queue.start_consumer(self.name, self.prefetch).await {
-                    Ok(c) => {
+                let starting = self.starting.get_or_insert_with(|| {
+                    let (q, name, prefetch) = (self.queue.clone(), self.name, self.prefetch);
+                    tokio::spawn(async move { q.start_consumer(name, prefetch).await })
+                });
+                let started = starting.await;
+                self.starting = None;
+                match started {
+                    Ok(Ok(c)) => {
                         tracing::info!(queue = self.name.suffix(), "consuming again");
                         self.current = Some(c);
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::debug!(queue = self.name.suffix(), error = %e, "cannot consume yet");
+                        tokio::time::sleep(BACKOFF_MAX / 5).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = self.name.suffix(), error = %e, "starting the consumer failed");
                         tokio::time::sleep(BACKOFF_MAX / 5).await;
                     }
                 }
