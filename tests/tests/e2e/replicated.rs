@@ -107,14 +107,6 @@ fn in_crash_window(first_ms: i128) -> bool {
 /// while the survivors keep working on the other two.
 const NODE_DOWN: Duration = Duration::from_secs(20);
 
-// Out of the default suite until it has run often enough since its last
-// two causes were fixed (issue 23): a copy that waited for a slot sent again
-// (`delivery::copies_of_a_job_waiting_for_a_slot_are_sent_once`), and a
-// consumer's restart dropped midway left a whole prefetch stuck with a
-// consumer nobody read, in 5 of 8 runs on 2026-12-06
-// (`crash::a_consumer_started_again_while_its_caller_gives_up_leaves_no_orphan`).
-// Run it with `cargo test -p stampede-tests --test e2e replicated -- --ignored`.
-#[ignore = "issue 23: to be run often enough since its last two fixes before it joins the suite"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_replicated_with_one_of_each_and_a_broker_node_killed() {
     let test_started = Instant::now();
