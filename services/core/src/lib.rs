@@ -7,6 +7,7 @@
 pub mod activity;
 pub mod digest;
 pub mod documents;
+pub mod followers_sync;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
