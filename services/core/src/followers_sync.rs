@@ -140,8 +140,14 @@ mod tests {
     fn authorities_are_read_literally() {
         for (url, want) in [
             ("https://a.example/users/1", Some("https://a.example")),
-            ("https://a.example:8443/inbox", Some("https://a.example:8443")),
-            ("http://127.0.0.1:9000/users/x", Some("http://127.0.0.1:9000")),
+            (
+                "https://a.example:8443/inbox",
+                Some("https://a.example:8443"),
+            ),
+            (
+                "http://127.0.0.1:9000/users/x",
+                Some("http://127.0.0.1:9000"),
+            ),
             ("https://a.example/", Some("https://a.example")),
             ("https://a.example", None),
             ("https://a.example?x=/y", None),

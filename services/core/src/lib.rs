@@ -7,8 +7,8 @@
 pub mod activity;
 pub mod digest;
 pub mod documents;
-pub mod followers_sync;
 mod error;
+pub mod followers_sync;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod keys;

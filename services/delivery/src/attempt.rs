@@ -71,15 +71,22 @@ impl Delivery {
                         .copied()
                         .chain(extra.iter().map(|(name, _)| *name))
                         .collect();
-                    sign_request(&prep.key, &prep.key_id, "POST", &path, &covered, |h| match h {
-                        "host" => Some(host.as_str()),
-                        "date" => date.to_str().ok(),
-                        "digest" => Some(prep.digest.as_str()),
-                        other => extra
-                            .iter()
-                            .find(|(name, _)| *name == other)
-                            .and_then(|(_, v)| v.to_str().ok()),
-                    })
+                    sign_request(
+                        &prep.key,
+                        &prep.key_id,
+                        "POST",
+                        &path,
+                        &covered,
+                        |h| match h {
+                            "host" => Some(host.as_str()),
+                            "date" => date.to_str().ok(),
+                            "digest" => Some(prep.digest.as_str()),
+                            other => extra
+                                .iter()
+                                .find(|(name, _)| *name == other)
+                                .and_then(|(_, v)| v.to_str().ok()),
+                        },
+                    )
                 })
                 .await?
                 .map_err(stampede_runtime::Error::from)?

@@ -263,7 +263,11 @@ impl Fanout {
                 .record_fanout_page(&activity.key, "explicit", &hosts, &[])
                 .await?;
             let headers = self
-                .sync_headers(sync.as_ref(), &activity, explicit.iter().map(String::as_str))
+                .sync_headers(
+                    sync.as_ref(),
+                    &activity,
+                    explicit.iter().map(String::as_str),
+                )
                 .await?;
             b.queue
                 .publish_batch(queue, explicit.iter().map(|i| make(i, &headers)).collect())

@@ -144,7 +144,11 @@ async fn signer(
         )),
         (verdict, _) => Err(refuse(
             StatusCode::UNAUTHORIZED,
-            format!("signature not accepted ({}): {}", verdict.as_str(), v.reason),
+            format!(
+                "signature not accepted ({}): {}",
+                verdict.as_str(),
+                v.reason
+            ),
         )),
     }
 }
@@ -153,7 +157,10 @@ async fn signer(
 fn private(r: &mut Response) {
     let h = r.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(PRIVATE));
-    h.insert(header::VARY, HeaderValue::from_static("Signature, Authorization"));
+    h.insert(
+        header::VARY,
+        HeaderValue::from_static("Signature, Authorization"),
+    );
 }
 
 /// Serves `body` with the caching its access allows.
@@ -254,13 +261,12 @@ fn encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// A page's cursor as given, or the 400 refusing it: an id at most
+/// A page's cursor as given, or why it is refused (400): an id at most
 /// [`MAX_ID_BYTES`] long.
-fn cursor(q: &PageQuery) -> Result<Option<&str>, Response> {
+fn cursor(q: &PageQuery) -> Result<Option<&str>, String> {
     match q.after.as_deref() {
-        Some(a) if a.len() > MAX_ID_BYTES || a.is_empty() => Err(problem(
-            StatusCode::BAD_REQUEST,
-            format!("after must be a follower id of 1 to {MAX_ID_BYTES} bytes"),
+        Some(a) if a.len() > MAX_ID_BYTES || a.is_empty() => Err(format!(
+            "after must be a follower id of 1 to {MAX_ID_BYTES} bytes"
         )),
         a => Ok(a),
     }
@@ -280,7 +286,7 @@ async fn followers(
     };
     let after = match cursor(&q) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(reason) => return problem(StatusCode::BAD_REQUEST, reason),
     };
     let a = match lookup(&s, &name).await {
         Ok(a) => a,
@@ -321,7 +327,7 @@ async fn following(
     };
     let after = match cursor(&q) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(reason) => return problem(StatusCode::BAD_REQUEST, reason),
     };
     match lookup(&s, &name).await {
         // stampede is the federation layer: who a local actor follows is
@@ -352,7 +358,7 @@ async fn outbox(
     };
     let after = match cursor(&q) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(reason) => return problem(StatusCode::BAD_REQUEST, reason),
     };
     let a = match lookup(&s, &name).await {
         Ok(a) => a,
@@ -406,7 +412,12 @@ async fn followers_synchronization(
             .await
         {
             Ok(g) => g,
-            Err(e) => return problem(http_status("followers of a server", &e), "store unavailable"),
+            Err(e) => {
+                return problem(
+                    http_status("followers of a server", &e),
+                    "store unavailable",
+                )
+            }
         };
         let last_page = got.len() < 1000;
         ids.extend(got);

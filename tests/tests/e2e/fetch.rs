@@ -114,7 +114,11 @@ async fn authorized_fetch_wants_a_signature_and_refuses_suspended_domains(backen
     for url in &documents {
         let g = get(url, None).await;
         assert_eq!(g.status, 401, "{url}: {}", g.text);
-        assert!(g.text.contains("signed request is required"), "{url}: {}", g.text);
+        assert!(
+            g.text.contains("signed request is required"),
+            "{url}: {}",
+            g.text
+        );
     }
     let host = base.trim_start_matches("http://");
     for url in [
@@ -129,7 +133,11 @@ async fn authorized_fetch_wants_a_signature_and_refuses_suspended_domains(backen
     for url in &documents {
         let g = get(url, Some(bob)).await;
         assert_eq!(g.status, 200, "{url}: {}", g.text);
-        assert!(g.cache_control.starts_with("private"), "{url}: {}", g.cache_control);
+        assert!(
+            g.cache_control.starts_with("private"),
+            "{url}: {}",
+            g.cache_control
+        );
         assert!(g.vary.contains("Signature"), "{url}: {}", g.vary);
     }
     assert_eq!(get(&alice, Some(bob)).await.body["id"], alice.as_str());
@@ -156,9 +164,11 @@ async fn authorized_fetch_wants_a_signature_and_refuses_suspended_domains(backen
     // A suspended domain: 403, signed or not verified.
     suspend(&app, "127.0.0.171").await;
     let mallory = (&sink, 1, "mallory");
-    wait_for("the suspension at the edge", Duration::from_secs(10), || async {
-        get(&alice, Some(mallory)).await.status == 403
-    })
+    wait_for(
+        "the suspension at the edge",
+        Duration::from_secs(10),
+        || async { get(&alice, Some(mallory)).await.status == 403 },
+    )
     .await;
     for url in &documents {
         assert_eq!(get(url, Some(mallory)).await.status, 403, "{url}");
@@ -230,7 +240,10 @@ async fn documents_are_public_cached_and_paged_without_authorized_fetch(backend:
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert_eq!(first, seen[..40].iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        first,
+        seen[..40].iter().map(String::as_str).collect::<Vec<_>>()
+    );
     // A hostile cursor is refused, not run.
     let long = "x".repeat(3000);
     let g = get(&format!("{alice}/followers?page=true&after={long}"), None).await;
@@ -245,7 +258,12 @@ async fn documents_are_public_cached_and_paged_without_authorized_fetch(backend:
         assert_eq!(p.body["orderedItems"], json!([]), "{c}");
         assert!(p.body.get("next").is_none(), "{c}");
     }
-    assert_eq!(get(&format!("{base}/users/nobody/followers"), None).await.status, 404);
+    assert_eq!(
+        get(&format!("{base}/users/nobody/followers"), None)
+            .await
+            .status,
+        404
+    );
     app.stop().await;
 }
 
@@ -273,7 +291,11 @@ async fn followers_synchronization_lists_only_the_signers_authority(backend: Bac
         assert_eq!(g.status, 200, "{}", g.text);
         assert_eq!(g.body["type"], "OrderedCollection");
         assert_eq!(g.body["id"], url.as_str());
-        assert!(g.cache_control.starts_with("private"), "{}", g.cache_control);
+        assert!(
+            g.cache_control.starts_with("private"),
+            "{}",
+            g.cache_control
+        );
         let mut items: Vec<String> = g.body["orderedItems"]
             .as_array()
             .unwrap()
@@ -310,8 +332,8 @@ fn sync_headers(sink: &Sink, i: usize, id: &str) -> Vec<(Option<String>, bool)> 
                     .find(|(k, _)| k == n)
                     .map(|(_, v)| v.clone())
             };
-            let signed = header("signature")
-                .is_some_and(|s| s.contains("collection-synchronization"));
+            let signed =
+                header("signature").is_some_and(|s| s.contains("collection-synchronization"));
             (header("collection-synchronization"), signed)
         })
         .collect()
@@ -342,7 +364,13 @@ async fn followers_only_posts_carry_a_signed_collection_synchronization(backend:
     let alice_id = app.create_actor("alice").await;
     let alice = format!("{}/users/alice", app.http_base);
     let on = |i: usize, n: &str| sink.actor(i, n).unwrap();
-    let mut followers = vec![on(0, "a1"), on(0, "a2"), on(0, "a3"), on(1, "b1"), on(1, "b2")];
+    let mut followers = vec![
+        on(0, "a1"),
+        on(0, "a2"),
+        on(0, "a3"),
+        on(1, "b1"),
+        on(1, "b2"),
+    ];
     app.seed_followers(alice_id, &followers).await;
     let publish = |json: Value| {
         let app = &app;
@@ -376,14 +404,22 @@ async fn followers_only_posts_carry_a_signed_collection_synchronization(backend:
     for i in 0..2 {
         let got = sync_headers(&sink, i, &first);
         assert_eq!(got.len(), 1, "server {i}: one POST to its shared inbox");
-        assert_eq!(got[0].0.as_deref(), Some(expect(&followers, i).as_str()), "server {i}");
+        assert_eq!(
+            got[0].0.as_deref(),
+            Some(expect(&followers, i).as_str()),
+            "server {i}"
+        );
         assert!(got[0].1, "server {i}: the signature covers the header");
     }
     // Public: no header.
     let public = publish(stampede_core::activity::public_note(&alice, "hello")).await;
     arrived(public.clone()).await;
     for i in 0..2 {
-        assert_eq!(sync_headers(&sink, i, &public), [(None, false)], "server {i}");
+        assert_eq!(
+            sync_headers(&sink, i, &public),
+            [(None, false)],
+            "server {i}"
+        );
     }
     // A sixth follower (a real Follow): not below 6 any more, no header.
     sink.follow(0, "a4", &alice).await.unwrap();
@@ -395,7 +431,11 @@ async fn followers_only_posts_carry_a_signed_collection_synchronization(backend:
     let above = publish(followers_only(&alice, "for my 6 followers")).await;
     arrived(above.clone()).await;
     for i in 0..2 {
-        assert_eq!(sync_headers(&sink, i, &above), [(None, false)], "server {i}");
+        assert_eq!(
+            sync_headers(&sink, i, &above),
+            [(None, false)],
+            "server {i}"
+        );
     }
     // One leaves: the digests follow every change.
     assert!(app
@@ -408,7 +448,11 @@ async fn followers_only_posts_carry_a_signed_collection_synchronization(backend:
     arrived(after.clone()).await;
     for i in 0..2 {
         let got = sync_headers(&sink, i, &after);
-        assert_eq!(got[0].0.as_deref(), Some(expect(&followers, i).as_str()), "server {i}");
+        assert_eq!(
+            got[0].0.as_deref(),
+            Some(expect(&followers, i).as_str()),
+            "server {i}"
+        );
         assert!(got[0].1);
     }
     // What the partial collection lists matches the digest sent.

@@ -576,8 +576,9 @@ impl Store for EmbeddedStore {
                 authorities
                     .iter()
                     .map(|a| {
-                        let stored: Option<Vec<u8>> =
-                            get.query_row(params![actor_id, a], |r| r.get(0)).optional()?;
+                        let stored: Option<Vec<u8>> = get
+                            .query_row(params![actor_id, a], |r| r.get(0))
+                            .optional()?;
                         Ok(stored
                             .and_then(|b| Digest::from_bytes(&b))
                             .unwrap_or_default())

@@ -557,13 +557,28 @@ async fn follower_ids_are_keyset_pages_filtered_by_prefix(cx: StoreCx) {
     );
     // After the last one, nothing; a cursor that is no id still pages.
     let last = all.last().unwrap();
-    assert!(s.follower_ids(alice, "", Some(last), 10).await.unwrap().is_empty());
+    assert!(s
+        .follower_ids(alice, "", Some(last), 10)
+        .await
+        .unwrap()
+        .is_empty());
     let from_a = s
-        .follower_ids(alice, "https://a.example/", Some("https://a.example/users/10"), 10)
+        .follower_ids(
+            alice,
+            "https://a.example/",
+            Some("https://a.example/users/10"),
+            10,
+        )
         .await
         .unwrap();
-    assert!(from_a.contains(&"https://a.example/users/2".to_string()), "{from_a:?}");
-    assert!(!from_a.contains(&"https://a.example/users/1".to_string()), "{from_a:?}");
+    assert!(
+        from_a.contains(&"https://a.example/users/2".to_string()),
+        "{from_a:?}"
+    );
+    assert!(
+        !from_a.contains(&"https://a.example/users/1".to_string()),
+        "{from_a:?}"
+    );
 }
 
 /// The digest of `actor_id`'s followers on `authority`, from the ids.
