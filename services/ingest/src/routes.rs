@@ -520,3 +520,50 @@ async fn nodeinfo(State(s): State<Ingest>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_link_to_the_next_by_their_last_item_and_cursors_are_bounded() {
+        let id = "https://s.example/users/a/followers";
+        let c = collection(id, Some(3));
+        assert_eq!(c["type"], "OrderedCollection");
+        assert_eq!(c["first"], format!("{id}?page=true"));
+        assert_eq!(c["totalItems"], 3);
+        let items = vec![
+            "https://r.example/users/x".to_string(),
+            "https://r.example/users/y&z=1".to_string(),
+        ];
+        let p = page(id, None, &items, true);
+        assert_eq!(p["type"], "OrderedCollectionPage");
+        assert_eq!(p["partOf"], id);
+        assert_eq!(p["id"], format!("{id}?page=true"));
+        // The cursor is encoded: an id with `&` cannot add parameters.
+        assert_eq!(
+            p["next"],
+            format!("{id}?page=true&after=https%3A%2F%2Fr.example%2Fusers%2Fy%26z%3D1")
+        );
+        let last = page(
+            id,
+            Some("https://r.example/users/y&z=1"),
+            &items[..1],
+            false,
+        );
+        assert!(last.get("next").is_none());
+        assert_eq!(
+            last["id"],
+            format!("{id}?page=true&after=https%3A%2F%2Fr.example%2Fusers%2Fy%26z%3D1")
+        );
+        let q = |after: Option<String>| PageQuery {
+            page: Some("true".into()),
+            after,
+        };
+        assert_eq!(cursor(&q(None)), Ok(None));
+        assert_eq!(cursor(&q(Some("x".into()))), Ok(Some("x")));
+        assert!(cursor(&q(Some(String::new()))).is_err());
+        assert!(cursor(&q(Some("x".repeat(MAX_ID_BYTES + 1)))).is_err());
+        assert!(cursor(&q(Some("x".repeat(MAX_ID_BYTES)))).is_ok());
+    }
+}
