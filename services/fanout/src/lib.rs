@@ -223,18 +223,18 @@ impl Fanout {
         let (explicit, to_followers) = self.explicit_targets(&activity).await?;
         // Only a bulk fanout is ever put back: a resumed one is bulk.
         let resumed = job.followers_after.as_deref();
+        let followers = match (resumed, to_followers) {
+            (None, true) => Some(b.store.follower_count(activity.actor_id).await?),
+            _ => None,
+        };
         let class = match resumed {
             Some(_) => DeliveryClass::Bulk,
-            None => {
-                let followers = match to_followers {
-                    true => Some(b.store.follower_count(activity.actor_id).await?),
-                    false => None,
-                };
-                classify(cfg, &activity.kind, explicit.len(), followers)
-            }
+            None => classify(cfg, &activity.kind, explicit.len(), followers),
         };
         let queue = QueueName::delivery(class);
-        let sync = self.synchronized(&activity, to_followers).await?;
+        let sync = self
+            .synchronized(&activity, to_followers, followers)
+            .await?;
         let now_ms = unix_ms();
         let make = |inbox: &str, headers: &SyncHeaders| OutMessage {
             kind: DELIVERY_JOB,
@@ -349,11 +349,13 @@ impl Fanout {
 
     /// FEP-8fcf: the followers collection and its synchronization URL when
     /// `activity` is followers-only (to its author's followers, not public)
-    /// and its author has fewer followers than `STAMPEDE_FOLLOWERS_SYNC_MAX`.
+    /// and its author has fewer followers than `STAMPEDE_FOLLOWERS_SYNC_MAX`
+    /// (`followers`, when counted already).
     async fn synchronized(
         &self,
         activity: &StoredActivity,
         to_followers: bool,
+        followers: Option<u64>,
     ) -> Result<Option<SyncFor>, FanoutError> {
         let max = self.p.cfg.followers_sync_max;
         let public = activity
@@ -363,8 +365,17 @@ impl Fanout {
         if max == 0 || !to_followers || public {
             return Ok(None);
         }
-        let store = &self.p.backends.store;
-        if store.follower_count(activity.actor_id).await? >= max {
+        let followers = match followers {
+            Some(n) => n,
+            None => {
+                self.p
+                    .backends
+                    .store
+                    .follower_count(activity.actor_id)
+                    .await?
+            }
+        };
+        if followers >= max {
             return Ok(None);
         }
         let actor = self.p.cfg.actor_id(&activity.actor_name);
