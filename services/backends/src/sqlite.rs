@@ -196,6 +196,26 @@ impl Drop for Closer {
 /// (see [`Db::open_repairing`]).
 pub(crate) type Repair = fn(&Connection) -> rusqlite::Result<()>;
 
+/// The functions the schema's triggers call (FEP-8fcf's follower digests,
+/// `migrations/embedded/0007_follower_digests.sql`), registered on every
+/// connection before anything runs on it.
+fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    use stampede_core::followers_sync::{authority_of, Digest};
+    let flags = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC;
+    conn.create_scalar_function("stampede_authority", 1, flags, |ctx| {
+        let id: Option<String> = ctx.get(0)?;
+        Ok(id.as_deref().and_then(authority_of).map(str::to_string))
+    })?;
+    conn.create_scalar_function("stampede_digest_toggle", 2, flags, |ctx| {
+        let stored: Vec<u8> = ctx.get(0)?;
+        let id: String = ctx.get(1)?;
+        let mut d = Digest::from_bytes(&stored).unwrap_or_default();
+        d.toggle(&id);
+        Ok(d.0.to_vec())
+    })
+}
+
 impl Db {
     /// Opens (creating) `file` in the locked directory and applies `schema`
     /// when the file's `user_version` is below `version`.
@@ -221,6 +241,7 @@ impl Db {
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        register_functions(&conn)?;
         let current: i32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (version, sql) in schema {
             if *version > current {

@@ -8,6 +8,7 @@ pub mod activity;
 pub mod digest;
 pub mod documents;
 mod error;
+pub mod followers_sync;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod keys;

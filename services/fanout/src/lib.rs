@@ -23,6 +23,7 @@ use stampede_backends::queue::{
 };
 use stampede_backends::store::{Skip, StoredActivity};
 use stampede_core::activity::{addressing, PUBLIC};
+use stampede_core::followers_sync::{authority_of, header_value};
 use stampede_core::targets::Recipient;
 use stampede_proto::queue::{DeliveryClass, DeliveryJob, FanoutJob};
 use stampede_runtime::process::{Listeners, Process};
@@ -40,6 +41,17 @@ const MAX_ATTEMPTS: u32 = 8;
 /// How long a bulk fanout waits, put back in the fanout queue, when the
 /// bulk queue is over its bound (RabbitMQ rounds it up to its 5 s tier).
 pub const BACKPRESSURE_WAIT: Duration = Duration::from_secs(2);
+
+/// What a followers-only activity's deliveries synchronize (FEP-8fcf).
+struct SyncFor {
+    /// The author's followers collection.
+    collection: String,
+    /// Its partial collections' URL.
+    url: String,
+}
+
+/// `Collection-Synchronization` header values by receiving authority.
+type SyncHeaders = std::collections::HashMap<String, String>;
 
 /// Activity types a user waits on: a follow pending until its Accept, an
 /// unfollow, a refusal.
@@ -211,19 +223,20 @@ impl Fanout {
         let (explicit, to_followers) = self.explicit_targets(&activity).await?;
         // Only a bulk fanout is ever put back: a resumed one is bulk.
         let resumed = job.followers_after.as_deref();
+        let followers = match (resumed, to_followers) {
+            (None, true) => Some(b.store.follower_count(activity.actor_id).await?),
+            _ => None,
+        };
         let class = match resumed {
             Some(_) => DeliveryClass::Bulk,
-            None => {
-                let followers = match to_followers {
-                    true => Some(b.store.follower_count(activity.actor_id).await?),
-                    false => None,
-                };
-                classify(cfg, &activity.kind, explicit.len(), followers)
-            }
+            None => classify(cfg, &activity.kind, explicit.len(), followers),
         };
         let queue = QueueName::delivery(class);
+        let sync = self
+            .synchronized(&activity, to_followers, followers)
+            .await?;
         let now_ms = unix_ms();
-        let make = |inbox: &str| OutMessage {
+        let make = |inbox: &str, headers: &SyncHeaders| OutMessage {
             kind: DELIVERY_JOB,
             payload: DeliveryJob {
                 activity_key: activity.key.clone(),
@@ -233,6 +246,10 @@ impl Fanout {
                 trace: job.trace.clone(),
                 may_be_delivered: ran_before,
                 class: class.into(),
+                collection_synchronization: authority_of(inbox)
+                    .and_then(|a| headers.get(a))
+                    .cloned()
+                    .unwrap_or_default(),
             }
             .encode_to_vec(),
             // A host's jobs share a shard of the class's queue.
@@ -245,8 +262,15 @@ impl Fanout {
             b.store
                 .record_fanout_page(&activity.key, "explicit", &hosts, &[])
                 .await?;
+            let headers = self
+                .sync_headers(
+                    sync.as_ref(),
+                    &activity,
+                    explicit.iter().map(String::as_str),
+                )
+                .await?;
             b.queue
-                .publish_batch(queue, explicit.iter().map(|i| make(i)).collect())
+                .publish_batch(queue, explicit.iter().map(|i| make(i, &headers)).collect())
                 .await?;
             self.queued(&hosts, first_run, now_ms).await;
         }
@@ -299,7 +323,11 @@ impl Fanout {
                         &skips,
                     )
                     .await?;
-                let batch: Vec<OutMessage> = targets.into_iter().map(&make).collect();
+                let headers = self
+                    .sync_headers(sync.as_ref(), &activity, targets.iter().copied())
+                    .await?;
+                let batch: Vec<OutMessage> =
+                    targets.into_iter().map(|t| make(t, &headers)).collect();
                 total += batch.len() as u64;
                 b.queue.publish_batch(queue, batch).await?;
                 self.queued(&hosts, first_run, now_ms).await;
@@ -317,6 +345,81 @@ impl Fanout {
             .get_or_create(&[("class", class_name(class))])
             .inc();
         Ok(Expanded::Done(total))
+    }
+
+    /// FEP-8fcf: the followers collection and its synchronization URL when
+    /// `activity` is followers-only (to its author's followers, not public)
+    /// and its author has fewer followers than `STAMPEDE_FOLLOWERS_SYNC_MAX`
+    /// (`followers`, when counted already).
+    async fn synchronized(
+        &self,
+        activity: &StoredActivity,
+        to_followers: bool,
+        followers: Option<u64>,
+    ) -> Result<Option<SyncFor>, FanoutError> {
+        let max = self.p.cfg.followers_sync_max;
+        let public = activity
+            .body
+            .as_object()
+            .is_none_or(|o| addressing(o).public);
+        if max == 0 || !to_followers || public {
+            return Ok(None);
+        }
+        let followers = match followers {
+            Some(n) => n,
+            None => {
+                self.p
+                    .backends
+                    .store
+                    .follower_count(activity.actor_id)
+                    .await?
+            }
+        };
+        if followers >= max {
+            return Ok(None);
+        }
+        let actor = self.p.cfg.actor_id(&activity.actor_name);
+        Ok(Some(SyncFor {
+            collection: format!("{actor}/followers"),
+            url: format!("{actor}/followers_synchronization"),
+        }))
+    }
+
+    /// The `Collection-Synchronization` header of each receiving authority
+    /// among `targets` (none without `sync`): one read of the stored
+    /// digests per page of targets.
+    async fn sync_headers<'t>(
+        &self,
+        sync: Option<&SyncFor>,
+        activity: &StoredActivity,
+        targets: impl Iterator<Item = &'t str>,
+    ) -> Result<SyncHeaders, FanoutError> {
+        let Some(sync) = sync else {
+            return Ok(SyncHeaders::new());
+        };
+        let authorities: Vec<String> = targets
+            .filter_map(authority_of)
+            .collect::<HashSet<&str>>()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        if authorities.is_empty() {
+            return Ok(SyncHeaders::new());
+        }
+        let digests = self
+            .p
+            .backends
+            .store
+            .follower_digests(activity.actor_id, &authorities)
+            .await?;
+        Ok(authorities
+            .into_iter()
+            .zip(digests)
+            .map(|(a, d)| {
+                let h = header_value(&sync.collection, &sync.url, &d);
+                (a, h)
+            })
+            .collect())
     }
 
     /// Puts a bulk fanout back in the fanout queue for

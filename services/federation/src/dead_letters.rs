@@ -41,6 +41,8 @@ pub async fn replay(b: &Backends, id: Option<i64>, host: Option<&str>) -> Result
                     // Rare and operator-driven: check the record first.
                     may_be_delivered: true,
                     class: class.into(),
+                    // A digest of then would be stale: none.
+                    collection_synchronization: String::new(),
                 }
                 .encode_to_vec(),
                 route: None,

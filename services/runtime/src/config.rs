@@ -223,6 +223,17 @@ pub struct Config {
     /// depth (and the memory it takes) stays bounded however many followers
     /// an actor has. 0: no bound.
     pub bulk_queue_bound: u64,
+    /// `STAMPEDE_AUTHORIZED_FETCH` (added, default false): GETs of actor
+    /// documents (but the instance actor's) and of the followers,
+    /// following, outbox and followers-synchronization collections need a
+    /// valid HTTP signature (401 otherwise; 403 from a suspended domain),
+    /// and the documents are served `Cache-Control: private`.
+    pub authorized_fetch: bool,
+    /// `STAMPEDE_FOLLOWERS_SYNC_MAX` (added, default 25000; 0: never):
+    /// followers-only activities of actors with fewer followers than this
+    /// carry a FEP-8fcf `Collection-Synchronization` header per receiving
+    /// authority.
+    pub followers_sync_max: u64,
     /// `STAMPEDE_DELIVERY_RECORD_RETENTION` (added, default `7d`; `0` or
     /// `off`: kept forever): how long a delivery's success record is kept.
     /// `None` when off. See [`Config::job_expiry`] for what keeps the rule
@@ -462,6 +473,8 @@ impl Config {
                 }
             },
             bulk_queue_bound: number("STAMPEDE_BULK_QUEUE_BOUND", 50_000, 0, 1_000_000_000)?,
+            authorized_fetch: boolean("STAMPEDE_AUTHORIZED_FETCH")?,
+            followers_sync_max: number("STAMPEDE_FOLLOWERS_SYNC_MAX", 25_000, 0, 1_000_000_000)?,
             inbound_max_age_secs: number("STAMPEDE_INBOUND_MAX_AGE_SECS", 3600, 60, 7 * 86400)?
                 as i64,
             inbound_max_future_secs: number("STAMPEDE_INBOUND_MAX_FUTURE_SECS", 300, 0, 86400)?
@@ -762,6 +775,27 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert!(!c.allow_private_networks);
         assert_eq!(c.actor_id("a"), "http://127.0.0.1:8080/users/a");
+        assert!(!c.authorized_fetch);
+        assert_eq!(c.followers_sync_max, 25_000);
+    }
+
+    #[test]
+    fn authorized_fetch_and_followers_sync_are_read_and_checked() {
+        let c = with(&[
+            ("STAMPEDE_AUTHORIZED_FETCH", "true"),
+            ("STAMPEDE_FOLLOWERS_SYNC_MAX", "0"),
+        ])
+        .unwrap();
+        assert!(c.authorized_fetch);
+        assert_eq!(c.followers_sync_max, 0);
+        for (var, bad) in [
+            ("STAMPEDE_AUTHORIZED_FETCH", "maybe"),
+            ("STAMPEDE_FOLLOWERS_SYNC_MAX", "-1"),
+            ("STAMPEDE_FOLLOWERS_SYNC_MAX", "lots"),
+        ] {
+            let e = with(&[(var, bad)]).unwrap_err().to_string();
+            assert!(e.contains(var) && !e.contains('\n'), "{e}");
+        }
     }
 
     #[test]

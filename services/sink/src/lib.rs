@@ -78,6 +78,8 @@ pub struct Received {
     pub status: u16,
     /// When it arrived.
     pub at: std::time::Instant,
+    /// Its headers, names lower-case, in order.
+    pub headers: Vec<(String, String)>,
 }
 
 /// A remote actor hosted by the sink.

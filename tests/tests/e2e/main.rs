@@ -15,6 +15,7 @@ mod disk_full;
 mod domains;
 mod embedded;
 mod faults;
+mod fetch;
 mod helpers;
 mod hosts;
 mod inbound;

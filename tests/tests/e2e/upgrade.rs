@@ -245,9 +245,9 @@ const EMBEDDED_SHIPPED: &[Shipped] = &[
     },
 ];
 
-/// The migrations this version applies: PostgreSQL 1 to 9, embedded 1 to 6.
-const PG_LATEST: i32 = 9;
-const EMBEDDED_LATEST: i32 = 6;
+/// The migrations this version applies: PostgreSQL 1 to 10, embedded 1 to 7.
+const PG_LATEST: i32 = 10;
+const EMBEDDED_LATEST: i32 = 7;
 
 /// FNV-1a of each migration file as it last shipped: a shipped migration is
 /// never edited (a database that ran it would never run the edit), a new

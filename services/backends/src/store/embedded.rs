@@ -40,6 +40,10 @@ const SCHEMA: &[(i32, &str)] = &[
         6,
         include_str!("../../migrations/embedded/0006_repair_activity_status.sql"),
     ),
+    (
+        7,
+        include_str!("../../migrations/embedded/0007_follower_digests.sql"),
+    ),
 ];
 
 /// Code run before a version's SQL, in its transaction, for what SQL
@@ -495,6 +499,91 @@ impl Store for EmbeddedStore {
                     .query_map(params![actor_id, after, i64::from(limit)], |r| r.get(0))?
                     .collect::<rusqlite::Result<Vec<String>>>()?;
                 Ok(rows)
+            })
+            .await
+    }
+
+    async fn follower_ids(
+        &self,
+        actor_id: i64,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>> {
+        let (prefix, after) = (prefix.to_string(), after.unwrap_or("").to_string());
+        self.db
+            .call(move |c| {
+                let mut s = c.prepare_cached(
+                    "SELECT follower FROM followers
+                     WHERE actor_id = ?1 AND follower > ?2
+                       AND substr(follower, 1, length(?3)) = ?3
+                     ORDER BY follower LIMIT ?4",
+                )?;
+                let rows = s
+                    .query_map(params![actor_id, after, prefix, i64::from(limit)], |r| {
+                        r.get(0)
+                    })?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn follower_digests(
+        &self,
+        actor_id: i64,
+        authorities: &[String],
+    ) -> Result<Vec<stampede_core::followers_sync::Digest>> {
+        use stampede_core::followers_sync::{authority_of, Digest};
+        let authorities = authorities.to_vec();
+        self.db
+            .call(move |c| {
+                // One connection: nothing runs between the check and the
+                // first computation.
+                let marked = c
+                    .prepare_cached(
+                        "SELECT 1 FROM follower_digests WHERE actor_id = ?1 AND authority = ''",
+                    )?
+                    .query_row([actor_id], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                if !marked {
+                    let mut all: std::collections::HashMap<String, (Digest, i64)> =
+                        std::collections::HashMap::new();
+                    let mut s =
+                        c.prepare_cached("SELECT follower FROM followers WHERE actor_id = ?1")?;
+                    let mut rows = s.query([actor_id])?;
+                    while let Some(r) = rows.next()? {
+                        let id: String = r.get(0)?;
+                        if let Some(a) = authority_of(&id) {
+                            let e = all.entry(a.to_string()).or_default();
+                            e.0.toggle(&id);
+                            e.1 += 1;
+                        }
+                    }
+                    all.insert(String::new(), (Digest::default(), 0));
+                    let mut put = c.prepare_cached(
+                        "INSERT INTO follower_digests (actor_id, authority, digest, followers)
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?;
+                    for (a, (d, n)) in &all {
+                        put.execute(params![actor_id, a, d.0.to_vec(), n])?;
+                    }
+                }
+                let mut get = c.prepare_cached(
+                    "SELECT digest FROM follower_digests WHERE actor_id = ?1 AND authority = ?2",
+                )?;
+                authorities
+                    .iter()
+                    .map(|a| {
+                        let stored: Option<Vec<u8>> = get
+                            .query_row(params![actor_id, a], |r| r.get(0))
+                            .optional()?;
+                        Ok(stored
+                            .and_then(|b| Digest::from_bytes(&b))
+                            .unwrap_or_default())
+                    })
+                    .collect()
             })
             .await
     }

@@ -487,6 +487,33 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<String>>;
 
+    /// One page of a local actor's follower ids that start with `prefix`
+    /// (`""`: every one), in the store's order, strictly after `after`, at
+    /// most `limit`: keyset paging over the followers' primary key, for the
+    /// followers collection and FEP-8fcf's partial collections (`prefix` a
+    /// `scheme://authority/`).
+    async fn follower_ids(
+        &self,
+        actor_id: i64,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>>;
+    /// FEP-8fcf: the digest of the partial followers collection of
+    /// `actor_id` for each of `authorities` (each a `scheme://authority`,
+    /// see `stampede_core::followers_sync::authority_of`), in order; zero
+    /// for an authority with no followers. The first call for an actor
+    /// reads its followers once and stores a digest per authority (while
+    /// the actor's follows wait for it); from then on every follow inserted
+    /// or deleted, by any statement, updates them in its own transaction,
+    /// and a call is one indexed read. For actors with few followers
+    /// (`STAMPEDE_FOLLOWERS_SYNC_MAX`): the first call reads them all.
+    async fn follower_digests(
+        &self,
+        actor_id: i64,
+        authorities: &[String],
+    ) -> Result<Vec<stampede_core::followers_sync::Digest>>;
+
     /// A cached remote actor.
     async fn remote_actor(&self, id: &str) -> Result<Option<RemoteActor>>;
     /// Stores or refreshes a remote actor.

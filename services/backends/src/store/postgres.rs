@@ -67,6 +67,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "activity_status_indexes",
         include_str!("../../migrations/0009_activity_status_indexes.sql"),
     ),
+    (
+        10,
+        "follower_digests",
+        include_str!("../../migrations/0010_follower_digests.sql"),
+    ),
 ];
 
 /// Migrations run outside a transaction, each statement on its own
@@ -87,6 +92,33 @@ const MIGRATION_LOCK_POLL: std::time::Duration = std::time::Duration::from_milli
 
 /// Rows a prune or purge deletes in one statement (one short transaction).
 pub const PRUNE_BATCH: u32 = 1000;
+
+/// The first key of the advisory locks that order a first computation of
+/// an actor's follower digests after the follows in flight (the second is
+/// the actor id modulo [`DIGEST_LOCKS`]); the same constants as the
+/// trigger of migration 10.
+const DIGEST_LOCK: i32 = 1_718_903_910;
+/// How many advisory locks the actors' follower digests are spread over.
+const DIGEST_LOCKS: i64 = 64;
+
+/// A digest as PostgreSQL's `bit(256)` text (`0101…`).
+fn digest_bits(d: &stampede_core::followers_sync::Digest) -> String {
+    d.0.iter().map(|b| format!("{b:08b}")).collect()
+}
+
+/// A digest from PostgreSQL's `bit(256)` text.
+fn digest_from_bits(bits: &str) -> Result<stampede_core::followers_sync::Digest> {
+    let bad = || Error::Db(format!("stored follower digest is corrupt: {bits:?}"));
+    if bits.len() != 256 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in bits.as_bytes().chunks(8).enumerate() {
+        let s = std::str::from_utf8(chunk).map_err(|_| bad())?;
+        out[i] = u8::from_str_radix(s, 2).map_err(|_| bad())?;
+    }
+    Ok(stampede_core::followers_sync::Digest(out))
+}
 
 /// Arbitrary constant naming stampede's migration advisory lock.
 const MIGRATION_LOCK: i64 = 0x5354_414d_5045_4445;
@@ -799,6 +831,145 @@ impl Store for PgStore {
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn follower_ids(
+        &self,
+        actor_id: i64,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>> {
+        let c = self.client().await?;
+        let c = self.on(&c);
+        // The primary key (actor_id, follower) orders and bounds the scan;
+        // the prefix only filters it.
+        let rows = c
+            .query(
+                "SELECT follower FROM followers
+                 WHERE actor_id = $1 AND follower > $2 AND starts_with(follower, $3)
+                 ORDER BY follower LIMIT $4",
+                &[
+                    (&actor_id, Type::INT8),
+                    (&after.unwrap_or(""), Type::TEXT),
+                    (&prefix, Type::TEXT),
+                    (&i64::from(limit), Type::INT8),
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn follower_digests(
+        &self,
+        actor_id: i64,
+        authorities: &[String],
+    ) -> Result<Vec<stampede_core::followers_sync::Digest>> {
+        use stampede_core::followers_sync::{authority_of, Digest};
+        // '' is the mark that the actor's digests are kept.
+        let mut wanted: Vec<&str> = authorities.iter().map(String::as_str).collect();
+        wanted.push("");
+        let read = |rows: Vec<Row>| -> Result<Option<std::collections::HashMap<String, Digest>>> {
+            let mut found = std::collections::HashMap::new();
+            let mut marked = false;
+            for r in rows {
+                let authority: String = r.get(0);
+                if authority.is_empty() {
+                    marked = true;
+                } else {
+                    found.insert(authority, digest_from_bits(r.get::<_, &str>(1))?);
+                }
+            }
+            Ok(marked.then_some(found))
+        };
+        let select = "SELECT authority, digest::text FROM follower_digests
+                      WHERE actor_id = $1 AND authority = ANY($2)";
+        let found = {
+            let client = self.client().await?;
+            let c = self.on(&client);
+            let rows = c
+                .query(
+                    select,
+                    &[(&actor_id, Type::INT8), (&wanted, Type::TEXT_ARRAY)],
+                )
+                .await?;
+            read(rows)?
+        };
+        let found = match found {
+            Some(f) => f,
+            None => {
+                // First use: every follow of the actor in flight ends before
+                // the read (their triggers hold the lock shared), and every
+                // later one finds the mark and updates what is stored here.
+                let mut client = self.client().await?;
+                let tx = client.transaction().await?;
+                let c = self.in_tx(&tx);
+                c.execute(
+                    "SELECT pg_advisory_xact_lock($1, ($2 % $3)::int)",
+                    &[
+                        (&DIGEST_LOCK, Type::INT4),
+                        (&actor_id, Type::INT8),
+                        (&DIGEST_LOCKS, Type::INT8),
+                    ],
+                )
+                .await?;
+                let marked = c
+                    .query_opt(
+                        "SELECT 1 FROM follower_digests WHERE actor_id = $1 AND authority = ''",
+                        &[(&actor_id, Type::INT8)],
+                    )
+                    .await?
+                    .is_some();
+                if !marked {
+                    let rows = c
+                        .query(
+                            "SELECT follower FROM followers WHERE actor_id = $1",
+                            &[(&actor_id, Type::INT8)],
+                        )
+                        .await?;
+                    let mut all: std::collections::HashMap<String, (Digest, i64)> =
+                        std::collections::HashMap::new();
+                    for r in &rows {
+                        let id: &str = r.get(0);
+                        if let Some(a) = authority_of(id) {
+                            let e = all.entry(a.to_string()).or_default();
+                            e.0.toggle(id);
+                            e.1 += 1;
+                        }
+                    }
+                    all.insert(String::new(), (Digest::default(), 0));
+                    let (names, rest): (Vec<String>, Vec<(Digest, i64)>) = all.into_iter().unzip();
+                    let bits: Vec<String> = rest.iter().map(|(d, _)| digest_bits(d)).collect();
+                    let counts: Vec<i64> = rest.iter().map(|(_, n)| *n).collect();
+                    c.execute(
+                        "INSERT INTO follower_digests (actor_id, authority, digest, followers)
+                         SELECT $1, a, d::bit(256), n FROM UNNEST($2::text[], $3::text[], $4::int8[]) AS t(a, d, n)",
+                        &[
+                            (&actor_id, Type::INT8),
+                            (&names, Type::TEXT_ARRAY),
+                            (&bits, Type::TEXT_ARRAY),
+                            (&counts, Type::INT8_ARRAY),
+                        ],
+                    )
+                    .await?;
+                }
+                let rows = c
+                    .query(
+                        select,
+                        &[(&actor_id, Type::INT8), (&wanted, Type::TEXT_ARRAY)],
+                    )
+                    .await?;
+                let found = read(rows)?;
+                tx.commit().await?;
+                found.ok_or_else(|| {
+                    Error::Db(format!("follower digests of actor {actor_id} not stored"))
+                })?
+            }
+        };
+        Ok(authorities
+            .iter()
+            .map(|a| found.get(a).copied().unwrap_or_default())
+            .collect())
     }
 
     async fn remote_actor(&self, id: &str) -> Result<Option<RemoteActor>> {

@@ -28,6 +28,9 @@ macro_rules! store_test_suite {
                 add_follower_adds_refreshes_and_remove_follower_removes,
                 add_followers_adds_many_and_keeps_existing_ones,
                 follower_targets_are_distinct_shared_inboxes_in_pages,
+                follower_ids_are_keyset_pages_filtered_by_prefix,
+                follower_digests_are_computed_once_then_kept_by_every_change,
+                follower_digests_first_computed_while_follows_race_are_exact,
                 remove_follow_by_id_removes_only_that_follow,
                 remove_followers_by_inbox_matches_personal_and_shared_inboxes,
                 remove_follower_everywhere_removes_every_follow,
@@ -483,6 +486,298 @@ async fn follower_targets_are_distinct_shared_inboxes_in_pages(cx: StoreCx) {
         s.follower_targets(bob, None, 100).await.unwrap(),
         ["https://z.example/users/z1/inbox"]
     );
+}
+
+/// Every follower id of `actor_id` starting with `prefix`, page after page.
+async fn all_ids(s: &dyn Store, actor_id: i64, prefix: &str, page: u32) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    loop {
+        let got = s
+            .follower_ids(actor_id, prefix, out.last().map(String::as_str), page)
+            .await
+            .unwrap();
+        assert!(got.len() <= page as usize, "{got:?} exceeds {page}");
+        if got.is_empty() {
+            return out;
+        }
+        out.extend(got);
+    }
+}
+
+async fn follower_ids_are_keyset_pages_filtered_by_prefix(cx: StoreCx) {
+    let s = &*cx.store;
+    let alice = s.create_actor(new_actor("alice")).await.unwrap().id;
+    let bob = s.create_actor(new_actor("bob")).await.unwrap().id;
+    let mut want = Vec::new();
+    for (host, user) in [
+        ("a.example", "1"),
+        ("a.example", "2"),
+        ("a.example", "Zed"),
+        ("a.example:8443", "3"),
+        ("a.example.evil", "4"),
+        ("b.example", "5"),
+        ("b.example", "6"),
+    ] {
+        let f = follower(host, user, Some(&format!("https://{host}/inbox")));
+        s.add_follower(alice, &f).await.unwrap();
+        want.push(f.actor);
+    }
+    s.add_follower(bob, &follower("a.example", "bobs", None))
+        .await
+        .unwrap();
+    // Every id once, whatever the page size, in the same order each time.
+    let all = all_ids(s, alice, "", 100).await;
+    for page in [1, 2, 3] {
+        assert_eq!(all_ids(s, alice, "", page).await, all, "page {page}");
+    }
+    let mut sorted = all.clone();
+    sorted.sort();
+    want.sort();
+    assert_eq!(sorted, want);
+    // A partial collection: exactly the ids of that scheme and authority.
+    let mut a = all_ids(s, alice, "https://a.example/", 2).await;
+    a.sort();
+    assert_eq!(
+        a,
+        [
+            "https://a.example/users/1",
+            "https://a.example/users/2",
+            "https://a.example/users/Zed"
+        ]
+    );
+    assert_eq!(
+        all_ids(s, alice, "https://a.example:8443/", 10).await,
+        ["https://a.example:8443/users/3"]
+    );
+    assert!(all_ids(s, alice, "http://a.example/", 10).await.is_empty());
+    assert!(all_ids(s, alice, "https://%.example/", 10).await.is_empty());
+    assert_eq!(
+        all_ids(s, bob, "", 10).await,
+        ["https://a.example/users/bobs"]
+    );
+    // After the last one, nothing; a cursor that is no id still pages.
+    let last = all.last().unwrap();
+    assert!(s
+        .follower_ids(alice, "", Some(last), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let from_a = s
+        .follower_ids(
+            alice,
+            "https://a.example/",
+            Some("https://a.example/users/10"),
+            10,
+        )
+        .await
+        .unwrap();
+    assert!(
+        from_a.contains(&"https://a.example/users/2".to_string()),
+        "{from_a:?}"
+    );
+    assert!(
+        !from_a.contains(&"https://a.example/users/1".to_string()),
+        "{from_a:?}"
+    );
+}
+
+/// The digest of `actor_id`'s followers on `authority`, from the ids.
+async fn digest_from_ids(
+    s: &dyn Store,
+    actor_id: i64,
+    authority: &str,
+) -> stampede_core::followers_sync::Digest {
+    let ids = all_ids(s, actor_id, &format!("{authority}/"), 1000).await;
+    stampede_core::followers_sync::Digest::of_ids(ids.iter().map(String::as_str))
+}
+
+/// Asserts that the stored digests of `actor_id` are those of its followers.
+async fn assert_digests(s: &dyn Store, actor_id: i64, authorities: &[&str]) {
+    let names: Vec<String> = authorities.iter().map(|a| a.to_string()).collect();
+    let got = s.follower_digests(actor_id, &names).await.unwrap();
+    for (a, d) in authorities.iter().zip(got) {
+        assert_eq!(d, digest_from_ids(s, actor_id, a).await, "{a}");
+    }
+}
+
+async fn follower_digests_are_computed_once_then_kept_by_every_change(cx: StoreCx) {
+    use stampede_core::followers_sync::Digest;
+    let s = &*cx.store;
+    let alice = s.create_actor(new_actor("alice")).await.unwrap().id;
+    let bob = s.create_actor(new_actor("bob")).await.unwrap().id;
+    // FEP-8fcf's example: https://example.org/users/1's followers, and
+    // their digest for the server of https://testing.example.org/users/1.
+    let fep = |id: &str| Follower {
+        actor: id.to_string(),
+        inbox: format!("{id}/inbox"),
+        shared_inbox: None,
+        host: id.split('/').nth(2).unwrap_or_default().to_string(),
+        follow_id: Some(format!("{id}/follow")),
+    };
+    for id in [
+        "https://example.org/users/2",
+        "https://testing.example.org/users/1",
+        "https://next.example.org/users/foo",
+        "https://testing.example.org/users/2",
+    ] {
+        s.add_follower(alice, &fep(id)).await.unwrap();
+    }
+    s.add_follower(alice, &follower("c.example:8443", "c", None))
+        .await
+        .unwrap();
+    s.add_follower(bob, &fep("https://testing.example.org/users/3"))
+        .await
+        .unwrap();
+    let testing = "https://testing.example.org".to_string();
+    let got = s
+        .follower_digests(alice, &[testing.clone(), "https://nobody.example".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        got[0].hex(),
+        "c33f48cd341ef046a206b8a72ec97af65079f9a3a9b90eef79c5920dce45c61f"
+    );
+    assert_eq!(got[1], Digest::default());
+    let authorities = [
+        "https://testing.example.org",
+        "https://example.org",
+        "https://next.example.org",
+        "https://c.example:8443",
+        "https://d.example",
+        "https://bulk.example",
+    ];
+    assert_digests(s, alice, &authorities).await;
+    // Every way a follow comes or goes keeps them, for alice only.
+    s.add_follower(alice, &fep("https://testing.example.org/users/9"))
+        .await
+        .unwrap();
+    assert_digests(s, alice, &authorities).await;
+    // Refreshed, not added twice.
+    s.add_follower(alice, &fep("https://testing.example.org/users/9"))
+        .await
+        .unwrap();
+    assert_digests(s, alice, &authorities).await;
+    s.add_followers(
+        alice,
+        &[
+            follower("bulk.example", "b1", None),
+            follower("bulk.example", "b2", None),
+            fep("https://testing.example.org/users/1"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_digests(s, alice, &authorities).await;
+    assert!(s
+        .remove_follower(alice, "https://testing.example.org/users/2")
+        .await
+        .unwrap());
+    assert_digests(s, alice, &authorities).await;
+    assert_eq!(
+        s.remove_follow_by_id(
+            "https://testing.example.org/users/9",
+            "https://testing.example.org/users/9/follow"
+        )
+        .await
+        .unwrap(),
+        1
+    );
+    assert_digests(s, alice, &authorities).await;
+    assert_eq!(
+        s.remove_followers_by_inbox("https://bulk.example/users/b1/inbox")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_digests(s, alice, &authorities).await;
+    s.update_follower_inboxes(
+        "https://bulk.example/users/b2",
+        "https://d.example/x/inbox",
+        None,
+        "d.example",
+    )
+    .await
+    .unwrap();
+    assert_digests(s, alice, &authorities).await;
+    assert_eq!(
+        s.remove_follower_everywhere("https://example.org/users/2")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_digests(s, alice, &authorities).await;
+    assert_eq!(
+        s.forget_hosts(&["c.example:8443".to_string()], &[])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_digests(s, alice, &authorities).await;
+    // The last one gone: zero again.
+    for id in [
+        "https://testing.example.org/users/1",
+        "https://next.example.org/users/foo",
+        "https://bulk.example/users/b2",
+    ] {
+        assert!(s.remove_follower(alice, id).await.unwrap());
+    }
+    let zeros = s
+        .follower_digests(alice, &authorities.map(String::from))
+        .await
+        .unwrap();
+    assert!(zeros.iter().all(|d| *d == Digest::default()), "{zeros:?}");
+    // Bob's, first computed now, hold what happened before.
+    assert_eq!(
+        s.follower_digests(bob, std::slice::from_ref(&testing))
+            .await
+            .unwrap(),
+        [Digest::of_id("https://testing.example.org/users/3")]
+    );
+    // A deleted actor takes its digests with it; the others keep theirs.
+    assert!(s.delete_actor("alice").await.unwrap());
+    s.add_follower(bob, &fep("https://testing.example.org/users/4"))
+        .await
+        .unwrap();
+    assert_digests(s, bob, &["https://testing.example.org"]).await;
+    assert!(s.delete_actor("bob").await.unwrap());
+}
+
+async fn follower_digests_first_computed_while_follows_race_are_exact(cx: StoreCx) {
+    let store = cx.store.clone();
+    let alice = store.create_actor(new_actor("alice")).await.unwrap().id;
+    for i in 0..50 {
+        store
+            .add_follower(alice, &follower("race.example", &format!("old{i}"), None))
+            .await
+            .unwrap();
+    }
+    // Follows come and go while the digests are first computed.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 4 == 0 {
+                s.remove_follower(alice, &format!("https://race.example/users/old{i}"))
+                    .await
+                    .map(|_| ())
+            } else {
+                s.add_follower(alice, &follower("race.example", &format!("new{i}"), None))
+                    .await
+            }
+        }));
+    }
+    let first = {
+        let s = store.clone();
+        tokio::spawn(async move {
+            s.follower_digests(alice, &["https://race.example".to_string()])
+                .await
+        })
+    };
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    first.await.unwrap().unwrap();
+    assert_digests(&*store, alice, &["https://race.example"]).await;
 }
 
 async fn remove_follow_by_id_removes_only_that_follow(cx: StoreCx) {
