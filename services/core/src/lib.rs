@@ -10,7 +10,10 @@ pub mod documents;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod integrity;
+pub mod jcs;
 pub mod keys;
+pub mod multibase;
 pub mod sfv;
 pub mod signature;
 pub mod targets;
