@@ -237,6 +237,42 @@ mod tests {
         assert!(write_number(&mut s, f64::INFINITY).is_err());
     }
 
+    /// Random doubles and exact ties (halfway between two shortest
+    /// candidates: the even one), the expected text from Python's `repr`
+    /// (David Gay's shortest digits, ties to even) rewritten in ECMAScript's
+    /// notation. Not an independent vector for the notation, which the
+    /// script wrote by the same rules; it checks the digits.
+    #[test]
+    fn digits_and_ties_agree_with_python() {
+        for (bits, want) in [
+            (0xc3187cb9dec16321, "-1723134297266376.2"),
+            (0xc31d3325f1980c25, "-2054753096172297.2"),
+            (0xc314896fc2cbbf4f, "-1445153159180243.8"),
+            (0x431d5a54d5e2e92b, "2065523684194890.8"),
+            (0x4305a37fe8dcedaa, "761343034236341.2"),
+            (0x43012de9e1f705ae, "604444643221685.8"),
+            (0xc3134a0a47c3bab1, "-1357358142910124.2"),
+            (0xc2bf0dcb62d4d8d0, "-34144107287768.812"),
+            (0xc3139f417eaecc05, "-1380782051144449.2"),
+            (0xc2d85cecfea427b8, "-107149568675998.88"),
+            (0x4312ed1fa74495f5, "1331817446712701.2"),
+            (0xc2dfbebb40ab5d18, "-139616183299444.38"),
+            (0xe81f9b0cbf4e7af6, "-3.604974044905782e+193"),
+            (0xa8d4293433e798a0, "-5.23953414075117e-112"),
+            (0x6eb58eea34854702, "1.9949430544100653e+225"),
+            (0x8b4486c599cb381b, "-2.1872960784600417e-254"),
+            (0x7a2d4f33c3b072e1, "3.325160904575236e+280"),
+            (0xbaec80760aaf3a94, "-7.36754292310508e-25"),
+            (0x3e113028f427d2bb, "1.0004805461717699e-9"),
+            (0xbf6bbb58fc9c2429, "-0.0033852327368362367"),
+            (0xc3e8d9dfd6bf76fe, "-14325667522277798000"),
+            (0x3e5f8d205d415f26, "2.938441474894294e-8"),
+            (0xbcad1974f7f003ee, "-2.0191793409341961e-16"),
+        ] {
+            assert_eq!(num(bits), want, "{bits:#018x}");
+        }
+    }
+
     /// RFC 8785 §3.2.2: the example of the whole serialization (numbers,
     /// string escapes, literals, member order).
     #[test]
