@@ -93,6 +93,88 @@ fn published_keys(doc: &Value) -> impl Iterator<Item = PublishedKey> + '_ {
     keys.into_iter().filter_map(one)
 }
 
+/// The most `assertionMethod` entries looked at in one document.
+pub const MAX_ASSERTION_METHODS: usize = 16;
+
+/// The Ed25519 Multikeys (FEP-521a) a document lists in `assertionMethod`
+/// (an object, or an array of objects; references by id are skipped), as
+/// keys whose owner is their `controller` and whose PEM is the key's
+/// SubjectPublicKeyInfo. Entries of another type or codec are skipped.
+fn assertion_keys(doc: &Value) -> impl Iterator<Item = PublishedKey> + '_ {
+    let one = |k: &Value| -> Option<PublishedKey> {
+        if k.get("type").and_then(Value::as_str) != Some("Multikey") {
+            return None;
+        }
+        let raw =
+            crate::multibase::ed25519_multikey(k.get("publicKeyMultibase")?.as_str()?).ok()?;
+        Some(PublishedKey {
+            id: k.get("id")?.as_str()?.to_string(),
+            owner: k.get("controller")?.as_str()?.to_string(),
+            pem: crate::multibase::ed25519_spki_pem(&raw),
+        })
+    };
+    let keys: Vec<&Value> = match doc.get("assertionMethod") {
+        Some(Value::Array(a)) => a.iter().take(MAX_ASSERTION_METHODS).collect(),
+        Some(k @ Value::Object(_)) => vec![k],
+        _ => Vec::new(),
+    };
+    keys.into_iter().filter_map(one)
+}
+
+/// Whether `doc` (an actor document) lists `key` in `assertionMethod`: its
+/// id, controlled by the document's actor, with the same key.
+pub fn lists_assertion_key(doc: &Value, key: &PublishedKey) -> bool {
+    let id = doc.get("id").and_then(Value::as_str);
+    assertion_keys(doc).any(|k| k.id == key.id && k.pem == key.pem && Some(k.owner.as_str()) == id)
+}
+
+/// Finds the Multikey `key_id` in the document fetched from `fetched_from`:
+/// an actor document listing it in `assertionMethod`, or the Multikey
+/// itself (its `id` the key's). Bound to the origin fetched like
+/// [`key_in_document`]: the key's id, the document's and the key's
+/// `controller` must be of it; the owner is confirmed only when the
+/// document is the controller's actor document, fetched from its id.
+pub fn assertion_key_in_document(
+    fetched_from: &str,
+    key_id: &str,
+    doc: &Value,
+) -> Result<FoundKey, KeyDocError> {
+    let origin =
+        Url::parse(fetched_from).map_err(|_| KeyDocError::ForeignOrigin("the key URL".into()))?;
+    if !same_origin_as(&origin, key_id) {
+        return Err(KeyDocError::ForeignOrigin(format!("key {key_id}")));
+    }
+    let doc_id = doc.get("id").and_then(Value::as_str);
+    if let Some(id) = doc_id {
+        if !same_origin_as(&origin, id) {
+            return Err(KeyDocError::ForeignOrigin(format!("document {id}")));
+        }
+    }
+    let key = if doc.get("assertionMethod").is_some() {
+        assertion_keys(doc).find(|k| k.id == key_id)
+    } else if doc_id == Some(key_id) {
+        // The Multikey itself, with its controller.
+        let mut wrapped = serde_json::Map::new();
+        wrapped.insert("assertionMethod".into(), doc.clone());
+        assertion_keys(&Value::Object(wrapped)).find(|k| k.id == key_id)
+    } else {
+        None
+    };
+    let key = key.ok_or(KeyDocError::NoSuchKey)?;
+    if !same_origin_as(&origin, &key.owner) {
+        return Err(KeyDocError::ForeignOrigin(format!(
+            "controller {}",
+            key.owner
+        )));
+    }
+    let owner_confirmed =
+        doc_id == Some(key.owner.as_str()) && same_document(&key.owner, fetched_from);
+    Ok(FoundKey {
+        key,
+        owner_confirmed,
+    })
+}
+
 /// Reads an actor document fetched from `fetched_from`. `None` when its `id`
 /// is not the URL fetched (a server cannot describe another server's
 /// actor, nor a document elsewhere on its origin an actor), or it has no
@@ -373,6 +455,82 @@ mod tests {
             "https://r.example/u",
             "https://r.example/u/"
         ));
+    }
+
+    /// FEP-8b32's actor: an Ed25519 Multikey in `assertionMethod`.
+    fn multikey_actor() -> Value {
+        json!({
+            "id": "https://server.example/users/alice",
+            "inbox": "https://server.example/users/alice/inbox",
+            "assertionMethod": [{
+                "id": "https://server.example/users/alice#ed25519-key",
+                "type": "Multikey",
+                "controller": "https://server.example/users/alice",
+                "publicKeyMultibase": "z6MkrJVnaZkeFzdQyMZu1cgjg7k1pZZ6pvBQ7XJPt4swbTQ2"
+            }]
+        })
+    }
+
+    #[test]
+    fn an_assertion_method_multikey() {
+        let doc = multikey_actor();
+        let actor = "https://server.example/users/alice";
+        let kid = "https://server.example/users/alice#ed25519-key";
+        let k = assertion_key_in_document(actor, kid, &doc).unwrap();
+        assert!(k.owner_confirmed);
+        assert_eq!(k.key.owner, actor);
+        assert!(k.key.pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+        assert!(lists_assertion_key(&doc, &k.key));
+        // Not a key for requests, and no other key for assertions.
+        assert_eq!(
+            key_in_document(actor, kid, &doc),
+            Err(KeyDocError::NoSuchKey)
+        );
+        assert_eq!(
+            assertion_key_in_document(actor, &format!("{actor}#main-key"), &doc),
+            Err(KeyDocError::NoSuchKey)
+        );
+        // Another codec, another type, no controller: not a key.
+        for (field, v) in [
+            (
+                "publicKeyMultibase",
+                json!("zDnaerDaTF5BXEavCrfRZEk316dpbLsfPDZ3WJ5hRTPFU2169"),
+            ),
+            ("type", json!("JsonWebKey")),
+            ("controller", Value::Null),
+        ] {
+            let mut d = multikey_actor();
+            d["assertionMethod"][0][field] = v;
+            assert_eq!(
+                assertion_key_in_document(actor, kid, &d),
+                Err(KeyDocError::NoSuchKey),
+                "{field}"
+            );
+        }
+        // A controller of another origin.
+        let mut d = multikey_actor();
+        d["assertionMethod"][0]["controller"] = json!("https://victim.example/users/bob");
+        assert!(matches!(
+            assertion_key_in_document(actor, kid, &d),
+            Err(KeyDocError::ForeignOrigin(_))
+        ));
+        // A key id of another origin than the URL fetched.
+        assert!(matches!(
+            assertion_key_in_document("https://evil.example/k", kid, &doc),
+            Err(KeyDocError::ForeignOrigin(_))
+        ));
+        // The Multikey document itself: its controller must confirm it.
+        let alone = doc["assertionMethod"][0].clone();
+        let k = assertion_key_in_document(kid, kid, &alone).unwrap();
+        assert!(!k.owner_confirmed);
+        assert!(lists_assertion_key(&doc, &k.key));
+        let mut other = multikey_actor();
+        other["assertionMethod"][0]["publicKeyMultibase"] =
+            json!(crate::multibase::ed25519_multikey_encode(&[7; 32]));
+        assert!(
+            !lists_assertion_key(&other, &k.key),
+            "another key under the id"
+        );
     }
 
     #[test]

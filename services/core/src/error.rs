@@ -35,4 +35,9 @@ pub enum CoreError {
     /// The `Date` header is outside the allowed window.
     #[error("date outside the allowed window: {0}")]
     StaleDate(String),
+    /// An Object Integrity Proof (FEP-8b32) that cannot be read or used:
+    /// another type or cryptosuite, a bad `proofValue`, `created` ahead of
+    /// the clock, a document that cannot be canonicalized.
+    #[error("invalid proof: {0}")]
+    InvalidProof(String),
 }

@@ -126,6 +126,26 @@ pub fn activity(data: &[u8]) {
                 let _ = crate::activity::id_of(a);
             }
         }
+        // An Object Integrity Proof read and checked against a key, and
+        // the canonical form (RFC 8785) of whatever parsed.
+        if let Ok(p) = crate::integrity::read_proof(&v, 1_700_000_000, 300) {
+            if let Ok(key) =
+                crate::keys::VerifyingKey::from_pem(&crate::multibase::ed25519_spki_pem(&[1; 32]))
+            {
+                let _ = crate::integrity::verify_proof(&v, &p, &key);
+            }
+        }
+        if let Ok(c) = crate::jcs::canonicalize(&v) {
+            // Canonical JSON is JSON, and canonical again as it is.
+            let back = serde_json::from_str::<Value>(&c).ok();
+            assert!(back.is_some(), "canonical JSON does not parse: {c}");
+            if let Some(back) = back {
+                assert_eq!(
+                    crate::jcs::canonicalize(&back).ok().as_deref(),
+                    Some(c.as_str())
+                );
+            }
+        }
         if let Ok(body) = crate::activity::delivered_body(&v) {
             // What is delivered never carries the blind recipients.
             if let Ok(Value::Object(d)) = serde_json::from_slice::<Value>(&body) {
@@ -170,6 +190,11 @@ pub fn documents(data: &[u8]) {
             assert!(crate::documents::same_origin(&found.key.owner, fetched));
             assert_eq!(found.key.id, key_id);
             let _ = crate::documents::lists_key(&doc, &found.key);
+        }
+        if let Ok(found) = crate::documents::assertion_key_in_document(fetched, key_id, &doc) {
+            assert!(crate::documents::same_origin(&found.key.owner, fetched));
+            assert_eq!(found.key.id, key_id);
+            let _ = crate::documents::lists_assertion_key(&doc, &found.key);
         }
     }
 }

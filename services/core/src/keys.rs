@@ -43,6 +43,20 @@ pub fn generate_rsa_2048() -> Result<GeneratedKey, CoreError> {
     })
 }
 
+/// A fresh Ed25519 key pair: the private half as PKCS#8 DER and the 32
+/// bytes of the public half (an Object Integrity Proof key, FEP-521a).
+pub fn generate_ed25519() -> Result<(Vec<u8>, [u8; 32]), CoreError> {
+    use aws_lc_rs::signature::Ed25519KeyPair;
+    let pair = Ed25519KeyPair::generate().map_err(|e| CoreError::Key(e.to_string()))?;
+    let pkcs8 = pair.to_pkcs8().map_err(|e| CoreError::Key(e.to_string()))?;
+    let public: [u8; 32] = pair
+        .public_key()
+        .as_ref()
+        .try_into()
+        .map_err(|_| CoreError::Key("an Ed25519 public key not of 32 bytes".into()))?;
+    Ok((pkcs8.as_ref().to_vec(), public))
+}
+
 /// Loads a private key stored as PKCS#8 DER.
 pub fn load_private_key(pkcs8_der: &[u8]) -> Result<KeyPair, CoreError> {
     KeyPair::from_pkcs8(pkcs8_der).map_err(|e| CoreError::Key(e.to_string()))

@@ -11,7 +11,10 @@ mod error;
 pub mod followers_sync;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod integrity;
+pub mod jcs;
 pub mod keys;
+pub mod multibase;
 pub mod sfv;
 pub mod signature;
 pub mod targets;

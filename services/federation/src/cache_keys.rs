@@ -19,6 +19,18 @@ pub fn key_refetched(key_id: &str) -> String {
     format!("keyrefetched:{key_id}")
 }
 
+/// A remote actor's `assertionMethod` key (Object Integrity Proofs,
+/// `{owner, pem}`), or a remembered failure to get it: apart from the keys
+/// that sign requests, so that one is never taken for the other.
+pub fn assertion_key(key_id: &str) -> String {
+    format!("akey:{key_id}")
+}
+
+/// The mark of an `assertionMethod` key's last refetch.
+pub fn assertion_key_refetched(key_id: &str) -> String {
+    format!("akeyrefetched:{key_id}")
+}
+
 /// Key fetches asked for by one client for one (normalised) domain in one
 /// minute.
 pub fn key_fetches(domain: &str, client: &str, minute: u64) -> String {

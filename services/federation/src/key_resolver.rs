@@ -8,6 +8,12 @@
 //! rationed: a key that stops verifying is fetched again (rotation) at most
 //! once per `STAMPEDE_KEY_REFETCH_SECS`, gone, invalid and refused keys are
 //! remembered, and fetches per remote host per minute are capped.
+//!
+//! Two kinds of keys, kept apart ([`Purpose`]): the keys that sign requests
+//! (`publicKey`, PEM) and the Ed25519 keys of Object Integrity Proofs
+//! (`assertionMethod`, FEP-521a Multikeys). Each has its own cache entries,
+//! so a key published for one is never used for the other; proof keys are
+//! kept in memory and Redis only (a day), not in the store.
 use crate::cache_keys;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -16,7 +22,10 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use serde_json::{json, Value};
-use stampede_core::documents::{key_in_document, lists_key, same_origin, KeyDocError};
+use stampede_core::documents::{
+    assertion_key_in_document, key_in_document, lists_assertion_key, lists_key, same_origin,
+    FoundKey, KeyDocError,
+};
 use stampede_core::keys::VerifyingKey;
 use stampede_core::targets::normalize_domain;
 use tokio::sync::OnceCell;
@@ -88,6 +97,57 @@ pub enum KeyError {
     },
 }
 
+/// What a key is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Signing requests: a `publicKey` of the owner's actor document.
+    Requests,
+    /// Object Integrity Proofs: an Ed25519 Multikey of the controller's
+    /// `assertionMethod`.
+    Assertions,
+}
+
+impl Purpose {
+    /// The key's name in this process's memory (and its fetch in flight).
+    fn memory_key(self, key_id: &str) -> String {
+        match self {
+            Purpose::Requests => key_id.to_string(),
+            // A space cannot be in a URL: no key id of requests looks so.
+            Purpose::Assertions => format!("assertion {key_id}"),
+        }
+    }
+
+    fn cache_key(self, key_id: &str) -> String {
+        match self {
+            Purpose::Requests => cache_keys::remote_key(key_id),
+            Purpose::Assertions => cache_keys::assertion_key(key_id),
+        }
+    }
+
+    fn refetch_mark(self, key_id: &str) -> String {
+        match self {
+            Purpose::Requests => cache_keys::key_refetched(key_id),
+            Purpose::Assertions => cache_keys::assertion_key_refetched(key_id),
+        }
+    }
+
+    /// Finds the key in a document fetched for it.
+    fn find(self, fetched_from: &str, key_id: &str, doc: &Value) -> Result<FoundKey, KeyDocError> {
+        match self {
+            Purpose::Requests => key_in_document(fetched_from, key_id, doc),
+            Purpose::Assertions => assertion_key_in_document(fetched_from, key_id, doc),
+        }
+    }
+
+    /// Whether the owner's actor document lists the key.
+    fn listed(self, owner_doc: &Value, key: &stampede_core::documents::PublishedKey) -> bool {
+        match self {
+            Purpose::Requests => lists_key(owner_doc, key),
+            Purpose::Assertions => lists_assertion_key(owner_doc, key),
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Slot {
     Key(Arc<KeyEntry>),
@@ -127,11 +187,17 @@ impl KeyResolver {
 
     /// What the caches know of `key_id`; never fetches.
     pub async fn known(&self, key_id: &str) -> Result<Known> {
+        self.known_for(Purpose::Requests, key_id).await
+    }
+
+    /// What the caches know of `key_id` for `purpose`; never fetches.
+    pub async fn known_for(&self, purpose: Purpose, key_id: &str) -> Result<Known> {
+        let memory_key = purpose.memory_key(key_id);
         if let Some(slot) = self
             .memory
             .lock()
             .ok()
-            .and_then(|mut m| m.get(key_id).cloned())
+            .and_then(|mut m| m.get(&memory_key).cloned())
         {
             match slot {
                 Slot::Key(k) if k.loaded.elapsed() < MEMORY_TTL => return Ok(Known::Key(k)),
@@ -140,20 +206,24 @@ impl KeyResolver {
             }
         }
         let b = &self.p.backends;
-        if let Some(raw) = b.cache.get(&cache_keys::remote_key(key_id)).await? {
+        if let Some(raw) = b.cache.get(&purpose.cache_key(key_id)).await? {
             let v: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
             if v.get("gone").is_some() {
-                self.remember(key_id, Slot::Gone(Instant::now()));
+                self.remember(&memory_key, Slot::Gone(Instant::now()));
                 return Ok(Known::Gone);
             }
             if let (Some(owner), Some(pem)) = (v["owner"].as_str(), v["pem"].as_str()) {
-                if let Ok(k) = self.entry(key_id, owner, pem) {
+                if let Ok(k) = self.entry(purpose, key_id, owner, pem) {
                     return Ok(Known::Key(k));
                 }
             }
         }
+        if purpose == Purpose::Assertions {
+            // Not kept in the store.
+            return Ok(Known::Unknown);
+        }
         if let Some(k) = b.store.remote_key(key_id).await? {
-            if let Ok(e) = self.entry(key_id, &k.owner, &k.public_key_pem) {
+            if let Ok(e) = self.entry(purpose, key_id, &k.owner, &k.public_key_pem) {
                 b.cache
                     .set(
                         &cache_keys::remote_key(key_id),
@@ -180,6 +250,7 @@ impl KeyResolver {
     /// before the origin rule was enforced).
     fn entry(
         &self,
+        purpose: Purpose,
         key_id: &str,
         owner: &str,
         pem: &str,
@@ -191,13 +262,16 @@ impl KeyResolver {
         }
         let key = VerifyingKey::from_pem(pem)
             .map_err(|e| KeyError::Gone(format!("unusable key: {e}")))?;
+        if purpose == Purpose::Assertions && key.is_rsa() {
+            return Err(KeyError::Gone(format!("{key_id} is not an Ed25519 key")));
+        }
         let e = Arc::new(KeyEntry {
             key_id: key_id.to_string(),
             owner: owner.to_string(),
             key,
             loaded: Instant::now(),
         });
-        self.remember(key_id, Slot::Key(e.clone()));
+        self.remember(&purpose.memory_key(key_id), Slot::Key(e.clone()));
         Ok(e)
     }
 
@@ -209,7 +283,17 @@ impl KeyResolver {
         key_id: &str,
         client: &str,
     ) -> std::result::Result<(Arc<KeyEntry>, bool), KeyError> {
-        match self.known(key_id).await {
+        self.get_for(Purpose::Requests, key_id, client).await
+    }
+
+    /// [`KeyResolver::get`] for a key of `purpose`.
+    pub async fn get_for(
+        &self,
+        purpose: Purpose,
+        key_id: &str,
+        client: &str,
+    ) -> std::result::Result<(Arc<KeyEntry>, bool), KeyError> {
+        match self.known_for(purpose, key_id).await {
             Ok(Known::Key(k)) => {
                 self.count("hit");
                 return Ok((k, false));
@@ -224,7 +308,7 @@ impl KeyResolver {
         self.count("miss");
         // Boxed: the network path is rare, and inline it would size every
         // message's future for it.
-        Box::pin(self.fetch(key_id, client))
+        Box::pin(self.fetch(purpose, key_id, client))
             .await
             .map(|k| (k, true))
     }
@@ -238,8 +322,18 @@ impl KeyResolver {
         key_id: &str,
         client: &str,
     ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
+        self.refetch_for(Purpose::Requests, key_id, client).await
+    }
+
+    /// [`KeyResolver::refetch`] for a key of `purpose`.
+    pub async fn refetch_for(
+        &self,
+        purpose: Purpose,
+        key_id: &str,
+        client: &str,
+    ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
         let window = self.p.cfg.key_refetch;
-        let mark = cache_keys::key_refetched(key_id);
+        let mark = purpose.refetch_mark(key_id);
         let cache = &self.p.backends.cache;
         let now = unix_ms();
         let first = cache
@@ -265,29 +359,31 @@ impl KeyResolver {
                 wait: window.saturating_sub(elapsed).max(Duration::from_secs(1)),
             });
         }
-        Box::pin(self.fetch(key_id, client)).await
+        Box::pin(self.fetch(purpose, key_id, client)).await
     }
 
     /// Fetches once per key at a time: concurrent callers share the fetch.
     async fn fetch(
         &self,
+        purpose: Purpose,
         key_id: &str,
         client: &str,
     ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
+        let memory_key = purpose.memory_key(key_id);
         let flight = {
             let mut m = self
                 .inflight
                 .lock()
                 .map_err(|_| KeyError::Unavailable("lock poisoned".into()))?;
-            m.entry(key_id.to_string()).or_default().clone()
+            m.entry(memory_key.clone()).or_default().clone()
         };
         let result = flight
-            .get_or_init(|| self.fetch_now(key_id, client))
+            .get_or_init(|| self.fetch_now(purpose, key_id, client))
             .await
             .clone();
         if let Ok(mut m) = self.inflight.lock() {
-            if m.get(key_id).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                m.remove(key_id);
+            if m.get(&memory_key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                m.remove(&memory_key);
             }
         }
         result
@@ -364,6 +460,7 @@ impl KeyResolver {
 
     async fn fetch_now(
         &self,
+        purpose: Purpose,
         key_id: &str,
         client: &str,
     ) -> std::result::Result<Arc<KeyEntry>, KeyError> {
@@ -376,10 +473,14 @@ impl KeyResolver {
         };
         let result = async {
             let doc = self.get_document(&url, client).await?;
-            let found = key_in_document(url.as_str(), key_id, &doc).map_err(|e| match e {
-                KeyDocError::NoSuchKey => Fetched::Invalid(format!("{url} has no key {key_id}")),
-                e => Fetched::Invalid(e.to_string()),
-            })?;
+            let found = purpose
+                .find(url.as_str(), key_id, &doc)
+                .map_err(|e| match e {
+                    KeyDocError::NoSuchKey => {
+                        Fetched::Invalid(format!("{url} has no key {key_id}"))
+                    }
+                    e => Fetched::Invalid(e.to_string()),
+                })?;
             let key = found.key;
             if found.owner_confirmed {
                 // The key document is the owner's actor document: keep its inboxes.
@@ -391,7 +492,7 @@ impl KeyResolver {
                     .map_err(|_| Fetched::Invalid(format!("owner {} is not a URL", key.owner)))?;
                 let owner_doc = self.get_document(&owner_url, client).await?;
                 let is_owner = owner_doc.get("id").and_then(Value::as_str) == Some(&key.owner);
-                if !is_owner || !lists_key(&owner_doc, &key) {
+                if !is_owner || !purpose.listed(&owner_doc, &key) {
                     return Err(Fetched::Invalid(format!(
                         "the actor {} does not list key {key_id}",
                         key.owner
@@ -413,36 +514,38 @@ impl KeyResolver {
             }
             Err(Fetched::Gone(status)) => {
                 self.fetched("gone");
-                self.mark_negative(key_id, GONE_TTL).await;
+                self.mark_negative(purpose, key_id, GONE_TTL).await;
                 return Err(KeyError::Gone(format!("{url} answered {status}")));
             }
             Err(Fetched::Refused(r)) => {
                 self.fetched("refused");
-                self.mark_negative(key_id, INVALID_TTL).await;
+                self.mark_negative(purpose, key_id, INVALID_TTL).await;
                 return Err(KeyError::Gone(format!("refused: {r}")));
             }
             Err(Fetched::Invalid(r)) => {
                 self.fetched("invalid");
-                self.mark_negative(key_id, INVALID_TTL).await;
-                tracing::info!(key_id, reason = %r, "key document refused");
+                self.mark_negative(purpose, key_id, INVALID_TTL).await;
+                tracing::info!(key_id, ?purpose, reason = %r, "key document refused");
                 return Err(KeyError::Gone(r));
             }
         };
         let unavailable = |e: stampede_backends::Error| KeyError::Backend(e.to_string());
-        let entry = self.entry(key_id, &key.owner, &key.pem)?;
+        let entry = self.entry(purpose, key_id, &key.owner, &key.pem)?;
         self.fetched("fetched");
         let b = &self.p.backends;
-        b.store
-            .put_remote_key(&RemoteKey {
-                key_id: key_id.to_string(),
-                owner: key.owner.clone(),
-                public_key_pem: key.pem.clone(),
-            })
-            .await
-            .map_err(unavailable)?;
+        if purpose == Purpose::Requests {
+            b.store
+                .put_remote_key(&RemoteKey {
+                    key_id: key_id.to_string(),
+                    owner: key.owner.clone(),
+                    public_key_pem: key.pem.clone(),
+                })
+                .await
+                .map_err(unavailable)?;
+        }
         b.cache
             .set(
-                &cache_keys::remote_key(key_id),
+                &purpose.cache_key(key_id),
                 &json!({"owner": key.owner, "pem": key.pem})
                     .to_string()
                     .into_bytes(),
@@ -477,19 +580,27 @@ impl KeyResolver {
     }
 
     /// Remembers that `key_id` cannot be had, everywhere, for `ttl`.
-    async fn mark_negative(&self, key_id: &str, ttl: Duration) {
-        self.remember(key_id, Slot::Gone(Instant::now()));
+    async fn mark_negative(&self, purpose: Purpose, key_id: &str, ttl: Duration) {
+        self.remember(&purpose.memory_key(key_id), Slot::Gone(Instant::now()));
         let _ = self
             .p
             .backends
             .cache
-            .set(&cache_keys::remote_key(key_id), br#"{"gone":true}"#, ttl)
+            .set(&purpose.cache_key(key_id), br#"{"gone":true}"#, ttl)
             .await;
     }
 
     /// Remembers that `key_id` is gone, everywhere.
     pub async fn mark_gone(&self, key_id: &str) {
-        self.mark_negative(key_id, GONE_TTL).await
+        self.mark_negative(Purpose::Requests, key_id, GONE_TTL)
+            .await
+    }
+
+    /// Remembers that the `assertionMethod` key `key_id` is gone, everywhere
+    /// (its actor was deleted).
+    pub async fn mark_assertion_key_gone(&self, key_id: &str) {
+        self.mark_negative(Purpose::Assertions, key_id, GONE_TTL)
+            .await
     }
 
     /// Forgets the keys of a deleted actor and remembers them gone.

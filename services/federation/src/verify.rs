@@ -6,6 +6,12 @@
 //! `STAMPEDE_KEY_REFETCH_SECS`), and the cheap drop of `Delete`s of actors
 //! whose keys we never had. Used by the inbox service and by the `Verify`
 //! gRPC call.
+//!
+//! An activity may carry an Object Integrity Proof (FEP-8b32,
+//! `eddsa-jcs-2022`) by its author: then the proof must verify with the
+//! author's `assertionMethod` key (of the actor's origin, controlled by the
+//! actor), and the request's signature may be another server's, which
+//! forwarded it. Without a proof, the signer must be the actor.
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -16,7 +22,7 @@ use stampede_core::verify::{
 use stampede_core::CoreError;
 use url::Url;
 
-use crate::key_resolver::{KeyError, KeyResolver, Known};
+use crate::key_resolver::{KeyError, KeyResolver, Known, Purpose};
 use stampede_runtime::process::Process;
 
 /// The outcome of verification (also the `result` label of the inbound metric).
@@ -46,6 +52,10 @@ pub enum Verdict {
     /// The signature was made for another server (its signed `host` /
     /// `@authority` is not our public host or an alias): a replay.
     WrongHost,
+    /// The activity's Object Integrity Proof does not verify, or cannot be
+    /// used: another cryptosuite, `created` ahead of the clock, a key not
+    /// the actor's or of another origin, a tampered document.
+    BadProof,
 }
 
 impl Verdict {
@@ -62,6 +72,7 @@ impl Verdict {
             Verdict::ForeignId => "foreign_id",
             Verdict::Malformed => "malformed",
             Verdict::WrongHost => "wrong_host",
+            Verdict::BadProof => "bad_proof",
         }
     }
 }
@@ -85,6 +96,13 @@ pub struct Verification {
     /// Whether it is transient because one of our own backends failed
     /// (not the key's server): worth trying again as soon as it is back.
     pub backend: bool,
+    /// The `verificationMethod` of the activity's Object Integrity Proof,
+    /// when one verified.
+    pub proof_key_id: Option<String>,
+    /// Whether the request was signed by another actor than the
+    /// activity's (a forward), which the proof vouches for: `key_id` is
+    /// the forwarder's, `owner` the actor.
+    pub forwarded: bool,
 }
 
 impl Verification {
@@ -97,6 +115,8 @@ impl Verification {
             transient: false,
             retry_after: None,
             backend: false,
+            proof_key_id: None,
+            forwarded: false,
         }
     }
 
@@ -245,6 +265,21 @@ impl Verifier {
         activity: Option<&ActivityInfo>,
         client: &str,
     ) -> Verification {
+        static NO_BODY: Value = Value::Null;
+        self.verify_activity(req, activity.map(|a| (a, &NO_BODY)), client)
+            .await
+    }
+
+    /// [`Verifier::verify`] of an activity and its parsed body: when the
+    /// body carries an Object Integrity Proof, the proof is verified too,
+    /// and it lets another server's signature (a forward) stand for the
+    /// actor's.
+    pub async fn verify_activity(
+        &self,
+        req: &HttpRequest<'_>,
+        activity: Option<(&ActivityInfo, &Value)>,
+        client: &str,
+    ) -> Verification {
         let started = Instant::now();
         let v = self.verify_inner(req, activity, client).await;
         self.p
@@ -257,9 +292,14 @@ impl Verifier {
     async fn verify_inner(
         &self,
         req: &HttpRequest<'_>,
-        activity: Option<&ActivityInfo>,
+        activity: Option<(&ActivityInfo, &Value)>,
         client: &str,
     ) -> Verification {
+        // The body only matters when it carries a proof: one lookup.
+        let proof_doc = activity
+            .map(|(_, doc)| doc)
+            .filter(|doc| stampede_core::integrity::has_proof(doc));
+        let activity = activity.map(|(a, _)| a);
         let cfg = &self.p.cfg;
         let signed = match parse(req) {
             Ok(s) => s,
@@ -320,6 +360,8 @@ impl Verifier {
         if self.p.policy.is_blocked(&key_host) {
             return Verification::no(Verdict::Blocked, format!("{key_host} is blocked"), key_id);
         }
+        // The author's proof, read (not yet verified) when there is one.
+        let mut proof = None;
         if let Some(a) = activity {
             let actor = url_and_host(&a.actor);
             if actor
@@ -328,23 +370,58 @@ impl Verifier {
             {
                 return Verification::no(Verdict::Blocked, "the actor's domain is blocked", key_id);
             }
-            let Some((actor_url, _)) = actor.filter(|(u, _)| u.origin() == key_url.origin()) else {
+            if let Some(doc) = proof_doc {
+                let p = match stampede_core::integrity::read_proof(
+                    doc,
+                    now,
+                    cfg.inbound_max_future_secs,
+                ) {
+                    Ok(p) => p,
+                    Err(e) => return Verification::no(Verdict::BadProof, e.to_string(), key_id),
+                };
+                proof = Some(p);
+            }
+            let forwarded = actor
+                .as_ref()
+                .is_some_and(|(u, _)| u.origin() != key_url.origin());
+            let Some((url, _)) = actor.filter(|_| !forwarded || proof.is_some()) else {
                 return Verification::no(
                     Verdict::BadSignature,
                     format!(
-                        "key {} cannot speak for {}: another origin",
+                        "key {} cannot speak for {}: another origin, and no proof by the actor",
                         signed.key_id, a.actor
                     ),
                     key_id,
                 );
             };
-            if let Err(reason) = ids_of_actor_origin(&actor_url, a) {
+            if let Some(p) = &proof {
+                if !stampede_core::documents::same_origin_as(&url, &p.verification_method) {
+                    return Verification::no(
+                        Verdict::BadProof,
+                        format!(
+                            "proof key {} cannot speak for {}: another origin",
+                            p.verification_method, a.actor
+                        ),
+                        key_id,
+                    );
+                }
+            }
+            if let Err(reason) = ids_of_actor_origin(&url, a) {
                 return Verification::no(Verdict::ForeignId, reason, key_id);
             }
             let self_delete =
                 a.kind == "Delete" && a.object_id.as_deref().is_none_or(|o| o == a.actor);
             if self_delete {
-                match self.keys.known(&signed.key_id).await {
+                // The author's key: the proof's when the signer is another's.
+                let known = match (&proof, forwarded) {
+                    (Some(p), true) => {
+                        self.keys
+                            .known_for(Purpose::Assertions, &p.verification_method)
+                            .await
+                    }
+                    _ => self.keys.known(&signed.key_id).await,
+                };
+                match known {
                     Ok(Known::Key(_)) => {}
                     Ok(Known::Gone) | Ok(Known::Unknown) => {
                         return Verification::no(
@@ -389,23 +466,106 @@ impl Verifier {
         if let Err(e) = result {
             return Verification::no(Verdict::BadSignature, e.to_string(), key_id);
         }
+        let mut owner = key.owner.clone();
+        let mut proof_key_id = None;
         if let Some(a) = activity {
-            if key.owner != a.actor {
-                return Verification::no(
-                    Verdict::BadSignature,
-                    format!("key owner {} is not the actor {}", key.owner, a.actor),
-                    key_id,
-                );
+            match (&proof, proof_doc) {
+                (Some(p), Some(doc)) => {
+                    // FEP-8b32: a proof that fails refuses the activity,
+                    // whoever signed the request.
+                    if let Err(v) = self.check_proof(doc, p, a, client, key_id).await {
+                        return v;
+                    }
+                    proof_key_id = Some(p.verification_method.clone());
+                    owner = a.actor.clone();
+                }
+                _ if key.owner != a.actor => {
+                    return Verification::no(
+                        Verdict::BadSignature,
+                        format!("key owner {} is not the actor {}", key.owner, a.actor),
+                        key_id,
+                    );
+                }
+                _ => {}
             }
         }
+        let forwarded = owner != key.owner;
         Verification {
             verdict: Verdict::Accepted,
-            reason: "verified".into(),
+            reason: if forwarded {
+                format!("verified: forwarded by {}, proof by the actor", key.owner)
+            } else {
+                "verified".into()
+            },
             key_id: Some(signed.key_id.clone()),
-            owner: Some(key.owner.clone()),
+            owner: Some(owner),
             transient: false,
             retry_after: None,
             backend: false,
+            proof_key_id,
+            forwarded,
         }
+    }
+
+    /// Verifies the activity's proof (read from `doc`) with its
+    /// `verificationMethod`: an `assertionMethod` key of the actor's origin
+    /// (checked before), controlled by the actor, fetched (or refetched,
+    /// for rotation, at most once per `STAMPEDE_KEY_REFETCH_SECS`) like
+    /// the keys of requests.
+    async fn check_proof(
+        &self,
+        doc: &Value,
+        proof: &stampede_core::integrity::Proof,
+        a: &ActivityInfo,
+        client: &str,
+        key_id: Option<&str>,
+    ) -> Result<(), Verification> {
+        use stampede_core::integrity::verify_proof;
+        let method = proof.verification_method.as_str();
+        let (mut key, fresh) = self
+            .keys
+            .get_for(Purpose::Assertions, method, client)
+            .await
+            .map_err(|e| Verification::key_error(e, key_id))?;
+        let mut result = verify_proof(doc, proof, &key.key);
+        if matches!(result, Err(CoreError::BadSignature)) && !fresh {
+            match self
+                .keys
+                .refetch_for(Purpose::Assertions, method, client)
+                .await
+            {
+                Ok(k) => {
+                    key = k;
+                    result = verify_proof(doc, proof, &key.key);
+                }
+                Err(KeyError::Throttled { reason, wait }) => {
+                    return Err(Verification::no(
+                        Verdict::BadProof,
+                        format!("proof does not verify with the cached key {method} ({reason})"),
+                        key_id,
+                    )
+                    .later(Some(wait)))
+                }
+                Err(e) => return Err(Verification::key_error(e, key_id)),
+            }
+        }
+        if let Err(e) = result {
+            return Err(Verification::no(
+                Verdict::BadProof,
+                format!("proof by {method}: {e}"),
+                key_id,
+            ));
+        }
+        if key.owner != a.actor {
+            return Err(Verification::no(
+                Verdict::BadProof,
+                format!(
+                    "proof key {method} is controlled by {}, not the actor {}",
+                    key.owner, a.actor
+                ),
+                key_id,
+            ));
+        }
+        Ok(())
     }
 }

@@ -363,7 +363,10 @@ impl Inbox {
             headers: &headers,
             body: &job.body,
         };
-        let v = self.verifier.verify(&req, Some(&info), &job.client).await;
+        let v = self
+            .verifier
+            .verify_activity(&req, Some((&info, &json)), &job.client)
+            .await;
         if v.verdict != Verdict::Accepted {
             if v.transient && v.backend {
                 return Err(Later::Backend(v.reason));
@@ -417,7 +420,8 @@ impl Inbox {
                 let cx = effects::Context {
                     json: &json,
                     info: &info,
-                    key_id: v.key_id.as_deref(),
+                    key_id: v.key_id.as_deref().filter(|_| !v.forwarded),
+                    proof_key_id: v.proof_key_id.as_deref(),
                 };
                 // Boxed: most activities have none, and inline these paths
                 // would size every message's future for them.

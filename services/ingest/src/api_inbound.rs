@@ -166,12 +166,12 @@ impl InboundService for InboundApi {
         // A body that is an activity (an object with a `type`) must be one
         // that can be read: verifying only the key would vouch for an
         // actor the caller might then read out of the body unchecked.
-        let (info, unreadable) = match parse_json(&r.body) {
+        let (info, unreadable, json) = match parse_json(&r.body) {
             Ok(j) if j.get("type").is_some() => match activity_info(&j) {
-                Ok(i) => (Some(i), None),
-                Err(reason) => (None, Some(reason)),
+                Ok(i) => (Some(i), None, j),
+                Err(reason) => (None, Some(reason), j),
             },
-            _ => (None, None),
+            _ => (None, None, serde_json::Value::Null),
         };
         let http = HttpRequest {
             method: &r.method,
@@ -184,7 +184,7 @@ impl InboundService for InboundApi {
         let mut v = self
             .0
             .verifier
-            .verify(&http, info.as_ref(), "verify-rpc")
+            .verify_activity(&http, info.as_ref().map(|i| (i, &json)), "verify-rpc")
             .await;
         if let (Verdict::Accepted, Some(reason)) = (v.verdict, unreadable) {
             v.verdict = Verdict::Malformed;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::json;
 use stampede_proto::api::inbound_service_client::InboundServiceClient;
-use stampede_proto::api::{VerifyHeader, VerifyRequest};
+use stampede_proto::api::{SubscribeRequest, VerifyHeader, VerifyRequest};
 use stampede_sink::{SendOptions, Sink, SinkOptions};
 
 use crate::helpers::{spawn_app, wait_for, AppOptions, Backend, TestApp};
@@ -877,6 +877,272 @@ async fn blocked_domains_get_nothing_anywhere(backend: Backend) {
     app.stop().await;
 }
 
+/// Issue 26 part 5: an activity forwarded by a third server (its request
+/// signed by the forwarder's key) stands only on its author's Object
+/// Integrity Proof (FEP-8b32, `eddsa-jcs-2022`): verified with the
+/// author's `assertionMethod` Multikey, of the author's origin and
+/// controlled by the author. Tampered, signed by another key, by a key of
+/// another origin, of another cryptosuite or dated ahead of the clock:
+/// refused (`bad_proof`), nothing on the stream. A bad proof refuses even
+/// an activity its author signed the request for.
+async fn a_forwarded_activity_stands_only_on_its_authors_proof(backend: Backend) {
+    use stampede_core::integrity::sign;
+    use stampede_core::keys::generate_ed25519;
+    use stampede_core::multibase::ed25519_multikey_encode;
+    let app = spawn_app(
+        backend,
+        AppOptions {
+            extra: vec![("STAMPEDE_KEY_REFETCH_SECS", "1".into())],
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    // 0: the author's server; 1: the forwarder's; 2: evil's.
+    let sink = Sink::start(SinkOptions {
+        servers: 3,
+        ..SinkOptions::default()
+    })
+    .await
+    .unwrap();
+    app.create_actor("alice").await;
+    let inbox = format!("{}/users/alice/inbox", app.http_base);
+    let carol = sink.actor(0, "carol").unwrap().id;
+    let carol_key = format!("{carol}#ed25519-key");
+    let (pkcs8, public) = generate_ed25519().unwrap();
+    let (evil_pkcs8, evil_public) = generate_ed25519().unwrap();
+    let multikey = |id: &str, controller: &str, public: &[u8; 32]| {
+        json!({"id": id, "type": "Multikey", "controller": controller,
+               "publicKeyMultibase": ed25519_multikey_encode(public)})
+    };
+    // Carol's actor document: her key for requests and her Multikey.
+    sink.serve_document(
+        0,
+        "/users/carol",
+        json!({
+            "@context": ["https://www.w3.org/ns/activitystreams", "https://w3id.org/security/v1",
+                         "https://w3id.org/security/multikey/v1"],
+            "id": carol, "type": "Person", "inbox": format!("{carol}/inbox"),
+            "publicKey": {"id": format!("{carol}#main-key"), "owner": carol,
+                          "publicKeyPem": sink.public_pem(0).unwrap()},
+            "assertionMethod": [multikey(&carol_key, &carol, &public)],
+        }),
+    )
+    .unwrap();
+    // Erin, of carol's server, has a Multikey of her own.
+    let erin = sink.actor(0, "erin").unwrap().id;
+    let erin_key = format!("{erin}#ed25519-key");
+    let (erin_pkcs8, erin_public) = generate_ed25519().unwrap();
+    sink.serve_document(
+        0,
+        "/users/erin",
+        json!({"id": erin, "type": "Person", "inbox": format!("{erin}/inbox"),
+               "assertionMethod": [multikey(&erin_key, &erin, &erin_public)]}),
+    )
+    .unwrap();
+    // Evil publishes a Multikey of its own origin that claims carol.
+    let evil_base = format!("http://{}", sink.addr(2).unwrap());
+    let evil_key = format!("{evil_base}/keys/carol");
+    sink.serve_document(2, "/keys/carol", multikey(&evil_key, &carol, &evil_public))
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let create = |n: usize, content: &str| {
+        json!({
+            "@context": ["https://www.w3.org/ns/activitystreams", "https://w3id.org/security/data-integrity/v1"],
+            "id": format!("{carol}/creates/{n}"), "type": "Create", "actor": carol,
+            "to": ["https://www.w3.org/ns/activitystreams#Public"],
+            "object": {"id": format!("{carol}/notes/{n}"), "type": "Note",
+                       "attributedTo": carol, "content": content},
+        })
+    };
+    let signed = |n: usize| sign(&create(n, "hello"), &carol_key, now, &pkcs8).unwrap();
+    let forward = |a: serde_json::Value| {
+        let sink = &sink;
+        let inbox = inbox.clone();
+        async move {
+            let r = sink
+                .send(1, "dave", &inbox, &a, SendOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(r.status, 202, "the edge queues it");
+        }
+    };
+    // The attacks first, one at a time: a proof that fails with the
+    // cached key has the key fetched again (rotation) at most once per
+    // STAMPEDE_KEY_REFETCH_SECS (1 s here), else it is tried again later.
+    let refused = |what: &'static str, n: u64| {
+        let app = &app;
+        async move {
+            wait_for(what, Duration::from_secs(30), || async {
+                inbox_count(app, "bad_proof").await == n
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    };
+    // No proof at all: as before, the forwarder cannot speak for carol.
+    forward(create(1, "no proof")).await;
+    wait_for("no proof refused", Duration::from_secs(30), || async {
+        inbox_count(&app, "bad_signature").await == 1
+    })
+    .await;
+    // Tampered after signing.
+    let mut tampered = signed(2);
+    tampered["object"]["content"] = json!("tampered");
+    forward(tampered).await;
+    refused("the tampered object", 1).await;
+    // Signed by another key under carol's key id.
+    forward(sign(&create(3, "hello"), &carol_key, now, &evil_pkcs8).unwrap()).await;
+    refused("another key under carol's key id", 2).await;
+    // Signed by evil's key, of evil's origin, that claims carol.
+    forward(sign(&create(4, "hello"), &evil_key, now, &evil_pkcs8).unwrap()).await;
+    refused("a key of another origin", 3).await;
+    // Another cryptosuite.
+    let mut suite = signed(5);
+    suite["proof"]["cryptosuite"] = json!("eddsa-rdfc-2022");
+    forward(suite).await;
+    refused("another cryptosuite", 4).await;
+    // Dated an hour ahead of our clock (the skew allowed is 5 minutes).
+    forward(sign(&create(6, "hello"), &carol_key, now + 3600, &pkcs8).unwrap()).await;
+    refused("a proof from the future", 5).await;
+    // Carol signs the request herself, but the proof is bad: refused too.
+    let mut own = signed(7);
+    own["object"]["content"] = json!("tampered under her own signature");
+    let r = sink
+        .send(0, "carol", &inbox, &own, SendOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    refused("a bad proof under the author's own signature", 6).await;
+    assert_eq!(inbox_count(&app, "accepted").await, 0);
+    assert_eq!(inbox_count(&app, "bad_signature").await, 1);
+    assert_eq!(app.app_queue_depth().await, 0, "nothing on the stream");
+    assert_eq!(
+        sink.gets(2, "/keys/carol"),
+        0,
+        "a key of another origin than the actor's is not even fetched"
+    );
+
+    // The genuine forward: accepted, on the stream as carol's.
+    let genuine = signed(8);
+    forward(genuine.clone()).await;
+    // And carol's own request with a good proof.
+    let r = sink
+        .send(0, "carol", &inbox, &signed(9), SendOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    wait_for(
+        "the genuine ones accepted",
+        Duration::from_secs(30),
+        || async { inbox_count(&app, "accepted").await == 2 },
+    )
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(8);
+    tx.send(SubscribeRequest::default()).await.unwrap();
+    let mut stream = InboundServiceClient::new(app.grpc.clone())
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.actor, carol);
+        assert_eq!(m.verdict, "accepted");
+        seen.push(m.activity_id.clone());
+        tx.send(SubscribeRequest {
+            ack: vec![m.delivery_id],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![format!("{carol}/creates/8"), format!("{carol}/creates/9")],
+        "the forward (signed by dave) and carol's own"
+    );
+    // Verify says the same: the forward is carol's, the tampered one not.
+    let verify = |doc: serde_json::Value| {
+        let (sink, inbox, grpc) = (&sink, inbox.clone(), app.grpc.clone());
+        async move {
+            let body = doc.to_string().into_bytes();
+            let headers = sink
+                .signed_request_headers(1, "dave", "POST", &inbox, &body, &SendOptions::default())
+                .await
+                .unwrap();
+            InboundServiceClient::new(grpc)
+                .verify(verify_request(
+                    "POST",
+                    "/users/alice/inbox",
+                    &headers,
+                    &body,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let v = verify(signed(10)).await;
+    assert_eq!(
+        (v.verdict.as_str(), v.actor.as_str()),
+        ("accepted", carol.as_str()),
+        "{v:?}"
+    );
+    // Each attack refused for its own reason.
+    let mut tampered = signed(11);
+    tampered["to"] = json!([]);
+    let mut suite = signed(12);
+    suite["proof"]["cryptosuite"] = json!("eddsa-rdfc-2022");
+    for (doc, verdict, reason) in [
+        (
+            create(13, "no proof"),
+            "bad_signature",
+            "no proof by the actor",
+        ),
+        (tampered, "bad_proof", "signature does not verify"),
+        (
+            sign(&create(14, "hello"), &carol_key, now, &evil_pkcs8).unwrap(),
+            "bad_proof",
+            "signature does not verify",
+        ),
+        (
+            sign(&create(15, "hello"), &evil_key, now, &evil_pkcs8).unwrap(),
+            "bad_proof",
+            "another origin",
+        ),
+        (
+            sign(&create(17, "hello"), &erin_key, now, &erin_pkcs8).unwrap(),
+            "bad_proof",
+            "not the actor",
+        ),
+        (suite, "bad_proof", "cryptosuite"),
+        (
+            sign(&create(16, "hello"), &carol_key, now + 3600, &pkcs8).unwrap(),
+            "bad_proof",
+            "ahead of our clock",
+        ),
+    ] {
+        // Past the refetch window, so a failing proof is decided now.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let v = verify(doc).await;
+        assert_eq!(v.verdict, verdict, "{v:?}");
+        assert!(v.reason.contains(reason), "{v:?}");
+        assert!(v.actor.is_empty(), "{v:?}");
+    }
+    drop(tx);
+    drop(stream);
+    app.stop().await;
+}
+
 crate::both_backends!(
     a_key_document_cannot_redirect_another_servers_actor,
     verify_speaks_only_for_owners_that_list_the_key,
@@ -886,6 +1152,7 @@ crate::both_backends!(
     the_edge_limits_clients_not_the_actors_they_name,
     a_request_signed_for_another_server_is_refused,
     blocked_domains_get_nothing_anywhere,
+    a_forwarded_activity_stands_only_on_its_authors_proof,
 );
 
 /// Finding 8: 300 connections trickling a byte every 5 s (200 in their

@@ -1,5 +1,6 @@
 //! `Delete` of a remote actor: its follows of local actors removed, its
-//! cached actor document and keys forgotten.
+//! cached actor document and keys forgotten (the key that signed the
+//! request when it is the actor's, not a forwarder's; the proof's key).
 use super::Context;
 use crate::{Inbox, InboxError};
 
@@ -18,6 +19,9 @@ pub(super) async fn apply(inbox: &Inbox, cx: &Context<'_>) -> Result<(), InboxEr
         .keys()
         .forget_owner(&info.actor, &keys)
         .await?;
+    if let Some(k) = cx.proof_key_id {
+        inbox.verifier.keys().mark_assertion_key_gone(k).await;
+    }
     tracing::info!(actor = %info.actor, follows_removed = removed, "remote actor deleted");
     Ok(())
 }

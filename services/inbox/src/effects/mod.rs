@@ -44,8 +44,12 @@ pub(crate) struct Context<'a> {
     pub json: &'a Value,
     /// What verification read of it.
     pub info: &'a ActivityInfo,
-    /// The key that signed it.
+    /// The actor's key that signed the request; `None` when another
+    /// server's key signed it (a forward the actor's proof vouches for).
     pub key_id: Option<&'a str>,
+    /// The actor's `assertionMethod` key its Object Integrity Proof
+    /// verified with, if it had one.
+    pub proof_key_id: Option<&'a str>,
 }
 
 impl Inbox {
