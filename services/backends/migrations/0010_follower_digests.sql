@@ -37,6 +37,9 @@ BEGIN
                     WHERE m.actor_id = c.actor_id AND m.authority = '')
        AND EXISTS (SELECT 1 FROM actors a WHERE a.id = c.actor_id)
      GROUP BY c.actor_id, c.authority
+     -- One order for every statement's row locks: two statements touching
+     -- the same digests never wait for each other in a cycle.
+     ORDER BY c.actor_id, c.authority
     ON CONFLICT (actor_id, authority) DO UPDATE
        SET digest = d.digest # EXCLUDED.digest, followers = d.followers + EXCLUDED.followers;
     RETURN NULL;

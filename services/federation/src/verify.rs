@@ -145,6 +145,11 @@ impl Verification {
 /// of a hundred bytes or so, and each is kept for a week as a dedup mark.
 pub const MAX_ID_BYTES: usize = 2048;
 
+/// How long the inbox remembers an activity id per inbox to drop replays;
+/// a forwarded activity's proof older than this is refused, so a captured
+/// forward cannot be replayed once its id is forgotten.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// What verification needs to know of the activity.
 #[derive(Debug, Clone)]
 pub struct ActivityInfo {
@@ -370,20 +375,47 @@ impl Verifier {
             {
                 return Verification::no(Verdict::Blocked, "the actor's domain is blocked", key_id);
             }
-            if let Some(doc) = proof_doc {
-                let p = match stampede_core::integrity::read_proof(
-                    doc,
-                    now,
-                    cfg.inbound_max_future_secs,
-                ) {
-                    Ok(p) => p,
-                    Err(e) => return Verification::no(Verdict::BadProof, e.to_string(), key_id),
-                };
-                proof = Some(p);
-            }
             let forwarded = actor
                 .as_ref()
                 .is_some_and(|(u, _)| u.origin() != key_url.origin());
+            if let Some(doc) = proof_doc {
+                match stampede_core::integrity::read_proof(doc, now, cfg.inbound_max_future_secs) {
+                    Ok(p) if forwarded => {
+                        // A forward stands on its proof alone: one without a
+                        // creation time, or older than the inboxes remember
+                        // activity ids, could be replayed for ever.
+                        let Some(created) = p.created else {
+                            return Verification::no(
+                                Verdict::BadProof,
+                                "a forwarded activity's proof without `created`",
+                                key_id,
+                            );
+                        };
+                        if now.saturating_sub(created) > REPLAY_WINDOW.as_secs() as i64 {
+                            return Verification::no(
+                                Verdict::BadProof,
+                                format!(
+                                    "a forwarded activity's proof created {}s ago, more than the {}s activity ids are remembered",
+                                    now.saturating_sub(created),
+                                    REPLAY_WINDOW.as_secs()
+                                ),
+                                key_id,
+                            );
+                        }
+                        proof = Some(p);
+                    }
+                    Ok(p) => proof = Some(p),
+                    Err(e) if forwarded => {
+                        return Verification::no(Verdict::BadProof, e.to_string(), key_id)
+                    }
+                    // Signed by its author: a proof we cannot read (another
+                    // cryptosuite, `null`) adds nothing to that signature and
+                    // takes nothing from it. One we can read must verify.
+                    Err(e) => {
+                        tracing::debug!(error = %e, actor = %a.actor, "a proof we cannot read on an activity its author signed: ignored");
+                    }
+                }
+            }
             let Some((url, _)) = actor.filter(|_| !forwarded || proof.is_some()) else {
                 return Verification::no(
                     Verdict::BadSignature,

@@ -26,7 +26,7 @@ use stampede_runtime::worker;
 use stampede_proto::kinds::INBOUND_JOB;
 use stampede_proto::kinds::VERIFIED_ACTIVITY;
 /// How long an activity id is remembered per inbox to drop replays.
-const DEDUP_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+const DEDUP_TTL: Duration = stampede_federation::verify::REPLAY_WINDOW;
 /// Attempts for an activity whose key's server could not be reached.
 const MAX_ATTEMPTS: u32 = 4;
 

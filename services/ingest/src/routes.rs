@@ -79,9 +79,6 @@ const COLLECTION_MAX_AGE: &str = "public, max-age=60";
 /// What authorized fetch serves: for the requesting server alone, and
 /// answered per signature.
 const PRIVATE: &str = "private, max-age=60";
-/// The most follower ids one FEP-8fcf partial collection lists; beyond it
-/// the collection is not offered (a receiver keeps its follows).
-pub const SYNC_LIST_MAX: usize = 100_000;
 
 /// Who may GET a document.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -402,6 +399,24 @@ async fn followers_synchronization(
         Ok(a) => a,
         Err(r) => return r,
     };
+    // Offered only for the actors whose deliveries carry the header (fewer
+    // followers than STAMPEDE_FOLLOWERS_SYNC_MAX): that bounds what one
+    // request reads and holds, whoever signs it.
+    let max = s.cfg.followers_sync_max;
+    let not_offered = |why: String| {
+        let mut r = problem(StatusCode::NOT_FOUND, why);
+        private(&mut r);
+        r
+    };
+    match s.backends.store.follower_count(a.id).await {
+        Ok(n) if max == 0 || n >= max => {
+            return not_offered(format!(
+                "{name}'s followers are not synchronized (STAMPEDE_FOLLOWERS_SYNC_MAX)"
+            ))
+        }
+        Ok(_) => {}
+        Err(e) => return problem(http_status("follower count", &e), "store unavailable"),
+    }
     let prefix = format!("{authority}/");
     let mut ids: Vec<String> = Vec::new();
     loop {
@@ -421,13 +436,11 @@ async fn followers_synchronization(
         };
         let last_page = got.len() < 1000;
         ids.extend(got);
-        if ids.len() > SYNC_LIST_MAX {
-            let mut r = problem(
-                StatusCode::NOT_FOUND,
-                format!("more than {SYNC_LIST_MAX} followers on {authority}: not synchronized"),
-            );
-            private(&mut r);
-            return r;
+        // Follows added since the count: still no more than it allows.
+        if ids.len() as u64 >= max {
+            return not_offered(format!(
+                "{name}'s followers are not synchronized (STAMPEDE_FOLLOWERS_SYNC_MAX)"
+            ));
         }
         if last_page {
             break;

@@ -437,6 +437,14 @@ async fn followers_only_posts_carry_a_signed_collection_synchronization(backend:
             "server {i}"
         );
     }
+    // Nor is the partial collection offered at the limit: what one signed
+    // GET can make stampede read stays below it.
+    let at_limit = get(
+        &format!("{alice}/followers_synchronization"),
+        Some((&sink, 0, "instance")),
+    )
+    .await;
+    assert_eq!(at_limit.status, 404, "{}", at_limit.text);
     // One leaves: the digests follow every change.
     assert!(app
         .store

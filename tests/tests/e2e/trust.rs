@@ -1007,6 +1007,19 @@ async fn a_forwarded_activity_stands_only_on_its_authors_proof(backend: Backend)
     // Dated an hour ahead of our clock (the skew allowed is 5 minutes).
     forward(sign(&create(6, "hello"), &carol_key, now + 3600, &pkcs8).unwrap()).await;
     refused("a proof from the future", 5).await;
+    // Created longer ago than the inboxes remember activity ids: a captured
+    // forward is not replayed once its id is forgotten.
+    forward(
+        sign(
+            &create(11, "hello"),
+            &carol_key,
+            now - 8 * 24 * 3600,
+            &pkcs8,
+        )
+        .unwrap(),
+    )
+    .await;
+    refused("a forward older than the replay window", 6).await;
     // Carol signs the request herself, but the proof is bad: refused too.
     let mut own = signed(7);
     own["object"]["content"] = json!("tampered under her own signature");
@@ -1015,7 +1028,7 @@ async fn a_forwarded_activity_stands_only_on_its_authors_proof(backend: Backend)
         .await
         .unwrap();
     assert_eq!(r.status, 202);
-    refused("a bad proof under the author's own signature", 6).await;
+    refused("a bad proof under the author's own signature", 7).await;
     assert_eq!(inbox_count(&app, "accepted").await, 0);
     assert_eq!(inbox_count(&app, "bad_signature").await, 1);
     assert_eq!(app.app_queue_depth().await, 0, "nothing on the stream");
@@ -1034,10 +1047,19 @@ async fn a_forwarded_activity_stands_only_on_its_authors_proof(backend: Backend)
         .await
         .unwrap();
     assert_eq!(r.status, 202);
+    // Carol's own request with a proof of a cryptosuite we do not read: her
+    // signature stands, the proof adds nothing and takes nothing away.
+    let mut unread = signed(12);
+    unread["proof"]["cryptosuite"] = json!("eddsa-rdfc-2022");
+    let r = sink
+        .send(0, "carol", &inbox, &unread, SendOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
     wait_for(
         "the genuine ones accepted",
         Duration::from_secs(30),
-        || async { inbox_count(&app, "accepted").await == 2 },
+        || async { inbox_count(&app, "accepted").await == 3 },
     )
     .await;
     let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(8);
@@ -1048,7 +1070,7 @@ async fn a_forwarded_activity_stands_only_on_its_authors_proof(backend: Backend)
         .unwrap()
         .into_inner();
     let mut seen = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let m = tokio::time::timeout(Duration::from_secs(20), stream.message())
             .await
             .unwrap()
@@ -1067,8 +1089,12 @@ async fn a_forwarded_activity_stands_only_on_its_authors_proof(backend: Backend)
     seen.sort();
     assert_eq!(
         seen,
-        vec![format!("{carol}/creates/8"), format!("{carol}/creates/9")],
-        "the forward (signed by dave) and carol's own"
+        vec![
+            format!("{carol}/creates/12"),
+            format!("{carol}/creates/8"),
+            format!("{carol}/creates/9")
+        ],
+        "the forward (signed by dave) and carol's own two"
     );
     // Verify says the same: the forward is carol's, the tampered one not.
     let verify = |doc: serde_json::Value| {

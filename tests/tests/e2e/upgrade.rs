@@ -262,7 +262,7 @@ const SHIPPED_FILES: &[(&str, u64)] = &[
     ("0007_retention_indexes.sql", 0x9b21_a9db_ed85_dc0d),
     ("0008_repair_activity_status.sql", 0x60e7_3e72_f951_fd7a),
     ("0009_activity_status_indexes.sql", 0x6316_0add_620a_a822),
-    ("0010_follower_digests.sql", 0x0d4b_e262_6718_b2ee),
+    ("0010_follower_digests.sql", 0x8790_cda9_7415_603e),
     ("embedded/0001_store.sql", 0x7f69_2ec1_4319_86c9),
     ("embedded/0002_host_health.sql", 0xea41_5252_7ad4_e006),
     (
