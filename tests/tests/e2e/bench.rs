@@ -147,6 +147,44 @@ async fn every_bench_runs_small_and_passes_its_check(backend: Backend) {
         assert_eq!(r["body_bytes"], 2400);
         assert_eq!(r["inbox"], "personal");
     }
+    if backend == Backend::External {
+        // As production runs it: ingest and inbox each a process of its own.
+        let s = bench(
+            backend,
+            &[
+                "inbound",
+                "--requests",
+                "120",
+                "--actors",
+                "20",
+                "--servers",
+                "4",
+                "--inbox",
+                "personal",
+                "--activity",
+                "create",
+                "--subscribe",
+                "--connections",
+                "4",
+                "--rate",
+                "0",
+                "--processes",
+            ],
+        )
+        .await;
+        let separate = s["runs"].as_array().unwrap();
+        assert_eq!(separate.len(), 4, "per scheme: cold, warm at 4");
+        for r in separate {
+            assert_eq!(r["check"]["ok"], true, "{r}");
+            assert_eq!(r["check"]["on_application_stream"], 120);
+            for service in ["ingest", "inbox"] {
+                assert!(
+                    r["process_cpu_us_per_activity"][service].as_f64().unwrap() > 0.0,
+                    "{service}'s CPU is read from its process: {r}"
+                );
+            }
+        }
+    }
     let paced: Vec<_> = runs
         .iter()
         .filter(|r| r["offered_rate"].is_number())

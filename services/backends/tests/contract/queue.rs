@@ -35,6 +35,7 @@ macro_rules! queue_test_suite {
                 ack_with_event_publishes_the_event_and_acknowledges,
                 depths_count_ready_messages_and_consumers,
                 messages_carry_the_publishers_trace_context,
+                publishes_that_arrive_together_each_arrive_once_with_their_own_trace,
             );
         }
     };
@@ -652,4 +653,57 @@ async fn messages_carry_the_publishers_trace_context(q: Arc<dyn Queue>) {
     }
     .with_subscriber(subscriber)
     .await;
+}
+
+/// The edge's publishes to the inbound queue that arrive together go out
+/// together (RabbitMQ: one group, sharing confirms): each is confirmed to
+/// its own caller, arrives once, and carries its own publisher's trace.
+async fn publishes_that_arrive_together_each_arrive_once_with_their_own_trace(q: Arc<dyn Queue>) {
+    const N: usize = 300;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("contract")));
+    let expected: HashMap<String, String> = async {
+        let spans: Vec<(String, tracing::Span)> = (0..N)
+            .map(|i| (format!("in{i:03}"), tracing::info_span!("edge", i)))
+            .collect();
+        let expected = spans
+            .iter()
+            .map(|(p, s)| {
+                let tp = s
+                    .in_scope(stampede_backends::trace::current_traceparent)
+                    .expect("a recorded span has a trace context");
+                (p.clone(), tp)
+            })
+            .collect();
+        let results = futures::future::join_all(spans.into_iter().map(|(p, span)| {
+            let q = q.clone();
+            async move { q.publish(QueueName::Inbound, msg(p.as_bytes())).await }.instrument(span)
+        }))
+        .await;
+        for r in results {
+            r.unwrap();
+        }
+        expected
+    }
+    .with_subscriber(subscriber)
+    .await;
+
+    let mut c = q.consume(QueueName::Inbound, 500).await.unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..N {
+        let m = next(&mut c).await;
+        let p = text(&m).to_string();
+        assert_eq!(
+            m.traceparent.as_deref(),
+            Some(expected[&p].as_str()),
+            "{p} carries its own publisher's trace"
+        );
+        assert!(!m.redelivered);
+        *seen.entry(p).or_default() += 1;
+        m.acker.ack().await.unwrap();
+    }
+    nothing(&mut c, QUIET).await;
+    assert_eq!(seen.len(), N, "every publish arrived");
+    assert!(seen.values().all(|&n| n == 1), "none twice");
 }

@@ -10,11 +10,12 @@ use stampede_backends::queue::{ready_messages, QueueName};
 use stampede_sink::{Sink, SinkOptions};
 
 use super::sampling::{
-    comm_cpu_secs, cpu_spent, latency_json, on_load_thread, peak_rss_mib, process_cpu_secs,
-    reset_peak_rss, threads_cpu_secs, verify_ceiling, BenchSink,
+    comm_cpu_secs, cpu_secs_of, cpu_spent, latency_json, on_load_thread, peak_rss_mib,
+    process_cpu_secs, reset_peak_rss, threads_cpu_secs, verify_ceiling, BenchSink,
 };
 use super::{
-    deploy, socket_addr, stop, write_json, ActivityKind, InboundArgs, InboxKind, Services,
+    deploy, scratch, socket_addr, stop, stop_replicas, write_json, ActivityKind, BackendKind,
+    InboundArgs, InboxKind, Services,
 };
 use crate::loadgen;
 use crate::scratch::Deployment;
@@ -29,6 +30,9 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
     };
     if !(a.rate >= 0.0 && a.rate.is_finite()) {
         bail!("--rate must be a number of POSTs a second, or 0");
+    }
+    if a.processes && a.common.backend != BackendKind::External {
+        bail!("--processes needs --backend external: the embedded backends belong to one process");
     }
     println!(
         "stampede bench inbound: {} signed POSTs per run from {} actors on {} servers, backend {:?}, {:?} inbox, {:?}, stream {}",
@@ -53,14 +57,29 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
     let mut failure = None;
     for scheme in ["cavage", "rfc9421"] {
         // A deployment of its own per scheme: its key cache starts cold.
-        let d = deploy(
-            a.common.backend,
-            Services::All,
-            &[("STAMPEDE_UP_SERVICES", "ingest,inbox".into())],
-        )
-        .await?;
+        let (d, target) = if a.processes {
+            separate(a.common.backend).await?
+        } else {
+            let d = deploy(
+                a.common.backend,
+                Services::All,
+                &[("STAMPEDE_UP_SERVICES", "ingest,inbox".into())],
+            )
+            .await?;
+            let target = Target {
+                base: d.base.clone(),
+                grpc: d.grpc.clone(),
+                children: Vec::new(),
+                inbox_metrics: None,
+            };
+            (d, target)
+        };
         if a.inbox == InboxKind::Personal {
-            super::bench_actor(&d, BENCH_ACTOR).await?;
+            if let Err(e) = create_actor(&target.grpc, BENCH_ACTOR).await {
+                target.stop().await;
+                stop(d).await?;
+                return Err(e);
+            }
         }
         // Cold at the first connection count, then warm at each, then paced.
         let last = a.connections.last().copied().unwrap_or(first);
@@ -75,7 +94,7 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
                 connections,
                 offered: rate,
             };
-            match one_run(&a, &d, &sink.sink, run, one).await {
+            match one_run(&a, &d, &target, &sink.sink, run, one).await {
                 Ok(r) => runs.push(r),
                 Err(e) => {
                     failure = Some(e);
@@ -83,7 +102,14 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        let exited = target.stop().await;
         stop(d).await?;
+        if failure.is_none() && !exited.is_empty() {
+            failure = Some(anyhow::anyhow!(
+                "service processes exited during the run: {}",
+                exited.join(", ")
+            ));
+        }
         if failure.is_some() {
             break;
         }
@@ -111,8 +137,11 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
         "DB µs",
         "AMQP µs",
         "PG µs",
-        "Redis µs"
+        "Redis µs",
     );
+    if a.processes {
+        println!("(separate processes: the CPU column is the bench's own process, the load generator and the subscriber; ingest and inbox follow each row)");
+    }
     for r in &runs {
         let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
         println!(
@@ -138,6 +167,15 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
             r["backend_cpu_us_per_activity"]["redis"].as_f64().unwrap_or(0.0),
             r["check"]["summary"].as_str().unwrap_or("")
         );
+        if a.processes {
+            let p = &r["process_cpu_us_per_activity"];
+            println!(
+                "         ingest {:.0} µs, inbox {:.0} µs, whole machine less the load generator {:.3} ms an activity",
+                p["ingest"].as_f64().unwrap_or(0.0),
+                p["inbox"].as_f64().unwrap_or(0.0),
+                r["machine_cpu_ms_per_activity"].as_f64().unwrap_or(0.0),
+            );
+        }
     }
     let ok = runs
         .iter()
@@ -150,6 +188,7 @@ pub(super) async fn run(a: InboundArgs) -> anyhow::Result<()> {
             "inbox": format!("{:?}", a.inbox).to_lowercase(),
             "activity": format!("{:?}", a.activity).to_lowercase(),
             "stream": if a.subscribe { "subscribe" } else { "queue depth" },
+            "services": if a.processes { "ingest and inbox each a process of its own" } else { "ingest and inbox in the bench's process" },
             "ceiling": {"what": "RSA-2048 cavage parse + digest + verify per second", "one_core": one, "all_cores": all},
             "runs": runs,
         }),
@@ -286,6 +325,7 @@ struct Run<'a> {
 async fn one_run(
     a: &InboundArgs,
     d: &Deployment,
+    target: &Target,
     sink: &Sink,
     run: Run<'_>,
     ceiling_one: f64,
@@ -300,8 +340,8 @@ async fn one_run(
         InboxKind::Personal => format!("/users/{BENCH_ACTOR}/inbox"),
         InboxKind::Shared => "/inbox".to_string(),
     };
-    let url = format!("{}{path}", d.base);
-    let addr = socket_addr(&d.base)?;
+    let url = format!("{}{path}", target.base);
+    let addr = socket_addr(&target.base)?;
     let authority = addr.to_string();
     // Pre-signed: signing is the remote servers' work, not measured.
     let mut requests = Vec::with_capacity(a.requests);
@@ -318,11 +358,11 @@ async fn one_run(
                 "id": format!("{}/likes/{tag}-{n}", me.id),
                 "type": "Like",
                 "actor": me.id,
-                "object": format!("{}/notes/1", d.base),
+                "object": format!("{}/notes/1", target.base),
             })
             .to_string()
             .into_bytes(),
-            ActivityKind::Create => create_note(&me.id, &format!("{tag}-{n}"), &d.base),
+            ActivityKind::Create => create_note(&me.id, &format!("{tag}-{n}"), &target.base),
         };
         let headers = if scheme == "cavage" {
             sink.signed_headers(server, &name, &url, &body).await?
@@ -332,7 +372,7 @@ async fn one_run(
         body_bytes = body.len();
         requests.push(loadgen::post(&authority, &path, &headers, &body));
     }
-    let accepted_before = d.process.metrics.inbound_count("verify", "accepted");
+    let accepted_before = target.accepted(d).await?;
     let depth_before = app_depth(d).await;
     reset_peak_rss();
     match offered {
@@ -342,7 +382,7 @@ async fn one_run(
     let timeout = Duration::from_secs(a.common.timeout_secs);
     let consumer = a.subscribe.then(|| {
         tokio::spawn(subscribe_until(
-            d.grpc.clone(),
+            target.grpc.clone(),
             depth_before + a.requests as u64,
             timeout,
         ))
@@ -350,6 +390,7 @@ async fn one_run(
     let external = a.common.backend == super::BackendKind::External;
     let backends_before = BACKEND_PROCESSES.map(|(_, comm)| comm_cpu_secs(comm));
     let cpu_before = process_cpu_secs();
+    let children_before = target.children_cpu_secs();
     let db_before = threads_cpu_secs("stampede-db-");
     let started = Instant::now();
     let load_before = threads_cpu_secs("stampede-load");
@@ -369,6 +410,12 @@ async fn one_run(
     };
     let seconds = started.elapsed().as_secs_f64();
     let cpu = process_cpu_secs() - cpu_before;
+    let children_cpu: Vec<(&str, f64)> = target
+        .children_cpu_secs()
+        .into_iter()
+        .zip(children_before)
+        .map(|((name, after), (_, before))| (name, after - before))
+        .collect();
     let db_cpu = threads_cpu_secs("stampede-db-") - db_before;
     let mut backend_cpu = serde_json::Map::new();
     for (i, (name, comm)) in BACKEND_PROCESSES.iter().enumerate() {
@@ -387,7 +434,7 @@ async fn one_run(
             app_depth(d).await - depth_before
         }
     };
-    let accepted = d.process.metrics.inbound_count("verify", "accepted") - accepted_before;
+    let accepted = target.accepted(d).await? - accepted_before;
     let not_202 = results.iter().filter(|(s, _)| *s != 202).count();
     // Open loop: the worst latency of each 50 ms of the schedule, which
     // tells a stall (a few windows) from a slow steady state (all of them).
@@ -425,6 +472,16 @@ async fn one_run(
         "ceiling_one_core": ceiling_one,
         "ratio": rate / ceiling_one.max(1e-9),
         "cpu_us_per_activity": cpu * 1e6 / a.requests as f64,
+        "process_cpu_us_per_activity": children_cpu
+            .iter()
+            .map(|(name, secs)| ((*name).to_string(), json!(secs * 1e6 / a.requests as f64)))
+            .collect::<serde_json::Map<_, _>>(),
+        // Every stampede process and backend server, less the load
+        // generator's threads (the remote servers' work).
+        "machine_cpu_ms_per_activity": (cpu - load_cpu
+            + children_cpu.iter().map(|(_, s)| s).sum::<f64>()
+            + backend_cpu.values().filter_map(|v| v.as_f64()).sum::<f64>() * a.requests as f64 / 1e6)
+            * 1e3 / a.requests as f64,
         "db_cpu_us_per_activity": db_cpu * 1e6 / a.requests as f64,
         "backend_cpu_us_per_activity": backend_cpu,
         "machine_load_average": std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok())),
@@ -440,4 +497,185 @@ async fn one_run(
             "summary": if ok { "ok".to_string() } else { format!("FAILED: {not_202} not 202, {accepted} accepted, {delivered} on the stream of {}", a.requests) },
         },
     }))
+}
+
+/// Where the load goes and where the results are read: ingest and inbox in
+/// the bench's process, or each a process of its own (`--processes`).
+struct Target {
+    /// The edge: its HTTP listener and public URL.
+    base: String,
+    /// Ingest's gRPC API (actors, the application's stream).
+    grpc: String,
+    /// The service processes (`--processes`), by service.
+    children: Vec<(&'static str, tokio::process::Child)>,
+    /// The inbox process's `/metrics` (`--processes`).
+    inbox_metrics: Option<String>,
+}
+
+impl Target {
+    /// Activities the inbox verified and accepted so far.
+    async fn accepted(&self, d: &Deployment) -> anyhow::Result<u64> {
+        let Some(url) = &self.inbox_metrics else {
+            return Ok(d.process.metrics.inbound_count("verify", "accepted"));
+        };
+        let text = reqwest::get(url).await?.error_for_status()?.text().await?;
+        Ok(accepted_in(&text))
+    }
+
+    /// CPU seconds of each service process so far.
+    fn children_cpu_secs(&self) -> Vec<(&'static str, f64)> {
+        self.children
+            .iter()
+            .map(|(name, c)| {
+                let secs = c.id().map_or(0.0, |pid| cpu_secs_of(&pid.to_string()));
+                (*name, secs)
+            })
+            .collect()
+    }
+
+    /// Stops the service processes; those that had exited by themselves.
+    async fn stop(self) -> Vec<String> {
+        let names: Vec<&str> = self.children.iter().map(|(n, _)| *n).collect();
+        let exited = stop_replicas(self.children.into_iter().map(|(_, c)| c).collect()).await;
+        if exited.is_empty() {
+            Vec::new()
+        } else {
+            vec![format!("{} of {names:?}: {exited:?}", exited.len())]
+        }
+    }
+}
+
+/// The verify-stage `accepted` count in a `/metrics` page.
+fn accepted_in(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("stampede_inbound_activities_total{")
+                && l.contains("stage=\"verify\"")
+                && l.contains("result=\"accepted\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// An address on loopback that was free a moment ago.
+fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Ingest and inbox each a process of its own (`stampede serve …`) on
+/// backends of the bench's own; the deployment in this process runs only
+/// fanout (idle here) and gives the bench the backends' handles.
+async fn separate(kind: BackendKind) -> anyhow::Result<(Deployment, Target)> {
+    let (vars, scratch) = scratch(kind).await?;
+    let d = Deployment::start(
+        scratch,
+        vars.clone()
+            .into_iter()
+            .chain([("STAMPEDE_UP_SERVICES", "fanout".to_string())]),
+        |_| {},
+        crate::up::run,
+    )
+    .await?;
+    let http = free_addr()?;
+    let base = format!("http://{http}");
+    let mut target = Target {
+        base: base.clone(),
+        grpc: String::new(),
+        children: Vec::new(),
+        inbox_metrics: None,
+    };
+    let started = async {
+        let exe = std::env::current_exe().context("finding this binary to run the services")?;
+        let mut ready = Vec::new();
+        for service in ["ingest", "inbox"] {
+            let (grpc, metrics) = (free_addr()?, free_addr()?);
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.args(["serve", service])
+                .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+                .env("STAMPEDE_PUBLIC_URL", &base)
+                .env("STAMPEDE_GRPC_ADDR", grpc.to_string())
+                .env("STAMPEDE_METRICS_ADDR", metrics.to_string())
+                .env("STAMPEDE_LOG_FORMAT", "text")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true);
+            if service == "ingest" {
+                cmd.env("STAMPEDE_HTTP_ADDR", http.to_string())
+                    .env("STAMPEDE_ADMIN_ADDR", "off");
+                target.grpc = format!("http://{grpc}");
+            } else {
+                target.inbox_metrics = Some(format!("http://{metrics}/metrics"));
+            }
+            let child = cmd.spawn().with_context(|| format!("starting {service}"))?;
+            target.children.push((service, child));
+            ready.push((service, format!("http://{metrics}/readyz")));
+        }
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (service, url) in ready {
+            loop {
+                if client
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    break;
+                }
+                for (name, c) in &mut target.children {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        bail!("{name} exited while starting: {status}");
+                    }
+                }
+                if Instant::now() > deadline {
+                    bail!("{service} not ready within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    match started {
+        Ok(()) => Ok((d, target)),
+        Err(e) => {
+            target.stop().await;
+            stop(d).await?;
+            Err(e)
+        }
+    }
+}
+
+/// Creates the local actor `name` through ingest's gRPC API.
+async fn create_actor(grpc: &str, name: &str) -> anyhow::Result<()> {
+    use stampede_proto::api::actor_service_client::ActorServiceClient;
+    use stampede_proto::api::CreateActorRequest;
+    let channel = tonic::transport::Channel::from_shared(grpc.to_string())?
+        .connect()
+        .await?;
+    ActorServiceClient::new(channel)
+        .create_actor(CreateActorRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accepted_count_is_read_from_the_inbox_metrics() {
+        let page = "# HELP stampede_inbound_activities Inbound activities\n\
+stampede_inbound_activities_total{stage=\"edge\",result=\"accepted\"} 7\n\
+stampede_inbound_activities_total{stage=\"verify\",result=\"accepted\"} 1234\n\
+stampede_inbound_activities_total{stage=\"verify\",result=\"rejected\"} 3\n";
+        assert_eq!(accepted_in(page), 1234);
+        assert_eq!(accepted_in(""), 0);
+    }
 }

@@ -249,6 +249,12 @@ struct InboundArgs {
     /// than count it in the queue.
     #[arg(long)]
     subscribe: bool,
+    /// Run ingest and inbox each as a process of its own (`stampede serve
+    /// ingest`, `stampede serve inbox`), as production does, rather than in
+    /// the bench's process; their CPU is read from /proc. External backends
+    /// only.
+    #[arg(long)]
+    processes: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
