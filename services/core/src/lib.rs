@@ -11,6 +11,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod keys;
+pub mod rfc9421;
 pub mod sfv;
 pub mod signature;
 pub mod targets;
