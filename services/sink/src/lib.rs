@@ -2,10 +2,13 @@
 //! benchmarks (`stampede sink`). Many HTTP servers on 127.0.0.1 in one
 //! process, each a "host" with actors whose documents carry inboxes (with or
 //! without a shared inbox) and a public key. Every POST to an inbox is checked
-//! the way Mastodon checks it: the `Signature` (draft-cavage, key fetched from
-//! the `keyId` and cached), the `Digest` against the body, and the `Date`
-//! window. Each server counts what it received and misbehaves on request:
-//! a fixed status, slowness, `Retry-After`, or down (not listening).
+//! the way Mastodon checks it: the `Signature` (draft-cavage, or RFC 9421
+//! with `Signature-Input`; key fetched from the `keyId` and cached), the
+//! `Digest` or `Content-Digest` against the body, and the `Date` (or
+//! `created`) window. A server may take one style only (`Styles`), and the
+//! servers may record every request raw for an independent checker. Each
+//! server counts what it received and misbehaves on request: a fixed
+//! status, slowness, `Retry-After`, or down (not listening).
 #![deny(missing_docs)]
 
 mod sender;
