@@ -15,6 +15,7 @@ pub mod integrity;
 pub mod jcs;
 pub mod keys;
 pub mod multibase;
+pub mod rfc9421;
 pub mod sfv;
 pub mod signature;
 pub mod targets;

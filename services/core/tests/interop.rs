@@ -1,6 +1,6 @@
 //! Interop with an independent implementation: Python's `httpsig`
 //! (draft-cavage) and `http-message-signatures` (RFC 9421) sign requests that
-//! stampede verifies, and `httpsig` verifies requests stampede signs.
+//! stampede verifies, and both verify requests stampede signs.
 //! `scripts/test` installs them (tests/interop/requirements.txt) and sets
 //! `STAMPEDE_TEST_PYTHON`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -156,4 +156,68 @@ fn the_independent_peer_verifies_what_stampede_signs() {
         peer(&["verify-cavage"], Some(&request("SHA-256=AAAA")))["verified"],
         false
     );
+}
+
+#[test]
+fn the_independent_peer_verifies_what_stampede_signs_with_rfc_9421() {
+    use stampede_core::digest::content_digest_header;
+    use stampede_core::rfc9421::{sign, Profile, Target};
+    let key = generate_rsa_2048().unwrap();
+    let pair = load_private_key(&key.private_pkcs8_der).unwrap();
+    let host = "remote.example";
+    let created = now();
+    for (method, body) in [("POST", &br#"{"type":"Create"}"#[..]), ("GET", &b""[..])] {
+        let digest = content_digest_header(body);
+        let t = Target {
+            method,
+            scheme: "https",
+            authority: host,
+            path_and_query: "/users/bob/inbox?page=1",
+        };
+        let h = sign(
+            &pair,
+            "https://s.example/users/a#main-key",
+            Profile::standard_ref(!body.is_empty()),
+            &t,
+            |n| (n == "content-digest").then_some(digest.as_str()),
+            created,
+            None,
+        )
+        .unwrap();
+        let request = |path: &str, body: &[u8]| {
+            let mut headers = vec![
+                json!(["Host", host]),
+                json!(["Signature-Input", h.input]),
+                json!(["Signature", h.signature]),
+            ];
+            if method == "POST" {
+                headers.push(json!(["Content-Digest", digest]));
+            }
+            json!({
+                "public_key_pem": key.public_pem,
+                "method": method,
+                "path": path,
+                "host": host,
+                "headers": headers,
+                "body": STANDARD.encode(body),
+            })
+        };
+        let ok = peer(
+            &["verify-rfc9421"],
+            Some(&request("/users/bob/inbox?page=1", body)),
+        );
+        assert_eq!(ok["verified"], true, "{method}: {ok}");
+        let moved = peer(
+            &["verify-rfc9421"],
+            Some(&request("/users/eve/inbox?page=1", body)),
+        );
+        assert_eq!(moved["verified"], false, "{method}: another target");
+        if method == "POST" {
+            let tampered = peer(
+                &["verify-rfc9421"],
+                Some(&request("/users/bob/inbox?page=1", b"{}")),
+            );
+            assert_eq!(tampered["verified"], false, "another body");
+        }
+    }
 }

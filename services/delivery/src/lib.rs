@@ -25,7 +25,7 @@ use prost::Message;
 use reqwest::header::{HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE, DATE};
 use stampede_backends::queue::{Incoming, OutMessage, QueueName};
 use stampede_backends::store::NewDeadLetter;
-use stampede_core::digest::digest_header;
+use stampede_core::digest::{content_digest_header, digest_header};
 use stampede_core::keys::load_private_key;
 use stampede_core::signature::{sign_request, POST_HEADERS};
 use stampede_core::targets::inbox_host;

@@ -10,6 +10,10 @@ pub(crate) struct Prepared {
     pub(crate) digest: String,
     /// `digest`, ready to send (cloning it shares the bytes).
     pub(crate) digest_value: HeaderValue,
+    /// The same SHA-256 as a `Content-Digest` (RFC 9530), for RFC 9421.
+    pub(crate) content_digest: String,
+    /// `content_digest`, ready to send.
+    pub(crate) content_digest_value: HeaderValue,
     pub(crate) key_id: String,
     pub(crate) key: Arc<aws_lc_rs::rsa::KeyPair>,
     pub(crate) ap_id: String,
@@ -79,7 +83,12 @@ impl Delivery {
         let digest = digest_header(&body);
         let digest_value = HeaderValue::try_from(digest.as_str())
             .map_err(|e| DeliveryError::Permanent(format!("digest header: {e}")))?;
+        let content_digest = content_digest_header(&body);
+        let content_digest_value = HeaderValue::try_from(content_digest.as_str())
+            .map_err(|e| DeliveryError::Permanent(format!("content-digest header: {e}")))?;
         let p = Arc::new(Prepared {
+            content_digest,
+            content_digest_value,
             deletes_author,
             supersedable,
             digest,

@@ -37,6 +37,11 @@ pub fn key_fetches(domain: &str, client: &str, minute: u64) -> String {
     format!("kf:{}:{minute}", tuple_hash(&[domain, client]))
 }
 
+/// The signature style a remote host took (`cavage`, or `rfc9421` and the
+/// `Accept-Signature` it asked with), 30 days. Held by each process's
+/// memory (`stampede_runtime::signature_styles`), which names it.
+pub use stampede_runtime::signature_styles::cache_key as signature_style;
+
 /// A remote actor's inboxes, or a remembered "gone".
 pub fn remote_actor(id: &str) -> String {
     format!("actor2:{id}")

@@ -8,10 +8,13 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use stampede_backends::store::{LocalActor, RemoteActor};
 use stampede_core::keys::load_private_key;
+use stampede_core::rfc9421::{self, Profile, Target};
 use stampede_core::signature::{sign_request, GET_HEADERS};
 use stampede_runtime::http_client::MAX_RESPONSE_BYTES;
 use stampede_runtime::policy::{Decision, PolicySet};
 use stampede_runtime::process::Process;
+use stampede_runtime::signature_styles::{refused_signature, Style};
+use std::sync::Arc;
 use url::Url;
 
 use stampede_runtime::{Config, Error, Result};
@@ -128,7 +131,11 @@ impl Resolver {
 }
 
 /// A GET signed by the local actor `signer` (servers in authorized-fetch
-/// mode refuse unsigned ones), behind the SSRF guard.
+/// mode refuse unsigned ones), behind the SSRF guard, in the host's
+/// signature style: with `STAMPEDE_SIGNATURE_STYLE=auto`, a 400 or 401 is
+/// answered by one more GET at once in the other style, and the style is
+/// remembered only when that one succeeds (a 401 may also mean the
+/// document is gone or hidden: it never flips the memory by itself).
 pub async fn signed_get(
     p: &Process,
     id: &str,
@@ -136,34 +143,109 @@ pub async fn signed_get(
 ) -> Result<stampede_runtime::http_client::Response> {
     let url = Url::parse(id).map_err(|e| Error::Invalid(format!("bad url {id}: {e}")))?;
     p.http.check_url(&url)?;
-    let key_id = p.cfg.key_id(&signer.name);
     let host = stampede_core::targets::inbox_host(id).unwrap_or_default();
+    let choice = p.styles.choose(&host).await;
+    let first = get_once(
+        p,
+        &url,
+        &host,
+        signer,
+        choice.style,
+        choice.accept_signature,
+    )
+    .await?;
+    if !(choice.may_switch && refused_signature(first.status)) {
+        return Ok(first);
+    }
+    let other = choice.style.other();
+    let accept: Option<Arc<str>> = match other {
+        Style::Rfc9421 => first.accept_signature.as_deref().map(Arc::from),
+        Style::Cavage => None,
+    };
+    tracing::debug!(url = %id, status = first.status, style = other.as_str(), "signed GET refused; trying the other signature style");
+    let second = get_once(p, &url, &host, signer, other, accept.clone()).await?;
+    if (200..300).contains(&second.status) {
+        p.styles.learned(&host, other, accept.as_deref()).await;
+    }
+    Ok(second)
+}
+
+/// One GET of `url` signed in `style` by `signer`.
+async fn get_once(
+    p: &Process,
+    url: &Url,
+    host: &str,
+    signer: &LocalActor,
+    style: Style,
+    accept_signature: Option<Arc<str>>,
+) -> Result<stampede_runtime::http_client::Response> {
+    let key_id = p.cfg.key_id(&signer.name);
     let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-    let path = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_string(),
-    };
-    let signature = {
-        let (host, date, pkcs8) = (host.clone(), date.clone(), signer.private_key.0.clone());
-        p.signer
-            .run(move || {
-                let pair = load_private_key(&pkcs8)?;
-                sign_request(&pair, &key_id, "GET", &path, GET_HEADERS, |h| match h {
-                    "host" => Some(host.as_str()),
-                    "date" => Some(date.as_str()),
-                    _ => None,
-                })
-            })
-            .await??
-    };
+    let pkcs8 = signer.private_key.0.clone();
     let req = p
         .http
         .client()
         .get(url.clone())
         .header("accept", ACCEPT)
-        .header("date", date)
-        .header("signature", signature);
-    p.http.send(req, &url, MAX_RESPONSE_BYTES).await
+        .header("date", date.clone());
+    let req = match style {
+        Style::Cavage => {
+            let host = host.to_string();
+            let path = url[url::Position::BeforePath..url::Position::AfterQuery].to_string();
+            let signature = p
+                .signer
+                .run(move || {
+                    let pair = load_private_key(&pkcs8)?;
+                    sign_request(&pair, &key_id, "GET", &path, GET_HEADERS, |h| match h {
+                        "host" => Some(host.as_str()),
+                        "date" => Some(date.as_str()),
+                        _ => None,
+                    })
+                })
+                .await??;
+            req.header("signature", signature)
+        }
+        Style::Rfc9421 => {
+            let url2 = url.clone();
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let signed = p
+                .signer
+                .run(move || {
+                    let pair = load_private_key(&pkcs8)?;
+                    let asked = accept_signature
+                        .as_deref()
+                        .and_then(|a| Profile::from_accept_signature(a, false));
+                    let profile = asked.as_ref().unwrap_or(Profile::standard_ref(false));
+                    let target = Target {
+                        method: "GET",
+                        scheme: url2.scheme(),
+                        authority: &url2[url::Position::BeforeHost..url::Position::AfterPort],
+                        path_and_query: &url2[url::Position::BeforePath..url::Position::AfterQuery],
+                    };
+                    let authority = target.authority;
+                    rfc9421::sign(
+                        &pair,
+                        &key_id,
+                        profile,
+                        &target,
+                        |h| match h {
+                            "date" => Some(date.as_str()),
+                            "host" => Some(authority),
+                            "accept" => Some(ACCEPT),
+                            _ => None,
+                        },
+                        created,
+                        None,
+                    )
+                })
+                .await??;
+            req.header("signature-input", signed.input)
+                .header("signature", signed.signature)
+        }
+    };
+    p.http.send(req, url, MAX_RESPONSE_BYTES).await
 }
 
 /// The actor an actor document fetched from `fetched_from` describes (see

@@ -41,6 +41,20 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// How outbound requests (deliveries, key and actor fetches) are signed:
+/// `STAMPEDE_SIGNATURE_STYLE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureStyle {
+    /// draft-cavage only, never another.
+    Cavage,
+    /// RFC 9421 only, never another.
+    Rfc9421,
+    /// The style remembered for the host, else draft-cavage; on a 400 or
+    /// 401 the other style is tried once at once, and the one that worked
+    /// is remembered.
+    Auto,
+}
+
 /// The whole configuration of a stampede process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -122,6 +136,9 @@ pub struct Config {
     /// `allowlist`, only domains with an `allow` (or `silence`) policy
     /// federate, both ways.
     pub allowlist: bool,
+    /// `STAMPEDE_SIGNATURE_STYLE` (added, default `auto`): how outbound
+    /// requests are signed (README, "Outbound contract").
+    pub signature_style: SignatureStyle,
     /// `STAMPEDE_INBOUND_MAX_AGE_SECS` (added, default 3600): how old an
     /// inbound request's `Date` may be.
     pub inbound_max_age_secs: i64,
@@ -406,6 +423,17 @@ impl Config {
                     return Err(cfg(
                         "STAMPEDE_FEDERATION_MODE",
                         format!("`{other}`: expected `blocklist` or `allowlist`"),
+                    ))
+                }
+            },
+            signature_style: match get("STAMPEDE_SIGNATURE_STYLE").as_deref().map(str::trim) {
+                None | Some("auto") => SignatureStyle::Auto,
+                Some("cavage") => SignatureStyle::Cavage,
+                Some("rfc9421") => SignatureStyle::Rfc9421,
+                Some(other) => {
+                    return Err(cfg(
+                        "STAMPEDE_SIGNATURE_STYLE",
+                        format!("`{other}`: expected `cavage`, `rfc9421` or `auto`"),
                     ))
                 }
             },
@@ -868,10 +896,25 @@ mod tests {
             ("STAMPEDE_BULK_QUEUE_BOUND", "lots"),
             ("STAMPEDE_DATABASE_STATEMENTS", "named"),
             ("STAMPEDE_DATABASE_STATEMENTS", "Unnamed"),
+            ("STAMPEDE_SIGNATURE_STYLE", "rfc9421,cavage"),
+            ("STAMPEDE_SIGNATURE_STYLE", "RFC9421"),
         ] {
             let e = with(&[(var, val)]).unwrap_err().to_string();
             assert!(e.starts_with(var), "{var}={val} gave {e}");
             assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn signature_style_is_auto_unless_fixed() {
+        assert_eq!(with(&[]).unwrap().signature_style, SignatureStyle::Auto);
+        for (val, want) in [
+            ("auto", SignatureStyle::Auto),
+            ("cavage", SignatureStyle::Cavage),
+            (" rfc9421 ", SignatureStyle::Rfc9421),
+        ] {
+            let c = with(&[("STAMPEDE_SIGNATURE_STYLE", val)]).unwrap();
+            assert_eq!(c.signature_style, want, "{val}");
         }
     }
 

@@ -97,6 +97,8 @@ pub struct Response {
     pub retry_after: Option<String>,
     /// `Content-Type`, when present.
     pub content_type: Option<String>,
+    /// `Accept-Signature` (RFC 9421 §5.1) of a 4xx answer, when present.
+    pub accept_signature: Option<String>,
     /// Body, at most the cap.
     pub body: Bytes,
     /// Whether the body was read to its end: false when it was cut at the
@@ -205,6 +207,12 @@ impl OutboundClient {
         };
         let retry_after = header(reqwest::header::RETRY_AFTER);
         let content_type = header(reqwest::header::CONTENT_TYPE);
+        // Read only from a refusal: what a host asks signatures to cover.
+        let accept_signature = if (400..500).contains(&status) {
+            header(reqwest::header::HeaderName::from_static("accept-signature"))
+        } else {
+            None
+        };
         let mut body = BytesMut::new();
         let mut complete = false;
         while body.len() < max_body {
@@ -224,6 +232,7 @@ impl OutboundClient {
             status,
             retry_after,
             content_type,
+            accept_signature,
             body: body.freeze(),
             complete,
         })

@@ -16,6 +16,7 @@ pub mod process;
 pub mod rates;
 pub mod role;
 pub mod shutdown;
+pub mod signature_styles;
 pub mod signer;
 pub mod telemetry;
 pub mod worker;

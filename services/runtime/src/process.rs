@@ -46,6 +46,8 @@ pub struct ProcessParts {
     pub shutdown: CancellationToken,
     /// Domain policies, kept current from the store.
     pub policy: Arc<crate::policy::DomainPolicies>,
+    /// The signature style each remote host takes (`STAMPEDE_SIGNATURE_STYLE`).
+    pub styles: crate::signature_styles::StyleMemory,
     instance: tokio::sync::OnceCell<stampede_backends::store::LocalActor>,
 }
 
@@ -130,6 +132,10 @@ impl Process {
             http: OutboundClient::new(&cfg)?,
             policy: Arc::new(
                 crate::policy::DomainPolicies::new(&cfg).counted(metrics.domain_policies.clone()),
+            ),
+            styles: crate::signature_styles::StyleMemory::new(
+                cfg.signature_style,
+                backends.cache.clone(),
             ),
             cfg: Arc::new(cfg),
             backends,

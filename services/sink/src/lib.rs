@@ -2,18 +2,21 @@
 //! benchmarks (`stampede sink`). Many HTTP servers on 127.0.0.1 in one
 //! process, each a "host" with actors whose documents carry inboxes (with or
 //! without a shared inbox) and a public key. Every POST to an inbox is checked
-//! the way Mastodon checks it: the `Signature` (draft-cavage, key fetched from
-//! the `keyId` and cached), the `Digest` against the body, and the `Date`
-//! window. Each server counts what it received and misbehaves on request:
-//! a fixed status, slowness, `Retry-After`, or down (not listening).
+//! the way Mastodon checks it: the `Signature` (draft-cavage, or RFC 9421
+//! with `Signature-Input`; key fetched from the `keyId` and cached), the
+//! `Digest` or `Content-Digest` against the body, and the `Date` (or
+//! `created`) window. A server may take one style only (`Styles`), and the
+//! servers may record every request raw for an independent checker. Each
+//! server counts what it received and misbehaves on request: a fixed
+//! status, slowness, `Retry-After`, or down (not listening).
 #![deny(missing_docs)]
 
 mod sender;
 mod server;
 
 pub use sender::{SendOptions, SendResult};
-pub use server::Server;
 use server::{accept_loop, actor_of, router, ServerState, SinkKey};
+pub use server::{Recorded, Server};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,6 +62,39 @@ pub enum Behavior {
         /// Time to answer one.
         delay: Duration,
     },
+}
+
+/// Which signature styles a server takes (`stampede sink --signature-style`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Styles {
+    /// draft-cavage and RFC 9421.
+    #[default]
+    Both,
+    /// draft-cavage only: a request signed RFC 9421 is answered 401.
+    CavageOnly,
+    /// RFC 9421 only: a request signed draft-cavage is answered 401.
+    Rfc9421Only,
+}
+
+impl Styles {
+    /// `both`, `cavage-only`, `rfc9421-only`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "both" => Some(Styles::Both),
+            "cavage-only" => Some(Styles::CavageOnly),
+            "rfc9421-only" => Some(Styles::Rfc9421Only),
+            _ => None,
+        }
+    }
+
+    /// Whether a request signed RFC 9421 (`rfc9421`) or not is taken.
+    pub fn takes(self, rfc9421: bool) -> bool {
+        match self {
+            Styles::Both => true,
+            Styles::CavageOnly => !rfc9421,
+            Styles::Rfc9421Only => rfc9421,
+        }
+    }
 }
 
 /// One POST a server received.
@@ -112,6 +148,16 @@ pub struct SinkOptions {
     /// The loopback address server `i` listens on (default 127.0.0.1; any
     /// of 127.0.0.0/8 gives a server a host of its own).
     pub bind: Arc<dyn Fn(usize) -> std::net::IpAddr + Send + Sync>,
+    /// Which signature styles the servers take, on inbox POSTs and on
+    /// signed GETs of their actors (an unsigned GET is always served).
+    pub signature_style: Styles,
+    /// The `Accept-Signature` a server sends with a 401 refusing a style
+    /// (RFC 9421 §5.1), if any.
+    pub accept_signature: Option<String>,
+    /// Appends every request the servers receive (inbox POSTs, GETs of
+    /// actors), raw (method, path, headers, body), as a JSON line to this
+    /// file: what a checker that is not stampede's reads.
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl Default for SinkOptions {
@@ -122,6 +168,9 @@ impl Default for SinkOptions {
             verify_every: 1,
             count_only: false,
             bind: Arc::new(|_| std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+            signature_style: Styles::Both,
+            accept_signature: None,
+            record: None,
         }
     }
 }
@@ -150,6 +199,15 @@ impl Sink {
             .build()
             .map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
         let shutdown = CancellationToken::new();
+        let record = match &opts.record {
+            Some(path) => Some(Arc::new(Mutex::new(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            )))),
+            None => None,
+        };
         let mut servers = Vec::with_capacity(opts.servers);
         for i in 0..opts.servers {
             let listener = TcpListener::bind(((opts.bind)(i), 0)).await?;
@@ -175,6 +233,10 @@ impl Sink {
                 arrivals: Mutex::new(Vec::new()),
                 documents: Mutex::new(HashMap::new()),
                 gets: Mutex::new(HashMap::new()),
+                styles: opts.signature_style,
+                accept_signature: opts.accept_signature.clone(),
+                record: record.clone(),
+                index: i,
             });
             let token = shutdown.child_token();
             tokio::spawn(accept_loop(listener, router(state.clone()), token.clone()));

@@ -44,13 +44,16 @@ impl SinkKey {
     }
 }
 
+/// Fetched keys by key id, parsed and as PEM, shared by the servers.
+pub(crate) type KeyCache = Arc<Mutex<HashMap<String, Arc<(ParsedPublicKey, String)>>>>;
+
 pub(crate) struct ServerState {
     pub(crate) base: String,
     pub(crate) host: String,
     pub(crate) shared_inbox: bool,
     pub(crate) behavior: Mutex<Behavior>,
     pub(crate) received: Mutex<Vec<Received>>,
-    pub(crate) keys: Arc<Mutex<HashMap<String, Arc<ParsedPublicKey>>>>,
+    pub(crate) keys: KeyCache,
     pub(crate) client: reqwest::Client,
     pub(crate) key: Mutex<Arc<SinkKey>>,
     pub(crate) fetches: AtomicUsize,
@@ -74,6 +77,99 @@ pub(crate) struct ServerState {
     pub(crate) documents: Mutex<HashMap<String, Value>>,
     /// GETs answered, by path.
     pub(crate) gets: Mutex<HashMap<String, usize>>,
+    /// The signature styles taken.
+    pub(crate) styles: crate::Styles,
+    /// Sent with a 401 refusing a style.
+    pub(crate) accept_signature: Option<String>,
+    /// Where every request is recorded, raw, one JSON line each.
+    pub(crate) record: Option<Arc<Mutex<std::io::BufWriter<std::fs::File>>>>,
+    /// This server's index.
+    pub(crate) index: usize,
+}
+
+/// One request as [`crate::SinkOptions::record`] writes it: a JSON line.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Recorded {
+    /// The server's index.
+    pub server: usize,
+    /// `POST`, `GET`.
+    pub method: String,
+    /// `http` (the sink listens without TLS).
+    pub scheme: String,
+    /// Path and query as received.
+    pub path: String,
+    /// Every header, names lower-case, in order (the `host` among them).
+    pub headers: Vec<(String, String)>,
+    /// The body, base64.
+    pub body: String,
+    /// The status answered.
+    pub status: u16,
+}
+
+/// Appends one request to the record, if the servers keep one.
+fn record(
+    s: &ServerState,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    status: u16,
+) {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let Some(file) = &s.record else {
+        return;
+    };
+    let r = Recorded {
+        server: s.index,
+        method: method.as_str().to_string(),
+        scheme: "http".into(),
+        path: path_and_query.to_string(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: base64::engine::general_purpose::STANDARD.encode(body),
+        status,
+    };
+    if let (Ok(line), Ok(mut f)) = (serde_json::to_string(&r), file.lock()) {
+        let _ = writeln!(f, "{line}").and_then(|()| f.flush());
+    }
+}
+
+/// Whether a request is signed (either style), and whether RFC 9421.
+fn signed_style(headers: &HeaderMap) -> Option<bool> {
+    if headers.contains_key("signature-input") {
+        Some(true)
+    } else if headers.contains_key("signature")
+        || headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| {
+                a.get(..10)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("signature "))
+            })
+    {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The 401 of a server refusing a request's signature style, with its
+/// `Accept-Signature` when it takes RFC 9421 only and has one to send.
+fn wrong_style(s: &ServerState) -> Response {
+    match (&s.accept_signature, s.styles) {
+        (Some(a), crate::Styles::Rfc9421Only) => {
+            (StatusCode::UNAUTHORIZED, [("accept-signature", a.clone())]).into_response()
+        }
+        _ => StatusCode::UNAUTHORIZED.into_response(),
+    }
 }
 
 /// Counts a POST in progress; tracks the most seen at once.
@@ -192,8 +288,16 @@ fn got(s: &ServerState, path: &str) -> Option<Response> {
 async fn actor_doc(
     State(s): State<Arc<ServerState>>,
     Path(name): Path<String>,
+    method: Method,
     uri: Uri,
+    headers: HeaderMap,
 ) -> Response {
+    let path_and_query = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    if signed_style(&headers).is_some_and(|rfc9421| !s.styles.takes(rfc9421)) {
+        record(&s, &method, path_and_query, &headers, b"", 401);
+        return wrong_style(&s);
+    }
+    record(&s, &method, path_and_query, &headers, b"", 200);
     s.fetches.fetch_add(1, Ordering::Relaxed);
     if let Some(r) = got(&s, uri.path()) {
         return r;
@@ -254,12 +358,22 @@ async fn inbox(
     let path_and_query = uri.path_and_query().map_or(path.clone(), |p| p.to_string());
     let n = s.seq.fetch_add(1, Ordering::Relaxed);
     let check = s.verify_every != 0 && n % s.verify_every == 0;
-    let (verified, key_id) = if check {
+    let style = signed_style(&headers);
+    let refused_style = style.is_some_and(|rfc9421| !s.styles.takes(rfc9421));
+    let (verified, key_id) = if refused_style {
+        (
+            Err("signature style not taken by this server".to_string()),
+            None,
+        )
+    } else if check && style == Some(true) {
+        verify_rfc9421(&s, &method, &path_and_query, &headers, &body).await
+    } else if check {
         verify(&s, &method, &path_and_query, &headers, &body).await
     } else {
         (Ok(()), None)
     };
     let status = match (&behavior, &verified) {
+        _ if refused_style => 401,
         (Behavior::Status(code), _) => *code,
         (Behavior::RetryAfter(_), _) => 429,
         _ if over_limit => 429,
@@ -311,6 +425,10 @@ async fn inbox(
                 })
                 .collect(),
         });
+    }
+    record(&s, &method, &path_and_query, &headers, &body, status);
+    if refused_style {
+        return Ok(wrong_style(&s));
     }
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     Ok(match behavior {
@@ -369,12 +487,71 @@ async fn verify(
         Err(e) => return (Err(e), key_id),
     };
     let required = ["(request-target)", "host", "date", "digest"];
-    let r = verify_request(&params, method.as_str(), path_and_query, h, &required, &key)
+    let r = verify_request(
+        &params,
+        method.as_str(),
+        path_and_query,
+        h,
+        &required,
+        &key.0,
+    )
+    .map_err(|e| e.to_string());
+    (r, key_id)
+}
+
+/// Verifies a POST signed with RFC 9421 through stampede's verifier (the
+/// recorded requests are checked by an independent one in the tests).
+async fn verify_rfc9421(
+    s: &ServerState,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> (Result<(), String>, Option<String>) {
+    use stampede_core::verify::{
+        check_coverage_and_digest, check_time, parse, verify_signature, HttpRequest,
+    };
+    let pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+        .collect();
+    if headers.get("host").and_then(|v| v.to_str().ok()) != Some(s.host.as_str()) {
+        return (Err("host header is not this server".into()), None);
+    }
+    let req = HttpRequest {
+        method: method.as_str(),
+        scheme: "http",
+        path_and_query,
+        headers: &pairs,
+        body,
+    };
+    let signed = match parse(&req) {
+        Ok(p) => p,
+        Err(e) => return (Err(e.to_string()), None),
+    };
+    let key_id = Some(signed.key_id.clone());
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let checked = check_time(&req, &signed, now, 300, 300)
+        .and_then(|()| check_coverage_and_digest(&req, &signed));
+    if let Err(e) = checked {
+        return (Err(e.to_string()), key_id);
+    }
+    let pem = match fetch_key(s, &signed.key_id).await {
+        Ok(k) => k.1.clone(),
+        Err(e) => return (Err(e), key_id),
+    };
+    let r = stampede_core::keys::VerifyingKey::from_pem(&pem)
+        .and_then(|k| verify_signature(&signed, &k))
         .map_err(|e| e.to_string());
     (r, key_id)
 }
 
-async fn fetch_key(s: &ServerState, key_id: &str) -> Result<Arc<ParsedPublicKey>, String> {
+async fn fetch_key(
+    s: &ServerState,
+    key_id: &str,
+) -> Result<Arc<(ParsedPublicKey, String)>, String> {
     if let Some(k) = s.keys.lock().ok().and_then(|m| m.get(key_id).cloned()) {
         return Ok(k);
     }
@@ -396,7 +573,10 @@ async fn fetch_key(s: &ServerState, key_id: &str) -> Result<Arc<ParsedPublicKey>
         return Err(format!("actor document has no key {key_id}"));
     }
     let pem = pk["publicKeyPem"].as_str().ok_or("no publicKeyPem")?;
-    let key = Arc::new(parse_public_key_pem(pem).map_err(|e| e.to_string())?);
+    let key = Arc::new((
+        parse_public_key_pem(pem).map_err(|e| e.to_string())?,
+        pem.to_string(),
+    ));
     if let Ok(mut m) = s.keys.lock() {
         m.insert(key_id.to_string(), key.clone());
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 use futures::StreamExt;
-use stampede_sink::{Behavior, Sink, SinkOptions};
+use stampede_sink::{Behavior, Sink, SinkOptions, Styles};
 
 /// Flags of `stampede sink`.
 #[derive(Debug, Args)]
@@ -57,9 +57,21 @@ pub struct SinkArgs {
     /// Keep counts only, not every request (long runs, benchmarks).
     #[arg(long)]
     count_only: bool,
+    /// Which signature styles the servers take: `cavage-only`,
+    /// `rfc9421-only` (the other answered 401) or `both`.
+    #[arg(long, default_value = "both", value_parser = parse_styles)]
+    signature_style: Styles,
+    /// Append every request received, raw, as JSON lines to this file.
+    #[arg(long)]
+    record: Option<std::path::PathBuf>,
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 5)]
     every: u64,
+}
+
+fn parse_styles(s: &str) -> Result<Styles, String> {
+    Styles::parse(s)
+        .ok_or_else(|| format!("`{s}`: expected `cavage-only`, `rfc9421-only` or `both`"))
 }
 
 fn behaviors(a: &SinkArgs) -> Vec<(String, Option<Behavior>)> {
@@ -105,6 +117,8 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
         shared_inbox: std::sync::Arc::new(move |i| every == 0 || (i + 1) % every != 0),
         verify_every: args.verify_every,
         count_only: args.count_only,
+        signature_style: args.signature_style,
+        record: args.record.clone(),
         ..SinkOptions::default()
     };
     let sink = Sink::start(opts).await?;

@@ -28,6 +28,7 @@ mod process;
 mod replicas;
 mod replicated;
 mod retention;
+mod signatures;
 mod trust;
 mod upgrade;
 mod webdriver;

@@ -6,6 +6,7 @@ verifies stampede's signatures with httpsig. JSON in, JSON out.
 
   peer.py sign ALG        ALG: cavage-rsa-sha256 | rsa-v1_5-sha256 | rsa-pss-sha512 | ed25519
   peer.py verify-cavage   reads {public_key_pem, method, path, host, headers} on stdin
+  peer.py verify-rfc9421  reads {public_key_pem, method, path, host, headers, body (base64)} on stdin
 """
 import base64
 import email.utils
@@ -17,7 +18,7 @@ import httpsig
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from http_message_signatures import HTTPMessageSigner, HTTPSignatureKeyResolver, algorithms
+from http_message_signatures import HTTPMessageSigner, HTTPMessageVerifier, HTTPSignatureKeyResolver, algorithms
 
 HOST = "stampede.example"
 PATH = "/users/alice/inbox"
@@ -99,6 +100,28 @@ def main():
             method=req["method"], path=req["path"], host=req["host"], sign_header="signature",
         ).verify()
         json.dump({"verified": bool(ok)}, sys.stdout)
+    elif cmd == "verify-rfc9421":
+        req = json.load(sys.stdin)
+        pem = req["public_key_pem"]
+
+        class Keys(HTTPSignatureKeyResolver):
+            def resolve_public_key(self, key_id):
+                return serialization.load_pem_public_key(pem.encode())
+
+            def resolve_private_key(self, key_id):
+                raise NotImplementedError
+
+        body = base64.b64decode(req["body"])
+        msg = requests.Request(
+            req["method"], f"https://{req['host']}{req['path']}", headers=dict(req["headers"]), data=body or None,
+        ).prepare()
+        try:
+            results = HTTPMessageVerifier(signature_algorithm=algorithms.RSA_V1_5_SHA256, key_resolver=Keys()).verify(
+                msg, require_components=["@method", "@target-uri"], body=body,
+            )
+            json.dump({"verified": True, "covered": [str(c) for c in results[0].covered_components]}, sys.stdout)
+        except Exception as e:
+            json.dump({"verified": False, "error": f"{type(e).__name__}: {e}"}, sys.stdout)
     else:
         sys.exit(f"unknown command {cmd}")
 

@@ -117,6 +117,7 @@ async fn one_mode(a: &DeliveryArgs, mode: Mode, ceiling: f64) -> anyhow::Result<
         &[
             ("STAMPEDE_PREFETCH", a.prefetch.to_string()),
             ("STAMPEDE_LOG_FORMAT", "text".into()),
+            ("STAMPEDE_SIGNATURE_STYLE", a.signature_style.clone()),
         ],
     )
     .await?;
@@ -245,6 +246,7 @@ async fn measure(
         "peak_rss_mib": peak_rss_mib(),
         "sink_cpu_secs": sink_cpu,
         "sink_verified_every": a.verify_every,
+        "signature_style": a.signature_style,
         "signing_cpu_secs": sign_cpu,
         "process_cpu_secs": all_cpu,
         "signing_share": sign_cpu / all_cpu.max(1e-9),

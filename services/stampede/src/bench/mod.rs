@@ -338,6 +338,11 @@ struct DeliveryArgs {
     /// Unacknowledged deliveries per worker (STAMPEDE_PREFETCH).
     #[arg(long, default_value_t = 256)]
     prefetch: u16,
+    /// STAMPEDE_SIGNATURE_STYLE for the run: `cavage` signs as before
+    /// signature styles were remembered (no memory looked at), `auto` (the
+    /// default) looks each host up once per process, then in memory.
+    #[arg(long, default_value = "auto")]
+    signature_style: String,
 }
 
 #[derive(Debug, Args)]
