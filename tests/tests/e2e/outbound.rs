@@ -175,7 +175,16 @@ async fn same_idempotency_key_delivers_once(backend: Backend) {
         .into_iter()
         .filter(|r| r.activity_id.as_deref() == Some(first.activity_id.as_str()))
         .collect();
-    assert_eq!(got.len(), 1);
+    // Accepted once. (A POST the server refused with 401, its key fetch
+    // failing under load, is knocked again in the other signature style.)
+    assert_eq!(
+        got.iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .count(),
+        1,
+        "{:?}",
+        got.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
     assert_eq!(app.store.activity_count(alice).await.unwrap(), 2);
     app.stop().await;
 }
