@@ -24,7 +24,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use tokio::sync::{mpsc, oneshot, watch, RwLock};
+use tokio::sync::{watch, RwLock};
 
 use crate::clock::now_ms;
 use crate::queue::{Acker, Consumer, DeadInfo, Depth, Incoming, OutMessage, Queue, QueueName};
@@ -94,8 +94,6 @@ struct Inner {
     /// Bumped on every reconnection; consumers and publishers wait on it.
     generation: watch::Sender<u64>,
     connected: AtomicBool,
-    /// Single publishes to the inbound queue, handed to [`group`].
-    inbound: mpsc::Sender<Grouped>,
 }
 
 /// How long a publisher waits for the broker to come back before failing.
@@ -199,7 +197,6 @@ impl AmqpQueue {
             }
         };
         let (generation, _) = watch::channel(0);
-        let (inbound, grouped) = mpsc::channel(GROUP_MAX * 4);
         let q = Self {
             inner: Arc::new(Inner {
                 urls,
@@ -211,17 +208,10 @@ impl AmqpQueue {
                 link: RwLock::new(link),
                 generation,
                 connected: AtomicBool::new(true),
-                inbound,
             }),
             namespace: namespace.to_string(),
         };
         tokio::spawn(supervise(Arc::downgrade(&q.inner)));
-        tokio::spawn(group(
-            Arc::downgrade(&q.inner),
-            q.namespace.clone(),
-            q.name(QueueName::Inbound),
-            grouped,
-        ));
         Ok(q)
     }
 
@@ -309,38 +299,29 @@ impl AmqpQueue {
         payload: &[u8],
         headers: FieldTable,
     ) -> Result<()> {
-        self.publish_all(routing_key, &[(kind, payload)], &[headers])
+        self.publish_all(routing_key, &[(kind, payload)], headers)
             .await
     }
 
     /// Publishes every message of `msgs` to `routing_key` (pipelined) and
     /// waits for all their confirms; those whose confirm failed are sent
-    /// again, marked, until [`PUBLISH_RETRY`] has passed. `headers` holds
-    /// one table for all the messages or one per message.
+    /// again, marked, until [`PUBLISH_RETRY`] has passed.
     async fn publish_all(
         &self,
         routing_key: &str,
         msgs: &[(Option<&str>, &[u8])],
-        headers: &[FieldTable],
+        mut headers: FieldTable,
     ) -> Result<()> {
         let deadline = tokio::time::Instant::now() + PUBLISH_RETRY;
         let mut left: Vec<usize> = (0..msgs.len()).collect();
         let mut backoff = BACKOFF_MIN;
-        let mut again = false;
         loop {
             let mut pending = Vec::with_capacity(left.len());
             let mut failed = Vec::new();
             let mut last: Option<Error> = None;
             for &i in &left {
                 let (kind, payload) = msgs[i];
-                let Some(h) = headers.get(i).or(headers.first()) else {
-                    return Err(Error::Queue("a publish without headers".into()));
-                };
-                let mut h = h.clone();
-                if again {
-                    h.insert(REPUBLISHED_HEADER.into(), AMQPValue::Boolean(true));
-                }
-                match self.send(routing_key, kind, payload, h).await {
+                match self.send(routing_key, kind, payload, headers.clone()).await {
                     Ok(c) => pending.push((i, c)),
                     Err(e) => {
                         failed.push(i);
@@ -368,7 +349,7 @@ impl AmqpQueue {
                 error = %e,
                 "publish not confirmed; sending again on the next connection"
             );
-            again = true;
+            headers.insert(REPUBLISHED_HEADER.into(), AMQPValue::Boolean(true));
             if is_nack(&e) {
                 self.reopen_publisher().await;
             }
@@ -632,92 +613,9 @@ async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<()> {
     Ok(())
 }
 
-/// A single publish to the inbound queue waiting for its group.
-struct Grouped {
-    kind: &'static str,
-    payload: Vec<u8>,
-    /// Taken in the publisher's context: its trace, its ready time.
-    headers: FieldTable,
-    done: oneshot::Sender<Result<()>>,
-}
-
-/// Most publishes one group carries.
-const GROUP_MAX: usize = 256;
-
-/// Group commit for the edge's publishes to the inbound queue: the
-/// publishes that arrive while a group awaits its confirms go out together
-/// as the next group, pipelined on the publisher channel, and share the
-/// broker's confirms (one `basic.ack` with `multiple` covers a run of
-/// them; the quorum queue appends them to its log together). Each caller
-/// still hears back only once its message is confirmed. One message alone
-/// goes at once: at low concurrency nothing waits for company.
-async fn group(
-    inner: std::sync::Weak<Inner>,
-    namespace: String,
-    routing_key: String,
-    mut rx: mpsc::Receiver<Grouped>,
-) {
-    let mut batch: Vec<Grouped> = Vec::with_capacity(GROUP_MAX);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < GROUP_MAX {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        // A caller that gave up before its message left (its client hung
-        // up) is not published for.
-        batch.retain(|m| !m.done.is_closed());
-        let Some(inner) = inner.upgrade() else { return };
-        let q = AmqpQueue {
-            inner,
-            namespace: namespace.clone(),
-        };
-        let msgs: Vec<(Option<&str>, &[u8])> = batch
-            .iter()
-            .map(|m| (Some(m.kind), m.payload.as_slice()))
-            .collect();
-        let headers: Vec<FieldTable> = batch.iter().map(|m| m.headers.clone()).collect();
-        let r = if msgs.is_empty() {
-            Ok(())
-        } else {
-            q.publish_all(&routing_key, &msgs, &headers).await
-        };
-        drop(msgs);
-        drop(q);
-        for m in batch.drain(..) {
-            let _ = m.done.send(match &r {
-                Ok(()) => Ok(()),
-                Err(e) => Err(Error::Queue(match e {
-                    Error::Queue(s) => s.clone(),
-                    e => e.to_string(),
-                })),
-            });
-        }
-    }
-}
-
 #[async_trait]
 impl Queue for AmqpQueue {
     async fn publish(&self, queue: QueueName, msg: OutMessage) -> Result<()> {
-        if queue == QueueName::Inbound {
-            let (done, result) = oneshot::channel();
-            let grouped = Grouped {
-                kind: msg.kind,
-                payload: msg.payload,
-                headers: message_headers(None, now_ms()),
-                done,
-            };
-            self.inner
-                .inbound
-                .send(grouped)
-                .await
-                .map_err(|_| Error::Queue("the publisher stopped".into()))?;
-            return result
-                .await
-                .map_err(|_| Error::Queue("the publisher stopped".into()))?;
-        }
         let target = self.target(queue, msg.route);
         self.publish_confirmed(
             &target,
@@ -736,7 +634,7 @@ impl Queue for AmqpQueue {
                 .iter()
                 .map(|m| (Some(m.kind), m.payload.as_slice()))
                 .collect();
-            return self.publish_all(&self.name(queue), &all, &[headers]).await;
+            return self.publish_all(&self.name(queue), &all, headers).await;
         }
         // Each shard's messages pipelined.
         let k = usize::from(self.inner.shards);
@@ -756,7 +654,7 @@ impl Queue for AmqpQueue {
         // The shards' batches in flight together: one confirm wait, not K.
         futures::future::try_join_all(by_shard.map(|(target, batch)| {
             let headers = headers.clone();
-            async move { self.publish_all(&target, &batch, &[headers]).await }
+            async move { self.publish_all(&target, &batch, headers).await }
         }))
         .await?;
         Ok(())

@@ -655,9 +655,9 @@ async fn messages_carry_the_publishers_trace_context(q: Arc<dyn Queue>) {
     .await;
 }
 
-/// The edge's publishes to the inbound queue that arrive together go out
-/// together (RabbitMQ: one group, sharing confirms): each is confirmed to
-/// its own caller, arrives once, and carries its own publisher's trace.
+/// The edge's publishes to the inbound queue, many at once on one
+/// publisher: each is confirmed to its own caller, arrives once, and
+/// carries its own publisher's trace.
 async fn publishes_that_arrive_together_each_arrive_once_with_their_own_trace(q: Arc<dyn Queue>) {
     const N: usize = 300;
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
