@@ -246,7 +246,7 @@ const EMBEDDED_SHIPPED: &[Shipped] = &[
 ];
 
 /// The migrations this version applies: PostgreSQL 1 to 10, embedded 1 to 7.
-const PG_LATEST: i32 = 10;
+pub(crate) const PG_LATEST: i32 = 10;
 const EMBEDDED_LATEST: i32 = 7;
 
 /// FNV-1a of each migration file as it last shipped: a shipped migration is
