@@ -88,10 +88,7 @@ impl Delivery {
         }
         // The host may take only the other style: knock once more, now.
         let other = choice.style.other();
-        let accept: Option<Arc<str>> = match other {
-            Style::Rfc9421 => first.accept_signature.as_deref().map(Arc::from),
-            Style::Cavage => None,
-        };
+        let accept = other.accept_from(first.accept_signature.as_deref());
         tracing::debug!(inbox_host = %host, status = first.status, style = other.as_str(), "refused; trying the other signature style");
         let second = self
             .post(&url, host, &prep, &extra, other, accept.clone())

@@ -158,10 +158,7 @@ pub async fn signed_get(
         return Ok(first);
     }
     let other = choice.style.other();
-    let accept: Option<Arc<str>> = match other {
-        Style::Rfc9421 => first.accept_signature.as_deref().map(Arc::from),
-        Style::Cavage => None,
-    };
+    let accept = other.accept_from(first.accept_signature.as_deref());
     tracing::debug!(url = %id, status = first.status, style = other.as_str(), "signed GET refused; trying the other signature style");
     let second = get_once(p, &url, &host, signer, other, accept.clone()).await?;
     if (200..300).contains(&second.status) {

@@ -39,6 +39,15 @@ pub enum Style {
 }
 
 impl Style {
+    /// The `Accept-Signature` a retry in this style honours: the refused
+    /// reply's, for RFC 9421 (cavage has nothing to take from it).
+    pub fn accept_from(self, reply: Option<&str>) -> Option<Arc<str>> {
+        match self {
+            Style::Rfc9421 => reply.map(Arc::from),
+            Style::Cavage => None,
+        }
+    }
+
     /// The other style.
     pub fn other(self) -> Self {
         match self {
