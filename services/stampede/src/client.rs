@@ -7,9 +7,10 @@ use anyhow::Context;
 use stampede_proto::api::{
     actor_service_client::ActorServiceClient, admin_service_client::AdminServiceClient,
     inbound_service_client::InboundServiceClient, publish_service_client::PublishServiceClient,
-    Actor, CreateActorRequest, DeadLetter, GetActorRequest, HostRequest, InboundActivity,
-    ListDeadLettersRequest, PublishRequest, PublishResponse, PurgeDeadLettersRequest,
-    ReplayDeadLettersRequest, StatusRequest, StatusResponse, SubscribeRequest,
+    Actor, CreateActorRequest, DeadLetter, DeleteActorRequest, GetActorRequest, HostRequest,
+    InboundActivity, ListDeadLettersRequest, PublishRequest, PublishResponse,
+    PurgeDeadLettersRequest, ReplayDeadLettersRequest, StatusRequest, StatusResponse,
+    SubscribeRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -131,6 +132,16 @@ impl Client {
             .await
             .map_err(self.err())?
             .into_inner())
+    }
+
+    /// Deletes a local actor.
+    pub async fn delete_actor(&self, name: String) -> anyhow::Result<()> {
+        self.actors
+            .clone()
+            .delete_actor(DeleteActorRequest { name })
+            .await
+            .map_err(self.err())?;
+        Ok(())
     }
 
     /// Publishes.

@@ -155,6 +155,15 @@ enum ActorCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Deletes a local actor with its keys, followers and activities. No
+    /// remote server is told; its inbox answers 404 from then on.
+    Delete {
+        /// The name.
+        name: String,
+        /// Yes, delete it (without this the verb only says what it would do).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -371,6 +380,18 @@ async fn run(server: &str, command: Command) -> anyhow::Result<()> {
                     println!("  followers    {}", a.followers_count);
                     println!("  inbox        {}", a.inbox);
                     println!("  key          {}", a.key_id);
+                }
+                ActorCommand::Delete { name, yes } => {
+                    let a = c.get_actor(name.clone()).await?;
+                    if !yes {
+                        anyhow::bail!(
+                            "deleting {} would take its key, its {} followers and its activities with it, and tell no remote server; run again with --yes",
+                            a.id,
+                            a.followers_count
+                        );
+                    }
+                    c.delete_actor(name).await?;
+                    println!("deleted {}", a.id);
                 }
             }
             Ok(())

@@ -225,6 +225,28 @@ async fn actor_create_and_get() {
     let missing = stampede(s, &["actor", "get", "nobody"], &[], "").await;
     assert!(one_line_error(&missing, 1).starts_with("error: not found: "));
 
+    // actor delete: without --yes it says what it would take and deletes nothing.
+    let unsure = stampede(s, &["actor", "delete", "bob"], &[], "").await;
+    let said = one_line_error(&unsure, 1);
+    assert!(
+        said.contains(&bob) && said.ends_with("run again with --yes"),
+        "{said}"
+    );
+    ok(s, &["actor", "get", "bob"]).await;
+    let out = ok(s, &["actor", "delete", "bob", "--yes"]).await;
+    assert_eq!(out, format!("deleted {bob}\n"));
+    let gone = stampede(s, &["actor", "get", "bob"], &[], "").await;
+    assert!(one_line_error(&gone, 1).starts_with("error: not found: "));
+    let doc = reqwest::Client::new()
+        .get(&bob)
+        .header("accept", "application/activity+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(doc.status(), 404);
+    let again = stampede(s, &["actor", "delete", "bob", "--yes"], &[], "").await;
+    assert!(one_line_error(&again, 1).starts_with("error: not found: "));
+
     w.app.stop().await;
 }
 
