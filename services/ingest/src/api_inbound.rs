@@ -139,9 +139,9 @@ impl InboundService for InboundApi {
                     },
                 }
             }
-            // Dropping the consumer closes its channel: whatever was not
-            // acknowledged goes back to the queue for the next subscriber.
-            drop(consumer);
+            // Closing the consumer's channel hands whatever was not
+            // acknowledged back to the queue for the next subscriber.
+            consumer.close().await;
             tracing::debug!(unacknowledged = pending.len(), "subscriber left");
         });
         Ok(Response::new(Box::pin(

@@ -76,7 +76,8 @@ where
         );
         tasks.abort_all();
     }
-    drop(consumer);
+    // After the last acknowledgement (see Consumer::close).
+    consumer.close().await;
     Ok(())
 }
 
@@ -306,8 +307,10 @@ where
         tasks.abort_all();
     }
     for p in pumps {
-        // The consumer comes back and is dropped here, after the drain.
-        drop(p.await);
+        // The consumer comes back and is closed here, after the drain.
+        if let Ok(c) = p.await {
+            c.close().await;
+        }
     }
     Ok(())
 }

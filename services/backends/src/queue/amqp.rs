@@ -18,8 +18,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -805,7 +806,7 @@ impl Queue for AmqpQueue {
 }
 
 /// What one consumer of a queue holds: a channel and a consumer per shard
-/// on it.
+/// on it, and their consumer tags.
 /// (The deliveries of every shard, each shard's stream ending with a `None`
 /// item so that one shard's consumer cancelled is noticed, not silently
 /// dropped from the merge.)
@@ -814,6 +815,7 @@ type Consuming = (
         futures::stream::BoxStream<'static, Option<lapin::Result<lapin::message::Delivery>>>,
     >,
     Channel,
+    Vec<ShortString>,
 );
 
 impl AmqpQueue {
@@ -824,7 +826,7 @@ impl AmqpQueue {
     async fn start_consumer(&self, queue: QueueName, prefetch: u16) -> Result<Consuming> {
         let ch = self.link().await?.conn.create_channel().await?;
         match self.consume_on(&ch, queue, prefetch).await {
-            Ok(streams) => Ok((streams, ch)),
+            Ok((streams, tags)) => Ok((streams, ch, tags)),
             Err(e) => {
                 // A shard's consumer started before the failure would hold
                 // its prefetch on a channel nobody reads: closing it hands
@@ -840,11 +842,12 @@ impl AmqpQueue {
         ch: &Channel,
         queue: QueueName,
         prefetch: u16,
-    ) -> Result<
+    ) -> Result<(
         futures::stream::SelectAll<
             futures::stream::BoxStream<'static, Option<lapin::Result<lapin::message::Delivery>>>,
         >,
-    > {
+        Vec<ShortString>,
+    )> {
         let names = self.queue_names(queue);
         let k = names.len() as u32;
         let share = (u32::from(prefetch) * 2)
@@ -853,6 +856,7 @@ impl AmqpQueue {
         ch.basic_qos(share as u16, BasicQosOptions::default())
             .await?;
         let mut all = Vec::with_capacity(names.len());
+        let mut tags = Vec::with_capacity(names.len());
         for name in names {
             let c = ch
                 .basic_consume(
@@ -862,13 +866,14 @@ impl AmqpQueue {
                     FieldTable::default(),
                 )
                 .await?;
+            tags.push(c.tag());
             all.push(
                 c.map(Some)
                     .chain(futures::stream::once(async { None }))
                     .boxed(),
             );
         }
-        Ok(futures::stream::select_all(all))
+        Ok((futures::stream::select_all(all), tags))
     }
 }
 
@@ -904,11 +909,11 @@ impl Drop for AmqpConsumer {
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Some((consumer, ch)) = current {
+                if let Some((consumer, ch, _)) = current {
                     let _ = ch.close(200, "consumer closed".into()).await;
                     drop(consumer);
                 }
-                if let Some(Ok(Ok((consumer, ch)))) = match starting {
+                if let Some(Ok(Ok((consumer, ch, _)))) = match starting {
                     Some(h) => Some(h.await),
                     None => None,
                 } {
@@ -924,7 +929,7 @@ impl Drop for AmqpConsumer {
 impl Consumer for AmqpConsumer {
     async fn next(&mut self) -> Option<Result<Incoming>> {
         let d = loop {
-            let Some((consumer, _)) = self.current.as_mut() else {
+            let Some((consumer, _, _)) = self.current.as_mut() else {
                 let starting = self.starting.get_or_insert_with(|| {
                     let (q, name, prefetch) = (self.queue.clone(), self.name, self.prefetch);
                     tokio::spawn(async move { q.start_consumer(name, prefetch).await })
@@ -961,7 +966,7 @@ impl Consumer for AmqpConsumer {
             }
             // The channel is closed (if it is not already), handing back
             // what it held, before the consumers are dropped (see Drop).
-            if let Some((streams, ch)) = self.current.take() {
+            if let Some((streams, ch, _)) = self.current.take() {
                 tokio::spawn(async move {
                     let _ = ch.close(200, "resuming".into()).await;
                     drop(streams);
@@ -979,7 +984,36 @@ impl Consumer for AmqpConsumer {
             acker: Box::new(AmqpAcker(d.acker)),
         }))
     }
+
+    /// Cancels the consumers and waits for the broker's `cancel-ok` before
+    /// closing the channel: closed at once, RabbitMQ 3.10 could hand back a
+    /// quorum queue's message acknowledged just before (its settlement
+    /// applied after the close returned the channel's messages), and a
+    /// stopping worker would see it delivered again. Bounded: a broker that
+    /// does not answer leaves the rest to the channel's close.
+    async fn close(mut self: Box<Self>) {
+        let Some((streams, ch, tags)) = self.current.take() else {
+            return;
+        };
+        let cancel = async {
+            for tag in tags {
+                if ch
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, cancel).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, ch.close(200, "consumer closed".into())).await;
+        drop(streams);
+    }
 }
+
+/// How long a consumer's close waits for each of the broker's answers.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Header carrying when a message becomes ready (unix ms).
 const READY_HEADER: &str = "x-stampede-ready-ms";

@@ -211,6 +211,12 @@ pub trait Consumer: Send {
     /// The next message; `None` when the consumer was cancelled or the
     /// connection is gone.
     async fn next(&mut self) -> Option<Result<Incoming>>;
+
+    /// Stops consuming once everything acknowledged so far is settled; what
+    /// is held unsettled goes back to the queue. A stopping worker awaits it
+    /// after its last acknowledgement (dropping the consumer closes it in the
+    /// background, which a process that exits next may not wait for).
+    async fn close(self: Box<Self>) {}
 }
 
 /// Depth of one queue.
